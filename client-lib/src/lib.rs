@@ -1,0 +1,1 @@
+//! libmemshadow: the client library that hands a process's memory to `memshadowd`.

@@ -1,0 +1,3 @@
+//! `memshadowd`: the memshadow daemon.
+
+fn main() {}

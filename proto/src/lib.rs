@@ -1,0 +1,1 @@
+//! memshadow wire protocol: message types, framing, versioning, limits and fd passing.

@@ -1,0 +1,1 @@
+//! Shared helpers for memshadow's cross-crate integration tests.
