@@ -1,3 +1,7 @@
 //! memshadowd's library: the notifier core, the device model, event sources and the server.
 
+pub mod config;
+pub mod device;
 pub mod notifier;
+pub mod source;
+pub mod sys;

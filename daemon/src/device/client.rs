@@ -1,0 +1,580 @@
+//! One client of the device: its page table (behind the device lock), its notifiers, its
+//! mirrors, the fault path (DESIGN.md §3 rule 2, §4) and the access lock that G1 needs.
+
+use std::collections::BTreeMap;
+use std::io::IoSliceMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::counters::bump;
+use super::engine::{Fences, FlushReq, FlushScope, ReadJob, ReadOutcome};
+use super::mirror::{Doorbell, ShadowNotifier};
+use super::pagetable::{MirrorIdx, PageTable, Pte};
+use super::shadow::SlotRef;
+use super::{DeviceError, DeviceShared, InvalidationMode};
+use crate::notifier::{
+    Callbacks, InvalidateArgs, InvalidateError, Invalidation, NotifierHandle, Range, Subscription,
+    Summary,
+};
+use crate::source::MemorySource;
+use crate::sys::{IOV_MAX, PAGE_SIZE};
+
+/// Most pages one fault copies with one batch of system calls.
+const FAULT_BATCH: usize = IOV_MAX;
+/// Most times a device read is replayed after faults before giving up.
+const MAX_REPLAYS: u32 = 1000;
+
+/// Per-client counters.
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    /// Device reads served.
+    pub reads: AtomicU64,
+    /// Device faults.
+    pub faults: AtomicU64,
+    /// Invalidations (any kind).
+    pub invalidations: AtomicU64,
+    /// Shadow pages this client holds.
+    pub pages: AtomicU64,
+}
+
+/// What the engines, notifiers and faults share of a client.
+pub struct ClientCore {
+    id: u64,
+    /// The device lock of this client and the page table it guards.
+    pt: Mutex<PageTable>,
+    doorbell: Mutex<Doorbell>,
+    source: Arc<dyn MemorySource>,
+    quota_pages: AtomicU64,
+    counters: ClientCounters,
+}
+
+impl std::fmt::Debug for ClientCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCore")
+            .field("id", &self.id)
+            .field("source", &self.source.kind())
+            .finish()
+    }
+}
+
+impl ClientCore {
+    /// The client's device-wide id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Takes the device lock and returns the page table.
+    pub fn pt(&self) -> MutexGuard<'_, PageTable> {
+        self.pt.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn doorbell(&self) -> MutexGuard<'_, Doorbell> {
+        self.doorbell.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn doorbell_add(&self, mask: u32, first: u64, last: u64) -> u64 {
+        self.doorbell().add(mask, first, last)
+    }
+
+    pub(super) fn doorbell_fences(&self, ticket: u64, dev: &DeviceShared) -> Fences {
+        self.doorbell().take_fences(ticket, self.id, dev)
+    }
+
+    fn ring(&self, dev: &DeviceShared) {
+        self.doorbell().ring(self.id, dev);
+    }
+
+    /// Per-client counters.
+    pub fn counters(&self) -> &ClientCounters {
+        &self.counters
+    }
+}
+
+/// An attached range of a client's address space and its notifier.
+#[derive(Debug)]
+pub struct Mirror {
+    id: u64,
+    idx: MirrorIdx,
+    range: Range,
+    handle: NotifierHandle,
+}
+
+/// What callers see of a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorInfo {
+    /// The mirror's id within its client.
+    pub id: u64,
+    /// First byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The notifier's current sequence.
+    pub seq: u64,
+    /// The notifier's state (`active`, `pending-insert`, …).
+    pub state: &'static str,
+    /// Pages present in the shadow.
+    pub pages: u64,
+}
+
+#[derive(Debug, Default)]
+struct Mirrors {
+    by_start: BTreeMap<u64, Arc<Mirror>>,
+    next: u32,
+}
+
+/// A client of the device.
+pub struct DeviceClient {
+    dev: Arc<DeviceShared>,
+    core: Arc<ClientCore>,
+    sub: Subscription,
+    /// G1: event readers hold it while they read a client's events and run their start
+    /// passes; device reads hold it while they queue their jobs.
+    access: Mutex<()>,
+    mirrors: Mutex<Mirrors>,
+}
+
+impl std::fmt::Debug for DeviceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceClient")
+            .field("id", &self.core.id)
+            .field("sub", &self.sub)
+            .finish()
+    }
+}
+
+/// Proof that the holder has the client's access lock (G1); invalidations started through it
+/// have queued their flushes before any later device read of the client can be queued.
+pub struct AccessGuard<'a> {
+    client: &'a DeviceClient,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl std::fmt::Debug for AccessGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessGuard")
+            .field("client", &self.client.core.id)
+            .finish()
+    }
+}
+
+impl AccessGuard<'_> {
+    /// Runs the start pass of an invalidation (and rings the doorbell, so every flush is
+    /// queued when this returns); the finish pass runs when the returned handle is finished
+    /// or dropped, possibly on another thread.
+    pub fn begin_invalidate(&self, args: InvalidateArgs) -> Result<Invalidation, InvalidateError> {
+        let c = self.client;
+        bump(c.dev.counters.invalidations(args.event), 1);
+        bump(&c.core.counters.invalidations, 1);
+        let r = c.sub.begin_invalidate(args);
+        c.core.ring(&c.dev);
+        if matches!(r, Err(InvalidateError::WouldBlock(_))) {
+            bump(&c.dev.counters.inv_would_block, 1);
+        }
+        r
+    }
+}
+
+impl DeviceClient {
+    pub(super) fn new(
+        dev: Arc<DeviceShared>,
+        id: u64,
+        source: Arc<dyn MemorySource>,
+        quota_bytes: u64,
+    ) -> Self {
+        DeviceClient {
+            core: Arc::new(ClientCore {
+                id,
+                pt: Mutex::new(PageTable::default()),
+                doorbell: Mutex::new(Doorbell::default()),
+                source,
+                quota_pages: AtomicU64::new(quota_bytes / PAGE_SIZE as u64),
+                counters: ClientCounters::default(),
+            }),
+            dev,
+            sub: Subscription::new(),
+            access: Mutex::new(()),
+            mirrors: Mutex::new(Mirrors::default()),
+        }
+    }
+
+    /// The client's device-wide id.
+    pub fn id(&self) -> u64 {
+        self.core.id
+    }
+
+    /// Per-client counters.
+    pub fn counters(&self) -> &ClientCounters {
+        &self.core.counters
+    }
+
+    /// The client's notifier set.
+    pub fn subscription(&self) -> &Subscription {
+        &self.sub
+    }
+
+    /// Changes the client's shadow quota (bytes); applies to future faults.
+    pub fn set_quota_bytes(&self, bytes: u64) {
+        self.core
+            .quota_pages
+            .store(bytes / PAGE_SIZE as u64, Ordering::Relaxed);
+    }
+
+    /// Takes the client's access lock (G1).
+    pub fn lock_access(&self) -> AccessGuard<'_> {
+        AccessGuard {
+            client: self,
+            _guard: self.access.lock().unwrap_or_else(PoisonError::into_inner),
+        }
+    }
+
+    /// Invalidates `args.range` completely (start pass under the access lock, finish after).
+    pub fn invalidate(&self, args: InvalidateArgs) -> Result<Summary, InvalidateError> {
+        let inv = self.lock_access().begin_invalidate(args)?;
+        Ok(inv.finish())
+    }
+
+    fn mirrors(&self) -> MutexGuard<'_, Mirrors> {
+        self.mirrors.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Mirrors `addr..addr+len` (page aligned, overlapping no other mirror of the client)
+    /// and returns the new mirror's id.
+    pub fn attach(&self, addr: u64, len: u64) -> Result<u64, DeviceError> {
+        if addr % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 {
+            return Err(DeviceError::Unaligned { addr, len });
+        }
+        let range = Range::new(addr, len)?;
+        let mut m = self.mirrors();
+        if let Some(other) = m
+            .by_start
+            .range(..=range.last())
+            .next_back()
+            .map(|(_, v)| v)
+        {
+            if other.range.overlaps(&range) {
+                return Err(DeviceError::Overlap {
+                    addr,
+                    len,
+                    other: other.id,
+                });
+            }
+        }
+        let idx = m.next;
+        m.next = m.next.checked_add(1).ok_or(DeviceError::TooManyMirrors)?;
+        self.core.pt().add_mirror(idx);
+        let notifier = Arc::new(ShadowNotifier::new(
+            Arc::clone(&self.dev),
+            Arc::clone(&self.core),
+            idx,
+            range,
+            self.dev.mode == InvalidationMode::TwoPassBatched,
+        ));
+        let callbacks = match self.dev.mode {
+            InvalidationMode::OnePass => Callbacks::one_pass(notifier),
+            InvalidationMode::TwoPass | InvalidationMode::TwoPassBatched => {
+                Callbacks::two_pass(notifier)
+            }
+        };
+        let handle = match self.sub.insert(range, callbacks) {
+            Ok(h) => h,
+            Err(e) => {
+                self.core.pt().remove_mirror(idx);
+                return Err(e.into());
+            }
+        };
+        let id = u64::from(idx) + 1;
+        m.by_start.insert(
+            addr,
+            Arc::new(Mirror {
+                id,
+                idx,
+                range,
+                handle,
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Stops mirroring mirror `id`: no callback of it runs after this returns, its pages are
+    /// flushed from every engine that may cache them and freed.
+    pub fn detach(&self, id: u64) -> Result<(), DeviceError> {
+        let mirror = {
+            let mut m = self.mirrors();
+            let start = m
+                .by_start
+                .iter()
+                .find(|(_, v)| v.id == id)
+                .map(|(k, _)| *k)
+                .ok_or(DeviceError::NoSuchMirror(id))?;
+            m.by_start
+                .remove(&start)
+                .ok_or(DeviceError::NoSuchMirror(id))?
+        };
+        // Waits for invalidations that may still call it (rule 4).
+        if let Err(e) = mirror.handle.remove() {
+            tracing::debug!(mirror = id, error = %e, "notifier already gone");
+        }
+        self.teardown(mirror.idx, mirror.range);
+        Ok(())
+    }
+
+    /// Zaps what is left of a mirror's pages, flushes every engine that may cache them,
+    /// waits, and frees the slots.
+    fn teardown(&self, idx: MirrorIdx, range: Range) {
+        let mut slots = Vec::new();
+        let mut fences = Fences::default();
+        {
+            let mut pt = self.core.pt();
+            let first = range.start() / PAGE_SIZE as u64;
+            let last = range.last() / PAGE_SIZE as u64;
+            pt.zap(first, last, &mut slots);
+            let mask = pt.remove_mirror(idx);
+            if mask != 0 {
+                let req = FlushReq {
+                    client: self.core.id,
+                    scope: FlushScope::Pages { first, last },
+                };
+                self.dev.engines.flush_mask(mask, req, &mut fences);
+            }
+        }
+        self.dev.engines.wait(&fences);
+        self.dev.free_slots(&self.core, &slots);
+    }
+
+    /// The mirror containing `addr`.
+    fn mirror_at(&self, addr: u64) -> Option<Arc<Mirror>> {
+        let m = self.mirrors();
+        let (_, mirror) = m.by_start.range(..=addr).next_back()?;
+        mirror.range.contains(addr).then(|| Arc::clone(mirror))
+    }
+
+    /// The client's mirrors, in address order.
+    pub fn mirror_list(&self) -> Vec<MirrorInfo> {
+        let mirrors: Vec<Arc<Mirror>> = self.mirrors().by_start.values().cloned().collect();
+        let pt = self.core.pt();
+        mirrors
+            .iter()
+            .map(|m| MirrorInfo {
+                id: m.id,
+                addr: m.range.start(),
+                len: m.range.len(),
+                seq: m.handle.seq(),
+                state: m.handle.state(),
+                pages: pt.mirror_pages(m.idx),
+            })
+            .collect()
+    }
+
+    /// Number of mirrors.
+    pub fn mirror_count(&self) -> usize {
+        self.mirrors().by_start.len()
+    }
+
+    /// A device read of `len` bytes at `addr` on the next engine (round robin).
+    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
+        let engine = self.dev.next_engine();
+        self.read_on(engine, addr, len)
+    }
+
+    /// A device read on engine `engine`: queued under the access lock (G1), served by the
+    /// engine from its TLB or the page table; pages it finds missing are faulted in (rule 2)
+    /// and the read replayed.
+    pub fn read_on(&self, engine: usize, addr: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        Range::new(addr, len as u64)?;
+        for _ in 0..MAX_REPLAYS {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            {
+                let _g = self.lock_access();
+                let job = ReadJob {
+                    client: Arc::clone(&self.core),
+                    addr,
+                    len,
+                    reply: tx,
+                };
+                self.dev
+                    .engines
+                    .read(engine, job)
+                    .map_err(|_| DeviceError::Stopped)?;
+            }
+            match rx.recv().map_err(|_| DeviceError::Stopped)? {
+                ReadOutcome::Data(v) => {
+                    bump(&self.core.counters.reads, 1);
+                    return Ok(v);
+                }
+                ReadOutcome::Fault(pages) => {
+                    bump(&self.core.counters.faults, 1);
+                    self.service_fault(&pages)?;
+                }
+            }
+        }
+        Err(DeviceError::FaultStorm { addr })
+    }
+
+    /// Faults in every page of `addr..addr+len` that is not yet in the shadow, without a
+    /// device read (prefetch; also the mirror-bandwidth benchmark's path).
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
+        let r = Range::new(addr, len)?;
+        let first = r.start() / PAGE_SIZE as u64;
+        let last = r.last() / PAGE_SIZE as u64;
+        let mut missing = Vec::new();
+        let mut vpn = first;
+        while vpn <= last {
+            missing.clear();
+            {
+                let pt = self.core.pt();
+                while vpn <= last && missing.len() < FAULT_BATCH * 16 {
+                    if pt.get(vpn).is_none() {
+                        missing.push(vpn);
+                    }
+                    vpn += 1;
+                }
+            }
+            self.service_fault(&missing)?;
+        }
+        Ok(())
+    }
+
+    /// Serves a device fault on the (sorted) virtual pages `vpns`, in runs of contiguous
+    /// pages of one mirror.
+    fn service_fault(&self, vpns: &[u64]) -> Result<(), DeviceError> {
+        let mut i = 0;
+        while i < vpns.len() {
+            let addr = vpns[i] * PAGE_SIZE as u64;
+            let mirror = self
+                .mirror_at(addr)
+                .ok_or(DeviceError::NotMirrored { addr })?;
+            let mirror_last_vpn = mirror.range.last() / PAGE_SIZE as u64;
+            let mut j = i + 1;
+            while j < vpns.len()
+                && vpns[j] == vpns[j - 1] + 1
+                && vpns[j] <= mirror_last_vpn
+                && j - i < FAULT_BATCH
+            {
+                j += 1;
+            }
+            self.fault_run(&mirror, vpns[i], j - i)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Rule 2: `read_begin` → copy without locks → device lock → `read_retry` → install or
+    /// start over.
+    fn fault_run(&self, mirror: &Mirror, first_vpn: u64, n: usize) -> Result<(), DeviceError> {
+        let addr = first_vpn * PAGE_SIZE as u64;
+        let mut slots: Vec<SlotRef> = Vec::with_capacity(n);
+        loop {
+            let seq = mirror.handle.read_begin();
+            self.reserve_pages(n as u64)?;
+            if let Err(e) = self.dev.shadow.alloc(n, &mut slots) {
+                self.core
+                    .counters
+                    .pages
+                    .fetch_sub(n as u64, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            let copied = {
+                let mut iov: Vec<IoSliceMut<'_>> = slots
+                    .iter()
+                    // SAFETY: these slots were just allocated to us and are in no page table
+                    // yet, so this is the only reference to their memory.
+                    .map(|s| IoSliceMut::new(unsafe { self.dev.shadow.slot_mut(s.slot) }))
+                    .collect();
+                self.core.source.read_pages(addr, &mut iov)
+            };
+            let copied = match copied {
+                Ok(c) => c / PAGE_SIZE,
+                Err(e) => {
+                    self.dev.free_slots(&self.core, &slots);
+                    return Err(e.into());
+                }
+            };
+            let mut unused: Vec<SlotRef> = Vec::new();
+            {
+                let mut pt = self.core.pt();
+                if mirror.handle.read_retry(seq) {
+                    drop(pt);
+                    bump(&self.dev.counters.fault_retries, 1);
+                    self.dev.free_slots(&self.core, &slots);
+                    slots.clear();
+                    continue;
+                }
+                for (k, s) in slots.iter().enumerate() {
+                    let pte = Pte {
+                        slot: *s,
+                        mirror: mirror.idx,
+                    };
+                    if k >= copied || !pt.install(first_vpn + k as u64, pte) {
+                        unused.push(*s);
+                    }
+                }
+            }
+            let installed = n - unused.len();
+            bump(&self.dev.counters.pages_mirrored, installed as u64);
+            bump(
+                &self.dev.counters.bytes_mirrored,
+                (installed * PAGE_SIZE) as u64,
+            );
+            self.dev.free_slots(&self.core, &unused);
+            if copied < n {
+                return Err(DeviceError::NotMapped {
+                    addr: addr + (copied * PAGE_SIZE) as u64,
+                });
+            }
+            return Ok(());
+        }
+    }
+
+    fn reserve_pages(&self, n: u64) -> Result<(), DeviceError> {
+        let quota = self.core.quota_pages.load(Ordering::Relaxed);
+        let c = &self.core.counters.pages;
+        let mut cur = c.load(Ordering::Relaxed);
+        loop {
+            if cur + n > quota {
+                return Err(DeviceError::QuotaExceeded {
+                    quota_bytes: quota * PAGE_SIZE as u64,
+                });
+            }
+            match c.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// Releases the client (rule 8, G5): invalidates everything with event `Release` through
+    /// the notifiers, then frees whatever a racing fault may have left and every mirror.
+    pub fn release(&self) -> Result<Summary, DeviceError> {
+        bump(&self.dev.counters.inv_release, 1);
+        let summary = self.sub.release()?;
+        let mirrors = std::mem::take(&mut self.mirrors().by_start);
+        for m in mirrors.values() {
+            self.teardown(m.idx, m.range);
+        }
+        self.core.pt().shrink();
+        Ok(summary)
+    }
+
+    /// The page table's entries (tests and equivalence checks).
+    pub fn page_table_entries(&self) -> Vec<(u64, Pte)> {
+        self.core.pt().entries().collect()
+    }
+
+    /// Page-table entries present.
+    pub fn page_table_len(&self) -> usize {
+        self.core.pt().len()
+    }
+}
+
+impl Drop for DeviceClient {
+    fn drop(&mut self) {
+        if !self.sub.is_released() {
+            if let Err(e) = self.release() {
+                tracing::warn!(client = self.core.id, error = %e, "release on drop failed");
+            }
+        }
+    }
+}

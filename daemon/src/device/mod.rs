@@ -1,0 +1,293 @@
+//! The device model (DESIGN.md §4): a shadow buffer cut into slots, a device page table per
+//! client, K engines with TLBs, the shadow notifier that invalidates in one or two passes,
+//! and the fault path. It knows nothing of sockets or uffd: client memory comes through a
+//! [`MemorySource`](crate::source::MemorySource).
+
+mod client;
+pub mod counters;
+mod engine;
+mod mirror;
+mod pagetable;
+mod shadow;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo};
+pub use counters::{DeviceCounters, Histogram};
+pub use engine::{EngineError, Engines, MAX_ENGINES};
+pub use pagetable::Pte;
+pub use shadow::{Shadow, ShadowError, SlotRef, MAX_CAPACITY};
+
+use crate::notifier::{InvalidateError, NotifierError, RangeError};
+use crate::source::{MemorySource, SourceError};
+
+/// How shadow notifiers invalidate (DESIGN.md §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InvalidationMode {
+    /// Each notifier flushes and waits before the next (the baseline).
+    OnePass,
+    /// Starts queue flushes on every engine; finishes wait once the walk is done.
+    TwoPass,
+    /// Two-pass, and one flush job per engine for the whole walk (doorbell batching).
+    TwoPassBatched,
+}
+
+impl InvalidationMode {
+    /// Stable name, as in the configuration and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidationMode::OnePass => "one-pass",
+            InvalidationMode::TwoPass => "two-pass",
+            InvalidationMode::TwoPassBatched => "two-pass-batched",
+        }
+    }
+}
+
+/// Device parameters.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Number of engines (1..=16).
+    pub engines: usize,
+    /// Modelled TLB-flush round trip.
+    pub flush_latency: Duration,
+    /// How notifiers invalidate.
+    pub mode: InvalidationMode,
+    /// Shadow buffer size in bytes (page multiple).
+    pub shadow_capacity: u64,
+    /// Entries per engine TLB.
+    pub tlb_entries: usize,
+    /// Ranges one engine may collect in one walk before a flush-all is sent instead.
+    pub batch_threshold: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            engines: 2,
+            flush_latency: Duration::from_micros(50),
+            mode: InvalidationMode::TwoPassBatched,
+            shadow_capacity: 1 << 30,
+            tlb_entries: 512,
+            batch_threshold: 16,
+        }
+    }
+}
+
+/// Errors of the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The shadow buffer could not be created or is full.
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
+    /// The engines could not be started.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A range is empty or overflows.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// Address or length not page aligned.
+    #[error("range {addr:#x}+{len:#x} is not page aligned")]
+    Unaligned {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The range overlaps an attached mirror.
+    #[error("range {addr:#x}+{len:#x} overlaps mirror {other}")]
+    Overlap {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The mirror it overlaps.
+        other: u64,
+    },
+    /// The client has used every mirror index.
+    #[error("too many mirrors")]
+    TooManyMirrors,
+    /// No mirror with that id.
+    #[error("no mirror {0}")]
+    NoSuchMirror(u64),
+    /// A device access touched an address no mirror covers.
+    #[error("address {addr:#x} is not mirrored")]
+    NotMirrored {
+        /// The address.
+        addr: u64,
+    },
+    /// The client's memory at the address is not mapped (any more).
+    #[error("address {addr:#x} is not mapped in the client")]
+    NotMapped {
+        /// The address.
+        addr: u64,
+    },
+    /// The client's shadow quota would be exceeded.
+    #[error("shadow quota of {quota_bytes} bytes exceeded")]
+    QuotaExceeded {
+        /// The quota.
+        quota_bytes: u64,
+    },
+    /// Reading client memory failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The notifier core refused.
+    #[error(transparent)]
+    Notifier(#[from] NotifierError),
+    /// An invalidation failed.
+    #[error(transparent)]
+    Invalidate(#[from] InvalidateError),
+    /// A device read kept faulting (its pages invalidated faster than it could map them).
+    #[error("device read at {addr:#x} kept faulting")]
+    FaultStorm {
+        /// First byte of the read.
+        addr: u64,
+    },
+    /// The device is shutting down.
+    #[error("device stopped")]
+    Stopped,
+}
+
+/// What every client, engine and notifier shares.
+pub(crate) struct DeviceShared {
+    pub(crate) shadow: Arc<Shadow>,
+    pub(crate) engines: Engines,
+    pub(crate) counters: Arc<DeviceCounters>,
+    pub(crate) mode: InvalidationMode,
+    pub(crate) batch_threshold: usize,
+    rr: AtomicUsize,
+}
+
+impl DeviceShared {
+    fn next_engine(&self) -> usize {
+        self.rr.fetch_add(1, Ordering::Relaxed) % self.engines.count()
+    }
+
+    /// Frees slots of `client` (their translations are gone from every engine, G2).
+    pub(crate) fn free_slots(&self, client: &client::ClientCore, slots: &[SlotRef]) {
+        if slots.is_empty() {
+            return;
+        }
+        self.shadow.free(slots);
+        client
+            .counters()
+            .pages
+            .fetch_sub(slots.len() as u64, Ordering::Relaxed);
+        counters::bump(&self.counters.slots_freed, slots.len() as u64);
+    }
+}
+
+/// The device: shadow buffer, engines and counters, and the factory of its clients.
+pub struct Device {
+    shared: Arc<DeviceShared>,
+    next_client: AtomicU64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("mode", &self.shared.mode)
+            .field("engines", &self.shared.engines)
+            .field("shadow", &self.shared.shadow)
+            .finish()
+    }
+}
+
+impl Device {
+    /// Creates the shadow buffer and starts the engines.
+    pub fn new(cfg: &DeviceConfig) -> Result<Device, DeviceError> {
+        let shadow = Arc::new(Shadow::new(cfg.shadow_capacity)?);
+        let counters = Arc::new(DeviceCounters::default());
+        let latency = u64::try_from(cfg.flush_latency.as_nanos()).unwrap_or(u64::MAX);
+        let engines = Engines::start(
+            cfg.engines,
+            latency,
+            cfg.tlb_entries,
+            Arc::clone(&shadow),
+            Arc::clone(&counters),
+        )?;
+        Ok(Device {
+            shared: Arc::new(DeviceShared {
+                shadow,
+                engines,
+                counters,
+                mode: cfg.mode,
+                batch_threshold: cfg.batch_threshold,
+                rr: AtomicUsize::new(0),
+            }),
+            next_client: AtomicU64::new(1),
+        })
+    }
+
+    /// A new client whose pages come from `source`, with a shadow quota of `quota_bytes`.
+    pub fn client(&self, source: Arc<dyn MemorySource>, quota_bytes: u64) -> DeviceClient {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        DeviceClient::new(Arc::clone(&self.shared), id, source, quota_bytes)
+    }
+
+    /// The invalidation mode.
+    pub fn mode(&self) -> InvalidationMode {
+        self.shared.mode
+    }
+
+    /// Number of engines.
+    pub fn engine_count(&self) -> usize {
+        self.shared.engines.count()
+    }
+
+    /// The modelled flush round trip.
+    pub fn flush_latency(&self) -> Duration {
+        Duration::from_nanos(self.shared.engines.latency_ns())
+    }
+
+    /// Changes the modelled flush round trip (run-time reloadable).
+    pub fn set_flush_latency(&self, d: Duration) {
+        self.shared
+            .engines
+            .set_latency_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Achieved flush round trips.
+    pub fn flush_latency_histogram(&self) -> Histogram {
+        self.shared.engines.latency_histogram()
+    }
+
+    /// The device counters.
+    pub fn counters(&self) -> &DeviceCounters {
+        &self.shared.counters
+    }
+
+    /// The shadow buffer.
+    pub fn shadow(&self) -> &Shadow {
+        &self.shared.shadow
+    }
+
+    /// Every counter of the device as `(name, value)`, including slot usage and achieved
+    /// flush latency percentiles.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        self.shared.counters.snapshot(&mut v, "device.");
+        let s = &self.shared.shadow;
+        v.push(("shadow.slots_total".into(), u64::from(s.capacity())));
+        v.push(("shadow.slots_in_use".into(), s.in_use()));
+        v.push(("shadow.pages_punched".into(), s.punched()));
+        let h = self.flush_latency_histogram();
+        v.push((
+            "engine.flush_latency_target_ns".into(),
+            self.shared.engines.latency_ns(),
+        ));
+        v.push(("engine.flush_latency_p50_us".into(), h.percentile_us(50.0)));
+        v.push(("engine.flush_latency_p99_us".into(), h.percentile_us(99.0)));
+        v.push(("engine.flush_latency_max_us".into(), h.percentile_us(100.0)));
+        v
+    }
+
+    /// Stops the engines (after their queued jobs).
+    pub fn shutdown(&self) {
+        self.shared.engines.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests;

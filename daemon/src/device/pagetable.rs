@@ -1,0 +1,177 @@
+//! The device page table of one client (DESIGN.md §4): client virtual page → shadow slot.
+//!
+//! It lives inside the client's device lock (`ClientCore::pt`), which is the only way to
+//! reach it, so only the device lock changes it. It also keeps, per mirror, which engines may
+//! have cached translations of the mirror's pages since its last full flush (an engine sets
+//! its bit under the same lock when it fills its TLB), so invalidations flush only them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::shadow::SlotRef;
+
+/// Index of a mirror inside its client.
+pub type MirrorIdx = u32;
+
+/// A device page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pte {
+    /// The slot holding the page.
+    pub slot: SlotRef,
+    /// The mirror the page belongs to.
+    pub mirror: MirrorIdx,
+}
+
+#[derive(Debug, Default)]
+struct MirrorPt {
+    /// Engines that may cache translations of this mirror.
+    engine_mask: u32,
+    /// Pages of this mirror present in the table.
+    pages: u64,
+}
+
+/// One client's device page table.
+#[derive(Debug, Default)]
+pub struct PageTable {
+    ptes: BTreeMap<u64, Pte>,
+    mirrors: HashMap<MirrorIdx, MirrorPt>,
+    /// Scratch for `zap`, kept to avoid an allocation per invalidation.
+    keys: Vec<u64>,
+}
+
+impl PageTable {
+    /// Starts accepting entries for `mirror`.
+    pub fn add_mirror(&mut self, mirror: MirrorIdx) {
+        self.mirrors.entry(mirror).or_default();
+    }
+
+    /// True while `mirror` accepts entries.
+    pub fn has_mirror(&self, mirror: MirrorIdx) -> bool {
+        self.mirrors.contains_key(&mirror)
+    }
+
+    /// Stops accepting entries for `mirror`; returns its engine mask.
+    pub fn remove_mirror(&mut self, mirror: MirrorIdx) -> u32 {
+        self.mirrors.remove(&mirror).map_or(0, |m| m.engine_mask)
+    }
+
+    /// The entry of virtual page `vpn`.
+    pub fn get(&self, vpn: u64) -> Option<Pte> {
+        self.ptes.get(&vpn).copied()
+    }
+
+    /// Installs an entry; refuses (returns false) if `vpn` already has one or its mirror is
+    /// gone.
+    pub fn install(&mut self, vpn: u64, pte: Pte) -> bool {
+        let Some(m) = self.mirrors.get_mut(&pte.mirror) else {
+            return false;
+        };
+        match self.ptes.entry(vpn) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(pte);
+                m.pages += 1;
+                true
+            }
+        }
+    }
+
+    /// Records that `engine` cached a translation of `mirror`.
+    pub fn mark_cached(&mut self, mirror: MirrorIdx, engine: usize) {
+        if let Some(m) = self.mirrors.get_mut(&mirror) {
+            m.engine_mask |= 1 << engine;
+        }
+    }
+
+    /// The engines that may cache translations of `mirror`; with `clear`, forgets them (the
+    /// caller is flushing all of the mirror on them).
+    pub fn engine_mask(&mut self, mirror: MirrorIdx, clear: bool) -> u32 {
+        match self.mirrors.get_mut(&mirror) {
+            Some(m) => {
+                let mask = m.engine_mask;
+                if clear {
+                    m.engine_mask = 0;
+                }
+                mask
+            }
+            None => 0,
+        }
+    }
+
+    /// Removes the entries of virtual pages `first..=last`, appending their slots to `out`.
+    /// Returns how many were removed.
+    pub fn zap(&mut self, first: u64, last: u64, out: &mut Vec<SlotRef>) -> usize {
+        self.keys.clear();
+        self.keys
+            .extend(self.ptes.range(first..=last).map(|(k, _)| *k));
+        for k in &self.keys {
+            if let Some(pte) = self.ptes.remove(k) {
+                if let Some(m) = self.mirrors.get_mut(&pte.mirror) {
+                    m.pages -= 1;
+                }
+                out.push(pte.slot);
+            }
+        }
+        self.keys.len()
+    }
+
+    /// Pages present for `mirror`.
+    pub fn mirror_pages(&self, mirror: MirrorIdx) -> u64 {
+        self.mirrors.get(&mirror).map_or(0, |m| m.pages)
+    }
+
+    /// Entries in the table.
+    pub fn len(&self) -> usize {
+        self.ptes.len()
+    }
+
+    /// True if the table has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.ptes.is_empty()
+    }
+
+    /// All entries, in address order (tests and equivalence checks).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Pte)> + '_ {
+        self.ptes.iter().map(|(k, v)| (*k, *v))
+    }
+
+    /// Drops the table's scratch and tree memory once it is empty (after release).
+    pub fn shrink(&mut self) {
+        if self.ptes.is_empty() {
+            self.ptes = BTreeMap::new();
+            self.keys = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pte(slot: u32, mirror: MirrorIdx) -> Pte {
+        Pte {
+            slot: SlotRef { slot, gen: 1 },
+            mirror,
+        }
+    }
+
+    #[test]
+    fn install_zap_and_masks() {
+        let mut pt = PageTable::default();
+        assert!(!pt.install(1, pte(0, 7)), "unknown mirror refused");
+        pt.add_mirror(7);
+        assert!(pt.install(1, pte(0, 7)));
+        assert!(pt.install(2, pte(1, 7)));
+        assert!(!pt.install(2, pte(2, 7)), "occupied refused");
+        assert!(pt.install(5, pte(3, 7)));
+        pt.mark_cached(7, 3);
+        assert_eq!(pt.engine_mask(7, false), 0b1000);
+        let mut out = Vec::new();
+        assert_eq!(pt.zap(2, 5, &mut out), 2);
+        assert_eq!(out.iter().map(|s| s.slot).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(pt.mirror_pages(7), 1);
+        assert_eq!(pt.engine_mask(7, true), 0b1000);
+        assert_eq!(pt.engine_mask(7, false), 0);
+        assert_eq!(pt.remove_mirror(7), 0);
+        assert!(!pt.install(9, pte(4, 7)));
+    }
+}

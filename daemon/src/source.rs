@@ -1,0 +1,255 @@
+//! Where mirrored pages come from (DESIGN.md §4 fault path, §5 G7): a client's memory, read
+//! in large batches (iovec arrays), never a system call per page.
+//!
+//! * [`ProcessVmSource`]: `process_vm_readv` on a pid (needs ptrace access to it);
+//! * [`MemFileSource`]: `preadv` on a `/proc/PID/mem` file the client opened itself and handed
+//!   over (its access was checked at open, so it works under Yama `ptrace_scope=1`);
+//! * [`SimMemory`]: an in-process simulated address space for tests and benchmarks.
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::sys::{self, PAGE_SIZE};
+
+/// Errors of reading client memory.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The system call failed.
+    #[error("cannot read client memory at {addr:#x} via {via}")]
+    Io {
+        /// First address of the failed read.
+        addr: u64,
+        /// Which access path.
+        via: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A client's memory, as the fault path reads it.
+pub trait MemorySource: Send + Sync {
+    /// Fills `dst` from the client's memory starting at `addr` (page aligned; `dst` is a list
+    /// of whole pages to fill in order). Returns the bytes filled: short if the range stops
+    /// being mapped part-way, 0 if `addr` itself is not mapped.
+    fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError>;
+
+    /// Short name of the access path, for logs and status.
+    fn kind(&self) -> &'static str;
+}
+
+fn io_err(addr: u64, via: &'static str, e: nix::Error) -> SourceError {
+    SourceError::Io {
+        addr,
+        via,
+        source: e.into(),
+    }
+}
+
+/// Reads with `process_vm_readv(2)` (needs ptrace-read access to the process).
+#[derive(Debug)]
+pub struct ProcessVmSource {
+    pid: i32,
+}
+
+impl ProcessVmSource {
+    /// Reads process `pid`.
+    pub fn new(pid: i32) -> Self {
+        ProcessVmSource { pid }
+    }
+}
+
+impl MemorySource for ProcessVmSource {
+    fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        match sys::read_remote(self.pid, addr, dst) {
+            Ok(n) => Ok(n),
+            Err(nix::Error::EFAULT) => Ok(0),
+            Err(e) => Err(io_err(addr, "process_vm_readv", e)),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "process_vm_readv"
+    }
+}
+
+/// Reads with `preadv(2)` on an open `/proc/PID/mem`.
+#[derive(Debug)]
+pub struct MemFileSource {
+    file: File,
+}
+
+impl MemFileSource {
+    /// Reads through `file`, an open `/proc/PID/mem`.
+    pub fn new(file: File) -> Self {
+        MemFileSource { file }
+    }
+}
+
+impl MemorySource for MemFileSource {
+    fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        match sys::read_mem_file(&self.file, addr, dst) {
+            Ok(n) => Ok(n),
+            Err(nix::Error::EIO | nix::Error::EFAULT) => Ok(0),
+            Err(e) => Err(io_err(addr, "/proc/PID/mem", e)),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "proc-mem"
+    }
+}
+
+/// A simulated address space for tests and benchmarks: `pages` pages from `base`, each
+/// mapped or not, written and read concurrently (a page is copied under its own lock, so a
+/// read never sees half of a write).
+#[derive(Debug)]
+pub struct SimMemory {
+    base: u64,
+    pages: Vec<Mutex<Box<[u8]>>>,
+    mapped: Vec<AtomicU8>,
+}
+
+impl SimMemory {
+    /// `pages` mapped, zeroed pages from `base` (page aligned).
+    pub fn new(base: u64, pages: usize) -> Self {
+        SimMemory {
+            base,
+            pages: (0..pages)
+                .map(|_| Mutex::new(vec![0u8; PAGE_SIZE].into_boxed_slice()))
+                .collect(),
+            mapped: (0..pages).map(|_| AtomicU8::new(1)).collect(),
+        }
+    }
+
+    /// First address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    fn index(&self, addr: u64) -> Option<usize> {
+        let off = addr.checked_sub(self.base)?;
+        let i = usize::try_from(off / PAGE_SIZE as u64).ok()?;
+        (i < self.pages.len()).then_some(i)
+    }
+
+    /// Fills the page at `addr` with `byte`.
+    pub fn fill_page(&self, addr: u64, byte: u8) {
+        if let Some(i) = self.index(addr) {
+            self.pages[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .fill(byte);
+        }
+    }
+
+    /// Writes `data` into the page at `addr` from its start.
+    pub fn write_page(&self, addr: u64, data: &[u8]) {
+        if let Some(i) = self.index(addr) {
+            let mut p = self.pages[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let n = data.len().min(PAGE_SIZE);
+            p[..n].copy_from_slice(&data[..n]);
+        }
+    }
+
+    /// Marks the page at `addr` mapped or not; an unmapped page reads as "not mapped".
+    pub fn set_mapped(&self, addr: u64, mapped: bool) {
+        if let Some(i) = self.index(addr) {
+            self.mapped[i].store(u8::from(mapped), Ordering::SeqCst);
+        }
+    }
+}
+
+impl MemorySource for SimMemory {
+    fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        let mut done = 0;
+        let mut a = addr;
+        for buf in dst.iter_mut() {
+            let mut off = 0;
+            while off < buf.len() {
+                let Some(i) = self.index(a) else {
+                    return Ok(done);
+                };
+                if self.mapped[i].load(Ordering::SeqCst) == 0 {
+                    return Ok(done);
+                }
+                let in_page = (a % PAGE_SIZE as u64) as usize;
+                let n = (PAGE_SIZE - in_page).min(buf.len() - off);
+                let page = self.pages[i].lock().unwrap_or_else(PoisonError::into_inner);
+                buf[off..off + n].copy_from_slice(&page[in_page..in_page + n]);
+                off += n;
+                a += n as u64;
+                done += n;
+            }
+        }
+        Ok(done)
+    }
+
+    fn kind(&self) -> &'static str {
+        "simulated"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_memory_reads_until_an_unmapped_page() {
+        let m = SimMemory::new(0x10000, 4);
+        m.fill_page(0x10000, 1);
+        m.fill_page(0x11000, 2);
+        m.set_mapped(0x12000, false);
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        let mut c = vec![0u8; PAGE_SIZE];
+        let n = m
+            .read_pages(
+                0x10000,
+                &mut [
+                    IoSliceMut::new(&mut a),
+                    IoSliceMut::new(&mut b),
+                    IoSliceMut::new(&mut c),
+                ],
+            )
+            .expect("read");
+        assert_eq!(n, 2 * PAGE_SIZE);
+        assert!(a.iter().all(|&x| x == 1) && b.iter().all(|&x| x == 2));
+        assert_eq!(
+            m.read_pages(0x20000, &mut [IoSliceMut::new(&mut a)])
+                .expect("read"),
+            0
+        );
+    }
+
+    #[test]
+    fn process_vm_source_reads_our_own_pages_and_reports_unmapped_as_zero() {
+        let buf: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| i as u8).collect();
+        let src = ProcessVmSource::new(std::process::id() as i32);
+        let mut out = vec![0u8; 2 * PAGE_SIZE];
+        let n = src
+            .read_pages(buf.as_ptr() as u64, &mut [IoSliceMut::new(&mut out)])
+            .expect("read");
+        assert_eq!(n, out.len());
+        assert_eq!(out, buf);
+        // Page 0 is never mapped.
+        assert_eq!(
+            src.read_pages(0, &mut [IoSliceMut::new(&mut out)])
+                .expect("read"),
+            0
+        );
+        let mem = MemFileSource::new(File::open("/proc/self/mem").expect("open"));
+        assert_eq!(
+            mem.read_pages(0, &mut [IoSliceMut::new(&mut out)])
+                .expect("read"),
+            0
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Small safe wrappers over the system calls the daemon makes that `std` does not cover.
+//!
+//! System calls the daemon needs beyond `std` go through here, so the rest of the daemon
+//! calls safe functions with typed results and stays free of `unsafe`, except where it
+//! touches shadow memory (`device::shadow`).
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::time::TimeSpec;
+use nix::sys::uio::{preadv, process_vm_readv, RemoteIoVec};
+use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
+use nix::unistd::Pid;
+
+/// Page size the daemon works in. Checked against the kernel's at start-up.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Largest iovec array one `process_vm_readv`/`preadv` call takes (`IOV_MAX` on Linux).
+pub const IOV_MAX: usize = 1024;
+
+/// The kernel's page size.
+pub fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|v| usize::try_from(v).ok())
+        .unwrap_or(PAGE_SIZE)
+}
+
+/// Creates an anonymous memory file of `len` bytes (close-on-exec), sparse until written.
+pub fn memfd(name: &str, len: u64) -> nix::Result<File> {
+    let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
+    let file = File::from(fd);
+    file.set_len(len)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(file)
+}
+
+/// Releases the pages of `offset..offset+len` of a memory file (the file keeps its size), so
+/// the memory really goes back to the system.
+pub fn punch_hole(file: &impl AsFd, offset: u64, len: u64) -> nix::Result<()> {
+    let off = i64::try_from(offset).map_err(|_| Errno::EOVERFLOW)?;
+    let len = i64::try_from(len).map_err(|_| Errno::EOVERFLOW)?;
+    fallocate(
+        file.as_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
+}
+
+/// Lowers the calling thread's timer slack to 1 ns, so that timed sleeps wake when asked
+/// rather than up to 50 µs later (the default slack).
+pub fn lower_timer_slack() -> nix::Result<()> {
+    nix::sys::prctl::set_timerslack(1)
+}
+
+/// `CLOCK_MONOTONIC` now.
+pub fn monotonic_now() -> TimeSpec {
+    // CLOCK_MONOTONIC cannot fail on Linux; fall back to zero rather than panic.
+    clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| TimeSpec::new(0, 0))
+}
+
+/// Sleeps until the absolute `CLOCK_MONOTONIC` time `deadline` (restarting after signals).
+pub fn sleep_until(deadline: &TimeSpec) {
+    loop {
+        match clock_nanosleep(
+            ClockId::CLOCK_MONOTONIC,
+            ClockNanosleepFlags::TIMER_ABSTIME,
+            deadline,
+        ) {
+            Err(Errno::EINTR) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Copies `len(local)` bytes of process `pid`'s memory starting at `remote_addr` into
+/// `local`, in calls of at most [`IOV_MAX`] iovecs. Returns the bytes copied: fewer than
+/// asked if the remote range stops being mapped part-way.
+pub fn read_remote(pid: i32, remote_addr: u64, local: &mut [IoSliceMut<'_>]) -> nix::Result<usize> {
+    let mut done = 0usize;
+    let mut addr = remote_addr;
+    for chunk in local.chunks_mut(IOV_MAX) {
+        let want: usize = chunk.iter().map(|s| s.len()).sum();
+        let base = usize::try_from(addr).map_err(|_| Errno::EFAULT)?;
+        let remote = [RemoteIoVec { base, len: want }];
+        let got = match process_vm_readv(Pid::from_raw(pid), chunk, &remote) {
+            Ok(n) => n,
+            Err(Errno::EFAULT | Errno::ENOMEM) if done > 0 => 0,
+            Err(e) => return Err(e),
+        };
+        done += got;
+        if got < want {
+            break;
+        }
+        addr += want as u64;
+    }
+    Ok(done)
+}
+
+/// Like [`read_remote`], through an open `/proc/PID/mem` file (`preadv` at the address).
+pub fn read_mem_file(
+    mem: &impl AsFd,
+    remote_addr: u64,
+    local: &mut [IoSliceMut<'_>],
+) -> nix::Result<usize> {
+    let mut done = 0usize;
+    let mut addr = remote_addr;
+    for chunk in local.chunks_mut(IOV_MAX) {
+        let want: usize = chunk.iter().map(|s| s.len()).sum();
+        let off = i64::try_from(addr).map_err(|_| Errno::EFAULT)?;
+        let got = loop {
+            match preadv(mem.as_fd(), chunk, off) {
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EIO | Errno::EFAULT) if done > 0 => break 0,
+                other => break other?,
+            }
+        };
+        done += got;
+        if got < want {
+            break;
+        }
+        addr += want as u64;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_matches() {
+        assert_eq!(page_size(), PAGE_SIZE, "memshadow assumes 4 KiB pages");
+    }
+
+    #[test]
+    fn absolute_sleep_wakes_after_the_deadline() {
+        lower_timer_slack().expect("timerslack");
+        let now = monotonic_now();
+        let deadline = now + TimeSpec::from_duration(std::time::Duration::from_micros(200));
+        sleep_until(&deadline);
+        assert!(monotonic_now() >= deadline);
+    }
+
+    #[test]
+    fn remote_and_mem_file_reads_copy_our_own_memory() {
+        let src: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; 2 * PAGE_SIZE];
+        let addr = src.as_ptr() as u64;
+        {
+            let mut iov = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+            let n = read_remote(std::process::id() as i32, addr, &mut iov)
+                .expect("process_vm_readv self");
+            assert_eq!(n, 3 * PAGE_SIZE);
+        }
+        assert_eq!(&a[..], &src[..PAGE_SIZE]);
+        assert_eq!(&b[..], &src[PAGE_SIZE..]);
+        let mem = File::open("/proc/self/mem").expect("open /proc/self/mem");
+        let mut c = vec![0u8; 3 * PAGE_SIZE];
+        let n = read_mem_file(&mem, addr, &mut [IoSliceMut::new(&mut c)]).expect("preadv mem");
+        assert_eq!(n, 3 * PAGE_SIZE);
+        assert_eq!(c, src);
+    }
+
+    #[test]
+    fn punching_a_hole_zeroes_and_keeps_the_size() {
+        use std::os::unix::fs::FileExt;
+        let f = memfd("test", 4 * PAGE_SIZE as u64).expect("memfd");
+        f.write_all_at(&[7u8; PAGE_SIZE], PAGE_SIZE as u64)
+            .expect("write");
+        punch_hole(&f, PAGE_SIZE as u64, PAGE_SIZE as u64).expect("punch");
+        let mut buf = [1u8; PAGE_SIZE];
+        f.read_exact_at(&mut buf, PAGE_SIZE as u64).expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(f.metadata().expect("stat").len(), 4 * PAGE_SIZE as u64);
+    }
+}
