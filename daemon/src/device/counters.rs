@@ -49,13 +49,6 @@ impl Histogram {
         }
         BUCKETS as u64 + 1
     }
-
-    /// Adds every sample of `other` into `self`.
-    pub fn merge_from(&self, other: &Histogram) {
-        for (a, b) in self.buckets.iter().zip(other.buckets.iter()) {
-            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-    }
 }
 
 macro_rules! counters {

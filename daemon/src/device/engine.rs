@@ -1,18 +1,34 @@
-//! Engines (DESIGN.md §4): K worker threads, each fed by a FIFO `crossbeam-channel` and each
-//! with its own TLB. Jobs are TLB flushes (which complete a fence after a modelled device
-//! round trip) and device reads; an access queued after a flush is served after it.
+//! Engines (DESIGN.md §4): K workers, each fed by a FIFO `crossbeam-channel` and each with
+//! its own TLB. Jobs are TLB flushes, which complete a fence after a modelled device round
+//! trip, and device reads; an access queued after a flush is served after that flush has
+//! completed.
 //!
-//! Consecutive flushes waiting on one engine are coalesced into one round trip. The round trip
-//! is an absolute-deadline `clock_nanosleep` with the thread's timer slack lowered, so it
-//! costs no CPU (K may exceed the number of cores) and lands within a few µs of its target.
+//! **Timing model.** A flush's round trip starts when it is queued (the doorbell write) and
+//! several may be in flight at once, as with a GPU's TLB-invalidation seqnos: a flush queued
+//! at `t` completes at `t + latency`. Flushes found waiting together in the queue are
+//! coalesced: the device takes them into the oldest one's invalidation, already under way.
+//!
+//! **Who runs the queue.** Flushes are *issued* (applied to the TLB, in queue order) by
+//! whoever holds the engine's lock: the worker thread, or — when the worker is idle — the
+//! thread that just queued the flush. Either way the queue is drained strictly in FIFO order
+//! under that lock; a read found at the head is handed to the worker. So queuing a flush
+//! never needs a cross-CPU wake-up (tens of µs on these VMs), and nobody's wake-up is on the
+//! fence's critical path: once its flush is issued, a fence waiter sleeps until the deadline
+//! on its own precise timer ([`sys::sleep_until`]). The worker sleeps (parked) when idle and
+//! is unparked for reads; it costs no CPU, so K may exceed the number of cores.
+//!
+//! **Why early issue is safe.** Issuing a flush removes TLB entries; a read that was queued
+//! before the flush but is served after it just misses the TLB and walks the page table
+//! (which no longer maps the zapped pages). What must never happen is a read queued *after*
+//! a flush being served before the flush's round trip ends: the worker waits for every flush
+//! issued before a read was queued, and no slot is freed before its fences complete (G2).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use nix::sys::time::{TimeSpec, TimeValLike};
 
 use super::client::ClientCore;
 use super::counters::{bump, DeviceCounters, Histogram};
@@ -69,54 +85,32 @@ pub struct ReadJob {
 }
 
 enum Job {
-    Flush { req: FlushReq, seq: u64 },
+    Flush {
+        req: FlushReq,
+        seq: u64,
+        queued: i64,
+    },
     Read(ReadJob),
     Stop,
 }
 
-/// Completed-flush sequence of one engine, and a way to wait for it.
-#[derive(Debug, Default)]
-struct FenceState {
-    completed: AtomicU64,
-    lock: Mutex<()>,
-    cv: Condvar,
-    waiters: AtomicU32,
-}
-
-impl FenceState {
-    fn wait(&self, seq: u64) {
-        if self.completed.load(Ordering::Acquire) >= seq {
-            return;
-        }
-        let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        while self.completed.load(Ordering::SeqCst) < seq {
-            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
-        }
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    fn complete(&self, seq: u64) {
-        self.completed.store(seq, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-            self.cv.notify_all();
-        }
-    }
-}
-
-/// The fences a finish waits for: at most one flush sequence per engine.
+/// The fences a finish waits for: at most one flush sequence per engine, and the earliest
+/// time all of them can be complete (latest queue time + latency), until which a waiter
+/// simply sleeps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fences {
     mask: u32,
     seq: [u64; MAX_ENGINES],
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    not_before: i64,
 }
 
 impl Fences {
-    /// Adds engine `engine`'s flush `seq` (keeping the later one if already present).
-    pub fn add(&mut self, engine: usize, seq: u64) {
+    /// Adds engine `engine`'s flush `seq` that cannot complete before `not_before` (ns).
+    pub fn add(&mut self, engine: usize, seq: u64, not_before: i64) {
         self.mask |= 1 << engine;
         self.seq[engine] = self.seq[engine].max(seq);
+        self.not_before = self.not_before.max(not_before);
     }
 
     /// True if there is nothing to wait for.
@@ -130,23 +124,349 @@ impl Fences {
     }
 }
 
-/// The submitting side of one engine.
-#[derive(Debug)]
-struct EngineHandle {
+/// A bounded cache of (client, virtual page) → slot, evicting the oldest entry when full,
+/// indexed per client so a range flush costs O(log n + hits).
+struct Tlb {
+    clients: HashMap<u64, BTreeMap<u64, TlbEntry>>,
+    order: VecDeque<(u64, u64)>,
+    len: usize,
+    cap: usize,
+}
+
+#[derive(Clone, Copy)]
+struct TlbEntry {
+    slot: SlotRef,
+    mirror: MirrorIdx,
+}
+
+impl Tlb {
+    fn new(cap: usize) -> Tlb {
+        Tlb {
+            clients: HashMap::new(),
+            order: VecDeque::with_capacity(cap),
+            len: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    fn get(&self, client: u64, vpn: u64) -> Option<TlbEntry> {
+        self.clients.get(&client)?.get(&vpn).copied()
+    }
+
+    fn remove(&mut self, client: u64, vpn: u64) -> bool {
+        let Some(m) = self.clients.get_mut(&client) else {
+            return false;
+        };
+        let hit = m.remove(&vpn).is_some();
+        if hit {
+            self.len -= 1;
+            if m.is_empty() {
+                self.clients.remove(&client);
+            }
+        }
+        hit
+    }
+
+    fn insert(&mut self, client: u64, vpn: u64, e: TlbEntry) {
+        while self.len >= self.cap {
+            match self.order.pop_front() {
+                Some((c, v)) => {
+                    self.remove(c, v);
+                }
+                None => break,
+            }
+        }
+        if self
+            .clients
+            .entry(client)
+            .or_default()
+            .insert(vpn, e)
+            .is_none()
+        {
+            self.len += 1;
+            self.order.push_back((client, vpn));
+        }
+        if self.order.len() > 2 * self.cap {
+            // Keys of flushed entries linger in `order`; drop them now and then.
+            let clients = &self.clients;
+            self.order
+                .retain(|(c, v)| clients.get(c).is_some_and(|m| m.contains_key(v)));
+        }
+    }
+
+    fn flush(&mut self, req: &FlushReq) {
+        match req.scope {
+            FlushScope::All => {
+                if let Some(m) = self.clients.remove(&req.client) {
+                    self.len -= m.len();
+                }
+            }
+            FlushScope::Pages { first, last } => {
+                let Some(m) = self.clients.get_mut(&req.client) else {
+                    return;
+                };
+                let keys: Vec<u64> = m.range(first..=last).map(|(k, _)| *k).collect();
+                for k in keys {
+                    m.remove(&k);
+                    self.len -= 1;
+                }
+                if m.is_empty() {
+                    self.clients.remove(&req.client);
+                }
+            }
+        }
+    }
+}
+
+/// What the engine lock guards: the TLB, the flushes issued and in flight, and a read taken
+/// from the queue by a submitting thread for the worker.
+struct EngineState {
+    tlb: Tlb,
+    /// Highest flush sequence issued.
+    issued: u64,
+    /// Issued batches still in flight: (last sequence, deadline ns).
+    inflight: VecDeque<(u64, i64)>,
+    /// A job a submitting thread took from the head of the queue but must leave to the
+    /// worker (a read): the worker takes it before anything else in the channel.
+    handed: Option<Job>,
+    /// Threads waiting for a flush to be issued.
+    waiters: u32,
+    /// Scratch for coalescing.
+    batch: Vec<FlushReq>,
+}
+
+/// One engine, as submitters and its worker see it.
+struct Engine {
+    id: usize,
     tx: Sender<Job>,
+    rx: Receiver<Job>,
+    state: Mutex<EngineState>,
+    issued_cv: Condvar,
     /// Last flush sequence handed out; held while queuing so sequences follow FIFO order.
     submit: Mutex<u64>,
-    fence: FenceState,
-    /// Achieved flush round trips.
-    latency: Histogram,
+    latency_ns: Arc<AtomicU64>,
+    counters: Arc<DeviceCounters>,
+    shadow: Arc<Shadow>,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+/// What [`Engine::drain`] stopped at.
+enum Drained {
+    /// The queue is empty.
+    Empty,
+    /// A read (or stop) is next; it was left for the worker.
+    Handed,
+    /// The channel is closed.
+    Closed,
+}
+
+impl Engine {
+    fn lock(&self) -> MutexGuard<'_, EngineState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unpark(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// Issues every flush at the head of the queue, in order, coalescing those found
+    /// together, until the queue is empty or a non-flush job is next (left in `handed`).
+    fn drain(&self, st: &mut EngineState) -> Drained {
+        if st.handed.is_some() {
+            return Drained::Handed;
+        }
+        let mut oldest = None;
+        let mut last = 0;
+        st.batch.clear();
+        let outcome = loop {
+            match self.rx.try_recv() {
+                Ok(Job::Flush { req, seq, queued }) => {
+                    st.batch.push(req);
+                    oldest.get_or_insert(queued);
+                    last = seq;
+                }
+                Ok(other) => {
+                    st.handed = Some(other);
+                    break Drained::Handed;
+                }
+                Err(TryRecvError::Empty) => break Drained::Empty,
+                Err(TryRecvError::Disconnected) => break Drained::Closed,
+            }
+        };
+        if let Some(queued) = oldest {
+            let batch = std::mem::take(&mut st.batch);
+            for req in &batch {
+                st.tlb.flush(req);
+            }
+            bump(&self.counters.flushes_coalesced, batch.len() as u64 - 1);
+            bump(&self.counters.flushes_executed, 1);
+            st.batch = batch;
+            let deadline = queued.saturating_add(self.latency_ns.load(Ordering::Relaxed) as i64);
+            st.issued = last;
+            st.inflight.push_back((last, deadline));
+            if st.waiters > 0 {
+                self.issued_cv.notify_all();
+            }
+        }
+        self.retire(st);
+        outcome
+    }
+
+    /// Forgets batches whose round trip has ended.
+    fn retire(&self, st: &mut EngineState) {
+        let now = sys::timespec_ns(&sys::monotonic_now());
+        while st.inflight.front().is_some_and(|b| b.1 <= now) {
+            st.inflight.pop_front();
+        }
+    }
+
+    /// The deadline of flush `seq` once it is issued (`None` if already complete), waiting
+    /// for the issue if the flush still sits behind a read.
+    fn issued_deadline(&self, seq: u64) -> Option<i64> {
+        let mut st = self.lock();
+        if st.issued < seq {
+            // Help: the worker may be parked with flushes queued behind nothing.
+            let _ = self.drain(&mut st);
+        }
+        while st.issued < seq {
+            st.waiters += 1;
+            self.unpark();
+            st = self
+                .issued_cv
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+            st.waiters -= 1;
+        }
+        st.inflight
+            .iter()
+            .find(|(last, _)| *last >= seq)
+            .map(|(_, d)| *d)
+    }
+
+    /// The worker thread.
+    fn run(self: Arc<Self>) {
+        if let Err(e) = sys::lower_timer_slack() {
+            tracing::warn!(engine = self.id, error = %e, "cannot lower timer slack; reads after flushes will wait longer");
+        }
+        loop {
+            let job = {
+                let mut st = self.lock();
+                match self.drain(&mut st) {
+                    Drained::Closed => return,
+                    Drained::Empty => None,
+                    Drained::Handed => st.handed.take(),
+                }
+            };
+            match job {
+                None => {
+                    // Idle. A submitter that queued a flush has issued it itself (or will be
+                    // helped by the fence waiter); reads unpark us. Check once more for a job
+                    // queued between our drain and now, then sleep.
+                    if self.rx.is_empty() {
+                        std::thread::park();
+                    }
+                }
+                Some(Job::Read(r)) => {
+                    // FIFO: wait for the round trips of every flush issued before the read.
+                    let until = self.lock().inflight.back().map(|b| b.1);
+                    if let Some(d) = until {
+                        sys::sleep_until_coarse(&sys::ns_timespec(d));
+                    }
+                    self.read(r);
+                }
+                Some(Job::Stop) => return,
+                Some(Job::Flush { .. }) => unreachable!("drain issues flushes itself"),
+            }
+        }
+    }
+
+    /// Serves a device read: TLB, then page table (device lock), else a fault listing every
+    /// missing page of the read.
+    fn read(&self, job: ReadJob) {
+        let client = job.client.id();
+        let mut out = vec![0u8; job.len];
+        let mut missing = Vec::new();
+        let mut done = 0usize;
+        let mut addr = job.addr;
+        let mut st = self.lock();
+        while done < job.len {
+            let vpn = addr / PAGE_SIZE as u64;
+            let in_page = (addr % PAGE_SIZE as u64) as usize;
+            let n = (PAGE_SIZE - in_page).min(job.len - done);
+            let entry = match st.tlb.get(client, vpn) {
+                Some(e) => {
+                    bump(&self.counters.tlb_hits, 1);
+                    Some(e)
+                }
+                None => {
+                    bump(&self.counters.tlb_misses, 1);
+                    let mut pt = job.client.pt();
+                    match pt.get(vpn) {
+                        Some(pte) => {
+                            pt.mark_cached(pte.mirror, self.id);
+                            drop(pt);
+                            let e = TlbEntry {
+                                slot: pte.slot,
+                                mirror: pte.mirror,
+                            };
+                            st.tlb.insert(client, vpn, e);
+                            Some(e)
+                        }
+                        None => None,
+                    }
+                }
+            };
+            match entry {
+                Some(e) if missing.is_empty() => {
+                    // G2 self-check: the slot must still hold the allocation we translated to.
+                    if self.shadow.generation(e.slot.slot) != e.slot.gen {
+                        bump(&self.counters.g2_violations, 1);
+                        tracing::error!(
+                            engine = self.id,
+                            slot = e.slot.slot,
+                            mirror = e.mirror,
+                            "slot reused under a live translation (G2)"
+                        );
+                    }
+                    // SAFETY: the slot is reachable through our TLB, under our engine lock: a
+                    // flush removing it cannot be issued meanwhile, and its slot is freed only
+                    // after such a flush completes (G2), so nobody writes it while we copy.
+                    unsafe {
+                        self.shadow
+                            .copy_out(e.slot.slot, in_page, &mut out[done..done + n])
+                    };
+                }
+                Some(_) => {}
+                None => missing.push(vpn),
+            }
+            done += n;
+            addr += n as u64;
+        }
+        drop(st);
+        let outcome = if missing.is_empty() {
+            bump(&self.counters.reads, 1);
+            bump(&self.counters.read_bytes, job.len as u64);
+            ReadOutcome::Data(out)
+        } else {
+            bump(&self.counters.faults, 1);
+            ReadOutcome::Fault(missing)
+        };
+        // The reader may have given up (client gone): nothing to do then.
+        let _ = job.reply.send(outcome);
+    }
 }
 
 /// The device's engines.
 pub struct Engines {
-    engines: Vec<Arc<EngineHandle>>,
+    engines: Vec<Arc<Engine>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     latency_ns: Arc<AtomicU64>,
     counters: Arc<DeviceCounters>,
+    /// Achieved fence round trips: from queuing the last flush of a fence set to the
+    /// waiter's return.
+    observed: Histogram,
 }
 
 impl std::fmt::Debug for Engines {
@@ -169,6 +489,23 @@ pub enum EngineError {
     Spawn(#[source] std::io::Error),
 }
 
+thread_local! {
+    static SLACK_LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Lowers the calling thread's timer slack the first time it waits for a fence, so its sleep
+/// until the deadline is precise.
+fn lower_timer_slack_once() {
+    SLACK_LOWERED.with(|done| {
+        if !done.get() {
+            if let Err(e) = sys::lower_timer_slack() {
+                tracing::debug!(error = %e, "cannot lower timer slack");
+            }
+            done.set(true);
+        }
+    });
+}
+
 impl Engines {
     /// Starts `count` engines whose flushes take `latency_ns`, with TLBs of `tlb_entries`.
     pub fn start(
@@ -186,27 +523,32 @@ impl Engines {
         let mut threads = Vec::with_capacity(count);
         for id in 0..count {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let handle = Arc::new(EngineHandle {
-                tx,
-                submit: Mutex::new(0),
-                fence: FenceState::default(),
-                latency: Histogram::default(),
-            });
-            let worker = Worker {
+            let engine = Arc::new(Engine {
                 id,
+                tx,
                 rx,
-                tlb: Tlb::new(tlb_entries.max(1)),
-                handle: Arc::clone(&handle),
-                shadow: Arc::clone(&shadow),
-                counters: Arc::clone(&counters),
+                state: Mutex::new(EngineState {
+                    tlb: Tlb::new(tlb_entries),
+                    issued: 0,
+                    inflight: VecDeque::new(),
+                    handed: None,
+                    waiters: 0,
+                    batch: Vec::new(),
+                }),
+                issued_cv: Condvar::new(),
+                submit: Mutex::new(0),
                 latency_ns: Arc::clone(&latency),
-                batch: Vec::new(),
-            };
+                counters: Arc::clone(&counters),
+                shadow: Arc::clone(&shadow),
+                thread: std::sync::OnceLock::new(),
+            });
+            let worker = Arc::clone(&engine);
             let t = std::thread::Builder::new()
                 .name(format!("engine-{id}"))
                 .spawn(move || worker.run())
                 .map_err(EngineError::Spawn)?;
-            engines.push(handle);
+            let _ = engine.thread.set(t.thread().clone());
+            engines.push(engine);
             threads.push(t);
         }
         Ok(Engines {
@@ -214,6 +556,7 @@ impl Engines {
             threads: Mutex::new(threads),
             latency_ns: latency,
             counters,
+            observed: Histogram::default(),
         })
     }
 
@@ -232,63 +575,89 @@ impl Engines {
         self.latency_ns.store(ns, Ordering::Relaxed);
     }
 
-    /// Queues a flush on `engine`; returns the fence sequence that completes with it.
-    pub fn flush(&self, engine: usize, req: FlushReq) -> u64 {
+    /// Queues a flush on `engine` and adds its fence to `fences`; the round trip's clock
+    /// starts now. If the engine is idle the flush is issued on this thread at once (see the
+    /// module docs); no thread is woken.
+    pub fn flush(&self, engine: usize, req: FlushReq, fences: &mut Fences) {
         let e = &self.engines[engine];
-        let mut next = e.submit.lock().unwrap_or_else(PoisonError::into_inner);
-        *next += 1;
-        let seq = *next;
-        if e.tx.send(Job::Flush { req, seq }).is_err() {
-            // The engine is gone (shutdown): nothing can hold translations any more.
-            e.fence.complete(seq);
+        let latency = self.latency_ns.load(Ordering::Relaxed) as i64;
+        let queued = sys::timespec_ns(&sys::monotonic_now());
+        let seq = {
+            let mut next = e.submit.lock().unwrap_or_else(PoisonError::into_inner);
+            *next += 1;
+            let seq = *next;
+            if e.tx.send(Job::Flush { req, seq, queued }).is_err() {
+                // The engine is gone (shutdown): nothing can hold translations any more.
+                let mut st = e.lock();
+                st.issued = st.issued.max(seq);
+                e.issued_cv.notify_all();
+            }
+            seq
+        };
+        if let Ok(mut st) = e.state.try_lock() {
+            if let Drained::Handed = e.drain(&mut st) {
+                // A read is next: the worker must serve it (and issue what follows).
+                e.unpark();
+            }
         }
+        fences.add(engine, seq, queued.saturating_add(latency));
         bump(&self.counters.flushes_queued, 1);
-        seq
     }
 
     /// Queues `req` on every engine in `mask`, adding the fences to `fences`.
     pub fn flush_mask(&self, mask: u32, req: FlushReq, fences: &mut Fences) {
         for engine in 0..self.engines.len() {
             if mask & (1 << engine) != 0 {
-                fences.add(engine, self.flush(engine, req));
+                self.flush(engine, req, fences);
             }
         }
     }
 
-    /// Waits until every fence in `fences` has completed.
+    /// Waits until every fence in `fences` has completed: sleeps (precisely, on this
+    /// thread's own timer) until they can first be complete, then makes sure each flush was
+    /// issued and its batch's round trip is over.
     pub fn wait(&self, fences: &Fences) {
-        for engine in 0..self.engines.len() {
-            if fences.mask & (1 << engine) != 0 {
-                self.engines[engine].fence.wait(fences.seq[engine]);
+        if fences.is_empty() {
+            return;
+        }
+        lower_timer_slack_once();
+        sys::sleep_until(&sys::ns_timespec(fences.not_before));
+        for (i, e) in self.engines.iter().enumerate() {
+            if fences.mask & (1 << i) != 0 {
+                if let Some(d) = e.issued_deadline(fences.seq[i]) {
+                    sys::sleep_until(&sys::ns_timespec(d));
+                }
             }
         }
+        let queued = fences.not_before - self.latency_ns.load(Ordering::Relaxed) as i64;
+        let now = sys::timespec_ns(&sys::monotonic_now());
+        self.observed
+            .record(u64::try_from(now - queued).unwrap_or(0));
         bump(&self.counters.fences_waited, u64::from(fences.len()));
     }
 
-    /// Queues a device read on `engine`.
+    /// Queues a device read on `engine` and wakes its worker.
     pub fn read(&self, engine: usize, job: ReadJob) -> Result<(), ReadJob> {
-        self.engines[engine % self.engines.len()]
-            .tx
-            .send(Job::Read(job))
+        let e = &self.engines[engine % self.engines.len()];
+        e.tx.send(Job::Read(job))
             .map_err(|e| match e.into_inner() {
                 Job::Read(j) => j,
                 _ => unreachable!("sent a read"),
-            })
+            })?;
+        e.unpark();
+        Ok(())
     }
 
-    /// Achieved flush round trips of every engine, merged.
-    pub fn latency_histogram(&self) -> Histogram {
-        let h = Histogram::default();
-        for e in &self.engines {
-            h.merge_from(&e.latency);
-        }
-        h
+    /// Achieved fence round trips, as their waiters saw them.
+    pub fn latency_histogram(&self) -> &Histogram {
+        &self.observed
     }
 
     /// Stops the engine threads (after the jobs already queued) and waits for them.
     pub fn shutdown(&self) {
         for e in &self.engines {
             let _ = e.tx.send(Job::Stop);
+            e.unpark();
         }
         let threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
@@ -306,231 +675,25 @@ impl Drop for Engines {
     }
 }
 
-#[derive(Clone, Copy)]
-struct TlbEntry {
-    slot: SlotRef,
-    mirror: MirrorIdx,
-}
-
-/// A bounded cache of (client, virtual page) → slot, evicting the oldest entry when full.
-struct Tlb {
-    map: HashMap<(u64, u64), TlbEntry>,
-    order: VecDeque<(u64, u64)>,
-    cap: usize,
-}
-
-impl Tlb {
-    fn new(cap: usize) -> Tlb {
-        Tlb {
-            map: HashMap::with_capacity(cap),
-            order: VecDeque::with_capacity(cap),
-            cap,
-        }
-    }
-
-    fn get(&self, client: u64, vpn: u64) -> Option<TlbEntry> {
-        self.map.get(&(client, vpn)).copied()
-    }
-
-    fn insert(&mut self, client: u64, vpn: u64, e: TlbEntry) {
-        while self.map.len() >= self.cap {
-            match self.order.pop_front() {
-                Some(k) => {
-                    self.map.remove(&k);
-                }
-                None => break,
-            }
-        }
-        if self.map.insert((client, vpn), e).is_none() {
-            self.order.push_back((client, vpn));
-        }
-        if self.order.len() > 2 * self.cap {
-            // Keys of flushed entries linger in `order`; drop them now and then.
-            let map = &self.map;
-            self.order.retain(|k| map.contains_key(k));
-        }
-    }
-
-    fn flush(&mut self, req: &FlushReq) {
-        match req.scope {
-            FlushScope::All => self.map.retain(|&(c, _), _| c != req.client),
-            FlushScope::Pages { first, last } => {
-                let span = last.saturating_sub(first).saturating_add(1);
-                if span <= 8 {
-                    for vpn in first..=last {
-                        self.map.remove(&(req.client, vpn));
-                    }
-                } else {
-                    self.map
-                        .retain(|&(c, v), _| c != req.client || v < first || v > last);
-                }
-            }
-        }
-    }
-}
-
-struct Worker {
-    id: usize,
-    rx: Receiver<Job>,
-    tlb: Tlb,
-    handle: Arc<EngineHandle>,
-    shadow: Arc<Shadow>,
-    counters: Arc<DeviceCounters>,
-    latency_ns: Arc<AtomicU64>,
-    batch: Vec<FlushReq>,
-}
-
-impl Worker {
-    fn run(mut self) {
-        if let Err(e) = sys::lower_timer_slack() {
-            tracing::warn!(engine = self.id, error = %e, "cannot lower timer slack; flush latency will overshoot");
-        }
-        let mut next: Option<Job> = None;
-        loop {
-            let job = match next.take() {
-                Some(j) => j,
-                None => match self.rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                },
-            };
-            match job {
-                Job::Flush { req, seq } => next = self.flush(req, seq),
-                Job::Read(r) => self.read(r),
-                Job::Stop => return,
-            }
-        }
-    }
-
-    /// Performs a flush and every flush queued right behind it, as one round trip.
-    fn flush(&mut self, first: FlushReq, seq: u64) -> Option<Job> {
-        let start = sys::monotonic_now();
-        self.batch.clear();
-        self.batch.push(first);
-        let mut last = seq;
-        let mut following = None;
-        loop {
-            match self.rx.try_recv() {
-                Ok(Job::Flush { req, seq }) => {
-                    self.batch.push(req);
-                    last = seq;
-                }
-                Ok(other) => {
-                    following = Some(other);
-                    break;
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
-        for req in &self.batch {
-            self.tlb.flush(req);
-        }
-        bump(
-            &self.counters.flushes_coalesced,
-            self.batch.len() as u64 - 1,
-        );
-        bump(&self.counters.flushes_executed, 1);
-        let ns = self.latency_ns.load(Ordering::Relaxed);
-        if ns > 0 {
-            let deadline = start + TimeSpec::from_duration(std::time::Duration::from_nanos(ns));
-            sys::sleep_until(&deadline);
-        }
-        let took = sys::monotonic_now() - start;
-        let took_ns = u64::try_from(took.num_nanoseconds()).unwrap_or(0);
-        self.handle.latency.record(took_ns);
-        self.handle.fence.complete(last);
-        following
-    }
-
-    /// Serves a device read: TLB, then page table (device lock), else a fault listing every
-    /// missing page of the read.
-    fn read(&mut self, job: ReadJob) {
-        let client = job.client.id();
-        let mut out = vec![0u8; job.len];
-        let mut missing = Vec::new();
-        let mut done = 0usize;
-        let mut addr = job.addr;
-        while done < job.len {
-            let vpn = addr / PAGE_SIZE as u64;
-            let in_page = (addr % PAGE_SIZE as u64) as usize;
-            let n = (PAGE_SIZE - in_page).min(job.len - done);
-            let entry = match self.tlb.get(client, vpn) {
-                Some(e) => {
-                    bump(&self.counters.tlb_hits, 1);
-                    Some(e)
-                }
-                None => {
-                    bump(&self.counters.tlb_misses, 1);
-                    let mut pt = job.client.pt();
-                    match pt.get(vpn) {
-                        Some(pte) => {
-                            pt.mark_cached(pte.mirror, self.id);
-                            drop(pt);
-                            let e = TlbEntry {
-                                slot: pte.slot,
-                                mirror: pte.mirror,
-                            };
-                            self.tlb.insert(client, vpn, e);
-                            Some(e)
-                        }
-                        None => None,
-                    }
-                }
-            };
-            match entry {
-                Some(e) if missing.is_empty() => {
-                    // G2 self-check: the slot must still hold the allocation we translated to.
-                    if self.shadow.generation(e.slot.slot) != e.slot.gen {
-                        bump(&self.counters.g2_violations, 1);
-                        tracing::error!(
-                            engine = self.id,
-                            slot = e.slot.slot,
-                            mirror = e.mirror,
-                            "slot reused under a live translation (G2)"
-                        );
-                    }
-                    // SAFETY: the slot is reachable through our TLB, so it cannot be freed (and
-                    // rewritten) before this engine runs a flush queued after its PTE was
-                    // zapped, which is behind this job in our FIFO (G2).
-                    unsafe {
-                        self.shadow
-                            .copy_out(e.slot.slot, in_page, &mut out[done..done + n])
-                    };
-                }
-                Some(_) => {}
-                None => missing.push(vpn),
-            }
-            done += n;
-            addr += n as u64;
-        }
-        let outcome = if missing.is_empty() {
-            bump(&self.counters.reads, 1);
-            bump(&self.counters.read_bytes, job.len as u64);
-            ReadOutcome::Data(out)
-        } else {
-            bump(&self.counters.faults, 1);
-            ReadOutcome::Fault(missing)
-        };
-        // The reader may have given up (client gone): nothing to do then.
-        let _ = job.reply.send(outcome);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn e(slot: u32) -> TlbEntry {
+        TlbEntry {
+            slot: SlotRef { slot, gen: 1 },
+            mirror: 0,
+        }
+    }
+
     #[test]
     fn tlb_evicts_oldest_and_flushes_ranges() {
         let mut t = Tlb::new(3);
-        let e = |slot| TlbEntry {
-            slot: SlotRef { slot, gen: 1 },
-            mirror: 0,
-        };
         for v in 0..4 {
             t.insert(1, v, e(v as u32));
         }
         assert!(t.get(1, 0).is_none(), "oldest evicted");
+        assert_eq!(t.len, 3);
         t.insert(2, 2, e(9));
         t.flush(&FlushReq {
             client: 1,
@@ -546,16 +709,18 @@ mod tests {
             scope: FlushScope::All,
         });
         assert!(t.get(2, 2).is_none());
+        assert_eq!(t.len, 0);
     }
 
     #[test]
     fn fences_keep_the_latest_sequence_per_engine() {
         let mut f = Fences::default();
         assert!(f.is_empty());
-        f.add(3, 5);
-        f.add(3, 2);
-        f.add(0, 1);
+        f.add(3, 5, 10);
+        f.add(3, 2, 30);
+        f.add(0, 1, 20);
         assert_eq!(f.len(), 2);
         assert_eq!(f.seq[3], 5);
+        assert_eq!(f.not_before, 30);
     }
 }

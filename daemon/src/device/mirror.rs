@@ -257,7 +257,8 @@ impl Doorbell {
                     FlushScope::Pages { first, last }
                 };
                 bump(&dev.counters.flushes_batched, u64::from(n - 1));
-                fences.add(e, dev.engines.flush(e, FlushReq { client, scope }));
+                dev.engines
+                    .flush(e, FlushReq { client, scope }, &mut fences);
             }
         }
         self.rung.push_back((self.open, fences, self.open_refs));

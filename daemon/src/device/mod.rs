@@ -11,7 +11,8 @@ mod pagetable;
 mod shadow;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo};
@@ -60,6 +61,9 @@ pub struct DeviceConfig {
     pub tlb_entries: usize,
     /// Ranges one engine may collect in one walk before a flush-all is sent instead.
     pub batch_threshold: usize,
+    /// How long a freed slot keeps its memory (for cheap reuse) before the reclaimer
+    /// releases it: between one and two of these periods.
+    pub reclaim_interval: Duration,
 }
 
 impl Default for DeviceConfig {
@@ -71,6 +75,7 @@ impl Default for DeviceConfig {
             shadow_capacity: 1 << 30,
             tlb_entries: 512,
             batch_threshold: 16,
+            reclaim_interval: RECLAIM_INTERVAL,
         }
     }
 }
@@ -178,10 +183,15 @@ impl DeviceShared {
     }
 }
 
+/// How often the reclaimer releases the memory of slots free for a whole period (G5 wants
+/// RSS back within a second of a client's exit; this gives it within 200 ms).
+const RECLAIM_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The device: shadow buffer, engines and counters, and the factory of its clients.
 pub struct Device {
     shared: Arc<DeviceShared>,
     next_client: AtomicU64,
+    reclaimer: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -207,7 +217,25 @@ impl Device {
             Arc::clone(&shadow),
             Arc::clone(&counters),
         )?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let reclaim_interval = cfg.reclaim_interval;
+        let trimmed = Arc::clone(&shadow);
+        let reclaimer = std::thread::Builder::new()
+            .name("shadow-reclaim".into())
+            .spawn(move || loop {
+                let stop = !matches!(
+                    stop_rx.recv_timeout(reclaim_interval),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                );
+                if stop {
+                    trimmed.trim_all();
+                    return;
+                }
+                trimmed.trim();
+            })
+            .map_err(EngineError::Spawn)?;
         Ok(Device {
+            reclaimer: Mutex::new(Some((stop_tx, reclaimer))),
             shared: Arc::new(DeviceShared {
                 shadow,
                 engines,
@@ -248,8 +276,8 @@ impl Device {
             .set_latency_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
-    /// Achieved flush round trips.
-    pub fn flush_latency_histogram(&self) -> Histogram {
+    /// Achieved flush round trips, as fence waiters saw them.
+    pub fn flush_latency_histogram(&self) -> &Histogram {
         self.shared.engines.latency_histogram()
     }
 
@@ -271,6 +299,7 @@ impl Device {
         let s = &self.shared.shadow;
         v.push(("shadow.slots_total".into(), u64::from(s.capacity())));
         v.push(("shadow.slots_in_use".into(), s.in_use()));
+        v.push(("shadow.slots_warm".into(), s.warm() as u64));
         v.push(("shadow.pages_punched".into(), s.punched()));
         let h = self.flush_latency_histogram();
         v.push((
@@ -283,9 +312,26 @@ impl Device {
         v
     }
 
-    /// Stops the engines (after their queued jobs).
+    /// Stops the engines (after their queued jobs) and the reclaimer (after a last trim).
     pub fn shutdown(&self) {
         self.shared.engines.shutdown();
+        let reclaimer = self
+            .reclaimer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((stop, thread)) = reclaimer {
+            drop(stop);
+            if thread.join().is_err() {
+                tracing::error!("the shadow reclaimer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -1,8 +1,13 @@
 //! The shadow buffer (DESIGN.md §4): one memfd-backed mapping cut into page-sized slots, with
 //! a free-slot allocator and a generation per slot so reuse can be detected (G2).
 //!
-//! Freed slots have their memory released with a hole punch, so the daemon's RSS follows the
-//! number of slots in use (G5).
+//! Freed slots go to a *warm* list first: their memory is still resident, so reusing them
+//! costs no page fault (on a VM, clearing a fresh page costs more than copying one) and
+//! freeing costs no system call on the invalidation path. [`Shadow::trim`], run by the
+//! device's reclaimer every 100 ms, releases the memory of the slots that stayed free for a
+//! whole period with a hole punch and moves them to the *cold* list, so the daemon's RSS
+//! follows the number of slots in use within 200 ms (G5). Cold slots are populated in bulk (`MADV_POPULATE_WRITE`)
+//! when allocated, instead of taking one page fault each during the copy.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -43,12 +48,41 @@ pub struct SlotRef {
     pub gen: u32,
 }
 
+/// Free slots: `warm` ones still have resident memory (freed since the last trim), `aging`
+/// ones too (freed before it; the next trim releases them), `cold` ones do not.
+#[derive(Debug, Default)]
+struct FreeLists {
+    warm: Vec<u32>,
+    aging: Vec<u32>,
+    cold: Vec<u32>,
+    /// Slots being released by a trim (in no list meanwhile); they come back as cold.
+    releasing: usize,
+}
+
+impl FreeLists {
+    fn len(&self) -> usize {
+        self.warm.len() + self.aging.len() + self.cold.len()
+    }
+
+    /// Takes up to `n` slots from the back of `list` (the most recently freed), in the
+    /// order they were freed, which keeps runs of adjacent slots adjacent.
+    fn take(list: &mut Vec<u32>, n: usize, f: impl FnMut(u32)) -> usize {
+        let k = n.min(list.len());
+        let at = list.len() - k;
+        list[at..].iter().copied().for_each(f);
+        list.truncate(at);
+        k
+    }
+}
+
 /// The shadow buffer.
 pub struct Shadow {
     file: File,
     map: MmapRaw,
     slots: u32,
-    free: Mutex<Vec<u32>>,
+    free: Mutex<FreeLists>,
+    /// Signalled when a trim returns released slots.
+    released: std::sync::Condvar,
     gens: Box<[AtomicU32]>,
     in_use: AtomicU64,
     punched: AtomicU64,
@@ -81,8 +115,15 @@ impl Shadow {
             file,
             map,
             slots,
-            // Popped from the back: slot 0 first, so a fresh buffer fills in address order.
-            free: Mutex::new((0..slots).rev().collect()),
+            // Taken from the back: a fresh buffer fills from its end, in address order within
+            // each allocation.
+            free: Mutex::new(FreeLists {
+                warm: Vec::new(),
+                aging: Vec::new(),
+                cold: (0..slots).collect(),
+                releasing: 0,
+            }),
+            released: std::sync::Condvar::new(),
             gens: (0..slots).map(|_| AtomicU32::new(0)).collect(),
             in_use: AtomicU64::new(0),
             punched: AtomicU64::new(0),
@@ -109,58 +150,131 @@ impl Shadow {
         self.gens[slot as usize].load(Ordering::Acquire)
     }
 
-    /// Allocates `n` slots (all or none), appending them to `out`.
+    /// Allocates `n` slots (all or none), appending them to `out`: recently freed (warm)
+    /// slots first, then cold ones, which are populated in bulk.
     pub fn alloc(&self, n: usize, out: &mut Vec<SlotRef>) -> Result<(), ShadowError> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < n {
-            return Err(ShadowError::Full {
-                wanted: n,
-                free: free.len(),
-            });
-        }
-        let at = free.len() - n;
-        out.reserve(n);
-        for &slot in free[at..].iter().rev() {
-            let gen = self.gens[slot as usize]
-                .fetch_add(1, Ordering::AcqRel)
-                .wrapping_add(1);
-            out.push(SlotRef { slot, gen });
-        }
-        free.truncate(at);
+        let first_cold = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            // Slots a trim is releasing come back shortly: wait for them rather than fail.
+            while free.len() < n && free.releasing > 0 {
+                free = self
+                    .released
+                    .wait(free)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if free.len() < n {
+                return Err(ShadowError::Full {
+                    wanted: n,
+                    free: free.len(),
+                });
+            }
+            out.reserve(n);
+            let FreeLists {
+                warm, aging, cold, ..
+            } = &mut *free;
+            let mut left = n;
+            left -= FreeLists::take(warm, left, |s| out.push(self.next_gen(s)));
+            left -= FreeLists::take(aging, left, |s| out.push(self.next_gen(s)));
+            let first_cold = out.len();
+            FreeLists::take(cold, left, |s| out.push(self.next_gen(s)));
+            first_cold
+        };
         self.in_use.fetch_add(n as u64, Ordering::Relaxed);
+        self.populate(&out[first_cold..]);
         Ok(())
     }
 
-    /// Returns slots to the allocator and releases their memory. The caller guarantees that
-    /// nothing can still read them: no page-table entry, and no TLB of an engine that has not
-    /// completed a flush queued after the entry was zapped (G2).
+    fn next_gen(&self, slot: u32) -> SlotRef {
+        let gen = self.gens[slot as usize]
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
+        SlotRef { slot, gen }
+    }
+
+    /// Makes cold slots resident in one call per run of adjacent slots (an optimisation: a
+    /// failure just leaves the page faults to the copy).
+    fn populate(&self, slots: &[SlotRef]) {
+        for_each_run(slots.iter().map(|s| s.slot), |first, count| {
+            let off = first as usize * PAGE_SIZE;
+            let len = count as usize * PAGE_SIZE;
+            if let Err(e) = self
+                .map
+                .advise_range(memmap2::Advice::PopulateWrite, off, len)
+            {
+                tracing::debug!(error = %e, "MADV_POPULATE_WRITE failed; faulting pages in instead");
+            }
+        });
+    }
+
+    /// Returns slots to the allocator. Their memory stays resident until the next
+    /// [`trim`](Self::trim). The caller guarantees that nothing can still read them: no
+    /// page-table entry, and no TLB of an engine that has not completed a flush queued after
+    /// the entry was zapped (G2).
     pub fn free(&self, slots: &[SlotRef]) {
         if slots.is_empty() {
             return;
         }
-        let mut idx: Vec<u32> = slots.iter().map(|s| s.slot).collect();
-        idx.sort_unstable();
-        // Punch runs of adjacent slots with one call each.
-        let mut i = 0;
-        while i < idx.len() {
-            let mut j = i + 1;
-            while j < idx.len() && idx[j] == idx[j - 1] + 1 {
-                j += 1;
-            }
-            let off = u64::from(idx[i]) * PAGE_SIZE as u64;
-            let len = (j - i) as u64 * PAGE_SIZE as u64;
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reuse the most recently freed slots first: warm memory, and any G2 bug shows up fast.
+        free.warm.extend(slots.iter().map(|s| s.slot));
+        drop(free);
+        self.in_use.fetch_sub(slots.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Releases the memory of the slots that have been free since before the previous
+    /// trim, with a hole punch (one call per run of adjacent slots), and makes them cold;
+    /// the slots freed since then start aging. Returns the number of slots released.
+    pub fn trim(&self) -> usize {
+        let mut warm = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let young = std::mem::take(&mut free.warm);
+            let old = std::mem::replace(&mut free.aging, young);
+            free.releasing += old.len();
+            old
+        };
+        self.release(&mut warm)
+    }
+
+    /// Releases the memory of every free slot that still has some.
+    pub fn trim_all(&self) -> usize {
+        let mut warm = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut all = std::mem::take(&mut free.warm);
+            all.append(&mut free.aging);
+            free.releasing += all.len();
+            all
+        };
+        self.release(&mut warm)
+    }
+
+    /// Punches the holes of `warm` (already counted in `releasing`) and returns them cold.
+    fn release(&self, warm: &mut [u32]) -> usize {
+        if warm.is_empty() {
+            return 0;
+        }
+        warm.sort_unstable();
+        for_each_run(warm.iter().copied(), |first, count| {
+            let off = u64::from(first) * PAGE_SIZE as u64;
+            let len = u64::from(count) * PAGE_SIZE as u64;
             if let Err(e) = sys::punch_hole(&self.file, off, len) {
                 tracing::warn!(error = %e, off, len, "cannot release shadow pages");
             } else {
-                self.punched.fetch_add((j - i) as u64, Ordering::Relaxed);
+                self.punched.fetch_add(u64::from(count), Ordering::Relaxed);
             }
-            i = j;
-        }
+        });
+        let n = warm.len();
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        // Reuse the most recently freed slots first: it makes reuse (and any G2 bug) quick
-        // to show up.
-        free.extend(idx.iter().rev());
-        self.in_use.fetch_sub(slots.len() as u64, Ordering::Relaxed);
+        free.cold.extend(warm.iter());
+        free.releasing -= n;
+        drop(free);
+        self.released.notify_all();
+        n
+    }
+
+    /// Free slots whose memory is still resident.
+    pub fn warm(&self) -> usize {
+        let free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        free.warm.len() + free.aging.len()
     }
 
     fn slot_ptr(&self, slot: u32) -> *mut u8 {
@@ -201,6 +315,24 @@ impl Shadow {
     }
 }
 
+/// Calls `f(first, count)` for each run of consecutive values in `slots` (in the order given).
+fn for_each_run(slots: impl Iterator<Item = u32>, mut f: impl FnMut(u32, u32)) {
+    let mut run: Option<(u32, u32)> = None;
+    for s in slots {
+        run = match run {
+            Some((first, count)) if first.checked_add(count) == Some(s) => Some((first, count + 1)),
+            Some((first, count)) => {
+                f(first, count);
+                Some((s, 1))
+            }
+            None => Some((s, 1)),
+        };
+    }
+    if let Some((first, count)) = run {
+        f(first, count);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,7 +342,11 @@ mod tests {
         let s = Shadow::new(4 * PAGE_SIZE as u64).expect("shadow");
         let mut v = Vec::new();
         s.alloc(3, &mut v).expect("alloc");
-        assert_eq!(v.iter().map(|r| r.slot).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            v.iter().map(|r| r.slot).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "ascending run"
+        );
         assert!(v.iter().all(|r| r.gen == 1));
         assert!(matches!(
             s.alloc(2, &mut v),
@@ -222,10 +358,10 @@ mod tests {
         s.alloc(1, &mut w).expect("realloc");
         assert_eq!(
             w[0],
-            SlotRef { slot: 1, gen: 2 },
+            SlotRef { slot: 2, gen: 2 },
             "reused slot has a new generation"
         );
-        assert_eq!(s.generation(1), 2);
+        assert_eq!(s.generation(2), 2);
         assert!(matches!(
             Shadow::new(100),
             Err(ShadowError::BadCapacity(100))
@@ -244,7 +380,13 @@ mod tests {
         unsafe { s.copy_out(v[0].slot, 100, &mut out) };
         assert_eq!(out, [0xab; 16]);
         s.free(&v);
+        assert_eq!(s.punched(), 0, "free is lazy");
+        assert_eq!(s.warm(), 1);
+        assert_eq!(s.trim(), 0, "freed since the last trim: kept one period");
+        assert_eq!(s.warm(), 1);
+        assert_eq!(s.trim(), 1);
         assert_eq!(s.punched(), 1);
+        assert_eq!(s.warm(), 0);
         // SAFETY: freed and not reallocated: no writer.
         unsafe { s.copy_out(v[0].slot, 0, &mut out) };
         assert_eq!(out, [0; 16]);

@@ -25,6 +25,7 @@ fn device(mode: InvalidationMode, engines: usize, latency_us: u64, slots: u64) -
         shadow_capacity: slots * P,
         tlb_entries: 64,
         batch_threshold: 4,
+        ..DeviceConfig::default()
     })
     .unwrap()
 }
@@ -436,7 +437,7 @@ fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
             .collect();
         start.wait();
         let mut x = 0x5555u64;
-        for _ in 0..400 {
+        for _ in 0..1500 {
             // Interleave with the readers without depending on timing: wait for a few reads
             // (mapping and caching pages) between invalidations.
             let seen = reads.load(Ordering::SeqCst);
@@ -569,11 +570,13 @@ mod equivalence {
                 prop_assert_eq!(&results[0], &results[1]);
                 prop_assert_eq!(&results[0], &results[2]);
             }
-            let tables: Vec<Vec<(u64, u32)>> = rigs.iter().map(|r| r.c.page_table_entries().into_iter().map(|(v, p)| (v, p.slot.slot)).collect()).collect();
+            // Which pages are mapped (slot numbers differ: the reclaimer trims free slots at
+            // its own pace, which changes the allocation order, not the contents).
+            let tables: Vec<Vec<u64>> = rigs.iter().map(|r| r.c.page_table_entries().into_iter().map(|(v, _)| v).collect()).collect();
             prop_assert_eq!(&tables[0], &tables[1]);
             prop_assert_eq!(&tables[0], &tables[2]);
             // Slot contents: read every present page back through the device.
-            for (vpn, _) in &tables[0] {
+            for vpn in &tables[0] {
                 let a = rigs[0].c.read_on(0, vpn * P, PAGE_SIZE).unwrap();
                 prop_assert_eq!(&a, &rigs[1].c.read_on(0, vpn * P, PAGE_SIZE).unwrap());
                 prop_assert_eq!(&a, &rigs[2].c.read_on(0, vpn * P, PAGE_SIZE).unwrap());
