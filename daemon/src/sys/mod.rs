@@ -4,9 +4,11 @@
 //! calls safe functions with typed results and stays free of `unsafe`, except where it
 //! touches shadow memory (`device::shadow`).
 
+pub mod uffd;
+
 use std::fs::File;
 use std::io::IoSliceMut;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
 use nix::errno::Errno;
@@ -198,9 +200,54 @@ fn io_slice<'a>(start: *mut u8, len: usize) -> IoSliceMut<'a> {
     IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(start, len) })
 }
 
+/// What an fd refers to, as `readlink /proc/self/fd/N` says (e.g. `/proc/1234/mem` or
+/// `anon_inode:[userfaultfd]`).
+pub fn fd_target(fd: BorrowedFd<'_>) -> std::io::Result<String> {
+    let p = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
+/// Opens a pidfd for `pid` (Linux 5.3+), which pins the identity of the process: it stays
+/// about that process even if the pid is reused after it exits.
+pub fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
+    // SAFETY: plain system call with integer arguments; a non-negative result is a new fd
+    // that nothing else owns.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    let fd = i32::try_from(fd).map_err(|_| Errno::EBADF)?;
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// True while the process behind `pidfd` has not exited (a pidfd becomes readable at exit).
+pub fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => true,
+        Ok(_) => false,
+        // Cannot tell: treat as gone, the safe answer for reading its memory.
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pidfd_tracks_a_child() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn sleep");
+        let pidfd = pidfd_open(child.id() as i32).expect("pidfd_open");
+        assert!(pidfd_alive(pidfd.as_fd()));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(!pidfd_alive(pidfd.as_fd()));
+        let f = File::open("/proc/self/mem").expect("open");
+        assert_eq!(fd_target(f.as_fd()).expect("readlink"), format!("/proc/{}/mem", std::process::id()));
+    }
 
     #[test]
     fn page_size_matches() {
