@@ -1,1 +1,21 @@
-//! memshadow wire protocol: message types, framing, versioning, limits and fd passing.
+//! memshadow's wire protocol: framing, versioning, limits, typed messages and fd passing.
+//!
+//! Every message is one `SOCK_SEQPACKET` record: a fixed 24-byte little-endian [`Header`]
+//! followed by at most [`MAX_PAYLOAD`] bytes of payload, with at most [`MAX_FDS`] file
+//! descriptors attached as `SCM_RIGHTS`. Anything larger is refused, and decoding untrusted
+//! bytes never panics and never allocates more than the payload it was given (DESIGN.md
+//! §5 G7). There is no daemon logic here.
+
+pub mod codec;
+pub mod header;
+pub mod message;
+pub mod socket;
+
+pub use header::{
+    Header, HeaderError, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD, MIN_VERSION, VERSION,
+};
+pub use message::{
+    AccessPath, ClientInfo, DecodeError, ErrorCode, Limits, MirrorInfo, Request, Response,
+    MAX_LIST, MAX_NAME, MAX_READ,
+};
+pub use socket::{recv, send, Frame, SocketError};

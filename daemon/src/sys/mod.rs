@@ -239,14 +239,20 @@ mod tests {
 
     #[test]
     fn pidfd_tracks_a_child() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn sleep");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
         let pidfd = pidfd_open(child.id() as i32).expect("pidfd_open");
         assert!(pidfd_alive(pidfd.as_fd()));
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert!(!pidfd_alive(pidfd.as_fd()));
         let f = File::open("/proc/self/mem").expect("open");
-        assert_eq!(fd_target(f.as_fd()).expect("readlink"), format!("/proc/{}/mem", std::process::id()));
+        assert_eq!(
+            fd_target(f.as_fd()).expect("readlink"),
+            format!("/proc/{}/mem", std::process::id())
+        );
     }
 
     #[test]

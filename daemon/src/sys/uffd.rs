@@ -132,7 +132,9 @@ pub struct Uffd {
 
 impl std::fmt::Debug for Uffd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uffd").field("fd", &self.inner.as_raw_fd()).finish()
+        f.debug_struct("Uffd")
+            .field("fd", &self.inner.as_raw_fd())
+            .finish()
     }
 }
 
@@ -186,11 +188,17 @@ impl Uffd {
     /// remove and remap events for it).
     pub fn register_wp(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         self.inner
-            .register_with_mode(addr as *mut libc::c_void, len as usize, RegisterMode::WRITE_PROTECT)
+            .register_with_mode(
+                addr as *mut libc::c_void,
+                len as usize,
+                RegisterMode::WRITE_PROTECT,
+            )
             .map(|_| ())
             .map_err(|e| match errno_of(&e) {
                 Some(nix::Error::EBUSY) => UffdError::Busy { addr, len },
-                Some(nix::Error::EINVAL | nix::Error::ENOMEM | nix::Error::EFAULT) => UffdError::Invalid { addr, len },
+                Some(nix::Error::EINVAL | nix::Error::ENOMEM | nix::Error::EFAULT) => {
+                    UffdError::Invalid { addr, len }
+                }
                 _ => op("register")(e),
             })
     }
@@ -218,7 +226,11 @@ impl Uffd {
 
     /// Reads the pending events (the fd is non-blocking), appending them to `out`. Returns
     /// how many were read; 0 if none were pending.
-    pub fn read_events(&self, buf: &mut EventBuffer, out: &mut Vec<UffdEvent>) -> Result<usize, UffdError> {
+    pub fn read_events(
+        &self,
+        buf: &mut EventBuffer,
+        out: &mut Vec<UffdEvent>,
+    ) -> Result<usize, UffdError> {
         let before = out.len();
         for ev in self.inner.read_events(buf).map_err(op("read"))? {
             let ev = match ev {
@@ -248,7 +260,9 @@ impl Uffd {
                     child: unsafe { OwnedFd::from_raw_fd(uffd.into_raw_fd()) },
                 },
                 Event::Pagefault { kind, addr, .. } => match kind {
-                    userfaultfd::FaultKind::WriteProtected => UffdEvent::WriteFault { addr: addr as u64 },
+                    userfaultfd::FaultKind::WriteProtected => {
+                        UffdEvent::WriteFault { addr: addr as u64 }
+                    }
                     _ => UffdEvent::OtherFault { addr: addr as u64 },
                 },
             });
@@ -264,7 +278,8 @@ mod tests {
     /// Creates a uffd the way the client library does (raw syscall, no API call).
     fn raw_uffd() -> OwnedFd {
         // SAFETY: plain system call; on success the result is a new fd we own.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
         // SAFETY: the syscall returned a fresh fd.
         unsafe { OwnedFd::from_raw_fd(fd as i32) }
@@ -294,9 +309,14 @@ mod tests {
             u.read_events(&mut buf, &mut events).expect("read");
             std::thread::yield_now();
         }
-        assert!(matches!(events[0], UffdEvent::Remove { start, end } if start == addr && end == addr + 4096));
+        assert!(
+            matches!(events[0], UffdEvent::Remove { start, end } if start == addr && end == addr + 4096)
+        );
         let map = t.join().expect("madvise thread");
-        assert!(matches!(u.register_wp(addr, 4096), Ok(())), "re-register by the same uffd is fine");
+        assert!(
+            matches!(u.register_wp(addr, 4096), Ok(())),
+            "re-register by the same uffd is fine"
+        );
         u.unregister(addr, 4 * 4096).expect("unregister");
         drop(map);
     }
@@ -304,6 +324,8 @@ mod tests {
     #[test]
     fn a_non_uffd_fd_is_refused() {
         let f = std::fs::File::open("/dev/null").expect("open");
-        assert!(matches!(Uffd::from_fd(OwnedFd::from(f)), Err(UffdError::NotUffd(t)) if t == "/dev/null"));
+        assert!(
+            matches!(Uffd::from_fd(OwnedFd::from(f)), Err(UffdError::NotUffd(t)) if t == "/dev/null")
+        );
     }
 }

@@ -1,0 +1,926 @@
+//! The typed messages: requests a client sends, responses and errors the daemon returns.
+//!
+//! Requests have types `0x0001..`, responses `0x8001..`; a response carries the
+//! `request_id` of the request it answers. Decoding checks the payload field by field
+//! ([`crate::codec::Reader`]) and the number of fds the message type allows.
+
+use crate::codec::{CodecError, Reader, Writer};
+use crate::header::MAX_PAYLOAD;
+
+/// Longest name (client name, counter name, version string) on the wire.
+pub const MAX_NAME: usize = 64;
+/// Largest device read one `Read` request may ask for (its answer must fit one message).
+pub const MAX_READ: usize = 60 * 1024;
+/// Most entries of a list response (counters, clients, mirrors).
+pub const MAX_LIST: usize = 1024;
+
+/// Why a message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A message type this version does not know.
+    #[error("unknown message type {0:#06x}")]
+    UnknownType(u16),
+    /// A message type that is valid, but not in this direction.
+    #[error("message type {0:#06x} is not valid in this direction")]
+    WrongDirection(u16),
+    /// The wrong number of fds for this message type.
+    #[error("{got} fds attached, message type {msg_type:#06x} takes {want}")]
+    FdCount {
+        /// The type.
+        msg_type: u16,
+        /// What it takes.
+        want: &'static str,
+        /// What came.
+        got: usize,
+    },
+    /// A malformed payload.
+    #[error("malformed {what} payload")]
+    Payload {
+        /// The message.
+        what: &'static str,
+        /// The field-level cause.
+        #[source]
+        source: CodecError,
+    },
+}
+
+/// The daemon's limits and this client's quotas, stated in the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Largest payload of a message.
+    pub max_payload: u32,
+    /// Most fds per message.
+    pub max_fds: u16,
+    /// Largest `Read`.
+    pub max_read: u32,
+    /// Shadow bytes this client may have mirrored at once.
+    pub shadow_bytes: u64,
+    /// Ranges this client may have attached at once.
+    pub mirrors: u32,
+    /// Requests this client may have in flight at once.
+    pub inflight: u32,
+    /// Clients one uid may have connected at once.
+    pub clients_per_uid: u32,
+}
+
+/// How the daemon reads a bound client's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessPath {
+    /// `process_vm_readv` on the peer's pid (the daemon is allowed to and it is faster).
+    ProcessVm,
+    /// `preadv` of the `/proc/self/mem` fd the client handed over.
+    MemFd,
+}
+
+impl AccessPath {
+    fn code(self) -> u8 {
+        match self {
+            AccessPath::ProcessVm => 0,
+            AccessPath::MemFd => 1,
+        }
+    }
+    fn from_code(c: u8) -> Result<AccessPath, CodecError> {
+        match c {
+            0 => Ok(AccessPath::ProcessVm),
+            1 => Ok(AccessPath::MemFd),
+            value => Err(CodecError::BadValue {
+                field: "access",
+                value: value.into(),
+            }),
+        }
+    }
+    /// A short name for logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessPath::ProcessVm => "process_vm_readv",
+            AccessPath::MemFd => "mem-fd",
+        }
+    }
+}
+
+/// One connected client, as `ListClients` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The daemon's id for the session.
+    pub id: u64,
+    /// Peer pid (from `SO_PEERCRED`).
+    pub pid: i32,
+    /// Peer uid.
+    pub uid: u32,
+    /// Whether a uffd is bound.
+    pub bound: bool,
+    /// Attached ranges.
+    pub mirrors: u32,
+    /// Shadow bytes in use.
+    pub shadow_bytes: u64,
+    /// uffd events handled.
+    pub events: u64,
+}
+
+/// One attached range, as `ListMirrors` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorInfo {
+    /// Mirror id.
+    pub id: u64,
+    /// Current first byte (follows `mremap`).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Pages currently mirrored in the shadow.
+    pub pages: u64,
+}
+
+/// A request, client → daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First message of a session: the versions this client speaks and who it is.
+    Hello {
+        /// Oldest version spoken.
+        min_version: u16,
+        /// Newest version spoken.
+        max_version: u16,
+        /// A name for logs (program name).
+        name: String,
+    },
+    /// Hands over the client's uffd and its `/proc/self/mem` fd (and optionally its
+    /// `/proc/self/pagemap` fd), in that order, as 2 or 3 `SCM_RIGHTS` fds.
+    Bind {
+        /// Reserved, must be 0.
+        flags: u32,
+    },
+    /// Mirror `addr..addr+len` of the client's memory.
+    Attach {
+        /// First byte (page aligned).
+        addr: u64,
+        /// Length (page aligned, > 0).
+        len: u64,
+        /// Reserved, must be 0.
+        flags: u32,
+    },
+    /// Stop mirroring a range.
+    Detach {
+        /// Which.
+        mirror_id: u64,
+    },
+    /// A device read of `len` bytes at `offset` into a mirror, served by an engine.
+    Read {
+        /// Which mirror.
+        mirror_id: u64,
+        /// Byte offset into the mirror.
+        offset: u64,
+        /// Bytes, at most [`MAX_READ`].
+        len: u32,
+    },
+    /// Fault `offset..offset+len` of a mirror into the shadow without returning data.
+    Populate {
+        /// Which mirror.
+        mirror_id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// This session's counters.
+    ClientStats,
+    /// The daemon's counters.
+    Status,
+    /// Every connected client (root or the daemon's owner only).
+    ListClients,
+    /// This session's mirrors.
+    ListMirrors,
+}
+
+/// A response, daemon → client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Answer to `Hello`.
+    HelloAck {
+        /// The version chosen for the session.
+        version: u16,
+        /// The daemon's build version.
+        daemon_version: String,
+        /// The daemon's page size.
+        page_size: u32,
+        /// Limits and quotas.
+        limits: Limits,
+    },
+    /// Answer to `Bind`.
+    Bound {
+        /// How the daemon will read memory.
+        access: AccessPath,
+        /// Features the uffd handshake granted.
+        uffd_features: u64,
+    },
+    /// Answer to `Attach`.
+    Attached {
+        /// The new mirror's id.
+        mirror_id: u64,
+    },
+    /// Answer to `Detach`.
+    Detached,
+    /// Answer to `Read`.
+    Data {
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Answer to `Populate`.
+    Populated {
+        /// Pages now mirrored in the range.
+        pages: u64,
+    },
+    /// Answer to `ClientStats` and `Status`: named counters.
+    Counters {
+        /// Name → value.
+        entries: Vec<(String, u64)>,
+    },
+    /// Answer to `ListClients`.
+    Clients {
+        /// The clients.
+        clients: Vec<ClientInfo>,
+    },
+    /// Answer to `ListMirrors`.
+    Mirrors {
+        /// The mirrors.
+        mirrors: Vec<MirrorInfo>,
+    },
+    /// A refused request.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// A human-readable reason.
+        message: String,
+    },
+}
+
+/// Error codes of [`Response::Error`]; unknown codes from a newer peer are kept as `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Malformed message; the session is closed after this error.
+    BadMessage,
+    /// No common protocol version.
+    ProtocolVersion,
+    /// A request that is not valid in the session's state (e.g. `Attach` before `Bind`).
+    OutOfOrder,
+    /// Missing, extra or wrong fds.
+    BadFd,
+    /// A bogus range: empty, unaligned, overflowing, kernel address, or not mapped.
+    BadRange,
+    /// The range overlaps one already attached.
+    Overlap,
+    /// The address is not in any mirror.
+    NotMirrored,
+    /// No mirror with that id.
+    NoSuchMirror,
+    /// A per-client quota would be exceeded.
+    QuotaExceeded,
+    /// Too many clients (per uid or in total).
+    TooManyClients,
+    /// Another userfaultfd already watches the range (`EBUSY`).
+    AlreadyWatched,
+    /// The request touches what this client may not.
+    PermissionDenied,
+    /// The client's memory could not be read.
+    AccessFailed,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// A daemon-side failure.
+    Internal,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The wire value.
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorCode::BadMessage => 1,
+            ErrorCode::ProtocolVersion => 2,
+            ErrorCode::OutOfOrder => 3,
+            ErrorCode::BadFd => 4,
+            ErrorCode::BadRange => 5,
+            ErrorCode::Overlap => 6,
+            ErrorCode::NotMirrored => 7,
+            ErrorCode::NoSuchMirror => 8,
+            ErrorCode::QuotaExceeded => 9,
+            ErrorCode::TooManyClients => 10,
+            ErrorCode::AlreadyWatched => 11,
+            ErrorCode::PermissionDenied => 12,
+            ErrorCode::AccessFailed => 13,
+            ErrorCode::ShuttingDown => 14,
+            ErrorCode::Internal => 15,
+            ErrorCode::Other(c) => c,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_code(c: u16) -> ErrorCode {
+        const KNOWN: [ErrorCode; 15] = [
+            ErrorCode::BadMessage,
+            ErrorCode::ProtocolVersion,
+            ErrorCode::OutOfOrder,
+            ErrorCode::BadFd,
+            ErrorCode::BadRange,
+            ErrorCode::Overlap,
+            ErrorCode::NotMirrored,
+            ErrorCode::NoSuchMirror,
+            ErrorCode::QuotaExceeded,
+            ErrorCode::TooManyClients,
+            ErrorCode::AlreadyWatched,
+            ErrorCode::PermissionDenied,
+            ErrorCode::AccessFailed,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ];
+        KNOWN
+            .into_iter()
+            .find(|k| k.code() == c)
+            .unwrap_or(ErrorCode::Other(c))
+    }
+}
+
+mod ty {
+    pub const HELLO: u16 = 0x0001;
+    pub const BIND: u16 = 0x0002;
+    pub const ATTACH: u16 = 0x0003;
+    pub const DETACH: u16 = 0x0004;
+    pub const READ: u16 = 0x0005;
+    pub const POPULATE: u16 = 0x0006;
+    pub const CLIENT_STATS: u16 = 0x0007;
+    pub const STATUS: u16 = 0x0008;
+    pub const LIST_CLIENTS: u16 = 0x0009;
+    pub const LIST_MIRRORS: u16 = 0x000a;
+    pub const RESPONSE: u16 = 0x8000;
+    pub const HELLO_ACK: u16 = 0x8001;
+    pub const BOUND: u16 = 0x8002;
+    pub const ATTACHED: u16 = 0x8003;
+    pub const DETACHED: u16 = 0x8004;
+    pub const DATA: u16 = 0x8005;
+    pub const POPULATED: u16 = 0x8006;
+    pub const COUNTERS: u16 = 0x8007;
+    pub const CLIENTS: u16 = 0x8008;
+    pub const MIRRORS: u16 = 0x8009;
+    pub const ERROR: u16 = 0x80ff;
+}
+
+fn payload_err(what: &'static str) -> impl FnOnce(CodecError) -> DecodeError {
+    move |source| DecodeError::Payload { what, source }
+}
+
+fn check_fds(
+    msg_type: u16,
+    got: usize,
+    allowed: std::ops::RangeInclusive<usize>,
+    want: &'static str,
+) -> Result<(), DecodeError> {
+    if allowed.contains(&got) {
+        Ok(())
+    } else {
+        Err(DecodeError::FdCount {
+            msg_type,
+            want,
+            got,
+        })
+    }
+}
+
+impl Request {
+    /// The wire type.
+    pub fn msg_type(&self) -> u16 {
+        match self {
+            Request::Hello { .. } => ty::HELLO,
+            Request::Bind { .. } => ty::BIND,
+            Request::Attach { .. } => ty::ATTACH,
+            Request::Detach { .. } => ty::DETACH,
+            Request::Read { .. } => ty::READ,
+            Request::Populate { .. } => ty::POPULATE,
+            Request::ClientStats => ty::CLIENT_STATS,
+            Request::Status => ty::STATUS,
+            Request::ListClients => ty::LIST_CLIENTS,
+            Request::ListMirrors => ty::LIST_MIRRORS,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Bind { .. } => "bind",
+            Request::Attach { .. } => "attach",
+            Request::Detach { .. } => "detach",
+            Request::Read { .. } => "read",
+            Request::Populate { .. } => "populate",
+            Request::ClientStats => "client-stats",
+            Request::Status => "status",
+            Request::ListClients => "list-clients",
+            Request::ListMirrors => "list-mirrors",
+        }
+    }
+
+    /// Encodes the payload.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Request::Hello {
+                min_version,
+                max_version,
+                name,
+            } => {
+                w.u16(*min_version).u16(*max_version).str(name, MAX_NAME);
+            }
+            Request::Bind { flags } => {
+                w.u32(*flags);
+            }
+            Request::Attach { addr, len, flags } => {
+                w.u64(*addr).u64(*len).u32(*flags);
+            }
+            Request::Detach { mirror_id } => {
+                w.u64(*mirror_id);
+            }
+            Request::Read {
+                mirror_id,
+                offset,
+                len,
+            } => {
+                w.u64(*mirror_id).u64(*offset).u32(*len);
+            }
+            Request::Populate {
+                mirror_id,
+                offset,
+                len,
+            } => {
+                w.u64(*mirror_id).u64(*offset).u64(*len);
+            }
+            Request::ClientStats
+            | Request::Status
+            | Request::ListClients
+            | Request::ListMirrors => {}
+        }
+        w.into_bytes()
+    }
+
+    /// Decodes a request of type `msg_type` that arrived with `fds` file descriptors.
+    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Request, DecodeError> {
+        if msg_type & ty::RESPONSE != 0 {
+            return Err(if Response::known(msg_type) {
+                DecodeError::WrongDirection(msg_type)
+            } else {
+                DecodeError::UnknownType(msg_type)
+            });
+        }
+        if msg_type == ty::BIND {
+            check_fds(msg_type, fds, 2..=3, "2 or 3")?;
+        } else {
+            check_fds(msg_type, fds, 0..=0, "none")?;
+        }
+        let mut r = Reader::new(payload);
+        let req = (|| -> Result<Request, CodecError> {
+            Ok(match msg_type {
+                ty::HELLO => Request::Hello {
+                    min_version: r.u16("min_version")?,
+                    max_version: r.u16("max_version")?,
+                    name: r.str("name", MAX_NAME)?,
+                },
+                ty::BIND => Request::Bind {
+                    flags: r.u32("flags")?,
+                },
+                ty::ATTACH => Request::Attach {
+                    addr: r.u64("addr")?,
+                    len: r.u64("len")?,
+                    flags: r.u32("flags")?,
+                },
+                ty::DETACH => Request::Detach {
+                    mirror_id: r.u64("mirror_id")?,
+                },
+                ty::READ => Request::Read {
+                    mirror_id: r.u64("mirror_id")?,
+                    offset: r.u64("offset")?,
+                    len: r.u32("len")?,
+                },
+                ty::POPULATE => Request::Populate {
+                    mirror_id: r.u64("mirror_id")?,
+                    offset: r.u64("offset")?,
+                    len: r.u64("len")?,
+                },
+                ty::CLIENT_STATS => Request::ClientStats,
+                ty::STATUS => Request::Status,
+                ty::LIST_CLIENTS => Request::ListClients,
+                ty::LIST_MIRRORS => Request::ListMirrors,
+                other => {
+                    return Err(CodecError::BadValue {
+                        field: "msg_type",
+                        value: other.into(),
+                    })
+                }
+            })
+        })();
+        let req = match req {
+            Err(CodecError::BadValue {
+                field: "msg_type", ..
+            }) => return Err(DecodeError::UnknownType(msg_type)),
+            other => other.map_err(payload_err("request"))?,
+        };
+        r.finish().map_err(payload_err("request"))?;
+        Ok(req)
+    }
+}
+
+impl Response {
+    fn known(msg_type: u16) -> bool {
+        matches!(msg_type, ty::HELLO_ACK..=ty::MIRRORS | ty::ERROR)
+    }
+
+    /// The wire type.
+    pub fn msg_type(&self) -> u16 {
+        match self {
+            Response::HelloAck { .. } => ty::HELLO_ACK,
+            Response::Bound { .. } => ty::BOUND,
+            Response::Attached { .. } => ty::ATTACHED,
+            Response::Detached => ty::DETACHED,
+            Response::Data { .. } => ty::DATA,
+            Response::Populated { .. } => ty::POPULATED,
+            Response::Counters { .. } => ty::COUNTERS,
+            Response::Clients { .. } => ty::CLIENTS,
+            Response::Mirrors { .. } => ty::MIRRORS,
+            Response::Error { .. } => ty::ERROR,
+        }
+    }
+
+    /// Shorthand for an error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Encodes the payload. Lists longer than [`MAX_LIST`] are cut to it.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Response::HelloAck {
+                version,
+                daemon_version,
+                page_size,
+                limits,
+            } => {
+                w.u16(*version)
+                    .str(daemon_version, MAX_NAME)
+                    .u32(*page_size);
+                w.u32(limits.max_payload)
+                    .u16(limits.max_fds)
+                    .u32(limits.max_read)
+                    .u64(limits.shadow_bytes)
+                    .u32(limits.mirrors)
+                    .u32(limits.inflight)
+                    .u32(limits.clients_per_uid);
+            }
+            Response::Bound {
+                access,
+                uffd_features,
+            } => {
+                w.u8(access.code()).u64(*uffd_features);
+            }
+            Response::Attached { mirror_id } => {
+                w.u64(*mirror_id);
+            }
+            Response::Detached => {}
+            Response::Data { bytes } => {
+                w.bytes(&bytes[..bytes.len().min(MAX_READ)]);
+            }
+            Response::Populated { pages } => {
+                w.u64(*pages);
+            }
+            Response::Counters { entries } => {
+                let n = entries.len().min(MAX_LIST);
+                w.u32(n as u32);
+                for (name, value) in &entries[..n] {
+                    w.str(name, MAX_NAME).u64(*value);
+                }
+            }
+            Response::Clients { clients } => {
+                let n = clients.len().min(MAX_LIST);
+                w.u32(n as u32);
+                for c in &clients[..n] {
+                    w.u64(c.id)
+                        .i32(c.pid)
+                        .u32(c.uid)
+                        .u8(c.bound.into())
+                        .u32(c.mirrors)
+                        .u64(c.shadow_bytes)
+                        .u64(c.events);
+                }
+            }
+            Response::Mirrors { mirrors } => {
+                let n = mirrors.len().min(MAX_LIST);
+                w.u32(n as u32);
+                for m in &mirrors[..n] {
+                    w.u64(m.id).u64(m.addr).u64(m.len).u64(m.pages);
+                }
+            }
+            Response::Error { code, message } => {
+                w.u16(code.code()).str(message, 1024);
+            }
+        }
+        let bytes = w.into_bytes();
+        debug_assert!(bytes.len() <= MAX_PAYLOAD);
+        bytes
+    }
+
+    /// Decodes a response of type `msg_type` that arrived with `fds` file descriptors.
+    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Response, DecodeError> {
+        if !Response::known(msg_type) {
+            return Err(
+                if msg_type & ty::RESPONSE == 0 && msg_type <= ty::LIST_MIRRORS && msg_type != 0 {
+                    DecodeError::WrongDirection(msg_type)
+                } else {
+                    DecodeError::UnknownType(msg_type)
+                },
+            );
+        }
+        check_fds(msg_type, fds, 0..=0, "none")?;
+        let mut r = Reader::new(payload);
+        let resp = (|| -> Result<Response, CodecError> {
+            Ok(match msg_type {
+                ty::HELLO_ACK => Response::HelloAck {
+                    version: r.u16("version")?,
+                    daemon_version: r.str("daemon_version", MAX_NAME)?,
+                    page_size: r.u32("page_size")?,
+                    limits: Limits {
+                        max_payload: r.u32("max_payload")?,
+                        max_fds: r.u16("max_fds")?,
+                        max_read: r.u32("max_read")?,
+                        shadow_bytes: r.u64("shadow_bytes")?,
+                        mirrors: r.u32("mirrors")?,
+                        inflight: r.u32("inflight")?,
+                        clients_per_uid: r.u32("clients_per_uid")?,
+                    },
+                },
+                ty::BOUND => Response::Bound {
+                    access: AccessPath::from_code(r.u8("access")?)?,
+                    uffd_features: r.u64("uffd_features")?,
+                },
+                ty::ATTACHED => Response::Attached {
+                    mirror_id: r.u64("mirror_id")?,
+                },
+                ty::DETACHED => Response::Detached,
+                ty::DATA => Response::Data {
+                    bytes: r.bytes("bytes", MAX_READ)?,
+                },
+                ty::POPULATED => Response::Populated {
+                    pages: r.u64("pages")?,
+                },
+                ty::COUNTERS => {
+                    let n = r.count("entries", MAX_LIST, 2 + 8)?;
+                    let mut entries = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        entries.push((r.str("name", MAX_NAME)?, r.u64("value")?));
+                    }
+                    Response::Counters { entries }
+                }
+                ty::CLIENTS => {
+                    let n = r.count("clients", MAX_LIST, 37)?;
+                    let mut clients = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        clients.push(ClientInfo {
+                            id: r.u64("id")?,
+                            pid: r.i32("pid")?,
+                            uid: r.u32("uid")?,
+                            bound: match r.u8("bound")? {
+                                0 => false,
+                                1 => true,
+                                value => {
+                                    return Err(CodecError::BadValue {
+                                        field: "bound",
+                                        value: value.into(),
+                                    })
+                                }
+                            },
+                            mirrors: r.u32("mirrors")?,
+                            shadow_bytes: r.u64("shadow_bytes")?,
+                            events: r.u64("events")?,
+                        });
+                    }
+                    Response::Clients { clients }
+                }
+                ty::MIRRORS => {
+                    let n = r.count("mirrors", MAX_LIST, 32)?;
+                    let mut mirrors = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        mirrors.push(MirrorInfo {
+                            id: r.u64("id")?,
+                            addr: r.u64("addr")?,
+                            len: r.u64("len")?,
+                            pages: r.u64("pages")?,
+                        });
+                    }
+                    Response::Mirrors { mirrors }
+                }
+                _ => Response::Error {
+                    code: ErrorCode::from_code(r.u16("code")?),
+                    message: r.str("message", 1024)?,
+                },
+            })
+        })()
+        .map_err(payload_err("response"))?;
+        r.finish().map_err(payload_err("response"))?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn requests() -> Vec<(Request, usize)> {
+        vec![
+            (
+                Request::Hello {
+                    min_version: 1,
+                    max_version: 3,
+                    name: "demo".into(),
+                },
+                0,
+            ),
+            (Request::Bind { flags: 0 }, 2),
+            (Request::Bind { flags: 0 }, 3),
+            (
+                Request::Attach {
+                    addr: 0x7f00_0000_0000,
+                    len: 1 << 20,
+                    flags: 0,
+                },
+                0,
+            ),
+            (Request::Detach { mirror_id: 9 }, 0),
+            (
+                Request::Read {
+                    mirror_id: 1,
+                    offset: 4096,
+                    len: 100,
+                },
+                0,
+            ),
+            (
+                Request::Populate {
+                    mirror_id: 1,
+                    offset: 0,
+                    len: 1 << 30,
+                },
+                0,
+            ),
+            (Request::ClientStats, 0),
+            (Request::Status, 0),
+            (Request::ListClients, 0),
+            (Request::ListMirrors, 0),
+        ]
+    }
+
+    fn responses() -> Vec<Response> {
+        vec![
+            Response::HelloAck {
+                version: 1,
+                daemon_version: "0.1.0".into(),
+                page_size: 4096,
+                limits: Limits {
+                    max_payload: 65536,
+                    max_fds: 4,
+                    max_read: 61440,
+                    shadow_bytes: 1 << 30,
+                    mirrors: 64,
+                    inflight: 16,
+                    clients_per_uid: 32,
+                },
+            },
+            Response::Bound {
+                access: AccessPath::MemFd,
+                uffd_features: 0x1ffff,
+            },
+            Response::Attached { mirror_id: 3 },
+            Response::Detached,
+            Response::Data {
+                bytes: vec![7; MAX_READ],
+            },
+            Response::Populated { pages: 12 },
+            Response::Counters {
+                entries: vec![("slots_used".into(), 5), ("events".into(), u64::MAX)],
+            },
+            Response::Clients {
+                clients: vec![ClientInfo {
+                    id: 1,
+                    pid: 42,
+                    uid: 1000,
+                    bound: true,
+                    mirrors: 2,
+                    shadow_bytes: 8192,
+                    events: 7,
+                }],
+            },
+            Response::Mirrors {
+                mirrors: vec![MirrorInfo {
+                    id: 1,
+                    addr: 0x1000,
+                    len: 0x2000,
+                    pages: 1,
+                }],
+            },
+            Response::error(ErrorCode::QuotaExceeded, "shadow quota of 1 GiB reached"),
+            Response::error(ErrorCode::Other(999), "from the future"),
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for (req, fds) in requests() {
+            let payload = req.encode_payload();
+            assert!(payload.len() <= MAX_PAYLOAD);
+            assert_eq!(Request::decode(req.msg_type(), &payload, fds), Ok(req));
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        for resp in responses() {
+            let payload = resp.encode_payload();
+            assert!(payload.len() <= MAX_PAYLOAD, "{resp:?} is too big");
+            assert_eq!(Response::decode(resp.msg_type(), &payload, 0), Ok(resp));
+        }
+    }
+
+    #[test]
+    fn every_error_code_round_trips() {
+        for c in 0..=20u16 {
+            assert_eq!(ErrorCode::from_code(c).code(), c);
+        }
+    }
+
+    #[test]
+    fn fd_counts_types_and_directions_are_checked() {
+        let bind = Request::Bind { flags: 0 };
+        assert!(matches!(
+            Request::decode(bind.msg_type(), &bind.encode_payload(), 1),
+            Err(DecodeError::FdCount { got: 1, .. })
+        ));
+        assert!(matches!(
+            Request::decode(bind.msg_type(), &bind.encode_payload(), 4),
+            Err(DecodeError::FdCount { .. })
+        ));
+        assert!(matches!(
+            Request::decode(ty::STATUS, &[], 1),
+            Err(DecodeError::FdCount { .. })
+        ));
+        assert_eq!(
+            Request::decode(0x0077, &[], 0),
+            Err(DecodeError::UnknownType(0x0077))
+        );
+        assert_eq!(
+            Request::decode(ty::DETACHED, &[], 0),
+            Err(DecodeError::WrongDirection(ty::DETACHED))
+        );
+        assert_eq!(
+            Response::decode(ty::STATUS, &[], 0),
+            Err(DecodeError::WrongDirection(ty::STATUS))
+        );
+        assert_eq!(
+            Response::decode(0x8077, &[], 0),
+            Err(DecodeError::UnknownType(0x8077))
+        );
+        assert!(matches!(
+            Request::decode(ty::STATUS, &[0], 0),
+            Err(DecodeError::Payload { .. })
+        ));
+        assert!(matches!(
+            Request::decode(ty::DETACH, &[0; 7], 0),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Arbitrary bytes of any type never panic, and what decodes re-encodes to itself.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..16, 0x8000u16..0x8010, Just(0x80ffu16), any::<u16>()],
+                                                 payload in proptest::collection::vec(any::<u8>(), 0..256),
+                                                 fds in 0usize..5) {
+            if let Ok(req) = Request::decode(msg_type, &payload, fds) {
+                prop_assert_eq!(req.encode_payload(), payload.clone());
+            }
+            if let Ok(resp) = Response::decode(msg_type, &payload, fds) {
+                prop_assert_eq!(resp.encode_payload(), payload);
+            }
+        }
+
+        /// Mutating one byte of a valid message never panics.
+        #[test]
+        fn mutated_messages_never_panic(i in 0usize..11, pos in any::<usize>(), byte in any::<u8>()) {
+            let resp = &responses()[i];
+            let mut payload = resp.encode_payload();
+            if !payload.is_empty() {
+                let p = pos % payload.len();
+                payload[p] = byte;
+            }
+            let _ = Response::decode(resp.msg_type(), &payload, 0);
+        }
+    }
+}
