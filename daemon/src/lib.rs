@@ -2,6 +2,10 @@
 
 pub mod config;
 pub mod device;
+pub mod events;
 pub mod notifier;
+pub mod server;
 pub mod source;
 pub mod sys;
+pub mod watched;
+pub mod workers;

@@ -52,22 +52,40 @@ fn io_err(addr: u64, via: &'static str, e: nix::Error) -> SourceError {
 #[derive(Debug)]
 pub struct ProcessVmSource {
     pid: i32,
+    /// Pins the identity of `pid` (G7): a read counts only if the process was still alive
+    /// after it, so a recycled pid is never read.
+    pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 impl ProcessVmSource {
-    /// Reads process `pid`.
+    /// Reads process `pid` (tests and benchmarks of our own process).
     pub fn new(pid: i32) -> Self {
-        ProcessVmSource { pid }
+        ProcessVmSource { pid, pidfd: None }
+    }
+
+    /// Reads the process behind `pidfd`, whose pid is `pid`.
+    pub fn pinned(pid: i32, pidfd: std::os::fd::OwnedFd) -> Self {
+        ProcessVmSource {
+            pid,
+            pidfd: Some(pidfd),
+        }
     }
 }
 
 impl MemorySource for ProcessVmSource {
     fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
-        match sys::read_remote(self.pid, addr, dst) {
-            Ok(n) => Ok(n),
-            Err(nix::Error::EFAULT) => Ok(0),
-            Err(e) => Err(io_err(addr, "process_vm_readv", e)),
+        let n = match sys::read_remote(self.pid, addr, dst) {
+            Ok(n) => n,
+            Err(nix::Error::EFAULT) => 0,
+            Err(e) => return Err(io_err(addr, "process_vm_readv", e)),
+        };
+        if let Some(pidfd) = &self.pidfd {
+            use std::os::fd::AsFd;
+            if !sys::pidfd_alive(pidfd.as_fd()) {
+                return Err(io_err(addr, "process_vm_readv", nix::Error::ESRCH));
+            }
         }
+        Ok(n)
     }
 
     fn kind(&self) -> &'static str {

@@ -97,6 +97,20 @@ pub struct Mirror {
     idx: MirrorIdx,
     range: Range,
     handle: NotifierHandle,
+    /// Parts of the range the client unmapped (or moved away): never faulted in again, since
+    /// whatever gets mapped there later is not watched (G1).
+    retired: Mutex<Vec<Range>>,
+}
+
+impl Mirror {
+    /// True if any page of `r` was retired.
+    fn retired_overlaps(&self, r: &Range) -> bool {
+        self.retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|d| d.overlaps(r))
+    }
 }
 
 /// What callers see of a mirror.
@@ -172,6 +186,45 @@ impl AccessGuard<'_> {
         }
         r
     }
+
+    /// Retires `range` in every mirror it overlaps: those pages are never faulted in again.
+    /// Call it before the invalidation of the same range, under this guard, so any fault
+    /// that began earlier retries (rule 2) and then sees the retirement. Returns the ids of
+    /// mirrors that are now retired entirely.
+    pub fn retire(&self, range: Range) -> Vec<u64> {
+        let m = self.client.mirrors();
+        let mut dead = Vec::new();
+        for mirror in m.by_start.range(..=range.last()).map(|(_, v)| v) {
+            let Some(cut) = mirror.range.intersection(&range) else {
+                continue;
+            };
+            let mut r = mirror.retired.lock().unwrap_or_else(PoisonError::into_inner);
+            r.push(cut);
+            let retired: u64 = r.iter().map(Range::len).sum();
+            // Retired pieces may overlap; only the common case (all of it at once) matters.
+            if cut == mirror.range || retired >= mirror.range.len() && covers(&r, &mirror.range) {
+                dead.push(mirror.id);
+            }
+        }
+        dead
+    }
+}
+
+/// True if the union of `parts` covers `whole`.
+fn covers(parts: &[Range], whole: &Range) -> bool {
+    let mut sorted: Vec<Range> = parts.to_vec();
+    sorted.sort_by_key(Range::start);
+    let mut next = whole.start();
+    for p in sorted {
+        if p.start() > next {
+            return false;
+        }
+        if p.last() >= whole.last() {
+            return true;
+        }
+        next = next.max(p.last() + 1);
+    }
+    false
 }
 
 impl DeviceClient {
@@ -290,6 +343,7 @@ impl DeviceClient {
                 idx,
                 range,
                 handle,
+                retired: Mutex::new(Vec::new()),
             }),
         );
         Ok(id)
@@ -466,8 +520,12 @@ impl DeviceClient {
     fn fault_run(&self, mirror: &Mirror, first_vpn: u64, n: usize) -> Result<(), DeviceError> {
         let addr = first_vpn * PAGE_SIZE as u64;
         let mut slots: Vec<SlotRef> = Vec::with_capacity(n);
+        let run = Range::new(addr, (n * PAGE_SIZE) as u64)?;
         loop {
             let seq = mirror.handle.read_begin();
+            if mirror.retired_overlaps(&run) {
+                return Err(DeviceError::NotMirrored { addr });
+            }
             self.reserve_pages(n as u64)?;
             if let Err(e) = self.dev.shadow.alloc(n, &mut slots) {
                 self.core

@@ -591,3 +591,34 @@ mod equivalence {
         }
     }
 }
+
+/// An unmapped part of a mirror is retired before its invalidation: a read after that can
+/// neither hit old shadow pages nor fault in whatever is mapped there later (G1).
+#[test]
+fn retired_ranges_are_never_faulted_in_again() {
+    let dev = device(InvalidationMode::TwoPassBatched, 2, 20, 64);
+    let mem = Arc::new(SimMemory::new(BASE, 16));
+    for i in 0..16 {
+        stamp(&mem, i, 1);
+    }
+    let c = dev.client(mem.clone(), 1 << 20);
+    let id = c.attach(BASE, 8 * P).unwrap();
+    c.read(BASE, 8 * PAGE_SIZE).unwrap();
+    let inv = {
+        let g = c.lock_access();
+        assert!(g.retire(Range::new(BASE + 2 * P, 2 * P).unwrap()).is_empty());
+        g.begin_invalidate(args(2, 2, Event::Unmap)).unwrap()
+    };
+    // The "client" maps something new there at once; it must not be mirrored.
+    stamp(&mem, 2, 2);
+    thread::scope(|s| {
+        s.spawn(move || drop(inv));
+        assert!(matches!(
+            c.read(BASE + 2 * P, 10),
+            Err(DeviceError::NotMirrored { .. })
+        ));
+    });
+    assert_eq!(unstamp(&c.read(BASE + 4 * P, PAGE_SIZE).unwrap()), (4, 1));
+    let g = c.lock_access();
+    assert_eq!(g.retire(Range::new(BASE, 8 * P).unwrap()), vec![id]);
+}

@@ -52,6 +52,9 @@ pub enum UffdError {
     /// The fd handed over is not a userfaultfd.
     #[error("fd is not a userfaultfd ({0})")]
     NotUffd(String),
+    /// `fcntl` failed.
+    #[error("fcntl on the userfaultfd failed")]
+    Fcntl(#[source] nix::Error),
     /// `UFFDIO_API` failed.
     #[error("UFFDIO_API failed")]
     Api(#[source] nix::Error),
@@ -168,6 +171,15 @@ impl Uffd {
         // else owns; `userfaultfd::Uffd` takes over closing it.
         let inner = unsafe { userfaultfd::Uffd::from_raw_fd(raw) };
         Ok(Uffd { inner })
+    }
+
+    /// Makes reads non-blocking (the client may have created it blocking).
+    pub fn set_nonblocking(&self) -> Result<(), UffdError> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fl = fcntl(self.as_fd(), FcntlArg::F_GETFL).map_err(UffdError::Fcntl)?;
+        let fl = OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK;
+        fcntl(self.as_fd(), FcntlArg::F_SETFL(fl)).map_err(UffdError::Fcntl)?;
+        Ok(())
     }
 
     /// The `UFFDIO_API` handshake with `features` (the ones this kernel lacks are refused by

@@ -1,0 +1,193 @@
+//! The uffd event source (DESIGN.md §6): one reader thread polls every bound client's
+//! userfaultfd, reads events in batches and runs their start passes under the client's access
+//! lock (G1); a finisher thread runs the finish passes in order, so reading the next event
+//! never waits for a flush while each invalidation stays open until its finish is done.
+//! The reader never waits on anything a client can hold: not its socket, not its memory.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::notifier::Invalidation;
+use crate::watched::{Deferred, Watched};
+use crate::workers::Job;
+
+/// Events read from one uffd at most per batch.
+pub const BATCH: usize = 64;
+const STOP: u64 = u64::MAX;
+
+/// Errors of the event source.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// epoll or eventfd failed.
+    #[error("event source setup failed")]
+    Setup(#[source] nix::Error),
+    /// A thread could not be started.
+    #[error("cannot start the event reader")]
+    Spawn(#[source] std::io::Error),
+    /// The client was released before it was watched.
+    #[error("client already released")]
+    Released,
+}
+
+type Registry = Arc<RwLock<HashMap<u64, Arc<Watched>>>>;
+
+/// The reader and finisher threads and the set of watched clients.
+#[derive(Debug)]
+pub struct EventReader {
+    epoll: Arc<Epoll>,
+    registry: Registry,
+    stop: Arc<EventFd>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Called with the id of a client whose uffd hung up or failed.
+pub type Hangup = Box<dyn Fn(u64) + Send>;
+
+impl EventReader {
+    /// Starts the threads. Detaches of retired mirrors go to `jobs`; `hangup` is told the ids
+    /// of clients whose uffd hung up.
+    pub fn start(jobs: Sender<Job>, hangup: Hangup) -> Result<EventReader, EventError> {
+        let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(EventError::Setup)?);
+        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(EventError::Setup)?);
+        epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP)).map_err(EventError::Setup)?;
+        let registry: Registry = Arc::default();
+        let (fin_tx, fin_rx) = crossbeam_channel::unbounded::<Vec<Invalidation>>();
+        let finisher = std::thread::Builder::new()
+            .name("uffd-finish".into())
+            .spawn(move || {
+                for batch in fin_rx {
+                    for inv in batch {
+                        inv.finish();
+                    }
+                }
+            })
+            .map_err(EventError::Spawn)?;
+        let reader = {
+            let (epoll, registry) = (Arc::clone(&epoll), Arc::clone(&registry));
+            std::thread::Builder::new()
+                .name("uffd-reader".into())
+                .spawn(move || reader_loop(&epoll, &registry, &fin_tx, &jobs, &hangup))
+                .map_err(EventError::Spawn)?
+        };
+        Ok(EventReader {
+            epoll,
+            registry,
+            stop,
+            threads: std::sync::Mutex::new(vec![reader, finisher]),
+        })
+    }
+
+    /// Starts reading the events of client `id`.
+    pub fn watch(&self, id: u64, w: Arc<Watched>) -> Result<(), EventError> {
+        let added = w.with_uffd(|u| self.epoll.add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id)));
+        match added {
+            None => return Err(EventError::Released),
+            Some(r) => r.map_err(EventError::Setup)?,
+        }
+        self.registry.write().unwrap_or_else(PoisonError::into_inner).insert(id, w);
+        Ok(())
+    }
+
+    /// Stops watching client `id` (after its release closed the uffd, or before).
+    pub fn unwatch(&self, id: u64) -> Option<Arc<Watched>> {
+        let w = self.registry.write().unwrap_or_else(PoisonError::into_inner).remove(&id)?;
+        w.with_uffd(|u| {
+            let _ = self.epoll.delete(u.as_fd());
+        });
+        Some(w)
+    }
+
+    /// Clients watched.
+    pub fn len(&self) -> usize {
+        self.registry.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// True if no client is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops the reader, then lets the finisher run what is queued.
+    pub fn stop(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        if threads.is_empty() {
+            return;
+        }
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!(error = %e, "cannot signal the event reader");
+        }
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("an event thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EventReader {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn reader_loop(epoll: &Epoll, registry: &Registry, finisher: &Sender<Vec<Invalidation>>, jobs: &Sender<Job>, hangup: &Hangup) {
+    let mut events = vec![EpollEvent::empty(); 64];
+    let mut buf = userfaultfd::EventBuffer::new(BATCH);
+    let mut scratch = Vec::with_capacity(BATCH);
+    loop {
+        let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "epoll_wait on userfaultfds failed; the event reader stops");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let id = ev.data();
+            if id == STOP {
+                return;
+            }
+            let Some(w) = registry.read().unwrap_or_else(PoisonError::into_inner).get(&id).cloned() else {
+                continue;
+            };
+            if ev.events().intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
+                w.with_uffd(|u| {
+                    let _ = epoll.delete(u.as_fd());
+                });
+                hangup(id);
+                continue;
+            }
+            let mut out = Deferred::default();
+            match w.read_events(&mut buf, &mut scratch, &mut out) {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(client = id, error = %e, "reading userfaultfd events failed; releasing the client");
+                    w.with_uffd(|u| {
+                        let _ = epoll.delete(u.as_fd());
+                    });
+                    hangup(id);
+                }
+            }
+            if !out.finishes.is_empty() {
+                // If the finisher is gone (shutdown), finishing here keeps G3.
+                if let Err(crossbeam_channel::SendError(batch)) = finisher.send(out.finishes) {
+                    drop(batch);
+                }
+            }
+            if !out.detach.is_empty() {
+                let devs = out.detach;
+                let w2 = Arc::clone(&w);
+                if jobs.send(Box::new(move || w2.detach_device_mirrors(&devs))).is_err() {
+                    tracing::debug!(client = id, "no workers left to detach retired mirrors");
+                }
+            }
+        }
+    }
+}

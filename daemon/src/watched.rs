@@ -1,0 +1,412 @@
+//! A bound client as the event source and the device see it: its userfaultfd, its device
+//! client, and the table of ranges it attached (DESIGN.md §1, §6). Mirror ids given to the
+//! client stay stable while the range follows `mremap`; this module knows nothing of sockets.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::device::{AccessGuard, DeviceClient, DeviceError};
+use crate::notifier::{Event, InvalidateArgs, InvalidateError, Invalidation, Range};
+use crate::sys::uffd::{Uffd, UffdError, UffdEvent};
+use crate::sys::PAGE_SIZE;
+
+/// Highest user address plus one that any x86-64/arm64 configuration hands out (56-bit
+/// with 5-level paging); anything above is a kernel address and refused outright.
+pub const USER_ADDR_END: u64 = 1 << 56;
+
+/// Errors of a bound client's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// Empty, unaligned, overflowing or kernel range.
+    #[error("bad range {addr:#x}+{len:#x}: {why}")]
+    BadRange {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        why: &'static str,
+    },
+    /// Overlaps an attached range.
+    #[error("range {addr:#x}+{len:#x} overlaps mirror {other}")]
+    Overlap {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The other mirror.
+        other: u64,
+    },
+    /// The mirror quota is used up.
+    #[error("mirror quota of {0} ranges reached")]
+    TooManyMirrors(u32),
+    /// No mirror with that id.
+    #[error("no mirror {0}")]
+    NoSuchMirror(u64),
+    /// The bytes asked for are (no longer) mirrored: unmapped or moved away.
+    #[error("address {0:#x} is not mirrored (unmapped or moved)")]
+    NotMirrored(u64),
+    /// The userfaultfd refused.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// The device refused.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The client was released.
+    #[error("client released")]
+    Released,
+}
+
+/// Counters of a client's uffd events.
+#[derive(Debug, Default)]
+pub struct EventCounters {
+    /// `UNMAP` events.
+    pub unmap: AtomicU64,
+    /// `REMOVE` events.
+    pub remove: AtomicU64,
+    /// `REMAP` events.
+    pub remap: AtomicU64,
+    /// `FORK` events (the child's uffd is closed: the child runs unmirrored).
+    pub fork: AtomicU64,
+    /// Write-protect or other faults (never requested; resolved at once).
+    pub faults: AtomicU64,
+    /// Reads of the uffd that returned events.
+    pub batches: AtomicU64,
+}
+
+impl EventCounters {
+    /// All events.
+    pub fn total(&self) -> u64 {
+        self.unmap.load(Relaxed) + self.remove.load(Relaxed) + self.remap.load(Relaxed) + self.fork.load(Relaxed) + self.faults.load(Relaxed)
+    }
+}
+
+/// One attached range as the client knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Stable id.
+    pub id: u64,
+    /// Current first byte (follows `mremap`).
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+    /// The device mirror currently behind it; `None` once it was unmapped entirely.
+    pub dev: Option<u64>,
+    /// Pages currently in the shadow.
+    pub pages: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_id: BTreeMap<u64, Attached>,
+    next: u64,
+}
+
+/// A bound client.
+#[derive(Debug)]
+pub struct Watched {
+    uffd: Mutex<Option<Uffd>>,
+    device: DeviceClient,
+    table: Mutex<Table>,
+    pagemap: Option<File>,
+    max_mirrors: u32,
+    counters: EventCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What [`Watched::read_events`] hands back for the caller to do off the reader's path.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    /// Finish passes (G1: only the starts had to run before the next read).
+    pub finishes: Vec<Invalidation>,
+    /// Device mirrors whose range is gone: detach them (waits for invalidations).
+    pub detach: Vec<u64>,
+}
+
+impl Watched {
+    /// A client whose uffd already did its `UFFDIO_API`.
+    pub fn new(uffd: Uffd, device: DeviceClient, pagemap: Option<File>, max_mirrors: u32) -> Watched {
+        Watched {
+            uffd: Mutex::new(Some(uffd)),
+            device,
+            table: Mutex::new(Table { by_id: BTreeMap::new(), next: 1 }),
+            pagemap,
+            max_mirrors,
+            counters: EventCounters::default(),
+        }
+    }
+
+    /// The device client.
+    pub fn device(&self) -> &DeviceClient {
+        &self.device
+    }
+
+    /// Event counters.
+    pub fn counters(&self) -> &EventCounters {
+        &self.counters
+    }
+
+    /// The client's pagemap fd, if it handed one over (dirty tracking).
+    pub fn pagemap(&self) -> Option<&File> {
+        self.pagemap.as_ref()
+    }
+
+    /// Runs `f` on the uffd unless the client was released.
+    pub fn with_uffd<R>(&self, f: impl FnOnce(&Uffd) -> R) -> Option<R> {
+        lock(&self.uffd).as_ref().map(f)
+    }
+
+    /// Attaches `addr..addr+len`: registers it with the uffd in write-protect mode and
+    /// mirrors it, under the access lock so no event of the range can slip in between.
+    pub fn attach(&self, addr: u64, len: u64) -> Result<u64, WatchError> {
+        let bad = |why| WatchError::BadRange { addr, len, why };
+        let page = PAGE_SIZE as u64;
+        if len == 0 {
+            return Err(bad("empty"));
+        }
+        if addr % page != 0 || len % page != 0 {
+            return Err(bad("not page aligned"));
+        }
+        let end = addr.checked_add(len).ok_or(bad("overflows"))?;
+        if end > USER_ADDR_END {
+            return Err(bad("not a user address"));
+        }
+        let guard = self.device.lock_access();
+        let mut t = lock(&self.table);
+        if t.by_id.len() >= self.max_mirrors as usize {
+            return Err(WatchError::TooManyMirrors(self.max_mirrors));
+        }
+        if let Some(o) = t.by_id.values().find(|m| m.addr < end && addr < m.addr + m.len) {
+            return Err(WatchError::Overlap { addr, len, other: o.id });
+        }
+        let uffd = lock(&self.uffd);
+        let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
+        uffd.register_wp(addr, len)?;
+        let dev = match self.device.attach(addr, len) {
+            Ok(d) => d,
+            Err(e) => {
+                if let Err(u) = uffd.unregister(addr, len) {
+                    tracing::warn!(addr, len, error = %u, "unregister after a failed attach");
+                }
+                return Err(e.into());
+            }
+        };
+        drop(guard);
+        let id = t.next;
+        t.next += 1;
+        t.by_id.insert(id, Attached { id, addr, len, dev: Some(dev), pages: 0 });
+        Ok(id)
+    }
+
+    /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
+    pub fn detach(&self, id: u64) -> Result<(), WatchError> {
+        let m = lock(&self.table).by_id.remove(&id).ok_or(WatchError::NoSuchMirror(id))?;
+        if let Some(dev) = m.dev {
+            self.device.detach(dev)?;
+            self.with_uffd(|u| {
+                // The range may be partly unmapped by now; that is not an error.
+                if let Err(e) = u.unregister(m.addr, m.len) {
+                    tracing::debug!(mirror = id, error = %e, "unregister on detach");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The client address of `offset..offset+len` in mirror `id`.
+    pub fn resolve(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
+        let t = lock(&self.table);
+        let m = t.by_id.get(&id).ok_or(WatchError::NoSuchMirror(id))?;
+        offset
+            .checked_add(len)
+            .filter(|e| *e <= m.len)
+            .ok_or(WatchError::BadRange {
+                addr: m.addr.wrapping_add(offset),
+                len,
+                why: "outside the mirror",
+            })?;
+        if m.dev.is_none() {
+            return Err(WatchError::NotMirrored(m.addr + offset));
+        }
+        Ok(m.addr + offset)
+    }
+
+    /// A device read of `len` bytes at `offset` of mirror `id`.
+    pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, WatchError> {
+        let addr = self.resolve(id, offset, len as u64)?;
+        self.device.read(addr, len).map_err(not_mirrored)
+    }
+
+    /// Faults `offset..offset+len` of mirror `id` into the shadow; returns the pages the
+    /// mirror then has.
+    pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
+        let addr = self.resolve(id, offset, len)?;
+        self.device.populate(addr, len).map_err(not_mirrored)?;
+        Ok(self.list().iter().find(|m| m.id == id).map_or(0, |m| m.pages))
+    }
+
+    /// The attached ranges, with their shadow pages.
+    pub fn list(&self) -> Vec<Attached> {
+        let dev = self.device.mirror_list();
+        lock(&self.table)
+            .by_id
+            .values()
+            .map(|m| Attached {
+                pages: m.dev.and_then(|d| dev.iter().find(|i| i.id == d)).map_or(0, |i| i.pages),
+                ..*m
+            })
+            .collect()
+    }
+
+    /// Number of attached ranges.
+    pub fn len(&self) -> usize {
+        lock(&self.table).by_id.len()
+    }
+
+    /// True if nothing is attached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads one batch of pending events and runs their start passes, all under the access
+    /// lock (G1): when this returns, every device access of the client issued after the
+    /// client's call returned queues behind the flushes started here. Finish passes and
+    /// detaches are handed back in `out`. Returns the number of events read (0: none were
+    /// pending, or the client was released).
+    pub fn read_events(&self, buf: &mut userfaultfd::EventBuffer, scratch: &mut Vec<UffdEvent>, out: &mut Deferred) -> Result<usize, WatchError> {
+        let guard = self.device.lock_access();
+        scratch.clear();
+        let n = {
+            let uffd = lock(&self.uffd);
+            let Some(uffd) = uffd.as_ref() else { return Ok(0) };
+            uffd.read_events(buf, scratch)?
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        self.counters.batches.fetch_add(1, Relaxed);
+        for ev in scratch.drain(..) {
+            self.apply(&guard, ev, out);
+        }
+        Ok(n)
+    }
+
+    fn apply(&self, guard: &AccessGuard<'_>, ev: UffdEvent, out: &mut Deferred) {
+        match ev {
+            UffdEvent::Unmap { start, end } => {
+                self.counters.unmap.fetch_add(1, Relaxed);
+                self.gone(guard, start, end, Event::Unmap, None, out);
+            }
+            UffdEvent::Remove { start, end } => {
+                self.counters.remove.fetch_add(1, Relaxed);
+                // The mapping stays: the next access faults the (now zero) pages back in.
+                if let Ok(r) = Range::from_bounds(start, end) {
+                    self.invalidate(guard, r, Event::Clear, out);
+                }
+            }
+            UffdEvent::Remap { from, to, len } => {
+                self.counters.remap.fetch_add(1, Relaxed);
+                self.gone(guard, from, from.saturating_add(len), Event::Unmap, Some(to), out);
+            }
+            UffdEvent::Fork { child } => {
+                self.counters.fork.fetch_add(1, Relaxed);
+                // Closing the child's uffd unregisters its copies: the child runs unmirrored.
+                drop(child);
+                tracing::debug!("fork: the child's userfaultfd is closed, the child is not mirrored");
+            }
+            UffdEvent::WriteFault { addr } | UffdEvent::OtherFault { addr } => {
+                self.counters.faults.fetch_add(1, Relaxed);
+                let page = addr & !(PAGE_SIZE as u64 - 1);
+                self.with_uffd(|u| {
+                    if let Err(e) = u.unprotect(page, PAGE_SIZE as u64, true) {
+                        tracing::warn!(addr, error = %e, "could not resolve an unexpected fault");
+                    }
+                });
+            }
+        }
+    }
+
+    fn invalidate(&self, guard: &AccessGuard<'_>, range: Range, event: Event, out: &mut Deferred) {
+        match guard.begin_invalidate(InvalidateArgs::new(range, event)) {
+            Ok(inv) => out.finishes.push(inv),
+            Err(InvalidateError::Released) => {}
+            Err(e) => tracing::warn!(error = %e, start = range.start(), "invalidation failed"),
+        }
+    }
+
+    /// `start..end` stopped being the mapping the client attached (munmap, or the source of
+    /// an mremap to `moved_to`): retire it in the device, invalidate it, and update the table
+    /// (a mirror wholly inside a moved range follows it; anything else loses that part).
+    fn gone(&self, guard: &AccessGuard<'_>, start: u64, end: u64, event: Event, moved_to: Option<u64>, out: &mut Deferred) {
+        let Ok(range) = Range::from_bounds(start, end) else { return };
+        out.detach.extend(guard.retire(range));
+        self.invalidate(guard, range, event, out);
+        let mut t = lock(&self.table);
+        for m in t.by_id.values_mut() {
+            let Some(dev) = m.dev else { continue };
+            if !(m.addr < end && start < m.addr + m.len) {
+                continue;
+            }
+            let inside = start <= m.addr && m.addr + m.len <= end;
+            match moved_to {
+                Some(to) if inside => {
+                    let new = to + (m.addr - start);
+                    if !out.detach.contains(&dev) {
+                        out.detach.push(dev);
+                    }
+                    match self.device.attach(new, m.len) {
+                        Ok(d) => {
+                            tracing::debug!(mirror = m.id, from = m.addr, to = new, "mirror follows mremap");
+                            m.addr = new;
+                            m.dev = Some(d);
+                        }
+                        Err(e) => {
+                            tracing::warn!(mirror = m.id, error = %e, "mirror cannot follow mremap");
+                            m.dev = None;
+                        }
+                    }
+                }
+                _ if inside || out.detach.contains(&dev) => m.dev = None,
+                // Partly gone: the device refuses the retired part, the rest stays mirrored.
+                _ => {}
+            }
+        }
+    }
+
+    /// Detaches device mirrors whose range is gone (off the event reader's path: it waits for
+    /// the invalidations that may still call them).
+    pub fn detach_device_mirrors(&self, devs: &[u64]) {
+        for &d in devs {
+            match self.device.detach(d) {
+                Ok(()) | Err(DeviceError::NoSuchMirror(_)) => {}
+                Err(e) => tracing::warn!(mirror = d, error = %e, "detaching a retired mirror"),
+            }
+        }
+    }
+
+    /// Releases the client (rule 8, G5): everything is invalidated and freed, and the uffd
+    /// is closed, which wakes every client thread blocked on an event (G6).
+    pub fn release(&self) -> Result<(), WatchError> {
+        let r = self.device.release();
+        lock(&self.table).by_id.clear();
+        let uffd = {
+            let _g = self.device.lock_access();
+            lock(&self.uffd).take()
+        };
+        drop(uffd);
+        r.map(|_| ()).map_err(Into::into)
+    }
+}
+
+fn not_mirrored(e: DeviceError) -> WatchError {
+    match e {
+        DeviceError::NotMirrored { addr } | DeviceError::NotMapped { addr } => WatchError::NotMirrored(addr),
+        DeviceError::Invalidate(InvalidateError::Released) | DeviceError::Notifier(_) => WatchError::Released,
+        e => WatchError::Device(e),
+    }
+}
