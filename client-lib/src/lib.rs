@@ -1,1 +1,559 @@
-//! libmemshadow: the client library that hands a process's memory to `memshadowd`.
+//! libmemshadow: the client library of memshadowd (DESIGN.md §1).
+//!
+//! [`Client::connect`] opens a session, creates this process's userfaultfd and hands it to
+//! the daemon with the fds it needs to read this process's memory, then **closes its own
+//! copies** (G6: if the daemon dies, the kernel releases every blocked `munmap`/`madvise`).
+//! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
+//! daemon's engines from the shadow.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use memshadow_proto::{
+    self as proto, Request, Response, SocketError, MAX_READ, MIN_VERSION, VERSION,
+};
+pub use memshadow_proto::{AccessPath, ClientInfo, ErrorCode, Limits, MirrorInfo};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+/// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No socket path could be worked out.
+    #[error("no socket path: set MEMSHADOW_SOCKET or XDG_RUNTIME_DIR")]
+    NoSocketPath,
+    /// The daemon's socket could not be reached.
+    #[error("cannot connect to memshadowd at {path}")]
+    Connect {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The daemon went away (or is shutting down).
+    #[error("memshadowd is gone")]
+    DaemonGone,
+    /// No protocol version in common.
+    #[error("no common protocol version: {0}")]
+    ProtocolVersion(String),
+    /// The process is not dumpable, so it cannot open its own `/proc/self/mem` (e.g. after
+    /// a setuid); the daemon would have no way to read its memory.
+    #[error("this process is not dumpable (after setuid?): cannot open /proc/self/mem")]
+    NotDumpable(#[source] std::io::Error),
+    /// A userfaultfd could not be created.
+    #[error("cannot create a userfaultfd")]
+    Uffd(#[source] std::io::Error),
+    /// Opening `/proc/self/...` failed.
+    #[error("cannot open {0}")]
+    Proc(&'static str, #[source] std::io::Error),
+    /// The address is not (or no longer) mirrored.
+    #[error("not mirrored: {0}")]
+    NotMirrored(String),
+    /// No such mirror.
+    #[error("no such mirror: {0}")]
+    NoSuchMirror(String),
+    /// A quota of this client would be exceeded.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    /// Another userfaultfd already watches the range (`EBUSY`).
+    #[error("range already watched by another userfaultfd: {0}")]
+    AlreadyWatched(String),
+    /// A bogus range.
+    #[error("bad range: {0}")]
+    BadRange(String),
+    /// Overlaps an attached range.
+    #[error("overlaps an attached range: {0}")]
+    Overlap(String),
+    /// The daemon has too many clients.
+    #[error("too many clients: {0}")]
+    TooManyClients(String),
+    /// Not allowed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The daemon says the exchange broke the protocol, or answered something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Any other refusal.
+    #[error("memshadowd refused ({code:?}): {message}")]
+    Daemon {
+        /// The code.
+        code: ErrorCode,
+        /// The message.
+        message: String,
+    },
+    /// A socket error.
+    #[error("socket error")]
+    Socket(#[source] SocketError),
+}
+
+impl Error {
+    fn from_response(code: ErrorCode, message: String) -> Error {
+        match code {
+            ErrorCode::NotMirrored => Error::NotMirrored(message),
+            ErrorCode::NoSuchMirror => Error::NoSuchMirror(message),
+            ErrorCode::QuotaExceeded => Error::QuotaExceeded(message),
+            ErrorCode::AlreadyWatched => Error::AlreadyWatched(message),
+            ErrorCode::BadRange => Error::BadRange(message),
+            ErrorCode::Overlap => Error::Overlap(message),
+            ErrorCode::TooManyClients => Error::TooManyClients(message),
+            ErrorCode::PermissionDenied => Error::PermissionDenied(message),
+            ErrorCode::ProtocolVersion => Error::ProtocolVersion(message),
+            ErrorCode::OutOfOrder | ErrorCode::BadMessage | ErrorCode::BadFd => {
+                Error::Protocol(message)
+            }
+            ErrorCode::ShuttingDown => Error::DaemonGone,
+            code => Error::Daemon { code, message },
+        }
+    }
+}
+
+fn sock_err(e: SocketError) -> Error {
+    match e {
+        SocketError::Closed => Error::DaemonGone,
+        SocketError::Io(nix::Error::ECONNRESET | nix::Error::EPIPE | nix::Error::ENOTCONN) => {
+            Error::DaemonGone
+        }
+        e => Error::Socket(e),
+    }
+}
+
+/// The socket path rules shared with the daemon: `MEMSHADOW_SOCKET` if set, else
+/// `/run/memshadow/memshadowd.sock` for root, else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`.
+pub fn socket_path() -> Result<PathBuf, Error> {
+    socket_path_from(
+        std::env::var_os("MEMSHADOW_SOCKET"),
+        nix::unistd::geteuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
+}
+
+/// [`socket_path`] as a pure function of its inputs.
+pub fn socket_path_from(
+    env: Option<std::ffi::OsString>,
+    root: bool,
+    xdg: Option<std::ffi::OsString>,
+) -> Result<PathBuf, Error> {
+    if let Some(p) = env.filter(|p| !p.is_empty()) {
+        return Ok(p.into());
+    }
+    if root {
+        return Ok("/run/memshadow/memshadowd.sock".into());
+    }
+    xdg.filter(|p| !p.is_empty())
+        .map(|d| PathBuf::from(d).join("memshadow/memshadowd.sock"))
+        .ok_or(Error::NoSocketPath)
+}
+
+/// Creates this process's userfaultfd (non-blocking, close-on-exec), falling back to
+/// `UFFD_USER_MODE_ONLY` when the process may not create a full one. `UFFDIO_API` is left
+/// to the daemon.
+pub fn create_uffd() -> Result<OwnedFd, Error> {
+    create_uffd_with(0)
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => create_uffd_with(UFFD_USER_MODE_ONLY),
+            _ => Err(e),
+        })
+        .map_err(Error::Uffd)
+}
+
+fn create_uffd_with(extra: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain system call with integer flags; on success it returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK | extra,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+#[derive(Debug)]
+struct Conn {
+    sock: OwnedFd,
+    next_id: u64,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: Mutex<Conn>,
+    version: u16,
+    daemon_version: String,
+    page_size: u32,
+    limits: Limits,
+    bound: Option<(AccessPath, u64)>,
+}
+
+impl Inner {
+    /// One lock-step exchange.
+    fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Response, Error> {
+        let mut c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        c.next_id += 1;
+        let id = c.next_id;
+        proto::send(
+            c.sock.as_fd(),
+            req.msg_type(),
+            0,
+            id,
+            &req.encode_payload(),
+            fds,
+        )
+        .map_err(sock_err)?;
+        loop {
+            let Conn { sock, buf, .. } = &mut *c;
+            let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
+            let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            if frame.header.request_id == id {
+                return match resp {
+                    Response::Error { code, message } => Err(Error::from_response(code, message)),
+                    r => Ok(r),
+                };
+            }
+            // An unsolicited error (request id 0) ends the session.
+            if let Response::Error { code, message } = resp {
+                return Err(Error::from_response(code, message));
+            }
+        }
+    }
+}
+
+fn unexpected(r: Response) -> Error {
+    Error::Protocol(format!("unexpected answer {r:?}"))
+}
+
+/// A session with memshadowd. Cheap to clone; usable from many threads (requests are
+/// serialised on the one connection).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the daemon at the default path and binds this process.
+    pub fn connect() -> Result<Client, Error> {
+        Client::connect_to(&socket_path()?)
+    }
+
+    /// Connects to the daemon at `path` and binds this process.
+    pub fn connect_to(path: &Path) -> Result<Client, Error> {
+        Client::open(path, true)
+    }
+
+    /// Connects without binding (status and control only; `memshadowctl`).
+    pub fn connect_control(path: Option<&Path>) -> Result<Client, Error> {
+        match path {
+            Some(p) => Client::open(p, false),
+            None => Client::open(&socket_path()?, false),
+        }
+    }
+
+    fn open(path: &Path, bind: bool) -> Result<Client, Error> {
+        let cerr = |source| Error::Connect {
+            path: path.to_owned(),
+            source,
+        };
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(cerr)?;
+        let addr = UnixAddr::new(path).map_err(cerr)?;
+        connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+        Client::from_socket(sock, bind)
+    }
+
+    fn from_socket(sock: OwnedFd, bind: bool) -> Result<Client, Error> {
+        let mut inner = Inner {
+            conn: Mutex::new(Conn {
+                sock,
+                next_id: 0,
+                buf: Vec::new(),
+            }),
+            version: 0,
+            daemon_version: String::new(),
+            page_size: 0,
+            limits: Limits::default(),
+            bound: None,
+        };
+        let name = std::fs::read_to_string("/proc/self/comm")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        match inner.call(
+            &Request::Hello {
+                min_version: MIN_VERSION,
+                max_version: VERSION,
+                name,
+            },
+            &[],
+        )? {
+            Response::HelloAck {
+                version,
+                daemon_version,
+                page_size,
+                limits,
+            } => {
+                inner.version = version;
+                inner.daemon_version = daemon_version;
+                inner.page_size = page_size;
+                inner.limits = limits;
+            }
+            r => return Err(unexpected(r)),
+        }
+        if bind {
+            let uffd = create_uffd()?;
+            let mem = open_proc("/proc/self/mem")?;
+            let pagemap = open_proc("/proc/self/pagemap").ok();
+            let mut fds = vec![uffd.as_fd(), mem.as_fd()];
+            if let Some(p) = &pagemap {
+                fds.push(p.as_fd());
+            }
+            let sent = inner.call(&Request::Bind { flags: 0 }, &fds);
+            // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
+            drop(fds);
+            drop((uffd, mem, pagemap));
+            match sent? {
+                Response::Bound {
+                    access,
+                    uffd_features,
+                } => inner.bound = Some((access, uffd_features)),
+                r => return Err(unexpected(r)),
+            }
+        }
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The protocol version of the session.
+    pub fn protocol_version(&self) -> u16 {
+        self.inner.version
+    }
+
+    /// The daemon's version.
+    pub fn daemon_version(&self) -> &str {
+        &self.inner.daemon_version
+    }
+
+    /// The daemon's page size.
+    pub fn page_size(&self) -> usize {
+        self.inner.page_size as usize
+    }
+
+    /// The daemon's limits and this client's quotas.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// How the daemon reads this process's memory (`None` for a control session).
+    pub fn access_path(&self) -> Option<AccessPath> {
+        self.inner.bound.map(|b| b.0)
+    }
+
+    /// The userfaultfd features the daemon obtained.
+    pub fn uffd_features(&self) -> u64 {
+        self.inner.bound.map_or(0, |b| b.1)
+    }
+
+    /// Mirrors `len` bytes at `ptr` (page aligned) of this process. Safe: the daemon only
+    /// reads the range, and follows it when it is unmapped, moved or discarded.
+    pub fn attach(&self, ptr: *const u8, len: usize) -> Result<Mirror, Error> {
+        let page = self.page_size().max(1);
+        let addr = ptr as u64;
+        if len == 0 || addr % page as u64 != 0 || len % page != 0 {
+            return Err(Error::BadRange(format!(
+                "{addr:#x}+{len:#x} is empty or not page aligned"
+            )));
+        }
+        match self.inner.call(
+            &Request::Attach {
+                addr,
+                len: len as u64,
+                flags: 0,
+            },
+            &[],
+        )? {
+            Response::Attached { mirror_id } => Ok(Mirror {
+                inner: Arc::clone(&self.inner),
+                id: mirror_id,
+                addr,
+                len: len as u64,
+                detached: AtomicBool::new(false),
+            }),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Mirrors a whole memory map.
+    pub fn attach_mmap(&self, map: &memmap2::MmapMut) -> Result<Mirror, Error> {
+        self.attach(map.as_ptr(), map.len())
+    }
+
+    fn counters(&self, req: Request) -> Result<Vec<(String, u64)>, Error> {
+        match self.inner.call(&req, &[])? {
+            Response::Counters { entries } => Ok(entries),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// This session's counters.
+    pub fn stats(&self) -> Result<Vec<(String, u64)>, Error> {
+        self.counters(Request::ClientStats)
+    }
+
+    /// The daemon's counters.
+    pub fn status(&self) -> Result<Vec<(String, u64)>, Error> {
+        self.counters(Request::Status)
+    }
+
+    /// Every connected client (root or the daemon's owner only).
+    pub fn list_clients(&self) -> Result<Vec<ClientInfo>, Error> {
+        match self.inner.call(&Request::ListClients, &[])? {
+            Response::Clients { clients } => Ok(clients),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// This session's mirrors.
+    pub fn list_mirrors(&self) -> Result<Vec<MirrorInfo>, Error> {
+        match self.inner.call(&Request::ListMirrors, &[])? {
+            Response::Mirrors { mirrors } => Ok(mirrors),
+            r => Err(unexpected(r)),
+        }
+    }
+}
+
+fn open_proc(path: &'static str) -> Result<File, Error> {
+    File::open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => Error::NotDumpable(e),
+        _ => Error::Proc(path, e),
+    })
+}
+
+/// An attached range. Dropping it detaches it (best effort).
+#[derive(Debug)]
+pub struct Mirror {
+    inner: Arc<Inner>,
+    id: u64,
+    addr: u64,
+    len: u64,
+    detached: AtomicBool,
+}
+
+impl Mirror {
+    /// The mirror's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The address it was attached at (the daemon follows `mremap`; offsets stay valid).
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True if empty (never: attach refuses empty ranges).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), Error> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::BadRange(format!(
+                "{offset:#x}+{len:#x} is outside the mirror of {:#x} bytes",
+                self.len
+            ))),
+        }
+    }
+
+    /// A device read of `buf.len()` bytes at `offset`, served by the daemon's engines from
+    /// the shadow (faulting pages in as needed).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.check(offset, buf.len() as u64)?;
+        let chunk = MAX_READ.min(self.inner.limits.max_read.max(1) as usize);
+        let mut done = 0;
+        while done < buf.len() {
+            let n = chunk.min(buf.len() - done);
+            let req = Request::Read {
+                mirror_id: self.id,
+                offset: offset + done as u64,
+                len: n as u32,
+            };
+            match self.inner.call(&req, &[])? {
+                Response::Data { bytes } if bytes.len() == n => {
+                    buf[done..done + n].copy_from_slice(&bytes)
+                }
+                Response::Data { bytes } => {
+                    return Err(Error::Protocol(format!(
+                        "asked {n} bytes, got {}",
+                        bytes.len()
+                    )))
+                }
+                r => return Err(unexpected(r)),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Faults `offset..offset+len` into the shadow without reading it; returns the pages
+    /// the mirror then has in the shadow.
+    pub fn populate(&self, offset: u64, len: u64) -> Result<u64, Error> {
+        self.check(offset, len)?;
+        match self.inner.call(
+            &Request::Populate {
+                mirror_id: self.id,
+                offset,
+                len,
+            },
+            &[],
+        )? {
+            Response::Populated { pages } => Ok(pages),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Stops mirroring.
+    pub fn detach(self) -> Result<(), Error> {
+        self.detach_inner()
+    }
+
+    fn detach_inner(&self) -> Result<(), Error> {
+        if self.detached.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self
+            .inner
+            .call(&Request::Detach { mirror_id: self.id }, &[])?
+        {
+            Response::Detached => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.detach_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests;

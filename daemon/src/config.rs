@@ -129,13 +129,21 @@ mod tests {
 
     #[test]
     fn socket_path_rules() {
-        let p = |e: Option<&str>, root, x: Option<&str>| socket_path_from(e.map(Into::into), root, x.map(Into::into));
+        let p = |e: Option<&str>, root, x: Option<&str>| {
+            socket_path_from(e.map(Into::into), root, x.map(Into::into))
+        };
         assert_eq!(p(Some("/tmp/s"), true, None).ok(), Some("/tmp/s".into()));
-        assert_eq!(p(Some(""), true, None).ok(), Some("/run/memshadow/memshadowd.sock".into()));
+        assert_eq!(
+            p(Some(""), true, None).ok(),
+            Some("/run/memshadow/memshadowd.sock".into())
+        );
         assert_eq!(
             p(None, false, Some("/run/user/1000")).ok(),
             Some("/run/user/1000/memshadow/memshadowd.sock".into())
         );
-        assert!(matches!(p(None, false, None), Err(ConfigError::NoSocketPath)));
+        assert!(matches!(
+            p(None, false, None),
+            Err(ConfigError::NoSocketPath)
+        ));
     }
 }

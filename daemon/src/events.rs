@@ -53,9 +53,15 @@ impl EventReader {
     /// Starts the threads. Detaches of retired mirrors go to `jobs`; `hangup` is told the ids
     /// of clients whose uffd hung up.
     pub fn start(jobs: Sender<Job>, hangup: Hangup) -> Result<EventReader, EventError> {
-        let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(EventError::Setup)?);
-        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(EventError::Setup)?);
-        epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP)).map_err(EventError::Setup)?;
+        let epoll =
+            Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(EventError::Setup)?);
+        let stop = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(EventError::Setup)?,
+        );
+        epoll
+            .add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))
+            .map_err(EventError::Setup)?;
         let registry: Registry = Arc::default();
         let (fin_tx, fin_rx) = crossbeam_channel::unbounded::<Vec<Invalidation>>();
         let finisher = std::thread::Builder::new()
@@ -85,18 +91,28 @@ impl EventReader {
 
     /// Starts reading the events of client `id`.
     pub fn watch(&self, id: u64, w: Arc<Watched>) -> Result<(), EventError> {
-        let added = w.with_uffd(|u| self.epoll.add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id)));
+        let added = w.with_uffd(|u| {
+            self.epoll
+                .add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
+        });
         match added {
             None => return Err(EventError::Released),
             Some(r) => r.map_err(EventError::Setup)?,
         }
-        self.registry.write().unwrap_or_else(PoisonError::into_inner).insert(id, w);
+        self.registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, w);
         Ok(())
     }
 
     /// Stops watching client `id` (after its release closed the uffd, or before).
     pub fn unwatch(&self, id: u64) -> Option<Arc<Watched>> {
-        let w = self.registry.write().unwrap_or_else(PoisonError::into_inner).remove(&id)?;
+        let w = self
+            .registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)?;
         w.with_uffd(|u| {
             let _ = self.epoll.delete(u.as_fd());
         });
@@ -105,7 +121,10 @@ impl EventReader {
 
     /// Clients watched.
     pub fn len(&self) -> usize {
-        self.registry.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// True if no client is watched.
@@ -115,7 +134,8 @@ impl EventReader {
 
     /// Stops the reader, then lets the finisher run what is queued.
     pub fn stop(&self) {
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         if threads.is_empty() {
             return;
         }
@@ -136,7 +156,13 @@ impl Drop for EventReader {
     }
 }
 
-fn reader_loop(epoll: &Epoll, registry: &Registry, finisher: &Sender<Vec<Invalidation>>, jobs: &Sender<Job>, hangup: &Hangup) {
+fn reader_loop(
+    epoll: &Epoll,
+    registry: &Registry,
+    finisher: &Sender<Vec<Invalidation>>,
+    jobs: &Sender<Job>,
+    hangup: &Hangup,
+) {
     let mut events = vec![EpollEvent::empty(); 64];
     let mut buf = userfaultfd::EventBuffer::new(BATCH);
     let mut scratch = Vec::with_capacity(BATCH);
@@ -154,10 +180,18 @@ fn reader_loop(epoll: &Epoll, registry: &Registry, finisher: &Sender<Vec<Invalid
             if id == STOP {
                 return;
             }
-            let Some(w) = registry.read().unwrap_or_else(PoisonError::into_inner).get(&id).cloned() else {
+            let Some(w) = registry
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&id)
+                .cloned()
+            else {
                 continue;
             };
-            if ev.events().intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
+            if ev
+                .events()
+                .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
+            {
                 w.with_uffd(|u| {
                     let _ = epoll.delete(u.as_fd());
                 });
@@ -184,7 +218,10 @@ fn reader_loop(epoll: &Epoll, registry: &Registry, finisher: &Sender<Vec<Invalid
             if !out.detach.is_empty() {
                 let devs = out.detach;
                 let w2 = Arc::clone(&w);
-                if jobs.send(Box::new(move || w2.detach_device_mirrors(&devs))).is_err() {
+                if jobs
+                    .send(Box::new(move || w2.detach_device_mirrors(&devs)))
+                    .is_err()
+                {
                     tracing::debug!(client = id, "no workers left to detach retired mirrors");
                 }
             }

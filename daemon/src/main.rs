@@ -53,14 +53,19 @@ struct Args {
 }
 
 fn parse_mode(s: &str) -> Result<InvalidationMode, String> {
-    [InvalidationMode::OnePass, InvalidationMode::TwoPass, InvalidationMode::TwoPassBatched]
-        .into_iter()
-        .find(|m| m.as_str() == s)
-        .ok_or_else(|| format!("unknown mode {s:?} (one-pass, two-pass, two-pass-batched)"))
+    [
+        InvalidationMode::OnePass,
+        InvalidationMode::TwoPass,
+        InvalidationMode::TwoPassBatched,
+    ]
+    .into_iter()
+    .find(|m| m.as_str() == s)
+    .ok_or_else(|| format!("unknown mode {s:?} (one-pass, two-pass, two-pass-batched)"))
 }
 
 fn parse_access(s: &str) -> Result<AccessPolicy, String> {
-    AccessPolicy::parse(s).ok_or_else(|| format!("unknown access policy {s:?} (auto, process-vm, mem-fd)"))
+    AccessPolicy::parse(s)
+        .ok_or_else(|| format!("unknown access policy {s:?} (auto, process-vm, mem-fd)"))
 }
 
 fn config(a: &Args) -> Config {
@@ -85,7 +90,10 @@ fn config(a: &Args) -> Config {
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMSHADOW_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEMSHADOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     // Before any thread exists, so the session loop gets these through its signalfd.
@@ -94,7 +102,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cfg = config(&args);
-    let path = match cfg.socket.clone().map(Ok).unwrap_or_else(default_socket_path) {
+    let path = match cfg
+        .socket
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(default_socket_path)
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));

@@ -79,7 +79,11 @@ pub struct EventCounters {
 impl EventCounters {
     /// All events.
     pub fn total(&self) -> u64 {
-        self.unmap.load(Relaxed) + self.remove.load(Relaxed) + self.remap.load(Relaxed) + self.fork.load(Relaxed) + self.faults.load(Relaxed)
+        self.unmap.load(Relaxed)
+            + self.remove.load(Relaxed)
+            + self.remap.load(Relaxed)
+            + self.fork.load(Relaxed)
+            + self.faults.load(Relaxed)
     }
 }
 
@@ -94,6 +98,12 @@ pub struct Attached {
     pub len: u64,
     /// The device mirror currently behind it; `None` once it was unmapped entirely.
     pub dev: Option<u64>,
+    /// First byte of the part still mapped (a munmap of the head or tail shrinks it).
+    pub live_start: u64,
+    /// One past the last byte still mapped.
+    pub live_end: u64,
+    /// A munmap cut a hole inside: the rest stays mirrored but no longer follows mremap.
+    pub holes: bool,
     /// Pages currently in the shadow.
     pub pages: u64,
 }
@@ -130,11 +140,19 @@ pub struct Deferred {
 
 impl Watched {
     /// A client whose uffd already did its `UFFDIO_API`.
-    pub fn new(uffd: Uffd, device: DeviceClient, pagemap: Option<File>, max_mirrors: u32) -> Watched {
+    pub fn new(
+        uffd: Uffd,
+        device: DeviceClient,
+        pagemap: Option<File>,
+        max_mirrors: u32,
+    ) -> Watched {
         Watched {
             uffd: Mutex::new(Some(uffd)),
             device,
-            table: Mutex::new(Table { by_id: BTreeMap::new(), next: 1 }),
+            table: Mutex::new(Table {
+                by_id: BTreeMap::new(),
+                next: 1,
+            }),
             pagemap,
             max_mirrors,
             counters: EventCounters::default(),
@@ -181,13 +199,31 @@ impl Watched {
         if t.by_id.len() >= self.max_mirrors as usize {
             return Err(WatchError::TooManyMirrors(self.max_mirrors));
         }
-        if let Some(o) = t.by_id.values().find(|m| m.addr < end && addr < m.addr + m.len) {
-            return Err(WatchError::Overlap { addr, len, other: o.id });
+        if let Some(o) = t
+            .by_id
+            .values()
+            .find(|m| m.dev.is_some() && m.live_start < end && addr < m.live_end)
+        {
+            return Err(WatchError::Overlap {
+                addr,
+                len,
+                other: o.id,
+            });
         }
         let uffd = lock(&self.uffd);
         let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
         uffd.register_wp(addr, len)?;
-        let dev = match self.device.attach(addr, len) {
+        let mut attached = self.device.attach(addr, len);
+        if let Err(DeviceError::Overlap { other, .. }) = attached {
+            // A device mirror of a range the client unmapped, whose detach is still queued:
+            // detach it now (this waits for its invalidations' finish passes, which never
+            // need this lock) and try again.
+            if !t.by_id.values().any(|m| m.dev == Some(other)) {
+                self.detach_device_mirrors(&[other]);
+                attached = self.device.attach(addr, len);
+            }
+        }
+        let dev = match attached {
             Ok(d) => d,
             Err(e) => {
                 if let Err(u) = uffd.unregister(addr, len) {
@@ -199,13 +235,28 @@ impl Watched {
         drop(guard);
         let id = t.next;
         t.next += 1;
-        t.by_id.insert(id, Attached { id, addr, len, dev: Some(dev), pages: 0 });
+        t.by_id.insert(
+            id,
+            Attached {
+                id,
+                addr,
+                len,
+                dev: Some(dev),
+                live_start: addr,
+                live_end: end,
+                holes: false,
+                pages: 0,
+            },
+        );
         Ok(id)
     }
 
     /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
     pub fn detach(&self, id: u64) -> Result<(), WatchError> {
-        let m = lock(&self.table).by_id.remove(&id).ok_or(WatchError::NoSuchMirror(id))?;
+        let m = lock(&self.table)
+            .by_id
+            .remove(&id)
+            .ok_or(WatchError::NoSuchMirror(id))?;
         if let Some(dev) = m.dev {
             self.device.detach(dev)?;
             self.with_uffd(|u| {
@@ -230,10 +281,11 @@ impl Watched {
                 len,
                 why: "outside the mirror",
             })?;
-        if m.dev.is_none() {
-            return Err(WatchError::NotMirrored(m.addr + offset));
+        let addr = m.addr.wrapping_add(offset);
+        if m.dev.is_none() || addr < m.live_start || addr + len > m.live_end {
+            return Err(WatchError::NotMirrored(addr));
         }
-        Ok(m.addr + offset)
+        Ok(addr)
     }
 
     /// A device read of `len` bytes at `offset` of mirror `id`.
@@ -247,7 +299,11 @@ impl Watched {
     pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
         let addr = self.resolve(id, offset, len)?;
         self.device.populate(addr, len).map_err(not_mirrored)?;
-        Ok(self.list().iter().find(|m| m.id == id).map_or(0, |m| m.pages))
+        Ok(self
+            .list()
+            .iter()
+            .find(|m| m.id == id)
+            .map_or(0, |m| m.pages))
     }
 
     /// The attached ranges, with their shadow pages.
@@ -257,7 +313,10 @@ impl Watched {
             .by_id
             .values()
             .map(|m| Attached {
-                pages: m.dev.and_then(|d| dev.iter().find(|i| i.id == d)).map_or(0, |i| i.pages),
+                pages: m
+                    .dev
+                    .and_then(|d| dev.iter().find(|i| i.id == d))
+                    .map_or(0, |i| i.pages),
                 ..*m
             })
             .collect()
@@ -278,12 +337,19 @@ impl Watched {
     /// client's call returned queues behind the flushes started here. Finish passes and
     /// detaches are handed back in `out`. Returns the number of events read (0: none were
     /// pending, or the client was released).
-    pub fn read_events(&self, buf: &mut userfaultfd::EventBuffer, scratch: &mut Vec<UffdEvent>, out: &mut Deferred) -> Result<usize, WatchError> {
+    pub fn read_events(
+        &self,
+        buf: &mut userfaultfd::EventBuffer,
+        scratch: &mut Vec<UffdEvent>,
+        out: &mut Deferred,
+    ) -> Result<usize, WatchError> {
         let guard = self.device.lock_access();
         scratch.clear();
         let n = {
             let uffd = lock(&self.uffd);
-            let Some(uffd) = uffd.as_ref() else { return Ok(0) };
+            let Some(uffd) = uffd.as_ref() else {
+                return Ok(0);
+            };
             uffd.read_events(buf, scratch)?
         };
         if n == 0 {
@@ -311,13 +377,22 @@ impl Watched {
             }
             UffdEvent::Remap { from, to, len } => {
                 self.counters.remap.fetch_add(1, Relaxed);
-                self.gone(guard, from, from.saturating_add(len), Event::Unmap, Some(to), out);
+                self.gone(
+                    guard,
+                    from,
+                    from.saturating_add(len),
+                    Event::Unmap,
+                    Some(to),
+                    out,
+                );
             }
             UffdEvent::Fork { child } => {
                 self.counters.fork.fetch_add(1, Relaxed);
                 // Closing the child's uffd unregisters its copies: the child runs unmirrored.
                 drop(child);
-                tracing::debug!("fork: the child's userfaultfd is closed, the child is not mirrored");
+                tracing::debug!(
+                    "fork: the child's userfaultfd is closed, the child is not mirrored"
+                );
             }
             UffdEvent::WriteFault { addr } | UffdEvent::OtherFault { addr } => {
                 self.counters.faults.fetch_add(1, Relaxed);
@@ -342,27 +417,45 @@ impl Watched {
     /// `start..end` stopped being the mapping the client attached (munmap, or the source of
     /// an mremap to `moved_to`): retire it in the device, invalidate it, and update the table
     /// (a mirror wholly inside a moved range follows it; anything else loses that part).
-    fn gone(&self, guard: &AccessGuard<'_>, start: u64, end: u64, event: Event, moved_to: Option<u64>, out: &mut Deferred) {
-        let Ok(range) = Range::from_bounds(start, end) else { return };
+    fn gone(
+        &self,
+        guard: &AccessGuard<'_>,
+        start: u64,
+        end: u64,
+        event: Event,
+        moved_to: Option<u64>,
+        out: &mut Deferred,
+    ) {
+        let Ok(range) = Range::from_bounds(start, end) else {
+            return;
+        };
         out.detach.extend(guard.retire(range));
         self.invalidate(guard, range, event, out);
         let mut t = lock(&self.table);
         for m in t.by_id.values_mut() {
             let Some(dev) = m.dev else { continue };
-            if !(m.addr < end && start < m.addr + m.len) {
+            let (ls, le) = (m.live_start, m.live_end);
+            if !(ls < end && start < le) {
                 continue;
             }
-            let inside = start <= m.addr && m.addr + m.len <= end;
+            let inside = start <= ls && le <= end && !m.holes;
             match moved_to {
                 Some(to) if inside => {
-                    let new = to + (m.addr - start);
+                    let new = to + (ls - start);
                     if !out.detach.contains(&dev) {
                         out.detach.push(dev);
                     }
-                    match self.device.attach(new, m.len) {
+                    match self.device.attach(new, le - ls) {
                         Ok(d) => {
-                            tracing::debug!(mirror = m.id, from = m.addr, to = new, "mirror follows mremap");
-                            m.addr = new;
+                            tracing::debug!(
+                                mirror = m.id,
+                                from = ls,
+                                to = new,
+                                "mirror follows mremap"
+                            );
+                            m.addr = m.addr.wrapping_add(new.wrapping_sub(ls));
+                            m.live_start = new;
+                            m.live_end = new + (le - ls);
                             m.dev = Some(d);
                         }
                         Err(e) => {
@@ -371,9 +464,20 @@ impl Watched {
                         }
                     }
                 }
-                _ if inside || out.detach.contains(&dev) => m.dev = None,
+                _ if inside => m.dev = None,
                 // Partly gone: the device refuses the retired part, the rest stays mirrored.
-                _ => {}
+                _ => {
+                    if start <= ls {
+                        m.live_start = end.min(le);
+                    } else if end >= le {
+                        m.live_end = start.max(ls);
+                    } else {
+                        m.holes = true;
+                    }
+                    if m.live_start >= m.live_end {
+                        m.dev = None;
+                    }
+                }
             }
         }
     }
@@ -405,8 +509,12 @@ impl Watched {
 
 fn not_mirrored(e: DeviceError) -> WatchError {
     match e {
-        DeviceError::NotMirrored { addr } | DeviceError::NotMapped { addr } => WatchError::NotMirrored(addr),
-        DeviceError::Invalidate(InvalidateError::Released) | DeviceError::Notifier(_) => WatchError::Released,
+        DeviceError::NotMirrored { addr } | DeviceError::NotMapped { addr } => {
+            WatchError::NotMirrored(addr)
+        }
+        DeviceError::Invalidate(InvalidateError::Released) | DeviceError::Notifier(_) => {
+            WatchError::Released
+        }
         e => WatchError::Device(e),
     }
 }

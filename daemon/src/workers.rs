@@ -22,13 +22,20 @@ impl Workers {
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
             let rx: Receiver<Job> = rx.clone();
-            threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-{i}"))
+                    .spawn(move || {
+                        for job in rx {
+                            job();
+                        }
+                    })?,
+            );
         }
-        Ok(Workers { tx: Some(tx), threads })
+        Ok(Workers {
+            tx: Some(tx),
+            threads,
+        })
     }
 
     /// A handle to submit jobs with.

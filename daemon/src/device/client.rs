@@ -198,7 +198,10 @@ impl AccessGuard<'_> {
             let Some(cut) = mirror.range.intersection(&range) else {
                 continue;
             };
-            let mut r = mirror.retired.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut r = mirror
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             r.push(cut);
             let retired: u64 = r.iter().map(Range::len).sum();
             // Retired pieces may overlap; only the common case (all of it at once) matters.

@@ -606,7 +606,9 @@ fn retired_ranges_are_never_faulted_in_again() {
     c.read(BASE, 8 * PAGE_SIZE).unwrap();
     let inv = {
         let g = c.lock_access();
-        assert!(g.retire(Range::new(BASE + 2 * P, 2 * P).unwrap()).is_empty());
+        assert!(g
+            .retire(Range::new(BASE + 2 * P, 2 * P).unwrap())
+            .is_empty());
         g.begin_invalidate(args(2, 2, Event::Unmap)).unwrap()
     };
     // The "client" maps something new there at once; it must not be mirrored.

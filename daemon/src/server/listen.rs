@@ -5,7 +5,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
 
 /// Errors of setting up the socket.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +63,17 @@ impl Listener {
     pub fn bind(path: &Path) -> Result<Listener, ListenError> {
         let addr = UnixAddr::new(path).map_err(io("address", path))?;
         match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => return Err(ListenError::NotSocket(path.to_owned())),
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(ListenError::NotSocket(path.to_owned()))
+            }
             Ok(_) => {
-                let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(io("probe", path))?;
+                let probe = socket(
+                    AddressFamily::Unix,
+                    SockType::SeqPacket,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .map_err(io("probe", path))?;
                 match connect(probe.as_raw_fd(), &addr) {
                     Ok(()) => return Err(ListenError::Live(path.to_owned())),
                     Err(nix::Error::ECONNREFUSED | nix::Error::ENOENT) => {
@@ -99,12 +109,15 @@ impl Listener {
             path: path.to_owned(),
             unlink: true,
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|source| ListenError::Io {
-            op: "chmod",
-            path: path.to_owned(),
-            source,
-        })?;
-        listen(&listener.fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN)).map_err(io("listen on", path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(
+            |source| ListenError::Io {
+                op: "chmod",
+                path: path.to_owned(),
+                source,
+            },
+        )?;
+        listen(&listener.fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
+            .map_err(io("listen on", path))?;
         Ok(listener)
     }
 
@@ -149,7 +162,10 @@ mod tests {
         drop(l);
         assert!(!path.exists(), "the socket is unlinked on drop");
         std::fs::write(&path, b"x").expect("write");
-        assert!(matches!(Listener::bind(&path), Err(ListenError::NotSocket(_))));
+        assert!(matches!(
+            Listener::bind(&path),
+            Err(ListenError::NotSocket(_))
+        ));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

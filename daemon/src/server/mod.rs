@@ -166,7 +166,10 @@ impl Core {
                     let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
                     let mut fds = [PollFd::new(s.sock(), PollFlags::POLLOUT)];
                     if left.is_zero() || matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(0)) {
-                        tracing::warn!(client = s.id, "client does not read its answers; closing the session");
+                        tracing::warn!(
+                            client = s.id,
+                            "client does not read its answers; closing the session"
+                        );
                         break;
                     }
                 }
@@ -209,7 +212,10 @@ impl Server {
         let listener = Listener::bind(path)?;
         let device = Device::new(&cfg.device).map_err(ServerError::Device)?;
         let workers = Workers::start("worker", cfg.workers).map_err(ServerError::Spawn)?;
-        let wake = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| ServerError::Loop("eventfd", e))?);
+        let wake = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| ServerError::Loop("eventfd", e))?,
+        );
         let to_close: Arc<Mutex<Vec<u64>>> = Arc::default();
         let hangup = {
             let (to_close, wake) = (Arc::clone(&to_close), Arc::clone(&wake));
@@ -219,9 +225,17 @@ impl Server {
             })
         };
         let events = EventReader::start(workers.sender(), hangup)?;
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| ServerError::Loop("epoll", e))?;
-        epoll.add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, LISTEN)).map_err(|e| ServerError::Loop("epoll_ctl", e))?;
-        epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE)).map_err(|e| ServerError::Loop("epoll_ctl", e))?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| ServerError::Loop("epoll", e))?;
+        epoll
+            .add(
+                listener.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, LISTEN),
+            )
+            .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
+        epoll
+            .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
+            .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
         tracing::info!(
             socket = %path.display(),
             engines = device.engine_count(),
@@ -265,8 +279,14 @@ impl Server {
     /// Serves until SIGTERM or SIGINT, then stops accepting, releases every client (finish
     /// passes included), unlinks the socket and returns.
     pub fn run(mut self) -> Result<(), ServerError> {
-        let sfd = SignalFd::with_flags(&shutdown_signals(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(|e| ServerError::Loop("signalfd", e))?;
-        self.epoll.add(sfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL)).map_err(|e| ServerError::Loop("epoll_ctl", e))?;
+        let sfd = SignalFd::with_flags(
+            &shutdown_signals(),
+            SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+        )
+        .map_err(|e| ServerError::Loop("signalfd", e))?;
+        self.epoll
+            .add(sfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))
+            .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
         let mut events = vec![EpollEvent::empty(); 256];
         let mut buf = Vec::new();
         'serve: loop {
@@ -313,7 +333,10 @@ impl Server {
     fn accept_all(&mut self) {
         let Some(l) = &self.listener else { return };
         loop {
-            let fd = match accept4(l.as_fd().as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+            let fd = match accept4(
+                l.as_fd().as_raw_fd(),
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            ) {
                 Ok(fd) => fd,
                 Err(nix::Error::EAGAIN) => return,
                 Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
@@ -335,9 +358,17 @@ impl Server {
                 let sessions = lock(&self.core.sessions);
                 let per_uid = lock(&self.core.per_uid);
                 if sessions.len() >= self.core.cfg.max_clients as usize {
-                    Some(format!("the daemon serves its maximum of {} clients", self.core.cfg.max_clients))
-                } else if per_uid.get(&peer.uid).copied().unwrap_or(0) >= self.core.cfg.clients_per_uid {
-                    Some(format!("uid {} has its maximum of {} clients", peer.uid, self.core.cfg.clients_per_uid))
+                    Some(format!(
+                        "the daemon serves its maximum of {} clients",
+                        self.core.cfg.max_clients
+                    ))
+                } else if per_uid.get(&peer.uid).copied().unwrap_or(0)
+                    >= self.core.cfg.clients_per_uid
+                {
+                    Some(format!(
+                        "uid {} has its maximum of {} clients",
+                        peer.uid, self.core.cfg.clients_per_uid
+                    ))
                 } else {
                     None
                 }
@@ -353,8 +384,16 @@ impl Server {
             let s = Arc::new(Session::new(id, peer, pidfd, sock));
             let added = self
                 .epoll
-                .add(s.sock(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, sock_token(id)))
-                .and_then(|()| self.epoll.add(s.pidfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, pidfd_token(id))));
+                .add(
+                    s.sock(),
+                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, sock_token(id)),
+                )
+                .and_then(|()| {
+                    self.epoll.add(
+                        s.pidfd.as_fd(),
+                        EpollEvent::new(EpollFlags::EPOLLIN, pidfd_token(id)),
+                    )
+                });
             if let Err(e) = added {
                 tracing::error!(error = %e, "epoll_ctl failed; connection dropped");
                 let _ = self.epoll.delete(s.sock());
@@ -363,12 +402,19 @@ impl Server {
             *lock(&self.core.per_uid).entry(peer.uid).or_default() += 1;
             lock(&self.core.sessions).insert(id, s);
             self.core.counters.sessions.fetch_add(1, Relaxed);
-            tracing::debug!(client = id, pid = peer.pid, uid = peer.uid, "client connected");
+            tracing::debug!(
+                client = id,
+                pid = peer.pid,
+                uid = peer.uid,
+                "client connected"
+            );
         }
     }
 
     fn serve_socket(&mut self, id: u64, ev: EpollFlags, buf: &mut Vec<u8>) {
-        let Some(s) = lock(&self.core.sessions).get(&id).cloned() else { return };
+        let Some(s) = lock(&self.core.sessions).get(&id).cloned() else {
+            return;
+        };
         // Read what is queued (bounded per wakeup so one client cannot starve the others).
         for _ in 0..16 {
             match proto::recv(s.sock(), buf) {
@@ -399,14 +445,22 @@ impl Server {
 
     /// Decodes and answers (or hands to a worker) one request; false if the session closed.
     fn dispatch(&mut self, s: &Arc<Session>, frame: Frame) -> bool {
-        let Frame { header, payload, fds } = frame;
+        let Frame {
+            header,
+            payload,
+            fds,
+        } = frame;
         let rid = header.request_id;
         let req = match Request::decode(header.msg_type, &payload, fds.len()) {
             Ok(r) => r,
             Err(e) => {
                 self.core.counters.bad_messages.fetch_add(1, Relaxed);
                 tracing::warn!(client = s.id, error = %e, "malformed request; closing the session");
-                self.core.reply(s, rid, &Response::error(ErrorCode::BadMessage, error_chain(&e)));
+                self.core.reply(
+                    s,
+                    rid,
+                    &Response::error(ErrorCode::BadMessage, error_chain(&e)),
+                );
                 self.close(s.id, "malformed request");
                 return false;
             }
@@ -419,7 +473,10 @@ impl Server {
         let limit = self.core.cfg.quotas.inflight;
         if s.inflight.fetch_add(1, Relaxed) >= limit {
             s.inflight.fetch_sub(1, Relaxed);
-            let r = Response::error(ErrorCode::QuotaExceeded, format!("more than {limit} requests in flight"));
+            let r = Response::error(
+                ErrorCode::QuotaExceeded,
+                format!("more than {limit} requests in flight"),
+            );
             self.core.reply(s, rid, &r);
             return true;
         }
@@ -431,21 +488,32 @@ impl Server {
         });
         if !self.core.submit(job) {
             s.inflight.fetch_sub(1, Relaxed);
-            self.core.reply(s, rid, &Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"));
+            self.core.reply(
+                s,
+                rid,
+                &Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+            );
         }
         true
     }
 
     /// Closes session `id`: no more requests, and its client is released off this thread.
     fn close(&mut self, id: u64, why: &str) {
-        let Some(s) = lock(&self.core.sessions).remove(&id) else { return };
+        let Some(s) = lock(&self.core.sessions).remove(&id) else {
+            return;
+        };
         s.closing.store(true, Relaxed);
         let _ = self.epoll.delete(s.sock());
         let _ = self.epoll.delete(s.pidfd.as_fd());
         if let Some(n) = lock(&self.core.per_uid).get_mut(&s.peer.uid) {
             *n = n.saturating_sub(1);
         }
-        tracing::debug!(client = id, pid = s.peer.pid, reason = why, "session closed");
+        tracing::debug!(
+            client = id,
+            pid = s.peer.pid,
+            reason = why,
+            "session closed"
+        );
         if s.binding.get().is_some() {
             let core = Arc::clone(&self.core);
             let s2 = Arc::clone(&s);
@@ -464,7 +532,8 @@ impl Server {
         }
         // Release every client here, with the event reader still running so their blocked
         // calls are answered until their uffds are closed.
-        let sessions: Vec<Arc<Session>> = lock(&self.core.sessions).drain().map(|(_, s)| s).collect();
+        let sessions: Vec<Arc<Session>> =
+            lock(&self.core.sessions).drain().map(|(_, s)| s).collect();
         let n = sessions.len();
         for s in &sessions {
             s.closing.store(true, Relaxed);
@@ -488,7 +557,9 @@ impl Core {
         }
         self.events.unwatch(s.id);
         self.counters.released.fetch_add(1, Relaxed);
-        self.counters.events_of_released.fetch_add(b.watched.counters().total(), Relaxed);
+        self.counters
+            .events_of_released
+            .fetch_add(b.watched.counters().total(), Relaxed);
         tracing::debug!(client = s.id, "client released");
     }
 

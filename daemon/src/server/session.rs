@@ -36,7 +36,15 @@ pub fn peer_of(sock: BorrowedFd<'_>) -> nix::Result<(Peer, OwnedFd)> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` and `len` are valid for writes of the sizes given, for the whole call.
-    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&raw mut fd).cast(), &raw mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &raw mut len,
+        )
+    };
     let pidfd = if r == 0 && fd >= 0 {
         // SAFETY: the kernel just created `fd` for us.
         unsafe { OwnedFd::from_raw_fd(fd) }

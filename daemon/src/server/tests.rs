@@ -72,7 +72,13 @@ struct Raw {
 
 impl Raw {
     fn connect(path: &std::path::Path) -> Raw {
-        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
         connect(sock.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
         Raw {
             sock,
@@ -83,7 +89,15 @@ impl Raw {
 
     fn call(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Response {
         self.next += 1;
-        proto::send(self.sock.as_fd(), req.msg_type(), 0, self.next, &req.encode_payload(), fds).unwrap();
+        proto::send(
+            self.sock.as_fd(),
+            req.msg_type(),
+            0,
+            self.next,
+            &req.encode_payload(),
+            fds,
+        )
+        .unwrap();
         let f = proto::recv(self.sock.as_fd(), &mut self.buf).unwrap();
         assert_eq!(f.header.request_id, self.next);
         Response::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap()
@@ -105,11 +119,21 @@ impl Raw {
         let uffd = raw_uffd();
         let mem = std::fs::File::open("/proc/self/mem").unwrap();
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
-        self.call(&Request::Bind { flags: 0 }, &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()])
+        self.call(
+            &Request::Bind { flags: 0 },
+            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
+        )
     }
 
     fn read(&mut self, mirror_id: u64, offset: u64, len: u32) -> Response {
-        self.call(&Request::Read { mirror_id, offset, len }, &[])
+        self.call(
+            &Request::Read {
+                mirror_id,
+                offset,
+                len,
+            },
+            &[],
+        )
     }
 }
 
@@ -139,7 +163,16 @@ fn code(r: &Response) -> Option<ErrorCode> {
 /// test unmaps and moves parts of it).
 fn map(pages: usize, byte: u8) -> *mut u8 {
     // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), pages * P, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages * P,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
     assert_ne!(p, libc::MAP_FAILED);
     // SAFETY: the mapping is ours, `pages * P` bytes long and writable.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, pages * P) };
@@ -150,42 +183,88 @@ fn map(pages: usize, byte: u8) -> *mut u8 {
 fn munmap_madvise_and_mremap_reach_the_shadow() {
     let d = Daemon::start();
     let mut c = Raw::connect(&d.path);
-    assert_eq!(code(&c.call(&Request::Status, &[])), Some(ErrorCode::OutOfOrder), "status before hello");
+    assert_eq!(
+        code(&c.call(&Request::Status, &[])),
+        Some(ErrorCode::OutOfOrder),
+        "status before hello"
+    );
     c.hello();
-    assert_eq!(code(&c.call(&Request::Attach { addr: 0, len: 4096, flags: 0 }, &[])), Some(ErrorCode::OutOfOrder));
+    assert_eq!(
+        code(&c.call(
+            &Request::Attach {
+                addr: 0,
+                len: 4096,
+                flags: 0
+            },
+            &[]
+        )),
+        Some(ErrorCode::OutOfOrder)
+    );
     assert!(matches!(c.bind(), Response::Bound { .. }));
     assert_eq!(code(&c.bind()), Some(ErrorCode::OutOfOrder), "second bind");
     let base = map(16, 0xab);
     let addr = base as u64;
-    let Response::Attached { mirror_id: id } = c.call(&Request::Attach { addr, len: 16 * P as u64, flags: 0 }, &[]) else {
+    let Response::Attached { mirror_id: id } = c.call(
+        &Request::Attach {
+            addr,
+            len: 16 * P as u64,
+            flags: 0,
+        },
+        &[],
+    ) else {
         panic!("attach")
     };
     assert_eq!(data(c.read(id, 0, 64)), vec![0xab; 64]);
     // MADV_DONTNEED: the page reads as zeros at once.
     // SAFETY: our own mapping.
-    assert_eq!(unsafe { libc::madvise(base.cast(), P, libc::MADV_DONTNEED) }, 0);
+    assert_eq!(
+        unsafe { libc::madvise(base.cast(), P, libc::MADV_DONTNEED) },
+        0
+    );
     assert_eq!(data(c.read(id, 0, 64)), vec![0; 64]);
     // munmap of the tail: not mirrored any more, even if something else is mapped there.
     // SAFETY: our own mapping.
     assert_eq!(unsafe { libc::munmap(base.add(12 * P).cast(), 4 * P) }, 0);
-    assert_eq!(code(&c.read(id, 13 * P as u64, 8)), Some(ErrorCode::NotMirrored));
+    assert_eq!(
+        code(&c.read(id, 13 * P as u64, 8)),
+        Some(ErrorCode::NotMirrored)
+    );
     assert_eq!(data(c.read(id, 11 * P as u64, 8)), vec![0xab; 8]);
     // mremap the whole rest elsewhere: the mirror follows it.
     let target = map(12, 0);
     // SAFETY: moves our own mapping over our own target mapping.
-    let moved = unsafe { libc::mremap(base.cast(), 12 * P, 12 * P, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, target.cast::<libc::c_void>()) };
+    let moved = unsafe {
+        libc::mremap(
+            base.cast(),
+            12 * P,
+            12 * P,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target.cast::<libc::c_void>(),
+        )
+    };
     assert_eq!(moved, target.cast());
     // SAFETY: the moved mapping is ours.
     unsafe { *target.add(2 * P) = 0x11 };
     let r = c.read(id, 2 * P as u64, 2);
-    assert!(matches!(&r, Response::Data { bytes } if bytes == &[0x11, 0xab]), "the mirror follows mremap: {r:?}");
-    let Response::Counters { entries } = c.call(&Request::ClientStats, &[]) else { panic!() };
+    assert!(
+        matches!(&r, Response::Data { bytes } if bytes == &[0x11, 0xab]),
+        "the mirror follows mremap: {r:?}"
+    );
+    let Response::Counters { entries } = c.call(&Request::ClientStats, &[]) else {
+        panic!()
+    };
     let get = |k: &str| entries.iter().find(|(n, _)| n == k).map(|e| e.1);
     assert!(get("events.unmap").unwrap() >= 1);
     assert!(get("events.remove").unwrap() >= 1);
     assert_eq!(get("events.remap"), Some(1));
-    assert_eq!(c.call(&Request::Detach { mirror_id: id }, &[]), Response::Detached);
-    assert_eq!(code(&c.call(&Request::Detach { mirror_id: id }, &[])), Some(ErrorCode::NoSuchMirror));
+    assert_eq!(
+        c.call(&Request::Detach { mirror_id: id }, &[]),
+        Response::Detached
+    );
+    assert_eq!(
+        code(&c.call(&Request::Detach { mirror_id: id }, &[])),
+        Some(ErrorCode::NoSuchMirror)
+    );
     // SAFETY: our own mapping.
     unsafe { libc::munmap(target.cast(), 12 * P) };
 }
@@ -209,35 +288,110 @@ fn bad_input_gets_clear_errors() {
     // Wrong fds: /dev/null as the uffd, another process's mem.
     let null = std::fs::File::open("/dev/null").unwrap();
     let mem = std::fs::File::open("/proc/self/mem").unwrap();
-    assert_eq!(code(&c.call(&Request::Bind { flags: 0 }, &[null.as_fd(), mem.as_fd()])), Some(ErrorCode::BadFd));
-    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    assert_eq!(
+        code(&c.call(&Request::Bind { flags: 0 }, &[null.as_fd(), mem.as_fd()])),
+        Some(ErrorCode::BadFd)
+    );
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     let other_mem = std::fs::File::open(format!("/proc/{}/mem", child.id())).unwrap();
-    let r = c.call(&Request::Bind { flags: 0 }, &[raw_uffd().as_fd(), other_mem.as_fd()]);
+    let r = c.call(
+        &Request::Bind { flags: 0 },
+        &[raw_uffd().as_fd(), other_mem.as_fd()],
+    );
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(code(&r), Some(ErrorCode::BadFd), "another process's memory: {r:?}");
+    assert_eq!(
+        code(&r),
+        Some(ErrorCode::BadFd),
+        "another process's memory: {r:?}"
+    );
     assert!(matches!(c.bind(), Response::Bound { .. }));
-    let bogus = [(0, 0), (4096, 4096 * 3 + 1), (u64::MAX - 4095, 4096), (0xffff_8000_0000_0000, 4096), (4096, 4096)];
+    let bogus = [
+        (0, 0),
+        (4096, 4096 * 3 + 1),
+        (u64::MAX - 4095, 4096),
+        (0xffff_8000_0000_0000, 4096),
+        (4096, 4096),
+    ];
     for (addr, len) in bogus {
-        let r = c.call(&Request::Attach { addr, len, flags: 0 }, &[]);
-        assert_eq!(code(&r), Some(ErrorCode::BadRange), "{addr:#x}+{len:#x}: {r:?}");
+        let r = c.call(
+            &Request::Attach {
+                addr,
+                len,
+                flags: 0,
+            },
+            &[],
+        );
+        assert_eq!(
+            code(&r),
+            Some(ErrorCode::BadRange),
+            "{addr:#x}+{len:#x}: {r:?}"
+        );
     }
     assert_eq!(code(&c.read(99, 0, 1)), Some(ErrorCode::NoSuchMirror));
     let base = map(2, 1);
-    let Response::Attached { mirror_id } = c.call(&Request::Attach { addr: base as u64, len: 2 * P as u64, flags: 0 }, &[]) else { panic!() };
-    assert_eq!(code(&c.call(&Request::Attach { addr: base as u64 + P as u64, len: P as u64, flags: 0 }, &[])), Some(ErrorCode::Overlap));
-    assert_eq!(code(&c.read(mirror_id, P as u64, P as u32 + 1)), Some(ErrorCode::BadRange));
-    assert_eq!(code(&c.read(mirror_id, 0, MAX_READ as u32 + 1)), Some(ErrorCode::BadRange));
+    let Response::Attached { mirror_id } = c.call(
+        &Request::Attach {
+            addr: base as u64,
+            len: 2 * P as u64,
+            flags: 0,
+        },
+        &[],
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        code(&c.call(
+            &Request::Attach {
+                addr: base as u64 + P as u64,
+                len: P as u64,
+                flags: 0
+            },
+            &[]
+        )),
+        Some(ErrorCode::Overlap)
+    );
+    assert_eq!(
+        code(&c.read(mirror_id, P as u64, P as u32 + 1)),
+        Some(ErrorCode::BadRange)
+    );
+    assert_eq!(
+        code(&c.read(mirror_id, 0, MAX_READ as u32 + 1)),
+        Some(ErrorCode::BadRange)
+    );
     // Another client cannot list clients unless root or the owner: we are root, so allowed.
-    assert!(matches!(c.call(&Request::ListClients, &[]), Response::Clients { .. }));
+    assert!(matches!(
+        c.call(&Request::ListClients, &[]),
+        Response::Clients { .. }
+    ));
     // Garbage closes only this session; a second client carries on.
     let mut other = Raw::connect(&d.path);
     other.hello();
-    nix::sys::socket::send(c.sock.as_raw_fd(), b"garbage!", nix::sys::socket::MsgFlags::empty()).unwrap();
+    nix::sys::socket::send(
+        c.sock.as_raw_fd(),
+        b"garbage!",
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
     let f = proto::recv(c.sock.as_fd(), &mut c.buf).unwrap();
-    assert!(matches!(Response::decode(f.header.msg_type, &f.payload, 0), Ok(Response::Error { code: ErrorCode::BadMessage, .. })));
-    assert!(matches!(proto::recv(c.sock.as_fd(), &mut c.buf), Err(proto::SocketError::Closed)));
-    assert!(matches!(other.call(&Request::Status, &[]), Response::Counters { .. }));
+    assert!(matches!(
+        Response::decode(f.header.msg_type, &f.payload, 0),
+        Ok(Response::Error {
+            code: ErrorCode::BadMessage,
+            ..
+        })
+    ));
+    assert!(matches!(
+        proto::recv(c.sock.as_fd(), &mut c.buf),
+        Err(proto::SocketError::Closed)
+    ));
+    assert!(matches!(
+        other.call(&Request::Status, &[]),
+        Response::Counters { .. }
+    ));
     // SAFETY: our own mapping.
     unsafe { libc::munmap(base.cast(), 2 * P) };
 }
@@ -246,13 +400,37 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
     let addr = prop_oneof![Just(base), Just(base + P as u64), any::<u64>(), Just(0u64)];
     let len = prop_oneof![Just(P as u64), Just(4 * P as u64), any::<u64>(), Just(0u64)];
     prop_oneof![
-        (any::<u16>(), any::<u16>(), "[a-z]{0,8}").prop_map(|(min_version, max_version, name)| Request::Hello { min_version, max_version, name }),
+        (any::<u16>(), any::<u16>(), "[a-z]{0,8}").prop_map(|(min_version, max_version, name)| {
+            Request::Hello {
+                min_version,
+                max_version,
+                name,
+            }
+        }),
         any::<u32>().prop_map(|flags| Request::Bind { flags }),
-        (addr, len, prop_oneof![Just(0u32), any::<u32>()]).prop_map(|(addr, len, flags)| Request::Attach { addr, len, flags }),
+        (addr, len, prop_oneof![Just(0u32), any::<u32>()])
+            .prop_map(|(addr, len, flags)| Request::Attach { addr, len, flags }),
         (0u64..4).prop_map(|mirror_id| Request::Detach { mirror_id }),
-        (0u64..4, prop_oneof![Just(0u64), any::<u64>(), Just(P as u64)], prop_oneof![Just(1u32), any::<u32>()])
-            .prop_map(|(mirror_id, offset, len)| Request::Read { mirror_id, offset, len }),
-        (0u64..4, any::<u64>(), prop_oneof![Just(P as u64), any::<u64>()]).prop_map(|(mirror_id, offset, len)| Request::Populate { mirror_id, offset, len }),
+        (
+            0u64..4,
+            prop_oneof![Just(0u64), any::<u64>(), Just(P as u64)],
+            prop_oneof![Just(1u32), any::<u32>()]
+        )
+            .prop_map(|(mirror_id, offset, len)| Request::Read {
+                mirror_id,
+                offset,
+                len
+            }),
+        (
+            0u64..4,
+            any::<u64>(),
+            prop_oneof![Just(P as u64), any::<u64>()]
+        )
+            .prop_map(|(mirror_id, offset, len)| Request::Populate {
+                mirror_id,
+                offset,
+                len
+            }),
         Just(Request::ClientStats),
         Just(Request::Status),
         Just(Request::ListClients),
@@ -263,8 +441,14 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
 /// Which fds ride with a Bind: 0 none, 1 the right ones, 2 wrong ones.
 fn fds_for(kind: u8) -> Vec<OwnedFd> {
     match kind {
-        1 => vec![raw_uffd(), std::fs::File::open("/proc/self/mem").unwrap().into()],
-        2 => vec![std::fs::File::open("/dev/null").unwrap().into(), std::fs::File::open("/proc/self/maps").unwrap().into()],
+        1 => vec![
+            raw_uffd(),
+            std::fs::File::open("/proc/self/mem").unwrap().into(),
+        ],
+        2 => vec![
+            std::fs::File::open("/dev/null").unwrap().into(),
+            std::fs::File::open("/proc/self/maps").unwrap().into(),
+        ],
         _ => Vec::new(),
     }
 }

@@ -1,0 +1,177 @@
+//! Unit tests against a fake daemon on a socketpair.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use nix::sys::socket::socketpair;
+
+#[test]
+fn socket_path_rules() {
+    let p = |e: Option<&str>, root, x: Option<&str>| {
+        socket_path_from(e.map(Into::into), root, x.map(Into::into)).ok()
+    };
+    assert_eq!(p(Some("/x"), false, None), Some("/x".into()));
+    assert_eq!(
+        p(None, true, Some("/r")),
+        Some("/run/memshadow/memshadowd.sock".into())
+    );
+    assert_eq!(
+        p(None, false, Some("/r")),
+        Some("/r/memshadow/memshadowd.sock".into())
+    );
+    assert_eq!(p(None, false, None), None);
+}
+
+#[test]
+fn both_uffd_flavours_can_be_created() {
+    for fd in [
+        create_uffd().unwrap(),
+        create_uffd_with(UFFD_USER_MODE_ONLY).unwrap(),
+    ] {
+        let t = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));
+    }
+}
+
+#[test]
+fn error_codes_map_to_variants() {
+    let m = |c| Error::from_response(c, "x".into());
+    assert!(matches!(m(ErrorCode::NotMirrored), Error::NotMirrored(_)));
+    assert!(matches!(
+        m(ErrorCode::QuotaExceeded),
+        Error::QuotaExceeded(_)
+    ));
+    assert!(matches!(
+        m(ErrorCode::AlreadyWatched),
+        Error::AlreadyWatched(_)
+    ));
+    assert!(matches!(
+        m(ErrorCode::ProtocolVersion),
+        Error::ProtocolVersion(_)
+    ));
+    assert!(matches!(m(ErrorCode::ShuttingDown), Error::DaemonGone));
+    assert!(matches!(m(ErrorCode::BadFd), Error::Protocol(_)));
+    assert!(matches!(m(ErrorCode::Other(77)), Error::Daemon { .. }));
+}
+
+fn uffds_held() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_str() == Some("anon_inode:[userfaultfd]"))
+        .count()
+}
+
+/// A fake daemon: answers hello, bind (checking the fds), attach, reads and detach, then
+/// hangs up.
+#[test]
+fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let before = uffds_held();
+    let daemon = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut reads = 0;
+        loop {
+            let f = match proto::recv(b.as_fd(), &mut buf) {
+                Ok(f) => f,
+                Err(_) => return reads,
+            };
+            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
+            let resp = match req {
+                Request::Hello { .. } => Response::HelloAck {
+                    version: VERSION,
+                    daemon_version: "t".into(),
+                    page_size: 4096,
+                    limits: Limits {
+                        max_read: MAX_READ as u32,
+                        ..Limits::default()
+                    },
+                },
+                Request::Bind { .. } => {
+                    assert_eq!(f.fds.len(), 3, "uffd, mem, pagemap");
+                    let t = std::fs::read_link(format!("/proc/self/fd/{}", f.fds[0].as_raw_fd()))
+                        .unwrap();
+                    assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));
+                    drop(f.fds);
+                    Response::Bound {
+                        access: AccessPath::MemFd,
+                        uffd_features: 1,
+                    }
+                }
+                Request::Attach { .. } => Response::Attached { mirror_id: 5 },
+                Request::Read { len, offset, .. } => {
+                    reads += 1;
+                    if offset >= 1 << 20 {
+                        Response::error(ErrorCode::NotMirrored, "gone")
+                    } else {
+                        Response::Data {
+                            bytes: vec![offset as u8; len as usize],
+                        }
+                    }
+                }
+                Request::Detach { .. } => Response::Detached,
+                _ => Response::error(ErrorCode::Internal, "?"),
+            };
+            proto::send(
+                b.as_fd(),
+                resp.msg_type(),
+                0,
+                f.header.request_id,
+                &resp.encode_payload(),
+                &[],
+            )
+            .unwrap();
+        }
+    });
+    let c = Client::from_socket(a, true).unwrap();
+    assert_eq!(
+        uffds_held(),
+        before,
+        "the client keeps no copy of its uffd (G6)"
+    );
+    assert_eq!(c.access_path(), Some(AccessPath::MemFd));
+    let m = c.attach(0x10000 as *const u8, 2 << 20).unwrap();
+    let mut buf = vec![0u8; MAX_READ * 2 + 10];
+    m.read(0, &mut buf).unwrap();
+    assert_eq!(
+        buf[MAX_READ], MAX_READ as u8,
+        "the second chunk came from offset MAX_READ"
+    );
+    assert!(matches!(
+        m.read(1 << 20, &mut buf[..1]),
+        Err(Error::NotMirrored(_))
+    ));
+    assert!(matches!(
+        m.read(2 << 20, &mut buf[..1]),
+        Err(Error::BadRange(_))
+    ));
+    assert!(matches!(
+        c.attach(0x10001 as *const u8, 4096),
+        Err(Error::BadRange(_))
+    ));
+    m.detach().unwrap();
+    drop(c);
+    assert_eq!(daemon.join().unwrap(), 4);
+}
+
+#[test]
+fn a_vanished_daemon_is_daemon_gone() {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    drop(b);
+    assert!(matches!(
+        Client::from_socket(a, false),
+        Err(Error::DaemonGone)
+    ));
+}
