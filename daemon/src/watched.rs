@@ -54,6 +54,9 @@ pub enum WatchError {
     /// The device refused.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The client's address space kept changing for 2 s (its events were not drained).
+    #[error("the address space keeps changing; try again")]
+    Busy,
     /// The client was released.
     #[error("client released")]
     Released,
@@ -194,7 +197,28 @@ impl Watched {
         if end > USER_ADDR_END {
             return Err(bad("not a user address"));
         }
-        let guard = self.device.lock_access();
+        // Wait until every event of an address-space change already under way has been read
+        // and applied (under the access lock, which we then keep): otherwise an unmap of an
+        // old mapping at this address, delivered late, would retire the new mirror, or an
+        // old mirror not yet retired would look like an overlap.
+        let mut backoff = std::time::Duration::from_micros(20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let guard = loop {
+            let guard = self.device.lock_access();
+            let pending = match &*lock(&self.uffd) {
+                Some(u) => u.events_pending(addr, len),
+                None => return Err(WatchError::Released),
+            };
+            if !pending {
+                break guard;
+            }
+            drop(guard);
+            if std::time::Instant::now() > deadline {
+                return Err(WatchError::Busy);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(std::time::Duration::from_millis(5));
+        };
         let mut t = lock(&self.table);
         if t.by_id.len() >= self.max_mirrors as usize {
             return Err(WatchError::TooManyMirrors(self.max_mirrors));

@@ -384,7 +384,7 @@ impl DeviceClient {
             let mut pt = self.core.pt();
             let first = range.start() / PAGE_SIZE as u64;
             let last = range.last() / PAGE_SIZE as u64;
-            pt.zap(first, last, &mut slots);
+            pt.zap(first, last, idx, &mut slots);
             let mask = pt.remove_mirror(idx);
             if mask != 0 {
                 let req = FlushReq {

@@ -105,7 +105,7 @@ impl ShadowNotifier {
         let finish = {
             let mut pt = self.client.pt();
             inv.set_seq();
-            let n = pt.zap(first, last, &mut slots);
+            let n = pt.zap(first, last, self.mirror, &mut slots);
             bump(&self.dev.counters.ptes_zapped, n as u64);
             let mask = if n == 0 {
                 0

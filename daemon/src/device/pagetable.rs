@@ -97,12 +97,24 @@ impl PageTable {
         }
     }
 
-    /// Removes the entries of virtual pages `first..=last`, appending their slots to `out`.
-    /// Returns how many were removed.
-    pub fn zap(&mut self, first: u64, last: u64, out: &mut Vec<SlotRef>) -> usize {
+    /// Removes the entries of `mirror` for virtual pages `first..=last`, appending their
+    /// slots to `out`. Returns how many were removed. Entries of other mirrors (a new mirror
+    /// of the same addresses) are left alone: only their own notifier knows which engines
+    /// may cache them, so only it may zap them (G2).
+    pub fn zap(
+        &mut self,
+        first: u64,
+        last: u64,
+        mirror: MirrorIdx,
+        out: &mut Vec<SlotRef>,
+    ) -> usize {
         self.keys.clear();
-        self.keys
-            .extend(self.ptes.range(first..=last).map(|(k, _)| *k));
+        self.keys.extend(
+            self.ptes
+                .range(first..=last)
+                .filter(|(_, p)| p.mirror == mirror)
+                .map(|(k, _)| *k),
+        );
         for k in &self.keys {
             if let Some(pte) = self.ptes.remove(k) {
                 if let Some(m) = self.mirrors.get_mut(&pte.mirror) {
@@ -166,7 +178,12 @@ mod tests {
         pt.mark_cached(7, 3);
         assert_eq!(pt.engine_mask(7, false), 0b1000);
         let mut out = Vec::new();
-        assert_eq!(pt.zap(2, 5, &mut out), 2);
+        assert_eq!(
+            pt.zap(2, 5, 8, &mut out),
+            0,
+            "another mirror's entries are not touched"
+        );
+        assert_eq!(pt.zap(2, 5, 7, &mut out), 2);
         assert_eq!(out.iter().map(|s| s.slot).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(pt.mirror_pages(7), 1);
         assert_eq!(pt.engine_mask(7, true), 0b1000);

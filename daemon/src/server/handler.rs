@@ -309,6 +309,7 @@ fn watch_err(e: WatchError) -> Response {
         }
         WatchError::Device(DeviceError::Source(_)) => ErrorCode::AccessFailed,
         WatchError::Released | WatchError::Device(DeviceError::Stopped) => ErrorCode::ShuttingDown,
+        WatchError::Busy => ErrorCode::Internal,
         WatchError::Uffd(_) | WatchError::Device(_) => ErrorCode::Internal,
     };
     err(code, error_chain(&e))

@@ -236,6 +236,20 @@ impl Uffd {
             .map_err(op("unprotect"))
     }
 
+    /// True while an unmap, remove, remap or fork event of this uffd is being delivered or
+    /// not yet read (the kernel's `mmap_changing`): the address space may already differ
+    /// from what the events read so far say. Probed with a write-protect ioctl that changes
+    /// nothing (`-EAGAIN` is checked before the range is looked at).
+    pub fn events_pending(&self, addr: u64, len: u64) -> bool {
+        match self
+            .inner
+            .remove_write_protection(addr as *mut libc::c_void, len as usize, false)
+        {
+            Err(e) => errno_of(&e) == Some(nix::Error::EAGAIN),
+            Ok(_) => false,
+        }
+    }
+
     /// Reads the pending events (the fd is non-blocking), appending them to `out`. Returns
     /// how many were read; 0 if none were pending.
     pub fn read_events(

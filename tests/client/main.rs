@@ -1,0 +1,453 @@
+//! `test-client`: a real memshadow client process for the integration tests, driven one
+//! command per line on stdin, answering one line (`ok ...` / `err ...`) on stdout.
+//! Usage: `test-client SOCKET`.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memshadow::{Client, Error, Mirror};
+
+const P: usize = 4096;
+
+/// A mapping of this process.
+struct Map {
+    addr: usize,
+    len: usize,
+}
+
+impl Map {
+    fn new(pages: usize, shared: bool) -> Result<Map, String> {
+        let len = pages * P;
+        let (flags, fd) = if shared {
+            let fd = nix::sys::memfd::memfd_create(
+                "test-client",
+                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            )
+            .map_err(|e| e.to_string())?;
+            nix::unistd::ftruncate(&fd, len as i64).map_err(|e| e.to_string())?;
+            (libc::MAP_SHARED, Some(fd))
+        } else {
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
+        };
+        let raw = fd
+            .as_ref()
+            .map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(f));
+        // SAFETY: a fresh mapping chosen by the kernel; nothing refers to it yet.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(Map {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    fn fill(&self, byte: u8) {
+        // SAFETY: the mapping is ours, writable and `len` bytes long.
+        unsafe { std::ptr::write_bytes(self.addr as *mut u8, byte, self.len) };
+    }
+
+    fn madvise(&self, advice: libc::c_int) -> Result<(), String> {
+        // SAFETY: advice on our own mapping.
+        match unsafe { libc::madvise(self.addr as *mut libc::c_void, self.len, advice) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error().to_string()),
+        }
+    }
+
+    fn unmap(&self) -> Result<(), String> {
+        // SAFETY: unmaps our own mapping; callers never touch it afterwards.
+        match unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error().to_string()),
+        }
+    }
+
+    /// Moves the mapping elsewhere (to a fresh reservation).
+    fn remap(&mut self) -> Result<(), String> {
+        let target = Map::new(self.len / P, false)?;
+        // SAFETY: moves our own mapping over our own reservation of the same size.
+        let p = unsafe {
+            libc::mremap(
+                self.addr as *mut libc::c_void,
+                self.len,
+                self.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target.addr as *mut libc::c_void,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        self.addr = p as usize;
+        Ok(())
+    }
+}
+
+/// What a device read returned, summarised: `Some(byte)` if uniform, error text otherwise.
+fn read_summary(m: &Mirror, offset: u64, len: usize) -> Result<Option<u8>, Error> {
+    let mut buf = vec![0u8; len];
+    m.read(offset, &mut buf)?;
+    Ok(buf.iter().all(|b| *b == buf[0]).then_some(buf[0]))
+}
+
+/// One G1 round of `kind`: stamp, read through the device, change the mapping, read at once.
+/// Returns Err(description) on a violation (old bytes after the change).
+fn g1_round(c: &Client, kind: &str, stamp: u8) -> Result<(), String> {
+    let shared = kind == "remove";
+    let mut map = Map::new(4, shared)?;
+    map.fill(stamp);
+    let m = c
+        .attach(map.addr as *const u8, map.len)
+        .map_err(|e| e.to_string())?;
+    match read_summary(&m, 0, 4 * P) {
+        Ok(Some(b)) if b == stamp => {}
+        other => return Err(format!("first read {other:?}, want {stamp}")),
+    }
+    let after = match kind {
+        "munmap" => {
+            map.unmap()?;
+            read_summary(&m, P as u64, 64)
+        }
+        "dontneed" => {
+            map.madvise(libc::MADV_DONTNEED)?;
+            read_summary(&m, P as u64, 64)
+        }
+        "remove" => {
+            map.madvise(libc::MADV_REMOVE)?;
+            read_summary(&m, P as u64, 64)
+        }
+        "mremap" => {
+            map.remap()?;
+            // New bytes at the new place: a read must see them, never the cached stamp.
+            map.fill(stamp.wrapping_add(1));
+            read_summary(&m, P as u64, 64)
+        }
+        k => return Err(format!("unknown kind {k}")),
+    };
+    let ok = match (&after, kind) {
+        (Err(Error::NotMirrored(_)), _) => true,
+        (Ok(Some(0)), "dontneed" | "remove") => true,
+        (Ok(Some(b)), "mremap") => *b == stamp.wrapping_add(1),
+        _ => false,
+    };
+    if kind != "munmap" {
+        let _ = map.unmap();
+    }
+    drop(m);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind}: read after the change returned {after:?} (stamp {stamp})"
+        ))
+    }
+}
+
+struct Churn {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    iterations: Arc<AtomicU64>,
+    max_us: Arc<AtomicU64>,
+}
+
+fn run() -> Result<(), String> {
+    let socket = std::env::args().nth(1).ok_or("usage: test-client SOCKET")?;
+    let client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
+    let mut maps: HashMap<String, (Map, Option<Mirror>)> = HashMap::new();
+    let mut churn: Option<Churn> = None;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let answer: Result<String, String> = (|| {
+            let arg = |i: usize| w.get(i).copied().ok_or(format!("missing argument {i}"));
+            let num = |i: usize| -> Result<u64, String> {
+                arg(i)?.parse::<u64>().map_err(|e| e.to_string())
+            };
+            Ok(match arg(0)? {
+                "ping" => String::new(),
+                "map" => {
+                    let m = Map::new(num(2)? as usize, arg(3).unwrap_or("anon") == "shm")?;
+                    let a = format!("addr={:#x}", m.addr);
+                    maps.insert(arg(1)?.into(), (m, None));
+                    a
+                }
+                "fill" => {
+                    maps.get(arg(1)?)
+                        .ok_or("no such map")?
+                        .0
+                        .fill(num(2)? as u8);
+                    String::new()
+                }
+                "attach" => {
+                    let (m, mirror) = maps.get_mut(arg(1)?).ok_or("no such map")?;
+                    let x = client
+                        .attach(m.addr as *const u8, m.len)
+                        .map_err(|e| e.to_string())?;
+                    let id = x.id();
+                    *mirror = Some(x);
+                    format!("id={id}")
+                }
+                "attach-raw" => {
+                    let addr = u64::from_str_radix(arg(1)?.trim_start_matches("0x"), 16)
+                        .map_err(|e| e.to_string())?;
+                    let m = client
+                        .attach(addr as *const u8, num(2)? as usize)
+                        .map_err(|e| e.to_string())?;
+                    format!("id={}", m.id())
+                }
+                "populate" => {
+                    let (m, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let pages = mirror
+                        .as_ref()
+                        .ok_or("not attached")?
+                        .populate(0, m.len as u64)
+                        .map_err(|e| e.to_string())?;
+                    format!("pages={pages}")
+                }
+                "read" => {
+                    let (_, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
+                    match read_summary(
+                        mirror.as_ref().ok_or("not attached")?,
+                        num(2)?,
+                        num(3)? as usize,
+                    ) {
+                        Ok(Some(b)) => format!("uniform={b}"),
+                        Ok(None) => "uniform=no".into(),
+                        Err(Error::NotMirrored(_)) => return Err("NotMirrored".into()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                "munmap" => {
+                    let (m, mirror) = maps.remove(arg(1)?).ok_or("no such map")?;
+                    m.unmap()?;
+                    // The mirror's range is gone; forget the handle without a detach.
+                    std::mem::forget(mirror);
+                    String::new()
+                }
+                "madvise" => {
+                    let advice = if arg(2)? == "remove" {
+                        libc::MADV_REMOVE
+                    } else {
+                        libc::MADV_DONTNEED
+                    };
+                    maps.get(arg(1)?).ok_or("no such map")?.0.madvise(advice)?;
+                    String::new()
+                }
+                "stats" => {
+                    let s = client.stats().map_err(|e| e.to_string())?;
+                    s.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }
+                "g1" => {
+                    let (kind, rounds) = (arg(1)?, num(2)?);
+                    for r in 0..rounds {
+                        g1_round(&client, kind, (r % 250) as u8 + 1)?;
+                    }
+                    format!("rounds={rounds}")
+                }
+                "stress" => {
+                    let all = ["munmap", "dontneed", "mremap", "remove"];
+                    let kinds: Vec<&'static str> = match w.get(3) {
+                        Some(list) => all
+                            .iter()
+                            .copied()
+                            .filter(|k| list.split(',').any(|x| x == *k))
+                            .collect(),
+                        None => all.to_vec(),
+                    };
+                    stress(&client, num(1)? as usize, num(2)?, &kinds)?
+                }
+                "multi" => multi(&socket, num(1)? as usize, num(2)?)?,
+                "churn-start" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let (addr, len) = (m.addr, m.len);
+                    let c = Churn {
+                        stop: Arc::default(),
+                        done: Arc::default(),
+                        iterations: Arc::default(),
+                        max_us: Arc::default(),
+                    };
+                    let (stop, done, it, max) = (
+                        c.stop.clone(),
+                        c.done.clone(),
+                        c.iterations.clone(),
+                        c.max_us.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        while !stop.load(Relaxed) {
+                            let t = Instant::now();
+                            // SAFETY: advice on our own mapping, which stays mapped.
+                            unsafe {
+                                libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED)
+                            };
+                            max.fetch_max(t.elapsed().as_micros() as u64, Relaxed);
+                            it.fetch_add(1, Relaxed);
+                        }
+                        done.store(true, Relaxed);
+                    });
+                    churn = Some(c);
+                    String::new()
+                }
+                "churn-progress" => {
+                    let c = churn.as_ref().ok_or("no churn")?;
+                    format!("iterations={}", c.iterations.load(Relaxed))
+                }
+                "churn-stop" => {
+                    let c = churn.take().ok_or("no churn")?;
+                    c.stop.store(true, Relaxed);
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while !c.done.load(Relaxed) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    format!(
+                        "iterations={} max_us={} stuck={}",
+                        c.iterations.load(Relaxed),
+                        c.max_us.load(Relaxed),
+                        u8::from(!c.done.load(Relaxed))
+                    )
+                }
+                "exit" => std::process::exit(0),
+                other => return Err(format!("unknown command {other}")),
+            })
+        })();
+        match answer {
+            Ok(a) => println!("ok {a}"),
+            Err(e) => println!("err {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// G1 under stress: `threads` threads churn their own mappings (munmap, madvise, mremap in
+/// turn), checking every read after a change, while two more threads keep reading a stable
+/// mirror whose content must never change.
+fn stress(
+    c: &Client,
+    threads: usize,
+    rounds: u64,
+    kinds: &[&'static str],
+) -> Result<String, String> {
+    let stable = Map::new(16, false)?;
+    stable.fill(0x5a);
+    let sm = Arc::new(
+        c.attach(stable.addr as *const u8, stable.len)
+            .map_err(|e| e.to_string())?,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let (sm, stop, reads) = (sm.clone(), stop.clone(), reads.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut k = i;
+                while !stop.load(Relaxed) {
+                    match read_summary(&sm, ((k % 16) * P) as u64, P) {
+                        Ok(Some(0x5a)) => {}
+                        other => return Err(format!("stable mirror read {other:?}")),
+                    }
+                    k += 1;
+                    reads.fetch_add(1, Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let kinds: Vec<&'static str> = kinds.to_vec();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let c = c.clone();
+            let kinds = kinds.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                for r in 0..rounds {
+                    let kind = kinds[(r as usize + t) % kinds.len()];
+                    g1_round(&c, kind, ((r + t as u64) % 250) as u8 + 1)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for w in workers {
+        if let Err(e) = w
+            .join()
+            .map_err(|_| "a worker panicked".to_string())
+            .and_then(|r| r)
+        {
+            errors.push(e);
+        }
+    }
+    stop.store(true, Relaxed);
+    for r in readers {
+        if let Err(e) = r
+            .join()
+            .map_err(|_| "a reader panicked".to_string())
+            .and_then(|r| r)
+        {
+            errors.push(e);
+        }
+    }
+    if let Some(e) = errors.first() {
+        return Err(format!("{} violations, first: {e}", errors.len()));
+    }
+    Ok(format!(
+        "rounds={} stable_reads={}",
+        rounds * threads as u64,
+        reads.load(Relaxed)
+    ))
+}
+
+/// `n` more sessions of this process, each attaching its own range and churning it.
+fn multi(socket: &str, n: usize, rounds: u64) -> Result<String, String> {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let socket = socket.to_owned();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let c = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
+                let mut events = 0;
+                for r in 0..rounds {
+                    let kind = if (r + i as u64) % 2 == 0 {
+                        "dontneed"
+                    } else {
+                        "munmap"
+                    };
+                    g1_round(&c, kind, (r % 250) as u8 + 1)?;
+                    events += 1;
+                }
+                Ok(events)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| "a session thread panicked".to_string())??;
+    }
+    Ok(format!("sessions={n} changes={total}"))
+}
+
+fn main() {
+    if let Err(e) = run() {
+        println!("err {e}");
+        std::process::exit(1);
+    }
+}
