@@ -209,7 +209,8 @@ fn g7_bad_input_is_refused_and_other_clients_carry_on() {
     .unwrap();
 
     // Garbage, a truncated header, an oversized message, a lying fd count, too many fds.
-    let bad: Vec<Box<dyn Fn(&std::os::fd::OwnedFd)>> = vec![
+    type SendBad = Box<dyn Fn(&std::os::fd::OwnedFd)>;
+    let bad: Vec<SendBad> = vec![
         Box::new(|s| {
             nix::sys::socket::send(
                 s.as_raw_fd(),

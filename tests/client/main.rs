@@ -34,9 +34,7 @@ impl Map {
         } else {
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
         };
-        let raw = fd
-            .as_ref()
-            .map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(f));
+        let raw = fd.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
         // SAFETY: a fresh mapping chosen by the kernel; nothing refers to it yet.
         let p = unsafe {
             libc::mmap(

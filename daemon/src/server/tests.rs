@@ -217,14 +217,15 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
     assert_eq!(data(c.read(id, 0, 64)), vec![0xab; 64]);
     // MADV_DONTNEED: the page reads as zeros at once.
     // SAFETY: our own mapping.
-    assert_eq!(
-        unsafe { libc::madvise(base.cast(), P, libc::MADV_DONTNEED) },
-        0
-    );
+    let r = unsafe { libc::madvise(base.cast(), P, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0);
     assert_eq!(data(c.read(id, 0, 64)), vec![0; 64]);
     // munmap of the tail: not mirrored any more, even if something else is mapped there.
     // SAFETY: our own mapping.
-    assert_eq!(unsafe { libc::munmap(base.add(12 * P).cast(), 4 * P) }, 0);
+    assert_eq!(
+        unsafe { libc::munmap(base.wrapping_add(12 * P).cast(), 4 * P) },
+        0
+    );
     assert_eq!(
         code(&c.read(id, 13 * P as u64, 8)),
         Some(ErrorCode::NotMirrored)
@@ -244,7 +245,7 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
     };
     assert_eq!(moved, target.cast());
     // SAFETY: the moved mapping is ours.
-    unsafe { *target.add(2 * P) = 0x11 };
+    unsafe { *target.wrapping_add(2 * P) = 0x11 };
     let r = c.read(id, 2 * P as u64, 2);
     assert!(
         matches!(&r, Response::Data { bytes } if bytes == &[0x11, 0xab]),
