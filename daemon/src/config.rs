@@ -30,6 +30,95 @@ impl AccessPolicy {
     }
 }
 
+/// Which dirty-tracking back end to use (DESIGN.md §6); `Auto` takes the fastest one the
+/// start-up probe finds working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// The fastest back end that works here.
+    #[default]
+    Auto,
+    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`.
+    PagemapScan,
+    /// `/proc/PID/clear_refs` "4" + pagemap bit 55.
+    SoftDirty,
+    /// Synchronous uffd write-protect faults.
+    UffdWp,
+    /// No dirty tracking: the shadow follows the mappings, not the contents.
+    Off,
+}
+
+impl DirtyTracking {
+    /// Every choice, in the order `auto` tries the back ends (after `Auto` itself).
+    pub const ALL: [DirtyTracking; 5] = [
+        DirtyTracking::Auto,
+        DirtyTracking::PagemapScan,
+        DirtyTracking::SoftDirty,
+        DirtyTracking::UffdWp,
+        DirtyTracking::Off,
+    ];
+
+    /// The name used by flags, the config file and `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyTracking::Auto => "auto",
+            DirtyTracking::PagemapScan => "pagemap-scan",
+            DirtyTracking::SoftDirty => "soft-dirty",
+            DirtyTracking::UffdWp => "uffd-wp",
+            DirtyTracking::Off => "off",
+        }
+    }
+
+    /// Parses one of the names of [`DirtyTracking::as_str`].
+    pub fn parse(s: &str) -> Option<DirtyTracking> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// When written pages are collected for an attach that does not choose (issue 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyPolicy {
+    /// Only on an explicit `sync`.
+    #[default]
+    Manual,
+    /// Scan a range before each device read of it.
+    Strict,
+    /// Scan every attached range on a timer.
+    Periodic(Duration),
+}
+
+impl DirtyPolicy {
+    /// Parses `manual`, `strict` or `periodic=MS` (MS ≥ 1).
+    pub fn parse(s: &str) -> Option<DirtyPolicy> {
+        match s {
+            "manual" => Some(DirtyPolicy::Manual),
+            "strict" => Some(DirtyPolicy::Strict),
+            _ => {
+                let ms: u64 = s.strip_prefix("periodic=")?.parse().ok()?;
+                (ms > 0).then(|| DirtyPolicy::Periodic(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DirtyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirtyPolicy::Manual => f.write_str("manual"),
+            DirtyPolicy::Strict => f.write_str("strict"),
+            DirtyPolicy::Periodic(d) => write!(f, "periodic={}", d.as_millis()),
+        }
+    }
+}
+
+/// Dirty-tracking settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirtyConfig {
+    /// Back end choice.
+    pub tracking: DirtyTracking,
+    /// Default collection policy of an attach.
+    pub policy: DirtyPolicy,
+}
+
 /// Per-client quotas (G7); each refusal is a typed error to that client only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
@@ -70,6 +159,8 @@ pub struct Config {
     pub access: AccessPolicy,
     /// How long a reply may wait for room in a client's socket before the session is closed.
     pub send_timeout: Duration,
+    /// Dirty tracking.
+    pub dirty: DirtyConfig,
 }
 
 impl Default for Config {
@@ -83,6 +174,7 @@ impl Default for Config {
             workers: 4,
             access: AccessPolicy::Auto,
             send_timeout: Duration::from_secs(2),
+            dirty: DirtyConfig::default(),
         }
     }
 }
@@ -126,6 +218,23 @@ pub fn socket_path_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_names_round_trip() {
+        for t in DirtyTracking::ALL {
+            assert_eq!(DirtyTracking::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(DirtyTracking::parse("softdirty"), None);
+        for p in ["manual", "strict", "periodic=250"] {
+            assert_eq!(
+                DirtyPolicy::parse(p).map(|p| p.to_string()).as_deref(),
+                Some(p)
+            );
+        }
+        for bad in ["periodic=0", "periodic=", "periodic=x", "Strict", ""] {
+            assert_eq!(DirtyPolicy::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn socket_path_rules() {

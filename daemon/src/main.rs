@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use memshadow_daemon::config::{default_socket_path, AccessPolicy, Config};
+use memshadow_daemon::config::{
+    default_socket_path, AccessPolicy, Config, DirtyConfig, DirtyPolicy, DirtyTracking,
+};
 use memshadow_daemon::device::InvalidationMode;
 use memshadow_daemon::server::{error_chain, shutdown_signals, Server};
 
@@ -50,6 +52,12 @@ struct Args {
     /// How client memory is read: auto, process-vm or mem-fd.
     #[arg(long, default_value = "auto", value_parser = parse_access)]
     access: AccessPolicy,
+    /// Dirty-tracking back end: auto, pagemap-scan, soft-dirty, uffd-wp or off.
+    #[arg(long, default_value = "auto", value_parser = parse_tracking)]
+    dirty_tracking: DirtyTracking,
+    /// When an attach collects written pages by default: manual, strict or periodic=MS.
+    #[arg(long, default_value = "manual", value_parser = parse_policy)]
+    dirty_policy: DirtyPolicy,
 }
 
 fn parse_mode(s: &str) -> Result<InvalidationMode, String> {
@@ -68,6 +76,17 @@ fn parse_access(s: &str) -> Result<AccessPolicy, String> {
         .ok_or_else(|| format!("unknown access policy {s:?} (auto, process-vm, mem-fd)"))
 }
 
+fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
+    DirtyTracking::parse(s).ok_or_else(|| {
+        format!("unknown dirty tracking {s:?} (auto, pagemap-scan, soft-dirty, uffd-wp, off)")
+    })
+}
+
+fn parse_policy(s: &str) -> Result<DirtyPolicy, String> {
+    DirtyPolicy::parse(s)
+        .ok_or_else(|| format!("unknown dirty policy {s:?} (manual, strict, periodic=MS)"))
+}
+
 fn config(a: &Args) -> Config {
     let mut c = Config {
         socket: a.socket.clone(),
@@ -75,6 +94,10 @@ fn config(a: &Args) -> Config {
         max_clients: a.max_clients,
         workers: a.workers,
         access: a.access,
+        dirty: DirtyConfig {
+            tracking: a.dirty_tracking,
+            policy: a.dirty_policy,
+        },
         ..Config::default()
     };
     c.device.engines = a.engines;
