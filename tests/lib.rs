@@ -110,7 +110,7 @@ impl Daemon {
     /// The daemon's counters.
     pub fn status(&self) -> HashMap<String, u64> {
         let c = memshadow::Client::connect_control(Some(&self.socket)).expect("control connection");
-        c.status().expect("status").into_iter().collect()
+        c.status().expect("status").counters.into_iter().collect()
     }
 
     /// One counter.

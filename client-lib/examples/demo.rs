@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use memshadow::Client;
 
 fn counter(c: &Client, daemon: bool, name: &str) -> Result<u64, Box<dyn Error>> {
-    let v = if daemon { c.status()? } else { c.stats()? };
+    let v = if daemon {
+        c.status()?.counters
+    } else {
+        c.stats()?
+    };
     Ok(v.into_iter().find(|(n, _)| n == name).map_or(0, |(_, v)| v))
 }
 
@@ -106,7 +110,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "engine.flush_latency_p50_us",
             "events.total",
         ] {
-            if let Some((k, v)) = status.iter().find(|(k, _)| k == key) {
+            if let Some((k, v)) = status.counters.iter().find(|(k, _)| k == key) {
                 println!("  {k} = {v}");
             }
         }

@@ -12,11 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+pub use control::{event_bit, Status, Trace, TraceRecord};
 use memshadow_proto::{
     self as proto, Request, Response, SocketError, MAX_READ, MIN_VERSION, VERSION,
 };
-pub use memshadow_proto::{AccessPath, ClientInfo, ErrorCode, Limits, MirrorInfo};
+pub use memshadow_proto::{
+    AccessPath, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits, MirrorInfo,
+};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+mod control;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -197,7 +202,20 @@ struct Inner {
 impl Inner {
     /// One lock-step exchange.
     fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Response, Error> {
-        let mut c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        self.call_with_id(req, fds).map(|(r, _)| r)
+    }
+
+    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One lock-step exchange; also returns the request id it used.
+    fn call_with_id(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Response, u64), Error> {
+        let mut c = self.lock_conn();
         c.next_id += 1;
         let id = c.next_id;
         proto::send(
@@ -217,7 +235,7 @@ impl Inner {
             if frame.header.request_id == id {
                 return match resp {
                     Response::Error { code, message } => Err(Error::from_response(code, message)),
-                    r => Ok(r),
+                    r => Ok((r, id)),
                 };
             }
             // An unsolicited error (request id 0) ends the session.
@@ -411,27 +429,6 @@ impl Client {
     /// This session's counters.
     pub fn stats(&self) -> Result<Vec<(String, u64)>, Error> {
         self.counters(Request::ClientStats)
-    }
-
-    /// The daemon's counters.
-    pub fn status(&self) -> Result<Vec<(String, u64)>, Error> {
-        self.counters(Request::Status)
-    }
-
-    /// Every connected client (root or the daemon's owner only).
-    pub fn list_clients(&self) -> Result<Vec<ClientInfo>, Error> {
-        match self.inner.call(&Request::ListClients, &[])? {
-            Response::Clients { clients } => Ok(clients),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    /// This session's mirrors.
-    pub fn list_mirrors(&self) -> Result<Vec<MirrorInfo>, Error> {
-        match self.inner.call(&Request::ListMirrors, &[])? {
-            Response::Mirrors { mirrors } => Ok(mirrors),
-            r => Err(unexpected(r)),
-        }
     }
 }
 

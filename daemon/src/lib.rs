@@ -7,5 +7,6 @@ pub mod notifier;
 pub mod server;
 pub mod source;
 pub mod sys;
+pub mod trace;
 pub mod watched;
 pub mod workers;

@@ -109,6 +109,41 @@ pub struct Attached {
     pub holes: bool,
     /// Pages currently in the shadow.
     pub pages: u64,
+    /// The device notifier's sequence (0 once it is gone).
+    pub seq: u64,
+    /// The device notifier's state (`active`, `pending-insert`, …; `gone` without one).
+    pub notifier: &'static str,
+}
+
+impl Attached {
+    /// The notifier's state and what is left of the range, in a few words.
+    pub fn state(&self) -> String {
+        let mut s = self.notifier.to_owned();
+        if self.dev.is_some()
+            && (self.live_start > self.addr || self.live_end < self.addr + self.len)
+        {
+            s.push_str(", shrunk");
+        }
+        if self.holes {
+            s.push_str(", holes");
+        }
+        s
+    }
+}
+
+/// What [`Watched::inject`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Injected {
+    /// The page-aligned range invalidated.
+    pub range: Range,
+    /// The notifier core's account.
+    pub summary: crate::notifier::Summary,
+    /// Refused with `EAGAIN`.
+    pub would_block: bool,
+    /// Flush jobs queued on the engines meanwhile (device-wide).
+    pub flushes_queued: u64,
+    /// Flushes the engines coalesced meanwhile (device-wide).
+    pub flushes_coalesced: u64,
 }
 
 #[derive(Debug, Default)]
@@ -270,6 +305,8 @@ impl Watched {
                 live_end: end,
                 holes: false,
                 pages: 0,
+                seq: 0,
+                notifier: "pending-insert",
             },
         );
         Ok(id)
@@ -336,14 +373,72 @@ impl Watched {
         lock(&self.table)
             .by_id
             .values()
-            .map(|m| Attached {
-                pages: m
-                    .dev
-                    .and_then(|d| dev.iter().find(|i| i.id == d))
-                    .map_or(0, |i| i.pages),
-                ..*m
+            .map(|m| {
+                let d = m.dev.and_then(|d| dev.iter().find(|i| i.id == d));
+                Attached {
+                    pages: d.map_or(0, |i| i.pages),
+                    seq: d.map_or(0, |i| i.seq),
+                    notifier: d.map_or("gone", |i| i.state),
+                    ..*m
+                }
             })
             .collect()
+    }
+
+    /// The attached range that contains `addr`, if any.
+    pub fn find(&self, addr: u64) -> Option<Attached> {
+        lock(&self.table)
+            .by_id
+            .values()
+            .find(|m| m.dev.is_some() && (m.live_start..m.live_end).contains(&addr))
+            .copied()
+    }
+
+    /// Invalidates `start..start+len` (rounded out to pages) of the client's shadow as if
+    /// its address space had changed with `event`: the same two-pass path as a uffd event,
+    /// under the access lock (G1). Nothing is retired, so the pages fault in again on the
+    /// next device read. A non-blockable invalidation that must wait is refused (`EAGAIN`)
+    /// after finishing what it started (rule 7).
+    pub fn inject(
+        &self,
+        start: u64,
+        len: u64,
+        event: Event,
+        blockable: bool,
+    ) -> Result<Injected, WatchError> {
+        let page = PAGE_SIZE as u64;
+        let bad = |why| WatchError::BadRange {
+            addr: start,
+            len,
+            why,
+        };
+        let end = start
+            .checked_add(len)
+            .and_then(|e| e.checked_next_multiple_of(page))
+            .ok_or(bad("overflows"))?;
+        let range = Range::from_bounds(start - start % page, end).map_err(|_| bad("is empty"))?;
+        let mut args = InvalidateArgs::new(range, event);
+        if !blockable {
+            args = args.non_blockable();
+        }
+        let c = self.device.device_counters();
+        let before = (
+            c.flushes_queued.load(Relaxed),
+            c.flushes_coalesced.load(Relaxed),
+        );
+        let begun = self.device.lock_access().begin_invalidate(args);
+        let (summary, would_block) = match begun {
+            Ok(inv) => (inv.finish(), false),
+            Err(InvalidateError::WouldBlock(summary)) => (summary, true),
+            Err(_) => return Err(WatchError::Released),
+        };
+        Ok(Injected {
+            range,
+            summary,
+            would_block,
+            flushes_queued: c.flushes_queued.load(Relaxed).wrapping_sub(before.0),
+            flushes_coalesced: c.flushes_coalesced.load(Relaxed).wrapping_sub(before.1),
+        })
     }
 
     /// Number of attached ranges.

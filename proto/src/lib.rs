@@ -15,7 +15,8 @@ pub use header::{
     Header, HeaderError, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD, MIN_VERSION, VERSION,
 };
 pub use message::{
-    AccessPath, ClientInfo, DecodeError, ErrorCode, Limits, MirrorInfo, Request, Response,
-    MAX_LIST, MAX_NAME, MAX_READ,
+    AccessPath, ClientInfo, DecodeError, ErrorCode, EventKind, InvalidationReport, Limits,
+    MirrorInfo, Request, Response, INVALIDATE_NON_BLOCKING, MAX_LIST, MAX_NAME, MAX_READ,
+    MAX_VALUE,
 };
 pub use socket::{recv, send, Frame, SocketError};

@@ -13,6 +13,10 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_READ: usize = 60 * 1024;
 /// Most entries of a list response (counters, clients, mirrors).
 pub const MAX_LIST: usize = 1024;
+/// Longest value of a status line (a socket path fits).
+pub const MAX_VALUE: usize = 256;
+/// `Invalidate` flag: the invalidation may not block (a refusal is reported as `EAGAIN`).
+pub const INVALIDATE_NON_BLOCKING: u8 = 1;
 
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,10 +119,16 @@ pub struct ClientInfo {
     pub shadow_bytes: u64,
     /// uffd events handled.
     pub events: u64,
+    /// The peer's command name (`/proc/PID/comm`), empty if unknown.
+    pub comm: String,
+    /// Device faults.
+    pub faults: u64,
+    /// Invalidations of its shadow (any kind).
+    pub invalidations: u64,
 }
 
 /// One attached range, as `ListMirrors` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorInfo {
     /// Mirror id.
     pub id: u64,
@@ -128,6 +138,149 @@ pub struct MirrorInfo {
     pub len: u64,
     /// Pages currently mirrored in the shadow.
     pub pages: u64,
+    /// Pid of the client that attached it.
+    pub pid: i32,
+    /// The notifier's sequence (odd; advances with every invalidation that hits it).
+    pub seq: u64,
+    /// The notifier's state and what is left of the range (e.g. `active`, `active, 1 hole`,
+    /// `pending-remove`, `gone`).
+    pub state: String,
+}
+
+/// An invalidation kind on the wire (the notifier core's events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// `munmap`, the source of an `mremap`, an `mmap` over the range.
+    Unmap,
+    /// `madvise(DONTNEED/FREE/REMOVE)`.
+    Clear,
+    /// `mprotect` of a whole VMA.
+    ProtectionVma,
+    /// Protection of individual pages.
+    ProtectionPage,
+    /// Written pages found by dirty tracking.
+    SoftDirty,
+    /// The client is gone.
+    Release,
+}
+
+impl EventKind {
+    /// Every kind, in wire-code order (code = index + 1).
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Unmap,
+        EventKind::Clear,
+        EventKind::ProtectionVma,
+        EventKind::ProtectionPage,
+        EventKind::SoftDirty,
+        EventKind::Release,
+    ];
+
+    /// The wire value (1..=6).
+    pub fn code(self) -> u8 {
+        EventKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    /// From the wire value.
+    pub fn from_code(c: u8) -> Option<EventKind> {
+        EventKind::ALL.get(usize::from(c).checked_sub(1)?).copied()
+    }
+
+    /// The name used by the CLI, logs and counters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Unmap => "unmap",
+            EventKind::Clear => "clear",
+            EventKind::ProtectionVma => "protection-vma",
+            EventKind::ProtectionPage => "protection-page",
+            EventKind::SoftDirty => "soft-dirty",
+            EventKind::Release => "release",
+        }
+    }
+
+    /// Parses a name of [`EventKind::as_str`].
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<EventKind, CodecError> {
+        let c = r.u8("event")?;
+        EventKind::from_code(c).ok_or(CodecError::BadValue {
+            field: "event",
+            value: c.into(),
+        })
+    }
+}
+
+/// What one invalidation did: the answer to `Invalidate` and the body of a trace record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidationReport {
+    /// Pid of the client whose shadow was invalidated.
+    pub pid: i32,
+    /// The kind.
+    pub event: EventKind,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Notifiers whose callback ran.
+    pub notifiers: u32,
+    /// A non-blockable invalidation was refused (`EAGAIN`); what had started was finished.
+    pub would_block: bool,
+    /// Time of the start pass (tree walk, PTE zaps, flushes queued), in ns.
+    pub start_ns: u64,
+    /// Time of the finish pass (fence waits, shadow unmapped), in ns.
+    pub finish_ns: u64,
+    /// TLB flushes queued on the engines while it ran (device-wide).
+    pub flushes_queued: u64,
+    /// Queued flushes the engines coalesced while it ran (device-wide).
+    pub flushes_coalesced: u64,
+}
+
+impl InvalidationReport {
+    #[cfg(test)]
+    const WIRE_LEN: usize = 4 + 1 + 8 + 8 + 4 + 1 + 8 * 4;
+
+    fn encode(&self, w: &mut Writer) {
+        w.i32(self.pid)
+            .u8(self.event.code())
+            .u64(self.start)
+            .u64(self.end)
+            .u32(self.notifiers)
+            .u8(self.would_block.into())
+            .u64(self.start_ns)
+            .u64(self.finish_ns)
+            .u64(self.flushes_queued)
+            .u64(self.flushes_coalesced);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<InvalidationReport, CodecError> {
+        Ok(InvalidationReport {
+            pid: r.i32("pid")?,
+            event: EventKind::decode(r)?,
+            start: r.u64("start")?,
+            end: r.u64("end")?,
+            notifiers: r.u32("notifiers")?,
+            would_block: bool_field(r, "would_block")?,
+            start_ns: r.u64("start_ns")?,
+            finish_ns: r.u64("finish_ns")?,
+            flushes_queued: r.u64("flushes_queued")?,
+            flushes_coalesced: r.u64("flushes_coalesced")?,
+        })
+    }
+}
+
+fn bool_field(r: &mut Reader<'_>, field: &'static str) -> Result<bool, CodecError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        value => Err(CodecError::BadValue {
+            field,
+            value: value.into(),
+        }),
+    }
 }
 
 /// A request, client → daemon.
@@ -182,12 +335,48 @@ pub enum Request {
     },
     /// This session's counters.
     ClientStats,
-    /// The daemon's counters.
+    /// The daemon's settings and counters.
     Status,
     /// Every connected client (root or the daemon's owner only).
     ListClients,
-    /// This session's mirrors.
-    ListMirrors,
+    /// Mirrors of this session (`pid` 0), of the client with that pid, or of every client
+    /// (`pid` -1); another client's only for root or the daemon's owner (G7).
+    ListMirrors {
+        /// Whose.
+        pid: i32,
+    },
+    /// A device read of another client's shadow at a client address (root or owner only).
+    Peek {
+        /// The client.
+        pid: i32,
+        /// First byte (client virtual address).
+        addr: u64,
+        /// Bytes, at most [`MAX_READ`].
+        len: u32,
+    },
+    /// Injects an invalidation of a client's range, as if its address space had changed
+    /// (root, the daemon's owner, or the client itself).
+    Invalidate {
+        /// The client.
+        pid: i32,
+        /// First byte.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The kind to report.
+        event: EventKind,
+        /// [`INVALIDATE_NON_BLOCKING`] or 0.
+        flags: u8,
+    },
+    /// Subscribes this session to a live stream of invalidations: answered by `TraceStarted`,
+    /// then one `TraceEvent` per invalidation, all with `FLAG_MORE` and this request's id,
+    /// until the session closes. Other clients' events only for root or the daemon's owner.
+    Trace {
+        /// Only this client's (0: every client the caller may see).
+        pid: i32,
+        /// Bit `code - 1` set for each [`EventKind`] wanted; 0 means all.
+        events: u32,
+    },
 }
 
 /// A response, daemon → client.
@@ -228,7 +417,7 @@ pub enum Response {
         /// Pages now mirrored in the range.
         pages: u64,
     },
-    /// Answer to `ClientStats` and `Status`: named counters.
+    /// Answer to `ClientStats`: named counters.
     Counters {
         /// Name → value.
         entries: Vec<(String, u64)>,
@@ -242,6 +431,27 @@ pub enum Response {
     Mirrors {
         /// The mirrors.
         mirrors: Vec<MirrorInfo>,
+    },
+    /// Answer to `Status`: settings as text and every counter.
+    StatusReport {
+        /// Name → value (`daemon.version`, `socket`, `device.mode`, …).
+        info: Vec<(String, String)>,
+        /// Name → value.
+        counters: Vec<(String, u64)>,
+    },
+    /// Answer to `Invalidate`.
+    Invalidated {
+        /// What it did.
+        report: InvalidationReport,
+    },
+    /// First answer to `Trace`: the stream is open.
+    TraceStarted,
+    /// One invalidation seen by a `Trace` subscriber.
+    TraceEvent {
+        /// Records this subscriber lost (it read too slowly) since the previous one.
+        dropped: u64,
+        /// What happened.
+        report: InvalidationReport,
     },
     /// A refused request.
     Error {
@@ -349,6 +559,9 @@ mod ty {
     pub const STATUS: u16 = 0x0008;
     pub const LIST_CLIENTS: u16 = 0x0009;
     pub const LIST_MIRRORS: u16 = 0x000a;
+    pub const PEEK: u16 = 0x0010;
+    pub const INVALIDATE: u16 = 0x0011;
+    pub const TRACE: u16 = 0x0012;
     pub const RESPONSE: u16 = 0x8000;
     pub const HELLO_ACK: u16 = 0x8001;
     pub const BOUND: u16 = 0x8002;
@@ -359,6 +572,10 @@ mod ty {
     pub const COUNTERS: u16 = 0x8007;
     pub const CLIENTS: u16 = 0x8008;
     pub const MIRRORS: u16 = 0x8009;
+    pub const STATUS_REPORT: u16 = 0x8010;
+    pub const INVALIDATED: u16 = 0x8011;
+    pub const TRACE_STARTED: u16 = 0x8012;
+    pub const TRACE_EVENT: u16 = 0x8013;
     pub const ERROR: u16 = 0x80ff;
 }
 
@@ -396,7 +613,10 @@ impl Request {
             Request::ClientStats => ty::CLIENT_STATS,
             Request::Status => ty::STATUS,
             Request::ListClients => ty::LIST_CLIENTS,
-            Request::ListMirrors => ty::LIST_MIRRORS,
+            Request::ListMirrors { .. } => ty::LIST_MIRRORS,
+            Request::Peek { .. } => ty::PEEK,
+            Request::Invalidate { .. } => ty::INVALIDATE,
+            Request::Trace { .. } => ty::TRACE,
         }
     }
 
@@ -412,7 +632,10 @@ impl Request {
             Request::ClientStats => "client-stats",
             Request::Status => "status",
             Request::ListClients => "list-clients",
-            Request::ListMirrors => "list-mirrors",
+            Request::ListMirrors { .. } => "list-mirrors",
+            Request::Peek { .. } => "peek",
+            Request::Invalidate { .. } => "invalidate",
+            Request::Trace { .. } => "trace",
         }
     }
 
@@ -450,10 +673,25 @@ impl Request {
             } => {
                 w.u64(*mirror_id).u64(*offset).u64(*len);
             }
-            Request::ClientStats
-            | Request::Status
-            | Request::ListClients
-            | Request::ListMirrors => {}
+            Request::ListMirrors { pid } => {
+                w.i32(*pid);
+            }
+            Request::Peek { pid, addr, len } => {
+                w.i32(*pid).u64(*addr).u32(*len);
+            }
+            Request::Invalidate {
+                pid,
+                addr,
+                len,
+                event,
+                flags,
+            } => {
+                w.i32(*pid).u64(*addr).u64(*len).u8(event.code()).u8(*flags);
+            }
+            Request::Trace { pid, events } => {
+                w.i32(*pid).u32(*events);
+            }
+            Request::ClientStats | Request::Status | Request::ListClients => {}
         }
         w.into_bytes()
     }
@@ -504,7 +742,23 @@ impl Request {
                 ty::CLIENT_STATS => Request::ClientStats,
                 ty::STATUS => Request::Status,
                 ty::LIST_CLIENTS => Request::ListClients,
-                ty::LIST_MIRRORS => Request::ListMirrors,
+                ty::LIST_MIRRORS => Request::ListMirrors { pid: r.i32("pid")? },
+                ty::PEEK => Request::Peek {
+                    pid: r.i32("pid")?,
+                    addr: r.u64("addr")?,
+                    len: r.u32("len")?,
+                },
+                ty::INVALIDATE => Request::Invalidate {
+                    pid: r.i32("pid")?,
+                    addr: r.u64("addr")?,
+                    len: r.u64("len")?,
+                    event: EventKind::decode(&mut r)?,
+                    flags: r.u8("flags")?,
+                },
+                ty::TRACE => Request::Trace {
+                    pid: r.i32("pid")?,
+                    events: r.u32("events")?,
+                },
                 other => {
                     return Err(CodecError::BadValue {
                         field: "msg_type",
@@ -524,9 +778,18 @@ impl Request {
     }
 }
 
+impl Request {
+    fn known(msg_type: u16) -> bool {
+        matches!(msg_type, ty::HELLO..=ty::LIST_MIRRORS | ty::PEEK..=ty::TRACE)
+    }
+}
+
 impl Response {
     fn known(msg_type: u16) -> bool {
-        matches!(msg_type, ty::HELLO_ACK..=ty::MIRRORS | ty::ERROR)
+        matches!(
+            msg_type,
+            ty::HELLO_ACK..=ty::MIRRORS | ty::STATUS_REPORT..=ty::TRACE_EVENT | ty::ERROR
+        )
     }
 
     /// The wire type.
@@ -541,6 +804,10 @@ impl Response {
             Response::Counters { .. } => ty::COUNTERS,
             Response::Clients { .. } => ty::CLIENTS,
             Response::Mirrors { .. } => ty::MIRRORS,
+            Response::StatusReport { .. } => ty::STATUS_REPORT,
+            Response::Invalidated { .. } => ty::INVALIDATED,
+            Response::TraceStarted => ty::TRACE_STARTED,
+            Response::TraceEvent { .. } => ty::TRACE_EVENT,
             Response::Error { .. } => ty::ERROR,
         }
     }
@@ -607,15 +874,42 @@ impl Response {
                         .u8(c.bound.into())
                         .u32(c.mirrors)
                         .u64(c.shadow_bytes)
-                        .u64(c.events);
+                        .u64(c.events)
+                        .str(&c.comm, MAX_NAME)
+                        .u64(c.faults)
+                        .u64(c.invalidations);
                 }
             }
             Response::Mirrors { mirrors } => {
                 let n = mirrors.len().min(MAX_LIST);
                 w.u32(n as u32);
                 for m in &mirrors[..n] {
-                    w.u64(m.id).u64(m.addr).u64(m.len).u64(m.pages);
+                    w.u64(m.id)
+                        .u64(m.addr)
+                        .u64(m.len)
+                        .u64(m.pages)
+                        .i32(m.pid)
+                        .u64(m.seq)
+                        .str(&m.state, MAX_NAME);
                 }
+            }
+            Response::StatusReport { info, counters } => {
+                let n = info.len().min(MAX_LIST);
+                w.u32(n as u32);
+                for (name, value) in &info[..n] {
+                    w.str(name, MAX_NAME).str(value, MAX_VALUE);
+                }
+                let n = counters.len().min(MAX_LIST);
+                w.u32(n as u32);
+                for (name, value) in &counters[..n] {
+                    w.str(name, MAX_NAME).u64(*value);
+                }
+            }
+            Response::Invalidated { report } => report.encode(&mut w),
+            Response::TraceStarted => {}
+            Response::TraceEvent { dropped, report } => {
+                w.u64(*dropped);
+                report.encode(&mut w);
             }
             Response::Error { code, message } => {
                 w.u16(code.code()).str(message, 1024);
@@ -629,13 +923,11 @@ impl Response {
     /// Decodes a response of type `msg_type` that arrived with `fds` file descriptors.
     pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Response, DecodeError> {
         if !Response::known(msg_type) {
-            return Err(
-                if msg_type & ty::RESPONSE == 0 && msg_type <= ty::LIST_MIRRORS && msg_type != 0 {
-                    DecodeError::WrongDirection(msg_type)
-                } else {
-                    DecodeError::UnknownType(msg_type)
-                },
-            );
+            return Err(if Request::known(msg_type) {
+                DecodeError::WrongDirection(msg_type)
+            } else {
+                DecodeError::UnknownType(msg_type)
+            });
         }
         check_fds(msg_type, fds, 0..=0, "none")?;
         let mut r = Reader::new(payload);
@@ -678,32 +970,26 @@ impl Response {
                     Response::Counters { entries }
                 }
                 ty::CLIENTS => {
-                    let n = r.count("clients", MAX_LIST, 37)?;
+                    let n = r.count("clients", MAX_LIST, 37 + 2 + 16)?;
                     let mut clients = Vec::with_capacity(n);
                     for _ in 0..n {
                         clients.push(ClientInfo {
                             id: r.u64("id")?,
                             pid: r.i32("pid")?,
                             uid: r.u32("uid")?,
-                            bound: match r.u8("bound")? {
-                                0 => false,
-                                1 => true,
-                                value => {
-                                    return Err(CodecError::BadValue {
-                                        field: "bound",
-                                        value: value.into(),
-                                    })
-                                }
-                            },
+                            bound: bool_field(&mut r, "bound")?,
                             mirrors: r.u32("mirrors")?,
                             shadow_bytes: r.u64("shadow_bytes")?,
                             events: r.u64("events")?,
+                            comm: r.str("comm", MAX_NAME)?,
+                            faults: r.u64("faults")?,
+                            invalidations: r.u64("invalidations")?,
                         });
                     }
                     Response::Clients { clients }
                 }
                 ty::MIRRORS => {
-                    let n = r.count("mirrors", MAX_LIST, 32)?;
+                    let n = r.count("mirrors", MAX_LIST, 32 + 4 + 8 + 2)?;
                     let mut mirrors = Vec::with_capacity(n);
                     for _ in 0..n {
                         mirrors.push(MirrorInfo {
@@ -711,10 +997,34 @@ impl Response {
                             addr: r.u64("addr")?,
                             len: r.u64("len")?,
                             pages: r.u64("pages")?,
+                            pid: r.i32("pid")?,
+                            seq: r.u64("seq")?,
+                            state: r.str("state", MAX_NAME)?,
                         });
                     }
                     Response::Mirrors { mirrors }
                 }
+                ty::STATUS_REPORT => {
+                    let n = r.count("info", MAX_LIST, 2 + 2)?;
+                    let mut info = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        info.push((r.str("name", MAX_NAME)?, r.str("value", MAX_VALUE)?));
+                    }
+                    let n = r.count("counters", MAX_LIST, 2 + 8)?;
+                    let mut counters = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        counters.push((r.str("name", MAX_NAME)?, r.u64("value")?));
+                    }
+                    Response::StatusReport { info, counters }
+                }
+                ty::INVALIDATED => Response::Invalidated {
+                    report: InvalidationReport::decode(&mut r)?,
+                },
+                ty::TRACE_STARTED => Response::TraceStarted,
+                ty::TRACE_EVENT => Response::TraceEvent {
+                    dropped: r.u64("dropped")?,
+                    report: InvalidationReport::decode(&mut r)?,
+                },
                 _ => Response::Error {
                     code: ErrorCode::from_code(r.u16("code")?),
                     message: r.str("message", 1024)?,
@@ -772,8 +1082,65 @@ mod tests {
             (Request::ClientStats, 0),
             (Request::Status, 0),
             (Request::ListClients, 0),
-            (Request::ListMirrors, 0),
+            (Request::ListMirrors { pid: 0 }, 0),
+            (Request::ListMirrors { pid: -1 }, 0),
+            (
+                Request::Peek {
+                    pid: 77,
+                    addr: 0x7000,
+                    len: 16,
+                },
+                0,
+            ),
+            (
+                Request::Invalidate {
+                    pid: 77,
+                    addr: 0x7000,
+                    len: 4096,
+                    event: EventKind::SoftDirty,
+                    flags: INVALIDATE_NON_BLOCKING,
+                },
+                0,
+            ),
+            (
+                Request::Trace {
+                    pid: 0,
+                    events: 0b11,
+                },
+                0,
+            ),
         ]
+    }
+
+    fn report() -> InvalidationReport {
+        InvalidationReport {
+            pid: 42,
+            event: EventKind::Clear,
+            start: 0x1000,
+            end: 0x3000,
+            notifiers: 1,
+            would_block: true,
+            start_ns: 1500,
+            finish_ns: 52_000,
+            flushes_queued: 2,
+            flushes_coalesced: 1,
+        }
+    }
+
+    #[test]
+    fn invalidation_report_has_a_fixed_size() {
+        let payload = Response::Invalidated { report: report() }.encode_payload();
+        assert_eq!(payload.len(), InvalidationReport::WIRE_LEN);
+    }
+
+    #[test]
+    fn event_kinds_round_trip() {
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_code(k.code()), Some(k));
+            assert_eq!(EventKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(EventKind::from_code(0), None);
+        assert_eq!(EventKind::from_code(7), None);
     }
 
     fn responses() -> Vec<Response> {
@@ -814,6 +1181,9 @@ mod tests {
                     mirrors: 2,
                     shadow_bytes: 8192,
                     events: 7,
+                    comm: "demo".into(),
+                    faults: 3,
+                    invalidations: 2,
                 }],
             },
             Response::Mirrors {
@@ -822,7 +1192,20 @@ mod tests {
                     addr: 0x1000,
                     len: 0x2000,
                     pages: 1,
+                    pid: 42,
+                    seq: 5,
+                    state: "active, 1 hole".into(),
                 }],
+            },
+            Response::StatusReport {
+                info: vec![("socket".into(), "/run/memshadow/memshadowd.sock".into())],
+                counters: vec![("server.clients".into(), 3)],
+            },
+            Response::Invalidated { report: report() },
+            Response::TraceStarted,
+            Response::TraceEvent {
+                dropped: 2,
+                report: report(),
             },
             Response::error(ErrorCode::QuotaExceeded, "shadow quota of 1 GiB reached"),
             Response::error(ErrorCode::Other(999), "from the future"),
@@ -900,7 +1283,7 @@ mod tests {
 
         /// Arbitrary bytes of any type never panic, and what decodes re-encodes to itself.
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..16, 0x8000u16..0x8010, Just(0x80ffu16), any::<u16>()],
+        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..0x14, 0x8000u16..0x8014, Just(0x80ffu16), any::<u16>()],
                                                  payload in proptest::collection::vec(any::<u8>(), 0..256),
                                                  fds in 0usize..5) {
             if let Ok(req) = Request::decode(msg_type, &payload, fds) {
@@ -913,7 +1296,7 @@ mod tests {
 
         /// Mutating one byte of a valid message never panics.
         #[test]
-        fn mutated_messages_never_panic(i in 0usize..11, pos in any::<usize>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(i in 0usize..15, pos in any::<usize>(), byte in any::<u8>()) {
             let resp = &responses()[i];
             let mut payload = resp.encode_payload();
             if !payload.is_empty() {

@@ -13,11 +13,12 @@ use super::pagetable::{MirrorIdx, PageTable, Pte};
 use super::shadow::SlotRef;
 use super::{DeviceError, DeviceShared, InvalidationMode};
 use crate::notifier::{
-    Callbacks, InvalidateArgs, InvalidateError, Invalidation, NotifierHandle, Range, Subscription,
-    Summary,
+    Callbacks, InvalidateArgs, InvalidateError, Invalidation, NotifierHandle, Observer, Range,
+    Subscription, Summary,
 };
 use crate::source::MemorySource;
 use crate::sys::{IOV_MAX, PAGE_SIZE};
+use crate::trace::TraceRecord;
 
 /// Most pages one fault copies with one batch of system calls.
 const FAULT_BATCH: usize = IOV_MAX;
@@ -141,6 +142,7 @@ pub struct DeviceClient {
     dev: Arc<DeviceShared>,
     core: Arc<ClientCore>,
     sub: Subscription,
+    trace_tag: Arc<AtomicU64>,
     /// G1: event readers hold it while they read a client's events and run their start
     /// passes; device reads hold it while they queue their jobs.
     access: Mutex<()>,
@@ -213,6 +215,46 @@ impl AccessGuard<'_> {
     }
 }
 
+/// Publishes every invalidation of one client on the device's trace bus (only while
+/// someone listens).
+struct Tracer {
+    tag: Arc<AtomicU64>,
+    dev: Arc<DeviceShared>,
+}
+
+impl Observer for Tracer {
+    fn began(&self, _args: &InvalidateArgs) -> Option<[u64; 2]> {
+        let c = &self.dev.counters;
+        self.dev.trace.active().then(|| {
+            [
+                c.flushes_queued.load(Ordering::Relaxed),
+                c.flushes_coalesced.load(Ordering::Relaxed),
+            ]
+        })
+    }
+
+    fn ended(&self, args: &InvalidateArgs, summary: &Summary, mark: [u64; 2]) {
+        let c = &self.dev.counters;
+        self.dev.trace.publish(TraceRecord {
+            tag: self.tag.load(Ordering::Relaxed),
+            event: args.event,
+            range: args.range,
+            notifiers: summary.hits,
+            would_block: summary.refused,
+            start: summary.start_time,
+            finish: summary.finish_time,
+            flushes_queued: c
+                .flushes_queued
+                .load(Ordering::Relaxed)
+                .wrapping_sub(mark[0]),
+            flushes_coalesced: c
+                .flushes_coalesced
+                .load(Ordering::Relaxed)
+                .wrapping_sub(mark[1]),
+        });
+    }
+}
+
 /// True if the union of `parts` covers `whole`.
 fn covers(parts: &[Range], whole: &Range) -> bool {
     let mut sorted: Vec<Range> = parts.to_vec();
@@ -237,6 +279,12 @@ impl DeviceClient {
         source: Arc<dyn MemorySource>,
         quota_bytes: u64,
     ) -> Self {
+        let sub = Subscription::new();
+        let trace_tag = Arc::new(AtomicU64::new(0));
+        sub.set_observer(Arc::new(Tracer {
+            tag: Arc::clone(&trace_tag),
+            dev: Arc::clone(&dev),
+        }));
         DeviceClient {
             core: Arc::new(ClientCore {
                 id,
@@ -247,7 +295,8 @@ impl DeviceClient {
                 counters: ClientCounters::default(),
             }),
             dev,
-            sub: Subscription::new(),
+            sub,
+            trace_tag,
             access: Mutex::new(()),
             mirrors: Mutex::new(Mirrors::default()),
         }
@@ -261,6 +310,16 @@ impl DeviceClient {
     /// Per-client counters.
     pub fn counters(&self) -> &ClientCounters {
         &self.core.counters
+    }
+
+    /// The device-wide counters.
+    pub fn device_counters(&self) -> &super::DeviceCounters {
+        &self.dev.counters
+    }
+
+    /// Sets the tag its trace records carry (the server uses the client's pid).
+    pub fn set_trace_tag(&self, tag: u64) {
+        self.trace_tag.store(tag, Ordering::Relaxed);
     }
 
     /// The client's notifier set.

@@ -23,6 +23,7 @@ pub use shadow::{Shadow, ShadowError, SlotRef, MAX_CAPACITY};
 
 use crate::notifier::{InvalidateError, NotifierError, RangeError};
 use crate::source::{MemorySource, SourceError};
+use crate::trace::TraceHub;
 
 /// How shadow notifiers invalidate (DESIGN.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +162,7 @@ pub(crate) struct DeviceShared {
     pub(crate) counters: Arc<DeviceCounters>,
     pub(crate) mode: InvalidationMode,
     pub(crate) batch_threshold: usize,
+    pub(crate) trace: Arc<TraceHub>,
     rr: AtomicUsize,
 }
 
@@ -242,6 +244,7 @@ impl Device {
                 counters,
                 mode: cfg.mode,
                 batch_threshold: cfg.batch_threshold,
+                trace: Arc::new(TraceHub::default()),
                 rr: AtomicUsize::new(0),
             }),
             next_client: AtomicU64::new(1),
@@ -252,6 +255,11 @@ impl Device {
     pub fn client(&self, source: Arc<dyn MemorySource>, quota_bytes: u64) -> DeviceClient {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
         DeviceClient::new(Arc::clone(&self.shared), id, source, quota_bytes)
+    }
+
+    /// The bus every client's invalidations are traced on.
+    pub fn trace(&self) -> &Arc<TraceHub> {
+        &self.shared.trace
     }
 
     /// The invalidation mode.

@@ -26,7 +26,7 @@ pub use callbacks::{
 };
 pub use range::{Range, RangeError};
 pub use subscription::{
-    InvalidateError, Invalidation, NotifierError, NotifierHandle, Subscription, Summary,
+    InvalidateError, Invalidation, NotifierError, NotifierHandle, Observer, Subscription, Summary,
 };
 
 #[cfg(test)]

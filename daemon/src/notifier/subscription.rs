@@ -10,7 +10,7 @@
 use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::callbacks::{Callbacks, Event, Invalidate, InvalidateArgs, Kind};
@@ -115,6 +115,19 @@ struct Inner {
     state: Mutex<State>,
     cond: Condvar,
     next_id: AtomicU64,
+    observer: OnceLock<Arc<dyn Observer>>,
+}
+
+/// Sees the invalidations of a subscription begin and end, like the kernel's
+/// `mmu_notifier` tracepoints: for tracing and statistics, never for coherence. Both calls
+/// run outside the subscription's lock, on the invalidating thread (`ended` on the thread
+/// that runs the finish pass), and must not block.
+pub trait Observer: Send + Sync {
+    /// An invalidation is beginning. Returning `None` skips `ended` for it; a mark is handed
+    /// back to `ended` (e.g. counter values to take a difference from).
+    fn began(&self, args: &InvalidateArgs) -> Option<[u64; 2]>;
+    /// It ended (finished, or refused with `EAGAIN` after finishing what started).
+    fn ended(&self, args: &InvalidateArgs, summary: &Summary, mark: [u64; 2]);
 }
 
 thread_local! {
@@ -242,6 +255,7 @@ impl Subscription {
                     pool: Vec::new(),
                 }),
                 cond: Condvar::new(),
+                observer: OnceLock::new(),
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -302,6 +316,12 @@ impl Subscription {
         self.begin(args, false)
     }
 
+    /// Installs the subscription's observer; only the first one sticks (returns false
+    /// if one was already set).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
     fn begin(&self, args: InvalidateArgs, release: bool) -> Result<Invalidation, InvalidateError> {
         let t0 = Instant::now();
         let (tree, pending, mut seq) = {
@@ -323,12 +343,15 @@ impl Subscription {
             event = args.event.as_str(),
             seq = tracing::field::Empty,
         );
+        let mark = self.inner.observer.get().and_then(|o| o.began(&args));
         let mut inv = Invalidation {
             inner: Arc::clone(&self.inner),
             pending,
             summary: Summary::default(),
             span,
             ended: false,
+            args,
+            mark,
         };
         let refused = {
             let _enter = inv.span.enter();
@@ -482,6 +505,8 @@ pub struct Invalidation {
     summary: Summary,
     span: tracing::Span,
     ended: bool,
+    args: InvalidateArgs,
+    mark: Option<[u64; 2]>,
 }
 
 impl std::fmt::Debug for Invalidation {
@@ -550,6 +575,9 @@ impl Invalidation {
             finish_ns = u64::try_from(self.summary.finish_time.as_nanos()).unwrap_or(u64::MAX),
             "invalidation ended"
         );
+        if let (Some(o), Some(mark)) = (self.inner.observer.get(), self.mark) {
+            o.ended(&self.args, &self.summary, mark);
+        }
         self.summary
     }
 }

@@ -1206,3 +1206,69 @@ mod stress {
         );
     }
 }
+
+/// One `ended` call: event, range, summary, mark.
+type Ended = (Event, Range, Summary, [u64; 2]);
+
+/// Records what an observer saw.
+#[derive(Default)]
+struct Seen {
+    began: AtomicUsize,
+    ended: Mutex<Vec<Ended>>,
+    interested: AtomicBool,
+}
+
+impl Observer for Seen {
+    fn began(&self, _args: &InvalidateArgs) -> Option<[u64; 2]> {
+        let n = self.began.fetch_add(1, Ordering::SeqCst) as u64;
+        self.interested
+            .load(Ordering::SeqCst)
+            .then_some([n, n + 100])
+    }
+
+    fn ended(&self, args: &InvalidateArgs, summary: &Summary, mark: [u64; 2]) {
+        self.ended
+            .lock()
+            .unwrap()
+            .push((args.event, args.range, *summary, mark));
+    }
+}
+
+#[test]
+fn the_observer_sees_every_invalidation_end_with_its_summary() {
+    let sub = Subscription::new();
+    let seen = Arc::new(Seen::default());
+    assert!(sub.set_observer(seen.clone()));
+    assert!(!sub.set_observer(Arc::new(Seen::default())), "only one");
+    let log: Log = Log::default();
+    let _a = sub
+        .insert(r(0x1000, PAGE), two(Rec::new(1, &log, &sub)))
+        .unwrap();
+    let mut refuser = Rec::new(2, &log, &sub);
+    refuser.refuse = true;
+    let _b = sub.insert(r(0x2000, PAGE), two(refuser)).unwrap();
+    // Not interested: began is asked, ended is not called.
+    sub.invalidate(args(0x1000, PAGE)).unwrap();
+    assert_eq!(seen.began.load(Ordering::SeqCst), 1);
+    assert!(seen.ended.lock().unwrap().is_empty());
+    seen.interested.store(true, Ordering::SeqCst);
+    // A two-pass invalidation finished on another thread.
+    let inv = sub
+        .begin_invalidate(InvalidateArgs::new(r(0x1000, PAGE), Event::Clear))
+        .unwrap();
+    thread::spawn(move || inv.finish()).join().unwrap();
+    // A refusal.
+    let _ = sub.invalidate(args(0x0, 0x10_000).non_blockable());
+    // Release.
+    sub.release().unwrap();
+    let ended = seen.ended.lock().unwrap().clone();
+    assert_eq!(ended.len(), 3, "{ended:?}");
+    assert_eq!(
+        (ended[0].0, ended[0].1, ended[0].2.hits, ended[0].3),
+        (Event::Clear, r(0x1000, PAGE), 1, [1, 101])
+    );
+    assert_eq!(ended[0].2.finished, 1);
+    assert!(ended[1].2.refused && ended[1].0 == Event::Unmap);
+    assert_eq!(ended[2].0, Event::Release);
+    assert_eq!(ended[2].2.hits, 2);
+}

@@ -8,11 +8,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 
 use memshadow_proto::{
-    AccessPath, ClientInfo, ErrorCode, Limits, MirrorInfo, Request, Response, MAX_FDS, MAX_PAYLOAD,
-    MAX_READ, MIN_VERSION, VERSION,
+    AccessPath, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits, MirrorInfo, Request,
+    Response, INVALIDATE_NON_BLOCKING, MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION, VERSION,
 };
 
 use super::session::{Binding, Hello, Session};
+use super::stream::{event_of, Subscriber};
 use super::{error_chain, Core};
 use crate::config::AccessPolicy;
 use crate::device::DeviceError;
@@ -30,15 +31,28 @@ pub fn is_slow(req: &Request) -> bool {
             | Request::Detach { .. }
             | Request::Read { .. }
             | Request::Populate { .. }
+            | Request::Peek { .. }
+            | Request::Invalidate { .. }
     )
+}
+
+/// Root and the daemon's own uid may look at and act on every client (G7).
+fn privileged(core: &Core, s: &Session) -> bool {
+    s.peer.uid == 0 || s.peer.uid == core.owner
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
     Response::error(code, msg)
 }
 
-/// Answers `req` for session `s`, which sent `fds` with it.
-pub fn handle(core: &Core, s: &Arc<Session>, req: Request, fds: Vec<OwnedFd>) -> Response {
+/// Answers request `rid` of session `s`, `req`, which came with `fds`.
+pub fn handle(
+    core: &Core,
+    s: &Arc<Session>,
+    rid: u64,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Response {
     if core.stopping.load(Relaxed) {
         return err(ErrorCode::ShuttingDown, "the daemon is shutting down");
     }
@@ -59,8 +73,9 @@ pub fn handle(core: &Core, s: &Arc<Session>, req: Request, fds: Vec<OwnedFd>) ->
     match req {
         Request::Hello { .. } => err(ErrorCode::OutOfOrder, "second hello"),
         Request::Bind { flags } => bind(core, s, flags, fds),
-        Request::Status => Response::Counters {
-            entries: status(core),
+        Request::Status => Response::StatusReport {
+            info: status_info(core, s),
+            counters: status(core),
         },
         Request::ClientStats => Response::Counters {
             entries: client_stats(s),
@@ -103,20 +118,182 @@ pub fn handle(core: &Core, s: &Arc<Session>, req: Request, fds: Vec<OwnedFd>) ->
             let pages = w.populate(mirror_id, offset, len).map_err(watch_err)?;
             Ok(Response::Populated { pages })
         }),
-        Request::ListMirrors => with_bound(s, |w| {
-            let mirrors = w
-                .list()
-                .into_iter()
-                .map(|m| MirrorInfo {
-                    id: m.id,
-                    addr: m.addr,
-                    len: m.len,
-                    pages: m.pages,
-                })
-                .collect();
-            Ok(Response::Mirrors { mirrors })
+        Request::ListMirrors { pid: 0 } => with_bound(s, |w| {
+            Ok(Response::Mirrors {
+                mirrors: mirror_infos(s.peer.pid, w),
+            })
         }),
+        Request::ListMirrors { pid } => list_mirrors(core, s, pid),
+        Request::Peek { pid, addr, len } => peek(core, s, pid, addr, len),
+        Request::Invalidate {
+            pid,
+            addr,
+            len,
+            event,
+            flags,
+        } => invalidate(core, s, pid, addr, len, event, flags),
+        Request::Trace { pid, events } => trace(core, s, rid, pid, events),
     }
+}
+
+fn mirror_infos(pid: i32, w: &Watched) -> Vec<MirrorInfo> {
+    w.list()
+        .into_iter()
+        .map(|m| MirrorInfo {
+            id: m.id,
+            addr: m.addr,
+            len: m.len,
+            pages: m.pages,
+            pid,
+            seq: m.seq,
+            state: m.state(),
+        })
+        .collect()
+}
+
+/// The bound client with pid `pid`, for a request that acts on another client: refused to
+/// anyone but root, the daemon's owner, or (if `self_ok`) that client itself.
+fn target(core: &Core, s: &Session, pid: i32, self_ok: bool) -> Result<Arc<Session>, Response> {
+    let allowed = privileged(core, s) || (self_ok && pid == s.peer.pid);
+    if !allowed {
+        return Err(err(
+            ErrorCode::PermissionDenied,
+            format!("acting on pid {pid} is for root or the daemon's owner"),
+        ));
+    }
+    core.sessions()
+        .into_iter()
+        .find(|c| c.peer.pid == pid && c.watched().is_some())
+        .ok_or_else(|| {
+            err(
+                ErrorCode::NoSuchMirror,
+                format!("no bound client with pid {pid}"),
+            )
+        })
+}
+
+fn list_mirrors(core: &Core, s: &Session, pid: i32) -> Response {
+    if !privileged(core, s) && pid != s.peer.pid {
+        return err(
+            ErrorCode::PermissionDenied,
+            "listing another client's mirrors is for root or the daemon's owner",
+        );
+    }
+    let mut mirrors: Vec<MirrorInfo> = core
+        .sessions()
+        .iter()
+        .filter(|c| pid == -1 || c.peer.pid == pid)
+        .filter_map(|c| c.watched().map(|w| mirror_infos(c.peer.pid, w)))
+        .flatten()
+        .collect();
+    mirrors.sort_by_key(|m| (m.pid, m.addr));
+    Response::Mirrors { mirrors }
+}
+
+fn peek(core: &Core, s: &Session, pid: i32, addr: u64, len: u32) -> Response {
+    let c = match target(core, s, pid, false) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    with_bound(&c, |w| {
+        if len as usize > MAX_READ {
+            return Err(err(
+                ErrorCode::BadRange,
+                format!("read of {len} bytes exceeds the limit of {MAX_READ}"),
+            ));
+        }
+        let m = w.find(addr).ok_or_else(|| {
+            err(
+                ErrorCode::NotMirrored,
+                format!("{addr:#x} is not in a mirror of pid {pid}"),
+            )
+        })?;
+        let bytes = w
+            .read(m.id, addr - m.addr, len as usize)
+            .map_err(watch_err)?;
+        Ok(Response::Data { bytes })
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn invalidate(
+    core: &Core,
+    s: &Session,
+    pid: i32,
+    addr: u64,
+    len: u64,
+    event: EventKind,
+    flags: u8,
+) -> Response {
+    if flags & !INVALIDATE_NON_BLOCKING != 0 {
+        return err(
+            ErrorCode::BadMessage,
+            format!("unknown invalidate flags {flags:#x}"),
+        );
+    }
+    let c = match target(core, s, pid, true) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    with_bound(&c, |w| {
+        let blockable = flags & INVALIDATE_NON_BLOCKING == 0;
+        let done = w
+            .inject(addr, len, event_of(event), blockable)
+            .map_err(watch_err)?;
+        let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        tracing::info!(
+            pid,
+            start = done.range.start(),
+            len = done.range.len(),
+            event = event.as_str(),
+            by = s.peer.pid,
+            would_block = done.would_block,
+            "injected invalidation"
+        );
+        Ok(Response::Invalidated {
+            report: InvalidationReport {
+                pid,
+                event,
+                start: done.range.start(),
+                end: done.range.start() + done.range.len(),
+                notifiers: done.summary.hits,
+                would_block: done.would_block,
+                start_ns: nanos(done.summary.start_time),
+                finish_ns: nanos(done.summary.finish_time),
+                flushes_queued: done.flushes_queued,
+                flushes_coalesced: done.flushes_coalesced,
+            },
+        })
+    })
+}
+
+fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Response {
+    let pid = match pid {
+        0 if privileged(core, s) => None,
+        0 => Some(s.peer.pid),
+        p if p == s.peer.pid || privileged(core, s) => Some(p),
+        p => {
+            return err(
+                ErrorCode::PermissionDenied,
+                format!("tracing pid {p} is for root or the daemon's owner"),
+            )
+        }
+    };
+    if events >> EventKind::ALL.len() != 0 {
+        return err(
+            ErrorCode::BadMessage,
+            format!("unknown event bits in {events:#x}"),
+        );
+    }
+    core.streams.add(Subscriber {
+        session: Arc::downgrade(s),
+        request_id: rid,
+        pid,
+        events,
+        dropped: 0,
+    });
+    tracing::debug!(client = s.id, ?pid, events, "trace stream started");
+    Response::TraceStarted
 }
 
 fn with_bound(s: &Session, f: impl FnOnce(&Watched) -> Result<Response, Response>) -> Response {
@@ -272,6 +449,7 @@ fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Re
         }
     };
     let device = core.device.client(source, core.cfg.quotas.shadow_bytes);
+    device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
     let watched = Arc::new(Watched::new(
         uffd,
         device,
@@ -381,13 +559,67 @@ fn status(core: &Core) -> Vec<(String, u64)> {
             live_events + c.events_of_released.load(Relaxed),
         ),
         ("device.engines".into(), core.device.engine_count() as u64),
+        ("trace.streams".into(), core.streams.len() as u64),
     ];
+    v.extend(
+        core.device
+            .trace()
+            .snapshot()
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n)),
+    );
     v.extend(core.device.snapshot());
     v
 }
 
+/// Settings and identity, as text.
+fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
+    let cfg = &core.cfg;
+    let dev = &core.device;
+    let q = cfg.quotas;
+    let version = s.hello.get().map_or(VERSION, |h| h.version);
+    let pairs: Vec<(&str, String)> = vec![
+        ("daemon.version", env!("CARGO_PKG_VERSION").into()),
+        ("daemon.pid", std::process::id().to_string()),
+        ("daemon.uid", core.owner.to_string()),
+        ("protocol.version", version.to_string()),
+        ("protocol.supported", format!("{MIN_VERSION}..={VERSION}")),
+        ("socket", core.socket.display().to_string()),
+        ("device.engines", dev.engine_count().to_string()),
+        (
+            "device.flush_latency_us",
+            dev.flush_latency().as_micros().to_string(),
+        ),
+        ("device.mode", dev.mode().as_str().into()),
+        (
+            "device.shadow_mib",
+            (cfg.device.shadow_capacity >> 20).to_string(),
+        ),
+        ("access.policy", format!("{:?}", cfg.access).to_lowercase()),
+        ("dirty.tracking", cfg.dirty.tracking.as_str().into()),
+        ("dirty.policy", cfg.dirty.policy.to_string()),
+        ("quota.shadow_bytes", q.shadow_bytes.to_string()),
+        ("quota.mirrors", q.mirrors.to_string()),
+        ("quota.inflight", q.inflight.to_string()),
+        ("limit.clients_per_uid", cfg.clients_per_uid.to_string()),
+        ("limit.max_clients", cfg.max_clients.to_string()),
+    ];
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// The command name of session `c`'s process, or "" if it is gone (its pid may be reused,
+/// so the name read counts only if the pidfd says the process still lives).
+fn comm_of(c: &Session) -> String {
+    let name = std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid)).unwrap_or_default();
+    if sys::pidfd_alive(c.pidfd.as_fd()) {
+        name.trim_end().chars().take(32).collect()
+    } else {
+        String::new()
+    }
+}
+
 fn list_clients(core: &Core, s: &Session) -> Response {
-    if s.peer.uid != 0 && s.peer.uid != core.owner {
+    if !privileged(core, s) {
         return err(
             ErrorCode::PermissionDenied,
             "listing clients is for root or the daemon's owner",
@@ -408,6 +640,9 @@ fn list_clients(core: &Core, s: &Session) -> Response {
                     w.device().counters().pages.load(Relaxed) * PAGE_SIZE as u64
                 }),
                 events: w.map_or(0, |w| w.counters().total()),
+                comm: comm_of(c),
+                faults: w.map_or(0, |w| w.device().counters().faults.load(Relaxed)),
+                invalidations: w.map_or(0, |w| w.device().counters().invalidations.load(Relaxed)),
             }
         })
         .collect();

@@ -9,6 +9,7 @@
 pub mod handler;
 pub mod listen;
 pub mod session;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -95,6 +96,8 @@ pub struct Core {
     wake: Arc<EventFd>,
     next_id: AtomicU64,
     owner: u32,
+    socket: PathBuf,
+    streams: Arc<stream::Streams>,
     started: Instant,
     stopping: AtomicBool,
     stop_requested: AtomicBool,
@@ -158,8 +161,13 @@ impl Core {
         }
         let payload = resp.encode_payload();
         let deadline = Instant::now() + self.cfg.send_timeout;
+        // A stream's first answer says more follow.
+        let flags = match resp {
+            Response::TraceStarted => proto::FLAG_MORE,
+            _ => 0,
+        };
         loop {
-            match proto::send(s.sock(), resp.msg_type(), 0, request_id, &payload, &[]) {
+            match proto::send(s.sock(), resp.msg_type(), flags, request_id, &payload, &[]) {
                 Ok(()) => return,
                 Err(SocketError::WouldBlock) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -225,6 +233,8 @@ impl Server {
             })
         };
         let events = EventReader::start(workers.sender(), hangup)?;
+        let streams =
+            stream::Streams::start(Arc::clone(device.trace())).map_err(ServerError::Spawn)?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| ServerError::Loop("epoll", e))?;
         epoll
@@ -255,6 +265,8 @@ impl Server {
                 wake,
                 next_id: AtomicU64::new(1),
                 owner: nix::unistd::geteuid().as_raw(),
+                socket: path.to_owned(),
+                streams,
                 started: Instant::now(),
                 stopping: AtomicBool::new(false),
                 stop_requested: AtomicBool::new(false),
@@ -466,7 +478,7 @@ impl Server {
             }
         };
         if !handler::is_slow(&req) {
-            let resp = handler::handle(&self.core, s, req, fds);
+            let resp = handler::handle(&self.core, s, rid, req, fds);
             self.core.reply(s, rid, &resp);
             return true;
         }
@@ -482,7 +494,7 @@ impl Server {
         }
         let (core, s2) = (Arc::clone(&self.core), Arc::clone(s));
         let job: Job = Box::new(move || {
-            let resp = handler::handle(&core, &s2, req, fds);
+            let resp = handler::handle(&core, &s2, rid, req, fds);
             core.reply(&s2, rid, &resp);
             s2.inflight.fetch_sub(1, Relaxed);
         });
@@ -543,6 +555,7 @@ impl Server {
         self.core.events.stop();
         lock(&self.core.jobs).take();
         self.workers.join();
+        self.core.streams.stop();
         self.core.device.shutdown();
         tracing::info!(clients_released = n, "memshadowd stopped");
     }

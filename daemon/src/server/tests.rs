@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use memshadow_proto::{self as proto, ErrorCode, Request, Response, MAX_READ, VERSION};
+use memshadow_proto::{self as proto, ErrorCode, EventKind, Request, Response, MAX_READ, VERSION};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -222,10 +222,8 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
     assert_eq!(data(c.read(id, 0, 64)), vec![0; 64]);
     // munmap of the tail: not mirrored any more, even if something else is mapped there.
     // SAFETY: our own mapping.
-    assert_eq!(
-        unsafe { libc::munmap(base.wrapping_add(12 * P).cast(), 4 * P) },
-        0
-    );
+    let r = unsafe { libc::munmap(base.wrapping_add(12 * P).cast(), 4 * P) };
+    assert_eq!(r, 0);
     assert_eq!(
         code(&c.read(id, 13 * P as u64, 8)),
         Some(ErrorCode::NotMirrored)
@@ -391,7 +389,7 @@ fn bad_input_gets_clear_errors() {
     ));
     assert!(matches!(
         other.call(&Request::Status, &[]),
-        Response::Counters { .. }
+        Response::StatusReport { .. }
     ));
     // SAFETY: our own mapping.
     unsafe { libc::munmap(base.cast(), 2 * P) };
@@ -435,7 +433,36 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
         Just(Request::ClientStats),
         Just(Request::Status),
         Just(Request::ListClients),
-        Just(Request::ListMirrors),
+        prop_oneof![
+            Just(0),
+            Just(-1),
+            Just(std::process::id() as i32),
+            any::<i32>()
+        ]
+        .prop_map(|pid| Request::ListMirrors { pid }),
+        (
+            prop_oneof![Just(std::process::id() as i32), any::<i32>()],
+            prop_oneof![Just(base), Just(base + 3 * P as u64), any::<u64>()],
+            prop_oneof![Just(16u32), Just(MAX_READ as u32 + 1), any::<u32>()]
+        )
+            .prop_map(|(pid, addr, len)| Request::Peek { pid, addr, len }),
+        (
+            prop_oneof![Just(base), Just(base + P as u64), any::<u64>()],
+            prop_oneof![Just(P as u64), Just(8 * P as u64), any::<u64>()],
+            0usize..6,
+            0u8..3
+        )
+            .prop_map(|(addr, len, k, flags)| Request::Invalidate {
+                pid: std::process::id() as i32,
+                addr,
+                len,
+                event: EventKind::ALL[k],
+                flags,
+            }),
+        (0i32..2, 0u32..128).prop_map(|(p, events)| Request::Trace {
+            pid: p * std::process::id() as i32,
+            events,
+        }),
     ]
 }
 
@@ -473,7 +500,7 @@ proptest! {
             let req = arb_request(base as u64).new_tree(&mut runner).unwrap().current();
             let req = if seed % 3 == 0 { Request::Hello { min_version: 1, max_version: VERSION, name: "p".into() } } else { req };
             let fds = if matches!(req, Request::Bind { .. }) { fds_for(fdkind % 3) } else { Vec::new() };
-            let r = handler::handle(core, &s, req, fds);
+            let r = handler::handle(core, &s, 1, req, fds);
             if let Response::Counters { entries } = &r {
                 prop_assert!(!entries.is_empty());
             }
