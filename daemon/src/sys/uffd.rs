@@ -15,6 +15,8 @@ pub const UFFD_API: u64 = 0xAA;
 /// `UFFD_FEATURE_*` bits (include/uapi/linux/userfaultfd.h), several newer than the C
 /// library headers of these machines.
 pub mod features {
+    /// Write-protect faults are reported with `UFFD_PAGEFAULT_FLAG_WP`.
+    pub const PAGEFAULT_FLAG_WP: u64 = 1 << 0;
     /// Fork events (needs `CAP_SYS_PTRACE` in the caller of `UFFDIO_API`).
     pub const EVENT_FORK: u64 = 1 << 1;
     /// `mremap` events.
@@ -84,6 +86,22 @@ pub enum UffdError {
         source: userfaultfd::Error,
     },
 }
+
+impl UffdError {
+    /// The kernel's error number behind this error, if any (e.g. `EAGAIN` from a
+    /// write-protect ioctl while events are unread).
+    pub fn errno(&self) -> Option<nix::Error> {
+        match self {
+            UffdError::Fcntl(e) | UffdError::Api(e) => Some(*e),
+            UffdError::Op { source, .. } => errno_of(source),
+            UffdError::Busy { .. } => Some(nix::Error::EBUSY),
+            UffdError::NotUffd(_) | UffdError::Invalid { .. } => None,
+        }
+    }
+}
+
+/// `UFFD_USER_MODE_ONLY`: a uffd that handles user-mode faults only (allowed unprivileged).
+pub const USER_MODE_ONLY: libc::c_int = 1;
 
 /// An event of a client's uffd, with plain addresses.
 #[derive(Debug)]
@@ -171,6 +189,33 @@ impl Uffd {
         // else owns; `userfaultfd::Uffd` takes over closing it.
         let inner = unsafe { userfaultfd::Uffd::from_raw_fd(raw) };
         Ok(Uffd { inner })
+    }
+
+    /// Creates a userfaultfd in this process (the start-up probes try features on scratch
+    /// mappings of the daemon's own): a full one, or with `UFFD_USER_MODE_ONLY` if the
+    /// daemon may not create a full one. Returns it and whether it is user-mode-only.
+    pub fn create() -> Result<(Uffd, bool), UffdError> {
+        let make = |extra: libc::c_int| -> Result<OwnedFd, nix::Error> {
+            // SAFETY: a plain system call with integer flags; on success it returns a new fd.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_userfaultfd,
+                    libc::O_CLOEXEC | libc::O_NONBLOCK | extra,
+                )
+            };
+            if fd < 0 {
+                return Err(nix::Error::last());
+            }
+            let fd = i32::try_from(fd).map_err(|_| nix::Error::EBADF)?;
+            // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let (fd, user_only) = match make(0) {
+            Ok(fd) => (fd, false),
+            Err(nix::Error::EPERM) => (make(USER_MODE_ONLY).map_err(UffdError::Api)?, true),
+            Err(e) => return Err(UffdError::Api(e)),
+        };
+        Ok((Uffd::from_fd(fd)?, user_only))
     }
 
     /// Makes reads non-blocking (the client may have created it blocking).
