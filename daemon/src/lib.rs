@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod events;
 pub mod notifier;
 pub mod server;

@@ -5,11 +5,14 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use crate::config::DirtyPolicy;
 use crate::device::{AccessGuard, DeviceClient, DeviceError};
+use crate::dirty::{Backend, ClientDirty, Collected, DirtyError};
 use crate::notifier::{Event, InvalidateArgs, InvalidateError, Invalidation, Range};
-use crate::sys::uffd::{Uffd, UffdError, UffdEvent};
+use crate::sys::uffd::{SharedUffd, Uffd, UffdError, UffdEvent};
 use crate::sys::PAGE_SIZE;
 
 /// Highest user address plus one that any x86-64/arm64 configuration hands out (56-bit
@@ -60,6 +63,12 @@ pub enum WatchError {
     /// The client was released.
     #[error("client released")]
     Released,
+    /// The client has no dirty tracking (why), so it cannot sync or ask for a policy.
+    #[error("no dirty tracking for this client: {0}")]
+    NotTracked(String),
+    /// Collecting written pages failed.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
 }
 
 /// Counters of a client's uffd events.
@@ -113,6 +122,8 @@ pub struct Attached {
     pub seq: u64,
     /// The device notifier's state (`active`, `pending-insert`, …; `gone` without one).
     pub notifier: &'static str,
+    /// When its written pages are collected.
+    pub policy: DirtyPolicy,
 }
 
 impl Attached {
@@ -126,6 +137,13 @@ impl Attached {
         }
         if self.holes {
             s.push_str(", holes");
+        }
+        match self.policy {
+            DirtyPolicy::Manual => {}
+            p => {
+                s.push_str(", ");
+                s.push_str(&p.to_string());
+            }
         }
         s
     }
@@ -152,15 +170,32 @@ struct Table {
     next: u64,
 }
 
+/// What [`Watched::sync`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncStats {
+    /// The back end.
+    pub backend: Backend,
+    /// Mirrors collected.
+    pub mirrors: u32,
+    /// What the collection found.
+    pub collected: Collected,
+    /// Time of the invalidations (start and finish passes), ns.
+    pub invalidate_ns: u64,
+}
+
 /// A bound client.
 #[derive(Debug)]
 pub struct Watched {
-    uffd: Mutex<Option<Uffd>>,
+    uffd: SharedUffd,
     device: DeviceClient,
     table: Mutex<Table>,
     pagemap: Option<File>,
     max_mirrors: u32,
     counters: EventCounters,
+    dirty: Arc<ClientDirty>,
+    /// Write-protect faults whose un-protect met `EAGAIN` (events unread): retried after
+    /// the next read of events, so the faulting thread is always woken.
+    pending_wake: Mutex<Vec<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,15 +212,33 @@ pub struct Deferred {
 }
 
 impl Watched {
-    /// A client whose uffd already did its `UFFDIO_API`.
+    /// A client whose uffd already did its `UFFDIO_API`, without dirty tracking.
     pub fn new(
         uffd: Uffd,
         device: DeviceClient,
         pagemap: Option<File>,
         max_mirrors: u32,
     ) -> Watched {
+        Watched::with_dirty(
+            Arc::new(Mutex::new(Some(uffd))),
+            device,
+            pagemap,
+            max_mirrors,
+            Arc::new(ClientDirty::off("not set up")),
+        )
+    }
+
+    /// A client whose uffd (shared with its memory source when that arms pages, `uffd-wp`)
+    /// already did its `UFFDIO_API` with the features `dirty`'s back end needs.
+    pub fn with_dirty(
+        uffd: SharedUffd,
+        device: DeviceClient,
+        pagemap: Option<File>,
+        max_mirrors: u32,
+        dirty: Arc<ClientDirty>,
+    ) -> Watched {
         Watched {
-            uffd: Mutex::new(Some(uffd)),
+            uffd,
             device,
             table: Mutex::new(Table {
                 by_id: BTreeMap::new(),
@@ -194,7 +247,14 @@ impl Watched {
             pagemap,
             max_mirrors,
             counters: EventCounters::default(),
+            dirty,
+            pending_wake: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The client's dirty tracking.
+    pub fn dirty(&self) -> &ClientDirty {
+        &self.dirty
     }
 
     /// The device client.
@@ -217,9 +277,17 @@ impl Watched {
         lock(&self.uffd).as_ref().map(f)
     }
 
-    /// Attaches `addr..addr+len`: registers it with the uffd in write-protect mode and
-    /// mirrors it, under the access lock so no event of the range can slip in between.
+    /// Attaches `addr..addr+len` with the `manual` policy.
     pub fn attach(&self, addr: u64, len: u64) -> Result<u64, WatchError> {
+        self.attach_with(addr, len, DirtyPolicy::Manual)
+    }
+
+    /// Attaches `addr..addr+len`: registers it with the uffd in write-protect mode, arms it
+    /// if the dirty back end reports unarmed pages as written (`pagemap-scan`), and mirrors
+    /// it, all under the access lock so no event of the range can slip in between.
+    /// `policy` says when its written pages are collected; a policy other than `manual`
+    /// needs dirty tracking.
+    pub fn attach_with(&self, addr: u64, len: u64, policy: DirtyPolicy) -> Result<u64, WatchError> {
         let bad = |why| WatchError::BadRange { addr, len, why };
         let page = PAGE_SIZE as u64;
         if len == 0 {
@@ -232,64 +300,37 @@ impl Watched {
         if end > USER_ADDR_END {
             return Err(bad("not a user address"));
         }
+        if policy != DirtyPolicy::Manual {
+            if let Err(why) = self.dirty.backend() {
+                return Err(WatchError::NotTracked(why.to_owned()));
+            }
+        }
         // Wait until every event of an address-space change already under way has been read
         // and applied (under the access lock, which we then keep): otherwise an unmap of an
         // old mapping at this address, delivered late, would retire the new mirror, or an
-        // old mirror not yet retired would look like an overlap.
-        let mut backoff = std::time::Duration::from_micros(20);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let guard = loop {
+        // old mirror not yet retired would look like an overlap. Arming meets the same
+        // condition (`EAGAIN`): undo and wait again.
+        let mut backoff = Duration::from_micros(20);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let (guard, mut t, dev) = loop {
             let guard = self.device.lock_access();
             let pending = match &*lock(&self.uffd) {
                 Some(u) => u.events_pending(addr, len),
                 None => return Err(WatchError::Released),
             };
             if !pending {
-                break guard;
+                let t = lock(&self.table);
+                match self.attach_locked(&t, addr, len)? {
+                    Some(dev) => break (guard, t, dev),
+                    None => drop(t),
+                }
             }
             drop(guard);
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(WatchError::Busy);
             }
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(std::time::Duration::from_millis(5));
-        };
-        let mut t = lock(&self.table);
-        if t.by_id.len() >= self.max_mirrors as usize {
-            return Err(WatchError::TooManyMirrors(self.max_mirrors));
-        }
-        if let Some(o) = t
-            .by_id
-            .values()
-            .find(|m| m.dev.is_some() && m.live_start < end && addr < m.live_end)
-        {
-            return Err(WatchError::Overlap {
-                addr,
-                len,
-                other: o.id,
-            });
-        }
-        let uffd = lock(&self.uffd);
-        let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
-        uffd.register_wp(addr, len)?;
-        let mut attached = self.device.attach(addr, len);
-        if let Err(DeviceError::Overlap { other, .. }) = attached {
-            // A device mirror of a range the client unmapped, whose detach is still queued:
-            // detach it now (this waits for its invalidations' finish passes, which never
-            // need this lock) and try again.
-            if !t.by_id.values().any(|m| m.dev == Some(other)) {
-                self.detach_device_mirrors(&[other]);
-                attached = self.device.attach(addr, len);
-            }
-        }
-        let dev = match attached {
-            Ok(d) => d,
-            Err(e) => {
-                if let Err(u) = uffd.unregister(addr, len) {
-                    tracing::warn!(addr, len, error = %u, "unregister after a failed attach");
-                }
-                return Err(e.into());
-            }
+            backoff = (backoff * 2).min(Duration::from_millis(5));
         };
         drop(guard);
         let id = t.next;
@@ -307,9 +348,64 @@ impl Watched {
                 pages: 0,
                 seq: 0,
                 notifier: "pending-insert",
+                policy,
             },
         );
         Ok(id)
+    }
+
+    /// The part of an attach done under the access and table locks: checks, registration,
+    /// arming and the device mirror. `Ok(None)`: arming met unread events; all was undone.
+    fn attach_locked(&self, t: &Table, addr: u64, len: u64) -> Result<Option<u64>, WatchError> {
+        let end = addr + len;
+        if t.by_id.len() >= self.max_mirrors as usize {
+            return Err(WatchError::TooManyMirrors(self.max_mirrors));
+        }
+        if let Some(o) = t
+            .by_id
+            .values()
+            .find(|m| m.dev.is_some() && m.live_start < end && addr < m.live_end)
+        {
+            return Err(WatchError::Overlap {
+                addr,
+                len,
+                other: o.id,
+            });
+        }
+        let uffd = lock(&self.uffd);
+        let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
+        uffd.register_wp(addr, len)?;
+        let undo = |why: &str| {
+            if let Err(u) = uffd.unregister(addr, len) {
+                tracing::warn!(addr, len, error = %u, "unregister after {why}");
+            }
+        };
+        if self.dirty.arms_on_attach() {
+            if let Err(e) = uffd.write_protect(addr, len) {
+                undo("a failed arm");
+                return match e.errno() {
+                    Some(nix::Error::EAGAIN) => Ok(None),
+                    _ => Err(e.into()),
+                };
+            }
+        }
+        let mut attached = self.device.attach(addr, len);
+        if let Err(DeviceError::Overlap { other, .. }) = attached {
+            // A device mirror of a range the client unmapped, whose detach is still queued:
+            // detach it now (this waits for its invalidations' finish passes, which never
+            // need this lock) and try again.
+            if !t.by_id.values().any(|m| m.dev == Some(other)) {
+                self.detach_device_mirrors(&[other]);
+                attached = self.device.attach(addr, len);
+            }
+        }
+        match attached {
+            Ok(d) => Ok(Some(d)),
+            Err(e) => {
+                undo("a failed attach");
+                Err(e.into())
+            }
+        }
     }
 
     /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
@@ -349,10 +445,87 @@ impl Watched {
         Ok(addr)
     }
 
-    /// A device read of `len` bytes at `offset` of mirror `id`.
+    /// A device read of `len` bytes at `offset` of mirror `id`; under the `strict` policy
+    /// the pages read are collected first, so the read returns what the client wrote.
     pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, WatchError> {
         let addr = self.resolve(id, offset, len as u64)?;
+        let strict = lock(&self.table)
+            .by_id
+            .get(&id)
+            .is_some_and(|m| m.policy == DirtyPolicy::Strict);
+        if strict && len > 0 {
+            let page = PAGE_SIZE as u64;
+            let start = addr - addr % page;
+            let end = (addr + len as u64).next_multiple_of(page);
+            self.sync_ranges(&[(start, end)], 1)?;
+        }
         self.device.read(addr, len).map_err(not_mirrored)
+    }
+
+    /// Collects the pages the client wrote in mirror `id` (every mirror if `None`) and
+    /// invalidates them (event `SoftDirty`, two-pass), so the next device access re-mirrors
+    /// them.
+    pub fn sync(&self, id: Option<u64>) -> Result<SyncStats, WatchError> {
+        if let Err(why) = self.dirty.backend() {
+            return Err(WatchError::NotTracked(why.to_owned()));
+        }
+        let ranges: Vec<(u64, u64)> = {
+            let t = lock(&self.table);
+            if let Some(id) = id {
+                if !t.by_id.contains_key(&id) {
+                    return Err(WatchError::NoSuchMirror(id));
+                }
+            }
+            t.by_id
+                .values()
+                .filter(|m| id.is_none_or(|i| i == m.id) && m.dev.is_some())
+                .map(|m| (m.live_start, m.live_end))
+                .filter(|(s, e)| s < e)
+                .collect()
+        };
+        self.sync_ranges(&ranges, ranges.len() as u32)
+    }
+
+    fn sync_ranges(&self, ranges: &[(u64, u64)], mirrors: u32) -> Result<SyncStats, WatchError> {
+        let backend = self
+            .dirty
+            .backend()
+            .map_err(|why| WatchError::NotTracked(why.to_owned()))?;
+        self.dirty.bump(|c| &c.syncs, 1);
+        let mut found = Vec::new();
+        let mut guard = self.dirty.lock();
+        let collected =
+            self.dirty
+                .collect(&mut guard, self.pagemap.as_ref(), ranges, &mut found)?;
+        // Begin every invalidation before releasing the collection lock: a collection that
+        // runs next and finds nothing must not let its read overtake these.
+        let t = Instant::now();
+        let mut begun = Vec::with_capacity(found.len());
+        {
+            let g = self.device.lock_access();
+            for &(s, e) in &found {
+                let Ok(range) = Range::from_bounds(s, e) else {
+                    continue;
+                };
+                match g.begin_invalidate(InvalidateArgs::new(range, Event::SoftDirty)) {
+                    Ok(inv) => begun.push(inv),
+                    Err(InvalidateError::Released) => return Err(WatchError::Released),
+                    Err(e) => {
+                        tracing::warn!(error = %e, start = s, "invalidation of written pages failed")
+                    }
+                }
+            }
+        }
+        drop(guard);
+        for inv in begun {
+            inv.finish();
+        }
+        Ok(SyncStats {
+            backend,
+            mirrors,
+            collected,
+            invalidate_ns: u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        })
     }
 
     /// Faults `offset..offset+len` of mirror `id` into the shadow; returns the pages the
@@ -472,13 +645,37 @@ impl Watched {
             uffd.read_events(buf, scratch)?
         };
         if n == 0 {
+            self.retry_wakes();
             return Ok(0);
         }
         self.counters.batches.fetch_add(1, Relaxed);
         for ev in scratch.drain(..) {
             self.apply(&guard, ev, out);
         }
+        self.retry_wakes();
         Ok(n)
+    }
+
+    /// Un-protects and wakes `page`; on `EAGAIN` (events unread) remembers it for after the
+    /// next read of events (the unread event is what wakes the reader again).
+    fn unprotect_and_wake(&self, page: u64) {
+        let r = self.with_uffd(|u| u.unprotect(page, PAGE_SIZE as u64, true));
+        match r {
+            Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
+                lock(&self.pending_wake).push(page);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(addr = page, error = %e, "could not resolve a write-protect fault")
+            }
+            _ => {}
+        }
+    }
+
+    fn retry_wakes(&self) {
+        let pages = std::mem::take(&mut *lock(&self.pending_wake));
+        for p in pages {
+            self.unprotect_and_wake(p);
+        }
     }
 
     fn apply(&self, guard: &AccessGuard<'_>, ev: UffdEvent, out: &mut Deferred) {
@@ -513,14 +710,22 @@ impl Watched {
                     "fork: the child's userfaultfd is closed, the child is not mirrored"
                 );
             }
+            UffdEvent::WriteFault { addr } if self.dirty.is(Backend::UffdWp) => {
+                // A write to a page the device may hold (uffd-wp tracking): invalidate it
+                // before the write can complete, then let the writer go. The page is armed
+                // again when the device next faults it in.
+                self.counters.faults.fetch_add(1, Relaxed);
+                self.dirty.wp_fault();
+                let page = addr & !(PAGE_SIZE as u64 - 1);
+                if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
+                    self.invalidate(guard, r, Event::SoftDirty, out);
+                }
+                self.unprotect_and_wake(page);
+            }
             UffdEvent::WriteFault { addr } | UffdEvent::OtherFault { addr } => {
                 self.counters.faults.fetch_add(1, Relaxed);
-                let page = addr & !(PAGE_SIZE as u64 - 1);
-                self.with_uffd(|u| {
-                    if let Err(e) = u.unprotect(page, PAGE_SIZE as u64, true) {
-                        tracing::warn!(addr, error = %e, "could not resolve an unexpected fault");
-                    }
-                });
+                tracing::debug!(addr, "unexpected userfaultfd fault resolved");
+                self.unprotect_and_wake(addr & !(PAGE_SIZE as u64 - 1));
             }
         }
     }
@@ -623,6 +828,28 @@ impl Watched {
         };
         drop(uffd);
         r.map(|_| ()).map_err(Into::into)
+    }
+}
+
+impl crate::dirty::periodic::PeriodicTarget for Watched {
+    fn periodic_sync(&self, mirror: u64) -> bool {
+        let periodic = lock(&self.table)
+            .by_id
+            .get(&mirror)
+            .is_some_and(|m| m.dev.is_some() && matches!(m.policy, DirtyPolicy::Periodic(_)));
+        if !periodic {
+            return false;
+        }
+        match self.sync(Some(mirror)) {
+            Ok(_) => true,
+            Err(WatchError::NoSuchMirror(_) | WatchError::Released | WatchError::NotTracked(_)) => {
+                false
+            }
+            Err(e) => {
+                tracing::debug!(mirror, error = %e, "periodic collection failed");
+                true
+            }
+        }
     }
 }
 

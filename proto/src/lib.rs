@@ -15,8 +15,9 @@ pub use header::{
     Header, HeaderError, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD, MIN_VERSION, VERSION,
 };
 pub use message::{
-    AccessPath, ClientInfo, DecodeError, ErrorCode, EventKind, InvalidationReport, Limits,
-    MirrorInfo, Request, Response, INVALIDATE_NON_BLOCKING, MAX_LIST, MAX_NAME, MAX_READ,
-    MAX_VALUE,
+    AccessPath, AttachPolicy, ClientInfo, DecodeError, DirtyBackend, ErrorCode, EventKind,
+    InvalidationReport, Limits, MirrorInfo, Request, Response, SyncReport, ATTACH_PERIOD_SHIFT,
+    ATTACH_POLICY_MASK, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING, MAX_LIST, MAX_NAME,
+    MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
 };
 pub use socket::{recv, send, Frame, SocketError};

@@ -8,19 +8,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 
 use memshadow_proto::{
-    AccessPath, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits, MirrorInfo, Request,
-    Response, INVALIDATE_NON_BLOCKING, MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION, VERSION,
+    AccessPath, AttachPolicy, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits,
+    MirrorInfo, Request, Response, SyncReport, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING,
+    MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION, VERSION,
 };
 
 use super::session::{Binding, Hello, Session};
 use super::stream::{event_of, Subscriber};
 use super::{error_chain, Core};
-use crate::config::AccessPolicy;
+use crate::config::{AccessPolicy, DirtyPolicy};
 use crate::device::DeviceError;
+use crate::dirty::uffd_wp::ArmingSource;
+use crate::dirty::{policy_of, Backend, ClientDirty};
 use crate::source::{MemFileSource, MemorySource, ProcessVmSource};
 use crate::sys::uffd::{features, Uffd, UffdError};
 use crate::sys::{self, PAGE_SIZE};
-use crate::watched::{WatchError, Watched};
+use crate::watched::{SyncStats, WatchError, Watched};
 
 /// True for requests that may block (memory reads, uffd registration that takes the client's
 /// mmap lock, waits for flushes): they run on a worker, the rest inline.
@@ -33,6 +36,8 @@ pub fn is_slow(req: &Request) -> bool {
             | Request::Populate { .. }
             | Request::Peek { .. }
             | Request::Invalidate { .. }
+            | Request::Sync { .. }
+            | Request::SyncPid { .. }
     )
 }
 
@@ -81,17 +86,7 @@ pub fn handle(
             entries: client_stats(s),
         },
         Request::ListClients => list_clients(core, s),
-        Request::Attach { addr, len, flags } => with_bound(s, |w| {
-            if flags != 0 {
-                return Err(err(
-                    ErrorCode::BadMessage,
-                    format!("unknown attach flags {flags:#x}"),
-                ));
-            }
-            let id = w.attach(addr, len).map_err(watch_err)?;
-            tracing::debug!(client = s.id, mirror = id, addr, len, "attached");
-            Ok(Response::Attached { mirror_id: id })
-        }),
+        Request::Attach { addr, len, flags } => attach(core, s, addr, len, flags),
         Request::Detach { mirror_id } => with_bound(s, |w| {
             w.detach(mirror_id).map_err(watch_err)?;
             Ok(Response::Detached)
@@ -133,7 +128,70 @@ pub fn handle(
             flags,
         } => invalidate(core, s, pid, addr, len, event, flags),
         Request::Trace { pid, events } => trace(core, s, rid, pid, events),
+        Request::Sync { mirror_id } => with_bound(s, |w| {
+            let id = (mirror_id != 0).then_some(mirror_id);
+            let done = w.sync(id).map_err(watch_err)?;
+            Ok(synced(&done))
+        }),
+        Request::SyncPid { pid } => {
+            let c = match target(core, s, pid, true) {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            with_bound(&c, |w| {
+                let done = w.sync(None).map_err(watch_err)?;
+                tracing::debug!(
+                    pid,
+                    by = s.peer.pid,
+                    pages_dirty = done.collected.pages_dirty,
+                    "sync of a client"
+                );
+                Ok(synced(&done))
+            })
+        }
     }
+}
+
+fn synced(d: &SyncStats) -> Response {
+    Response::Synced {
+        report: SyncReport {
+            backend: d.backend.wire(),
+            mirrors: d.mirrors,
+            pages_scanned: d.collected.pages_scanned,
+            pages_dirty: d.collected.pages_dirty,
+            regions: d.collected.regions,
+            scan_ns: d.collected.scan_ns,
+            invalidate_ns: d.invalidate_ns,
+        },
+    }
+}
+
+/// `Attach`, with its collection policy: the flags' choice, else the daemon's default (which
+/// falls back to `manual` for a client without dirty tracking; an explicit policy other than
+/// `manual` is refused to such a client).
+fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response {
+    let requested = match AttachPolicy::from_flags(flags) {
+        Ok(p) => p,
+        Err(why) => return err(ErrorCode::BadMessage, why),
+    };
+    let Some(b) = s.binding.get() else {
+        return err(ErrorCode::OutOfOrder, "bind first");
+    };
+    let w = &b.watched;
+    let mut policy = policy_of(requested, core.cfg.dirty.policy);
+    if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
+        policy = DirtyPolicy::Manual;
+    }
+    let id = match w.attach_with(addr, len, policy) {
+        Ok(id) => id,
+        Err(e) => return watch_err(e),
+    };
+    if let DirtyPolicy::Periodic(period) = policy {
+        let target: Arc<dyn crate::dirty::periodic::PeriodicTarget> = Arc::clone(w) as _;
+        core.dirty.periodic.add(Arc::downgrade(&target), id, period);
+    }
+    tracing::debug!(client = s.id, mirror = id, addr, len, policy = %policy, "attached");
+    Response::Attached { mirror_id: id }
 }
 
 fn mirror_infos(pid: i32, w: &Watched) -> Vec<MirrorInfo> {
@@ -356,13 +414,13 @@ fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
     if s.binding.get().is_some() {
         return err(ErrorCode::OutOfOrder, "already bound");
     }
-    if flags != 0 {
+    if flags & !BIND_UFFD_PRIVILEGED != 0 {
         return err(
             ErrorCode::BadMessage,
             format!("unknown bind flags {flags:#x}"),
         );
     }
-    match bind_inner(core, s, fds) {
+    match bind_inner(core, s, flags & BIND_UFFD_PRIVILEGED != 0, fds) {
         Ok(b) => {
             let resp = Response::Bound {
                 access: b.access,
@@ -373,6 +431,7 @@ fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
                 pid = s.peer.pid,
                 uid = s.peer.uid,
                 access = b.access.as_str(),
+                dirty = b.watched.dirty().backend().map_or("off", Backend::as_str),
                 "client bound"
             );
             let w = Arc::clone(&b.watched);
@@ -386,7 +445,12 @@ fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
     }
 }
 
-fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Response> {
+fn bind_inner(
+    core: &Core,
+    s: &Session,
+    privileged_uffd: bool,
+    fds: Vec<OwnedFd>,
+) -> Result<Binding, Response> {
     let mut it = fds.into_iter();
     let (Some(uffd), Some(mem)) = (it.next(), it.next()) else {
         return Err(err(
@@ -403,7 +467,31 @@ fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Re
     let uffd = Uffd::from_fd(uffd).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
     uffd.set_nonblocking()
         .map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
-    let wanted = features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP;
+    // The dirty back end decides features of the uffd (WP_ASYNC or not), so it is chosen now.
+    let backend = core
+        .dirty
+        .selection
+        .for_client(pagemap.is_some(), privileged_uffd);
+    let clear_refs = match backend {
+        Ok(Backend::SoftDirty) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/clear_refs"))
+                .map_err(|e| {
+                    err(
+                        ErrorCode::AccessFailed,
+                        format!("cannot open /proc/{pid}/clear_refs: {e}"),
+                    )
+                })?,
+        ),
+        _ => None,
+    };
+    if let Err(why) = &backend {
+        tracing::debug!(client = s.id, pid, reason = %why, "client without dirty tracking");
+    }
+    let dirty_features = backend.as_ref().map_or(0, |b| b.uffd_features());
+    let wanted =
+        features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP | dirty_features;
     // Fork events need CAP_SYS_PTRACE; without it, ask for the rest.
     let granted = match uffd.api(wanted | features::EVENT_FORK) {
         Ok(f) => f,
@@ -448,13 +536,29 @@ fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Re
             }
         }
     };
+    let dirty = Arc::new(ClientDirty::new(
+        backend,
+        clear_refs,
+        Arc::clone(&core.dirty.counters),
+    ));
+    let uffd = Arc::new(std::sync::Mutex::new(Some(uffd)));
+    let source: Arc<dyn MemorySource> = if dirty.is(Backend::UffdWp) {
+        Arc::new(ArmingSource::new(
+            source,
+            Arc::clone(&uffd),
+            Arc::clone(&dirty),
+        ))
+    } else {
+        source
+    };
     let device = core.device.client(source, core.cfg.quotas.shadow_bytes);
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
-    let watched = Arc::new(Watched::new(
+    let watched = Arc::new(Watched::with_dirty(
         uffd,
         device,
         pagemap.map(File::from),
         core.cfg.quotas.mirrors,
+        dirty,
     ));
     Ok(Binding {
         watched,
@@ -488,6 +592,8 @@ fn watch_err(e: WatchError) -> Response {
         WatchError::Device(DeviceError::Source(_)) => ErrorCode::AccessFailed,
         WatchError::Released | WatchError::Device(DeviceError::Stopped) => ErrorCode::ShuttingDown,
         WatchError::Busy => ErrorCode::Internal,
+        WatchError::NotTracked(_) => ErrorCode::Unsupported,
+        WatchError::Dirty(_) => ErrorCode::Internal,
         WatchError::Uffd(_) | WatchError::Device(_) => ErrorCode::Internal,
     };
     err(code, error_chain(&e))
@@ -521,6 +627,9 @@ fn client_stats(s: &Session) -> Vec<(String, u64)> {
             ("events.faults".to_owned(), e.faults.load(Relaxed)),
             ("events.batches".to_owned(), e.batches.load(Relaxed)),
         ]);
+        let backend = w.dirty().backend().map_or("off", Backend::as_str);
+        v.push((format!("dirty.backend.{backend}"), 1));
+        v.extend(w.dirty().counters().snapshot("dirty."));
     }
     v
 }
@@ -569,6 +678,7 @@ fn status(core: &Core) -> Vec<(String, u64)> {
             .map(|(k, n)| (k.to_owned(), n)),
     );
     v.extend(core.device.snapshot());
+    v.extend(core.dirty.counters.snapshot("dirty."));
     v
 }
 
@@ -596,7 +706,6 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
             (cfg.device.shadow_capacity >> 20).to_string(),
         ),
         ("access.policy", format!("{:?}", cfg.access).to_lowercase()),
-        ("dirty.tracking", cfg.dirty.tracking.as_str().into()),
         ("dirty.policy", cfg.dirty.policy.to_string()),
         ("quota.shadow_bytes", q.shadow_bytes.to_string()),
         ("quota.mirrors", q.mirrors.to_string()),
@@ -604,7 +713,10 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
         ("limit.clients_per_uid", cfg.clients_per_uid.to_string()),
         ("limit.max_clients", cfg.max_clients.to_string()),
     ];
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    let mut v: Vec<(String, String)> = pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    // `dirty.backend`, `dirty.requested`, `dirty.refused.<name>`: the probe's findings.
+    v.extend(core.dirty.selection.status_lines());
+    v
 }
 
 /// The command name of session `c`'s process, or "" if it is gone (its pid may be reused,

@@ -29,6 +29,8 @@ use nix::sys::socket::{accept4, SockFlag};
 
 use crate::config::Config;
 use crate::device::{Device, DeviceError};
+use crate::dirty::periodic::Periodic;
+use crate::dirty::{DirtyCounters, DirtyError, Selection};
 use crate::events::{EventError, EventReader};
 use crate::workers::{Job, Workers};
 pub use listen::{ListenError, Listener};
@@ -52,6 +54,21 @@ pub enum ServerError {
     /// epoll, signalfd or eventfd failed.
     #[error("session loop: {0}")]
     Loop(&'static str, #[source] nix::Error),
+    /// The dirty-tracking back end asked for does not work here.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+}
+
+/// Dirty tracking as the daemon runs it (DESIGN.md §6): what the start-up probe found, the
+/// daemon-wide counters, and the one timer of the `periodic` policy.
+#[derive(Debug)]
+pub struct DirtyState {
+    /// The probe's results and the back end chosen.
+    pub selection: Selection,
+    /// Counters of every client, released ones included.
+    pub counters: Arc<DirtyCounters>,
+    /// The timer.
+    pub periodic: Periodic,
 }
 
 /// The signals that stop the daemon cleanly; block them in every thread (before any is
@@ -98,6 +115,7 @@ pub struct Core {
     owner: u32,
     socket: PathBuf,
     streams: Arc<stream::Streams>,
+    dirty: DirtyState,
     started: Instant,
     stopping: AtomicBool,
     stop_requested: AtomicBool,
@@ -117,6 +135,11 @@ impl Core {
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Dirty tracking.
+    pub fn dirty(&self) -> &DirtyState {
+        &self.dirty
     }
 
     /// Server counters.
@@ -217,6 +240,8 @@ impl Server {
     /// Binds the socket (`cfg.socket` or `path`), creates the device and starts the threads.
     /// Block [`shutdown_signals`] before calling it.
     pub fn new(cfg: Config, path: &Path) -> Result<Server, ServerError> {
+        // Before the socket exists: a forced back end that does not work stops the start.
+        let selection = Selection::probe(cfg.dirty.tracking)?;
         let listener = Listener::bind(path)?;
         let device = Device::new(&cfg.device).map_err(ServerError::Device)?;
         let workers = Workers::start("worker", cfg.workers).map_err(ServerError::Spawn)?;
@@ -233,6 +258,7 @@ impl Server {
             })
         };
         let events = EventReader::start(workers.sender(), hangup)?;
+        let periodic = Periodic::start(workers.sender()).map_err(ServerError::Spawn)?;
         let streams =
             stream::Streams::start(Arc::clone(device.trace())).map_err(ServerError::Spawn)?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
@@ -251,6 +277,7 @@ impl Server {
             engines = device.engine_count(),
             mode = device.mode().as_str(),
             flush_latency_us = device.flush_latency().as_micros() as u64,
+            dirty = selection.chosen().map_or("off", |b| b.as_str()),
             "memshadowd listening"
         );
         Ok(Server {
@@ -267,6 +294,11 @@ impl Server {
                 owner: nix::unistd::geteuid().as_raw(),
                 socket: path.to_owned(),
                 streams,
+                dirty: DirtyState {
+                    selection,
+                    counters: Arc::default(),
+                    periodic,
+                },
                 started: Instant::now(),
                 stopping: AtomicBool::new(false),
                 stop_requested: AtomicBool::new(false),
@@ -551,8 +583,9 @@ impl Server {
             s.closing.store(true, Relaxed);
             self.core.release(s);
         }
-        // The reader holds a job sender: stop it, then let queued jobs finish.
+        // The reader and the timer hold job senders: stop them, then let queued jobs finish.
         self.core.events.stop();
+        self.core.dirty.periodic.stop();
         lock(&self.core.jobs).take();
         self.workers.join();
         self.core.streams.stop();

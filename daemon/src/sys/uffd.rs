@@ -146,6 +146,10 @@ pub enum UffdEvent {
     },
 }
 
+/// A client's uffd as the pieces of the daemon that use it share it; `None` once the client
+/// was released (taking it out closes it, which is what releases blocked client threads).
+pub type SharedUffd = std::sync::Arc<std::sync::Mutex<Option<Uffd>>>;
+
 /// A client's userfaultfd, owned by the daemon.
 pub struct Uffd {
     inner: userfaultfd::Uffd,

@@ -1,0 +1,201 @@
+//! The `pagemap-scan` back end (DESIGN.md §6): the client's uffd has `UFFD_FEATURE_WP_ASYNC`,
+//! so a write to a write-protected page is resolved by the kernel, which only clears the
+//! page's uffd-wp bit; `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`
+//! then reports the pages whose bit is clear ("written") and sets it again, atomically per
+//! page, in one call. Writes raise no fault, so this is safe on a `UFFD_USER_MODE_ONLY` uffd.
+//!
+//! The scan asks for exactly `PAGE_IS_WRITTEN` (category and return mask), the kernel's
+//! fast path. Its regions are taken whole: a huge page mapped by one PMD and written as a
+//! whole (e.g. re-faulted as a THP after `MADV_DONTNEED`) is reported, and so invalidated,
+//! as its whole extent; a write to an armed THP makes the kernel split the PMD and report
+//! only the 4 KiB page written (the other PTEs keep their write protection).
+
+use std::fs::File;
+
+use nix::errno::Errno;
+
+use super::{Backend, DirtyError};
+use crate::sys::pagemap::{self, category, PageRegion, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
+use crate::sys::uffd::{features, Uffd};
+use crate::sys::PAGE_SIZE;
+
+/// Regions one `PAGEMAP_SCAN` call may return (a full vector makes the walk stop early; the
+/// loop goes on from `walk_end`).
+pub const VEC_LEN: usize = 1024;
+
+/// Appends the written runs of `start..end` to `out` (merging runs split across calls) and
+/// re-arms them, through the client's `pagemap` fd; `buf` is scratch.
+pub fn collect(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    buf: &mut Vec<PageRegion>,
+    out: &mut Vec<(u64, u64)>,
+) -> Result<(), DirtyError> {
+    if buf.len() < VEC_LEN {
+        buf.resize(VEC_LEN, PageRegion::default());
+    }
+    let err = |source| DirtyError::Scan { start, end, source };
+    let mut flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    let mut at = start;
+    let first = out.len();
+    while at < end {
+        let (n, walk_end) = match pagemap::scan(
+            pagemap,
+            flags,
+            at,
+            end,
+            category::WRITTEN,
+            category::WRITTEN,
+            buf,
+        ) {
+            Ok(r) => r,
+            Err(Errno::EPERM) if flags & PM_SCAN_CHECK_WPASYNC != 0 => {
+                // A VMA without WP_ASYNC inside the range: something the client mapped into
+                // a hole a munmap cut in the mirror (that part is retired). Skip such VMAs.
+                tracing::debug!(
+                    start,
+                    end,
+                    "PAGEMAP_SCAN met a VMA without WP_ASYNC; skipping it"
+                );
+                flags &= !PM_SCAN_CHECK_WPASYNC;
+                continue;
+            }
+            Err(e) => return Err(err(e)),
+        };
+        for r in &buf[..n] {
+            let ours = out.len() > first;
+            match out.last_mut() {
+                Some(last) if ours && last.1 == r.start => last.1 = r.end,
+                _ => out.push((r.start, r.end)),
+            }
+        }
+        if walk_end <= at {
+            return Err(err(Errno::EIO));
+        }
+        at = walk_end;
+    }
+    Ok(())
+}
+
+/// Tries the back end on a scratch mapping: arm it, write some pages, and check that one
+/// scan reports exactly those and a second one nothing (they were re-armed).
+pub fn probe() -> Result<(), String> {
+    let pages = 16usize;
+    let len = (pages * PAGE_SIZE) as u64;
+    let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
+    let granted = uffd
+        .api(Backend::PagemapScan.uffd_features())
+        .map_err(|e| {
+            format!(
+                "UFFDIO_API refused UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED (Linux 6.7+): {}",
+                e.errno()
+                    .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
+            )
+        })?;
+    if granted & features::WP_ASYNC == 0 {
+        return Err("the kernel does not offer UFFD_FEATURE_WP_ASYNC (Linux 6.7+)".into());
+    }
+    let mut map =
+        memmap2::MmapMut::map_anon(pages * PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+    map.fill(1);
+    let start = map.as_ptr() as u64;
+    let end = start + len;
+    uffd.register_wp(start, len)
+        .map_err(|e| format!("UFFDIO_REGISTER (write-protect mode) failed: {e}"))?;
+    let result = (|| {
+        uffd.write_protect(start, len)
+            .map_err(|e| format!("UFFDIO_WRITEPROTECT failed: {e}"))?;
+        let pm = File::open("/proc/self/pagemap")
+            .map_err(|e| format!("cannot open /proc/self/pagemap: {e}"))?;
+        let mut buf = Vec::new();
+        let mut found = Vec::new();
+        let scan = |found: &mut Vec<(u64, u64)>, buf: &mut Vec<PageRegion>| {
+            found.clear();
+            collect(&pm, start, end, buf, found).map_err(|e| match e {
+                DirtyError::Scan {
+                    source: Errno::ENOTTY | Errno::EINVAL,
+                    ..
+                } => "the PAGEMAP_SCAN ioctl is not supported (Linux 6.7+)".to_owned(),
+                e => format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+                ),
+            })
+        };
+        scan(&mut found, &mut buf)?;
+        if !found.is_empty() {
+            return Err(format!("freshly armed pages read as written: {found:x?}"));
+        }
+        map[3 * PAGE_SIZE] = 2;
+        map[7 * PAGE_SIZE..10 * PAGE_SIZE].fill(3);
+        std::hint::black_box(&mut map);
+        scan(&mut found, &mut buf)?;
+        let p = |i: u64| start + i * PAGE_SIZE as u64;
+        let want = vec![(p(3), p(4)), (p(7), p(10))];
+        if found != want {
+            return Err(format!(
+                "after writing pages 3 and 7..10 the scan reported {:?}",
+                found
+                    .iter()
+                    .map(|(s, e)| (
+                        (s - start) / PAGE_SIZE as u64,
+                        (e - start) / PAGE_SIZE as u64
+                    ))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        scan(&mut found, &mut buf)?;
+        if !found.is_empty() {
+            return Err("PM_SCAN_WP_MATCHING did not re-arm the written pages".into());
+        }
+        Ok(())
+    })();
+    if let Err(e) = uffd.unregister(start, len) {
+        tracing::debug!(error = %e, "unregister after the pagemap-scan probe");
+    }
+    drop(uffd);
+    drop(map);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_passes_on_this_kernel() {
+        assert_eq!(probe(), Ok(()));
+    }
+
+    /// Many scattered written pages: more runs than one call's vector holds, so the loop
+    /// goes on from `walk_end` and still reports each run once.
+    #[test]
+    fn collect_loops_past_a_full_vector() {
+        let pages = 3 * VEC_LEN + 10;
+        let (uffd, _) = Uffd::create().expect("uffd");
+        uffd.api(Backend::PagemapScan.uffd_features()).expect("api");
+        let mut map = memmap2::MmapMut::map_anon(2 * pages * PAGE_SIZE).expect("mmap");
+        map.fill(0);
+        let start = map.as_ptr() as u64;
+        let len = map.len() as u64;
+        uffd.register_wp(start, len).expect("register");
+        uffd.write_protect(start, len).expect("arm");
+        for i in 0..pages {
+            map[2 * i * PAGE_SIZE] = 1;
+        }
+        std::hint::black_box(&mut map);
+        let pm = File::open("/proc/self/pagemap").expect("pagemap");
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        collect(&pm, start, start + len, &mut buf, &mut out).expect("collect");
+        assert_eq!(out.len(), pages);
+        for (i, (s, e)) in out.iter().enumerate() {
+            assert_eq!(*s, start + (2 * i * PAGE_SIZE) as u64);
+            assert_eq!(*e, s + PAGE_SIZE as u64);
+        }
+        out.clear();
+        collect(&pm, start, start + len, &mut buf, &mut out).expect("collect");
+        assert!(out.is_empty(), "re-armed");
+        uffd.unregister(start, len).expect("unregister");
+    }
+}

@@ -1,0 +1,190 @@
+//! The `periodic=MS` policy: one daemon-wide timer thread, whatever the number of clients
+//! and mirrors. It only keeps the deadlines; each due collection runs as a job on the worker
+//! pool, and a mirror whose previous collection is still running skips a beat rather than
+//! piling jobs up.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+
+use crate::workers::Job;
+
+/// What the timer collects for.
+pub trait PeriodicTarget: Send + Sync {
+    /// Collects the written pages of mirror `mirror`. Returns false once the mirror is gone
+    /// or no longer periodic (the timer then forgets it).
+    fn periodic_sync(&self, mirror: u64) -> bool;
+}
+
+struct Entry {
+    target: Weak<dyn PeriodicTarget>,
+    mirror: u64,
+    period: Duration,
+    busy: Arc<AtomicBool>,
+    /// Set by a job that found the mirror gone.
+    gone: Arc<AtomicBool>,
+}
+
+/// The timer.
+pub struct Periodic {
+    tx: Mutex<Option<Sender<Entry>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Periodic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Periodic").finish_non_exhaustive()
+    }
+}
+
+impl Periodic {
+    /// Starts the timer thread; due collections go to `jobs`.
+    pub fn start(jobs: Sender<Job>) -> std::io::Result<Periodic> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Entry>();
+        let thread = std::thread::Builder::new()
+            .name("dirty-timer".into())
+            .spawn(move || {
+                let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+                let mut entries: HashMap<u64, Entry> = HashMap::new();
+                let mut next_key = 0u64;
+                loop {
+                    let wait = due
+                        .peek()
+                        .map_or(Duration::from_secs(3600), |Reverse((t, _))| {
+                            t.saturating_duration_since(Instant::now())
+                        });
+                    match rx.recv_timeout(wait) {
+                        Ok(e) => {
+                            due.push(Reverse((Instant::now() + e.period, next_key)));
+                            entries.insert(next_key, e);
+                            next_key += 1;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    let now = Instant::now();
+                    while let Some(&Reverse((t, key))) = due.peek() {
+                        if t > now {
+                            break;
+                        }
+                        due.pop();
+                        let Some(e) = entries.get(&key) else { continue };
+                        let Some(target) = e.target.upgrade() else {
+                            entries.remove(&key);
+                            continue;
+                        };
+                        // A job sets `gone` before it clears `busy`: once `busy` is ours,
+                        // `gone` is final.
+                        if !e.busy.swap(true, SeqCst) {
+                            if e.gone.load(SeqCst) {
+                                entries.remove(&key);
+                                continue;
+                            }
+                            let (busy, gone, mirror) =
+                                (Arc::clone(&e.busy), Arc::clone(&e.gone), e.mirror);
+                            let job: Job = Box::new(move || {
+                                if !target.periodic_sync(mirror) {
+                                    gone.store(true, SeqCst);
+                                }
+                                busy.store(false, SeqCst);
+                            });
+                            if jobs.send(job).is_err() {
+                                return;
+                            }
+                        }
+                        // The next beat counts from now if this one came late.
+                        due.push(Reverse(((t + e.period).max(now), key)));
+                    }
+                }
+            })?;
+        Ok(Periodic {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Collects mirror `mirror` of `target` every `period` until it reports the mirror gone
+    /// or `target` is dropped.
+    pub fn add(&self, target: Weak<dyn PeriodicTarget>, mirror: u64, period: Duration) {
+        let e = Entry {
+            target,
+            mirror,
+            period: period.max(Duration::from_millis(1)),
+            busy: Arc::default(),
+            gone: Arc::default(),
+        };
+        if let Some(tx) = &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Stops the thread (it holds a sender of the worker pool: stop it before joining that).
+    pub fn stop(&self) {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let t = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = t {
+            if t.join().is_err() {
+                tracing::error!("the dirty-tracking timer panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Periodic {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    struct Counter {
+        n: AtomicU64,
+        stop_after: u64,
+    }
+
+    impl PeriodicTarget for Counter {
+        fn periodic_sync(&self, mirror: u64) -> bool {
+            assert_eq!(mirror, 7);
+            self.n.fetch_add(1, Relaxed) + 1 < self.stop_after
+        }
+    }
+
+    #[test]
+    fn runs_on_the_pool_until_the_target_says_the_mirror_is_gone() {
+        let mut pool = crate::workers::Workers::start("t", 1).expect("workers");
+        let p = Periodic::start(pool.sender()).expect("timer");
+        let c = Arc::new(Counter {
+            n: AtomicU64::new(0),
+            stop_after: 3,
+        });
+        let weak: Weak<dyn PeriodicTarget> =
+            Arc::downgrade(&(Arc::clone(&c) as Arc<dyn PeriodicTarget>));
+        p.add(weak, 7, Duration::from_millis(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.n.load(Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "the timer never ran 3 times");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Told "gone" at the third run: it is forgotten, so the count stays at 3 for good
+        // once the in-flight beat (if any) is done.
+        p.stop();
+        pool.join();
+        assert_eq!(c.n.load(Relaxed), 3);
+    }
+}
