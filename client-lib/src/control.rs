@@ -11,7 +11,7 @@ use memshadow_proto::{
     INVALIDATE_NON_BLOCKING, MAX_READ,
 };
 
-use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner};
+use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner, SyncReport};
 
 /// The daemon's answer to `status`: settings as text and every counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +185,12 @@ impl Client {
             Response::Invalidated { report } => Ok(report),
             r => Err(unexpected(r)),
         }
+    }
+
+    /// Collects the pages client `pid` wrote in every one of its mirrors and invalidates
+    /// them (root, the daemon's owner, or that client itself): `memshadowctl sync --pid`.
+    pub fn sync_pid(&self, pid: i32) -> Result<SyncReport, Error> {
+        crate::sync_call(&self.inner, Request::SyncPid { pid })
     }
 
     /// Subscribes to a live stream of invalidations of client `pid` (0: every client this

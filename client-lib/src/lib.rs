@@ -4,20 +4,25 @@
 //! the daemon with the fds it needs to read this process's memory, then **closes its own
 //! copies** (G6: if the daemon dies, the kernel releases every blocked `munmap`/`madvise`).
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
-//! daemon's engines from the shadow.
+//! daemon's engines from the shadow. Writes to mirrored memory reach the shadow when the
+//! daemon collects them (dirty tracking): on [`Mirror::sync`], or as the [`Policy`] given
+//! to [`Client::attach_with`] says.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 pub use control::{event_bit, Status, Trace, TraceRecord};
 use memshadow_proto::{
-    self as proto, Request, Response, SocketError, MAX_READ, MIN_VERSION, VERSION,
+    self as proto, AttachPolicy, Request, Response, SocketError, BIND_UFFD_PRIVILEGED, MAX_READ,
+    MIN_VERSION, VERSION,
 };
 pub use memshadow_proto::{
-    AccessPath, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits, MirrorInfo,
+    AccessPath, ClientInfo, DirtyBackend, ErrorCode, EventKind, InvalidationReport, Limits,
+    MirrorInfo, SyncReport,
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
@@ -159,12 +164,45 @@ pub fn socket_path_from(
 /// `UFFD_USER_MODE_ONLY` when the process may not create a full one. `UFFDIO_API` is left
 /// to the daemon.
 pub fn create_uffd() -> Result<OwnedFd, Error> {
-    create_uffd_with(0)
-        .or_else(|e| match e.raw_os_error() {
-            Some(libc::EPERM) => create_uffd_with(UFFD_USER_MODE_ONLY),
-            _ => Err(e),
-        })
-        .map_err(Error::Uffd)
+    create_uffd_kind().map(|(fd, _)| fd)
+}
+
+/// [`create_uffd`], also saying whether the uffd is a full one (created without
+/// `UFFD_USER_MODE_ONLY`: the kernel's own accesses to write-protected pages wait for the
+/// daemon rather than fail), which the daemon needs to know to track writes with
+/// write-protect faults.
+fn create_uffd_kind() -> Result<(OwnedFd, bool), Error> {
+    match create_uffd_with(0) {
+        Ok(fd) => Ok((fd, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => create_uffd_with(UFFD_USER_MODE_ONLY)
+            .map(|fd| (fd, false))
+            .map_err(Error::Uffd),
+        Err(e) => Err(Error::Uffd(e)),
+    }
+}
+
+/// When the daemon collects the pages this process writes in an attached range, so device
+/// reads return the new bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Only on [`Mirror::sync`] (or [`Client::sync`]).
+    Manual,
+    /// Before every device read of the range (the pages read are collected first).
+    Strict,
+    /// On a timer of the daemon, with this period (1 ms to about 4.6 h).
+    Periodic(Duration),
+}
+
+impl Policy {
+    fn wire(self) -> AttachPolicy {
+        match self {
+            Policy::Manual => AttachPolicy::Manual,
+            Policy::Strict => AttachPolicy::Strict,
+            Policy::Periodic(d) => AttachPolicy::Periodic {
+                period_ms: u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1),
+            },
+        }
+    }
 }
 
 fn create_uffd_with(extra: libc::c_int) -> std::io::Result<OwnedFd> {
@@ -331,14 +369,15 @@ impl Client {
             r => return Err(unexpected(r)),
         }
         if bind {
-            let uffd = create_uffd()?;
+            let (uffd, privileged) = create_uffd_kind()?;
             let mem = open_proc("/proc/self/mem")?;
             let pagemap = open_proc("/proc/self/pagemap").ok();
             let mut fds = vec![uffd.as_fd(), mem.as_fd()];
             if let Some(p) = &pagemap {
                 fds.push(p.as_fd());
             }
-            let sent = inner.call(&Request::Bind { flags: 0 }, &fds);
+            let flags = if privileged { BIND_UFFD_PRIVILEGED } else { 0 };
+            let sent = inner.call(&Request::Bind { flags }, &fds);
             // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
             drop(fds);
             drop((uffd, mem, pagemap));
@@ -385,9 +424,26 @@ impl Client {
         self.inner.bound.map_or(0, |b| b.1)
     }
 
-    /// Mirrors `len` bytes at `ptr` (page aligned) of this process. Safe: the daemon only
-    /// reads the range, and follows it when it is unmapped, moved or discarded.
+    /// Mirrors `len` bytes at `ptr` (page aligned) of this process, with the daemon's
+    /// default collection policy (`--dirty-policy`, `manual` unless configured). Safe: the
+    /// daemon only reads the range, and follows it when it is unmapped, moved or discarded.
     pub fn attach(&self, ptr: *const u8, len: usize) -> Result<Mirror, Error> {
+        self.attach_flags(ptr, len, AttachPolicy::Default)
+    }
+
+    /// [`Client::attach`] with the collection policy `policy` for the pages this process
+    /// writes in the range. A policy other than `Manual` is refused (`ErrorCode::Unsupported`)
+    /// if the daemon has no dirty tracking for this process.
+    pub fn attach_with(&self, ptr: *const u8, len: usize, policy: Policy) -> Result<Mirror, Error> {
+        self.attach_flags(ptr, len, policy.wire())
+    }
+
+    fn attach_flags(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        policy: AttachPolicy,
+    ) -> Result<Mirror, Error> {
         let page = self.page_size().max(1);
         let addr = ptr as u64;
         if len == 0 || addr % page as u64 != 0 || len % page != 0 {
@@ -399,7 +455,7 @@ impl Client {
             &Request::Attach {
                 addr,
                 len: len as u64,
-                flags: 0,
+                flags: policy.flags(),
             },
             &[],
         )? {
@@ -429,6 +485,21 @@ impl Client {
     /// This session's counters.
     pub fn stats(&self) -> Result<Vec<(String, u64)>, Error> {
         self.counters(Request::ClientStats)
+    }
+
+    /// Collects the pages this process wrote in every mirror of this session and
+    /// invalidates them in the shadow: device reads issued after this returns see every
+    /// write made before it was called. `ErrorCode::Unsupported` if the daemon has no dirty
+    /// tracking for this process (why, in the message).
+    pub fn sync(&self) -> Result<SyncReport, Error> {
+        sync_call(&self.inner, Request::Sync { mirror_id: 0 })
+    }
+}
+
+fn sync_call(inner: &Inner, req: Request) -> Result<SyncReport, Error> {
+    match inner.call(&req, &[])? {
+        Response::Synced { report } => Ok(report),
+        r => Err(unexpected(r)),
     }
 }
 
@@ -525,6 +596,13 @@ impl Mirror {
             Response::Populated { pages } => Ok(pages),
             r => Err(unexpected(r)),
         }
+    }
+
+    /// Collects the pages this process wrote in this mirror and invalidates them in the
+    /// shadow, so device reads issued after this returns see every write made before it was
+    /// called (see [`Client::sync`]).
+    pub fn sync(&self) -> Result<SyncReport, Error> {
+        sync_call(&self.inner, Request::Sync { mirror_id: self.id })
     }
 
     /// Stops mirroring.

@@ -175,3 +175,103 @@ fn a_vanished_daemon_is_daemon_gone() {
         Err(Error::DaemonGone)
     ));
 }
+
+/// The bind flag says which uffd flavour was created; attach policies and syncs go on the
+/// wire as the protocol defines them.
+#[test]
+fn bind_flag_policies_and_sync_go_on_the_wire() {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let daemon = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        loop {
+            let Ok(f) = proto::recv(b.as_fd(), &mut buf) else {
+                return seen;
+            };
+            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
+            let resp = match &req {
+                Request::Hello { .. } => Response::HelloAck {
+                    version: VERSION,
+                    daemon_version: "t".into(),
+                    page_size: 4096,
+                    limits: Limits::default(),
+                },
+                Request::Bind { .. } => Response::Bound {
+                    access: AccessPath::MemFd,
+                    uffd_features: 0,
+                },
+                Request::Attach { flags, .. } => Response::Attached {
+                    mirror_id: u64::from(*flags),
+                },
+                Request::Sync { mirror_id } => Response::Synced {
+                    report: SyncReport {
+                        backend: DirtyBackend::PagemapScan,
+                        mirrors: *mirror_id as u32,
+                        pages_scanned: 8,
+                        pages_dirty: 1,
+                        regions: 1,
+                        scan_ns: 10,
+                        invalidate_ns: 20,
+                    },
+                },
+                Request::SyncPid { .. } => {
+                    Response::error(ErrorCode::Unsupported, "dirty tracking is off")
+                }
+                Request::Detach { .. } => Response::Detached,
+                _ => Response::error(ErrorCode::Internal, "?"),
+            };
+            seen.push(req);
+            proto::send(
+                b.as_fd(),
+                resp.msg_type(),
+                0,
+                f.header.request_id,
+                &resp.encode_payload(),
+                &[],
+            )
+            .unwrap();
+        }
+    });
+    let c = Client::from_socket(a, true).unwrap();
+    let strict = c
+        .attach_with(0x10000 as *const u8, 4096, Policy::Strict)
+        .unwrap();
+    assert_eq!(strict.id(), u64::from(AttachPolicy::Strict.flags()));
+    let periodic = c
+        .attach_with(
+            0x20000 as *const u8,
+            4096,
+            Policy::Periodic(Duration::from_millis(250)),
+        )
+        .unwrap();
+    assert_eq!(
+        AttachPolicy::from_flags(periodic.id() as u32),
+        Ok(AttachPolicy::Periodic { period_ms: 250 })
+    );
+    let plain = c.attach(0x30000 as *const u8, 4096).unwrap();
+    assert_eq!(plain.id(), 0, "the daemon's default");
+    let r = strict.sync().unwrap();
+    assert_eq!(r.mirrors as u64, strict.id(), "Sync names the mirror");
+    assert_eq!(r.backend, DirtyBackend::PagemapScan);
+    assert_eq!(c.sync().unwrap().mirrors, 0, "0: every mirror");
+    assert!(matches!(
+        c.sync_pid(42),
+        Err(Error::Daemon {
+            code: ErrorCode::Unsupported,
+            ..
+        })
+    ));
+    drop((strict, periodic, plain, c));
+    let seen = daemon.join().unwrap();
+    let privileged = create_uffd_with(0).is_ok();
+    assert!(seen.contains(&Request::Bind {
+        flags: if privileged { BIND_UFFD_PRIVILEGED } else { 0 }
+    }));
+    assert!(seen.contains(&Request::SyncPid { pid: 42 }));
+}
