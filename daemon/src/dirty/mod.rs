@@ -137,7 +137,8 @@ pub struct DirtyCounters {
     pub scans: AtomicU64,
     /// Pages whose written state was looked at.
     pub pages_scanned: AtomicU64,
-    /// Pages found written (and invalidated).
+    /// Pages found written (and invalidated); for `uffd-wp`, pages whose write faults were
+    /// handled.
     pub pages_dirty: AtomicU64,
     /// Time spent scanning and re-arming, ns.
     pub scan_ns: AtomicU64,
@@ -397,6 +398,7 @@ impl ClientDirty {
     /// Counts a write-protect fault handled (`uffd-wp`).
     pub fn wp_fault(&self) {
         self.bump(|c| &c.wp_faults, 1);
+        self.bump(|c| &c.pages_dirty, 1);
         self.faults_since_sync.fetch_add(1, Relaxed);
     }
 
