@@ -178,8 +178,14 @@ pub struct TestClient {
 impl TestClient {
     /// Starts a client connected to `socket`.
     pub fn start(socket: &Path) -> TestClient {
+        TestClient::start_with(socket, &[])
+    }
+
+    /// Starts a client connected to `socket`, with extra arguments (e.g. `--uid 65534`).
+    pub fn start_with(socket: &Path, args: &[&str]) -> TestClient {
         let mut child = Command::new(binary("test-client"))
             .arg(socket)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

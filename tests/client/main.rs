@@ -1,6 +1,7 @@
 //! `test-client`: a real memshadow client process for the integration tests, driven one
 //! command per line on stdin, answering one line (`ok ...` / `err ...`) on stdout.
-//! Usage: `test-client SOCKET`.
+//! Usage: `test-client SOCKET [--uid UID]` (`--uid`: drop to that uid and gid first, as an
+//! unprivileged client would run).
 
 #![allow(clippy::print_stdout)]
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memshadow::{Client, Error, Mirror};
+use memshadow::{Client, Error, Mirror, Policy, SyncReport};
 
 const P: usize = 4096;
 
@@ -53,6 +54,102 @@ impl Map {
             addr: p as usize,
             len,
         })
+    }
+
+    /// A 2 MiB-aligned anonymous mapping with `MADV_HUGEPAGE`, so it can be backed by
+    /// transparent huge pages (the slack around it stays mapped and unused).
+    fn new_thp(pages: usize) -> Result<Map, String> {
+        const HUGE: usize = 2 << 20;
+        let len = pages * P;
+        // SAFETY: a fresh anonymous reservation chosen by the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + HUGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let m = Map {
+            addr: (p as usize).next_multiple_of(HUGE),
+            len,
+        };
+        m.madvise(libc::MADV_HUGEPAGE)?;
+        Ok(m)
+    }
+
+    /// Writes `len` bytes of `byte` at `off` (a plain CPU write).
+    fn write(&self, off: usize, len: usize, byte: u8) -> Result<(), String> {
+        if off.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err("outside the map".into());
+        }
+        // SAFETY: inside our own writable mapping (checked above).
+        unsafe { std::ptr::write_bytes((self.addr + off) as *mut u8, byte, len) };
+        Ok(())
+    }
+
+    /// Writes `len` bytes of `byte` at `off` through the kernel: `read(2)` from a pipe into
+    /// the mapping (a kernel access, which a write-protected page of a user-mode-only uffd
+    /// would fail with `EFAULT`).
+    fn kernel_write(&self, off: usize, len: usize, byte: u8) -> Result<(), String> {
+        if off.checked_add(len).is_none_or(|e| e > self.len) || len > 65536 {
+            return Err("outside the map, or more than a pipe holds".into());
+        }
+        let (r, w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+        nix::unistd::write(&w, &vec![byte; len]).map_err(|e| e.to_string())?;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the destination is inside our own writable mapping (checked above).
+            let n = unsafe {
+                libc::read(
+                    std::os::fd::AsRawFd::as_raw_fd(&r),
+                    (self.addr + off + done) as *mut libc::c_void,
+                    len - done,
+                )
+            };
+            if n <= 0 {
+                return Err(format!(
+                    "read(2) into the mapping: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// `AnonHugePages` of the mapping's VMA, in kB (from `/proc/self/smaps`).
+    fn anon_huge_kb(&self) -> Result<u64, String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| e.to_string())?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = a <= self.addr && self.addr < b;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("AnonHugePages:") {
+                    return v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse()
+                        .map_err(|e| format!("{e}"));
+                }
+            }
+        }
+        Err("mapping not found in smaps".into())
     }
 
     fn fill(&self, byte: u8) {
@@ -164,8 +261,53 @@ struct Churn {
     max_us: Arc<AtomicU64>,
 }
 
+fn sync_answer(r: Result<SyncReport, Error>) -> Result<String, String> {
+    let r = r.map_err(|e| e.to_string())?;
+    Ok(format!(
+        "backend={} mirrors={} pages_scanned={} pages_dirty={} regions={} scan_ns={}",
+        r.backend.as_str(),
+        r.mirrors,
+        r.pages_scanned,
+        r.pages_dirty,
+        r.regions,
+        r.scan_ns
+    ))
+}
+
+fn policy(s: &str) -> Result<Policy, String> {
+    match s {
+        "manual" => Ok(Policy::Manual),
+        "strict" => Ok(Policy::Strict),
+        _ => s
+            .strip_prefix("periodic=")
+            .and_then(|ms| ms.parse().ok())
+            .map(|ms| Policy::Periodic(Duration::from_millis(ms)))
+            .ok_or(format!("unknown policy {s}")),
+    }
+}
+
+/// Drops to `uid` (and the same gid) like an unprivileged client, staying dumpable so the
+/// process may open its own `/proc/self/mem` and `pagemap` (DESIGN.md §7).
+fn become_uid(uid: u32) -> Result<(), String> {
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(|e| format!("setgid: {e}"))?;
+    nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
+    nix::sys::prctl::set_dumpable(true).map_err(|e| format!("PR_SET_DUMPABLE: {e}"))
+}
+
 fn run() -> Result<(), String> {
-    let socket = std::env::args().nth(1).ok_or("usage: test-client SOCKET")?;
+    let args: Vec<String> = std::env::args().collect();
+    let socket = args
+        .get(1)
+        .cloned()
+        .ok_or("usage: test-client SOCKET [--uid UID]")?;
+    if let Some(i) = args.iter().position(|a| a == "--uid") {
+        let uid = args
+            .get(i + 1)
+            .and_then(|u| u.parse().ok())
+            .ok_or("--uid takes a number")?;
+        become_uid(uid)?;
+    }
     let client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
     let mut maps: HashMap<String, (Map, Option<Mirror>)> = HashMap::new();
     let mut churn: Option<Churn> = None;
@@ -181,7 +323,11 @@ fn run() -> Result<(), String> {
             Ok(match arg(0)? {
                 "ping" => String::new(),
                 "map" => {
-                    let m = Map::new(num(2)? as usize, arg(3).unwrap_or("anon") == "shm")?;
+                    let pages = num(2)? as usize;
+                    let m = match arg(3).unwrap_or("anon") {
+                        "thp" => Map::new_thp(pages)?,
+                        kind => Map::new(pages, kind == "shm")?,
+                    };
                     let a = format!("addr={:#x}", m.addr);
                     maps.insert(arg(1)?.into(), (m, None));
                     a
@@ -209,6 +355,60 @@ fn run() -> Result<(), String> {
                         .attach(addr as *const u8, num(2)? as usize)
                         .map_err(|e| e.to_string())?;
                     format!("id={}", m.id())
+                }
+                "attach-policy" => {
+                    let (m, mirror) = maps.get_mut(arg(1)?).ok_or("no such map")?;
+                    let x = client
+                        .attach_with(m.addr as *const u8, m.len, policy(arg(2)?)?)
+                        .map_err(|e| e.to_string())?;
+                    let id = x.id();
+                    *mirror = Some(x);
+                    format!("id={id}")
+                }
+                "write" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    m.write(num(2)? as usize, num(3)? as usize, num(4)? as u8)?;
+                    String::new()
+                }
+                "kernel-write" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    m.kernel_write(num(2)? as usize, num(3)? as usize, num(4)? as u8)?;
+                    String::new()
+                }
+                "sync" => {
+                    let (_, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
+                    sync_answer(mirror.as_ref().ok_or("not attached")?.sync())?
+                }
+                "sync-all" => sync_answer(client.sync())?,
+                "sync-pid" => sync_answer(
+                    client.sync_pid(arg(1)?.parse::<i32>().map_err(|e| e.to_string())?),
+                )?,
+                "thp" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    format!("anon_huge_kb={}", m.anon_huge_kb()?)
+                }
+                "madvise-range" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let (off, len) = (num(2)? as usize, num(3)? as usize);
+                    if off.checked_add(len).is_none_or(|e| e > m.len) {
+                        return Err("outside the map".into());
+                    }
+                    let part = Map {
+                        addr: m.addr + off,
+                        len,
+                    };
+                    part.madvise(libc::MADV_DONTNEED)?;
+                    String::new()
+                }
+                "mirror-pages" => {
+                    let (_, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let id = mirror.as_ref().ok_or("not attached")?.id();
+                    let list = client.list_mirrors().map_err(|e| e.to_string())?;
+                    let m = list
+                        .iter()
+                        .find(|m| m.id == id)
+                        .ok_or("mirror not listed")?;
+                    format!("pages={} state={}", m.pages, m.state.replace(' ', "_"))
                 }
                 "populate" => {
                     let (m, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
