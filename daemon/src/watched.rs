@@ -19,6 +19,9 @@ use crate::sys::PAGE_SIZE;
 /// with 5-level paging); anything above is a kernel address and refused outright.
 pub const USER_ADDR_END: u64 = 1 << 56;
 
+/// Invalidations of written pages begun per hold of the access lock.
+const INVALIDATE_BATCH: usize = 256;
+
 /// Errors of a bound client's operations.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -498,12 +501,13 @@ impl Watched {
             self.dirty
                 .collect(&mut guard, self.pagemap.as_ref(), ranges, &mut found)?;
         // Begin every invalidation before releasing the collection lock: a collection that
-        // runs next and finds nothing must not let its read overtake these.
+        // runs next and finds nothing must not let its read overtake these. The access lock
+        // (which the event reader needs) is taken per batch, not for all of them.
         let t = Instant::now();
         let mut begun = Vec::with_capacity(found.len());
-        {
+        for batch in found.chunks(INVALIDATE_BATCH) {
             let g = self.device.lock_access();
-            for &(s, e) in &found {
+            for &(s, e) in batch {
                 let Ok(range) = Range::from_bounds(s, e) else {
                     continue;
                 };

@@ -407,8 +407,20 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
             }
         }),
         any::<u32>().prop_map(|flags| Request::Bind { flags }),
-        (addr, len, prop_oneof![Just(0u32), any::<u32>()])
+        (
+            addr,
+            len,
+            prop_oneof![
+                Just(0u32),
+                Just(memshadow_proto::AttachPolicy::Strict.flags()),
+                Just(memshadow_proto::AttachPolicy::Periodic { period_ms: 1 }.flags()),
+                any::<u32>()
+            ]
+        )
             .prop_map(|(addr, len, flags)| Request::Attach { addr, len, flags }),
+        (0u64..4).prop_map(|mirror_id| Request::Sync { mirror_id }),
+        prop_oneof![Just(std::process::id() as i32), any::<i32>()]
+            .prop_map(|pid| Request::SyncPid { pid }),
         (0u64..4).prop_map(|mirror_id| Request::Detach { mirror_id }),
         (
             0u64..4,
