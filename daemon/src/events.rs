@@ -4,7 +4,7 @@
 //! never waits for a flush while each invalidation stays open until its finish is done.
 //! The reader never waits on anything a client can hold: not its socket, not its memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -19,6 +19,8 @@ use crate::workers::Job;
 
 /// Events read from one uffd at most per batch.
 pub const BATCH: usize = 64;
+/// How soon the reader retries un-protects of write faults that met `EAGAIN` (ms).
+const WAKE_RETRY_MS: u16 = 1;
 const STOP: u64 = u64::MAX;
 
 /// Errors of the event source.
@@ -166,8 +168,15 @@ fn reader_loop(
     let mut events = vec![EpollEvent::empty(); 64];
     let mut buf = userfaultfd::EventBuffer::new(BATCH);
     let mut scratch = Vec::with_capacity(BATCH);
+    // Clients with write faults whose un-protect must be retried (uffd-wp tracking).
+    let mut waking: HashSet<u64> = HashSet::new();
     loop {
-        let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+        let timeout = if waking.is_empty() {
+            EpollTimeout::NONE
+        } else {
+            EpollTimeout::from(WAKE_RETRY_MS)
+        };
+        let n = match epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => continue,
             Err(e) => {
@@ -200,6 +209,9 @@ fn reader_loop(
             }
             let mut out = Deferred::default();
             match w.read_events(&mut buf, &mut scratch, &mut out) {
+                Ok(_) if w.has_pending_wakes() => {
+                    waking.insert(id);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(client = id, error = %e, "reading userfaultfd events failed; releasing the client");
@@ -225,6 +237,10 @@ fn reader_loop(
                     tracing::debug!(client = id, "no workers left to detach retired mirrors");
                 }
             }
+        }
+        if !waking.is_empty() {
+            let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
+            waking.retain(|id| reg.get(id).is_some_and(|w| w.retry_wakes()));
         }
     }
 }

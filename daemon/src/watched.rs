@@ -666,6 +666,7 @@ impl Watched {
         let r = self.with_uffd(|u| u.unprotect(page, PAGE_SIZE as u64, true));
         match r {
             Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
+                self.dirty.bump(|c| &c.wake_retries, 1);
                 lock(&self.pending_wake).push(page);
             }
             Some(Err(e)) => {
@@ -675,11 +676,20 @@ impl Watched {
         }
     }
 
-    fn retry_wakes(&self) {
+    /// True while un-protects of write faults wait for a retry.
+    pub fn has_pending_wakes(&self) -> bool {
+        !lock(&self.pending_wake).is_empty()
+    }
+
+    /// Retries the un-protects that met `EAGAIN`; true if some are still pending. The event
+    /// reader calls it again soon while that is so: the unread event that caused `EAGAIN`
+    /// is only counted done once the client thread that raised it ran again, after the read.
+    pub fn retry_wakes(&self) -> bool {
         let pages = std::mem::take(&mut *lock(&self.pending_wake));
         for p in pages {
             self.unprotect_and_wake(p);
         }
+        !lock(&self.pending_wake).is_empty()
     }
 
     fn apply(&self, guard: &AccessGuard<'_>, ev: UffdEvent, out: &mut Deferred) {

@@ -148,6 +148,8 @@ pub struct DirtyCounters {
     pub arms: AtomicU64,
     /// Syncs asked for (`Sync`, `SyncPid`, strict reads, the periodic timer).
     pub syncs: AtomicU64,
+    /// Un-protects of faulted pages deferred because events were unread (`EAGAIN`).
+    pub wake_retries: AtomicU64,
 }
 
 impl DirtyCounters {
@@ -161,6 +163,7 @@ impl DirtyCounters {
             ("wp_faults", &self.wp_faults),
             ("arms", &self.arms),
             ("syncs", &self.syncs),
+            ("wake_retries", &self.wake_retries),
         ]
         .into_iter()
         .map(|(n, c)| (format!("{prefix}{n}"), c.load(Relaxed)))
