@@ -410,3 +410,28 @@ fn uffd_wp_survives_address_space_churn() {
     );
     assert_eq!(s["device.g2_violations"], 0);
 }
+
+/// `--dirty-policy` is the policy of a plain attach: `strict` makes reads collect without
+/// any sync; without tracking a plain attach still works (as `manual`).
+#[test]
+fn the_daemons_default_policy_applies_to_plain_attaches() {
+    let d = Daemon::start(&["--dirty-policy", "strict"]);
+    assert_eq!(info(&d)["dirty.policy"], "strict");
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok("map a 8 anon");
+    c.expect_ok("fill a 1");
+    c.expect_ok("attach a");
+    assert!(c.expect_ok("mirror-pages a").contains("strict"));
+    assert_eq!(uniform(&mut c, "a", 0, 8 * P), "1");
+    c.expect_ok(&format!("write a {P} {P} 2"));
+    assert_eq!(uniform(&mut c, "a", P, P), "2");
+    drop((c, d));
+
+    let d = Daemon::start(&["--dirty-policy", "strict", "--dirty-tracking", "off"]);
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok("map a 8 anon");
+    c.expect_ok("fill a 1");
+    c.expect_ok("attach a");
+    assert!(!c.expect_ok("mirror-pages a").contains("strict"));
+    assert_eq!(uniform(&mut c, "a", 0, 8 * P), "1");
+}

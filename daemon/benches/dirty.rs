@@ -11,12 +11,15 @@
 //! * baseline: `pread` of the range's pagemap words and a pass that counts the present pages
 //!   without the uffd-wp bit (the same "written" test); it re-arms nothing.
 //!
-//! Memory: the 1 GiB range (0.25 GiB with `--quick`) is anonymous, fully populated, with
-//! `MADV_NOHUGEPAGE` (4 KiB PTEs everywhere: the walk's worst case; THP would shorten it).
-//! The 16 GiB range (2 GiB with `--quick`) is virtual: an anonymous `MAP_NORESERVE` mapping
-//! in which only one page per 2 MiB is touched (so every page table exists and both walks
-//! cover all of its PTEs), plus the pages the benchmark writes; it is reset between
-//! repetitions so at most one repetition's writes are resident.
+//! Memory (4 KiB PTEs everywhere, `MADV_NOHUGEPAGE`: THP would shorten the scan):
+//! * 1 GiB dense (0.25 GiB with `--quick`): anonymous, every page populated;
+//! * 16 GiB virtual (2 GiB with `--quick`): an anonymous `MAP_NORESERVE` mapping in which
+//!   only one page per 2 MiB is touched (every page table exists; arming fills the rest
+//!   with uffd-wp markers), plus the pages the benchmark writes; reset between repetitions
+//!   so at most one repetition's writes are resident;
+//! * 16 GiB aliased (2 GiB with `--quick`): one 1 GiB memfd (256 MiB) mapped `MAP_SHARED`
+//!   16 (8) times side by side, every PTE present, so a dense 16 GiB range costs 1 GiB of
+//!   RAM (a write is counted per PTE: each alias has its own write-protect bit).
 //!
 //! `cargo bench -p memshadow-daemon --bench dirty [-- --quick]`; rows in
 //! `target/memshadow-bench/dirty.json`.
@@ -38,33 +41,95 @@ use memshadow_daemon::sys::PAGE_SIZE;
 const P: usize = PAGE_SIZE;
 const HUGE: usize = 2 << 20;
 
-/// A private anonymous mapping of our own.
+/// How the measured range is backed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Anonymous, every page populated (`MADV_NOHUGEPAGE`).
+    Dense,
+    /// Anonymous `MAP_NORESERVE`, one page touched per 2 MiB (every page table exists).
+    Virtual,
+    /// One memfd of `ALIAS` bytes mapped again and again over the range (`MAP_SHARED`):
+    /// every PTE present, physical memory only `ALIAS`.
+    Aliased,
+}
+
+impl Layout {
+    fn as_str(self) -> &'static str {
+        match self {
+            Layout::Dense => "dense",
+            Layout::Virtual => "virtual",
+            Layout::Aliased => "aliased",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Layout::Dense => "anonymous, every page populated, MADV_NOHUGEPAGE",
+            Layout::Virtual => {
+                "anonymous MAP_NORESERVE, one page touched per 2 MiB plus the pages written"
+            }
+            Layout::Aliased => {
+                "a 1 GiB memfd (256 MiB with --quick) mapped MAP_SHARED over and over, every PTE present"
+            }
+        }
+    }
+}
+
+/// The size of the memfd an aliased range repeats.
+fn alias_len(quick: bool) -> usize {
+    if quick {
+        256 << 20
+    } else {
+        1 << 30
+    }
+}
+
+/// A mapping of our own.
 struct Region {
     addr: usize,
     len: usize,
-    sparse: bool,
+    layout: Layout,
+}
+
+fn mmap(addr: usize, len: usize, flags: libc::c_int, fd: libc::c_int) -> usize {
+    // SAFETY: a fresh mapping, or one replacing (MAP_FIXED) part of our own reservation
+    // that nothing refers to yet.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap of {len} bytes");
+    p as usize
 }
 
 impl Region {
-    fn new(len: usize, sparse: bool) -> Region {
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh anonymous mapping chosen by the kernel.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
+    fn new(len: usize, layout: Layout, alias: usize) -> Region {
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let addr = mmap(0, len, anon, -1);
+        let r = Region { addr, len, layout };
+        if layout == Layout::Aliased {
+            use std::os::fd::AsRawFd;
+            let fd = nix::sys::memfd::memfd_create(
+                "dirty-bench",
+                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
             )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap of {len} bytes");
-        let r = Region {
-            addr: p as usize,
-            len,
-            sparse,
-        };
+            .unwrap();
+            nix::unistd::ftruncate(&fd, alias as i64).unwrap();
+            for off in (0..len).step_by(alias) {
+                mmap(
+                    addr + off,
+                    alias,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd.as_raw_fd(),
+                );
+            }
+        }
         r.madvise(libc::MADV_NOHUGEPAGE);
         r.populate();
         r
@@ -80,9 +145,14 @@ impl Region {
         assert_eq!(r, 0, "madvise {advice}");
     }
 
-    /// Dense: every page written; sparse: one page per 2 MiB.
+    /// Dense and aliased: every page written (so every PTE is present); virtual: one page
+    /// per 2 MiB.
     fn populate(&self) {
-        let step = if self.sparse { HUGE } else { P };
+        let step = if self.layout == Layout::Virtual {
+            HUGE
+        } else {
+            P
+        };
         for off in (0..self.len).step_by(step) {
             self.write_page(off / P, 1);
         }
@@ -93,7 +163,7 @@ impl Region {
         unsafe { std::ptr::write_volatile((self.addr + page * P + 8) as *mut u8, byte) };
     }
 
-    /// Drops every page (sparse only, between repetitions) and touches the pattern again.
+    /// Drops every page (virtual only, between repetitions) and touches the pattern again.
     fn reset(&self) {
         self.madvise(libc::MADV_DONTNEED);
         self.populate();
@@ -211,6 +281,7 @@ enum Tracker {
 
 struct Row {
     backend: &'static str,
+    layout: Layout,
     gib: f64,
     dirty_pct: f64,
     dirty_pages: usize,
@@ -232,8 +303,8 @@ fn arm(uffd: &Uffd, r: &Region) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-fn run(backend: Backend, bytes: usize, sparse: bool, reps: usize, pm: &File) -> Vec<Row> {
-    let r = Region::new(bytes, sparse);
+fn run(backend: Backend, bytes: usize, layout: Layout, reps: usize, pm: &File) -> Vec<Row> {
+    let r = Region::new(bytes, layout, alias_len(common::quick()));
     let (uffd, _) = Uffd::create().unwrap();
     uffd.api(backend.uffd_features()).unwrap();
     uffd.set_nonblocking().unwrap();
@@ -255,7 +326,7 @@ fn run(backend: Backend, bytes: usize, sparse: bool, reps: usize, pm: &File) -> 
         let (mut scans, mut reads, mut writes) = (Vec::new(), Vec::new(), Vec::new());
         let mut regions = 0;
         for rep in 0..reps {
-            if sparse && rep + rows.len() > 0 {
+            if layout == Layout::Virtual && rep + rows.len() > 0 {
                 // Only one repetition's writes resident at a time.
                 r.reset();
                 arm(&uffd, &r);
@@ -324,6 +395,7 @@ fn run(backend: Backend, bytes: usize, sparse: bool, reps: usize, pm: &File) -> 
         let (scan_us, pagemap_read_us) = (median(scans), median(reads));
         rows.push(Row {
             backend: backend.as_str(),
+            layout,
             gib,
             dirty_pct: pct,
             dirty_pages: count,
@@ -342,10 +414,19 @@ fn run(backend: Backend, bytes: usize, sparse: bool, reps: usize, pm: &File) -> 
 fn main() {
     let quick = common::quick();
     let pm = File::open("/proc/self/pagemap").unwrap();
-    let sizes: [(usize, bool, usize); 2] = if quick {
-        [(256 << 20, false, 1), (2 << 30, true, 1)]
+    // (bytes, layout, repetitions for pagemap-scan, for uffd-wp: each write faults).
+    let sizes: [(usize, Layout, usize, usize); 3] = if quick {
+        [
+            (256 << 20, Layout::Dense, 1, 1),
+            (2 << 30, Layout::Virtual, 1, 1),
+            (2 << 30, Layout::Aliased, 1, 1),
+        ]
     } else {
-        [(1 << 30, false, 5), (16 << 30, true, 3)]
+        [
+            (1 << 30, Layout::Dense, 5, 5),
+            (16 << 30, Layout::Virtual, 3, 1),
+            (16 << 30, Layout::Aliased, 3, 1),
+        ]
     };
     let mut rows = Vec::new();
     for b in Backend::ALL {
@@ -353,14 +434,20 @@ fn main() {
             println!("{}: skipped, unavailable here: {why}", b.as_str());
             continue;
         }
-        for (bytes, sparse, reps) in sizes {
+        for (bytes, layout, scan_reps, wp_reps) in sizes {
+            let reps = if b == Backend::UffdWp {
+                wp_reps
+            } else {
+                scan_reps
+            };
             let t = Instant::now();
-            rows.extend(run(b, bytes, sparse, reps, &pm));
+            rows.extend(run(b, bytes, layout, reps, &pm));
             println!(
-                "{} over {} GiB ({}): {:.1} s",
+                "{} over {} GiB ({}, {} reps): {:.1} s",
                 b.as_str(),
                 bytes as f64 / (1u64 << 30) as f64,
-                if sparse { "virtual" } else { "dense" },
+                layout.as_str(),
+                reps,
                 t.elapsed().as_secs_f64()
             );
         }
@@ -371,6 +458,7 @@ fn main() {
             vec![
                 r.backend.into(),
                 format!("{}", r.gib),
+                r.layout.as_str().into(),
                 format!("{}", r.dirty_pct),
                 r.dirty_pages.to_string(),
                 r.regions.to_string(),
@@ -384,13 +472,13 @@ fn main() {
         .collect();
     common::print_table(
         &format!(
-            "find + re-arm written pages vs a full /proc/PID/pagemap read (median of {} reps{})",
-            if quick { 1 } else { 5 },
-            if quick { ", --quick" } else { "; 3 for 16 GiB" }
+            "find + re-arm written pages vs a full /proc/PID/pagemap read (median of the reps above{})",
+            if quick { ", --quick" } else { "" }
         ),
         &[
             "backend",
             "GiB",
+            "layout",
             "dirty %",
             "dirty pages",
             "runs",
@@ -408,8 +496,9 @@ fn main() {
     {
         let s = r.pagemap_read_us / r.scan_us;
         println!(
-            "goal (pagemap-scan >= 10x a full pagemap read at 1 % dirty), {} GiB: {:.1}x {}",
+            "goal (pagemap-scan >= 10x a full pagemap read at 1 % dirty), {} GiB {}: {:.1}x {}",
             r.gib,
+            r.layout.as_str(),
             s,
             if s >= 10.0 { "met" } else { "NOT met" }
         );
@@ -428,7 +517,8 @@ fn main() {
                 "speedup": r.pagemap_read_us / r.scan_us,
                 "write_us_per_page": r.write_us_per_page,
                 "arm_us": r.arm_us,
-                "layout": if r.gib >= 2.0 { "virtual: MAP_NORESERVE, one page touched per 2 MiB, plus the pages written" } else { "dense: every page populated, MADV_NOHUGEPAGE" },
+                "layout": r.layout.as_str(),
+                "layout_detail": r.layout.describe(),
                 "quick": quick,
             })
         })
