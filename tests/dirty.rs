@@ -35,6 +35,19 @@ fn uniform(c: &mut TestClient, map: &str, off: u64, len: u64) -> String {
     fields(&c.expect_ok(&format!("read {map} {off} {len}")))["uniform"].clone()
 }
 
+/// Writes `len` bytes of `byte` into process `pid` at `addr` with `process_vm_writev`.
+fn remote_write(pid: i32, addr: u64, len: usize, byte: u8) {
+    let data = vec![byte; len];
+    let local = [std::io::IoSlice::new(&data)];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let n =
+        nix::sys::uio::process_vm_writev(nix::unistd::Pid::from_raw(pid), &local, &remote).unwrap();
+    assert_eq!(n, len);
+}
+
 /// Every page of `pages` pages of `map` reads as `expect(page)` through the device.
 fn check_pages(c: &mut TestClient, map: &str, pages: u64, expect: impl Fn(u64) -> u8) {
     for p in 0..pages {
@@ -48,8 +61,9 @@ fn check_pages(c: &mut TestClient, map: &str, pages: u64, expect: impl Fn(u64) -
 
 /// Per working back end, anonymous and memfd (shmem) memory: a write after mirroring
 /// reaches the device once collected by `sync` (and, with pagemap-scan, not before: the
-/// read in between is stale, which is what `sync` exists to fix); `strict` collects before
-/// each read without any `sync`.
+/// read in between is stale, which is what `sync` exists to fix), whether the CPU, the
+/// kernel (`read(2)` into the page) or another process (`process_vm_writev`) wrote it;
+/// `strict` collects before each read without any `sync`.
 #[test]
 fn writes_reach_the_device_after_sync_for_each_backend() {
     for backend in WORKING {
@@ -62,7 +76,7 @@ fn writes_reach_the_device_after_sync_for_each_backend() {
             "the client got {backend}"
         );
         for kind in ["anon", "shm"] {
-            c.expect_ok(&format!("map {kind} 16 {kind}"));
+            let addr = fields(&c.expect_ok(&format!("map {kind} 16 {kind}")))["addr"].clone();
             c.expect_ok(&format!("fill {kind} 1"));
             c.expect_ok(&format!("attach {kind}"));
             assert_eq!(uniform(&mut c, kind, 0, 16 * P), "1");
@@ -91,6 +105,13 @@ fn writes_reach_the_device_after_sync_for_each_backend() {
             let r = fields(&c.expect_ok(&format!("sync {kind}")));
             assert_eq!(n(&r, "pages_dirty"), 1, "{backend} {kind}: {r:?}");
             assert_eq!(uniform(&mut c, kind, 5 * P, P), "9");
+            // Memory changed by another process (process_vm_writev, as root): no uffd event,
+            // only dirty tracking sees it (DESIGN.md §6).
+            let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap();
+            remote_write(c.pid(), addr + 7 * P, P as usize, 11);
+            let r = fields(&c.expect_ok(&format!("sync {kind}")));
+            assert_eq!(n(&r, "pages_dirty"), 1, "{backend} {kind}: {r:?}");
+            assert_eq!(uniform(&mut c, kind, 7 * P, P), "11");
         }
         // strict: the read collects its pages first; no sync anywhere.
         for kind in ["anon", "shm"] {
