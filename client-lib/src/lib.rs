@@ -63,6 +63,9 @@ pub enum Error {
     /// No such mirror.
     #[error("no such mirror: {0}")]
     NoSuchMirror(String),
+    /// No bound client with that pid.
+    #[error("no such client: {0}")]
+    NoSuchClient(String),
     /// A quota of this client would be exceeded.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
@@ -102,6 +105,7 @@ impl Error {
         match code {
             ErrorCode::NotMirrored => Error::NotMirrored(message),
             ErrorCode::NoSuchMirror => Error::NoSuchMirror(message),
+            ErrorCode::NoSuchClient => Error::NoSuchClient(message),
             ErrorCode::QuotaExceeded => Error::QuotaExceeded(message),
             ErrorCode::AlreadyWatched => Error::AlreadyWatched(message),
             ErrorCode::BadRange => Error::BadRange(message),

@@ -495,6 +495,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A daemon-side failure.
     Internal,
+    /// No bound client with that pid.
+    NoSuchClient,
     /// A code this version does not know.
     Other(u16),
 }
@@ -518,13 +520,14 @@ impl ErrorCode {
             ErrorCode::AccessFailed => 13,
             ErrorCode::ShuttingDown => 14,
             ErrorCode::Internal => 15,
+            ErrorCode::NoSuchClient => 16,
             ErrorCode::Other(c) => c,
         }
     }
 
     /// From the wire value.
     pub fn from_code(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 15] = [
+        const KNOWN: [ErrorCode; 16] = [
             ErrorCode::BadMessage,
             ErrorCode::ProtocolVersion,
             ErrorCode::OutOfOrder,
@@ -540,6 +543,7 @@ impl ErrorCode {
             ErrorCode::AccessFailed,
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
+            ErrorCode::NoSuchClient,
         ];
         KNOWN
             .into_iter()

@@ -270,7 +270,12 @@ fn invalidate(
 fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Response {
     let pid = match pid {
         0 if privileged(core, s) => None,
-        0 => Some(s.peer.pid),
+        0 => {
+            return err(
+                ErrorCode::PermissionDenied,
+                "tracing every client is for root or the daemon's owner (trace your own pid)",
+            )
+        }
         p if p == s.peer.pid || privileged(core, s) => Some(p),
         p => {
             return err(
