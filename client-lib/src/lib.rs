@@ -4,7 +4,7 @@
 //! the daemon with the fds it needs to read this process's memory, then **closes its own
 //! copies** (G6: if the daemon dies, the kernel releases every blocked `munmap`/`madvise`).
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
-//! daemon's engines from the shadow.
+//! daemon's engines from the shadow. The C ABI over this API is in [`ffi`].
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -22,6 +22,7 @@ pub use memshadow_proto::{
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
+pub mod ffi;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
