@@ -109,6 +109,10 @@ enum memshadow_status
      * A socket error.
      */
     MEMSHADOW_ERR_SOCKET = -20,
+    /**
+     * No connected client with that pid (control requests).
+     */
+    MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

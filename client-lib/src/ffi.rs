@@ -66,6 +66,8 @@ pub enum Status {
     MEMSHADOW_ERR_DAEMON = -19,
     /// A socket error.
     MEMSHADOW_ERR_SOCKET = -20,
+    /// No connected client with that pid (control requests).
+    MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
 }
 
 impl Status {
@@ -91,6 +93,7 @@ impl Status {
             Error::Protocol(_) => Status::MEMSHADOW_ERR_PROTOCOL,
             Error::Daemon { .. } => Status::MEMSHADOW_ERR_DAEMON,
             Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
+            Error::NoSuchClient(_) => Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
         }
     }
 
@@ -118,11 +121,12 @@ impl Status {
             Status::MEMSHADOW_ERR_PROTOCOL => c"MEMSHADOW_ERR_PROTOCOL",
             Status::MEMSHADOW_ERR_DAEMON => c"MEMSHADOW_ERR_DAEMON",
             Status::MEMSHADOW_ERR_SOCKET => c"MEMSHADOW_ERR_SOCKET",
+            Status::MEMSHADOW_ERR_NO_SUCH_CLIENT => c"MEMSHADOW_ERR_NO_SUCH_CLIENT",
         }
     }
 
     /// Every code, for [`memshadow_status_name`] and the tests.
-    const ALL: [Status; 21] = [
+    const ALL: [Status; 22] = [
         Status::MEMSHADOW_OK,
         Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
         Status::MEMSHADOW_ERR_INTERNAL,
@@ -144,6 +148,7 @@ impl Status {
         Status::MEMSHADOW_ERR_PROTOCOL,
         Status::MEMSHADOW_ERR_DAEMON,
         Status::MEMSHADOW_ERR_SOCKET,
+        Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
     ];
 }
 

@@ -311,6 +311,7 @@ fn daemon_refusals_map_to_their_codes() {
     let cases = [
         (ErrorCode::NotMirrored, MEMSHADOW_ERR_NOT_MIRRORED),
         (ErrorCode::NoSuchMirror, MEMSHADOW_ERR_NO_SUCH_MIRROR),
+        (ErrorCode::NoSuchClient, MEMSHADOW_ERR_NO_SUCH_CLIENT),
         (ErrorCode::QuotaExceeded, MEMSHADOW_ERR_QUOTA_EXCEEDED),
         (ErrorCode::AlreadyWatched, MEMSHADOW_ERR_ALREADY_WATCHED),
         (ErrorCode::BadRange, MEMSHADOW_ERR_BAD_RANGE),
@@ -364,6 +365,7 @@ fn every_error_variant_has_a_distinct_code_and_name() {
         Error::Proc("/proc/self/mem", io()),
         Error::NotMirrored("m".into()),
         Error::NoSuchMirror("m".into()),
+        Error::NoSuchClient("c".into()),
         Error::QuotaExceeded("q".into()),
         Error::AlreadyWatched("w".into()),
         Error::BadRange("r".into()),
