@@ -5,6 +5,21 @@
 //! copies** (G6: if the daemon dies, the kernel releases every blocked `munmap`/`madvise`).
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
 //! daemon's engines from the shadow. The C ABI over this API is in [`ffi`].
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use memshadow::Client;
+//!
+//! let client = Client::connect()?;                  // MEMSHADOW_SOCKET or the default path
+//! let buf = memmap2::MmapMut::map_anon(1 << 20)?;
+//! let mirror = client.attach_mmap(&buf)?;            // or client.attach(ptr, len)
+//! let mut out = [0u8; 64];
+//! mirror.read(4096, &mut out)?;                      // a device read, served from the shadow
+//! println!("{:?}", client.stats()?);                 // this session's counters
+//! mirror.detach()?;                                  // or drop it
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
