@@ -222,10 +222,8 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
     assert_eq!(data(c.read(id, 0, 64)), vec![0; 64]);
     // munmap of the tail: not mirrored any more, even if something else is mapped there.
     // SAFETY: our own mapping.
-    assert_eq!(
-        unsafe { libc::munmap(base.wrapping_add(12 * P).cast(), 4 * P) },
-        0
-    );
+    let r = unsafe { libc::munmap(base.wrapping_add(12 * P).cast(), 4 * P) };
+    assert_eq!(r, 0);
     assert_eq!(
         code(&c.read(id, 13 * P as u64, 8)),
         Some(ErrorCode::NotMirrored)
