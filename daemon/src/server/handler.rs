@@ -73,6 +73,15 @@ pub fn handle(core: &Core, s: &Arc<Session>, req: Request, fds: Vec<OwnedFd>) ->
                     format!("unknown attach flags {flags:#x}"),
                 ));
             }
+            // The quota in force now (a reload may have lowered it below the bind-time one
+            // that `Watched` enforces).
+            let max = core.limits().quotas.mirrors;
+            if w.len() >= max as usize {
+                return Err(err(
+                    ErrorCode::QuotaExceeded,
+                    format!("mirror quota of {max} ranges reached"),
+                ));
+            }
             let id = w.attach(addr, len).map_err(watch_err)?;
             tracing::debug!(client = s.id, mirror = id, addr, len, "attached");
             Ok(Response::Attached { mirror_id: id })
@@ -135,7 +144,8 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             format!("client speaks {min}..={max}, daemon speaks {MIN_VERSION}..={VERSION}"),
         );
     }
-    let q = core.cfg.quotas;
+    let limits = core.limits();
+    let q = limits.quotas;
     let _ = s.hello.set(Hello {
         version: hi,
         name: name.clone(),
@@ -152,7 +162,7 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             shadow_bytes: q.shadow_bytes,
             mirrors: q.mirrors,
             inflight: q.inflight,
-            clients_per_uid: core.cfg.clients_per_uid,
+            clients_per_uid: limits.clients_per_uid,
         },
     }
 }
@@ -271,12 +281,13 @@ fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Re
             }
         }
     };
-    let device = core.device.client(source, core.cfg.quotas.shadow_bytes);
+    let quotas = core.limits().quotas;
+    let device = core.device.client(source, quotas.shadow_bytes);
     let watched = Arc::new(Watched::new(
         uffd,
         device,
         pagemap.map(File::from),
-        core.cfg.quotas.mirrors,
+        quotas.mirrors,
     ));
     Ok(Binding {
         watched,
