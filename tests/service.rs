@@ -519,6 +519,72 @@ fn an_unread_notify_socket_never_blocks_the_event_reader() {
     drop(n);
 }
 
+/// A client that sends requests but never reads the answers costs the session loop one
+/// send timeout, not one per queued request (which would stall it long enough for the
+/// watchdog to kill the daemon): the daemon gives up on it once.
+#[test]
+fn a_client_that_never_reads_stalls_the_session_loop_once() {
+    use memshadow_proto::{self as proto, Request, Response, VERSION};
+    use std::os::fd::AsFd;
+    let dir = TempDir::new("no-reader");
+    let sock = dir.path().join("d.sock");
+    let p = Proc::spawn(memshadowd(&[
+        "--no-config",
+        "--log-level",
+        "warn",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]));
+    wait_serving(&sock);
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(s.as_raw_fd(), &UnixAddr::new(&sock).unwrap()).unwrap();
+    let hello = Request::Hello {
+        min_version: 1,
+        max_version: VERSION,
+        name: "no-reader".into(),
+    };
+    proto::send(
+        s.as_fd(),
+        hello.msg_type(),
+        0,
+        1,
+        &hello.encode_payload(),
+        &[],
+    )
+    .unwrap();
+    let f = proto::recv(s.as_fd(), &mut Vec::new()).unwrap();
+    assert!(matches!(
+        Response::decode(f.header.msg_type, &f.payload, 0).unwrap(),
+        Response::HelloAck { .. }
+    ));
+    // Status requests, answered inline by the session loop, until their answers fill the
+    // socket; the sender blocks when the daemon stops reading and ends when it hangs up.
+    let sender = std::thread::spawn(move || {
+        let st = Request::Status;
+        for id in 2..5000u64 {
+            if proto::send(s.as_fd(), st.msg_type(), 0, id, &st.encode_payload(), &[]).is_err() {
+                break;
+            }
+        }
+    });
+    p.wait_for_stderr("client does not read its answers");
+    // The line was logged inside the session loop's batch for that client; a request on a
+    // new connection is answered only after that batch, so the count below is final.
+    assert!(status(&sock).is_some());
+    let gave_up = p
+        .stderr()
+        .matches("client does not read its answers")
+        .count();
+    assert_eq!(gave_up, 1, "{}", p.stderr());
+    sender.join().unwrap();
+}
+
 /// When the uffd-reader loop is wedged (test-only hook), the watchdog pings stop for good,
 /// while the session loop still answers: the ping comes from the reader loop itself.
 #[test]

@@ -234,8 +234,13 @@ impl Core {
     }
 
     /// Sends `resp` to request `request_id` of `s`, waiting up to the send timeout for room;
-    /// a client that does not read its answers loses its session.
+    /// a client that does not read its answers loses its session, and is not waited for
+    /// again (the session loop would otherwise stall once per queued request, long enough
+    /// for the service watchdog to fire).
     fn reply(&self, s: &Session, request_id: u64, resp: &Response) {
+        if s.closing.load(Relaxed) {
+            return;
+        }
         self.counters.requests.fetch_add(1, Relaxed);
         if matches!(resp, Response::Error { .. }) {
             self.counters.errors.fetch_add(1, Relaxed);
@@ -264,6 +269,7 @@ impl Core {
                 }
             }
         }
+        s.closing.store(true, Relaxed);
         self.request_close(s.id);
     }
 }
