@@ -332,10 +332,12 @@ fn run() -> Result<(), String> {
                         Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
                     String::new()
                 }
+                // `features` is what the daemon's UFFDIO_API reported: the kernel's available
+                // features, not the ones enabled (use `stats` events.fork to see fork events).
                 "access" => format!(
-                    "access={} fork={}",
+                    "access={} features={:#x}",
                     client.access_path().map_or("none", |a| a.as_str()),
-                    u8::from(client.uffd_features() & 2 != 0)
+                    client.uffd_features()
                 ),
                 "limits" => {
                     let l = client.limits();
