@@ -5,6 +5,7 @@ pub mod device;
 pub mod events;
 pub mod notifier;
 pub mod server;
+pub mod service;
 pub mod source;
 pub mod sys;
 pub mod trace;

@@ -88,6 +88,15 @@ pub fn handle(
                     format!("unknown attach flags {flags:#x}"),
                 ));
             }
+            // The quota in force now (a reload may have lowered it below the bind-time one
+            // that `Watched` enforces).
+            let max = core.limits().quotas.mirrors;
+            if w.len() >= max as usize {
+                return Err(err(
+                    ErrorCode::QuotaExceeded,
+                    format!("mirror quota of {max} ranges reached"),
+                ));
+            }
             let id = w.attach(addr, len).map_err(watch_err)?;
             tracing::debug!(client = s.id, mirror = id, addr, len, "attached");
             Ok(Response::Attached { mirror_id: id })
@@ -317,7 +326,8 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             format!("client speaks {min}..={max}, daemon speaks {MIN_VERSION}..={VERSION}"),
         );
     }
-    let q = core.cfg.quotas;
+    let limits = core.limits();
+    let q = limits.quotas;
     let _ = s.hello.set(Hello {
         version: hi,
         name: name.clone(),
@@ -334,7 +344,7 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             shadow_bytes: q.shadow_bytes,
             mirrors: q.mirrors,
             inflight: q.inflight,
-            clients_per_uid: core.cfg.clients_per_uid,
+            clients_per_uid: limits.clients_per_uid,
         },
     }
 }
@@ -453,13 +463,14 @@ fn bind_inner(core: &Core, s: &Session, fds: Vec<OwnedFd>) -> Result<Binding, Re
             }
         }
     };
-    let device = core.device.client(source, core.cfg.quotas.shadow_bytes);
+    let quotas = core.limits().quotas;
+    let device = core.device.client(source, quotas.shadow_bytes);
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
     let watched = Arc::new(Watched::new(
         uffd,
         device,
         pagemap.map(File::from),
-        core.cfg.quotas.mirrors,
+        quotas.mirrors,
     ));
     Ok(Binding {
         watched,
@@ -581,7 +592,8 @@ fn status(core: &Core) -> Vec<(String, u64)> {
 fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
     let cfg = &core.cfg;
     let dev = &core.device;
-    let q = cfg.quotas;
+    let limits = core.limits();
+    let q = limits.quotas;
     let version = s.hello.get().map_or(VERSION, |h| h.version);
     let pairs: Vec<(&str, String)> = vec![
         ("daemon.version", env!("CARGO_PKG_VERSION").into()),
@@ -606,8 +618,8 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
         ("quota.shadow_bytes", q.shadow_bytes.to_string()),
         ("quota.mirrors", q.mirrors.to_string()),
         ("quota.inflight", q.inflight.to_string()),
-        ("limit.clients_per_uid", cfg.clients_per_uid.to_string()),
-        ("limit.max_clients", cfg.max_clients.to_string()),
+        ("limit.clients_per_uid", limits.clients_per_uid.to_string()),
+        ("limit.max_clients", limits.max_clients.to_string()),
     ];
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
