@@ -72,6 +72,8 @@ impl Daemon {
         let dir = TempDir::new("e2e");
         let socket = dir.path().join("d.sock");
         let child = Command::new(binary("memshadowd"))
+            // Never pick up an installed /etc/memshadow/memshadowd.toml.
+            .arg("--no-config")
             .arg("--socket")
             .arg(&socket)
             .args(args)
@@ -178,14 +180,22 @@ pub struct TestClient {
 impl TestClient {
     /// Starts a client connected to `socket`.
     pub fn start(socket: &Path) -> TestClient {
-        TestClient::start_with(socket, &[])
+        let mut cmd = Command::new(binary("test-client"));
+        cmd.arg(socket);
+        TestClient::start_command(cmd)
     }
 
     /// Starts a client connected to `socket`, with extra arguments (e.g. `--uid 65534`).
     pub fn start_with(socket: &Path, args: &[&str]) -> TestClient {
-        let mut child = Command::new(binary("test-client"))
-            .arg(socket)
-            .args(args)
+        let mut cmd = Command::new(binary("test-client"));
+        cmd.arg(socket).args(args);
+        TestClient::start_command(cmd)
+    }
+
+    /// Starts a client from `cmd` (`test-client SOCKET`, possibly behind a wrapper that
+    /// changes its uid).
+    pub fn start_command(mut cmd: Command) -> TestClient {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -6,7 +6,22 @@
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
 //! daemon's engines from the shadow. Writes to mirrored memory reach the shadow when the
 //! daemon collects them (dirty tracking): on [`Mirror::sync`], or as the [`Policy`] given
-//! to [`Client::attach_with`] says.
+//! to [`Client::attach_with`] says. The C ABI over this API is in [`ffi`].
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use memshadow::Client;
+//!
+//! let client = Client::connect()?;                  // MEMSHADOW_SOCKET or the default path
+//! let buf = memmap2::MmapMut::map_anon(1 << 20)?;
+//! let mirror = client.attach_mmap(&buf)?;            // or client.attach(ptr, len)
+//! let mut out = [0u8; 64];
+//! mirror.read(4096, &mut out)?;                      // a device read, served from the shadow
+//! println!("{:?}", client.stats()?);                 // this session's counters
+//! mirror.detach()?;                                  // or drop it
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -27,6 +42,7 @@ pub use memshadow_proto::{
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
+pub mod ffi;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -68,6 +84,9 @@ pub enum Error {
     /// No such mirror.
     #[error("no such mirror: {0}")]
     NoSuchMirror(String),
+    /// No bound client with that pid.
+    #[error("no such client: {0}")]
+    NoSuchClient(String),
     /// A quota of this client would be exceeded.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
@@ -107,6 +126,7 @@ impl Error {
         match code {
             ErrorCode::NotMirrored => Error::NotMirrored(message),
             ErrorCode::NoSuchMirror => Error::NoSuchMirror(message),
+            ErrorCode::NoSuchClient => Error::NoSuchClient(message),
             ErrorCode::QuotaExceeded => Error::QuotaExceeded(message),
             ErrorCode::AlreadyWatched => Error::AlreadyWatched(message),
             ErrorCode::BadRange => Error::BadRange(message),

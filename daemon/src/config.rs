@@ -1,9 +1,16 @@
-//! The daemon's settings, with the built-in defaults that let it run with no config file.
+//! The daemon's settings: built-in defaults that let it run with no config file, the TOML
+//! configuration file (`/etc/memshadow/memshadowd.toml` or `--config`), command-line flags
+//! over it, and which settings a reload (`SIGHUP`) may change at run time (DESIGN.md §1).
+//!
+//! Precedence, lowest first: built-in defaults, the file, `MEMSHADOW_LOG` (log level only),
+//! command-line flags. Every layer is a [`Layer`]; [`Config::from_layers`] checks and applies
+//! them, and every error names the key and where it came from.
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::device::DeviceConfig;
+use crate::device::{DeviceConfig, InvalidationMode, MAX_CAPACITY, MAX_ENGINES};
 
 /// How the daemon reads a bound client's memory (DESIGN.md §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -161,6 +168,9 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Dirty tracking.
     pub dirty: DirtyConfig,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or
+    /// comma-separated `target=level` directives.
+    pub log_level: String,
 }
 
 impl Default for Config {
@@ -175,16 +185,541 @@ impl Default for Config {
             access: AccessPolicy::Auto,
             send_timeout: Duration::from_secs(2),
             dirty: DirtyConfig::default(),
+            log_level: "info".into(),
         }
     }
 }
 
-/// Errors of resolving the socket path.
+/// Errors of the configuration: every one names the file (or flag) and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Not root and no `XDG_RUNTIME_DIR`.
     #[error("no socket path: pass --socket, set MEMSHADOW_SOCKET, or set XDG_RUNTIME_DIR")]
     NoSocketPath,
+    /// The configuration file could not be read.
+    #[error("cannot read the configuration file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The file is not valid TOML.
+    #[error("{at}: {msg}")]
+    Syntax {
+        /// File and line.
+        at: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A key the daemon does not know.
+    #[error("{at}: unknown key `{key}`{hint}")]
+    UnknownKey {
+        /// File and line.
+        at: String,
+        /// The dotted key.
+        key: String,
+        /// The keys allowed there.
+        hint: String,
+    },
+    /// A value of the wrong type or out of range.
+    #[error("{at}: bad value for {key}: {msg}")]
+    BadValue {
+        /// File (and line when known), or "command line".
+        at: String,
+        /// The dotted key (in backquotes) or the flag.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+/// The configuration file used when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/memshadow/memshadowd.toml";
+
+/// Where a [`Layer`] came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A configuration file.
+    File(PathBuf),
+    /// Command-line flags.
+    Flags,
+    /// The `MEMSHADOW_LOG` environment variable.
+    LogEnv,
+}
+
+impl Source {
+    fn at(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Flags => "command line".into(),
+            Source::LogEnv => "environment".into(),
+        }
+    }
+
+    fn key_name(&self, key: &'static str) -> String {
+        match self {
+            Source::File(_) => format!("`{key}`"),
+            Source::Flags => key_info(key).map_or(key, |k| k.flag).to_owned(),
+            Source::LogEnv => "MEMSHADOW_LOG".into(),
+        }
+    }
+}
+
+/// A setting the configuration file knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// Dotted name in the file (`quotas.mirrors`).
+    pub name: &'static str,
+    /// The command-line flag that overrides it.
+    pub flag: &'static str,
+    /// True if `SIGHUP` applies a change at run time; else a change needs a restart.
+    pub reloadable: bool,
+}
+
+const fn key(name: &'static str, flag: &'static str, reloadable: bool) -> Key {
+    Key {
+        name,
+        flag,
+        reloadable,
+    }
+}
+
+/// Every key of the configuration file, in the order `--print-config` shows them.
+pub const KEYS: &[Key] = &[
+    key("socket", "--socket", false),
+    key("log_level", "--log-level", true),
+    key("workers", "--workers", false),
+    key("access", "--access", false),
+    key("max_clients", "--max-clients", true),
+    key("clients_per_uid", "--clients-per-uid", true),
+    key("device.engines", "--engines", false),
+    key("device.flush_latency_us", "--flush-latency-us", true),
+    key("device.mode", "--mode", false),
+    key("device.shadow_mib", "--shadow-mib", false),
+    key("quotas.shadow_mib", "--quota-shadow-mib", true),
+    key("quotas.mirrors", "--quota-mirrors", true),
+    key("quotas.inflight", "--quota-inflight", true),
+    key("dirty.tracking", "--dirty-tracking", false),
+    key("dirty.policy", "--dirty-policy", false),
+];
+
+/// The entry of [`KEYS`] named `name`.
+pub fn key_info(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// One layer of settings (the file, or the flags): `None` leaves the layer below in force.
+/// Values stay raw here; [`Config::from_layers`] checks them and names the key when one is
+/// bad.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// Socket path (ignored when the service manager passes the socket).
+    pub socket: Option<PathBuf>,
+    /// Log filter.
+    pub log_level: Option<String>,
+    /// Worker threads.
+    pub workers: Option<u64>,
+    /// `auto`, `process-vm` or `mem-fd`.
+    pub access: Option<String>,
+    /// Clients in total.
+    pub max_clients: Option<u32>,
+    /// Clients one uid may have connected.
+    pub clients_per_uid: Option<u32>,
+    /// `[device]`.
+    #[serde(default)]
+    pub device: DeviceLayer,
+    /// `[quotas]`.
+    #[serde(default)]
+    pub quotas: QuotasLayer,
+    /// `[dirty]`.
+    #[serde(default)]
+    pub dirty: DirtyLayer,
+}
+
+/// The `[device]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLayer {
+    /// Engines (1..=16).
+    pub engines: Option<u64>,
+    /// Modelled TLB-flush round trip in µs.
+    pub flush_latency_us: Option<u64>,
+    /// Invalidation mode.
+    pub mode: Option<String>,
+    /// Shadow buffer size in MiB.
+    pub shadow_mib: Option<u64>,
+}
+
+/// The `[quotas]` table (per client).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasLayer {
+    /// Shadow MiB one client may hold.
+    pub shadow_mib: Option<u64>,
+    /// Ranges one client may attach.
+    pub mirrors: Option<u32>,
+    /// Requests one client may have in flight.
+    pub inflight: Option<u32>,
+}
+
+/// The `[dirty]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyLayer {
+    /// Back end choice.
+    pub tracking: Option<String>,
+    /// Default collection policy.
+    pub policy: Option<String>,
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+    let start = span?.start.min(text.len());
+    Some(
+        text.as_bytes()[..start]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1,
+    )
+}
+
+fn at_line(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(l) => format!("{} line {l}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+impl Layer {
+    /// Parses the text of configuration file `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Layer, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+            at: at_line(path, line_of(text, e.span())),
+            msg: e.message().to_owned(),
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.inner();
+            let at = at_line(path, line_of(text, inner.span()));
+            let msg = inner.message();
+            match msg.strip_prefix("unknown field ") {
+                Some(rest) => ConfigError::UnknownKey {
+                    at,
+                    key,
+                    hint: rest
+                        .split_once(", ")
+                        .map(|(_, h)| format!(" ({h})"))
+                        .unwrap_or_default(),
+                },
+                None => ConfigError::BadValue {
+                    at,
+                    key: format!("`{key}`"),
+                    msg: msg.to_owned(),
+                },
+            }
+        })
+    }
+
+    /// Reads and parses configuration file `path`.
+    pub fn load(path: &Path) -> Result<Layer, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        Layer::parse(&text, path)
+    }
+}
+
+/// The configuration file to read: `explicit` (which must exist), else
+/// [`DEFAULT_CONFIG_PATH`] if it exists, else none (`skip_default` also skips it).
+pub fn config_file(explicit: Option<&Path>, skip_default: bool) -> Option<PathBuf> {
+    match explicit {
+        Some(p) => Some(p.to_owned()),
+        None if skip_default => None,
+        None => {
+            let p = Path::new(DEFAULT_CONFIG_PATH);
+            // A file that exists but cannot be read is an error when it is loaded.
+            std::fs::symlink_metadata(p).is_ok().then(|| p.to_owned())
+        }
+    }
+}
+
+/// Where the configuration comes from; read again, the same way, on every reload.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config PATH` (must exist).
+    pub explicit: Option<PathBuf>,
+    /// `--no-config`: do not read [`DEFAULT_CONFIG_PATH`].
+    pub skip_default: bool,
+    /// The command-line flags.
+    pub flags: Layer,
+    /// `MEMSHADOW_LOG`, over the file's `log_level` and under `--log-level`.
+    pub log_env: Option<String>,
+}
+
+impl Sources {
+    /// The file to read now (see [`config_file`]).
+    pub fn file(&self) -> Option<PathBuf> {
+        config_file(self.explicit.as_deref(), self.skip_default)
+    }
+
+    /// Defaults, then the file, then `MEMSHADOW_LOG`, then the flags; and the file read.
+    pub fn resolve(&self) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let path = self.file();
+        let file = path.as_deref().map(Layer::load).transpose()?;
+        let file_src = Source::File(path.clone().unwrap_or_default());
+        let env = self.log_env.as_ref().map(|v| Layer {
+            log_level: Some(v.clone()),
+            ..Layer::default()
+        });
+        let mut layers: Vec<(&Layer, &Source)> = Vec::with_capacity(3);
+        if let Some(f) = &file {
+            layers.push((f, &file_src));
+        }
+        if let Some(e) = &env {
+            layers.push((e, &Source::LogEnv));
+        }
+        layers.push((&self.flags, &Source::Flags));
+        Ok((Config::from_layers(&layers)?, path))
+    }
+}
+
+/// Checks a log filter: comma-separated levels or `target=level` directives (a bare word
+/// that is not a level would silently select a target and hide everything else).
+pub fn check_log_level(s: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if s.trim().is_empty() {
+        return Err("empty (use a level: off, error, warn, info, debug, trace)".into());
+    }
+    for d in s.split(',') {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{d:?} is not a level (off, error, warn, info, debug, trace) or target=level"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_mode(s: &str) -> Option<InvalidationMode> {
+    [
+        InvalidationMode::OnePass,
+        InvalidationMode::TwoPass,
+        InvalidationMode::TwoPassBatched,
+    ]
+    .into_iter()
+    .find(|m| m.as_str() == s)
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(v: T, lo: T, hi: T) -> Result<T, String> {
+    if v < lo || v > hi {
+        Err(format!("{v} is outside {lo}..={hi}"))
+    } else {
+        Ok(v)
+    }
+}
+
+/// The settings that [`Config`] can change at run time and the server reads per use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Per-client quotas.
+    pub quotas: Quotas,
+    /// Clients one uid may have connected.
+    pub clients_per_uid: u32,
+    /// Clients in total.
+    pub max_clients: u32,
+}
+
+impl Config {
+    /// Built-in defaults with `layers` applied in order (later layers win).
+    pub fn from_layers(layers: &[(&Layer, &Source)]) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        for (layer, src) in layers {
+            c.apply(layer, src)?;
+        }
+        Ok(c)
+    }
+
+    fn apply(&mut self, l: &Layer, src: &Source) -> Result<(), ConfigError> {
+        let bad = |key: &'static str| {
+            move |msg: String| ConfigError::BadValue {
+                at: src.at(),
+                key: src.key_name(key),
+                msg,
+            }
+        };
+        const MIB: u64 = 1 << 20;
+        if let Some(p) = &l.socket {
+            let n = p.as_os_str().len();
+            if n == 0 {
+                return Err(bad("socket")("empty path".into()));
+            }
+            if n > 107 {
+                return Err(bad("socket")(format!(
+                    "{n} bytes is too long for a Unix socket path (at most 107)"
+                )));
+            }
+            self.socket = Some(p.clone());
+        }
+        if let Some(v) = &l.log_level {
+            check_log_level(v).map_err(bad("log_level"))?;
+            self.log_level = v.clone();
+        }
+        if let Some(v) = l.workers {
+            self.workers = in_range(v, 1, 256).map_err(bad("workers"))? as usize;
+        }
+        if let Some(v) = &l.access {
+            self.access = AccessPolicy::parse(v).ok_or_else(|| {
+                bad("access")(format!("{v:?} is not one of auto, process-vm, mem-fd"))
+            })?;
+        }
+        if let Some(v) = l.max_clients {
+            self.max_clients = in_range(v, 1, 1 << 20).map_err(bad("max_clients"))?;
+        }
+        if let Some(v) = l.clients_per_uid {
+            self.clients_per_uid = in_range(v, 1, 1 << 20).map_err(bad("clients_per_uid"))?;
+        }
+        let d = &l.device;
+        if let Some(v) = d.engines {
+            self.device.engines =
+                in_range(v, 1, MAX_ENGINES as u64).map_err(bad("device.engines"))? as usize;
+        }
+        if let Some(v) = d.flush_latency_us {
+            let us = in_range(v, 0, 10_000_000).map_err(bad("device.flush_latency_us"))?;
+            self.device.flush_latency = Duration::from_micros(us);
+        }
+        if let Some(v) = &d.mode {
+            self.device.mode = parse_mode(v).ok_or_else(|| {
+                bad("device.mode")(format!(
+                    "{v:?} is not one of one-pass, two-pass, two-pass-batched"
+                ))
+            })?;
+        }
+        if let Some(v) = d.shadow_mib {
+            self.device.shadow_capacity =
+                in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("device.shadow_mib"))? * MIB;
+        }
+        let q = &l.quotas;
+        if let Some(v) = q.shadow_mib {
+            self.quotas.shadow_bytes =
+                in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("quotas.shadow_mib"))? * MIB;
+        }
+        if let Some(v) = q.mirrors {
+            self.quotas.mirrors = in_range(v, 1, 1 << 20).map_err(bad("quotas.mirrors"))?;
+        }
+        if let Some(v) = q.inflight {
+            self.quotas.inflight = in_range(v, 1, 4096).map_err(bad("quotas.inflight"))?;
+        }
+        if let Some(v) = &l.dirty.tracking {
+            self.dirty.tracking = DirtyTracking::parse(v).ok_or_else(|| {
+                bad("dirty.tracking")(format!(
+                    "{v:?} is not one of auto, pagemap-scan, soft-dirty, uffd-wp, off"
+                ))
+            })?;
+        }
+        if let Some(v) = &l.dirty.policy {
+            self.dirty.policy = DirtyPolicy::parse(v).ok_or_else(|| {
+                bad("dirty.policy")(format!(
+                    "{v:?} is not one of manual, strict, periodic=MS (MS >= 1)"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The settings the server reads per use (reloadable).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            quotas: self.quotas,
+            clients_per_uid: self.clients_per_uid,
+            max_clients: self.max_clients,
+        }
+    }
+
+    /// Every key with its value as a TOML literal, in [`KEYS`] order (`socket` only if set).
+    pub fn values(&self) -> Vec<(&'static str, String)> {
+        let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
+        let mut v = Vec::with_capacity(KEYS.len());
+        if let Some(p) = &self.socket {
+            v.push(("socket", s(&p.to_string_lossy())));
+        }
+        v.extend([
+            ("log_level", s(&self.log_level)),
+            ("workers", self.workers.to_string()),
+            (
+                "access",
+                s(match self.access {
+                    AccessPolicy::Auto => "auto",
+                    AccessPolicy::ProcessVm => "process-vm",
+                    AccessPolicy::MemFd => "mem-fd",
+                }),
+            ),
+            ("max_clients", self.max_clients.to_string()),
+            ("clients_per_uid", self.clients_per_uid.to_string()),
+            ("device.engines", self.device.engines.to_string()),
+            (
+                "device.flush_latency_us",
+                self.device.flush_latency.as_micros().to_string(),
+            ),
+            ("device.mode", s(self.device.mode.as_str())),
+            (
+                "device.shadow_mib",
+                (self.device.shadow_capacity >> 20).to_string(),
+            ),
+            (
+                "quotas.shadow_mib",
+                (self.quotas.shadow_bytes >> 20).to_string(),
+            ),
+            ("quotas.mirrors", self.quotas.mirrors.to_string()),
+            ("quotas.inflight", self.quotas.inflight.to_string()),
+            ("dirty.tracking", s(self.dirty.tracking.as_str())),
+            ("dirty.policy", s(&self.dirty.policy.to_string())),
+        ]);
+        v
+    }
+
+    /// The configuration as a TOML file that [`Layer::parse`] reads back to the same values.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let mut section = "";
+        for (key, val) in self.values() {
+            let (sec, name) = key.split_once('.').unwrap_or(("", key));
+            if sec != section {
+                let _ = write!(out, "\n[{sec}]\n");
+                section = sec;
+            }
+            let _ = writeln!(out, "{name} = {val}");
+        }
+        out
+    }
+
+    /// Keys whose value differs between `self` and `other`.
+    pub fn changed_keys(&self, other: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.socket != other.socket {
+            changed.push("socket");
+        }
+        let (a, b) = (self.values(), other.values());
+        let skip = |v: &[(&'static str, String)]| {
+            usize::from(v.first().is_some_and(|(k, _)| *k == "socket"))
+        };
+        let (a, b) = (&a[skip(&a)..], &b[skip(&b)..]);
+        for ((k, x), (_, y)) in a.iter().zip(b) {
+            if x != y {
+                changed.push(*k);
+            }
+        }
+        changed
+    }
+
+    /// `self` with the run-time reloadable settings of `new` (the rest stays as running).
+    pub fn with_reloadable(&self, new: &Config) -> Config {
+        let mut c = self.clone();
+        c.log_level = new.log_level.clone();
+        c.max_clients = new.max_clients;
+        c.clients_per_uid = new.clients_per_uid;
+        c.device.flush_latency = new.device.flush_latency;
+        c.quotas = new.quotas;
+        c
+    }
 }
 
 /// The path rules shared with the client library: `MEMSHADOW_SOCKET` if set, else
@@ -216,6 +751,7 @@ pub fn socket_path_from(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -254,5 +790,179 @@ mod tests {
             p(None, false, None),
             Err(ConfigError::NoSocketPath)
         ));
+    }
+
+    fn file(text: &str) -> Result<Layer, ConfigError> {
+        Layer::parse(text, Path::new("/etc/m.toml"))
+    }
+
+    fn cfg(layers: &[(&Layer, &Source)]) -> Config {
+        Config::from_layers(layers).expect("valid layers")
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_the_file_and_the_line() {
+        let e = file("workers = 2\n\n[quotas]\nmirorrs = 3\n").unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.starts_with("/etc/m.toml line 4: unknown key `quotas.mirorrs` (expected one of"),
+            "{m}"
+        );
+        assert!(m.contains("`mirrors`"), "{m}");
+        let m = file("bogus = 1").unwrap_err().to_string();
+        assert!(
+            m.starts_with("/etc/m.toml line 1: unknown key `bogus`"),
+            "{m}"
+        );
+        let m = file("[nope]\nx = 1").unwrap_err().to_string();
+        assert!(m.contains("unknown key `nope`"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_file() {
+        let m = file("[device]\nengines = \"two\"").unwrap_err().to_string();
+        assert!(
+            m.starts_with("/etc/m.toml line 2: bad value for `device.engines`: invalid type"),
+            "{m}"
+        );
+        let m = file("[quotas]\nmirrors = -1").unwrap_err().to_string();
+        assert!(m.contains("`quotas.mirrors`"), "{m}");
+        let m = file("workers = [").unwrap_err().to_string();
+        assert!(m.starts_with("/etc/m.toml line 1: "), "{m}");
+        // Range and enum checks happen when the layer is applied.
+        let src = Source::File("/etc/m.toml".into());
+        for (text, key) in [
+            ("[device]\nengines = 17", "`device.engines`"),
+            ("[device]\nmode = \"three-pass\"", "`device.mode`"),
+            ("[dirty]\npolicy = \"periodic=0\"", "`dirty.policy`"),
+            ("[dirty]\ntracking = \"magic\"", "`dirty.tracking`"),
+            ("access = \"ptrace\"", "`access`"),
+            ("log_level = \"verbose\"", "`log_level`"),
+            ("workers = 0", "`workers`"),
+            ("[quotas]\ninflight = 0", "`quotas.inflight`"),
+        ] {
+            let l = file(text).expect(text);
+            let m = Config::from_layers(&[(&l, &src)]).unwrap_err().to_string();
+            assert!(
+                m.starts_with(&format!("/etc/m.toml: bad value for {key}: ")),
+                "{text}: {m}"
+            );
+        }
+        // A flag's error names the flag.
+        let flags = Layer {
+            device: DeviceLayer {
+                engines: Some(0),
+                ..DeviceLayer::default()
+            },
+            ..Layer::default()
+        };
+        let m = Config::from_layers(&[(&flags, &Source::Flags)])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            m,
+            "command line: bad value for --engines: 0 is outside 1..=16"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let f = file("workers = 3\n[quotas]\nmirrors = 7\ninflight = 5\n").expect("parse");
+        let flags = Layer {
+            quotas: QuotasLayer {
+                mirrors: Some(9),
+                ..QuotasLayer::default()
+            },
+            ..Layer::default()
+        };
+        let c = cfg(&[(&f, &Source::File("/f".into())), (&flags, &Source::Flags)]);
+        assert_eq!(c.workers, 3, "from the file");
+        assert_eq!(c.quotas.mirrors, 9, "the flag wins");
+        assert_eq!(c.quotas.inflight, 5, "from the file");
+        assert_eq!(
+            c.device.engines,
+            Config::default().device.engines,
+            "default"
+        );
+    }
+
+    #[test]
+    fn to_toml_reads_back_to_the_same_configuration() {
+        let f = file(
+            "socket = \"/tmp/x.sock\"\nlog_level = \"info,memshadow_daemon=debug\"\n\
+             [device]\nengines = 3\nflush_latency_us = 7\nmode = \"one-pass\"\n\
+             [dirty]\npolicy = \"periodic=250\"\ntracking = \"off\"\n",
+        )
+        .expect("parse");
+        let src = Source::File("/f".into());
+        let c = cfg(&[(&f, &src)]);
+        let again = cfg(&[(&file(&c.to_toml()).expect("reparse"), &src)]);
+        assert_eq!(c.to_toml(), again.to_toml());
+        assert!(c.changed_keys(&again).is_empty());
+        let d = Config::default();
+        assert_eq!(
+            cfg(&[(&file(&d.to_toml()).expect("reparse"), &src)]).to_toml(),
+            d.to_toml()
+        );
+        assert_eq!(
+            c.changed_keys(&d),
+            [
+                "socket",
+                "log_level",
+                "device.engines",
+                "device.flush_latency_us",
+                "device.mode",
+                "dirty.tracking",
+                "dirty.policy"
+            ]
+        );
+    }
+
+    /// `with_reloadable` takes exactly the keys marked reloadable in `KEYS`.
+    #[test]
+    fn reloadable_keys_match_the_table() {
+        let d = Config::default();
+        let changed_one = |key: &str| -> Config {
+            let text = match key {
+                "socket" => "socket = \"/tmp/other.sock\"".to_owned(),
+                "log_level" => "log_level = \"debug\"".to_owned(),
+                "access" => "access = \"mem-fd\"".to_owned(),
+                "device.mode" => "[device]\nmode = \"one-pass\"".to_owned(),
+                "dirty.tracking" => "[dirty]\ntracking = \"off\"".to_owned(),
+                "dirty.policy" => "[dirty]\npolicy = \"strict\"".to_owned(),
+                k => match k.split_once('.') {
+                    Some((t, n)) => format!("[{t}]\n{n} = 3"),
+                    None => format!("{k} = 3"),
+                },
+            };
+            cfg(&[(&file(&text).expect(&text), &Source::Flags)])
+        };
+        for k in KEYS {
+            let new = changed_one(k.name);
+            assert_eq!(d.changed_keys(&new), [k.name], "{}", k.name);
+            let applied = d.with_reloadable(&new);
+            let left = applied.changed_keys(&new);
+            if k.reloadable {
+                assert!(left.is_empty(), "{} should reload", k.name);
+            } else {
+                assert_eq!(left, [k.name], "{} should need a restart", k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in [
+            "info",
+            "debug",
+            "WARN",
+            "off",
+            "info,memshadow_daemon::server=trace",
+        ] {
+            assert!(check_log_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "verbose", "inof", "memshadow_daemon=loud"] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -51,10 +51,36 @@ pub struct EventReader {
 /// Called with the id of a client whose uffd hung up or failed.
 pub type Hangup = Box<dyn Fn(u64) + Send>;
 
+/// Called by the reader thread itself at least every `every` while its loop turns (the
+/// service watchdog, G6: a wedged reader stops calling it and gets killed).
+pub struct Heartbeat {
+    /// Longest time between two calls while the reader is healthy.
+    pub every: std::time::Duration,
+    /// The call.
+    pub beat: Box<dyn FnMut() + Send>,
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("every", &self.every)
+            .finish()
+    }
+}
+
 impl EventReader {
     /// Starts the threads. Detaches of retired mirrors go to `jobs`; `hangup` is told the ids
     /// of clients whose uffd hung up.
     pub fn start(jobs: Sender<Job>, hangup: Hangup) -> Result<EventReader, EventError> {
+        Self::start_with(jobs, hangup, None)
+    }
+
+    /// [`EventReader::start`], with a `heartbeat` called from the reader loop.
+    pub fn start_with(
+        jobs: Sender<Job>,
+        hangup: Hangup,
+        heartbeat: Option<Heartbeat>,
+    ) -> Result<EventReader, EventError> {
         let epoll =
             Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(EventError::Setup)?);
         let stop = Arc::new(
@@ -80,7 +106,7 @@ impl EventReader {
             let (epoll, registry) = (Arc::clone(&epoll), Arc::clone(&registry));
             std::thread::Builder::new()
                 .name("uffd-reader".into())
-                .spawn(move || reader_loop(&epoll, &registry, &fin_tx, &jobs, &hangup))
+                .spawn(move || reader_loop(&epoll, &registry, &fin_tx, &jobs, &hangup, heartbeat))
                 .map_err(EventError::Spawn)?
         };
         Ok(EventReader {
@@ -164,18 +190,30 @@ fn reader_loop(
     finisher: &Sender<Vec<Invalidation>>,
     jobs: &Sender<Job>,
     hangup: &Hangup,
+    mut heartbeat: Option<Heartbeat>,
 ) {
     let mut events = vec![EpollEvent::empty(); 64];
     let mut buf = userfaultfd::EventBuffer::new(BATCH);
     let mut scratch = Vec::with_capacity(BATCH);
+    let mut last_beat = std::time::Instant::now();
     // Clients with write faults whose un-protect must be retried (uffd-wp tracking).
     let mut waking: HashSet<u64> = HashSet::new();
     loop {
-        let timeout = if waking.is_empty() {
-            EpollTimeout::NONE
-        } else {
-            EpollTimeout::from(WAKE_RETRY_MS)
+        let mut timeout = match &mut heartbeat {
+            None => EpollTimeout::NONE,
+            Some(hb) => {
+                if last_beat.elapsed() >= hb.every {
+                    (hb.beat)();
+                    last_beat = std::time::Instant::now();
+                }
+                let left = hb.every.saturating_sub(last_beat.elapsed());
+                EpollTimeout::try_from(left.as_millis().saturating_add(1))
+                    .unwrap_or(EpollTimeout::MAX)
+            }
         };
+        if !waking.is_empty() {
+            timeout = EpollTimeout::from(WAKE_RETRY_MS);
+        }
         let n = match epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => continue,

@@ -6,6 +6,7 @@ pub mod dirty;
 pub mod events;
 pub mod notifier;
 pub mod server;
+pub mod service;
 pub mod source;
 pub mod sys;
 pub mod trace;

@@ -1,150 +1,251 @@
-//! `memshadowd`: the memshadow daemon. Runs on built-in defaults; every setting has a flag.
+//! `memshadowd`: the memshadow daemon. Runs on built-in defaults; the configuration file
+//! (`/etc/memshadow/memshadowd.toml` or `--config`) and flags override them; runs as a
+//! plain process or as a systemd service (socket activation, notify, watchdog, reload).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use memshadow_daemon::config::{
-    default_socket_path, AccessPolicy, Config, DirtyConfig, DirtyPolicy, DirtyTracking,
+    default_socket_path, DeviceLayer, DirtyLayer, Layer, QuotasLayer, Sources, DEFAULT_CONFIG_PATH,
 };
-use memshadow_daemon::device::InvalidationMode;
-use memshadow_daemon::server::{error_chain, shutdown_signals, Server};
+use memshadow_daemon::server::{error_chain, handled_signals, Listener, Server};
+use memshadow_daemon::service::activation::inherited_listener;
+use memshadow_daemon::service::notify::{watchdog_period, Notifier};
+use memshadow_daemon::service::{logging, Reloader, Service, Stall};
 
 /// Keeps a device-like shadow of client memory coherent through interval notifiers.
+///
+/// Settings come from built-in defaults, then the configuration file, then MEMSHADOW_LOG
+/// (log level only), then these flags. SIGHUP reloads the file (quotas, client limits, log
+/// level and flush latency change at run time; other changes are logged as not applied).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Socket path [default: $MEMSHADOW_SOCKET, else /run/memshadow/memshadowd.sock for
-    /// root, else $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
+    /// Configuration file (TOML) [default: /etc/memshadow/memshadowd.toml if it exists]
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Read no configuration file (built-in defaults and flags only).
+    #[arg(long, conflicts_with = "config")]
+    no_config: bool,
+    /// Print the effective configuration as TOML and exit.
     #[arg(long)]
+    print_config: bool,
+    /// Socket path, ignored under socket activation [default: $MEMSHADOW_SOCKET, else
+    /// /run/memshadow/memshadowd.sock for root, else
+    /// $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
+    #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Number of engines (1..=16).
-    #[arg(long, default_value_t = 2)]
-    engines: usize,
-    /// Modelled TLB-flush round trip, in microseconds.
-    #[arg(long, default_value_t = 50)]
-    flush_latency_us: u64,
-    /// Invalidation mode: one-pass, two-pass or two-pass-batched.
-    #[arg(long, default_value = "two-pass-batched", value_parser = parse_mode)]
-    mode: InvalidationMode,
-    /// Shadow buffer size in MiB.
-    #[arg(long, default_value_t = 1024)]
-    shadow_mib: u64,
-    /// Shadow bytes one client may hold, in MiB.
-    #[arg(long, default_value_t = 512)]
-    quota_shadow_mib: u64,
-    /// Ranges one client may attach.
-    #[arg(long, default_value_t = 256)]
-    quota_mirrors: u32,
-    /// Requests one client may have in flight.
-    #[arg(long, default_value_t = 16)]
-    quota_inflight: u32,
-    /// Clients one uid may have connected.
-    #[arg(long, default_value_t = 512)]
-    clients_per_uid: u32,
-    /// Clients in total.
-    #[arg(long, default_value_t = 1024)]
-    max_clients: u32,
-    /// Worker threads for slow requests.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
-    /// How client memory is read: auto, process-vm or mem-fd.
-    #[arg(long, default_value = "auto", value_parser = parse_access)]
-    access: AccessPolicy,
-    /// Dirty-tracking back end: auto, pagemap-scan, soft-dirty, uffd-wp or off.
-    #[arg(long, default_value = "auto", value_parser = parse_tracking)]
-    dirty_tracking: DirtyTracking,
-    /// When an attach collects written pages by default: manual, strict or periodic=MS.
-    #[arg(long, default_value = "manual", value_parser = parse_policy)]
-    dirty_policy: DirtyPolicy,
+    /// Log filter: off, error, warn, info, debug, trace, or target=level,... [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Number of engines, 1..=16 [default: 2]
+    #[arg(long, value_name = "N")]
+    engines: Option<u64>,
+    /// Modelled TLB-flush round trip, in microseconds [default: 50]
+    #[arg(long, value_name = "US")]
+    flush_latency_us: Option<u64>,
+    /// Invalidation mode: one-pass, two-pass or two-pass-batched [default: two-pass-batched]
+    #[arg(long)]
+    mode: Option<String>,
+    /// Shadow buffer size in MiB [default: 1024]
+    #[arg(long, value_name = "MIB")]
+    shadow_mib: Option<u64>,
+    /// Shadow MiB one client may hold [default: 512]
+    #[arg(long, value_name = "MIB")]
+    quota_shadow_mib: Option<u64>,
+    /// Ranges one client may attach [default: 256]
+    #[arg(long, value_name = "N")]
+    quota_mirrors: Option<u32>,
+    /// Requests one client may have in flight [default: 16]
+    #[arg(long, value_name = "N")]
+    quota_inflight: Option<u32>,
+    /// Clients one uid may have connected [default: 512]
+    #[arg(long, value_name = "N")]
+    clients_per_uid: Option<u32>,
+    /// Clients in total [default: 1024]
+    #[arg(long, value_name = "N")]
+    max_clients: Option<u32>,
+    /// Worker threads for slow requests [default: 4]
+    #[arg(long, value_name = "N")]
+    workers: Option<u64>,
+    /// How client memory is read: auto, process-vm or mem-fd [default: auto]
+    #[arg(long)]
+    access: Option<String>,
+    /// Dirty-tracking back end: auto, pagemap-scan, soft-dirty, uffd-wp or off [default: auto]
+    #[arg(long)]
+    dirty_tracking: Option<String>,
+    /// When an attach collects written pages by default: manual, strict or periodic=MS
+    /// [default: manual]
+    #[arg(long)]
+    dirty_policy: Option<String>,
 }
 
-fn parse_mode(s: &str) -> Result<InvalidationMode, String> {
-    [
-        InvalidationMode::OnePass,
-        InvalidationMode::TwoPass,
-        InvalidationMode::TwoPassBatched,
-    ]
-    .into_iter()
-    .find(|m| m.as_str() == s)
-    .ok_or_else(|| format!("unknown mode {s:?} (one-pass, two-pass, two-pass-batched)"))
-}
-
-fn parse_access(s: &str) -> Result<AccessPolicy, String> {
-    AccessPolicy::parse(s)
-        .ok_or_else(|| format!("unknown access policy {s:?} (auto, process-vm, mem-fd)"))
-}
-
-fn parse_tracking(s: &str) -> Result<DirtyTracking, String> {
-    DirtyTracking::parse(s).ok_or_else(|| {
-        format!("unknown dirty tracking {s:?} (auto, pagemap-scan, soft-dirty, uffd-wp, off)")
-    })
-}
-
-fn parse_policy(s: &str) -> Result<DirtyPolicy, String> {
-    DirtyPolicy::parse(s)
-        .ok_or_else(|| format!("unknown dirty policy {s:?} (manual, strict, periodic=MS)"))
-}
-
-fn config(a: &Args) -> Config {
-    let mut c = Config {
-        socket: a.socket.clone(),
-        clients_per_uid: a.clients_per_uid,
-        max_clients: a.max_clients,
-        workers: a.workers,
-        access: a.access,
-        dirty: DirtyConfig {
-            tracking: a.dirty_tracking,
-            policy: a.dirty_policy,
-        },
-        ..Config::default()
-    };
-    c.device.engines = a.engines;
-    c.device.flush_latency = Duration::from_micros(a.flush_latency_us);
-    c.device.mode = a.mode;
-    c.device.shadow_capacity = a.shadow_mib << 20;
-    c.quotas.shadow_bytes = a.quota_shadow_mib << 20;
-    c.quotas.mirrors = a.quota_mirrors;
-    c.quotas.inflight = a.quota_inflight;
-    c
-}
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEMSHADOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    // Before any thread exists, so the session loop gets these through its signalfd.
-    if let Err(e) = shutdown_signals().thread_block() {
-        tracing::error!(error = %e, "cannot block the shutdown signals");
-        return ExitCode::FAILURE;
+impl Args {
+    /// The flags as the top configuration layer.
+    fn layer(&self) -> Layer {
+        Layer {
+            socket: self.socket.clone(),
+            log_level: self.log_level.clone(),
+            workers: self.workers,
+            access: self.access.clone(),
+            max_clients: self.max_clients,
+            clients_per_uid: self.clients_per_uid,
+            device: DeviceLayer {
+                engines: self.engines,
+                flush_latency_us: self.flush_latency_us,
+                mode: self.mode.clone(),
+                shadow_mib: self.shadow_mib,
+            },
+            quotas: QuotasLayer {
+                shadow_mib: self.quota_shadow_mib,
+                mirrors: self.quota_mirrors,
+                inflight: self.quota_inflight,
+            },
+            dirty: DirtyLayer {
+                tracking: self.dirty_tracking.clone(),
+                policy: self.dirty_policy.clone(),
+            },
+        }
     }
-    let cfg = config(&args);
-    let path = match cfg
-        .socket
-        .clone()
-        .map(Ok)
-        .unwrap_or_else(default_socket_path)
-    {
-        Ok(p) => p,
+
+    fn sources(&self) -> Sources {
+        Sources {
+            explicit: self.config.clone(),
+            skip_default: self.no_config,
+            flags: self.layer(),
+            log_env: std::env::var("MEMSHADOW_LOG")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        }
+    }
+}
+
+/// `--print-config`: the effective configuration on stdout.
+#[allow(clippy::print_stdout)]
+fn print_config(sources: &Sources) -> ExitCode {
+    let (mut cfg, file) = match sources.resolve() {
+        Ok(x) => x,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::new(cfg, &path) {
+    let mut notes = vec![format!(
+        "# memshadowd effective configuration: built-in defaults < {} < MEMSHADOW_LOG < flags",
+        file.map_or_else(
+            || format!("no file ({DEFAULT_CONFIG_PATH} absent or --no-config)"),
+            |p| p.display().to_string()
+        )
+    )];
+    if cfg.socket.is_none() {
+        match default_socket_path() {
+            Ok(p) => {
+                notes.push("# socket: from the path rules (not set in the file or flags)".into());
+                cfg.socket = Some(p);
+            }
+            Err(e) => notes.push(format!("# socket: {e}")),
+        }
+    }
+    notes.push("# a socket passed by the service manager (LISTEN_FDS) replaces `socket`".into());
+    print!("{}\n{}", notes.join("\n"), cfg.to_toml());
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let sources = args.sources();
+    // The level is set from the configuration once it is read.
+    let logging = logging::init("info");
+    if args.print_config {
+        return print_config(&sources);
+    }
+    let (cfg, file) = match sources.resolve() {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = (logging.set_level)(&cfg.log_level) {
+        tracing::error!(error = %e, "cannot set the log level");
+    }
+    if let Some(e) = &logging.journal_error {
+        tracing::warn!(error = %e, "JOURNAL_STREAM names stderr but the journal socket cannot be used; logging to stderr");
+    }
+    let stall = match Stall::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(s) = stall {
+        tracing::warn!(hook = ?s, "test-only stall hook enabled");
+    }
+    // Before any thread exists, so the session loop gets these through its signalfd.
+    if let Err(e) = handled_signals().thread_block() {
+        tracing::error!(error = %e, "cannot block the handled signals");
+        return ExitCode::FAILURE;
+    }
+    let listener = match inherited_listener() {
+        Ok(Some(l)) => {
+            if let Some(p) = cfg.socket.as_deref().filter(|p| *p != l.path()) {
+                tracing::warn!(
+                    configured = %p.display(),
+                    passed = %l.path().display(),
+                    "socket: serving on the socket passed by the service manager, not the configured path"
+                );
+            }
+            l
+        }
+        Ok(None) => {
+            let path = match cfg
+                .socket
+                .clone()
+                .map(Ok)
+                .unwrap_or_else(default_socket_path)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("{}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            };
+            match Listener::bind(&path) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("cannot start: {}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!("cannot start: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::debug!(
+        file = %file.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        journal = logging.to_journal,
+        "configuration read"
+    );
+    let notifier = Arc::new(Notifier::from_env());
+    let reloader = Reloader::new(sources, cfg.clone(), logging.set_level);
+    let mut service = Service::new(Arc::clone(&notifier), watchdog_period(), stall, reloader);
+    let server = match Server::start(cfg, listener, service.heartbeat()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot start: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    match server.run() {
+    let result = server.run_with(&mut service);
+    // STOPPING=1 and the last STATUS= reach the service manager before the exit.
+    notifier.flush(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));

@@ -665,6 +665,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A daemon-side failure.
     Internal,
+    /// No bound client with that pid.
+    NoSuchClient,
     /// Something this daemon cannot do for this client (e.g. `Sync` without a dirty-tracking
     /// back end the client can use).
     Unsupported,
@@ -691,14 +693,15 @@ impl ErrorCode {
             ErrorCode::AccessFailed => 13,
             ErrorCode::ShuttingDown => 14,
             ErrorCode::Internal => 15,
-            ErrorCode::Unsupported => 16,
+            ErrorCode::NoSuchClient => 16,
+            ErrorCode::Unsupported => 17,
             ErrorCode::Other(c) => c,
         }
     }
 
     /// From the wire value.
     pub fn from_code(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 16] = [
+        const KNOWN: [ErrorCode; 17] = [
             ErrorCode::BadMessage,
             ErrorCode::ProtocolVersion,
             ErrorCode::OutOfOrder,
@@ -714,6 +717,7 @@ impl ErrorCode {
             ErrorCode::AccessFailed,
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
+            ErrorCode::NoSuchClient,
             ErrorCode::Unsupported,
         ];
         KNOWN

@@ -308,7 +308,7 @@ fn run() -> Result<(), String> {
             .ok_or("--uid takes a number")?;
         become_uid(uid)?;
     }
-    let client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
+    let mut client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
     let mut maps: HashMap<String, (Map, Option<Mirror>)> = HashMap::new();
     let mut churn: Option<Churn> = None;
     let stdin = std::io::stdin();
@@ -522,6 +522,43 @@ fn run() -> Result<(), String> {
                         c.max_us.load(Relaxed),
                         u8::from(!c.done.load(Relaxed))
                     )
+                }
+                "reconnect" => {
+                    // A new session (e.g. after the daemon restarted); old mirrors are dropped.
+                    for (_, m) in maps.values_mut() {
+                        m.take();
+                    }
+                    client =
+                        Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
+                    String::new()
+                }
+                // `features` is what the daemon's UFFDIO_API reported: the kernel's available
+                // features, not the ones enabled (use `stats` events.fork to see fork events).
+                "access" => format!(
+                    "access={} features={:#x}",
+                    client.access_path().map_or("none", |a| a.as_str()),
+                    client.uffd_features()
+                ),
+                "limits" => {
+                    let l = client.limits();
+                    format!(
+                        "mirrors={} shadow_bytes={} inflight={} clients_per_uid={}",
+                        l.mirrors, l.shadow_bytes, l.inflight, l.clients_per_uid
+                    )
+                }
+                "fork" => {
+                    // A child that exits at once: with fork events the daemon sees a FORK.
+                    // SAFETY: the child only calls _exit (async-signal-safe).
+                    match unsafe { libc::fork() } {
+                        -1 => return Err(std::io::Error::last_os_error().to_string()),
+                        // SAFETY: ends the child without running anything of the parent's.
+                        0 => unsafe { libc::_exit(0) },
+                        child => {
+                            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
+                                .map_err(|e| e.to_string())?;
+                            format!("child={child}")
+                        }
+                    }
                 }
                 "exit" => std::process::exit(0),
                 other => return Err(format!("unknown command {other}")),

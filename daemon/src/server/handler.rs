@@ -178,6 +178,15 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response
         return err(ErrorCode::OutOfOrder, "bind first");
     };
     let w = &b.watched;
+    // The quota in force now (a reload may have lowered it below the bind-time one that
+    // `Watched` enforces).
+    let max = core.limits().quotas.mirrors;
+    if w.len() >= max as usize {
+        return err(
+            ErrorCode::QuotaExceeded,
+            format!("mirror quota of {max} ranges reached"),
+        );
+    }
     let mut policy = policy_of(requested, core.cfg.dirty.policy);
     if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
         policy = DirtyPolicy::Manual;
@@ -328,7 +337,12 @@ fn invalidate(
 fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Response {
     let pid = match pid {
         0 if privileged(core, s) => None,
-        0 => Some(s.peer.pid),
+        0 => {
+            return err(
+                ErrorCode::PermissionDenied,
+                "tracing every client is for root or the daemon's owner (trace your own pid)",
+            )
+        }
         p if p == s.peer.pid || privileged(core, s) => Some(p),
         p => {
             return err(
@@ -370,7 +384,8 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             format!("client speaks {min}..={max}, daemon speaks {MIN_VERSION}..={VERSION}"),
         );
     }
-    let q = core.cfg.quotas;
+    let limits = core.limits();
+    let q = limits.quotas;
     let _ = s.hello.set(Hello {
         version: hi,
         name: name.clone(),
@@ -387,7 +402,7 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             shadow_bytes: q.shadow_bytes,
             mirrors: q.mirrors,
             inflight: q.inflight,
-            clients_per_uid: core.cfg.clients_per_uid,
+            clients_per_uid: limits.clients_per_uid,
         },
     }
 }
@@ -551,13 +566,14 @@ fn bind_inner(
     } else {
         source
     };
-    let device = core.device.client(source, core.cfg.quotas.shadow_bytes);
+    let quotas = core.limits().quotas;
+    let device = core.device.client(source, quotas.shadow_bytes);
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
     let watched = Arc::new(Watched::with_dirty(
         uffd,
         device,
         pagemap.map(File::from),
-        core.cfg.quotas.mirrors,
+        quotas.mirrors,
         dirty,
     ));
     Ok(Binding {
@@ -686,7 +702,8 @@ fn status(core: &Core) -> Vec<(String, u64)> {
 fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
     let cfg = &core.cfg;
     let dev = &core.device;
-    let q = cfg.quotas;
+    let limits = core.limits();
+    let q = limits.quotas;
     let version = s.hello.get().map_or(VERSION, |h| h.version);
     let pairs: Vec<(&str, String)> = vec![
         ("daemon.version", env!("CARGO_PKG_VERSION").into()),
@@ -710,8 +727,8 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
         ("quota.shadow_bytes", q.shadow_bytes.to_string()),
         ("quota.mirrors", q.mirrors.to_string()),
         ("quota.inflight", q.inflight.to_string()),
-        ("limit.clients_per_uid", cfg.clients_per_uid.to_string()),
-        ("limit.max_clients", cfg.max_clients.to_string()),
+        ("limit.clients_per_uid", limits.clients_per_uid.to_string()),
+        ("limit.max_clients", limits.max_clients.to_string()),
     ];
     let mut v: Vec<(String, String)> = pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     // `dirty.backend`, `dirty.requested`, `dirty.refused.<name>`: the probe's findings.

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -27,11 +27,12 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{accept4, SockFlag};
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::device::{Device, DeviceError};
 use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
-use crate::events::{EventError, EventReader};
+use crate::events::{EventError, EventReader, Heartbeat};
+use crate::sys::PAGE_SIZE;
 use crate::workers::{Job, Workers};
 pub use listen::{ListenError, Listener};
 use session::{peer_of, Session};
@@ -80,6 +81,57 @@ pub fn shutdown_signals() -> SigSet {
     s
 }
 
+/// Every signal the session loop handles: the [`shutdown_signals`] and `SIGHUP` (reload).
+/// Block these in every thread (before any is started).
+pub fn handled_signals() -> SigSet {
+    let mut s = shutdown_signals();
+    s.add(Signal::SIGHUP);
+    s
+}
+
+/// What the session loop reports to, and asks of, whatever supervises the daemon (a service
+/// manager: readiness, status, watchdog, reload). [`Unsupervised`] does nothing.
+pub trait Supervisor {
+    /// The longest the session loop may sleep between two [`Supervisor::tick`]s (`None`:
+    /// only when something happens).
+    fn tick_every(&self) -> Option<Duration>;
+    /// The socket accepts connections, the engines, workers and event reader run.
+    fn ready(&mut self, core: &Core);
+    /// Called after every wake-up of the session loop, and at least every `tick_every`.
+    fn tick(&mut self, core: &Core);
+    /// `SIGHUP`: reload what can change at run time.
+    fn reload(&mut self, core: &Core);
+    /// Shutdown begins (clients are about to be released).
+    fn stopping(&mut self, core: &Core);
+}
+
+/// No supervisor (tests, embedding): `SIGHUP` is logged and ignored.
+#[derive(Debug, Default)]
+pub struct Unsupervised;
+
+impl Supervisor for Unsupervised {
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+    fn ready(&mut self, _: &Core) {}
+    fn tick(&mut self, _: &Core) {}
+    fn reload(&mut self, _: &Core) {
+        tracing::info!("SIGHUP: nothing to reload");
+    }
+    fn stopping(&mut self, _: &Core) {}
+}
+
+/// A one-glance summary of the daemon's load (the service `STATUS=` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Sessions connected.
+    pub clients: usize,
+    /// Of those, bound (mirroring).
+    pub bound: usize,
+    /// Shadow bytes in use.
+    pub shadow_bytes: u64,
+}
+
 /// Server-wide counters (per-client ones live with the client).
 #[derive(Debug, Default)]
 pub struct ServerCounters {
@@ -103,6 +155,8 @@ pub struct ServerCounters {
 #[derive(Debug)]
 pub struct Core {
     cfg: Config,
+    /// The run-time limits (quotas, client counts): `cfg`'s at start, changed by a reload.
+    limits: RwLock<Limits>,
     device: Device,
     events: EventReader,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
@@ -127,9 +181,39 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Core {
-    /// The configuration.
+    /// The configuration the daemon started with (a reload changes [`Core::limits`], the
+    /// device's flush latency and the log level, not this).
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The quotas and client limits in force.
+    pub fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts new limits in force (reload): new sessions and requests see them at once, and
+    /// every bound client's shadow quota changes for its next faults.
+    pub fn set_limits(&self, l: Limits) {
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = l;
+        for s in self.sessions() {
+            if let Some(w) = s.watched() {
+                w.device().set_quota_bytes(l.quotas.shadow_bytes);
+            }
+        }
+    }
+
+    /// Clients connected and bound, and shadow bytes in use.
+    pub fn summary(&self) -> Summary {
+        let sessions = self.sessions();
+        Summary {
+            clients: sessions.len(),
+            bound: sessions
+                .iter()
+                .filter(|s| s.binding.get().is_some())
+                .count(),
+            shadow_bytes: self.device.shadow().in_use() * PAGE_SIZE as u64,
+        }
     }
 
     /// The device.
@@ -176,8 +260,13 @@ impl Core {
     }
 
     /// Sends `resp` to request `request_id` of `s`, waiting up to the send timeout for room;
-    /// a client that does not read its answers loses its session.
+    /// a client that does not read its answers loses its session, and is not waited for
+    /// again (the session loop would otherwise stall once per queued request, long enough
+    /// for the service watchdog to fire).
     fn reply(&self, s: &Session, request_id: u64, resp: &Response) {
+        if s.closing.load(Relaxed) {
+            return;
+        }
         self.counters.requests.fetch_add(1, Relaxed);
         if matches!(resp, Response::Error { .. }) {
             self.counters.errors.fetch_add(1, Relaxed);
@@ -211,6 +300,7 @@ impl Core {
                 }
             }
         }
+        s.closing.store(true, Relaxed);
         self.request_close(s.id);
     }
 }
@@ -237,12 +327,33 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the socket (`cfg.socket` or `path`), creates the device and starts the threads.
+    /// Binds the socket at `path`, creates the device and starts the threads.
     /// Block [`shutdown_signals`] before calling it.
     pub fn new(cfg: Config, path: &Path) -> Result<Server, ServerError> {
         // Before the socket exists: a forced back end that does not work stops the start.
         let selection = Selection::probe(cfg.dirty.tracking)?;
-        let listener = Listener::bind(path)?;
+        Server::start_probed(cfg, selection, Listener::bind(path)?, None)
+    }
+
+    /// Serves on `listener` (bound here or handed over by a service manager); `heartbeat`
+    /// is called from the uffd-reader loop (the watchdog). Block [`handled_signals`] first.
+    /// Probes the dirty-tracking back ends first (a forced one that does not work is an
+    /// error).
+    pub fn start(
+        cfg: Config,
+        listener: Listener,
+        heartbeat: Option<Heartbeat>,
+    ) -> Result<Server, ServerError> {
+        let selection = Selection::probe(cfg.dirty.tracking)?;
+        Server::start_probed(cfg, selection, listener, heartbeat)
+    }
+
+    fn start_probed(
+        cfg: Config,
+        selection: Selection,
+        listener: Listener,
+        heartbeat: Option<Heartbeat>,
+    ) -> Result<Server, ServerError> {
         let device = Device::new(&cfg.device).map_err(ServerError::Device)?;
         let workers = Workers::start("worker", cfg.workers).map_err(ServerError::Spawn)?;
         let wake = Arc::new(
@@ -257,7 +368,7 @@ impl Server {
                 let _ = wake.write(1);
             })
         };
-        let events = EventReader::start(workers.sender(), hangup)?;
+        let events = EventReader::start_with(workers.sender(), hangup, heartbeat)?;
         let periodic = Periodic::start(workers.sender()).map_err(ServerError::Spawn)?;
         let streams =
             stream::Streams::start(Arc::clone(device.trace())).map_err(ServerError::Spawn)?;
@@ -273,7 +384,8 @@ impl Server {
             .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
             .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
         tracing::info!(
-            socket = %path.display(),
+            socket = %listener.path().display(),
+            activated = !listener.owns_file(),
             engines = device.engine_count(),
             mode = device.mode().as_str(),
             flush_latency_us = device.flush_latency().as_micros() as u64,
@@ -283,6 +395,7 @@ impl Server {
         Ok(Server {
             core: Arc::new(Core {
                 jobs: Mutex::new(Some(workers.sender())),
+                limits: RwLock::new(cfg.limits()),
                 cfg,
                 device,
                 events,
@@ -292,7 +405,7 @@ impl Server {
                 wake,
                 next_id: AtomicU64::new(1),
                 owner: nix::unistd::geteuid().as_raw(),
-                socket: path.to_owned(),
+                socket: listener.path().to_owned(),
                 streams,
                 dirty: DirtyState {
                     selection,
@@ -322,9 +435,14 @@ impl Server {
 
     /// Serves until SIGTERM or SIGINT, then stops accepting, releases every client (finish
     /// passes included), unlinks the socket and returns.
-    pub fn run(mut self) -> Result<(), ServerError> {
+    pub fn run(self) -> Result<(), ServerError> {
+        self.run_with(&mut Unsupervised)
+    }
+
+    /// [`Server::run`], reporting to `sup` (readiness, ticks, `SIGHUP` reloads, stopping).
+    pub fn run_with(mut self, sup: &mut dyn Supervisor) -> Result<(), ServerError> {
         let sfd = SignalFd::with_flags(
-            &shutdown_signals(),
+            &handled_signals(),
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
         )
         .map_err(|e| ServerError::Loop("signalfd", e))?;
@@ -333,19 +451,30 @@ impl Server {
             .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
         let mut events = vec![EpollEvent::empty(); 256];
         let mut buf = Vec::new();
+        let timeout = sup
+            .tick_every()
+            .and_then(|d| EpollTimeout::try_from(d).ok())
+            .unwrap_or(EpollTimeout::NONE);
+        sup.ready(&self.core);
         'serve: loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
-                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EINTR) => 0,
                 Err(e) => return Err(ServerError::Loop("epoll_wait", e)),
             };
+            sup.tick(&self.core);
             for ev in &events[..n] {
                 match ev.data() {
                     SIGNAL => {
-                        if let Ok(Some(si)) = sfd.read_signal() {
+                        while let Ok(Some(si)) = sfd.read_signal() {
+                            if si.ssi_signo == Signal::SIGHUP as u32 {
+                                sup.reload(&self.core);
+                                continue;
+                            }
                             tracing::info!(signal = si.ssi_signo, "shutting down");
+                            sup.stopping(&self.core);
+                            break 'serve;
                         }
-                        break 'serve;
                     }
                     LISTEN => self.accept_all(),
                     WAKE => {
@@ -356,6 +485,7 @@ impl Server {
                         }
                         if self.core.stop_requested.load(Relaxed) {
                             tracing::info!("stop requested");
+                            sup.stopping(&self.core);
                             break 'serve;
                         }
                     }
@@ -399,19 +529,18 @@ impl Server {
                 }
             };
             let refusal = {
+                let limits = self.core.limits();
                 let sessions = lock(&self.core.sessions);
                 let per_uid = lock(&self.core.per_uid);
-                if sessions.len() >= self.core.cfg.max_clients as usize {
+                if sessions.len() >= limits.max_clients as usize {
                     Some(format!(
                         "the daemon serves its maximum of {} clients",
-                        self.core.cfg.max_clients
+                        limits.max_clients
                     ))
-                } else if per_uid.get(&peer.uid).copied().unwrap_or(0)
-                    >= self.core.cfg.clients_per_uid
-                {
+                } else if per_uid.get(&peer.uid).copied().unwrap_or(0) >= limits.clients_per_uid {
                     Some(format!(
                         "uid {} has its maximum of {} clients",
-                        peer.uid, self.core.cfg.clients_per_uid
+                        peer.uid, limits.clients_per_uid
                     ))
                 } else {
                     None
@@ -514,7 +643,7 @@ impl Server {
             self.core.reply(s, rid, &resp);
             return true;
         }
-        let limit = self.core.cfg.quotas.inflight;
+        let limit = self.core.limits().quotas.inflight;
         if s.inflight.fetch_add(1, Relaxed) >= limit {
             s.inflight.fetch_sub(1, Relaxed);
             let r = Response::error(

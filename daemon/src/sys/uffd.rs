@@ -329,11 +329,18 @@ impl Uffd {
                     to: to as u64,
                     len: len as u64,
                 },
-                Event::Fork { uffd } => UffdEvent::Fork {
-                    // SAFETY: the crate hands us the child's uffd, which it owns; into_raw_fd
-                    // releases that ownership to the OwnedFd we build from it.
-                    child: unsafe { OwnedFd::from_raw_fd(uffd.into_raw_fd()) },
-                },
+                Event::Fork { uffd } => {
+                    // userfaultfd 0.9's `Uffd::into_raw_fd` returns the number but still
+                    // closes it when the `Uffd` drops (a double close later): take the
+                    // number and forget the `Uffd` instead.
+                    let raw = uffd.as_raw_fd();
+                    std::mem::forget(uffd);
+                    UffdEvent::Fork {
+                        // SAFETY: the kernel created this fd for the fork event; the `Uffd`
+                        // forgotten above was its only owner.
+                        child: unsafe { OwnedFd::from_raw_fd(raw) },
+                    }
+                }
                 Event::Pagefault { kind, addr, .. } => match kind {
                     userfaultfd::FaultKind::WriteProtected => {
                         UffdEvent::WriteFault { addr: addr as u64 }

@@ -1,0 +1,724 @@
+//! The C ABI of libmemshadow (`libmemshadow.so`/`.a`, header `include/memshadow.h`
+//! generated from this file by cbindgen; `tests/header.rs` fails when it is stale).
+//!
+//! It mirrors the Rust API: [`Client`] and [`Mirror`] behind opaque handles, every
+//! [`Error`] variant as one [`Status`] code, the message in [`memshadow_last_error`].
+//! Nothing unwinds across the boundary (every entry point runs under `catch_unwind` and
+//! turns a panic into `MEMSHADOW_ERR_INTERNAL`), and every pointer argument is checked for
+//! NULL (`MEMSHADOW_ERR_INVALID_ARGUMENT`).
+//!
+//! Adding an entry point for a new `Mirror` method is one function: see
+//! [`memshadow_mirror_populate`] (`on_mirror` + `guard`).
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use crate::{Client, Error, Mirror};
+
+/// Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
+/// of the Rust library; `memshadow_last_error()` has the details. Values are stable.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum Status {
+    /// Success.
+    MEMSHADOW_OK = 0,
+    /// A NULL pointer or otherwise unusable argument; nothing was done.
+    MEMSHADOW_ERR_INVALID_ARGUMENT = -1,
+    /// A bug in libmemshadow (a caught panic); the handle may be unusable.
+    MEMSHADOW_ERR_INTERNAL = -2,
+    /// No socket path: set `MEMSHADOW_SOCKET` or `XDG_RUNTIME_DIR`.
+    MEMSHADOW_ERR_NO_SOCKET_PATH = -3,
+    /// The daemon's socket could not be reached.
+    MEMSHADOW_ERR_CONNECT = -4,
+    /// The daemon went away (or is shutting down).
+    MEMSHADOW_ERR_DAEMON_GONE = -5,
+    /// No protocol version in common with the daemon.
+    MEMSHADOW_ERR_PROTOCOL_VERSION = -6,
+    /// This process is not dumpable (after setuid?), so the daemon could not read it.
+    MEMSHADOW_ERR_NOT_DUMPABLE = -7,
+    /// A userfaultfd could not be created.
+    MEMSHADOW_ERR_UFFD = -8,
+    /// Opening a file under `/proc/self` failed.
+    MEMSHADOW_ERR_PROC = -9,
+    /// The address is not (or no longer) mirrored, e.g. it was unmapped.
+    MEMSHADOW_ERR_NOT_MIRRORED = -10,
+    /// No such mirror (e.g. already detached).
+    MEMSHADOW_ERR_NO_SUCH_MIRROR = -11,
+    /// A quota of this client would be exceeded.
+    MEMSHADOW_ERR_QUOTA_EXCEEDED = -12,
+    /// Another userfaultfd already watches the range.
+    MEMSHADOW_ERR_ALREADY_WATCHED = -13,
+    /// A bogus range: empty, not page aligned, not mapped, or outside the mirror.
+    MEMSHADOW_ERR_BAD_RANGE = -14,
+    /// The range overlaps an attached range.
+    MEMSHADOW_ERR_OVERLAP = -15,
+    /// The daemon has too many clients.
+    MEMSHADOW_ERR_TOO_MANY_CLIENTS = -16,
+    /// Not allowed.
+    MEMSHADOW_ERR_PERMISSION_DENIED = -17,
+    /// The exchange broke the protocol.
+    MEMSHADOW_ERR_PROTOCOL = -18,
+    /// The daemon refused for another reason (see the message).
+    MEMSHADOW_ERR_DAEMON = -19,
+    /// A socket error.
+    MEMSHADOW_ERR_SOCKET = -20,
+    /// No connected client with that pid (control requests).
+    MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
+}
+
+impl Status {
+    /// The code of a library error. Exhaustive on purpose: a new [`Error`] variant must be
+    /// given a code here (append it; never renumber).
+    fn of(e: &Error) -> Status {
+        match e {
+            Error::NoSocketPath => Status::MEMSHADOW_ERR_NO_SOCKET_PATH,
+            Error::Connect { .. } => Status::MEMSHADOW_ERR_CONNECT,
+            Error::DaemonGone => Status::MEMSHADOW_ERR_DAEMON_GONE,
+            Error::ProtocolVersion(_) => Status::MEMSHADOW_ERR_PROTOCOL_VERSION,
+            Error::NotDumpable(_) => Status::MEMSHADOW_ERR_NOT_DUMPABLE,
+            Error::Uffd(_) => Status::MEMSHADOW_ERR_UFFD,
+            Error::Proc(..) => Status::MEMSHADOW_ERR_PROC,
+            Error::NotMirrored(_) => Status::MEMSHADOW_ERR_NOT_MIRRORED,
+            Error::NoSuchMirror(_) => Status::MEMSHADOW_ERR_NO_SUCH_MIRROR,
+            Error::QuotaExceeded(_) => Status::MEMSHADOW_ERR_QUOTA_EXCEEDED,
+            Error::AlreadyWatched(_) => Status::MEMSHADOW_ERR_ALREADY_WATCHED,
+            Error::BadRange(_) => Status::MEMSHADOW_ERR_BAD_RANGE,
+            Error::Overlap(_) => Status::MEMSHADOW_ERR_OVERLAP,
+            Error::TooManyClients(_) => Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS,
+            Error::PermissionDenied(_) => Status::MEMSHADOW_ERR_PERMISSION_DENIED,
+            Error::Protocol(_) => Status::MEMSHADOW_ERR_PROTOCOL,
+            Error::Daemon { .. } => Status::MEMSHADOW_ERR_DAEMON,
+            Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
+            Error::NoSuchClient(_) => Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
+        }
+    }
+
+    /// The constant's name, for messages.
+    fn name(self) -> &'static CStr {
+        match self {
+            Status::MEMSHADOW_OK => c"MEMSHADOW_OK",
+            Status::MEMSHADOW_ERR_INVALID_ARGUMENT => c"MEMSHADOW_ERR_INVALID_ARGUMENT",
+            Status::MEMSHADOW_ERR_INTERNAL => c"MEMSHADOW_ERR_INTERNAL",
+            Status::MEMSHADOW_ERR_NO_SOCKET_PATH => c"MEMSHADOW_ERR_NO_SOCKET_PATH",
+            Status::MEMSHADOW_ERR_CONNECT => c"MEMSHADOW_ERR_CONNECT",
+            Status::MEMSHADOW_ERR_DAEMON_GONE => c"MEMSHADOW_ERR_DAEMON_GONE",
+            Status::MEMSHADOW_ERR_PROTOCOL_VERSION => c"MEMSHADOW_ERR_PROTOCOL_VERSION",
+            Status::MEMSHADOW_ERR_NOT_DUMPABLE => c"MEMSHADOW_ERR_NOT_DUMPABLE",
+            Status::MEMSHADOW_ERR_UFFD => c"MEMSHADOW_ERR_UFFD",
+            Status::MEMSHADOW_ERR_PROC => c"MEMSHADOW_ERR_PROC",
+            Status::MEMSHADOW_ERR_NOT_MIRRORED => c"MEMSHADOW_ERR_NOT_MIRRORED",
+            Status::MEMSHADOW_ERR_NO_SUCH_MIRROR => c"MEMSHADOW_ERR_NO_SUCH_MIRROR",
+            Status::MEMSHADOW_ERR_QUOTA_EXCEEDED => c"MEMSHADOW_ERR_QUOTA_EXCEEDED",
+            Status::MEMSHADOW_ERR_ALREADY_WATCHED => c"MEMSHADOW_ERR_ALREADY_WATCHED",
+            Status::MEMSHADOW_ERR_BAD_RANGE => c"MEMSHADOW_ERR_BAD_RANGE",
+            Status::MEMSHADOW_ERR_OVERLAP => c"MEMSHADOW_ERR_OVERLAP",
+            Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS => c"MEMSHADOW_ERR_TOO_MANY_CLIENTS",
+            Status::MEMSHADOW_ERR_PERMISSION_DENIED => c"MEMSHADOW_ERR_PERMISSION_DENIED",
+            Status::MEMSHADOW_ERR_PROTOCOL => c"MEMSHADOW_ERR_PROTOCOL",
+            Status::MEMSHADOW_ERR_DAEMON => c"MEMSHADOW_ERR_DAEMON",
+            Status::MEMSHADOW_ERR_SOCKET => c"MEMSHADOW_ERR_SOCKET",
+            Status::MEMSHADOW_ERR_NO_SUCH_CLIENT => c"MEMSHADOW_ERR_NO_SUCH_CLIENT",
+        }
+    }
+
+    /// Every code, for [`memshadow_status_name`] and the tests.
+    const ALL: [Status; 22] = [
+        Status::MEMSHADOW_OK,
+        Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
+        Status::MEMSHADOW_ERR_INTERNAL,
+        Status::MEMSHADOW_ERR_NO_SOCKET_PATH,
+        Status::MEMSHADOW_ERR_CONNECT,
+        Status::MEMSHADOW_ERR_DAEMON_GONE,
+        Status::MEMSHADOW_ERR_PROTOCOL_VERSION,
+        Status::MEMSHADOW_ERR_NOT_DUMPABLE,
+        Status::MEMSHADOW_ERR_UFFD,
+        Status::MEMSHADOW_ERR_PROC,
+        Status::MEMSHADOW_ERR_NOT_MIRRORED,
+        Status::MEMSHADOW_ERR_NO_SUCH_MIRROR,
+        Status::MEMSHADOW_ERR_QUOTA_EXCEEDED,
+        Status::MEMSHADOW_ERR_ALREADY_WATCHED,
+        Status::MEMSHADOW_ERR_BAD_RANGE,
+        Status::MEMSHADOW_ERR_OVERLAP,
+        Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS,
+        Status::MEMSHADOW_ERR_PERMISSION_DENIED,
+        Status::MEMSHADOW_ERR_PROTOCOL,
+        Status::MEMSHADOW_ERR_DAEMON,
+        Status::MEMSHADOW_ERR_SOCKET,
+        Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
+    ];
+}
+
+/// A failed call: the code and the message for [`memshadow_last_error`].
+#[derive(Debug)]
+struct Failure {
+    status: Status,
+    message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Failure {
+            status: Status::of(&e),
+            message,
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure {
+        status: Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
+        message: message.into(),
+    }
+}
+
+thread_local! {
+    /// This thread's last error message ("" after a success).
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    // A message from the daemon could hold a NUL; C would cut it there anyway.
+    let bytes: Vec<u8> = message.bytes().filter(|&b| b != 0).collect();
+    let c = CString::new(bytes).unwrap_or_default();
+    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+}
+
+/// Runs one entry point: no unwinding out, the last error set (or cleared), and the
+/// result or `fallback` returned with its code.
+fn guard_value<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> (T, Status) {
+    let outcome = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Failure {
+            status: Status::MEMSHADOW_ERR_INTERNAL,
+            message: format!("internal error in libmemshadow (panic: {what})"),
+        })
+    });
+    match outcome {
+        Ok(v) => {
+            set_last_error("");
+            (v, Status::MEMSHADOW_OK)
+        }
+        Err(e) => {
+            set_last_error(&e.message);
+            (fallback, e.status)
+        }
+    }
+}
+
+/// [`guard_value`] for entry points that return only a code.
+fn guard(f: impl FnOnce() -> Result<(), Failure>) -> Status {
+    guard_value((), f).1
+}
+
+/// A client handle (`struct memshadow_client`): a session with memshadowd.
+#[derive(Debug)]
+pub struct FfiClient {
+    client: Client,
+    daemon_version: CString,
+}
+
+/// A mirror handle (`struct memshadow_mirror`): an attached range.
+#[derive(Debug)]
+pub struct FfiMirror {
+    mirror: Mirror,
+}
+
+/// A counters snapshot (`struct memshadow_stats`).
+#[derive(Debug)]
+pub struct FfiStats {
+    entries: Vec<(CString, u64)>,
+}
+
+/// Borrows the object behind a handle.
+///
+/// # Safety
+/// `p` is NULL or points to a live `T` that outlives `'a`.
+unsafe fn handle<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: the caller's contract.
+    unsafe { p.as_ref() }.ok_or_else(|| invalid(format!("{what} is NULL")))
+}
+
+/// Stores `v` through an out pointer (checked for NULL first by `out_ptr`).
+///
+/// # Safety
+/// `out` is valid for a write of a `T`.
+unsafe fn put<T>(out: *mut T, v: T) {
+    // SAFETY: the caller's contract.
+    unsafe { out.write(v) }
+}
+
+/// Checks an out pointer and clears what it points to, so the caller never sees garbage.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of a `*mut T`.
+unsafe fn out_ptr<T>(out: *mut *mut T, what: &str) -> Result<*mut *mut T, Failure> {
+    if out.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: not NULL, and the caller's contract.
+    unsafe { put(out, std::ptr::null_mut()) };
+    Ok(out)
+}
+
+fn new_client(client: Client) -> *mut FfiClient {
+    let daemon_version =
+        CString::new(client.daemon_version().replace('\0', "")).unwrap_or_default();
+    Box::into_raw(Box::new(FfiClient {
+        client,
+        daemon_version,
+    }))
+}
+
+/// Connects to memshadowd at the default socket path (`MEMSHADOW_SOCKET` if set, else
+/// `/run/memshadow/memshadowd.sock` for root, else
+/// `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`) and registers this process.
+/// On success `*out` is a new client handle (free it with `memshadow_client_free`);
+/// on failure `*out` is NULL.
+///
+/// # Safety
+/// `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_connect(out: *mut *mut FfiClient) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        let client = Client::connect()?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, new_client(client)) };
+        Ok(())
+    })
+}
+
+/// Connects to memshadowd listening at `path` (a NUL-terminated file name) and registers
+/// this process. On success `*out` is a new client handle (free it with
+/// `memshadow_client_free`); on failure `*out` is NULL.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_connect_to(
+    path: *const c_char,
+    out: *mut *mut FfiClient,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        if path.is_null() {
+            return Err(invalid("path is NULL"));
+        }
+        // SAFETY: not NULL, and NUL-terminated by the caller's contract.
+        let path = unsafe { CStr::from_ptr(path) };
+        let path = Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
+        let client = Client::connect_to(path)?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, new_client(client)) };
+        Ok(())
+    })
+}
+
+/// Closes the session and frees the handle. Mirrors still attached keep the connection
+/// open until they are freed too. NULL is ignored.
+///
+/// # Safety
+/// `client` is NULL or a handle from `memshadow_connect*` not freed yet, and no other
+/// thread uses it any more.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_client_free(client: *mut FfiClient) {
+    guard(|| {
+        if !client.is_null() {
+            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
+            drop(unsafe { Box::from_raw(client) });
+        }
+        Ok(())
+    });
+}
+
+/// The protocol version of the session (0 if `client` is NULL).
+///
+/// # Safety
+/// `client` is NULL or a live client handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_client_protocol_version(client: *const FfiClient) -> u16 {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        Ok(unsafe { handle(client, "client") }?
+            .client
+            .protocol_version())
+    })
+    .0
+}
+
+/// The daemon's version string, valid as long as the client handle (NULL if `client`
+/// is NULL).
+///
+/// # Safety
+/// `client` is NULL or a live client handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_client_daemon_version(
+    client: *const FfiClient,
+) -> *const c_char {
+    guard_value(std::ptr::null(), || {
+        // SAFETY: the caller's contract.
+        Ok(unsafe { handle(client, "client") }?.daemon_version.as_ptr())
+    })
+    .0
+}
+
+/// The daemon's page size in bytes: attached ranges must be aligned to it (0 if `client`
+/// is NULL).
+///
+/// # Safety
+/// `client` is NULL or a live client handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_client_page_size(client: *const FfiClient) -> usize {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        Ok(unsafe { handle(client, "client") }?.client.page_size())
+    })
+    .0
+}
+
+/// Mirrors the `len` bytes at `ptr` of this process (page aligned, already mapped). The
+/// daemon only reads the range, and follows it when it is unmapped, moved or discarded.
+/// On success `*out` is a new mirror handle (free it with `memshadow_mirror_free`); on
+/// failure `*out` is NULL.
+///
+/// # Safety
+/// `client` is NULL or a live client handle; `out` is NULL or valid for writing a pointer.
+/// `ptr` is only an address (never dereferenced here).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_attach(
+    client: *const FfiClient,
+    ptr: *const c_void,
+    len: usize,
+    out: *mut *mut FfiMirror,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let client = unsafe { handle(client, "client") }?;
+        if ptr.is_null() {
+            return Err(invalid("ptr is NULL"));
+        }
+        let mirror = client.client.attach(ptr.cast(), len)?;
+        let m = Box::into_raw(Box::new(FfiMirror { mirror }));
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, m) };
+        Ok(())
+    })
+}
+
+/// Runs `f` on the mirror behind a handle.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle.
+unsafe fn on_mirror<T>(
+    mirror: *const FfiMirror,
+    f: impl FnOnce(&Mirror) -> Result<T, Error>,
+) -> Result<T, Failure> {
+    // SAFETY: the caller's contract.
+    let m = unsafe { handle(mirror, "mirror") }?;
+    Ok(f(&m.mirror)?)
+}
+
+/// A device read: copies `len` bytes at `offset` of the mirror into `buf`, served by the
+/// daemon from its shadow (a read issued after `munmap`/`madvise` returned never sees the
+/// old bytes). Fails with `MEMSHADOW_ERR_NOT_MIRRORED` where the range was unmapped and
+/// `MEMSHADOW_ERR_BAD_RANGE` outside the mirror; `buf` may be partly written then.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle; `buf` is NULL or valid for writing `len`
+/// bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_read(
+    mirror: *const FfiMirror,
+    offset: u64,
+    buf: *mut c_void,
+    len: usize,
+) -> Status {
+    guard(|| {
+        if buf.is_null() {
+            return Err(invalid("buf is NULL"));
+        }
+        if len > isize::MAX as usize {
+            return Err(invalid("len is too large"));
+        }
+        // SAFETY: not NULL, `len` fits an allocation, and valid for writes of `len`
+        // bytes by the caller's contract; u8 needs no alignment.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        // SAFETY: the caller's contract.
+        unsafe { on_mirror(mirror, |m| m.read(offset, buf)) }
+    })
+}
+
+/// Faults `offset..offset+len` of the mirror into the shadow without reading it. If
+/// `pages_out` is not NULL it receives the number of pages the mirror then has in the
+/// shadow.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle; `pages_out` is NULL or valid for writing a
+/// `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_populate(
+    mirror: *const FfiMirror,
+    offset: u64,
+    len: u64,
+    pages_out: *mut u64,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let pages = unsafe { on_mirror(mirror, |m| m.populate(offset, len)) }?;
+        if !pages_out.is_null() {
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(pages_out, pages) };
+        }
+        Ok(())
+    })
+}
+
+/// The mirror's id (0 if `mirror` is NULL).
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_id(mirror: *const FfiMirror) -> u64 {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe { on_mirror(mirror, |m| Ok(m.id())) }).0
+}
+
+/// The mirror's length in bytes (0 if `mirror` is NULL).
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_len(mirror: *const FfiMirror) -> u64 {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe { on_mirror(mirror, |m| Ok(m.len())) }).0
+}
+
+/// Stops mirroring and reports whether the daemon agreed. The handle stays valid (reads
+/// then fail) until `memshadow_mirror_free`; detaching twice is a no-op.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_detach(mirror: *const FfiMirror) -> Status {
+    // SAFETY: the caller's contract.
+    guard(|| unsafe { on_mirror(mirror, Mirror::detach_inner) })
+}
+
+/// Frees a mirror handle, detaching it first if it still is attached (errors ignored:
+/// use `memshadow_mirror_detach` to see them). NULL is ignored.
+///
+/// # Safety
+/// `mirror` is NULL or a handle from `memshadow_attach` not freed yet, and no other thread
+/// uses it any more.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_free(mirror: *mut FfiMirror) {
+    guard(|| {
+        if !mirror.is_null() {
+            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
+            drop(unsafe { Box::from_raw(mirror) });
+        }
+        Ok(())
+    });
+}
+
+fn new_stats(entries: Vec<(String, u64)>) -> *mut FfiStats {
+    let entries = entries
+        .into_iter()
+        .map(|(n, v)| (CString::new(n.replace('\0', "")).unwrap_or_default(), v))
+        .collect();
+    Box::into_raw(Box::new(FfiStats { entries }))
+}
+
+/// Takes a snapshot of this session's counters (`client.reads`, `client.faults`,
+/// `client.invalidations`, `events.unmap`, ...). On success `*out` is a new stats handle
+/// (free it with `memshadow_stats_free`); on failure `*out` is NULL.
+///
+/// # Safety
+/// `client` is NULL or a live client handle; `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_client_stats(
+    client: *const FfiClient,
+    out: *mut *mut FfiStats,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let entries = unsafe { handle(client, "client") }?.client.stats()?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, new_stats(entries)) };
+        Ok(())
+    })
+}
+
+/// Takes a snapshot of the daemon's counters (`shadow.slots_in_use`,
+/// `device.flushes_issued`, ...), like `memshadow_client_stats`.
+///
+/// # Safety
+/// `client` is NULL or a live client handle; `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_daemon_stats(
+    client: *const FfiClient,
+    out: *mut *mut FfiStats,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let entries = unsafe { handle(client, "client") }?
+            .client
+            .status()?
+            .counters;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, new_stats(entries)) };
+        Ok(())
+    })
+}
+
+/// The number of counters in a snapshot (0 if `stats` is NULL).
+///
+/// # Safety
+/// `stats` is NULL or a live stats handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_stats_count(stats: *const FfiStats) -> usize {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        Ok(unsafe { handle(stats, "stats") }?.entries.len())
+    })
+    .0
+}
+
+/// Counter number `index` (0 <= index < count) of a snapshot: `*name` gets its name
+/// (valid as long as the stats handle) and `*value` its value. Either out pointer may be
+/// NULL if not wanted. `MEMSHADOW_ERR_BAD_RANGE` if `index` is out of range.
+///
+/// # Safety
+/// `stats` is NULL or a live stats handle; `name` and `value` are NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_stats_entry(
+    stats: *const FfiStats,
+    index: usize,
+    name: *mut *const c_char,
+    value: *mut u64,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let stats = unsafe { handle(stats, "stats") }?;
+        let (n, v) = stats.entries.get(index).ok_or_else(|| {
+            Failure::from(Error::BadRange(format!(
+                "counter {index} of {}",
+                stats.entries.len()
+            )))
+        })?;
+        if !name.is_null() {
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(name, n.as_ptr()) };
+        }
+        if !value.is_null() {
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(value, *v) };
+        }
+        Ok(())
+    })
+}
+
+/// Looks up the counter called `name` in a snapshot and stores its value in `*value`.
+/// `MEMSHADOW_ERR_INVALID_ARGUMENT` if there is no such counter.
+///
+/// # Safety
+/// `stats` is NULL or a live stats handle; `name` is NULL or a NUL-terminated string;
+/// `value` is NULL or valid for writing a `uint64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_stats_get(
+    stats: *const FfiStats,
+    name: *const c_char,
+    value: *mut u64,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let stats = unsafe { handle(stats, "stats") }?;
+        if name.is_null() || value.is_null() {
+            return Err(invalid("name or value is NULL"));
+        }
+        // SAFETY: not NULL, and NUL-terminated by the caller's contract.
+        let name = unsafe { CStr::from_ptr(name) };
+        let v = stats
+            .entries
+            .iter()
+            .find(|(n, _)| n.as_c_str() == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| invalid(format!("no counter {}", name.to_string_lossy())))?;
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(value, v) };
+        Ok(())
+    })
+}
+
+/// Frees a stats snapshot. NULL is ignored.
+///
+/// # Safety
+/// `stats` is NULL or a handle from `memshadow_*_stats` not freed yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_stats_free(stats: *mut FfiStats) {
+    guard(|| {
+        if !stats.is_null() {
+            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
+            drop(unsafe { Box::from_raw(stats) });
+        }
+        Ok(())
+    });
+}
+
+/// The message of the last failed call on this thread ("" if the last call succeeded).
+/// Never NULL. Valid until the next `memshadow_*` call on this thread (other than
+/// `memshadow_last_error`, `memshadow_status_name` and `memshadow_version`).
+#[unsafe(no_mangle)]
+pub extern "C" fn memshadow_last_error() -> *const c_char {
+    LAST_ERROR
+        .try_with(|l| l.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+/// The name of a result code (e.g. "MEMSHADOW_ERR_BAD_RANGE"), a static string; NULL for
+/// a value that is no code.
+#[unsafe(no_mangle)]
+pub extern "C" fn memshadow_status_name(status: i32) -> *const c_char {
+    Status::ALL
+        .iter()
+        .find(|s| **s as i32 == status)
+        .map_or(std::ptr::null(), |s| s.name().as_ptr())
+}
+
+/// The version of libmemshadow (e.g. "0.1.0"), a static string.
+#[unsafe(no_mangle)]
+pub extern "C" fn memshadow_version() -> *const c_char {
+    const V: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"?",
+        };
+    V.as_ptr()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,453 @@
+//! Unit tests of the C ABI: NULL arguments, the last error, panics, and every error kind's
+//! code, through the `extern "C"` functions against a fake daemon on a socketpair.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::fd::AsFd;
+use std::ptr::{null, null_mut};
+use std::sync::mpsc;
+
+use memshadow_proto::{
+    self as proto, AccessPath, ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION,
+};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+use super::*;
+use Status::*;
+
+fn last_error() -> String {
+    // SAFETY: never NULL, NUL-terminated, valid until the next call on this thread.
+    unsafe { CStr::from_ptr(memshadow_last_error()) }
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn status_name(s: Status) -> String {
+    // SAFETY: a static string for every code.
+    unsafe { CStr::from_ptr(memshadow_status_name(s as i32)) }
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A fake daemon answering hello and bind, then whatever `answer` says; it ends when the
+/// client hangs up.
+fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut FfiClient {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        while let Ok(f) = proto::recv(b.as_fd(), &mut buf) {
+            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
+            let resp = match req {
+                Request::Hello { .. } => Response::HelloAck {
+                    version: VERSION,
+                    daemon_version: "fake-1.2".into(),
+                    page_size: 4096,
+                    limits: Limits {
+                        max_read: MAX_READ as u32,
+                        ..Limits::default()
+                    },
+                },
+                Request::Bind { .. } => Response::Bound {
+                    access: AccessPath::MemFd,
+                    uffd_features: 0,
+                },
+                r => answer(r),
+            };
+            let sent = proto::send(
+                b.as_fd(),
+                resp.msg_type(),
+                0,
+                f.header.request_id,
+                &resp.encode_payload(),
+                &[],
+            );
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    // A control session: no uffd is created (the uffd-counting test of lib.rs runs beside).
+    new_client(Client::from_socket(a, false).unwrap())
+}
+
+/// A fake daemon that mirrors anything as mirror 9, serves reads with `offset as u8`
+/// bytes (NotMirrored from 1 MiB on), and has two counters.
+fn good_daemon() -> *mut FfiClient {
+    fake_client(|r| match r {
+        Request::Attach { .. } => Response::Attached { mirror_id: 9 },
+        Request::Read { offset, len, .. } if offset < 1 << 20 => Response::Data {
+            bytes: vec![offset as u8; len as usize],
+        },
+        Request::Read { .. } => Response::error(ErrorCode::NotMirrored, "unmapped"),
+        Request::Populate { len, .. } => Response::Populated { pages: len / 4096 },
+        Request::Detach { .. } => Response::Detached,
+        Request::ClientStats => Response::Counters {
+            entries: vec![("client.reads".into(), 3), ("client.faults".into(), 2)],
+        },
+        Request::Status => Response::StatusReport {
+            info: vec![("daemon.version".into(), "fake-1.2".into())],
+            counters: vec![("shadow.slots_in_use".into(), 7)],
+        },
+        _ => Response::error(ErrorCode::Internal, "unexpected"),
+    })
+}
+
+fn attach(c: *const FfiClient, addr: usize, len: usize) -> (Status, *mut FfiMirror) {
+    let mut m = std::ptr::dangling_mut::<FfiMirror>();
+    // SAFETY: `c` is a live handle or NULL; `m` is writable.
+    let s = unsafe { memshadow_attach(c, addr as *const c_void, len, &mut m) };
+    (s, m)
+}
+
+#[test]
+fn null_pointers_are_invalid_arguments_with_a_message() {
+    let mut out_client = std::ptr::dangling_mut::<FfiClient>();
+    let mut out_stats = std::ptr::dangling_mut::<FfiStats>();
+    let mut byte = 0u8;
+    let mut value = 0u64;
+    let invalid = |s: Status, msg: &str| {
+        assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT, "{msg}");
+        assert_eq!(last_error(), msg);
+    };
+    // SAFETY: every pointer is NULL or valid (so in the calls below).
+    let s = unsafe { memshadow_connect(null_mut()) };
+    invalid(s, "out is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_connect_to(null(), &mut out_client) };
+    invalid(s, "path is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_connect_to(c"/nonexistent".as_ptr(), null_mut()) };
+    invalid(s, "out is NULL");
+    invalid(attach(null(), 4096, 4096).0, "client is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_attach(null(), 4096 as *const c_void, 4096, null_mut()) };
+    invalid(s, "out is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_mirror_read(null(), 0, (&raw mut byte).cast(), 1) };
+    invalid(s, "mirror is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_mirror_populate(null(), 0, 1, null_mut()) };
+    invalid(s, "mirror is NULL");
+    // SAFETY: as above.
+    invalid(unsafe { memshadow_mirror_detach(null()) }, "mirror is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_client_stats(null(), &mut out_stats) };
+    invalid(s, "client is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_daemon_stats(null(), null_mut()) };
+    invalid(s, "out is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_stats_entry(null(), 0, null_mut(), null_mut()) };
+    invalid(s, "stats is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_stats_get(null(), c"x".as_ptr(), &mut value) };
+    invalid(s, "stats is NULL");
+    assert!(out_client.is_null(), "out pointers are cleared on failure");
+    assert!(out_stats.is_null());
+    // Getters give 0/NULL and say why; frees ignore NULL.
+    // SAFETY: NULL handles.
+    unsafe {
+        assert_eq!(memshadow_client_page_size(null()), 0);
+    }
+    assert_eq!(last_error(), "client is NULL");
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_client_protocol_version(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert!(unsafe { memshadow_client_daemon_version(null()) }.is_null());
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_mirror_id(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_mirror_len(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_stats_count(null()) }, 0);
+    // SAFETY: NULL handles are ignored.
+    unsafe { memshadow_client_free(null_mut()) };
+    // SAFETY: NULL handles are ignored.
+    unsafe { memshadow_mirror_free(null_mut()) };
+    // SAFETY: NULL handles are ignored.
+    unsafe { memshadow_stats_free(null_mut()) };
+    assert_eq!(last_error(), "", "a successful call clears the last error");
+}
+
+#[test]
+fn null_buffers_and_addresses_with_a_live_client() {
+    let c = good_daemon();
+    assert_eq!(attach(c, 0, 4096).0, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert_eq!(last_error(), "ptr is NULL");
+    let (s, m) = attach(c, 0x10000, 2 << 20);
+    assert_eq!(s, MEMSHADOW_OK);
+    // SAFETY: a live mirror; NULL buffer.
+    let s = unsafe { memshadow_mirror_read(m, 0, null_mut(), 16) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert_eq!(last_error(), "buf is NULL");
+    let mut byte = 0u8;
+    // SAFETY: a live mirror; a 1-byte buffer but a length that can be no allocation
+    // (refused before the buffer is touched).
+    let s = unsafe { memshadow_mirror_read(m, 0, (&raw mut byte).cast(), usize::MAX) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    let stats = client_stats(c);
+    let mut v = 0u64;
+    // SAFETY: a live stats handle; NULL name.
+    let s = unsafe { memshadow_stats_get(stats, null(), &mut v) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    // SAFETY: a live stats handle; NULL value.
+    let s = unsafe { memshadow_stats_get(stats, c"client.reads".as_ptr(), null_mut()) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    // SAFETY: live handles, freed once.
+    unsafe { memshadow_stats_free(stats) };
+    // SAFETY: live handles, freed once.
+    unsafe { memshadow_mirror_free(m) };
+    // SAFETY: live handles, freed once.
+    unsafe { memshadow_client_free(c) };
+}
+
+fn client_stats(c: *const FfiClient) -> *mut FfiStats {
+    let mut stats = null_mut();
+    // SAFETY: a live client; `stats` is writable.
+    let s = unsafe { memshadow_client_stats(c, &mut stats) };
+    assert_eq!(s, MEMSHADOW_OK);
+    stats
+}
+
+#[test]
+fn a_session_through_the_c_api() {
+    let c = good_daemon();
+    // SAFETY: a live client handle.
+    unsafe {
+        assert_eq!(memshadow_client_page_size(c), 4096);
+    }
+    // SAFETY: a live client handle.
+    assert_eq!(unsafe { memshadow_client_protocol_version(c) }, VERSION);
+    // SAFETY: a live client handle.
+    let v = unsafe { memshadow_client_daemon_version(c) };
+    // SAFETY: a C string that lives as long as the handle.
+    let v = unsafe { CStr::from_ptr(v) };
+    assert_eq!(v.to_str().unwrap(), "fake-1.2");
+    let (s, m) = attach(c, 0x10000, 2 << 20);
+    assert_eq!(s, MEMSHADOW_OK);
+    // SAFETY: a live mirror handle.
+    assert_eq!(unsafe { memshadow_mirror_id(m) }, 9);
+    // SAFETY: a live mirror handle.
+    assert_eq!(unsafe { memshadow_mirror_len(m) }, 2 << 20);
+    let mut buf = vec![0u8; 3 * 4096];
+    // SAFETY: a live mirror; `buf` is writable for its length.
+    let s = unsafe { memshadow_mirror_read(m, 4096, buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!(s, MEMSHADOW_OK);
+    assert!(buf.iter().all(|&b| b == 0), "offset 4096 as u8 is 0");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_mirror_read(m, 5, buf.as_mut_ptr().cast(), 1) };
+    assert_eq!((s, buf[0]), (MEMSHADOW_OK, 5));
+    // SAFETY: as above.
+    let s = unsafe { memshadow_mirror_read(m, 1 << 20, buf.as_mut_ptr().cast(), 1) };
+    assert_eq!(s, MEMSHADOW_ERR_NOT_MIRRORED);
+    assert_eq!(last_error(), "not mirrored: unmapped");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_mirror_read(m, 2 << 20, buf.as_mut_ptr().cast(), 1) };
+    assert_eq!(s, MEMSHADOW_ERR_BAD_RANGE);
+    let mut pages = 0u64;
+    // SAFETY: a live mirror; `pages` is writable.
+    let s = unsafe { memshadow_mirror_populate(m, 0, 8192, &mut pages) };
+    assert_eq!((s, pages), (MEMSHADOW_OK, 2));
+    // SAFETY: a live mirror; no pages wanted.
+    let s = unsafe { memshadow_mirror_populate(m, 0, 8192, null_mut()) };
+    assert_eq!(s, MEMSHADOW_OK);
+
+    let stats = client_stats(c);
+    // SAFETY: a live stats handle.
+    assert_eq!(unsafe { memshadow_stats_count(stats) }, 2);
+    let (mut name, mut value) = (null(), 0u64);
+    // SAFETY: a live stats handle; writable out pointers.
+    let s = unsafe { memshadow_stats_entry(stats, 1, &mut name, &mut value) };
+    assert_eq!(s, MEMSHADOW_OK);
+    // SAFETY: valid as long as the stats handle.
+    let n = unsafe { CStr::from_ptr(name) };
+    assert_eq!((n.to_str().unwrap(), value), ("client.faults", 2));
+    // SAFETY: as above.
+    let s = unsafe { memshadow_stats_entry(stats, 2, &mut name, &mut value) };
+    assert_eq!(s, MEMSHADOW_ERR_BAD_RANGE);
+    // SAFETY: a live stats handle; a C string; writable value.
+    let s = unsafe { memshadow_stats_get(stats, c"client.reads".as_ptr(), &mut value) };
+    assert_eq!((s, value), (MEMSHADOW_OK, 3));
+    // SAFETY: as above.
+    let s = unsafe { memshadow_stats_get(stats, c"nope".as_ptr(), &mut value) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert_eq!(last_error(), "no counter nope");
+    // SAFETY: freed once.
+    unsafe { memshadow_stats_free(stats) };
+    let mut daemon = null_mut();
+    // SAFETY: a live client; writable out pointer.
+    let s = unsafe { memshadow_daemon_stats(c, &mut daemon) };
+    assert_eq!(s, MEMSHADOW_OK);
+    // SAFETY: a live stats handle; a C string; writable value.
+    let s = unsafe { memshadow_stats_get(daemon, c"shadow.slots_in_use".as_ptr(), &mut value) };
+    assert_eq!((s, value), (MEMSHADOW_OK, 7));
+    // SAFETY: freed once.
+    unsafe { memshadow_stats_free(daemon) };
+
+    // SAFETY: a live mirror; detaching twice is a no-op.
+    assert_eq!(unsafe { memshadow_mirror_detach(m) }, MEMSHADOW_OK);
+    // SAFETY: as above.
+    assert_eq!(unsafe { memshadow_mirror_detach(m) }, MEMSHADOW_OK);
+    // The client goes first: the mirror keeps the connection.
+    // SAFETY: freed once.
+    unsafe { memshadow_client_free(c) };
+    // SAFETY: a live mirror.
+    assert_eq!(unsafe { memshadow_mirror_len(m) }, 2 << 20);
+    // SAFETY: freed once.
+    unsafe { memshadow_mirror_free(m) };
+}
+
+/// Each error kind the daemon can send arrives in C as its own code.
+#[test]
+fn daemon_refusals_map_to_their_codes() {
+    let cases = [
+        (ErrorCode::NotMirrored, MEMSHADOW_ERR_NOT_MIRRORED),
+        (ErrorCode::NoSuchMirror, MEMSHADOW_ERR_NO_SUCH_MIRROR),
+        (ErrorCode::NoSuchClient, MEMSHADOW_ERR_NO_SUCH_CLIENT),
+        (ErrorCode::QuotaExceeded, MEMSHADOW_ERR_QUOTA_EXCEEDED),
+        (ErrorCode::AlreadyWatched, MEMSHADOW_ERR_ALREADY_WATCHED),
+        (ErrorCode::BadRange, MEMSHADOW_ERR_BAD_RANGE),
+        (ErrorCode::Overlap, MEMSHADOW_ERR_OVERLAP),
+        (ErrorCode::TooManyClients, MEMSHADOW_ERR_TOO_MANY_CLIENTS),
+        (ErrorCode::PermissionDenied, MEMSHADOW_ERR_PERMISSION_DENIED),
+        (ErrorCode::ProtocolVersion, MEMSHADOW_ERR_PROTOCOL_VERSION),
+        (ErrorCode::BadMessage, MEMSHADOW_ERR_PROTOCOL),
+        (ErrorCode::ShuttingDown, MEMSHADOW_ERR_DAEMON_GONE),
+        (ErrorCode::AccessFailed, MEMSHADOW_ERR_DAEMON),
+        (ErrorCode::Other(77), MEMSHADOW_ERR_DAEMON),
+    ];
+    let (tx, rx) = mpsc::channel::<ErrorCode>();
+    let rx = std::sync::Mutex::new(rx);
+    let c = fake_client(move |_| {
+        let code = rx.lock().unwrap().recv().unwrap();
+        Response::error(code, "refused")
+    });
+    for (code, want) in cases {
+        tx.send(code).unwrap();
+        let (s, m) = attach(c, 0x10000, 4096);
+        assert_eq!(s, want, "{code:?}");
+        assert!(m.is_null());
+        // `DaemonGone` has a message of its own.
+        let said = if code == ErrorCode::ShuttingDown {
+            "memshadowd is gone"
+        } else {
+            "refused"
+        };
+        assert!(last_error().contains(said), "{code:?}: {}", last_error());
+    }
+    // SAFETY: freed once.
+    unsafe { memshadow_client_free(c) };
+}
+
+/// Every variant of the Rust error has its own code and name (the match in `Status::of`
+/// is exhaustive, so a new variant cannot be forgotten).
+#[test]
+fn every_error_variant_has_a_distinct_code_and_name() {
+    let io = || std::io::Error::from_raw_os_error(libc::EACCES);
+    let errors = [
+        Error::NoSocketPath,
+        Error::Connect {
+            path: "/x".into(),
+            source: nix::Error::ENOENT,
+        },
+        Error::DaemonGone,
+        Error::ProtocolVersion("v".into()),
+        Error::NotDumpable(io()),
+        Error::Uffd(io()),
+        Error::Proc("/proc/self/mem", io()),
+        Error::NotMirrored("m".into()),
+        Error::NoSuchMirror("m".into()),
+        Error::NoSuchClient("c".into()),
+        Error::QuotaExceeded("q".into()),
+        Error::AlreadyWatched("w".into()),
+        Error::BadRange("r".into()),
+        Error::Overlap("o".into()),
+        Error::TooManyClients("t".into()),
+        Error::PermissionDenied("p".into()),
+        Error::Protocol("p".into()),
+        Error::Daemon {
+            code: ErrorCode::Internal,
+            message: "i".into(),
+        },
+        Error::Socket(SocketError::Closed),
+    ];
+    let mut codes: Vec<Status> = errors.iter().map(Status::of).collect();
+    codes.extend([
+        MEMSHADOW_OK,
+        MEMSHADOW_ERR_INVALID_ARGUMENT,
+        MEMSHADOW_ERR_INTERNAL,
+    ]);
+    let mut sorted: Vec<i32> = codes.iter().map(|&s| s as i32).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), codes.len(), "codes are distinct: {codes:?}");
+    assert_eq!(
+        codes.len(),
+        Status::ALL.len(),
+        "Status::ALL lists every code"
+    );
+    for s in Status::ALL {
+        assert_eq!(status_name(s), format!("{s:?}"));
+        assert!(s == MEMSHADOW_OK || (s as i32) < 0);
+    }
+    assert!(memshadow_status_name(1).is_null());
+    assert!(memshadow_status_name(-1000).is_null());
+    // The message carries the cause.
+    let f = Failure::from(Error::Connect {
+        path: "/x".into(),
+        source: nix::Error::ENOENT,
+    });
+    assert_eq!(f.status, MEMSHADOW_ERR_CONNECT);
+    assert_eq!(
+        f.message,
+        "cannot connect to memshadowd at /x: ENOENT: No such file or directory"
+    );
+}
+
+#[test]
+fn connect_to_a_missing_socket_is_a_connect_error() {
+    let mut c = std::ptr::dangling_mut::<FfiClient>();
+    // SAFETY: a C string and a writable out pointer.
+    let s = unsafe { memshadow_connect_to(c"/nonexistent/memshadow.sock".as_ptr(), &mut c) };
+    assert_eq!(s, MEMSHADOW_ERR_CONNECT);
+    assert!(c.is_null());
+    assert!(
+        last_error().starts_with("cannot connect to memshadowd at /nonexistent/memshadow.sock: "),
+        "{}",
+        last_error()
+    );
+}
+
+#[test]
+fn the_last_error_is_per_thread() {
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_connect(null_mut()) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    let other = std::thread::spawn(last_error).join().unwrap();
+    assert_eq!(other, "");
+    assert_eq!(last_error(), "out is NULL");
+    // Asking twice does not clear it.
+    assert_eq!(last_error(), "out is NULL");
+}
+
+#[test]
+fn a_panic_becomes_an_internal_error() {
+    let s = guard(|| panic!("boom"));
+    assert_eq!(s, MEMSHADOW_ERR_INTERNAL);
+    assert_eq!(last_error(), "internal error in libmemshadow (panic: boom)");
+}
+
+#[test]
+fn the_library_version_is_the_crate_version() {
+    // SAFETY: a static C string.
+    let v = unsafe { CStr::from_ptr(memshadow_version()) };
+    assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs memshadow: the binaries, the systemd units, the example configuration, the C
+# header and pkg-config file and libraries (when built), and creates the `memshadow` group
+# whose members may connect to the daemon's socket.
+#
+#   systemd/install.sh [--prefix DIR] [--destdir DIR] [--from DIR] [--no-build] [--no-group]
+#
+# --prefix DIR    installation prefix (default /usr/local): DIR/bin, DIR/lib, DIR/include,
+#                 units in DIR/lib/systemd/system
+# --destdir DIR   stage everything under DIR (packaging, tests); nothing outside it is touched
+#                 (the group goes into DIR/etc/group if that file exists, else it is skipped)
+# --from DIR      where the built binaries are (default: target/release of this tree)
+# --srcdir DIR    the source tree (default: the tree this script is in)
+# --no-build      do not run `cargo build --release --workspace` first
+# --no-group      do not create the memshadow group
+# Environment overrides: BINDIR, LIBDIR, INCLUDEDIR, SYSCONFDIR (default /etc), UNITDIR.
+#
+# Then, on a machine run by systemd:
+#   systemctl enable --now memshadowd.socket
+#   usermod -aG memshadow USER     # users whose programs use memshadow
+set -euo pipefail
+
+SRCDIR=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/usr/local
+DESTDIR=${DESTDIR:-}
+FROM=""
+BUILD=1
+GROUP=1
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
+    --destdir) DESTDIR=${2:?--destdir needs a directory}; shift 2 ;;
+    --from) FROM=${2:?--from needs a directory}; shift 2 ;;
+    --srcdir) SRCDIR=${2:?--srcdir needs a directory}; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --no-group) GROUP=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+
+case "$PREFIX" in /*) ;; *) die "--prefix must be absolute: $PREFIX" ;; esac
+if [ -n "$DESTDIR" ]; then
+  mkdir -p "$DESTDIR"
+  DESTDIR=$(cd "$DESTDIR" && pwd)
+fi
+BINDIR=${BINDIR:-$PREFIX/bin}
+LIBDIR=${LIBDIR:-$PREFIX/lib}
+INCLUDEDIR=${INCLUDEDIR:-$PREFIX/include}
+SYSCONFDIR=${SYSCONFDIR:-/etc}
+UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$SRCDIR/Cargo.toml" | head -n1)
+
+if [ "$BUILD" = 1 ]; then
+  echo "building: cargo build --release --workspace"
+  (cd "$SRCDIR" && cargo build --release --workspace)
+fi
+FROM=${FROM:-$SRCDIR/target/release}
+
+put() { # put MODE SOURCE TARGET: install one file under DESTDIR
+  install -D -m "$1" "$2" "$DESTDIR$3"
+  echo "installed $DESTDIR$3"
+}
+skip() { echo "skipped $1: $2"; }
+
+# Binaries.
+[ -x "$FROM/memshadowd" ] || die "$FROM/memshadowd is not built (run cargo build --release --workspace, or pass --from)"
+put 755 "$FROM/memshadowd" "$BINDIR/memshadowd"
+if [ -x "$FROM/memshadowctl" ]; then
+  put 755 "$FROM/memshadowctl" "$BINDIR/memshadowctl"
+else
+  skip memshadowctl "not built in $FROM"
+fi
+
+# C library, header and pkg-config file.
+for lib in libmemshadow.so libmemshadow.a; do
+  if [ -f "$FROM/$lib" ]; then
+    put 644 "$FROM/$lib" "$LIBDIR/$lib"
+  else
+    skip "$lib" "not built in $FROM"
+  fi
+done
+if [ -f "$SRCDIR/client-lib/include/memshadow.h" ]; then
+  put 644 "$SRCDIR/client-lib/include/memshadow.h" "$INCLUDEDIR/memshadow.h"
+else
+  skip memshadow.h "no client-lib/include/memshadow.h in $SRCDIR"
+fi
+if [ -f "$SRCDIR/client-lib/memshadow.pc.in" ]; then
+  pc=$(mktemp)
+  sed -e "s#@PREFIX@#$PREFIX#g" -e "s#@LIBDIR@#$LIBDIR#g" \
+      -e "s#@INCLUDEDIR@#$INCLUDEDIR#g" -e "s#@VERSION@#$VERSION#g" \
+      "$SRCDIR/client-lib/memshadow.pc.in" > "$pc"
+  put 644 "$pc" "$LIBDIR/pkgconfig/memshadow.pc"
+  rm -f "$pc"
+else
+  skip memshadow.pc "no client-lib/memshadow.pc.in in $SRCDIR"
+fi
+
+# systemd units, with ExecStart pointing at the installed daemon.
+grep -q '^ExecStart=/usr/local/bin/memshadowd$' "$SRCDIR/systemd/memshadowd.service" \
+  || die "systemd/memshadowd.service: no ExecStart=/usr/local/bin/memshadowd line to rewrite"
+unit=$(mktemp)
+sed "s#^ExecStart=/usr/local/bin/memshadowd\$#ExecStart=$BINDIR/memshadowd#" \
+  "$SRCDIR/systemd/memshadowd.service" > "$unit"
+put 644 "$unit" "$UNITDIR/memshadowd.service"
+rm -f "$unit"
+put 644 "$SRCDIR/systemd/memshadowd.socket" "$UNITDIR/memshadowd.socket"
+
+# Example configuration: never overwrite the administrator's file.
+conf="$SYSCONFDIR/memshadow/memshadowd.toml"
+if [ -e "$DESTDIR$conf" ]; then
+  put 644 "$SRCDIR/systemd/memshadowd.toml" "$conf.example"
+  echo "kept $DESTDIR$conf (the shipped example is $DESTDIR$conf.example)"
+else
+  put 644 "$SRCDIR/systemd/memshadowd.toml" "$conf"
+fi
+
+# The group whose members may connect (memshadowd.socket: SocketGroup=memshadow).
+if [ "$GROUP" = 0 ]; then
+  skip "group memshadow" "--no-group"
+elif ! command -v groupadd >/dev/null 2>&1; then
+  skip "group memshadow" "no groupadd here; create a system group named memshadow"
+elif [ -n "$DESTDIR" ]; then
+  if [ ! -f "$DESTDIR/etc/group" ]; then
+    skip "group memshadow" "$DESTDIR/etc/group does not exist"
+  elif grep -q '^memshadow:' "$DESTDIR/etc/group"; then
+    echo "group memshadow exists in $DESTDIR/etc/group"
+  else
+    groupadd --prefix "$DESTDIR" --system memshadow
+    echo "created group memshadow in $DESTDIR/etc/group"
+  fi
+elif getent group memshadow >/dev/null; then
+  echo "group memshadow exists"
+else
+  groupadd --system memshadow
+  echo "created group memshadow"
+fi
+
+if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  echo "next: systemctl enable --now memshadowd.socket; usermod -aG memshadow USER"
+else
+  echo "next (on the target machine): systemctl daemon-reload; systemctl enable --now memshadowd.socket; usermod -aG memshadow USER"
+fi

@@ -1,0 +1,341 @@
+//! `memshadowctl` against a real daemon and real clients: every subcommand, `--json` parsed
+//! back, the documented exit codes, and the G7 refusals for a user who is neither root nor
+//! the daemon's owner (run as `nobody`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use memshadow_tests::{binary, fields, Daemon, TestClient};
+use serde_json::Value;
+
+const P: u64 = 4096;
+
+fn ctl_cmd(d: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(binary("memshadowctl"));
+    c.arg("--socket").arg(d.socket()).args(args);
+    c
+}
+
+fn ctl(d: &Daemon, args: &[&str]) -> Output {
+    ctl_cmd(d, args).output().expect("run memshadowctl")
+}
+
+/// Runs memshadowctl, requires exit 0 and returns stdout.
+fn ok(d: &Daemon, args: &[&str]) -> String {
+    let o = ctl(d, args);
+    assert!(
+        o.status.success(),
+        "memshadowctl {args:?}: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json(d: &Daemon, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&ok(d, &a)).unwrap()
+}
+
+/// A client with one attached map `a` of `pages` pages, filled with `byte` and read once
+/// through the device.
+fn client_with_map(d: &Daemon, pages: u64, byte: u8) -> (TestClient, u64) {
+    let mut c = TestClient::start(d.socket());
+    let addr = fields(&c.expect_ok(&format!("map a {pages}")))["addr"].clone();
+    let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap();
+    c.expect_ok(&format!("fill a {byte}"));
+    c.expect_ok("attach a");
+    // A device read of every page: faults them in and leaves them in the engines' TLBs.
+    assert_eq!(
+        c.expect_ok(&format!("read a 0 {}", pages * P)),
+        format!("uniform={byte}")
+    );
+    (c, addr)
+}
+
+#[test]
+fn status_and_stats_in_text_and_json() {
+    let d = Daemon::start(&["--engines", "3"]);
+    let text = ok(&d, &["status"]);
+    assert!(text.contains("memshadowd 0.1.0"), "{text}");
+    assert!(text.contains(&d.socket().display().to_string()), "{text}");
+    assert!(text.contains("3 engines"), "{text}");
+    let v = json(&d, &["status"]);
+    assert_eq!(
+        v["info"]["socket"].as_str(),
+        Some(d.socket().to_str().unwrap())
+    );
+    assert_eq!(v["info"]["device.engines"].as_str(), Some("3"));
+    assert_eq!(v["info"]["device.mode"].as_str(), Some("two-pass-batched"));
+    assert!(v["counters"]["server.uptime_ms"].is_u64());
+
+    let (_c, _) = client_with_map(&d, 4, 7);
+    let stats = json(&d, &["stats"]);
+    assert_eq!(stats["shadow.slots_in_use"].as_u64(), Some(4));
+    assert!(stats["device.faults"].as_u64().unwrap() >= 1);
+    let text = ok(&d, &["stats"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("shadow.slots_in_use"))
+        .unwrap();
+    assert_eq!(line.split_whitespace().nth(1), Some("4"));
+}
+
+#[test]
+fn clients_and_mirrors_show_every_client() {
+    let d = Daemon::start(&[]);
+    let (c, addr) = client_with_map(&d, 8, 1);
+    let pid = c.pid();
+    let clients = json(&d, &["clients"]);
+    let me = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["pid"].as_i64() == Some(pid.into()))
+        .unwrap_or_else(|| panic!("client {pid} not listed: {clients}"));
+    assert_eq!(me["comm"].as_str(), Some("test-client"));
+    assert_eq!(me["ranges"].as_u64(), Some(1));
+    assert_eq!(me["shadow_bytes"].as_u64(), Some(8 * P));
+    assert!(me["faults"].as_u64().unwrap() >= 1);
+    let text = ok(&d, &["clients"]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("test-client") && l.contains(&pid.to_string())),
+        "{text}"
+    );
+
+    let mirrors = json(&d, &["mirrors", "--pid", &pid.to_string()]);
+    let m = &mirrors.as_array().unwrap()[..];
+    assert_eq!(m.len(), 1, "{mirrors}");
+    assert_eq!(m[0]["addr"].as_u64(), Some(addr));
+    assert_eq!(m[0]["len"].as_u64(), Some(8 * P));
+    assert_eq!(m[0]["pages"].as_u64(), Some(8));
+    assert_eq!(m[0]["state"].as_str(), Some("active"));
+    assert_eq!(
+        m[0]["seq"].as_u64().unwrap() % 2,
+        1,
+        "notifier seqs are odd"
+    );
+    let text = ok(&d, &["mirrors"]);
+    assert!(
+        text.contains(&format!("{addr:#x}-{:#x}", addr + 8 * P)),
+        "{text}"
+    );
+}
+
+#[test]
+fn peek_reads_the_shadow_in_every_format() {
+    let d = Daemon::start(&[]);
+    let (c, addr) = client_with_map(&d, 2, 0x5a);
+    let pid = c.pid().to_string();
+    let a = format!("{:#x}", addr + P - 8);
+    let raw = ctl(&d, &["peek", "--pid", &pid, &a, "16", "--raw"]);
+    assert!(raw.status.success());
+    assert_eq!(raw.stdout, vec![0x5a; 16]);
+    let hex = ok(&d, &["peek", "--pid", &pid, &a, "16"]);
+    assert!(
+        hex.starts_with(&format!("{:016x}  5a 5a", addr + P - 8)),
+        "{hex}"
+    );
+    assert!(hex.contains("|ZZZZZZZZZZZZZZZZ|"), "{hex}");
+    let v = json(&d, &["peek", "--pid", &pid, &a, "16"]);
+    assert_eq!(v["hex"].as_str(), Some("5a".repeat(16).as_str()));
+    // Outside any mirror: a clear error, exit 1.
+    let o = ctl(&d, &["peek", "--pid", &pid, "0x1000", "16"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("memshadowctl: not mirrored"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn invalidate_reports_what_it_did_and_eagain() {
+    let d = Daemon::start(&[]);
+    let (mut c, addr) = client_with_map(&d, 4, 3);
+    let pid = c.pid().to_string();
+    let a = format!("{addr:#x}");
+    let v = json(&d, &["invalidate", "--pid", &pid, &a, "8192"]);
+    assert_eq!(v["notifiers"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["would_block"].as_bool(), Some(false));
+    assert_eq!(v["event"].as_str(), Some("clear"));
+    assert_eq!(v["end"].as_u64(), Some(addr + 2 * P));
+    assert!(v["flushes_queued"].as_u64().unwrap() >= 1, "{v}");
+    // The two invalidated pages left the shadow; the other two stayed.
+    let m = json(&d, &["mirrors", "--pid", &pid]);
+    assert_eq!(m[0]["pages"].as_u64(), Some(2), "{m}");
+    // Non-blocking: a two-pass start only queues its flushes (the wait is in the finish), so
+    // it goes through; a one-pass notifier would have to wait inside the walk, so it refuses.
+    let nb = |d: &Daemon, pid: &str, at: u64| {
+        ok(
+            d,
+            &[
+                "invalidate",
+                "--pid",
+                pid,
+                &format!("{at:#x}"),
+                "4K",
+                "--non-blocking",
+                "--event",
+                "soft-dirty",
+            ],
+        )
+    };
+    let text = nb(&d, &pid, addr + 2 * P);
+    assert!(text.starts_with("invalidated: soft-dirty"), "{text}");
+    assert!(text.contains("notifiers hit 1"), "{text}");
+    let one = Daemon::start(&["--mode", "one-pass"]);
+    let (_c1, addr1) = client_with_map(&one, 2, 4);
+    let text = nb(&one, &_c1.pid().to_string(), addr1);
+    assert!(text.starts_with("EAGAIN"), "{text}");
+    let m = json(&one, &["mirrors"]);
+    assert_eq!(
+        m[0]["pages"].as_u64(),
+        Some(2),
+        "refused: nothing unmapped: {m}"
+    );
+    // Re-faulted on the next device read, with the client's current bytes.
+    assert_eq!(c.expect_ok("read a 0 16384"), "uniform=3");
+    // Bad event names are usage errors.
+    assert_eq!(
+        ctl(&d, &["invalidate", "--pid", &pid, &a, "1", "--event", "x"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+/// Waits until the daemon counts `n` trace listeners.
+fn wait_listeners(d: &Daemon, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.counter("trace.listeners") != n {
+        assert!(
+            Instant::now() < deadline,
+            "trace listeners never reached {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn trace_streams_invalidations_with_filters() {
+    let d = Daemon::start(&[]);
+    let (mut c, addr) = client_with_map(&d, 4, 9);
+    let pid = c.pid().to_string();
+    let mut all = ctl_cmd(&d, &["--json", "trace", "--pid", &pid, "--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut unmaps = ctl_cmd(&d, &["trace", "--event", "unmap", "--count", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listeners(&d, 2);
+    c.expect_ok("madvise a dontneed");
+    c.expect_ok("munmap a");
+    let lines: Vec<Value> = BufReader::new(all.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(all.wait().unwrap().success());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["event"].as_str(), Some("clear"));
+    assert_eq!(lines[1]["event"].as_str(), Some("unmap"));
+    for l in &lines {
+        assert_eq!(l["pid"].as_i64(), Some(c.pid().into()));
+        assert_eq!(l["start"].as_u64(), Some(addr));
+        assert_eq!(l["end"].as_u64(), Some(addr + 4 * P));
+        assert_eq!(l["notifiers"].as_u64(), Some(1));
+    }
+    // The clear found 4 pages in the shadow, so it had a TLB flush to wait for.
+    assert!(lines[0]["flushes_queued"].as_u64().unwrap() >= 1);
+    let text: Vec<String> = BufReader::new(unmaps.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    assert!(unmaps.wait().unwrap().success());
+    assert_eq!(text.len(), 2, "header and one record: {text:?}");
+    assert!(text[1].contains(" unmap "), "{text:?}");
+    assert!(text[1].contains(&format!("{addr:#x}-")), "{text:?}");
+}
+
+#[test]
+fn unreachable_daemon_and_usage_errors_have_their_exit_codes() {
+    let dir = memshadow_tests::TempDir::new("ctl");
+    let o = Command::new(binary("memshadowctl"))
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot connect to memshadowd"), "{err}");
+    let o = Command::new(binary("memshadowctl"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = Command::new(binary("memshadowctl"))
+        .args(["peek", "--pid", "1", "0x1000", "nonsense"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// Runs memshadowctl as `nobody` (neither root nor the daemon's owner).
+fn as_nobody(d: &Daemon, args: &[&str]) -> Output {
+    let o = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(binary("memshadowctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(args)
+        .output()
+        .expect("runuser (util-linux) is needed for the permission tests");
+    o
+}
+
+#[test]
+fn other_clients_are_refused_to_an_unprivileged_user() {
+    let d = Daemon::start(&[]);
+    // The socket's directory must be reachable by nobody.
+    let dir = d.socket().parent().unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(dir)
+        .status()
+        .expect("chmod");
+    let (c, addr) = client_with_map(&d, 2, 1);
+    let pid = c.pid().to_string();
+    let a = format!("{addr:#x}");
+    // Anyone may ask for the daemon's status.
+    let o = as_nobody(&d, &["status"]);
+    assert!(
+        o.status.success(),
+        "status as nobody: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for args in [
+        vec!["clients"],
+        vec!["mirrors"],
+        vec!["mirrors", "--pid", &pid],
+        vec!["peek", "--pid", &pid, &a, "16"],
+        vec!["invalidate", "--pid", &pid, &a, "4096"],
+        vec!["trace", "--pid", &pid],
+        vec!["trace"],
+    ] {
+        let o = as_nobody(&d, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(4), "{args:?} as nobody: {err}");
+        assert!(err.contains("permission denied"), "{args:?}: {err}");
+    }
+    // Nothing was invalidated on nobody's behalf.
+    assert_eq!(
+        json(&d, &["mirrors", "--pid", &pid])[0]["pages"].as_u64(),
+        Some(2)
+    );
+}
