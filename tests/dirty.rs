@@ -413,6 +413,24 @@ fn the_probe_result_is_what_status_shows_and_forcing_a_broken_backend_fails() {
     assert_eq!(i["dirty.refused.soft-dirty"], soft);
 }
 
+/// uffd-wp: an attach refused for overlapping a mirror leaves that mirror's armed pages
+/// armed, so a later write to them still faults and invalidates (its probe for unread
+/// events must not un-protect anything).
+#[test]
+fn a_refused_overlapping_attach_leaves_the_pages_armed() {
+    let d = Daemon::start(&["--dirty-tracking", "uffd-wp"]);
+    let mut c = TestClient::start(d.socket());
+    let addr = fields(&c.expect_ok("map a 16 anon"))["addr"].clone();
+    let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap();
+    c.expect_ok("fill a 1");
+    c.expect_ok("attach a");
+    assert_eq!(uniform(&mut c, "a", 0, 16 * P), "1");
+    let e = c.cmd(&format!("attach-raw {:#x} {}", addr + P, 2 * P));
+    assert!(e.starts_with("err") && e.contains("overlap"), "{e}");
+    c.expect_ok(&format!("write a {P} {P} 2"));
+    assert_eq!(uniform(&mut c, "a", P, P), "2", "the write was tracked");
+}
+
 /// uffd-wp under address-space churn (the G1 stress of e2e.rs): writes to armed pages that
 /// moved with `mremap` fault while unmap, remove and remap events of other threads are in
 /// flight (an un-protect may then meet `EAGAIN` and is retried after the next read of

@@ -287,12 +287,15 @@ impl Uffd {
 
     /// True while an unmap, remove, remap or fork event of this uffd is being delivered or
     /// not yet read (the kernel's `mmap_changing`): the address space may already differ
-    /// from what the events read so far say. Probed with a write-protect ioctl that changes
-    /// nothing (`-EAGAIN` is checked before the range is looked at).
-    pub fn events_pending(&self, addr: u64, len: u64) -> bool {
+    /// from what the events read so far say. Probed with an un-protect ioctl of an empty
+    /// range at `addr`, which changes nothing: `-EAGAIN` is checked before the range, which
+    /// is then refused (`EINVAL`). (A non-empty range would un-protect pages that dirty
+    /// tracking armed, if it overlapped a mirror.)
+    pub fn events_pending(&self, addr: u64, _len: u64) -> bool {
+        let page_aligned = addr & !(super::PAGE_SIZE as u64 - 1);
         match self
             .inner
-            .remove_write_protection(addr as *mut libc::c_void, len as usize, false)
+            .remove_write_protection(page_aligned as *mut libc::c_void, 0, false)
         {
             Err(e) => errno_of(&e) == Some(nix::Error::EAGAIN),
             Ok(_) => false,
@@ -398,6 +401,65 @@ mod tests {
         assert!(
             matches!(u.register_wp(addr, 4096), Ok(())),
             "re-register by the same uffd is fine"
+        );
+        u.unregister(addr, 4 * 4096).expect("unregister");
+        drop(map);
+    }
+
+    /// The events-pending probe sees an unread event, and un-protects nothing.
+    #[test]
+    fn events_pending_sees_unread_events_and_changes_no_protection() {
+        let u = Uffd::from_fd(raw_uffd()).expect("a uffd");
+        u.api(features::EVENT_REMOVE | features::WP_ASYNC)
+            .expect("api");
+        let mut map = memmap2::MmapMut::map_anon(4 * 4096).expect("mmap");
+        map.fill(1);
+        let addr = map.as_ptr() as u64;
+        u.register_wp(addr, 4 * 4096).expect("register");
+        u.write_protect(addr, 4 * 4096).expect("arm");
+        let pm = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        let armed = |pm: &std::fs::File| {
+            crate::sys::pagemap::read_words(pm, addr, 4)
+                .expect("pagemap")
+                .iter()
+                .all(|w| w & crate::sys::pagemap::word::UFFD_WP != 0)
+        };
+        assert!(armed(&pm));
+        assert!(!u.events_pending(addr, 4 * 4096));
+        assert!(armed(&pm), "the probe left the protection alone");
+        // madvise blocks until its event is read: do it on another thread.
+        let t = std::thread::spawn(move || {
+            // SAFETY: the range is our own mapping.
+            let r = unsafe {
+                libc::madvise(
+                    (addr + 3 * 4096) as *mut libc::c_void,
+                    4096,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            map
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !u.events_pending(addr, 4 * 4096) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the event never showed"
+            );
+            std::thread::yield_now();
+        }
+        let mut buf = EventBuffer::new(8);
+        let mut events = Vec::new();
+        while events.is_empty() {
+            u.read_events(&mut buf, &mut events).expect("read");
+        }
+        let map = t.join().expect("madvise thread");
+        let words = crate::sys::pagemap::read_words(&pm, addr, 3).expect("pagemap");
+        assert!(
+            words
+                .iter()
+                .all(|w| w & crate::sys::pagemap::word::UFFD_WP != 0),
+            "pages the event did not touch stay armed"
         );
         u.unregister(addr, 4 * 4096).expect("unregister");
         drop(map);
