@@ -121,6 +121,7 @@ fn assert_demo_passed(o: &Output) {
         "connected: memshadowd ",
         "device read: all ",
         "populated: 64 pages in the shadow",
+        "after a write and a sync: 1 page(s) found written, the device reads the new bytes",
         "read past the end: MEMSHADOW_ERR_BAD_RANGE (bad range: ",
         "after MADV_DONTNEED: no old bytes",
         "after munmap: read of the tail fails with MEMSHADOW_ERR_NOT_MIRRORED (not mirrored: ",

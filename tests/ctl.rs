@@ -263,6 +263,30 @@ fn trace_streams_invalidations_with_filters() {
 }
 
 #[test]
+fn sync_collects_written_pages_of_a_client() {
+    let d = Daemon::start(&["--dirty-tracking", "pagemap-scan"]);
+    let (mut c, addr) = client_with_map(&d, 4, 5);
+    let pid = c.pid().to_string();
+    c.expect_ok("write a 8192 16 9");
+    let a = format!("{:#x}", addr + 2 * P);
+    // Not collected yet: the shadow still has the old bytes.
+    assert_eq!(
+        ctl(&d, &["peek", "--pid", &pid, &a, "16", "--raw"]).stdout,
+        vec![5; 16]
+    );
+    let v = json(&d, &["sync", "--pid", &pid]);
+    assert_eq!(v["backend"].as_str(), Some("pagemap-scan"), "{v}");
+    assert_eq!(v["pages_dirty"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["pages_scanned"].as_u64(), Some(4), "{v}");
+    assert_eq!(
+        ctl(&d, &["peek", "--pid", &pid, &a, "16", "--raw"]).stdout,
+        vec![9; 16]
+    );
+    let text = ok(&d, &["sync", "--pid", &pid]);
+    assert!(text.contains("0 written"), "{text}");
+}
+
+#[test]
 fn unreachable_daemon_and_usage_errors_have_their_exit_codes() {
     let dir = memshadow_tests::TempDir::new("ctl");
     let o = Command::new(binary("memshadowctl"))
@@ -325,6 +349,7 @@ fn other_clients_are_refused_to_an_unprivileged_user() {
         vec!["mirrors", "--pid", &pid],
         vec!["peek", "--pid", &pid, &a, "16"],
         vec!["invalidate", "--pid", &pid, &a, "4096"],
+        vec!["sync", "--pid", &pid],
         vec!["trace", "--pid", &pid],
         vec!["trace"],
     ] {

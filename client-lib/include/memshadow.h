@@ -113,6 +113,10 @@ enum memshadow_status
      * No connected client with that pid (control requests).
      */
     MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
+    /**
+     * The daemon cannot do it here (e.g. no dirty tracking for this client).
+     */
+    MEMSHADOW_ERR_UNSUPPORTED = -22,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -136,6 +140,32 @@ typedef struct memshadow_mirror memshadow_mirror;
  * A counters snapshot (`struct memshadow_stats`).
  */
 typedef struct memshadow_stats memshadow_stats;
+
+/**
+ * What [`memshadow_mirror_sync`] did.
+ */
+typedef struct memshadow_sync_report {
+    /**
+     * Pages whose written state was looked at (0 for the `uffd-wp` back end).
+     */
+    uint64_t pages_scanned;
+    /**
+     * Pages found written and invalidated (re-mirrored on the next device access).
+     */
+    uint64_t pages_dirty;
+    /**
+     * Runs of written pages (one invalidation each).
+     */
+    uint64_t regions;
+    /**
+     * Time spent finding and re-arming the written pages, in ns.
+     */
+    uint64_t scan_ns;
+    /**
+     * Time spent invalidating them, in ns.
+     */
+    uint64_t invalidate_ns;
+} memshadow_sync_report;
 
 #ifdef __cplusplus
 extern "C" {
@@ -242,6 +272,19 @@ memshadow_status memshadow_mirror_populate(const struct memshadow_mirror *mirror
                                            uint64_t offset,
                                            uint64_t len,
                                            uint64_t *pages_out);
+
+/**
+ * Collects the pages of the mirror written since the last collection and invalidates
+ * them, so device reads issued after this returns see every write made before it was
+ * called. If `report_out` is not NULL it receives what was done.
+ * `MEMSHADOW_ERR_UNSUPPORTED` if the daemon has no dirty tracking for this client.
+ *
+ * # Safety
+ * `mirror` is NULL or a live mirror handle; `report_out` is NULL or valid for writing a
+ * `memshadow_sync_report`.
+ */
+memshadow_status memshadow_mirror_sync(const struct memshadow_mirror *mirror,
+                                       struct memshadow_sync_report *report_out);
 
 /**
  * The mirror's id (0 if `mirror` is NULL).

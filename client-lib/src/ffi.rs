@@ -68,6 +68,8 @@ pub enum Status {
     MEMSHADOW_ERR_SOCKET = -20,
     /// No connected client with that pid (control requests).
     MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
+    /// The daemon cannot do it here (e.g. no dirty tracking for this client).
+    MEMSHADOW_ERR_UNSUPPORTED = -22,
 }
 
 impl Status {
@@ -94,6 +96,7 @@ impl Status {
             Error::Daemon { .. } => Status::MEMSHADOW_ERR_DAEMON,
             Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
             Error::NoSuchClient(_) => Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
+            Error::Unsupported(_) => Status::MEMSHADOW_ERR_UNSUPPORTED,
         }
     }
 
@@ -122,11 +125,12 @@ impl Status {
             Status::MEMSHADOW_ERR_DAEMON => c"MEMSHADOW_ERR_DAEMON",
             Status::MEMSHADOW_ERR_SOCKET => c"MEMSHADOW_ERR_SOCKET",
             Status::MEMSHADOW_ERR_NO_SUCH_CLIENT => c"MEMSHADOW_ERR_NO_SUCH_CLIENT",
+            Status::MEMSHADOW_ERR_UNSUPPORTED => c"MEMSHADOW_ERR_UNSUPPORTED",
         }
     }
 
     /// Every code, for [`memshadow_status_name`] and the tests.
-    const ALL: [Status; 22] = [
+    const ALL: [Status; 23] = [
         Status::MEMSHADOW_OK,
         Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
         Status::MEMSHADOW_ERR_INTERNAL,
@@ -149,6 +153,7 @@ impl Status {
         Status::MEMSHADOW_ERR_DAEMON,
         Status::MEMSHADOW_ERR_SOCKET,
         Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
+        Status::MEMSHADOW_ERR_UNSUPPORTED,
     ];
 }
 
@@ -487,6 +492,53 @@ pub unsafe extern "C" fn memshadow_mirror_populate(
         if !pages_out.is_null() {
             // SAFETY: not NULL, and the caller's contract.
             unsafe { put(pages_out, pages) };
+        }
+        Ok(())
+    })
+}
+
+/// What [`memshadow_mirror_sync`] did.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct memshadow_sync_report {
+    /// Pages whose written state was looked at (0 for the `uffd-wp` back end).
+    pub pages_scanned: u64,
+    /// Pages found written and invalidated (re-mirrored on the next device access).
+    pub pages_dirty: u64,
+    /// Runs of written pages (one invalidation each).
+    pub regions: u64,
+    /// Time spent finding and re-arming the written pages, in ns.
+    pub scan_ns: u64,
+    /// Time spent invalidating them, in ns.
+    pub invalidate_ns: u64,
+}
+
+/// Collects the pages of the mirror written since the last collection and invalidates
+/// them, so device reads issued after this returns see every write made before it was
+/// called. If `report_out` is not NULL it receives what was done.
+/// `MEMSHADOW_ERR_UNSUPPORTED` if the daemon has no dirty tracking for this client.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle; `report_out` is NULL or valid for writing a
+/// `memshadow_sync_report`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_sync(
+    mirror: *const FfiMirror,
+    report_out: *mut memshadow_sync_report,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let r = unsafe { on_mirror(mirror, |m| m.sync()) }?;
+        if !report_out.is_null() {
+            let report = memshadow_sync_report {
+                pages_scanned: r.pages_scanned,
+                pages_dirty: r.pages_dirty,
+                regions: r.regions,
+                scan_ns: r.scan_ns,
+                invalidate_ns: r.invalidate_ns,
+            };
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(report_out, report) };
         }
         Ok(())
     })

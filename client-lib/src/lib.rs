@@ -87,6 +87,9 @@ pub enum Error {
     /// No bound client with that pid.
     #[error("no such client: {0}")]
     NoSuchClient(String),
+    /// The daemon cannot do it here (e.g. no dirty tracking for this client).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// A quota of this client would be exceeded.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
@@ -127,6 +130,7 @@ impl Error {
             ErrorCode::NotMirrored => Error::NotMirrored(message),
             ErrorCode::NoSuchMirror => Error::NoSuchMirror(message),
             ErrorCode::NoSuchClient => Error::NoSuchClient(message),
+            ErrorCode::Unsupported => Error::Unsupported(message),
             ErrorCode::QuotaExceeded => Error::QuotaExceeded(message),
             ErrorCode::AlreadyWatched => Error::AlreadyWatched(message),
             ErrorCode::BadRange => Error::BadRange(message),

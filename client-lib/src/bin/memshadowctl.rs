@@ -79,6 +79,12 @@ enum Cmd {
         #[arg(long)]
         raw: bool,
     },
+    /// Collects a client's written pages now (dirty tracking) and invalidates them.
+    Sync {
+        /// The client.
+        #[arg(long)]
+        pid: i32,
+    },
     /// Injects an invalidation of a client's range and prints what it did.
     Invalidate {
         /// The client.
@@ -269,6 +275,32 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
                 ));
             } else {
                 out(&hexdump(*addr, &bytes));
+            }
+        }
+        Cmd::Sync { pid } => {
+            let r = c.sync_pid(*pid)?;
+            if cli.json {
+                out(&format!(
+                    "{}\n",
+                    json!({
+                        "pid": pid, "backend": r.backend.as_str(), "mirrors": r.mirrors,
+                        "pages_scanned": r.pages_scanned, "pages_dirty": r.pages_dirty,
+                        "regions": r.regions, "scan_ns": r.scan_ns,
+                        "invalidate_ns": r.invalidate_ns,
+                    })
+                ));
+            } else {
+                out(&format!(
+                    "synced pid {pid} ({}): {} mirror(s), {} page(s) scanned, {} written in {} \
+                     run(s) invalidated; scan {}, invalidation {}\n",
+                    r.backend.as_str(),
+                    r.mirrors,
+                    r.pages_scanned,
+                    r.pages_dirty,
+                    r.regions,
+                    micros(r.scan_ns),
+                    micros(r.invalidate_ns)
+                ));
             }
         }
         Cmd::Invalidate {

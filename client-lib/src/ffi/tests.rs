@@ -366,6 +366,7 @@ fn every_error_variant_has_a_distinct_code_and_name() {
         Error::NotMirrored("m".into()),
         Error::NoSuchMirror("m".into()),
         Error::NoSuchClient("c".into()),
+        Error::Unsupported("u".into()),
         Error::QuotaExceeded("q".into()),
         Error::AlreadyWatched("w".into()),
         Error::BadRange("r".into()),
