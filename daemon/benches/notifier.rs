@@ -51,6 +51,7 @@ fn main() {
         let noop = Arc::new(Noop);
         let mut linear: Vec<(u64, u64)> = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
+        let built = Instant::now();
         for _ in 0..n {
             let len = rng.range(MIN_LEN / PAGE, MAX_LEN / PAGE + 1) * PAGE;
             let start = rng.range(0, span / PAGE) * PAGE;
@@ -61,6 +62,7 @@ fn main() {
             );
             linear.push((r.start(), r.last()));
         }
+        let insert_ns = built.elapsed().as_nanos() as f64 / n as f64;
         let queries: Vec<Range> = (0..1000)
             .map(|_| Range::new(rng.range(0, span / PAGE) * PAGE, query_len).unwrap())
             .collect();
@@ -108,16 +110,17 @@ fn main() {
             format!("{linear_ns:.0}"),
             format!("{speedup:.1}x"),
             format!("{:.1}", tree_ns / log2n),
+            format!("{insert_ns:.0}"),
         ]);
         json.push(serde_json::json!({
             "n": n, "hits": avg_hits, "tree_ns": tree_ns, "linear_ns": linear_ns,
-            "speedup": speedup, "tree_ns_per_log2n": tree_ns / log2n, "quick": quick,
+            "speedup": speedup, "tree_ns_per_log2n": tree_ns / log2n, "insert_ns": insert_ns, "quick": quick,
         }));
         drop(handles);
     }
     common::print_table(
         "notifier: one invalidation hitting ~10 notifiers (tree = full invalidate path; linear = lookup only)",
-        &["n", "hits", "tree_ns", "linear_ns", "speedup", "tree_ns/log2(n)"],
+        &["n", "hits", "tree_ns", "linear_ns", "speedup", "tree_ns/log2(n)", "insert_ns"],
         &rows,
     );
     match common::write_json("notifier", &serde_json::Value::Array(json)) {
