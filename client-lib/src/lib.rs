@@ -458,6 +458,19 @@ impl Client {
     /// [`Client::attach`] with the collection policy `policy` for the pages this process
     /// writes in the range. A policy other than `Manual` is refused (`ErrorCode::Unsupported`)
     /// if the daemon has no dirty tracking for this process.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let client = memshadow::Client::connect()?;
+    /// # let mut buf = memmap2::MmapMut::map_anon(1 << 20)?;
+    /// # let mut out = [0u8; 64];
+    /// let mirror = client.attach_with(buf.as_ptr(), buf.len(), memshadow::Policy::Manual)?;
+    /// buf[4096] = 7;                      // a write after the page was mirrored
+    /// let r = mirror.sync()?;             // r.pages_dirty == 1, r.backend == PagemapScan
+    /// mirror.read(4096, &mut out[..1])?;  // 7
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn attach_with(&self, ptr: *const u8, len: usize, policy: Policy) -> Result<Mirror, Error> {
         self.attach_flags(ptr, len, policy.wire())
     }
