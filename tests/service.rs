@@ -1133,7 +1133,16 @@ fn unit_capabilities_are_what_the_daemon_uses() {
         assert_eq!(fields(&c.expect_ok("read a 0 16384"))["uniform"], "9");
         c.expect_ok("fork");
         c.expect_ok("munmap a");
-        let stats = fields(&c.expect_ok("stats"));
+        // munmap returns once the daemon has read the event; its counters follow right
+        // after, so wait for them rather than race them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let stats = loop {
+            let stats = fields(&c.expect_ok("stats"));
+            if stats["events.unmap"] == "1" || std::time::Instant::now() > deadline {
+                break stats;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert_eq!(stats["events.unmap"], "1", "{stats:?}");
         (access, stats["events.fork"].clone())
     };
