@@ -1126,7 +1126,12 @@ fn unit_capabilities_are_what_the_daemon_uses() {
             .arg(binary("test-client"))
             .arg(&sock);
         let mut c = TestClient::start_command(client);
-        let access = fields(&c.expect_ok("access"))["access"].clone();
+        let answer = fields(&c.expect_ok("access"));
+        let access = answer["access"].clone();
+        // The features the daemon enabled: EVENT_FORK (1 << 1) only with CAP_SYS_PTRACE.
+        let features =
+            u64::from_str_radix(answer["features"].trim_start_matches("0x"), 16).unwrap();
+        let fork_enabled = features & (1 << 1) != 0;
         c.expect_ok("map a 4");
         c.expect_ok("fill a 9");
         c.expect_ok("attach a");
@@ -1144,6 +1149,11 @@ fn unit_capabilities_are_what_the_daemon_uses() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert_eq!(stats["events.unmap"], "1", "{stats:?}");
+        assert_eq!(
+            fork_enabled,
+            stats["events.fork"] == "1",
+            "features {features:#x} vs {stats:?}"
+        );
         (access, stats["events.fork"].clone())
     };
     assert_eq!(

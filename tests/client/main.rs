@@ -532,8 +532,7 @@ fn run() -> Result<(), String> {
                         Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
                     String::new()
                 }
-                // `features` is what the daemon's UFFDIO_API reported: the kernel's available
-                // features, not the ones enabled (use `stats` events.fork to see fork events).
+                // `features`: the uffd features the daemon enabled for this client.
                 "access" => format!(
                     "access={} features={:#x}",
                     client.access_path().map_or("none", |a| a.as_str()),

@@ -507,12 +507,15 @@ fn bind_inner(
     let dirty_features = backend.as_ref().map_or(0, |b| b.uffd_features());
     let wanted =
         features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP | dirty_features;
-    // Fork events need CAP_SYS_PTRACE; without it, ask for the rest.
+    // Fork events need CAP_SYS_PTRACE; without it, ask for the rest. UFFDIO_API answers
+    // with every feature the kernel offers; what is enabled is what was asked for.
     let granted = match uffd.api(wanted | features::EVENT_FORK) {
-        Ok(f) => f,
-        Err(UffdError::Api(nix::Error::EPERM)) => uffd
-            .api(wanted)
-            .map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?,
+        Ok(f) => f & (wanted | features::EVENT_FORK),
+        Err(UffdError::Api(nix::Error::EPERM)) => {
+            uffd.api(wanted)
+                .map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?
+                & wanted
+        }
         Err(e) => {
             return Err(err(
                 ErrorCode::BadFd,
