@@ -14,6 +14,7 @@ use crate::dirty::{Backend, ClientDirty, Collected, DirtyError};
 use crate::notifier::{Event, InvalidateArgs, InvalidateError, Invalidation, Range};
 use crate::sys::uffd::{SharedUffd, Uffd, UffdError, UffdEvent};
 use crate::sys::PAGE_SIZE;
+use crate::trace::TraceRecord;
 
 /// Highest user address plus one that any x86-64/arm64 configuration hands out (56-bit
 /// with 5-level paging); anything above is a kernel address and refused outright.
@@ -150,21 +151,6 @@ impl Attached {
         }
         s
     }
-}
-
-/// What [`Watched::inject`] did.
-#[derive(Debug, Clone, Copy)]
-pub struct Injected {
-    /// The page-aligned range invalidated.
-    pub range: Range,
-    /// The notifier core's account.
-    pub summary: crate::notifier::Summary,
-    /// Refused with `EAGAIN`.
-    pub would_block: bool,
-    /// Flush jobs queued on the engines meanwhile (device-wide).
-    pub flushes_queued: u64,
-    /// Flushes the engines coalesced meanwhile (device-wide).
-    pub flushes_coalesced: u64,
 }
 
 #[derive(Debug, Default)]
@@ -582,7 +568,7 @@ impl Watched {
         len: u64,
         event: Event,
         blockable: bool,
-    ) -> Result<Injected, WatchError> {
+    ) -> Result<TraceRecord, WatchError> {
         let page = PAGE_SIZE as u64;
         let bad = |why| WatchError::BadRange {
             addr: start,
@@ -598,24 +584,9 @@ impl Watched {
         if !blockable {
             args = args.non_blockable();
         }
-        let c = self.device.device_counters();
-        let before = (
-            c.flushes_queued.load(Relaxed),
-            c.flushes_coalesced.load(Relaxed),
-        );
-        let begun = self.device.lock_access().begin_invalidate(args);
-        let (summary, would_block) = match begun {
-            Ok(inv) => (inv.finish(), false),
-            Err(InvalidateError::WouldBlock(summary)) => (summary, true),
-            Err(_) => return Err(WatchError::Released),
-        };
-        Ok(Injected {
-            range,
-            summary,
-            would_block,
-            flushes_queued: c.flushes_queued.load(Relaxed).wrapping_sub(before.0),
-            flushes_coalesced: c.flushes_coalesced.load(Relaxed).wrapping_sub(before.1),
-        })
+        self.device
+            .invalidate_recorded(args)
+            .map_err(|_| WatchError::Released)
     }
 
     /// Number of attached ranges.

@@ -222,36 +222,47 @@ struct Tracer {
     dev: Arc<DeviceShared>,
 }
 
+/// The device's flush counters (queued, coalesced), to take a difference from.
+fn flush_mark(dev: &DeviceShared) -> [u64; 2] {
+    let c = &dev.counters;
+    [
+        c.flushes_queued.load(Ordering::Relaxed),
+        c.flushes_coalesced.load(Ordering::Relaxed),
+    ]
+}
+
+/// The trace record of an invalidation that ended with `summary`, begun at `mark`.
+fn trace_record(
+    tag: u64,
+    dev: &DeviceShared,
+    args: &InvalidateArgs,
+    summary: &Summary,
+    mark: [u64; 2],
+) -> TraceRecord {
+    let now = flush_mark(dev);
+    TraceRecord {
+        tag,
+        event: args.event,
+        range: args.range,
+        notifiers: summary.hits,
+        would_block: summary.refused,
+        start: summary.start_time,
+        finish: summary.finish_time,
+        flushes_queued: now[0].wrapping_sub(mark[0]),
+        flushes_coalesced: now[1].wrapping_sub(mark[1]),
+    }
+}
+
 impl Observer for Tracer {
     fn began(&self, _args: &InvalidateArgs) -> Option<[u64; 2]> {
-        let c = &self.dev.counters;
-        self.dev.trace.active().then(|| {
-            [
-                c.flushes_queued.load(Ordering::Relaxed),
-                c.flushes_coalesced.load(Ordering::Relaxed),
-            ]
-        })
+        self.dev.trace.active().then(|| flush_mark(&self.dev))
     }
 
     fn ended(&self, args: &InvalidateArgs, summary: &Summary, mark: [u64; 2]) {
-        let c = &self.dev.counters;
-        self.dev.trace.publish(TraceRecord {
-            tag: self.tag.load(Ordering::Relaxed),
-            event: args.event,
-            range: args.range,
-            notifiers: summary.hits,
-            would_block: summary.refused,
-            start: summary.start_time,
-            finish: summary.finish_time,
-            flushes_queued: c
-                .flushes_queued
-                .load(Ordering::Relaxed)
-                .wrapping_sub(mark[0]),
-            flushes_coalesced: c
-                .flushes_coalesced
-                .load(Ordering::Relaxed)
-                .wrapping_sub(mark[1]),
-        });
+        let tag = self.tag.load(Ordering::Relaxed);
+        self.dev
+            .trace
+            .publish(trace_record(tag, &self.dev, args, summary, mark));
     }
 }
 
@@ -312,11 +323,6 @@ impl DeviceClient {
         &self.core.counters
     }
 
-    /// The device-wide counters.
-    pub fn device_counters(&self) -> &super::DeviceCounters {
-        &self.dev.counters
-    }
-
     /// Sets the tag its trace records carry (the server uses the client's pid).
     pub fn set_trace_tag(&self, tag: u64) {
         self.trace_tag.store(tag, Ordering::Relaxed);
@@ -340,6 +346,23 @@ impl DeviceClient {
             client: self,
             _guard: self.access.lock().unwrap_or_else(PoisonError::into_inner),
         }
+    }
+
+    /// Invalidates `args.range` like [`DeviceClient::invalidate`] and returns the record a
+    /// trace would show of it; a non-blockable refusal (`EAGAIN`) is a record with
+    /// `would_block` set, not an error.
+    pub fn invalidate_recorded(
+        &self,
+        args: InvalidateArgs,
+    ) -> Result<TraceRecord, InvalidateError> {
+        let mark = flush_mark(&self.dev);
+        let summary = match self.lock_access().begin_invalidate(args) {
+            Ok(inv) => inv.finish(),
+            Err(InvalidateError::WouldBlock(summary)) => summary,
+            Err(e) => return Err(e),
+        };
+        let tag = self.trace_tag.load(Ordering::Relaxed);
+        Ok(trace_record(tag, &self.dev, &args, &summary, mark))
     }
 
     /// Invalidates `args.range` completely (start pass under the access lock, finish after).

@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 
 use memshadow_proto::{
-    AccessPath, AttachPolicy, ClientInfo, ErrorCode, EventKind, InvalidationReport, Limits,
-    MirrorInfo, Request, Response, SyncReport, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING,
-    MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION, VERSION,
+    AccessPath, AttachPolicy, ClientInfo, ErrorCode, EventKind, Limits, MirrorInfo, Request,
+    Response, SyncReport, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING, MAX_FDS, MAX_PAYLOAD,
+    MAX_READ, MIN_VERSION, VERSION,
 };
 
 use super::session::{Binding, Hello, Session};
-use super::stream::{event_of, Subscriber};
+use super::stream::{event_of, report_of, Subscriber};
 use super::{error_chain, Core};
 use crate::config::{AccessPolicy, DirtyPolicy};
 use crate::device::DeviceError;
@@ -307,7 +307,6 @@ fn invalidate(
         let done = w
             .inject(addr, len, event_of(event), blockable)
             .map_err(watch_err)?;
-        let nanos = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         tracing::info!(
             pid,
             start = done.range.start(),
@@ -318,18 +317,7 @@ fn invalidate(
             "injected invalidation"
         );
         Ok(Response::Invalidated {
-            report: InvalidationReport {
-                pid,
-                event,
-                start: done.range.start(),
-                end: done.range.start() + done.range.len(),
-                notifiers: done.summary.hits,
-                would_block: done.would_block,
-                start_ns: nanos(done.summary.start_time),
-                finish_ns: nanos(done.summary.finish_time),
-                flushes_queued: done.flushes_queued,
-                flushes_coalesced: done.flushes_coalesced,
-            },
+            report: report_of(&done),
         })
     })
 }
