@@ -392,8 +392,15 @@ fn fault_path_never_returns_bytes_older_than_a_returned_invalidation() {
 #[test]
 fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
     const PAGES: u64 = 64;
+    const READERS: u64 = 4;
+    const MAX_READ: u64 = 8;
+    const MAX_INVALIDATE: u64 = 12;
+    // Peak slot use: every page mapped, each reader holding a fault run's slots that lose
+    // the race to another reader (freed after the install), and one invalidation's slots
+    // waiting for its finish. A few more keep reuse close (LIFO) without running dry.
+    const SLOTS: u64 = PAGES + READERS * MAX_READ + MAX_INVALIDATE + 4;
     for mode in [InvalidationMode::TwoPass, InvalidationMode::TwoPassBatched] {
-        let dev = Arc::new(device(mode, 4, 30, PAGES + 8));
+        let dev = Arc::new(device(mode, READERS as usize, 30, SLOTS));
         let mem = Arc::new(SimMemory::new(BASE, PAGES as usize));
         for i in 0..PAGES {
             stamp(&mem, i, 7);
@@ -405,8 +412,8 @@ fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
         let stop = Arc::new(AtomicBool::new(false));
         let wrong = Arc::new(AtomicUsize::new(0));
         let reads = Arc::new(AtomicU64::new(0));
-        let start = Arc::new(Barrier::new(5));
-        let readers: Vec<_> = (0..4usize)
+        let start = Arc::new(Barrier::new(READERS as usize + 1));
+        let readers: Vec<_> = (0..READERS as usize)
             .map(|e| {
                 let (c, stop, wrong, start) = (
                     Arc::clone(&c),
@@ -423,7 +430,7 @@ fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
                         x ^= x >> 7;
                         x ^= x << 17;
                         let page = x % PAGES;
-                        let pages = (1 + (x >> 32) % 8).min(PAGES - page);
+                        let pages = (1 + (x >> 32) % MAX_READ).min(PAGES - page);
                         let data = c.read_on(e, BASE + page * P, (pages * P) as usize).unwrap();
                         for (k, chunk) in data.chunks(PAGE_SIZE).enumerate() {
                             if unstamp(chunk).0 != page + k as u64 {
@@ -448,7 +455,7 @@ fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
             x ^= x >> 7;
             x ^= x << 17;
             let first = x % PAGES;
-            let n = (1 + (x >> 16) % 12).min(PAGES - first);
+            let n = (1 + (x >> 16) % MAX_INVALIDATE).min(PAGES - first);
             c.invalidate(args(first, n, Event::Unmap)).unwrap();
         }
         stop.store(true, Ordering::Relaxed);
