@@ -487,8 +487,10 @@ impl DeviceClient {
         mirror.range.contains(addr).then(|| Arc::clone(mirror))
     }
 
-    /// The client's mirrors, in address order.
+    /// The client's mirrors, in address order, with their pages as of every event read
+    /// before the call (taken under the access lock, G1, like a read).
     pub fn mirror_list(&self) -> Vec<MirrorInfo> {
+        let _g = self.lock_access();
         let mirrors: Vec<Arc<Mirror>> = self.mirrors().by_start.values().cloned().collect();
         let pt = self.core.pt();
         mirrors
@@ -554,6 +556,11 @@ impl DeviceClient {
 
     /// Faults in every page of `addr..addr+len` that is not yet in the shadow, without a
     /// device read (prefetch; also the mirror-bandwidth benchmark's path).
+    ///
+    /// G1: the page table is looked at under the access lock, like a read is queued, so an
+    /// invalidation whose event was read before this was called has zapped its pages first
+    /// (the client's munmap or madvise returns once the event is *read*, before its start
+    /// pass). The lock is not held across the fault, which may wait for the event reader.
     pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
         let r = Range::new(addr, len)?;
         let first = r.start() / PAGE_SIZE as u64;
@@ -563,6 +570,7 @@ impl DeviceClient {
         while vpn <= last {
             missing.clear();
             {
+                let _g = self.lock_access();
                 let pt = self.core.pt();
                 while vpn <= last && missing.len() < FAULT_BATCH * 16 {
                     if pt.get(vpn).is_none() {

@@ -166,6 +166,61 @@ fn invalidation_zaps_flushes_and_frees_and_the_next_read_sees_new_bytes() {
     }
 }
 
+/// G1 for prefetch: a populate issued while the event reader holds the access lock (it has
+/// read an event, the client's call has returned, the start pass has not run yet) waits for
+/// that start pass, so it faults the zapped pages back in instead of counting stale ones.
+/// Without the lock the populate returns at once and the zap that follows leaves the range
+/// empty (caught whenever the populate thread runs within the grace period, i.e. nearly
+/// always; with the lock the test passes however slow the machine is).
+#[test]
+fn g1_populate_waits_for_the_start_pass_of_an_event_already_read() {
+    for mode in [
+        InvalidationMode::OnePass,
+        InvalidationMode::TwoPass,
+        InvalidationMode::TwoPassBatched,
+    ] {
+        let dev = device(mode, 2, 20, 64);
+        let mem = Arc::new(SimMemory::new(BASE, 8));
+        for i in 0..8 {
+            stamp(&mem, i, 1);
+        }
+        let c = Arc::new(dev.client(mem.clone(), 1 << 20));
+        c.attach(BASE, 8 * P).unwrap();
+        c.populate(BASE, 8 * P).unwrap();
+        assert_eq!(c.page_table_len(), 8, "{mode:?}");
+        let reader = c.lock_access();
+        for i in 0..8 {
+            stamp(&mem, i, 2);
+        }
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let prefetch = {
+            let c = Arc::clone(&c);
+            thread::spawn(move || {
+                let r = c.populate(BASE, 8 * P);
+                let _ = done_tx.send(());
+                r
+            })
+        };
+        // Give an unserialised populate the chance to finish first (the test does not rely
+        // on it: a correct populate is blocked whatever happens here).
+        let early = done_rx.recv_timeout(Duration::from_millis(200)).is_ok();
+        let inv = reader.begin_invalidate(args(0, 8, Event::Clear));
+        drop(reader);
+        inv.unwrap().finish();
+        prefetch.join().unwrap().unwrap();
+        assert!(!early, "{mode:?}: populate ran past a held access lock");
+        assert_eq!(
+            c.page_table_len(),
+            8,
+            "{mode:?}: populate returned before the start pass it must follow"
+        );
+        for i in 0..8 {
+            let d = c.read(BASE + i * P, PAGE_SIZE).unwrap();
+            assert_eq!(unstamp(&d), (i, 2), "{mode:?}");
+        }
+    }
+}
+
 /// One invalidation hitting many notifiers on many engines: two-pass queues every flush
 /// before waiting; batching sends one flush job per engine.
 #[test]
