@@ -166,16 +166,9 @@ struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
         Failure {
             status: Status::of(&e),
-            message,
+            message: crate::error_chain(&e),
         }
     }
 }

@@ -36,8 +36,8 @@ use memshadow_proto::{
     MIN_VERSION, VERSION,
 };
 pub use memshadow_proto::{
-    AccessPath, ClientInfo, DirtyBackend, ErrorCode, EventKind, InvalidationReport, Limits,
-    MirrorInfo, SyncReport,
+    error_chain, AccessPath, ClientInfo, DirtyBackend, ErrorCode, EventKind, InvalidationReport,
+    Limits, MirrorInfo, SyncReport,
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 

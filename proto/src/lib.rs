@@ -21,3 +21,37 @@ pub use message::{
     MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
 };
 pub use socket::{recv, send, Frame, SocketError};
+
+/// An error and its causes on one line (`outer: cause: root cause`): the form of every
+/// error text the daemon puts on the wire or in its log, and of what the client library
+/// and `memshadowctl` show.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("attach failed")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("register")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_joins_every_cause_in_order() {
+        let e = Outer(Middle(std::io::Error::other("device busy")));
+        assert_eq!(error_chain(&e), "attach failed: register: device busy");
+        assert_eq!(error_chain(&std::io::Error::other("alone")), "alone");
+    }
+}

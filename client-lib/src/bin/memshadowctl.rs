@@ -145,17 +145,6 @@ fn code_of(e: &Error) -> u8 {
 }
 
 /// An error and its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = match cli.socket.as_deref() {
@@ -166,7 +155,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("memshadowctl: {}", chain(&e));
+            eprintln!("memshadowctl: {}", memshadow::error_chain(&e));
             ExitCode::from(code_of(&e))
         }
     }
