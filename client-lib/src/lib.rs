@@ -157,31 +157,11 @@ fn sock_err(e: SocketError) -> Error {
     }
 }
 
-/// The socket path rules shared with the daemon: `MEMSHADOW_SOCKET` if set, else
-/// `/run/memshadow/memshadowd.sock` for root, else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`.
+/// The socket path by the rules shared with the daemon: `MEMSHADOW_SOCKET` if set, else
+/// `/run/memshadow/memshadowd.sock` for root, else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`
+/// ([`memshadow_proto::path::socket_path`]).
 pub fn socket_path() -> Result<PathBuf, Error> {
-    socket_path_from(
-        std::env::var_os("MEMSHADOW_SOCKET"),
-        nix::unistd::geteuid().is_root(),
-        std::env::var_os("XDG_RUNTIME_DIR"),
-    )
-}
-
-/// [`socket_path`] as a pure function of its inputs.
-pub fn socket_path_from(
-    env: Option<std::ffi::OsString>,
-    root: bool,
-    xdg: Option<std::ffi::OsString>,
-) -> Result<PathBuf, Error> {
-    if let Some(p) = env.filter(|p| !p.is_empty()) {
-        return Ok(p.into());
-    }
-    if root {
-        return Ok("/run/memshadow/memshadowd.sock".into());
-    }
-    xdg.filter(|p| !p.is_empty())
-        .map(|d| PathBuf::from(d).join("memshadow/memshadowd.sock"))
-        .ok_or(Error::NoSocketPath)
+    memshadow_proto::socket_path().ok_or(Error::NoSocketPath)
 }
 
 /// Creates this process's userfaultfd (non-blocking, close-on-exec), falling back to

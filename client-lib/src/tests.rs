@@ -6,23 +6,6 @@ use super::*;
 use nix::sys::socket::socketpair;
 
 #[test]
-fn socket_path_rules() {
-    let p = |e: Option<&str>, root, x: Option<&str>| {
-        socket_path_from(e.map(Into::into), root, x.map(Into::into)).ok()
-    };
-    assert_eq!(p(Some("/x"), false, None), Some("/x".into()));
-    assert_eq!(
-        p(None, true, Some("/r")),
-        Some("/run/memshadow/memshadowd.sock".into())
-    );
-    assert_eq!(
-        p(None, false, Some("/r")),
-        Some("/r/memshadow/memshadowd.sock".into())
-    );
-    assert_eq!(p(None, false, None), None);
-}
-
-#[test]
 fn both_uffd_flavours_can_be_created() {
     for fd in [
         create_uffd().unwrap(),

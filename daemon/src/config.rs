@@ -722,32 +722,10 @@ impl Config {
     }
 }
 
-/// The path rules shared with the client library: `MEMSHADOW_SOCKET` if set, else
-/// `/run/memshadow/memshadowd.sock` for root, else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`.
+/// The socket path by the rules shared with the client library
+/// ([`memshadow_proto::path::socket_path`]).
 pub fn default_socket_path() -> Result<PathBuf, ConfigError> {
-    socket_path_from(
-        std::env::var_os("MEMSHADOW_SOCKET"),
-        nix::unistd::geteuid().is_root(),
-        std::env::var_os("XDG_RUNTIME_DIR"),
-    )
-}
-
-/// [`default_socket_path`] as a pure function of its inputs.
-pub fn socket_path_from(
-    env: Option<std::ffi::OsString>,
-    root: bool,
-    xdg: Option<std::ffi::OsString>,
-) -> Result<PathBuf, ConfigError> {
-    if let Some(p) = env.filter(|p| !p.is_empty()) {
-        return Ok(p.into());
-    }
-    if root {
-        return Ok("/run/memshadow/memshadowd.sock".into());
-    }
-    match xdg.filter(|p| !p.is_empty()) {
-        Some(d) => Ok(PathBuf::from(d).join("memshadow/memshadowd.sock")),
-        None => Err(ConfigError::NoSocketPath),
-    }
+    memshadow_proto::socket_path().ok_or(ConfigError::NoSocketPath)
 }
 
 #[cfg(test)]
@@ -770,26 +748,6 @@ mod tests {
         for bad in ["periodic=0", "periodic=", "periodic=x", "Strict", ""] {
             assert_eq!(DirtyPolicy::parse(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn socket_path_rules() {
-        let p = |e: Option<&str>, root, x: Option<&str>| {
-            socket_path_from(e.map(Into::into), root, x.map(Into::into))
-        };
-        assert_eq!(p(Some("/tmp/s"), true, None).ok(), Some("/tmp/s".into()));
-        assert_eq!(
-            p(Some(""), true, None).ok(),
-            Some("/run/memshadow/memshadowd.sock".into())
-        );
-        assert_eq!(
-            p(None, false, Some("/run/user/1000")).ok(),
-            Some("/run/user/1000/memshadow/memshadowd.sock".into())
-        );
-        assert!(matches!(
-            p(None, false, None),
-            Err(ConfigError::NoSocketPath)
-        ));
     }
 
     fn file(text: &str) -> Result<Layer, ConfigError> {

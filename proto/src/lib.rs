@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod header;
 pub mod message;
+pub mod path;
 pub mod socket;
 
 pub use header::{
@@ -20,6 +21,7 @@ pub use message::{
     ATTACH_POLICY_MASK, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING, MAX_LIST, MAX_NAME,
     MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
 };
+pub use path::{socket_path, SOCKET_ENV};
 pub use socket::{recv, send, Frame, SocketError};
 
 /// An error and its causes on one line (`outer: cause: root cause`): the form of every
