@@ -648,4 +648,6 @@ impl Drop for Mirror {
 }
 
 #[cfg(test)]
+mod fake_daemon;
+#[cfg(test)]
 mod tests;

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::fake_daemon;
 use nix::sys::socket::socketpair;
+use std::sync::atomic::AtomicUsize;
 
 #[test]
 fn both_uffd_flavours_can_be_created() {
@@ -49,67 +51,35 @@ fn uffds_held() -> usize {
 /// hangs up.
 #[test]
 fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
     let before = uffds_held();
-    let daemon = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let mut reads = 0;
-        loop {
-            let f = match proto::recv(b.as_fd(), &mut buf) {
-                Ok(f) => f,
-                Err(_) => return reads,
-            };
-            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
-            let resp = match req {
-                Request::Hello { .. } => Response::HelloAck {
-                    version: VERSION,
-                    daemon_version: "t".into(),
-                    page_size: 4096,
-                    limits: Limits {
-                        max_read: MAX_READ as u32,
-                        ..Limits::default()
-                    },
-                },
-                Request::Bind { .. } => {
-                    assert_eq!(f.fds.len(), 3, "uffd, mem, pagemap");
-                    let t = std::fs::read_link(format!("/proc/self/fd/{}", f.fds[0].as_raw_fd()))
-                        .unwrap();
-                    assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));
-                    drop(f.fds);
-                    Response::Bound {
-                        access: AccessPath::MemFd,
-                        uffd_features: 1,
+    let reads = Arc::new(AtomicUsize::new(0));
+    let limits = Limits {
+        max_read: MAX_READ as u32,
+        ..Limits::default()
+    };
+    let (a, daemon) = fake_daemon::spawn(limits, {
+        let reads = Arc::clone(&reads);
+        move |req, fds| match *req {
+            Request::Bind { .. } => {
+                assert_eq!(fds.len(), 3, "uffd, mem, pagemap");
+                let t =
+                    std::fs::read_link(format!("/proc/self/fd/{}", fds[0].as_raw_fd())).unwrap();
+                assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));
+                None
+            }
+            Request::Attach { .. } => Some(Response::Attached { mirror_id: 5 }),
+            Request::Read { len, offset, .. } => {
+                reads.fetch_add(1, Ordering::SeqCst);
+                Some(if offset >= 1 << 20 {
+                    Response::error(ErrorCode::NotMirrored, "gone")
+                } else {
+                    Response::Data {
+                        bytes: vec![offset as u8; len as usize],
                     }
-                }
-                Request::Attach { .. } => Response::Attached { mirror_id: 5 },
-                Request::Read { len, offset, .. } => {
-                    reads += 1;
-                    if offset >= 1 << 20 {
-                        Response::error(ErrorCode::NotMirrored, "gone")
-                    } else {
-                        Response::Data {
-                            bytes: vec![offset as u8; len as usize],
-                        }
-                    }
-                }
-                Request::Detach { .. } => Response::Detached,
-                _ => Response::error(ErrorCode::Internal, "?"),
-            };
-            proto::send(
-                b.as_fd(),
-                resp.msg_type(),
-                0,
-                f.header.request_id,
-                &resp.encode_payload(),
-                &[],
-            )
-            .unwrap();
+                })
+            }
+            Request::Detach { .. } => Some(Response::Detached),
+            _ => None,
         }
     });
     let c = Client::from_socket(a, true).unwrap();
@@ -140,7 +110,8 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
     ));
     m.detach().unwrap();
     drop(c);
-    assert_eq!(daemon.join().unwrap(), 4);
+    daemon.join().unwrap();
+    assert_eq!(reads.load(Ordering::SeqCst), 4);
 }
 
 #[test]
@@ -163,62 +134,33 @@ fn a_vanished_daemon_is_daemon_gone() {
 /// wire as the protocol defines them.
 #[test]
 fn bind_flag_policies_and_sync_go_on_the_wire() {
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    let daemon = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let mut seen = Vec::new();
-        loop {
-            let Ok(f) = proto::recv(b.as_fd(), &mut buf) else {
-                return seen;
-            };
-            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
-            let resp = match &req {
-                Request::Hello { .. } => Response::HelloAck {
-                    version: VERSION,
-                    daemon_version: "t".into(),
-                    page_size: 4096,
-                    limits: Limits::default(),
-                },
-                Request::Bind { .. } => Response::Bound {
-                    access: AccessPath::MemFd,
-                    uffd_features: 0,
-                },
-                Request::Attach { flags, .. } => Response::Attached {
-                    mirror_id: u64::from(*flags),
-                },
-                Request::Sync { mirror_id } => Response::Synced {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (a, daemon) = fake_daemon::spawn(Limits::default(), {
+        let seen = Arc::clone(&seen);
+        move |req, _| {
+            seen.lock().unwrap().push(req.clone());
+            match *req {
+                Request::Attach { flags, .. } => Some(Response::Attached {
+                    mirror_id: u64::from(flags),
+                }),
+                Request::Sync { mirror_id } => Some(Response::Synced {
                     report: SyncReport {
                         backend: DirtyBackend::PagemapScan,
-                        mirrors: *mirror_id as u32,
+                        mirrors: mirror_id as u32,
                         pages_scanned: 8,
                         pages_dirty: 1,
                         regions: 1,
                         scan_ns: 10,
                         invalidate_ns: 20,
                     },
-                },
-                Request::SyncPid { .. } => {
-                    Response::error(ErrorCode::Unsupported, "dirty tracking is off")
-                }
-                Request::Detach { .. } => Response::Detached,
-                _ => Response::error(ErrorCode::Internal, "?"),
-            };
-            seen.push(req);
-            proto::send(
-                b.as_fd(),
-                resp.msg_type(),
-                0,
-                f.header.request_id,
-                &resp.encode_payload(),
-                &[],
-            )
-            .unwrap();
+                }),
+                Request::SyncPid { .. } => Some(Response::error(
+                    ErrorCode::Unsupported,
+                    "dirty tracking is off",
+                )),
+                Request::Detach { .. } => Some(Response::Detached),
+                _ => None,
+            }
         }
     });
     let c = Client::from_socket(a, true).unwrap();
@@ -245,7 +187,8 @@ fn bind_flag_policies_and_sync_go_on_the_wire() {
     assert_eq!(c.sync().unwrap().mirrors, 0, "0: every mirror");
     assert!(matches!(c.sync_pid(42), Err(Error::Unsupported(_))));
     drop((strict, periodic, plain, c));
-    let seen = daemon.join().unwrap();
+    daemon.join().unwrap();
+    let seen = seen.lock().unwrap();
     let privileged = create_uffd_with(0).is_ok();
     assert!(seen.contains(&Request::Bind {
         flags: if privileged { BIND_UFFD_PRIVILEGED } else { 0 }

@@ -3,16 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::os::fd::AsFd;
 use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 
-use memshadow_proto::{
-    self as proto, AccessPath, ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION,
-};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use memshadow_proto::{ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION};
 
 use super::*;
+use crate::fake_daemon;
 use Status::*;
 
 fn last_error() -> String {
@@ -31,48 +28,16 @@ fn status_name(s: Status) -> String {
         .to_owned()
 }
 
-/// A fake daemon answering hello and bind, then whatever `answer` says; it ends when the
-/// client hangs up.
+/// A control session with a fake daemon that answers whatever `answer` says after the
+/// handshake.
 fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut FfiClient {
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        while let Ok(f) = proto::recv(b.as_fd(), &mut buf) {
-            let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
-            let resp = match req {
-                Request::Hello { .. } => Response::HelloAck {
-                    version: VERSION,
-                    daemon_version: "fake-1.2".into(),
-                    page_size: 4096,
-                    limits: Limits {
-                        max_read: MAX_READ as u32,
-                        ..Limits::default()
-                    },
-                },
-                Request::Bind { .. } => Response::Bound {
-                    access: AccessPath::MemFd,
-                    uffd_features: 0,
-                },
-                r => answer(r),
-            };
-            let sent = proto::send(
-                b.as_fd(),
-                resp.msg_type(),
-                0,
-                f.header.request_id,
-                &resp.encode_payload(),
-                &[],
-            );
-            if sent.is_err() {
-                return;
-            }
-        }
+    let limits = Limits {
+        max_read: MAX_READ as u32,
+        ..Limits::default()
+    };
+    let (a, _daemon) = fake_daemon::spawn(limits, move |r, _| match r {
+        Request::Bind { .. } => None,
+        r => Some(answer(r.clone())),
     });
     // A control session: no uffd is created (the uffd-counting test of lib.rs runs beside).
     new_client(Client::from_socket(a, false).unwrap())
@@ -93,7 +58,7 @@ fn good_daemon() -> *mut FfiClient {
             entries: vec![("client.reads".into(), 3), ("client.faults".into(), 2)],
         },
         Request::Status => Response::StatusReport {
-            info: vec![("daemon.version".into(), "fake-1.2".into())],
+            info: vec![("daemon.version".into(), fake_daemon::FAKE_VERSION.into())],
             counters: vec![("shadow.slots_in_use".into(), 7)],
         },
         _ => Response::error(ErrorCode::Internal, "unexpected"),
@@ -230,7 +195,7 @@ fn a_session_through_the_c_api() {
     let v = unsafe { memshadow_client_daemon_version(c) };
     // SAFETY: a C string that lives as long as the handle.
     let v = unsafe { CStr::from_ptr(v) };
-    assert_eq!(v.to_str().unwrap(), "fake-1.2");
+    assert_eq!(v.to_str().unwrap(), fake_daemon::FAKE_VERSION);
     let (s, m) = attach(c, 0x10000, 2 << 20);
     assert_eq!(s, MEMSHADOW_OK);
     // SAFETY: a live mirror handle.
