@@ -117,10 +117,7 @@ pub fn probe() -> Result<(), String> {
                     source: Errno::ENOTTY | Errno::EINVAL,
                     ..
                 } => "the PAGEMAP_SCAN ioctl is not supported (Linux 6.7+)".to_owned(),
-                e => format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
-                ),
+                e => memshadow_proto::error_chain(&e),
             })
         };
         scan(&mut found, &mut buf)?;
