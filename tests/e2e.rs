@@ -135,7 +135,8 @@ fn g6_a_dead_or_stopped_daemon_never_wedges_the_client() {
     std::thread::sleep(Duration::from_millis(200));
     let before = progress(&mut c);
     assert!(
-        within(Duration::from_secs(1), || progress(&mut c) > before + 100).is_some(),
+        // Blocked would be forever: the deadline only bounds a slow, loaded machine.
+        within(Duration::from_secs(10), || progress(&mut c) > before + 100).is_some(),
         "madvise runs free without a daemon"
     );
     let r = fields(&c.expect_ok("churn-stop"));
