@@ -277,8 +277,24 @@ fn reader_loop(
             }
         }
         if !waking.is_empty() {
-            let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
-            waking.retain(|id| reg.get(id).is_some_and(|w| w.retry_wakes()));
+            let clients: Vec<_> = {
+                let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
+                waking
+                    .drain()
+                    .filter_map(|id| Some((id, reg.get(&id)?.clone())))
+                    .collect()
+            };
+            let mut out = Deferred::default();
+            for (id, w) in clients {
+                if w.retry_wakes(&mut out) {
+                    waking.insert(id);
+                }
+            }
+            if !out.finishes.is_empty() {
+                if let Err(crossbeam_channel::SendError(batch)) = finisher.send(out.finishes) {
+                    drop(batch);
+                }
+            }
         }
     }
 }

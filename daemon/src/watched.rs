@@ -185,6 +185,10 @@ pub struct Watched {
     /// Write-protect faults whose un-protect met `EAGAIN` (events unread): retried after
     /// the next read of events, so the faulting thread is always woken.
     pending_wake: Mutex<Vec<u64>>,
+    /// Tests: the next this many un-protects of write faults act as if they met `EAGAIN`
+    /// (the kernel's window for that is a race between two client threads).
+    #[cfg(test)]
+    defer_wakes: std::sync::atomic::AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -238,6 +242,8 @@ impl Watched {
             counters: EventCounters::default(),
             dirty,
             pending_wake: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            defer_wakes: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -620,20 +626,24 @@ impl Watched {
             uffd.read_events(buf, scratch)?
         };
         if n == 0 {
-            self.retry_wakes();
+            self.retry_wakes_locked(&guard, out);
             return Ok(0);
         }
         self.counters.batches.fetch_add(1, Relaxed);
         for ev in scratch.drain(..) {
             self.apply(&guard, ev, out);
         }
-        self.retry_wakes();
+        self.retry_wakes_locked(&guard, out);
         Ok(n)
     }
 
     /// Un-protects and wakes `page`; on `EAGAIN` (events unread) remembers it for after the
     /// next read of events (the unread event is what wakes the reader again).
     fn unprotect_and_wake(&self, page: u64) {
+        if self.forced_eagain() {
+            lock(&self.pending_wake).push(page);
+            return;
+        }
         let r = self.with_uffd(|u| u.unprotect(page, PAGE_SIZE as u64, true));
         match r {
             Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
@@ -647,20 +657,71 @@ impl Watched {
         }
     }
 
+    /// Tests: whether this un-protect is to act as if it met `EAGAIN`.
+    fn forced_eagain(&self) -> bool {
+        #[cfg(test)]
+        return self
+            .defer_wakes
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        false
+    }
+
     /// True while un-protects of write faults wait for a retry.
     pub fn has_pending_wakes(&self) -> bool {
         !lock(&self.pending_wake).is_empty()
     }
 
-    /// Retries the un-protects that met `EAGAIN`; true if some are still pending. The event
-    /// reader calls it again soon while that is so: the unread event that caused `EAGAIN`
-    /// is only counted done once the client thread that raised it ran again, after the read.
-    pub fn retry_wakes(&self) -> bool {
+    /// Retries the un-protects that met `EAGAIN`, taking the access lock; finishes go to
+    /// `out`. True if some are still pending: the event reader calls it again soon while
+    /// that is so (the unread event that caused `EAGAIN` is only counted done once the
+    /// client thread that raised it ran again, after the read).
+    pub fn retry_wakes(&self, out: &mut Deferred) -> bool {
+        let guard = self.device.lock_access();
+        self.retry_wakes_locked(&guard, out)
+    }
+
+    /// [`Watched::retry_wakes`] under the access lock `guard`.
+    ///
+    /// The fault's own invalidation has ended by now, so the device may have faulted the
+    /// page in again meanwhile: arming it changed nothing (it was still protected) and the
+    /// copy holds the bytes from before the blocked write. So the page is un-protected
+    /// *without* waking, invalidated again (uffd-wp), and only then is the writer woken: no
+    /// copy taken before the write survives it, and none taken after it lacks protection.
+    fn retry_wakes_locked(&self, guard: &AccessGuard<'_>, out: &mut Deferred) -> bool {
         let pages = std::mem::take(&mut *lock(&self.pending_wake));
-        for p in pages {
-            self.unprotect_and_wake(p);
+        let mut still = Vec::new();
+        for page in pages {
+            if self.forced_eagain() {
+                still.push(page);
+                continue;
+            }
+            // `None`: released; closing the uffd woke every waiter.
+            match self.with_uffd(|u| u.unprotect(page, PAGE_SIZE as u64, false)) {
+                None => {}
+                Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
+                    self.dirty.bump(|c| &c.wake_retries, 1);
+                    still.push(page);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(addr = page, error = %e, "could not resolve a write-protect fault")
+                }
+                Some(Ok(())) => {
+                    if self.dirty.is(Backend::UffdWp) {
+                        if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
+                            self.invalidate(guard, r, Event::SoftDirty, out);
+                        }
+                    }
+                    if let Some(Err(e)) = self.with_uffd(|u| u.wake(page, PAGE_SIZE as u64)) {
+                        tracing::warn!(addr = page, error = %e, "could not wake a writer");
+                    }
+                }
+            }
         }
-        !lock(&self.pending_wake).is_empty()
+        let mut pending = lock(&self.pending_wake);
+        pending.extend(still);
+        !pending.is_empty()
     }
 
     fn apply(&self, guard: &AccessGuard<'_>, ev: UffdEvent, out: &mut Deferred) {
@@ -847,5 +908,88 @@ fn not_mirrored(e: DeviceError) -> WatchError {
             WatchError::Released
         }
         e => WatchError::Device(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::device::{Device, DeviceConfig};
+    use crate::dirty::uffd_wp::ArmingSource;
+    use crate::source::{MemorySource, ProcessVmSource};
+
+    /// uffd-wp: when the un-protect of a write fault has to wait (`EAGAIN`), the fault's
+    /// invalidation ends first and the device may mirror the page again (arming it is a
+    /// no-op: it is still protected) before the writer is let go. The retry must invalidate
+    /// it again before waking the writer, or the copy from before the write survives it
+    /// with nothing armed to report the write. Fails if `retry_wakes` just un-protects and
+    /// wakes.
+    #[test]
+    fn a_deferred_wake_invalidates_a_page_mirrored_again_before_the_write() {
+        let page = PAGE_SIZE as u64;
+        let (uffd, user_mode_only) = Uffd::create().unwrap();
+        assert!(!user_mode_only, "the tests run as root (DESIGN.md §7)");
+        uffd.api(Backend::UffdWp.uffd_features()).unwrap();
+        uffd.set_nonblocking().unwrap();
+        let uffd: SharedUffd = Arc::new(Mutex::new(Some(uffd)));
+        let dirty = Arc::new(ClientDirty::new(Ok(Backend::UffdWp), None, Arc::default()));
+        let source: Arc<dyn MemorySource> = Arc::new(ArmingSource::new(
+            Arc::new(ProcessVmSource::new(std::process::id() as i32)),
+            Arc::clone(&uffd),
+            Arc::clone(&dirty),
+        ));
+        let dev = Device::new(&DeviceConfig::default()).unwrap();
+        let w = Watched::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
+        let mut map = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        map.fill(1);
+        let addr = map.as_ptr() as u64;
+        let id = w.attach(addr, 4 * page).unwrap();
+        assert_eq!(w.read(id, 0, 8).unwrap(), vec![1; 8], "mirrored and armed");
+
+        // The fault's own un-protect and the retry at the end of that read of events.
+        w.defer_wakes.store(2, Relaxed);
+        let writer = std::thread::spawn(move || {
+            map[0] = 2;
+            map
+        });
+        // The reader's part: read the write fault, invalidate the page, defer the wake.
+        let mut buf = userfaultfd::EventBuffer::new(8);
+        let mut scratch = Vec::new();
+        let mut out = Deferred::default();
+        while w.read_events(&mut buf, &mut scratch, &mut out).unwrap() == 0 {
+            std::thread::yield_now();
+        }
+        assert!(w.has_pending_wakes());
+        drop(std::mem::take(&mut out.finishes));
+        // The device mirrors the page again while the writer still waits.
+        assert_eq!(w.read(id, 0, 8).unwrap(), vec![1; 8]);
+        // The retry lets the writer go.
+        assert!(!w.retry_wakes(&mut out), "nothing left pending");
+        drop(std::mem::take(&mut out.finishes));
+        let map = writer.join().unwrap();
+        assert_eq!(map[0], 2);
+        assert_eq!(
+            w.read(id, 0, 8).unwrap(),
+            [&[2u8][..], &[1; 7]].concat(),
+            "the device read after the write returned the copy taken before it"
+        );
+        // And the page is armed again: the next write is seen.
+        let mut map = map;
+        let before = w.dirty().counters().wp_faults.load(Relaxed);
+        let writer = std::thread::spawn(move || {
+            map[1] = 3;
+            map
+        });
+        while w.read_events(&mut buf, &mut scratch, &mut out).unwrap() == 0 {
+            std::thread::yield_now();
+        }
+        drop(std::mem::take(&mut out.finishes));
+        let map = writer.join().unwrap();
+        assert_eq!(w.dirty().counters().wp_faults.load(Relaxed), before + 1);
+        assert_eq!(w.read(id, 0, 2).unwrap(), vec![2, 3]);
+        w.release().unwrap();
+        drop(map);
     }
 }

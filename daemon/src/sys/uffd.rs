@@ -285,6 +285,14 @@ impl Uffd {
             .map_err(op("unprotect"))
     }
 
+    /// Wakes the threads waiting in a fault on `addr..addr+len` (after an un-protect done
+    /// without waking them).
+    pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        self.inner
+            .wake(addr as *mut libc::c_void, len as usize)
+            .map_err(op("wake"))
+    }
+
     /// True while an unmap, remove, remap or fork event of this uffd is being delivered or
     /// not yet read (the kernel's `mmap_changing`): the address space may already differ
     /// from what the events read so far say. Probed with an un-protect ioctl of an empty
