@@ -340,6 +340,12 @@ impl DeviceClient {
             .store(bytes / PAGE_SIZE as u64, Ordering::Relaxed);
     }
 
+    /// Tests: whether the access lock is free right now.
+    #[cfg(test)]
+    pub(crate) fn access_is_free(&self) -> bool {
+        self.access.try_lock().is_ok()
+    }
+
     /// Takes the client's access lock (G1).
     pub fn lock_access(&self) -> AccessGuard<'_> {
         AccessGuard {
@@ -356,7 +362,10 @@ impl DeviceClient {
         args: InvalidateArgs,
     ) -> Result<TraceRecord, InvalidateError> {
         let mark = flush_mark(&self.dev);
-        let summary = match self.lock_access().begin_invalidate(args) {
+        // Bound first: a guard made in the `match` scrutinee would live through the arms,
+        // holding the access lock (and every client's munmap) through the finish's wait.
+        let started = self.lock_access().begin_invalidate(args);
+        let summary = match started {
             Ok(inv) => inv.finish(),
             Err(InvalidateError::WouldBlock(summary)) => summary,
             Err(e) => return Err(e),

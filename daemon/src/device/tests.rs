@@ -221,6 +221,47 @@ fn g1_populate_waits_for_the_start_pass_of_an_event_already_read() {
     }
 }
 
+/// An injected invalidation (`memshadowctl invalidate`) holds the access lock for its start
+/// pass only, like one from a uffd event: while its finish waits for the flush, the event
+/// reader (and so every client's munmap) can go on. The flush takes 2 s; the lock must be
+/// seen free before the finish's wait for it is over (only a 2 s stall of this thread right after
+/// the start pass could make a correct device fail this).
+#[test]
+fn an_injected_invalidation_frees_the_access_lock_before_its_finish_waits() {
+    let dev = Arc::new(device(InvalidationMode::TwoPass, 1, 2_000_000, 16));
+    let mem = Arc::new(SimMemory::new(BASE, 4));
+    let c = Arc::new(dev.client(mem, 1 << 20));
+    c.attach(BASE, 4 * P).unwrap();
+    c.read(BASE, 4 * PAGE_SIZE).unwrap();
+    let k = dev.counters();
+    let queued = k.flushes_queued.load(Ordering::SeqCst);
+    let waited = k.fences_waited.load(Ordering::SeqCst);
+    let inject = {
+        let c = Arc::clone(&c);
+        thread::spawn(move || c.invalidate_recorded(args(0, 4, Event::Clear)).unwrap())
+    };
+    // The start pass queues the flush under the lock, then lets go of it.
+    while k.flushes_queued.load(Ordering::SeqCst) == queued {
+        thread::yield_now();
+    }
+    let free_during_the_wait = loop {
+        let flushed = k.fences_waited.load(Ordering::SeqCst) != waited;
+        if c.access_is_free() {
+            break !flushed;
+        }
+        if flushed {
+            break false;
+        }
+        thread::yield_now();
+    };
+    let record = inject.join().unwrap();
+    assert!(record.finish >= Duration::from_millis(1900), "{record:?}");
+    assert!(
+        free_during_the_wait,
+        "the access lock was held through the finish's wait for the flush"
+    );
+}
+
 /// One invalidation hitting many notifiers on many engines: two-pass queues every flush
 /// before waiting; batching sends one flush job per engine.
 #[test]
