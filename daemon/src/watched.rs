@@ -191,6 +191,17 @@ pub struct Watched {
     defer_wakes: std::sync::atomic::AtomicU32,
 }
 
+/// What one try of [`Watched::attach_locked`] came to.
+enum Attempt {
+    /// Mirrored as this device mirror.
+    Attached(u64),
+    /// Events were unread: try again once the reader has applied them.
+    Again,
+    /// This retired device mirror (its detach still queued) is in the way: detach it, then
+    /// try again.
+    DetachFirst(u64),
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -316,8 +327,19 @@ impl Watched {
             if !pending {
                 let t = lock(&self.table);
                 match self.attach_locked(&t, addr, len)? {
-                    Some(dev) => break (guard, t, dev),
-                    None => drop(t),
+                    Attempt::Attached(dev) => break (guard, t, dev),
+                    Attempt::Again => drop(t),
+                    Attempt::DetachFirst(stale) => {
+                        // Its detach waits for the client's invalidations, which may need
+                        // the access lock to finish (a sync's next batch): not under it.
+                        drop(t);
+                        drop(guard);
+                        self.detach_device_mirrors(&[stale]);
+                        if Instant::now() > deadline {
+                            return Err(WatchError::Busy);
+                        }
+                        continue;
+                    }
                 }
             }
             drop(guard);
@@ -350,8 +372,8 @@ impl Watched {
     }
 
     /// The part of an attach done under the access and table locks: checks, registration,
-    /// arming and the device mirror. `Ok(None)`: arming met unread events; all was undone.
-    fn attach_locked(&self, t: &Table, addr: u64, len: u64) -> Result<Option<u64>, WatchError> {
+    /// arming and the device mirror. Anything but [`Attempt::Attached`] was undone.
+    fn attach_locked(&self, t: &Table, addr: u64, len: u64) -> Result<Attempt, WatchError> {
         let end = addr + len;
         if t.by_id.len() >= self.max_mirrors as usize {
             return Err(WatchError::TooManyMirrors(self.max_mirrors));
@@ -379,23 +401,21 @@ impl Watched {
             if let Err(e) = uffd.write_protect(addr, len) {
                 undo("a failed arm");
                 return match e.errno() {
-                    Some(nix::Error::EAGAIN) => Ok(None),
+                    Some(nix::Error::EAGAIN) => Ok(Attempt::Again),
                     _ => Err(e.into()),
                 };
             }
         }
-        let mut attached = self.device.attach(addr, len);
-        if let Err(DeviceError::Overlap { other, .. }) = attached {
+        match self.device.attach(addr, len) {
+            Ok(d) => Ok(Attempt::Attached(d)),
             // A device mirror of a range the client unmapped, whose detach is still queued:
-            // detach it now (this waits for its invalidations' finish passes, which never
-            // need this lock) and try again.
-            if !t.by_id.values().any(|m| m.dev == Some(other)) {
-                self.detach_device_mirrors(&[other]);
-                attached = self.device.attach(addr, len);
+            // the caller detaches it, outside the locks, and tries again.
+            Err(DeviceError::Overlap { other, .. })
+                if !t.by_id.values().any(|m| m.dev == Some(other)) =>
+            {
+                undo("meeting a retired mirror");
+                Ok(Attempt::DetachFirst(other))
             }
-        }
-        match attached {
-            Ok(d) => Ok(Some(d)),
             Err(e) => {
                 undo("a failed attach");
                 Err(e.into())
@@ -919,6 +939,23 @@ mod tests {
     use crate::device::{Device, DeviceConfig};
     use crate::dirty::uffd_wp::ArmingSource;
     use crate::source::{MemorySource, ProcessVmSource};
+    use crate::sys::uffd::features;
+    use std::mem::ManuallyDrop;
+
+    /// The event reader's part: reads until some events came (a test that expects events
+    /// fails after 20 s instead of spinning).
+    fn read_some_events(
+        w: &Watched,
+        buf: &mut userfaultfd::EventBuffer,
+        scratch: &mut Vec<UffdEvent>,
+        out: &mut Deferred,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while w.read_events(buf, scratch, out).unwrap() == 0 {
+            assert!(Instant::now() < deadline, "no userfaultfd event came");
+            std::thread::yield_now();
+        }
+    }
 
     /// uffd-wp: when the un-protect of a write fault has to wait (`EAGAIN`), the fault's
     /// invalidation ends first and the device may mirror the page again (arming it is a
@@ -942,7 +979,9 @@ mod tests {
         ));
         let dev = Device::new(&DeviceConfig::default()).unwrap();
         let w = Watched::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
-        let mut map = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        // Unmapping a registered range blocks until its event is read: if an assertion
+        // fails, the mapping leaks instead of hanging the unwinding.
+        let mut map = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         map.fill(1);
         let addr = map.as_ptr() as u64;
         let id = w.attach(addr, 4 * page).unwrap();
@@ -958,9 +997,7 @@ mod tests {
         let mut buf = userfaultfd::EventBuffer::new(8);
         let mut scratch = Vec::new();
         let mut out = Deferred::default();
-        while w.read_events(&mut buf, &mut scratch, &mut out).unwrap() == 0 {
-            std::thread::yield_now();
-        }
+        read_some_events(&w, &mut buf, &mut scratch, &mut out);
         assert!(w.has_pending_wakes());
         drop(std::mem::take(&mut out.finishes));
         // The device mirrors the page again while the writer still waits.
@@ -982,14 +1019,94 @@ mod tests {
             map[1] = 3;
             map
         });
-        while w.read_events(&mut buf, &mut scratch, &mut out).unwrap() == 0 {
-            std::thread::yield_now();
-        }
+        read_some_events(&w, &mut buf, &mut scratch, &mut out);
         drop(std::mem::take(&mut out.finishes));
         let map = writer.join().unwrap();
         assert_eq!(w.dirty().counters().wp_faults.load(Relaxed), before + 1);
         assert_eq!(w.read(id, 0, 2).unwrap(), vec![2, 3]);
         w.release().unwrap();
-        drop(map);
+        drop(ManuallyDrop::into_inner(map));
+    }
+
+    /// An attach that meets a retired device mirror (its detach still queued) detaches it
+    /// outside the access lock: that detach waits for the client's open invalidations, and
+    /// one of them may need the access lock to end (a sync begins its invalidations in
+    /// batches, each under the lock, and finishes them all after the last). Holding the
+    /// lock there deadlocked the attach, the sync and the client's event reader. The
+    /// stand-in for the sync waits 200 ms before it needs the lock, so an attach that
+    /// holds it is caught; the test fails by a 20 s deadline, not by hanging.
+    #[test]
+    fn attach_detaches_a_retired_mirror_without_holding_the_access_lock() {
+        let page = PAGE_SIZE as u64;
+        let (uffd, _) = Uffd::create().unwrap();
+        uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
+            .unwrap();
+        uffd.set_nonblocking().unwrap();
+        let dev = Device::new(&DeviceConfig::default()).unwrap();
+        let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
+        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        // Leaked, not unmapped, if an assertion fails (see above).
+        let keep = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
+        let other = w.attach(keep.as_ptr() as u64, 4 * page).unwrap();
+        let gone = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        let addr = gone.as_ptr() as u64;
+        w.attach(addr, 4 * page).unwrap();
+        // The client unmaps it; the reader retires the device mirror and queues its detach,
+        // which this test never runs.
+        let unmapper = std::thread::spawn(move || drop(gone));
+        let mut buf = userfaultfd::EventBuffer::new(8);
+        let mut scratch = Vec::new();
+        let mut out = Deferred::default();
+        read_some_events(&w, &mut buf, &mut scratch, &mut out);
+        unmapper.join().unwrap();
+        assert_eq!(out.detach.len(), 1, "a retired mirror waits for its detach");
+        drop(std::mem::take(&mut out.finishes));
+        // Something maps the same address again.
+        // SAFETY: a fresh anonymous mapping at an address nothing of ours uses any more.
+        let again = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                4 * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(again as u64, addr, "the address was free again");
+        // A sync stand-in: an invalidation begun under the lock, ended only after taking
+        // the lock again.
+        let range = Range::new(keep.as_ptr() as u64, page).unwrap();
+        let open = w
+            .device()
+            .lock_access()
+            .begin_invalidate(InvalidateArgs::new(range, Event::SoftDirty))
+            .unwrap();
+        let sync = {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                drop(w.device().lock_access());
+                open.finish();
+            })
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let attacher = {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || {
+                let _ = tx.send(w.attach(addr, 4 * page));
+            })
+        };
+        let attached = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("attach deadlocked with an open invalidation that needs the access lock");
+        assert!(attached.is_ok(), "{attached:?}");
+        attacher.join().unwrap();
+        sync.join().unwrap();
+        w.detach(other).unwrap();
+        w.release().unwrap();
+        // SAFETY: the mapping made above, unused now.
+        unsafe { libc::munmap(again, 4 * PAGE_SIZE) };
+        drop(ManuallyDrop::into_inner(keep));
     }
 }
