@@ -133,7 +133,12 @@ pub struct MirrorInfo {
 
 #[derive(Debug, Default)]
 struct Mirrors {
+    /// Live mirrors by first address: what faults and attaches look up.
     by_start: BTreeMap<u64, Arc<Mirror>>,
+    /// Mirrors retired entirely, by id, until their detach: out of the way of a new mirror
+    /// of whatever the client maps there next (e.g. the target of an mremap), while their
+    /// notifier still waits to be removed off the event reader's path.
+    dead: BTreeMap<u64, Arc<Mirror>>,
     next: u32,
 }
 
@@ -192,10 +197,12 @@ impl AccessGuard<'_> {
     /// Retires `range` in every mirror it overlaps: those pages are never faulted in again.
     /// Call it before the invalidation of the same range, under this guard, so any fault
     /// that began earlier retries (rule 2) and then sees the retirement. Returns the ids of
-    /// mirrors that are now retired entirely.
+    /// mirrors that are now retired entirely: they leave the live set at once (a new
+    /// mirror may take their place) and wait for their detach.
     pub fn retire(&self, range: Range) -> Vec<u64> {
-        let m = self.client.mirrors();
+        let mut m = self.client.mirrors();
         let mut dead = Vec::new();
+        let mut unlink = Vec::new();
         for mirror in m.by_start.range(..=range.last()).map(|(_, v)| v) {
             let Some(cut) = mirror.range.intersection(&range) else {
                 continue;
@@ -209,6 +216,12 @@ impl AccessGuard<'_> {
             // Retired pieces may overlap; only the common case (all of it at once) matters.
             if cut == mirror.range || retired >= mirror.range.len() && covers(&r, &mirror.range) {
                 dead.push(mirror.id);
+                unlink.push(mirror.range.start());
+            }
+        }
+        for start in unlink {
+            if let Some(mirror) = m.by_start.remove(&start) {
+                m.dead.insert(mirror.id, mirror);
             }
         }
         dead
@@ -448,15 +461,12 @@ impl DeviceClient {
     pub fn detach(&self, id: u64) -> Result<(), DeviceError> {
         let mirror = {
             let mut m = self.mirrors();
-            let start = m
-                .by_start
-                .iter()
-                .find(|(_, v)| v.id == id)
-                .map(|(k, _)| *k)
-                .ok_or(DeviceError::NoSuchMirror(id))?;
-            m.by_start
-                .remove(&start)
-                .ok_or(DeviceError::NoSuchMirror(id))?
+            let live = m.by_start.iter().find(|(_, v)| v.id == id).map(|(k, _)| *k);
+            match live {
+                Some(start) => m.by_start.remove(&start),
+                None => m.dead.remove(&id),
+            }
+            .ok_or(DeviceError::NoSuchMirror(id))?
         };
         // Waits for invalidations that may still call it (rule 4).
         if let Err(e) = mirror.handle.remove() {
@@ -710,8 +720,11 @@ impl DeviceClient {
     pub fn release(&self) -> Result<Summary, DeviceError> {
         bump(&self.dev.counters.inv_release, 1);
         let summary = self.sub.release()?;
-        let mirrors = std::mem::take(&mut self.mirrors().by_start);
-        for m in mirrors.values() {
+        let (live, dead) = {
+            let mut m = self.mirrors();
+            (std::mem::take(&mut m.by_start), std::mem::take(&mut m.dead))
+        };
+        for m in live.values().chain(dead.values()) {
             self.teardown(m.idx, m.range);
         }
         self.core.pt().shrink();

@@ -727,3 +727,44 @@ fn retired_ranges_are_never_faulted_in_again() {
     let g = c.lock_access();
     assert_eq!(g.retire(Range::new(BASE, 8 * P).unwrap()), vec![id]);
 }
+
+/// A mirror retired entirely is out of the way at once: the same range can be attached
+/// again (the client mapped something new there, or an mremap moved a mirror onto it)
+/// before the old one's detach, and that late detach frees only the old mirror's pages.
+#[test]
+fn a_wholly_retired_mirror_makes_way_before_its_detach() {
+    let dev = device(InvalidationMode::TwoPass, 2, 20, 64);
+    let mem = Arc::new(SimMemory::new(BASE, 8));
+    for i in 0..8 {
+        stamp(&mem, i, 1);
+    }
+    let c = dev.client(mem.clone(), 1 << 20);
+    let old = c.attach(BASE, 8 * P).unwrap();
+    c.read(BASE, 8 * PAGE_SIZE).unwrap();
+    {
+        let g = c.lock_access();
+        assert_eq!(g.retire(Range::new(BASE, 8 * P).unwrap()), vec![old]);
+        g.begin_invalidate(args(0, 8, Event::Unmap))
+            .unwrap()
+            .finish();
+    }
+    assert_eq!(c.mirror_count(), 0, "only live mirrors count");
+    for i in 0..8 {
+        stamp(&mem, i, 2);
+    }
+    let new = c.attach(BASE, 8 * P).unwrap();
+    assert_ne!(new, old);
+    assert_eq!(unstamp(&c.read(BASE + 3 * P, PAGE_SIZE).unwrap()), (3, 2));
+    c.populate(BASE, 8 * P).unwrap();
+    assert_eq!(c.page_table_len(), 8);
+    c.detach(old).unwrap();
+    assert_eq!(
+        c.page_table_len(),
+        8,
+        "the late detach left the new mirror's pages"
+    );
+    assert_eq!(dev.shadow().in_use(), 8);
+    assert!(matches!(c.detach(old), Err(DeviceError::NoSuchMirror(_))));
+    c.detach(new).unwrap();
+    assert_eq!(dev.shadow().in_use(), 0);
+}
