@@ -403,20 +403,26 @@ impl Watched {
         }
     }
 
-    /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
+    /// Detaches mirror `id`: unregisters what is left of it and frees its shadow. Ordered
+    /// after the events already read (G1): a client that unmapped the range and then
+    /// detaches must not have its stale view of the range unregistered, where another of
+    /// its mappings may have moved in.
     pub fn detach(&self, id: u64) -> Result<(), WatchError> {
+        self.after_events_read();
         let m = lock(&self.table)
             .by_id
             .remove(&id)
             .ok_or(WatchError::NoSuchMirror(id))?;
         if let Some(dev) = m.dev {
-            self.device.detach(dev)?;
-            self.with_uffd(|u| {
-                // The range may be partly unmapped by now; that is not an error.
-                if let Err(e) = u.unregister(m.addr, m.len) {
-                    tracing::debug!(mirror = id, error = %e, "unregister on detach");
-                }
-            });
+            // Only what is still this mirror's mapping: a part the client unmapped or moved
+            // may hold another mirror's registration by now.
+            for r in self.device.detach(dev)? {
+                self.with_uffd(|u| {
+                    if let Err(e) = u.unregister(r.start(), r.len()) {
+                        tracing::debug!(mirror = id, error = %e, "unregister on detach");
+                    }
+                });
+            }
         }
         Ok(())
     }
@@ -869,7 +875,7 @@ impl Watched {
     pub fn detach_device_mirrors(&self, devs: &[u64]) {
         for &d in devs {
             match self.device.detach(d) {
-                Ok(()) | Err(DeviceError::NoSuchMirror(_)) => {}
+                Ok(_) | Err(DeviceError::NoSuchMirror(_)) => {}
                 Err(e) => tracing::warn!(mirror = d, error = %e, "detaching a retired mirror"),
             }
         }

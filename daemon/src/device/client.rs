@@ -280,6 +280,24 @@ impl Observer for Tracer {
 }
 
 /// True if the union of `parts` covers `whole`.
+/// `whole` without `parts`, in address order.
+fn subtract(whole: &Range, parts: &[Range]) -> Vec<Range> {
+    let mut sorted: Vec<Range> = parts.iter().filter_map(|p| p.intersection(whole)).collect();
+    sorted.sort_by_key(Range::start);
+    let mut left = Vec::new();
+    let mut next = whole.start();
+    for p in sorted {
+        if p.start() > next {
+            left.extend(Range::from_bounds(next, p.start()).ok());
+        }
+        next = next.max(p.last() + 1);
+    }
+    if next <= whole.last() {
+        left.extend(Range::from_bounds(next, whole.last() + 1).ok());
+    }
+    left
+}
+
 fn covers(parts: &[Range], whole: &Range) -> bool {
     let mut sorted: Vec<Range> = parts.to_vec();
     sorted.sort_by_key(Range::start);
@@ -457,8 +475,10 @@ impl DeviceClient {
     }
 
     /// Stops mirroring mirror `id`: no callback of it runs after this returns, its pages are
-    /// flushed from every engine that may cache them and freed.
-    pub fn detach(&self, id: u64) -> Result<(), DeviceError> {
+    /// flushed from every engine that may cache them and freed. Returns the parts of its
+    /// range never retired: still the client's mapping that was attached (its uffd
+    /// registration is the caller's to undo there, and only there).
+    pub fn detach(&self, id: u64) -> Result<Vec<Range>, DeviceError> {
         let mirror = {
             let mut m = self.mirrors();
             let live = m.by_start.iter().find(|(_, v)| v.id == id).map(|(k, _)| *k);
@@ -473,7 +493,11 @@ impl DeviceClient {
             tracing::debug!(mirror = id, error = %e, "notifier already gone");
         }
         self.teardown(mirror.idx, mirror.range);
-        Ok(())
+        let retired = mirror
+            .retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(subtract(&mirror.range, &retired))
     }
 
     /// Zaps what is left of a mirror's pages, flushes every engine that may cache them,

@@ -768,3 +768,23 @@ fn a_wholly_retired_mirror_makes_way_before_its_detach() {
     c.detach(new).unwrap();
     assert_eq!(dev.shadow().in_use(), 0);
 }
+
+/// Detach hands back the parts of the mirror never retired, and only those: the caller
+/// unregisters them, and a part the client unmapped may be someone else's by now.
+#[test]
+fn detach_returns_the_parts_never_retired() {
+    let dev = device(InvalidationMode::TwoPass, 1, 20, 64);
+    let mem = Arc::new(SimMemory::new(BASE, 8));
+    let c = dev.client(mem, 1 << 20);
+    let r = |first: u64, pages: u64| Range::new(BASE + first * P, pages * P).unwrap();
+    let whole = c.attach(BASE, 8 * P).unwrap();
+    assert_eq!(c.detach(whole).unwrap(), vec![r(0, 8)]);
+    let id = c.attach(BASE, 8 * P).unwrap();
+    {
+        let g = c.lock_access();
+        assert!(g.retire(r(2, 2)).is_empty());
+        assert!(g.retire(r(3, 2)).is_empty(), "overlapping pieces");
+        assert!(g.retire(r(7, 1)).is_empty());
+    }
+    assert_eq!(c.detach(id).unwrap(), vec![r(0, 2), r(5, 2)]);
+}
