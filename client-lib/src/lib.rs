@@ -280,8 +280,9 @@ impl Inner {
                     r => Ok((r, id)),
                 };
             }
-            // An unsolicited error (request id 0) ends the session.
-            if let Response::Error { code, message } = resp {
+            // An unsolicited error (request id 0) ends the session; an answer to another
+            // request (one whose caller gave up on it) is not this call's.
+            if let (0, Response::Error { code, message }) = (frame.header.request_id, resp) {
                 return Err(Error::from_response(code, message));
             }
         }
