@@ -1046,32 +1046,35 @@ mod tests {
         // Leaked, not unmapped, if an assertion fails (see above).
         let keep = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         let other = w.attach(keep.as_ptr() as u64, 4 * page).unwrap();
-        let gone = memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap();
+        let gone = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         let addr = gone.as_ptr() as u64;
         w.attach(addr, 4 * page).unwrap();
-        // The client unmaps it; the reader retires the device mirror and queues its detach,
-        // which this test never runs.
-        let unmapper = std::thread::spawn(move || drop(gone));
+        // The client maps something new over it in one call (no window for another test
+        // thread to take the address): the old mapping's unmap event retires the device
+        // mirror and queues its detach, which this test never runs.
+        let mapper = std::thread::spawn(move || {
+            // SAFETY: replaces our own mapping `gone` (forgotten, never used again) with a
+            // fresh anonymous one at the same address.
+            let p = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    4 * PAGE_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            p as u64
+        });
         let mut buf = userfaultfd::EventBuffer::new(8);
         let mut scratch = Vec::new();
         let mut out = Deferred::default();
         read_some_events(&w, &mut buf, &mut scratch, &mut out);
-        unmapper.join().unwrap();
+        assert_eq!(mapper.join().unwrap(), addr, "mapped over the old range");
+        let again = addr as *mut libc::c_void;
         assert_eq!(out.detach.len(), 1, "a retired mirror waits for its detach");
         drop(std::mem::take(&mut out.finishes));
-        // Something maps the same address again.
-        // SAFETY: a fresh anonymous mapping at an address nothing of ours uses any more.
-        let again = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
-                4 * PAGE_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(again as u64, addr, "the address was free again");
         // A sync stand-in: an invalidation begun under the lock, ended only after taking
         // the lock again.
         let range = Range::new(keep.as_ptr() as u64, page).unwrap();

@@ -30,6 +30,22 @@ fn device(mode: InvalidationMode, engines: usize, latency_us: u64, slots: u64) -
     .unwrap()
 }
 
+/// Every invalidation mode, for tests that must hold in each.
+const ALL_MODES: [InvalidationMode; 3] = [
+    InvalidationMode::OnePass,
+    InvalidationMode::TwoPass,
+    InvalidationMode::TwoPassBatched,
+];
+
+/// Simulated memory of `pages` pages at [`BASE`], each stamped with its index and `version`.
+fn stamped(pages: u64, version: u64) -> Arc<SimMemory> {
+    let mem = Arc::new(SimMemory::new(BASE, pages as usize));
+    for i in 0..pages {
+        stamp(&mem, i, version);
+    }
+    mem
+}
+
 fn args(first_page: u64, pages: u64, event: Event) -> InvalidateArgs {
     InvalidateArgs::new(Range::new(BASE + first_page * P, pages * P).unwrap(), event)
 }
@@ -56,10 +72,7 @@ fn unstamp(data: &[u8]) -> (u64, u64) {
 #[test]
 fn reads_fault_pages_in_then_hit_the_tlb_and_the_page_table() {
     let dev = device(InvalidationMode::TwoPassBatched, 2, 0, 64);
-    let mem = Arc::new(SimMemory::new(BASE, 16));
-    for i in 0..16 {
-        stamp(&mem, i, 1);
-    }
+    let mem = stamped(16, 1);
     let c = dev.client(mem.clone(), 1 << 20);
     let id = c.attach(BASE, 8 * P).unwrap();
     assert_eq!(id, 1);
@@ -126,16 +139,9 @@ fn quota_and_capacity_are_typed_errors() {
 
 #[test]
 fn invalidation_zaps_flushes_and_frees_and_the_next_read_sees_new_bytes() {
-    for mode in [
-        InvalidationMode::OnePass,
-        InvalidationMode::TwoPass,
-        InvalidationMode::TwoPassBatched,
-    ] {
+    for mode in ALL_MODES {
         let dev = device(mode, 4, 20, 64);
-        let mem = Arc::new(SimMemory::new(BASE, 8));
-        for i in 0..8 {
-            stamp(&mem, i, 1);
-        }
+        let mem = stamped(8, 1);
         let c = dev.client(mem.clone(), 1 << 20);
         c.attach(BASE, 8 * P).unwrap();
         for e in 0..4 {
@@ -174,16 +180,9 @@ fn invalidation_zaps_flushes_and_frees_and_the_next_read_sees_new_bytes() {
 /// always; with the lock the test passes however slow the machine is).
 #[test]
 fn g1_populate_waits_for_the_start_pass_of_an_event_already_read() {
-    for mode in [
-        InvalidationMode::OnePass,
-        InvalidationMode::TwoPass,
-        InvalidationMode::TwoPassBatched,
-    ] {
+    for mode in ALL_MODES {
         let dev = device(mode, 2, 20, 64);
-        let mem = Arc::new(SimMemory::new(BASE, 8));
-        for i in 0..8 {
-            stamp(&mem, i, 1);
-        }
+        let mem = stamped(8, 1);
         let c = Arc::new(dev.client(mem.clone(), 1 << 20));
         c.attach(BASE, 8 * P).unwrap();
         c.populate(BASE, 8 * P).unwrap();
@@ -390,10 +389,7 @@ fn fault_path_never_returns_bytes_older_than_a_returned_invalidation() {
         InvalidationMode::OnePass,
     ] {
         let dev = Arc::new(device(mode, 3, 5, 256));
-        let mem = Arc::new(SimMemory::new(BASE, PAGES as usize));
-        for i in 0..PAGES {
-            stamp(&mem, i, 0);
-        }
+        let mem = stamped(PAGES, 0);
         let c = Arc::new(dev.client(mem.clone(), 1 << 20));
         c.attach(BASE, 16 * P).unwrap();
         c.attach(BASE + 16 * P, 16 * P).unwrap();
@@ -497,10 +493,7 @@ fn g2_no_read_from_a_slot_reused_before_every_engine_flushed() {
     const SLOTS: u64 = PAGES + READERS * MAX_READ + MAX_INVALIDATE + 4;
     for mode in [InvalidationMode::TwoPass, InvalidationMode::TwoPassBatched] {
         let dev = Arc::new(device(mode, READERS as usize, 30, SLOTS));
-        let mem = Arc::new(SimMemory::new(BASE, PAGES as usize));
-        for i in 0..PAGES {
-            stamp(&mem, i, 7);
-        }
+        let mem = stamped(PAGES, 7);
         let c = Arc::new(dev.client(mem.clone(), 1 << 30));
         for m in 0..PAGES / 8 {
             c.attach(BASE + m * 8 * P, 8 * P).unwrap();
@@ -617,10 +610,7 @@ mod equivalence {
 
     fn rig(mode: InvalidationMode) -> Rig {
         let dev = device(mode, 3, 0, 128);
-        let mem = Arc::new(SimMemory::new(BASE, 32));
-        for i in 0..32 {
-            stamp(&mem, i, 0);
-        }
+        let mem = stamped(32, 0);
         let c = dev.client(mem.clone(), 1 << 20);
         for m in 0..4 {
             c.attach(BASE + m * 8 * P, 8 * P).unwrap();
@@ -700,10 +690,7 @@ mod equivalence {
 #[test]
 fn retired_ranges_are_never_faulted_in_again() {
     let dev = device(InvalidationMode::TwoPassBatched, 2, 20, 64);
-    let mem = Arc::new(SimMemory::new(BASE, 16));
-    for i in 0..16 {
-        stamp(&mem, i, 1);
-    }
+    let mem = stamped(16, 1);
     let c = dev.client(mem.clone(), 1 << 20);
     let id = c.attach(BASE, 8 * P).unwrap();
     c.read(BASE, 8 * PAGE_SIZE).unwrap();
@@ -734,10 +721,7 @@ fn retired_ranges_are_never_faulted_in_again() {
 #[test]
 fn a_wholly_retired_mirror_makes_way_before_its_detach() {
     let dev = device(InvalidationMode::TwoPass, 2, 20, 64);
-    let mem = Arc::new(SimMemory::new(BASE, 8));
-    for i in 0..8 {
-        stamp(&mem, i, 1);
-    }
+    let mem = stamped(8, 1);
     let c = dev.client(mem.clone(), 1 << 20);
     let old = c.attach(BASE, 8 * P).unwrap();
     c.read(BASE, 8 * PAGE_SIZE).unwrap();
