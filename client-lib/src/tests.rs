@@ -7,8 +7,17 @@ use crate::fake_daemon;
 use nix::sys::socket::socketpair;
 use std::sync::atomic::AtomicUsize;
 
+/// Tests that create userfaultfds hold this, so the one that counts this process's
+/// userfaultfds sees none of theirs.
+static UFFDS: Mutex<()> = Mutex::new(());
+
+fn uffd_test() -> std::sync::MutexGuard<'static, ()> {
+    UFFDS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[test]
 fn both_uffd_flavours_can_be_created() {
+    let _uffds = uffd_test();
     for fd in [
         create_uffd().unwrap(),
         create_uffd_with(UFFD_USER_MODE_ONLY).unwrap(),
@@ -51,6 +60,7 @@ fn uffds_held() -> usize {
 /// hangs up.
 #[test]
 fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
+    let _uffds = uffd_test();
     let before = uffds_held();
     let reads = Arc::new(AtomicUsize::new(0));
     let limits = Limits {
@@ -134,6 +144,7 @@ fn a_vanished_daemon_is_daemon_gone() {
 /// wire as the protocol defines them.
 #[test]
 fn bind_flag_policies_and_sync_go_on_the_wire() {
+    let _uffds = uffd_test();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (a, daemon) = fake_daemon::spawn(Limits::default(), {
         let seen = Arc::clone(&seen);
