@@ -668,10 +668,18 @@ impl Watched {
                 self.dirty.bump(|c| &c.wake_retries, 1);
                 lock(&self.pending_wake).push(page);
             }
-            Some(Err(e)) => {
-                tracing::warn!(addr = page, error = %e, "could not resolve a write-protect fault")
-            }
+            Some(Err(e)) => self.wake_anyway(page, &e),
             _ => {}
+        }
+    }
+
+    /// A write fault whose page cannot be un-protected (typically `ENOENT`: another client
+    /// thread unmapped it meanwhile) still has a writer waiting: wake it, or it would wait
+    /// until the client is released (G6). It then faults on whatever is there now.
+    fn wake_anyway(&self, page: u64, e: &UffdError) {
+        tracing::debug!(addr = page, error = %e, "write-protect fault on a page gone; waking the writer");
+        if let Some(Err(e)) = self.with_uffd(|u| u.wake(page, PAGE_SIZE as u64)) {
+            tracing::warn!(addr = page, error = %e, "could not wake a writer");
         }
     }
 
@@ -722,9 +730,7 @@ impl Watched {
                     self.dirty.bump(|c| &c.wake_retries, 1);
                     still.push(page);
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(addr = page, error = %e, "could not resolve a write-protect fault")
-                }
+                Some(Err(e)) => self.wake_anyway(page, &e),
                 Some(Ok(())) => {
                     if self.dirty.is(Backend::UffdWp) {
                         if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
@@ -940,6 +946,56 @@ mod tests {
     use crate::sys::uffd::features;
     use std::mem::ManuallyDrop;
 
+    type Mapping = ManuallyDrop<memmap2::MmapMut>;
+
+    /// A client with uffd-wp dirty tracking on this process's own memory (and the device,
+    /// to keep alive beside it).
+    fn uffd_wp_watched() -> (Watched, Device) {
+        let (uffd, user_mode_only) = Uffd::create().unwrap();
+        assert!(!user_mode_only, "the tests run as root (DESIGN.md §7)");
+        uffd.api(
+            Backend::UffdWp.uffd_features()
+                | features::EVENT_UNMAP
+                | features::EVENT_REMOVE
+                | features::EVENT_REMAP,
+        )
+        .unwrap();
+        uffd.set_nonblocking().unwrap();
+        let uffd: SharedUffd = Arc::new(Mutex::new(Some(uffd)));
+        let dirty = Arc::new(ClientDirty::new(Ok(Backend::UffdWp), None, Arc::default()));
+        let source: Arc<dyn MemorySource> = Arc::new(ArmingSource::new(
+            Arc::new(ProcessVmSource::new(std::process::id() as i32)),
+            Arc::clone(&uffd),
+            Arc::clone(&dirty),
+        ));
+        let dev = Device::new(&DeviceConfig::default()).unwrap();
+        let w = Watched::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
+        (w, dev)
+    }
+
+    /// A client thread writing `byte` at `offset` of `map` (it may block in a write-protect
+    /// fault); the mapping comes back once the write is done.
+    fn write_in_thread(
+        mut map: Mapping,
+        offset: usize,
+        byte: u8,
+    ) -> crossbeam_channel::Receiver<Mapping> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            map[offset] = byte;
+            let _ = tx.send(map);
+        });
+        rx
+    }
+
+    /// Waits for the writer of [`write_in_thread`]; fails after 20 s (a writer nobody
+    /// woke) instead of hanging.
+    fn written(writer: &crossbeam_channel::Receiver<Mapping>) -> Mapping {
+        writer
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the writer was never woken")
+    }
+
     /// The event reader's part: reads until some events came (a test that expects events
     /// fails after 20 s instead of spinning).
     fn read_some_events(
@@ -964,19 +1020,7 @@ mod tests {
     #[test]
     fn a_deferred_wake_invalidates_a_page_mirrored_again_before_the_write() {
         let page = PAGE_SIZE as u64;
-        let (uffd, user_mode_only) = Uffd::create().unwrap();
-        assert!(!user_mode_only, "the tests run as root (DESIGN.md §7)");
-        uffd.api(Backend::UffdWp.uffd_features()).unwrap();
-        uffd.set_nonblocking().unwrap();
-        let uffd: SharedUffd = Arc::new(Mutex::new(Some(uffd)));
-        let dirty = Arc::new(ClientDirty::new(Ok(Backend::UffdWp), None, Arc::default()));
-        let source: Arc<dyn MemorySource> = Arc::new(ArmingSource::new(
-            Arc::new(ProcessVmSource::new(std::process::id() as i32)),
-            Arc::clone(&uffd),
-            Arc::clone(&dirty),
-        ));
-        let dev = Device::new(&DeviceConfig::default()).unwrap();
-        let w = Watched::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
+        let (w, _dev) = uffd_wp_watched();
         // Unmapping a registered range blocks until its event is read: if an assertion
         // fails, the mapping leaks instead of hanging the unwinding.
         let mut map = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
@@ -987,10 +1031,7 @@ mod tests {
 
         // The fault's own un-protect and the retry at the end of that read of events.
         w.defer_wakes.store(2, Relaxed);
-        let writer = std::thread::spawn(move || {
-            map[0] = 2;
-            map
-        });
+        let writer = write_in_thread(map, 0, 2);
         // The reader's part: read the write fault, invalidate the page, defer the wake.
         let mut buf = userfaultfd::EventBuffer::new(8);
         let mut scratch = Vec::new();
@@ -1003,7 +1044,7 @@ mod tests {
         // The retry lets the writer go.
         assert!(!w.retry_wakes(&mut out), "nothing left pending");
         drop(std::mem::take(&mut out.finishes));
-        let map = writer.join().unwrap();
+        let map = written(&writer);
         assert_eq!(map[0], 2);
         assert_eq!(
             w.read(id, 0, 8).unwrap(),
@@ -1011,15 +1052,11 @@ mod tests {
             "the device read after the write returned the copy taken before it"
         );
         // And the page is armed again: the next write is seen.
-        let mut map = map;
         let before = w.dirty().counters().wp_faults.load(Relaxed);
-        let writer = std::thread::spawn(move || {
-            map[1] = 3;
-            map
-        });
+        let writer = write_in_thread(map, 1, 3);
         read_some_events(&w, &mut buf, &mut scratch, &mut out);
         drop(std::mem::take(&mut out.finishes));
-        let map = writer.join().unwrap();
+        let map = written(&writer);
         assert_eq!(w.dirty().counters().wp_faults.load(Relaxed), before + 1);
         assert_eq!(w.read(id, 0, 2).unwrap(), vec![2, 3]);
         w.release().unwrap();
