@@ -403,27 +403,34 @@ impl Watched {
         }
     }
 
-    /// Detaches mirror `id`: unregisters what is left of it and frees its shadow. Ordered
-    /// after the events already read (G1): a client that unmapped the range and then
-    /// detaches must not have its stale view of the range unregistered, where another of
-    /// its mappings may have moved in.
+    /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
+    ///
+    /// The table entry, the device mirror and the registration go under the access lock,
+    /// after every event already read (G1) and before any later one: a part another client
+    /// thread unmapped (and maybe mapped and attached anew) is never unregistered, and what
+    /// is unregistered raises no event any more. The teardown waits for invalidations, so
+    /// it runs after the lock is let go.
     pub fn detach(&self, id: u64) -> Result<(), WatchError> {
-        self.after_events_read();
-        let m = lock(&self.table)
-            .by_id
-            .remove(&id)
-            .ok_or(WatchError::NoSuchMirror(id))?;
-        if let Some(dev) = m.dev {
-            // Only what is still this mirror's mapping: a part the client unmapped or moved
-            // may hold another mirror's registration by now.
-            for r in self.device.detach(dev)? {
+        let unlinked = {
+            let guard = self.device.lock_access();
+            let m = lock(&self.table)
+                .by_id
+                .remove(&id)
+                .ok_or(WatchError::NoSuchMirror(id))?;
+            let Some(dev) = m.dev else {
+                return Ok(());
+            };
+            let unlinked = guard.unlink(dev)?;
+            for r in unlinked.live() {
                 self.with_uffd(|u| {
                     if let Err(e) = u.unregister(r.start(), r.len()) {
                         tracing::debug!(mirror = id, error = %e, "unregister on detach");
                     }
                 });
             }
-        }
+            unlinked
+        };
+        self.device.tear_down(unlinked);
         Ok(())
     }
 
@@ -1059,6 +1066,74 @@ mod tests {
         let map = written(&writer);
         assert_eq!(w.dirty().counters().wp_faults.load(Relaxed), before + 1);
         assert_eq!(w.read(id, 0, 2).unwrap(), vec![2, 3]);
+        w.release().unwrap();
+        drop(ManuallyDrop::into_inner(map));
+    }
+
+    /// A detach unregisters its range before it lets go of the access lock, not after the
+    /// teardown (which waits a flush, here 1 s): a part of the range that another client
+    /// thread maps anew and attaches meanwhile keeps its registration. Unregistering late
+    /// silenced the new mirror's events (G1).
+    #[test]
+    fn a_slow_detach_leaves_a_range_attached_anew_registered() {
+        let page = PAGE_SIZE as u64;
+        let (uffd, _) = Uffd::create().unwrap();
+        uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
+            .unwrap();
+        uffd.set_nonblocking().unwrap();
+        let dev = Device::new(&DeviceConfig {
+            flush_latency: Duration::from_secs(1),
+            ..DeviceConfig::default()
+        })
+        .unwrap();
+        let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
+        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        // Leaked, not unmapped, if an assertion fails (see above).
+        let map = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
+        let addr = map.as_ptr() as u64;
+        let id = w.attach(addr, 4 * page).unwrap();
+        w.read(id, 0, 8).unwrap();
+        let detacher = {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || w.detach(id))
+        };
+        while w.list().iter().any(|m| m.id == id) {
+            std::thread::yield_now();
+        }
+        // Another thread maps fresh memory over the first page and attaches it.
+        let mapper = std::thread::spawn(move || {
+            // SAFETY: replaces the first page of the test's own mapping with a fresh
+            // anonymous page.
+            let p = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    PAGE_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            p as u64
+        });
+        // Whether or not that raised an unmap event (only if still registered), serve it.
+        let mut buf = userfaultfd::EventBuffer::new(8);
+        let mut scratch = Vec::new();
+        let mut out = Deferred::default();
+        while !mapper.is_finished() {
+            w.read_events(&mut buf, &mut scratch, &mut out).unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(mapper.join().unwrap(), addr);
+        drop(std::mem::take(&mut out.finishes));
+        let again = w.attach(addr, page).unwrap();
+        detacher.join().unwrap().unwrap();
+        assert_eq!(
+            w.with_uffd(|u| u.unprotect(addr, page, false).map_err(|e| e.errno())),
+            Some(Ok(())),
+            "the range attached anew is still registered"
+        );
+        w.detach(again).unwrap();
         w.release().unwrap();
         drop(ManuallyDrop::into_inner(map));
     }

@@ -114,6 +114,20 @@ impl Mirror {
     }
 }
 
+/// A mirror out of the client's sets, not torn down yet ([`AccessGuard::unlink`]).
+#[derive(Debug)]
+pub struct Unlinked {
+    mirror: Arc<Mirror>,
+    live: Vec<Range>,
+}
+
+impl Unlinked {
+    /// The parts of the mirror's range never retired, in address order.
+    pub fn live(&self) -> &[Range] {
+        &self.live
+    }
+}
+
 /// What callers see of a mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorInfo {
@@ -192,6 +206,29 @@ impl AccessGuard<'_> {
             bump(&c.dev.counters.inv_would_block, 1);
         }
         r
+    }
+
+    /// Takes mirror `id` (live or retired entirely) out of the client's sets, for
+    /// [`DeviceClient::tear_down`]. Under the access lock no retirement can come between
+    /// the parts of its range it reports as never retired ([`Unlinked::live`]: still the
+    /// mapping that was attached, whose registration the caller may undo) and the moment it
+    /// stops seeing retirements.
+    pub fn unlink(&self, id: u64) -> Result<Unlinked, DeviceError> {
+        let mut m = self.client.mirrors();
+        let live = m.by_start.iter().find(|(_, v)| v.id == id).map(|(k, _)| *k);
+        let mirror = match live {
+            Some(start) => m.by_start.remove(&start),
+            None => m.dead.remove(&id),
+        }
+        .ok_or(DeviceError::NoSuchMirror(id))?;
+        let live = {
+            let retired = mirror
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            subtract(&mirror.range, &retired)
+        };
+        Ok(Unlinked { mirror, live })
     }
 
     /// Retires `range` in every mirror it overlaps: those pages are never faulted in again.
@@ -476,28 +513,23 @@ impl DeviceClient {
 
     /// Stops mirroring mirror `id`: no callback of it runs after this returns, its pages are
     /// flushed from every engine that may cache them and freed. Returns the parts of its
-    /// range never retired: still the client's mapping that was attached (its uffd
-    /// registration is the caller's to undo there, and only there).
+    /// range never retired (see [`AccessGuard::unlink`]).
     pub fn detach(&self, id: u64) -> Result<Vec<Range>, DeviceError> {
-        let mirror = {
-            let mut m = self.mirrors();
-            let live = m.by_start.iter().find(|(_, v)| v.id == id).map(|(k, _)| *k);
-            match live {
-                Some(start) => m.by_start.remove(&start),
-                None => m.dead.remove(&id),
-            }
-            .ok_or(DeviceError::NoSuchMirror(id))?
-        };
-        // Waits for invalidations that may still call it (rule 4).
+        let unlinked = self.lock_access().unlink(id)?;
+        let live = unlinked.live.clone();
+        self.tear_down(unlinked);
+        Ok(live)
+    }
+
+    /// Ends a mirror taken out by [`AccessGuard::unlink`]: removes its notifier, which waits
+    /// for the invalidations that may still call it (rule 4), then zaps, flushes and frees
+    /// its pages. Not under the access lock: those invalidations may need it to end.
+    pub fn tear_down(&self, unlinked: Unlinked) {
+        let mirror = unlinked.mirror;
         if let Err(e) = mirror.handle.remove() {
-            tracing::debug!(mirror = id, error = %e, "notifier already gone");
+            tracing::debug!(mirror = mirror.id, error = %e, "notifier already gone");
         }
         self.teardown(mirror.idx, mirror.range);
-        let retired = mirror
-            .retired
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Ok(subtract(&mirror.range, &retired))
     }
 
     /// Zaps what is left of a mirror's pages, flushes every engine that may cache them,
@@ -613,9 +645,11 @@ impl DeviceClient {
         while vpn <= last {
             missing.clear();
             {
+                // A bounded look per hold: the event reader waits for this lock.
                 let _g = self.lock_access();
                 let pt = self.core.pt();
-                while vpn <= last && missing.len() < FAULT_BATCH * 16 {
+                let stop = vpn.saturating_add((FAULT_BATCH * 16) as u64);
+                while vpn <= last && vpn < stop {
                     if pt.get(vpn).is_none() {
                         missing.push(vpn);
                     }

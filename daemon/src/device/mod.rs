@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo};
+pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo, Unlinked};
 pub use counters::{DeviceCounters, Histogram};
 pub use engine::{EngineError, Engines, MAX_ENGINES};
 pub use pagetable::Pte;

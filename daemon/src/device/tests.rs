@@ -240,7 +240,9 @@ fn an_injected_invalidation_frees_the_access_lock_before_its_finish_waits() {
         thread::spawn(move || c.invalidate_recorded(args(0, 4, Event::Clear)).unwrap())
     };
     // The start pass queues the flush under the lock, then lets go of it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while k.flushes_queued.load(Ordering::SeqCst) == queued {
+        assert!(std::time::Instant::now() < deadline, "no flush was queued");
         thread::yield_now();
     }
     let free_during_the_wait = loop {
