@@ -955,6 +955,48 @@ mod tests {
 
     type Mapping = ManuallyDrop<memmap2::MmapMut>;
 
+    /// A client without dirty tracking on this process's own memory, on a device made
+    /// with `cfg` (returned too, to keep alive beside it).
+    fn plain_watched(cfg: &DeviceConfig) -> (Arc<Watched>, Device) {
+        let (uffd, _) = Uffd::create().unwrap();
+        uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
+            .unwrap();
+        uffd.set_nonblocking().unwrap();
+        let dev = Device::new(cfg).unwrap();
+        let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
+        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        (w, dev)
+    }
+
+    /// Maps fresh anonymous memory over `addr..addr+len` in one call, on another thread (an
+    /// unmap event of a registered range blocks it until read), serving events meanwhile.
+    fn map_over(w: &Watched, addr: u64, len: usize, out: &mut Deferred) {
+        let mapper = std::thread::spawn(move || {
+            // SAFETY: the tests call this on mappings of their own, which they no longer
+            // touch through other handles.
+            let p = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            p as u64
+        });
+        let mut buf = userfaultfd::EventBuffer::new(8);
+        let mut scratch = Vec::new();
+        while !mapper.is_finished() {
+            w.read_events(&mut buf, &mut scratch, out).unwrap();
+            std::thread::yield_now();
+        }
+        // One more read: the event that released the mapper may not be applied yet.
+        w.read_events(&mut buf, &mut scratch, out).unwrap();
+        assert_eq!(mapper.join().unwrap(), addr, "mapped over the range");
+    }
+
     /// A client with uffd-wp dirty tracking on this process's own memory (and the device,
     /// to keep alive beside it).
     fn uffd_wp_watched() -> (Watched, Device) {
@@ -1077,17 +1119,10 @@ mod tests {
     #[test]
     fn a_slow_detach_leaves_a_range_attached_anew_registered() {
         let page = PAGE_SIZE as u64;
-        let (uffd, _) = Uffd::create().unwrap();
-        uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
-            .unwrap();
-        uffd.set_nonblocking().unwrap();
-        let dev = Device::new(&DeviceConfig {
+        let (w, _dev) = plain_watched(&DeviceConfig {
             flush_latency: Duration::from_secs(1),
             ..DeviceConfig::default()
-        })
-        .unwrap();
-        let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
-        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        });
         // Leaked, not unmapped, if an assertion fails (see above).
         let map = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         let addr = map.as_ptr() as u64;
@@ -1101,30 +1136,8 @@ mod tests {
             std::thread::yield_now();
         }
         // Another thread maps fresh memory over the first page and attaches it.
-        let mapper = std::thread::spawn(move || {
-            // SAFETY: replaces the first page of the test's own mapping with a fresh
-            // anonymous page.
-            let p = unsafe {
-                libc::mmap(
-                    addr as *mut libc::c_void,
-                    PAGE_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            p as u64
-        });
-        // Whether or not that raised an unmap event (only if still registered), serve it.
-        let mut buf = userfaultfd::EventBuffer::new(8);
-        let mut scratch = Vec::new();
         let mut out = Deferred::default();
-        while !mapper.is_finished() {
-            w.read_events(&mut buf, &mut scratch, &mut out).unwrap();
-            std::thread::yield_now();
-        }
-        assert_eq!(mapper.join().unwrap(), addr);
+        map_over(&w, addr, PAGE_SIZE, &mut out);
         drop(std::mem::take(&mut out.finishes));
         let again = w.attach(addr, page).unwrap();
         detacher.join().unwrap().unwrap();
@@ -1148,13 +1161,7 @@ mod tests {
     #[test]
     fn attach_over_a_retired_mirror_waits_for_no_detach() {
         let page = PAGE_SIZE as u64;
-        let (uffd, _) = Uffd::create().unwrap();
-        uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
-            .unwrap();
-        uffd.set_nonblocking().unwrap();
-        let dev = Device::new(&DeviceConfig::default()).unwrap();
-        let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
-        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        let (w, _dev) = plain_watched(&DeviceConfig::default());
         // Leaked, not unmapped, if an assertion fails (see above).
         let keep = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         let other = w.attach(keep.as_ptr() as u64, 4 * page).unwrap();
@@ -1164,26 +1171,8 @@ mod tests {
         // The client maps something new over it in one call (no window for another test
         // thread to take the address): the old mapping's unmap event retires the device
         // mirror and queues its detach, which this test never runs.
-        let mapper = std::thread::spawn(move || {
-            // SAFETY: replaces our own mapping `gone` (forgotten, never used again) with a
-            // fresh anonymous one at the same address.
-            let p = unsafe {
-                libc::mmap(
-                    addr as *mut libc::c_void,
-                    4 * PAGE_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            p as u64
-        });
-        let mut buf = userfaultfd::EventBuffer::new(8);
-        let mut scratch = Vec::new();
         let mut out = Deferred::default();
-        read_some_events(&w, &mut buf, &mut scratch, &mut out);
-        assert_eq!(mapper.join().unwrap(), addr, "mapped over the old range");
+        map_over(&w, addr, 4 * PAGE_SIZE, &mut out);
         let again = addr as *mut libc::c_void;
         assert_eq!(out.detach.len(), 1, "a retired mirror waits for its detach");
         drop(std::mem::take(&mut out.finishes));
