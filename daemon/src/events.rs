@@ -4,6 +4,7 @@
 //! never waits for a flush while each invalidation stays open until its finish is done.
 //! The reader never waits on anything a client can hold: not its socket, not its memory.
 
+use crate::lock;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -162,8 +163,7 @@ impl EventReader {
 
     /// Stops the reader, then lets the finisher run what is queued.
     pub fn stop(&self) {
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         if threads.is_empty() {
             return;
         }

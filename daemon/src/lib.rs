@@ -12,3 +12,10 @@ pub mod sys;
 pub mod trace;
 pub mod watched;
 pub mod workers;
+
+/// Locks `m`, taking the data over from a holder that panicked: every daemon mutex guards
+/// state that stays consistent between statements, and one panicked thread must not take
+/// the whole daemon down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

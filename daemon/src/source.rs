@@ -6,10 +6,11 @@
 //!   over (its access was checked at open, so it works under Yama `ptrace_scope=1`);
 //! * [`SimMemory`]: an in-process simulated address space for tests and benchmarks.
 
+use crate::lock;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use crate::sys::{self, PAGE_SIZE};
 
@@ -161,17 +162,14 @@ impl SimMemory {
     /// Fills the page at `addr` with `byte`.
     pub fn fill_page(&self, addr: u64, byte: u8) {
         if let Some(i) = self.index(addr) {
-            self.pages[i]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .fill(byte);
+            lock(&self.pages[i]).fill(byte);
         }
     }
 
     /// Writes `data` into the page at `addr` from its start.
     pub fn write_page(&self, addr: u64, data: &[u8]) {
         if let Some(i) = self.index(addr) {
-            let mut p = self.pages[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let mut p = lock(&self.pages[i]);
             let n = data.len().min(PAGE_SIZE);
             p[..n].copy_from_slice(&data[..n]);
         }
@@ -200,7 +198,7 @@ impl MemorySource for SimMemory {
                 }
                 let in_page = (a % PAGE_SIZE as u64) as usize;
                 let n = (PAGE_SIZE - in_page).min(buf.len() - off);
-                let page = self.pages[i].lock().unwrap_or_else(PoisonError::into_inner);
+                let page = lock(&self.pages[i]);
                 buf[off..off + n].copy_from_slice(&page[in_page..in_page + n]);
                 off += n;
                 a += n as u64;

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::DirtyPolicy;
 use crate::device::{AccessGuard, DeviceClient, DeviceError};
 use crate::dirty::{Backend, ClientDirty, Collected, DirtyError};
+use crate::lock;
 use crate::notifier::{Event, InvalidateArgs, InvalidateError, Invalidation, Range};
 use crate::sys::uffd::{SharedUffd, Uffd, UffdError, UffdEvent};
 use crate::sys::PAGE_SIZE;
@@ -197,10 +198,6 @@ enum Attempt {
     Attached(u64),
     /// Events were unread: try again once the reader has applied them.
     Again,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What [`Watched::read_events`] hands back for the caller to do off the reader's path.

@@ -1,10 +1,11 @@
 //! One client of the device: its page table (behind the device lock), its notifiers, its
 //! mirrors, the fault path (DESIGN.md §3 rule 2, §4) and the access lock that G1 needs.
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, ReadJob, ReadOutcome};
@@ -66,11 +67,11 @@ impl ClientCore {
 
     /// Takes the device lock and returns the page table.
     pub fn pt(&self) -> MutexGuard<'_, PageTable> {
-        self.pt.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.pt)
     }
 
     fn doorbell(&self) -> MutexGuard<'_, Doorbell> {
-        self.doorbell.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.doorbell)
     }
 
     pub(super) fn doorbell_add(&self, mask: u32, first: u64, last: u64) -> u64 {
@@ -106,11 +107,7 @@ pub struct Mirror {
 impl Mirror {
     /// True if any page of `r` was retired.
     fn retired_overlaps(&self, r: &Range) -> bool {
-        self.retired
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .any(|d| d.overlaps(r))
+        lock(&self.retired).iter().any(|d| d.overlaps(r))
     }
 }
 
@@ -222,10 +219,7 @@ impl AccessGuard<'_> {
         }
         .ok_or(DeviceError::NoSuchMirror(id))?;
         let live = {
-            let retired = mirror
-                .retired
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let retired = lock(&mirror.retired);
             subtract(&mirror.range, &retired)
         };
         Ok(Unlinked { mirror, live })
@@ -244,10 +238,7 @@ impl AccessGuard<'_> {
             let Some(cut) = mirror.range.intersection(&range) else {
                 continue;
             };
-            let mut r = mirror
-                .retired
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut r = lock(&mirror.retired);
             r.push(cut);
             let retired: u64 = r.iter().map(Range::len).sum();
             // Retired pieces may overlap; only the common case (all of it at once) matters.
@@ -418,7 +409,7 @@ impl DeviceClient {
     pub fn lock_access(&self) -> AccessGuard<'_> {
         AccessGuard {
             client: self,
-            _guard: self.access.lock().unwrap_or_else(PoisonError::into_inner),
+            _guard: lock(&self.access),
         }
     }
 
@@ -449,7 +440,7 @@ impl DeviceClient {
     }
 
     fn mirrors(&self) -> MutexGuard<'_, Mirrors> {
-        self.mirrors.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.mirrors)
     }
 
     /// Mirrors `addr..addr+len` (page aligned, overlapping no other mirror of the client)

@@ -23,6 +23,7 @@
 //! a flush being served before the flush's round trip ends: the worker waits for every flush
 //! issued before a read was queued, and no slot is freed before its fences complete (G2).
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -262,7 +263,7 @@ enum Drained {
 
 impl Engine {
     fn lock(&self) -> MutexGuard<'_, EngineState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn unpark(&self) {
@@ -583,7 +584,7 @@ impl Engines {
         let latency = self.latency_ns.load(Ordering::Relaxed) as i64;
         let queued = sys::timespec_ns(&sys::monotonic_now());
         let seq = {
-            let mut next = e.submit.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut next = lock(&e.submit);
             *next += 1;
             let seq = *next;
             if e.tx.send(Job::Flush { req, seq, queued }).is_err() {
@@ -659,8 +660,7 @@ impl Engines {
             let _ = e.tx.send(Job::Stop);
             e.unpark();
         }
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             if t.join().is_err() {
                 tracing::error!("an engine thread panicked");

@@ -13,8 +13,9 @@
 //! invalidation to the next) until their finish frees them; the finish token itself is a small
 //! `Copy` value, so a steady state allocates nothing per notifier per invalidation.
 
+use crate::lock;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::client::ClientCore;
@@ -89,7 +90,7 @@ impl ShadowNotifier {
     }
 
     fn batches(&self) -> std::sync::MutexGuard<'_, Batches> {
-        self.batches.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.batches)
     }
 
     /// Zaps the affected pages under the device lock (recording the sequence first, rule 3)

@@ -10,8 +10,9 @@ mod mirror;
 mod pagetable;
 mod shadow;
 
+use crate::lock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -323,11 +324,7 @@ impl Device {
     /// Stops the engines (after their queued jobs) and the reclaimer (after a last trim).
     pub fn shutdown(&self) {
         self.shared.engines.shutdown();
-        let reclaimer = self
-            .reclaimer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let reclaimer = lock(&self.reclaimer).take();
         if let Some((stop, thread)) = reclaimer {
             drop(stop);
             if thread.join().is_err() {

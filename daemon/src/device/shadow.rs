@@ -9,6 +9,7 @@
 //! follows the number of slots in use within 200 ms (G5). Cold slots are populated in bulk (`MADV_POPULATE_WRITE`)
 //! when allocated, instead of taking one page fault each during the copy.
 
+use crate::lock;
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -154,7 +155,7 @@ impl Shadow {
     /// slots first, then cold ones, which are populated in bulk.
     pub fn alloc(&self, n: usize, out: &mut Vec<SlotRef>) -> Result<(), ShadowError> {
         let first_cold = {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut free = lock(&self.free);
             // Slots a trim is releasing come back shortly: wait for them rather than fail.
             while free.len() < n && free.releasing > 0 {
                 free = self
@@ -214,7 +215,7 @@ impl Shadow {
         if slots.is_empty() {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut free = lock(&self.free);
         // Reuse the most recently freed slots first: warm memory, and any G2 bug shows up fast.
         free.warm.extend(slots.iter().map(|s| s.slot));
         drop(free);
@@ -226,7 +227,7 @@ impl Shadow {
     /// the slots freed since then start aging. Returns the number of slots released.
     pub fn trim(&self) -> usize {
         let mut warm = {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut free = lock(&self.free);
             let young = std::mem::take(&mut free.warm);
             let old = std::mem::replace(&mut free.aging, young);
             free.releasing += old.len();
@@ -238,7 +239,7 @@ impl Shadow {
     /// Releases the memory of every free slot that still has some.
     pub fn trim_all(&self) -> usize {
         let mut warm = {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut free = lock(&self.free);
             let mut all = std::mem::take(&mut free.warm);
             all.append(&mut free.aging);
             free.releasing += all.len();
@@ -263,7 +264,7 @@ impl Shadow {
             }
         });
         let n = warm.len();
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut free = lock(&self.free);
         free.cold.extend(warm.iter());
         free.releasing -= n;
         drop(free);
@@ -273,7 +274,7 @@ impl Shadow {
 
     /// Free slots whose memory is still resident.
     pub fn warm(&self) -> usize {
-        let free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let free = lock(&self.free);
         free.warm.len() + free.aging.len()
     }
 

@@ -23,9 +23,10 @@ pub mod periodic;
 pub mod soft_dirty;
 pub mod uffd_wp;
 
+use crate::lock;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use memshadow_proto::DirtyBackend;
@@ -414,7 +415,7 @@ impl ClientDirty {
     /// Takes the client's collection lock.
     pub fn lock(&self) -> CollectGuard<'_> {
         CollectGuard {
-            buf: self.scan.lock().unwrap_or_else(PoisonError::into_inner),
+            buf: lock(&self.scan),
         }
     }
 

@@ -3,10 +3,11 @@
 //! pool, and a mirror whose previous collection is still running skips a beat rather than
 //! piling jobs up.
 
+use crate::lock;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,22 +119,15 @@ impl Periodic {
             busy: Arc::default(),
             gone: Arc::default(),
         };
-        if let Some(tx) = &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
+        if let Some(tx) = &*lock(&self.tx) {
             let _ = tx.send(e);
         }
     }
 
     /// Stops the thread (it holds a sender of the worker pool: stop it before joining that).
     pub fn stop(&self) {
-        self.tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let t = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        lock(&self.tx).take();
+        let t = lock(&self.thread).take();
         if let Some(t) = t {
             if t.join().is_err() {
                 tracing::error!("the dirty-tracking timer panicked");

@@ -12,6 +12,7 @@
 //! the device's read maps the zero page unprotected, and the client's first write to it
 //! would leave no trace.
 
+use crate::lock;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,10 +55,7 @@ impl ArmingSource {
         let mut backoff = Duration::from_micros(20);
         loop {
             let r = {
-                let u = self
-                    .uffd
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let u = lock(&self.uffd);
                 match u.as_ref() {
                     Some(u) => u.write_protect(addr, len),
                     None => return Err(arm_err(addr, nix::Error::ESHUTDOWN)),

@@ -18,8 +18,9 @@
 //! }
 //! ```
 
+use crate::lock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use super::range::Range;
 
@@ -242,7 +243,7 @@ impl<T: TwoPass> ErasedTwoPass for TwoPassAdapter<T> {
         let Some(finish) = self.inner.invalidate_start(inv)? else {
             return Ok(None);
         };
-        let mut slab = self.slab.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slab = lock(&self.slab);
         let idx = match slab.free.pop() {
             Some(idx) => {
                 slab.slots[idx as usize] = Some(finish);
@@ -258,7 +259,7 @@ impl<T: TwoPass> ErasedTwoPass for TwoPassAdapter<T> {
 
     fn finish(&self, token: u32) {
         let finish = {
-            let mut slab = self.slab.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut slab = lock(&self.slab);
             let f = slab.slots.get_mut(token as usize).and_then(Option::take);
             if f.is_some() {
                 slab.free.push(token);

@@ -7,6 +7,7 @@
 //! is only ever changed while no invalidation is active (changes requested meanwhile are
 //! deferred, rule 4), so the snapshot is the live tree and `Arc::make_mut` never copies.
 
+use crate::lock;
 use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -186,7 +187,7 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Callbacks run outside this mutex, so a poisoned state can only come from a panic in
         // the core itself; the state is still consistent at every unlock point.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {

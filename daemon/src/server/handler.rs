@@ -2,10 +2,11 @@
 //! (Hello → Bind → the rest), the checks of G7 (who may read what, handed-over fds, ranges,
 //! quotas) and the mapping of typed errors onto wire error codes.
 
+use crate::lock;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use memshadow_proto::{
     AccessPath, AttachPolicy, ClientInfo, ErrorCode, EventKind, Limits, MirrorInfo, Request,
@@ -413,7 +414,7 @@ fn check_proc_fd(fd: &OwnedFd, pid: i32, what: &str) -> Result<(), Response> {
 }
 
 fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
-    let _g = s.bind_lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let _g = lock(&s.bind_lock);
     if s.binding.get().is_some() {
         return err(ErrorCode::OutOfOrder, "already bound");
     }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -32,6 +32,7 @@ use crate::device::{Device, DeviceError};
 use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
 use crate::events::{EventError, EventReader, Heartbeat};
+use crate::lock;
 use crate::sys::PAGE_SIZE;
 use crate::workers::{Job, Workers};
 pub use listen::{ListenError, Listener};
@@ -174,10 +175,6 @@ pub struct Core {
     stopping: AtomicBool,
     stop_requested: AtomicBool,
     counters: ServerCounters,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Core {

@@ -5,7 +5,7 @@
 //! it gets) rather than holding up the daemon.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crossbeam_channel::RecvTimeoutError;
 use memshadow_proto::{self as proto, EventKind, InvalidationReport, Response, SocketError};
 
 use super::session::Session;
+use crate::lock;
 use crate::notifier::Event;
 use crate::trace::{TraceHub, TraceRecord};
 
@@ -42,10 +43,6 @@ pub struct Streams {
     subs: Mutex<Vec<Subscriber>>,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The wire kind of a notifier event.
