@@ -33,7 +33,7 @@ use memshadow_proto::DirtyBackend;
 
 use crate::config::{DirtyPolicy, DirtyTracking};
 use crate::sys::pagemap::PageRegion;
-use crate::sys::uffd::features;
+use crate::sys::uffd::{features, Uffd};
 
 /// A dirty-tracking back end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +95,20 @@ impl Backend {
             Backend::UffdWp => features::WP_UNPOPULATED,
             Backend::SoftDirty => 0,
         }
+    }
+
+    /// A userfaultfd of this process with this back end's features, for its start-up
+    /// probe, and the features the kernel granted; a refusal says it needs `needs`.
+    fn probe_uffd(self, needs: &str) -> Result<(Uffd, u64), String> {
+        let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
+        let granted = uffd.api(self.uffd_features()).map_err(|e| {
+            format!(
+                "UFFDIO_API refused {needs}: {}",
+                e.errno()
+                    .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
+            )
+        })?;
+        Ok((uffd, granted))
     }
 }
 

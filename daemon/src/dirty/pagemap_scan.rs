@@ -16,7 +16,7 @@ use nix::errno::Errno;
 
 use super::{Backend, DirtyError};
 use crate::sys::pagemap::{self, category, PageRegion, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
-use crate::sys::uffd::{features, Uffd};
+use crate::sys::uffd::features;
 use crate::sys::PAGE_SIZE;
 
 /// Regions one `PAGEMAP_SCAN` call may return (a full vector makes the walk stop early; the
@@ -83,16 +83,8 @@ pub fn collect(
 pub fn probe() -> Result<(), String> {
     let pages = 16usize;
     let len = (pages * PAGE_SIZE) as u64;
-    let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
-    let granted = uffd
-        .api(Backend::PagemapScan.uffd_features())
-        .map_err(|e| {
-            format!(
-                "UFFDIO_API refused UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED (Linux 6.7+): {}",
-                e.errno()
-                    .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
-            )
-        })?;
+    let (uffd, granted) =
+        Backend::PagemapScan.probe_uffd("UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED (Linux 6.7+)")?;
     if granted & features::WP_ASYNC == 0 {
         return Err("the kernel does not offer UFFD_FEATURE_WP_ASYNC (Linux 6.7+)".into());
     }
@@ -170,8 +162,7 @@ mod tests {
     #[test]
     fn collect_loops_past_a_full_vector() {
         let pages = 3 * VEC_LEN + 10;
-        let (uffd, _) = Uffd::create().expect("uffd");
-        uffd.api(Backend::PagemapScan.uffd_features()).expect("api");
+        let (uffd, _) = Backend::PagemapScan.probe_uffd("WP_ASYNC").expect("uffd");
         let mut map = memmap2::MmapMut::map_anon(2 * pages * PAGE_SIZE).expect("mmap");
         map.fill(0);
         let start = map.as_ptr() as u64;

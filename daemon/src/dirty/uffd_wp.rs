@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::{Backend, ClientDirty};
 use crate::source::{MemorySource, SourceError};
-use crate::sys::uffd::{features, SharedUffd, Uffd, UffdEvent};
+use crate::sys::uffd::{features, SharedUffd, UffdEvent};
 use crate::sys::PAGE_SIZE;
 
 /// How long arming waits for the event reader to drain address-space events (the kernel
@@ -109,14 +109,7 @@ impl MemorySource for ArmingSource {
 /// arm both, read the second (the zero page), then write both from another thread; each
 /// write must raise a write-protect fault, which this thread resolves.
 pub fn probe() -> Result<(), String> {
-    let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
-    let granted = uffd.api(Backend::UffdWp.uffd_features()).map_err(|e| {
-        format!(
-            "UFFDIO_API refused UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4+): {}",
-            e.errno()
-                .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
-        )
-    })?;
+    let (uffd, granted) = Backend::UffdWp.probe_uffd("UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4+)")?;
     if granted & features::PAGEFAULT_FLAG_WP == 0 {
         return Err("the kernel does not offer write-protect faults (Linux 5.7+)".into());
     }
