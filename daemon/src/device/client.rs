@@ -507,25 +507,25 @@ impl DeviceClient {
     /// range never retired (see [`AccessGuard::unlink`]).
     pub fn detach(&self, id: u64) -> Result<Vec<Range>, DeviceError> {
         let unlinked = self.lock_access().unlink(id)?;
-        let live = unlinked.live.clone();
-        self.tear_down(unlinked);
-        Ok(live)
+        Ok(self.tear_down(unlinked))
     }
 
     /// Ends a mirror taken out by [`AccessGuard::unlink`]: removes its notifier, which waits
     /// for the invalidations that may still call it (rule 4), then zaps, flushes and frees
     /// its pages. Not under the access lock: those invalidations may need it to end.
-    pub fn tear_down(&self, unlinked: Unlinked) {
-        let mirror = unlinked.mirror;
+    /// Returns [`Unlinked::live`].
+    pub fn tear_down(&self, unlinked: Unlinked) -> Vec<Range> {
+        let Unlinked { mirror, live } = unlinked;
         if let Err(e) = mirror.handle.remove() {
             tracing::debug!(mirror = mirror.id, error = %e, "notifier already gone");
         }
-        self.teardown(mirror.idx, mirror.range);
+        self.zap_mirror_pages(mirror.idx, mirror.range);
+        live
     }
 
     /// Zaps what is left of a mirror's pages, flushes every engine that may cache them,
     /// waits, and frees the slots.
-    fn teardown(&self, idx: MirrorIdx, range: Range) {
+    fn zap_mirror_pages(&self, idx: MirrorIdx, range: Range) {
         let mut slots = Vec::new();
         let mut fences = Fences::default();
         {
@@ -774,7 +774,7 @@ impl DeviceClient {
             (std::mem::take(&mut m.by_start), std::mem::take(&mut m.dead))
         };
         for m in live.values().chain(dead.values()) {
-            self.teardown(m.idx, m.range);
+            self.zap_mirror_pages(m.idx, m.range);
         }
         self.core.pt().shrink();
         Ok(summary)
