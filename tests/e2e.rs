@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use memshadow_proto::{
     self as proto, ErrorCode, Request, Response, HEADER_LEN, MAX_PAYLOAD, VERSION,
 };
-use memshadow_tests::{fields, Daemon, TestClient};
+use memshadow_tests::{fields, seqpacket_connect, Daemon, TestClient};
 use nix::sys::signal::Signal;
-use nix::sys::socket::{connect, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::MsgFlags;
 
 const P: u64 = 4096;
 
@@ -149,15 +149,7 @@ fn g6_a_dead_or_stopped_daemon_never_wedges_the_client() {
 }
 
 fn raw_connect(d: &Daemon) -> std::os::fd::OwnedFd {
-    let s = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(s.as_raw_fd(), &UnixAddr::new(d.socket()).unwrap()).unwrap();
-    s
+    seqpacket_connect(d.socket()).unwrap()
 }
 
 fn raw_call(

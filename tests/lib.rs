@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// A bare `SOCK_SEQPACKET` connection to the daemon socket at `path` (for tests that
+/// speak the protocol by hand, or only check that something listens).
+pub fn seqpacket_connect(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(s.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(s)
+}
+
 /// `target/<profile>/`, where cargo put the binaries of the workspace.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

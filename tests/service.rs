@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use memshadow_tests::{binary, fields, TempDir, TestClient};
+use memshadow_tests::{binary, fields, seqpacket_connect, TempDir, TestClient};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{
-    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
 use nix::unistd::Pid;
 
@@ -536,14 +536,7 @@ fn a_client_that_never_reads_stalls_the_session_loop_once() {
         sock.to_str().unwrap(),
     ]));
     wait_serving(&sock);
-    let s = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(s.as_raw_fd(), &UnixAddr::new(&sock).unwrap()).unwrap();
+    let s = seqpacket_connect(&sock).unwrap();
     let hello = Request::Hello {
         min_version: 1,
         max_version: VERSION,
@@ -736,15 +729,7 @@ fn restart_on_a_held_socket_serves_reconnecting_clients() {
         inode,
         "a clean stop leaves the held socket's file"
     );
-    let probe = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(probe.as_raw_fd(), &UnixAddr::new(&sock).unwrap())
-        .expect("the held socket still listens after the daemon stopped");
+    seqpacket_connect(&sock).expect("the held socket still listens after the daemon stopped");
 }
 
 fn write_file(dir: &TempDir, name: &str, text: &str) -> PathBuf {
