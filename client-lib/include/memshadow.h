@@ -117,6 +117,14 @@ enum memshadow_status
      * The daemon cannot do it here (e.g. no dirty tracking for this client).
      */
     MEMSHADOW_ERR_UNSUPPORTED = -22,
+    /**
+     * The daemon's shadow buffer has no room left for this client (not its own quota).
+     */
+    MEMSHADOW_ERR_SHADOW_FULL = -23,
+    /**
+     * The daemon ran out of a system resource (file descriptors, memory); try again later.
+     */
+    MEMSHADOW_ERR_OUT_OF_RESOURCES = -24,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -70,6 +70,10 @@ pub enum Status {
     MEMSHADOW_ERR_NO_SUCH_CLIENT = -21,
     /// The daemon cannot do it here (e.g. no dirty tracking for this client).
     MEMSHADOW_ERR_UNSUPPORTED = -22,
+    /// The daemon's shadow buffer has no room left for this client (not its own quota).
+    MEMSHADOW_ERR_SHADOW_FULL = -23,
+    /// The daemon ran out of a system resource (file descriptors, memory); try again later.
+    MEMSHADOW_ERR_OUT_OF_RESOURCES = -24,
 }
 
 impl Status {
@@ -97,6 +101,8 @@ impl Status {
             Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
             Error::NoSuchClient(_) => Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
             Error::Unsupported(_) => Status::MEMSHADOW_ERR_UNSUPPORTED,
+            Error::ShadowFull(_) => Status::MEMSHADOW_ERR_SHADOW_FULL,
+            Error::OutOfResources(_) => Status::MEMSHADOW_ERR_OUT_OF_RESOURCES,
         }
     }
 
@@ -126,11 +132,13 @@ impl Status {
             Status::MEMSHADOW_ERR_SOCKET => c"MEMSHADOW_ERR_SOCKET",
             Status::MEMSHADOW_ERR_NO_SUCH_CLIENT => c"MEMSHADOW_ERR_NO_SUCH_CLIENT",
             Status::MEMSHADOW_ERR_UNSUPPORTED => c"MEMSHADOW_ERR_UNSUPPORTED",
+            Status::MEMSHADOW_ERR_SHADOW_FULL => c"MEMSHADOW_ERR_SHADOW_FULL",
+            Status::MEMSHADOW_ERR_OUT_OF_RESOURCES => c"MEMSHADOW_ERR_OUT_OF_RESOURCES",
         }
     }
 
     /// Every code, for [`memshadow_status_name`] and the tests.
-    const ALL: [Status; 23] = [
+    const ALL: [Status; 25] = [
         Status::MEMSHADOW_OK,
         Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
         Status::MEMSHADOW_ERR_INTERNAL,
@@ -154,6 +162,8 @@ impl Status {
         Status::MEMSHADOW_ERR_SOCKET,
         Status::MEMSHADOW_ERR_NO_SUCH_CLIENT,
         Status::MEMSHADOW_ERR_UNSUPPORTED,
+        Status::MEMSHADOW_ERR_SHADOW_FULL,
+        Status::MEMSHADOW_ERR_OUT_OF_RESOURCES,
     ];
 }
 

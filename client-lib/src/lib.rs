@@ -93,6 +93,14 @@ pub enum Error {
     /// A quota of this client would be exceeded.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The daemon's shadow buffer has no room left for this client: the other clients hold
+    /// the rest (not this client's own quota).
+    #[error("shadow buffer full: {0}")]
+    ShadowFull(String),
+    /// The daemon ran out of a system resource (file descriptors, memory); trying again
+    /// later may work.
+    #[error("memshadowd is out of resources: {0}")]
+    OutOfResources(String),
     /// Another userfaultfd already watches the range (`EBUSY`).
     #[error("range already watched by another userfaultfd: {0}")]
     AlreadyWatched(String),
@@ -132,6 +140,8 @@ impl Error {
             ErrorCode::NoSuchClient => Error::NoSuchClient(message),
             ErrorCode::Unsupported => Error::Unsupported(message),
             ErrorCode::QuotaExceeded => Error::QuotaExceeded(message),
+            ErrorCode::ShadowFull => Error::ShadowFull(message),
+            ErrorCode::OutOfResources => Error::OutOfResources(message),
             ErrorCode::AlreadyWatched => Error::AlreadyWatched(message),
             ErrorCode::BadRange => Error::BadRange(message),
             ErrorCode::Overlap => Error::Overlap(message),

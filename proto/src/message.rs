@@ -670,6 +670,12 @@ pub enum ErrorCode {
     /// Something this daemon cannot do for this client (e.g. `Sync` without a dirty-tracking
     /// back end the client can use).
     Unsupported,
+    /// The shadow buffer has no free slot for this client (every client's share is in use);
+    /// the client's own quota is not the cause (that is [`ErrorCode::QuotaExceeded`]).
+    ShadowFull,
+    /// The daemon ran out of a system resource (file descriptors, memory) serving the
+    /// request; trying again later may work.
+    OutOfResources,
     /// A code this version does not know.
     Other(u16),
 }
@@ -695,13 +701,15 @@ impl ErrorCode {
             ErrorCode::Internal => 15,
             ErrorCode::NoSuchClient => 16,
             ErrorCode::Unsupported => 17,
+            ErrorCode::ShadowFull => 18,
+            ErrorCode::OutOfResources => 19,
             ErrorCode::Other(c) => c,
         }
     }
 
     /// From the wire value.
     pub fn from_code(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 17] = [
+        const KNOWN: [ErrorCode; 19] = [
             ErrorCode::BadMessage,
             ErrorCode::ProtocolVersion,
             ErrorCode::OutOfOrder,
@@ -719,6 +727,8 @@ impl ErrorCode {
             ErrorCode::Internal,
             ErrorCode::NoSuchClient,
             ErrorCode::Unsupported,
+            ErrorCode::ShadowFull,
+            ErrorCode::OutOfResources,
         ];
         KNOWN
             .into_iter()
