@@ -333,6 +333,8 @@ fn every_error_variant_has_a_distinct_code_and_name() {
         Error::NoSuchClient("c".into()),
         Error::Unsupported("u".into()),
         Error::QuotaExceeded("q".into()),
+        Error::ShadowFull("s".into()),
+        Error::OutOfResources("o".into()),
         Error::AlreadyWatched("w".into()),
         Error::BadRange("r".into()),
         Error::Overlap("o".into()),
