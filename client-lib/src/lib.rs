@@ -203,7 +203,8 @@ pub enum Policy {
     Manual,
     /// Before every device read of the range (the pages read are collected first).
     Strict,
-    /// On a timer of the daemon, with this period (1 ms to about 4.6 h).
+    /// On a timer of the daemon, with this period (10 ms, the daemon's minimum, to about
+    /// 4.6 h).
     Periodic(Duration),
 }
 
@@ -270,15 +271,20 @@ impl Inner {
         let mut c = self.lock_conn();
         c.next_id += 1;
         let id = c.next_id;
-        proto::send(
+        let sent = proto::send(
             c.sock.as_fd(),
             req.msg_type(),
             0,
             id,
             &req.encode_payload(),
             fds,
-        )
-        .map_err(sock_err)?;
+        );
+        if let Err(e) = sent {
+            // A daemon that refused the connection (too many clients, say) sent why before
+            // it closed: that answer is still there to read, and says more than "gone".
+            let Conn { sock, buf, .. } = &mut *c;
+            return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e)));
+        }
         loop {
             let Conn { sock, buf, .. } = &mut *c;
             let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
@@ -296,6 +302,22 @@ impl Inner {
                 return Err(Error::from_response(code, message));
             }
         }
+    }
+}
+
+/// The error the daemon left on a connection it closed, if any (read without waiting).
+fn refusal(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Option<Error> {
+    let mut fds = [nix::poll::PollFd::new(sock, nix::poll::PollFlags::POLLIN)];
+    if !matches!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+        Ok(1)
+    ) {
+        return None;
+    }
+    let frame = proto::recv(sock, buf).ok()?;
+    match Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len()).ok()? {
+        Response::Error { code, message } => Some(Error::from_response(code, message)),
+        _ => None,
     }
 }
 
@@ -386,16 +408,26 @@ impl Client {
         if bind {
             let (uffd, privileged) = create_uffd_kind()?;
             let mem = open_proc("/proc/self/mem")?;
+            // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
+            // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
             let pagemap = open_proc("/proc/self/pagemap").ok();
+            let clear_refs = pagemap
+                .as_ref()
+                .filter(|_| inner.version >= 2)
+                .and_then(|_| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open("/proc/self/clear_refs")
+                        .ok()
+                });
             let mut fds = vec![uffd.as_fd(), mem.as_fd()];
-            if let Some(p) = &pagemap {
-                fds.push(p.as_fd());
-            }
+            fds.extend(pagemap.as_ref().map(AsFd::as_fd));
+            fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
             let flags = if privileged { BIND_UFFD_PRIVILEGED } else { 0 };
             let sent = inner.call(&Request::Bind { flags }, &fds);
             // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
             drop(fds);
-            drop((uffd, mem, pagemap));
+            drop((uffd, mem, pagemap, clear_refs));
             match sent? {
                 Response::Bound {
                     access,

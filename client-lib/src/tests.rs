@@ -71,7 +71,7 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
         let reads = Arc::clone(&reads);
         move |req, fds| match *req {
             Request::Bind { .. } => {
-                assert_eq!(fds.len(), 3, "uffd, mem, pagemap");
+                assert_eq!(fds.len(), 4, "uffd, mem, pagemap, clear_refs");
                 let t =
                     std::fs::read_link(format!("/proc/self/fd/{}", fds[0].as_raw_fd())).unwrap();
                 assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));

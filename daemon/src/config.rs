@@ -12,31 +12,6 @@ use std::time::Duration;
 
 use crate::device::{DeviceConfig, InvalidationMode, MAX_CAPACITY, MAX_ENGINES};
 
-/// How the daemon reads a bound client's memory (DESIGN.md §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AccessPolicy {
-    /// `process_vm_readv` when the daemon may ptrace the client (it is faster), else the
-    /// `/proc/self/mem` fd the client handed over.
-    #[default]
-    Auto,
-    /// Always `process_vm_readv` (refuses clients the daemon may not ptrace).
-    ProcessVm,
-    /// Always the client's mem fd.
-    MemFd,
-}
-
-impl AccessPolicy {
-    /// Parses `auto`, `process-vm` or `mem-fd`.
-    pub fn parse(s: &str) -> Option<AccessPolicy> {
-        match s {
-            "auto" => Some(AccessPolicy::Auto),
-            "process-vm" => Some(AccessPolicy::ProcessVm),
-            "mem-fd" => Some(AccessPolicy::MemFd),
-            _ => None,
-        }
-    }
-}
-
 /// Which dirty-tracking back end to use (DESIGN.md §6); `Auto` takes the fastest one the
 /// start-up probe finds working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,11 +101,21 @@ pub struct DirtyConfig {
     pub policy: DirtyPolicy,
 }
 
-/// Per-client quotas (G7); each refusal is a typed error to that client only.
+/// Quotas (G7); each refusal is a typed error to that client only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     /// Shadow bytes one client may hold.
     pub shadow_bytes: u64,
+    /// Shadow bytes all clients of one unprivileged uid may hold together (root and the
+    /// daemon's own user are not counted against it).
+    pub shadow_bytes_per_uid: u64,
+    /// Shadow bytes only root and the daemon's own user may take: other users get
+    /// "shadow full" once just this much is free.
+    pub reserved_shadow_bytes: u64,
+    /// Bytes of address space one client may have attached (sum of its mirrors' lengths):
+    /// attaching arms write protection over the whole range, which costs the kernel page
+    /// tables whether or not anything is ever mirrored.
+    pub attached_bytes: u64,
     /// Ranges one client may have attached.
     pub mirrors: u32,
     /// Requests one client may have in flight.
@@ -140,9 +125,43 @@ pub struct Quotas {
 impl Default for Quotas {
     fn default() -> Self {
         Quotas {
-            shadow_bytes: 512 << 20,
+            shadow_bytes: 256 << 20,
+            shadow_bytes_per_uid: 256 << 20,
+            reserved_shadow_bytes: 128 << 20,
+            attached_bytes: 4 << 30,
             mirrors: 256,
             inflight: 16,
+        }
+    }
+}
+
+/// Who may connect and hold how much: the settings a reload (`SIGHUP`) changes at run
+/// time, read by the server per use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Quotas.
+    pub quotas: Quotas,
+    /// Clients one uid may have connected at once.
+    pub clients_per_uid: u32,
+    /// Clients in total.
+    pub max_clients: u32,
+    /// Of `max_clients`, connections only root and the daemon's own user may take.
+    pub reserved_clients: u32,
+    /// How long a new connection may take to say `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long a connection that mirrors nothing and streams nothing may stay silent.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            quotas: Quotas::default(),
+            clients_per_uid: 64,
+            max_clients: 1024,
+            reserved_clients: 16,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -154,18 +173,10 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// The device model.
     pub device: DeviceConfig,
-    /// Per-client quotas.
-    pub quotas: Quotas,
-    /// Clients one uid may have connected at once.
-    pub clients_per_uid: u32,
-    /// Clients in total.
-    pub max_clients: u32,
+    /// Quotas and client limits (reloadable).
+    pub limits: Limits,
     /// Threads serving slow requests (device reads, attach, detach, release).
     pub workers: usize,
-    /// How client memory is read.
-    pub access: AccessPolicy,
-    /// How long a reply may wait for room in a client's socket before the session is closed.
-    pub send_timeout: Duration,
     /// Dirty tracking.
     pub dirty: DirtyConfig,
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or
@@ -178,12 +189,8 @@ impl Default for Config {
         Config {
             socket: None,
             device: DeviceConfig::default(),
-            quotas: Quotas::default(),
-            clients_per_uid: 512,
-            max_clients: 1024,
+            limits: Limits::default(),
             workers: 4,
-            access: AccessPolicy::Auto,
-            send_timeout: Duration::from_secs(2),
             dirty: DirtyConfig::default(),
             log_level: "info".into(),
         }
@@ -285,14 +292,23 @@ pub const KEYS: &[Key] = &[
     key("socket", "--socket", false),
     key("log_level", "--log-level", true),
     key("workers", "--workers", false),
-    key("access", "--access", false),
     key("max_clients", "--max-clients", true),
     key("clients_per_uid", "--clients-per-uid", true),
+    key("reserved_clients", "--reserved-clients", true),
+    key("handshake_timeout_ms", "--handshake-timeout-ms", true),
+    key("idle_timeout_s", "--idle-timeout-s", true),
     key("device.engines", "--engines", false),
     key("device.flush_latency_us", "--flush-latency-us", true),
     key("device.mode", "--mode", false),
     key("device.shadow_mib", "--shadow-mib", false),
     key("quotas.shadow_mib", "--quota-shadow-mib", true),
+    key(
+        "quotas.shadow_mib_per_uid",
+        "--quota-shadow-mib-per-uid",
+        true,
+    ),
+    key("quotas.reserved_shadow_mib", "--reserved-shadow-mib", true),
+    key("quotas.attached_mib", "--quota-attached-mib", true),
     key("quotas.mirrors", "--quota-mirrors", true),
     key("quotas.inflight", "--quota-inflight", true),
     key("dirty.tracking", "--dirty-tracking", false),
@@ -316,12 +332,21 @@ pub struct Layer {
     pub log_level: Option<String>,
     /// Worker threads.
     pub workers: Option<u64>,
-    /// `auto`, `process-vm` or `mem-fd`.
+    /// Kept so that 0.1 configuration files still load: `mem-fd` (or `auto`, which now means
+    /// the same) is accepted and changes nothing; `process-vm` is refused. memshadowd reads a
+    /// client's memory only through the `/proc/self/mem` fd the client handed over
+    /// (docs/threat-model.md).
     pub access: Option<String>,
     /// Clients in total.
     pub max_clients: Option<u32>,
     /// Clients one uid may have connected.
     pub clients_per_uid: Option<u32>,
+    /// Connections kept for root and the daemon's user.
+    pub reserved_clients: Option<u32>,
+    /// Time a new connection has to say `Hello`, ms.
+    pub handshake_timeout_ms: Option<u64>,
+    /// Time an idle connection that mirrors and streams nothing is kept, s.
+    pub idle_timeout_s: Option<u64>,
     /// `[device]`.
     #[serde(default)]
     pub device: DeviceLayer,
@@ -353,6 +378,12 @@ pub struct DeviceLayer {
 pub struct QuotasLayer {
     /// Shadow MiB one client may hold.
     pub shadow_mib: Option<u64>,
+    /// Shadow MiB one unprivileged uid may hold.
+    pub shadow_mib_per_uid: Option<u64>,
+    /// Shadow MiB kept for root and the daemon's user.
+    pub reserved_shadow_mib: Option<u64>,
+    /// MiB of address space one client may attach.
+    pub attached_mib: Option<u64>,
     /// Ranges one client may attach.
     pub mirrors: Option<u32>,
     /// Requests one client may have in flight.
@@ -499,6 +530,22 @@ pub fn check_log_level(s: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The retired `access` setting: only the value that is now the one way is accepted.
+fn check_access(v: &str) -> Result<(), String> {
+    match v {
+        "mem-fd" | "auto" => Ok(()),
+        "process-vm" => Err(
+            "process-vm was removed: a pid may name another program after the \
+             client execs (a setuid one, say), so memshadowd reads a client's memory only \
+             through the /proc/self/mem the client handed over; drop the setting"
+                .into(),
+        ),
+        _ => Err(format!(
+            "{v:?} is not mem-fd (the only access path; the setting can be dropped)"
+        )),
+    }
+}
+
 fn parse_mode(s: &str) -> Option<InvalidationMode> {
     [
         InvalidationMode::OnePass,
@@ -517,17 +564,6 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(v: T, lo: T, hi: T) -> Res
     }
 }
 
-/// The settings that [`Config`] can change at run time and the server reads per use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Per-client quotas.
-    pub quotas: Quotas,
-    /// Clients one uid may have connected.
-    pub clients_per_uid: u32,
-    /// Clients in total.
-    pub max_clients: u32,
-}
-
 impl Config {
     /// Built-in defaults with `layers` applied in order (later layers win).
     pub fn from_layers(layers: &[(&Layer, &Source)]) -> Result<Config, ConfigError> {
@@ -535,7 +571,39 @@ impl Config {
         for (layer, src) in layers {
             c.apply(layer, src)?;
         }
+        c.check_together(layers.last().map_or(&Source::Flags, |(_, s)| *s))?;
         Ok(c)
+    }
+
+    /// Checks the settings that bound each other; `src` is named in the error (the top
+    /// layer, where such a mistake is usually fixed).
+    fn check_together(&self, src: &Source) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, msg: String| ConfigError::BadValue {
+            at: src.at(),
+            key: src.key_name(key),
+            msg,
+        };
+        let (lim, q) = (&self.limits, &self.limits.quotas);
+        if q.reserved_shadow_bytes >= self.device.shadow_capacity {
+            return Err(bad(
+                "quotas.reserved_shadow_mib",
+                format!(
+                    "{} MiB leaves nothing of the {} MiB shadow (device.shadow_mib) to other users",
+                    q.reserved_shadow_bytes >> 20,
+                    self.device.shadow_capacity >> 20
+                ),
+            ));
+        }
+        if lim.reserved_clients >= lim.max_clients {
+            return Err(bad(
+                "reserved_clients",
+                format!(
+                    "{} leaves none of the {} connections (max_clients) to other users",
+                    lim.reserved_clients, lim.max_clients
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn apply(&mut self, l: &Layer, src: &Source) -> Result<(), ConfigError> {
@@ -567,15 +635,25 @@ impl Config {
             self.workers = in_range(v, 1, 256).map_err(bad("workers"))? as usize;
         }
         if let Some(v) = &l.access {
-            self.access = AccessPolicy::parse(v).ok_or_else(|| {
-                bad("access")(format!("{v:?} is not one of auto, process-vm, mem-fd"))
-            })?;
+            check_access(v).map_err(bad("access"))?;
         }
+        let lim = &mut self.limits;
         if let Some(v) = l.max_clients {
-            self.max_clients = in_range(v, 1, 1 << 20).map_err(bad("max_clients"))?;
+            lim.max_clients = in_range(v, 1, 1 << 20).map_err(bad("max_clients"))?;
         }
         if let Some(v) = l.clients_per_uid {
-            self.clients_per_uid = in_range(v, 1, 1 << 20).map_err(bad("clients_per_uid"))?;
+            lim.clients_per_uid = in_range(v, 1, 1 << 20).map_err(bad("clients_per_uid"))?;
+        }
+        if let Some(v) = l.reserved_clients {
+            lim.reserved_clients = in_range(v, 0, 1 << 20).map_err(bad("reserved_clients"))?;
+        }
+        if let Some(v) = l.handshake_timeout_ms {
+            let ms = in_range(v, 10, 3_600_000).map_err(bad("handshake_timeout_ms"))?;
+            lim.handshake_timeout = Duration::from_millis(ms);
+        }
+        if let Some(v) = l.idle_timeout_s {
+            let s = in_range(v, 1, 30 * 86_400).map_err(bad("idle_timeout_s"))?;
+            lim.idle_timeout = Duration::from_secs(s);
         }
         let d = &l.device;
         if let Some(v) = d.engines {
@@ -598,15 +676,28 @@ impl Config {
                 in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("device.shadow_mib"))? * MIB;
         }
         let q = &l.quotas;
+        let lq = &mut self.limits.quotas;
+        let mib = |v: u64, key: &'static str| -> Result<u64, ConfigError> {
+            Ok(in_range(v, 0, MAX_CAPACITY / MIB).map_err(bad(key))? * MIB)
+        };
         if let Some(v) = q.shadow_mib {
-            self.quotas.shadow_bytes =
+            lq.shadow_bytes =
                 in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("quotas.shadow_mib"))? * MIB;
         }
+        if let Some(v) = q.shadow_mib_per_uid {
+            lq.shadow_bytes_per_uid = mib(v, "quotas.shadow_mib_per_uid")?;
+        }
+        if let Some(v) = q.reserved_shadow_mib {
+            lq.reserved_shadow_bytes = mib(v, "quotas.reserved_shadow_mib")?;
+        }
+        if let Some(v) = q.attached_mib {
+            lq.attached_bytes = in_range(v, 1, 1 << 27).map_err(bad("quotas.attached_mib"))? * MIB;
+        }
         if let Some(v) = q.mirrors {
-            self.quotas.mirrors = in_range(v, 1, 1 << 20).map_err(bad("quotas.mirrors"))?;
+            lq.mirrors = in_range(v, 1, 1 << 20).map_err(bad("quotas.mirrors"))?;
         }
         if let Some(v) = q.inflight {
-            self.quotas.inflight = in_range(v, 1, 4096).map_err(bad("quotas.inflight"))?;
+            lq.inflight = in_range(v, 1, 4096).map_err(bad("quotas.inflight"))?;
         }
         if let Some(v) = &l.dirty.tracking {
             self.dirty.tracking = DirtyTracking::parse(v).ok_or_else(|| {
@@ -627,16 +718,13 @@ impl Config {
 
     /// The settings the server reads per use (reloadable).
     pub fn limits(&self) -> Limits {
-        Limits {
-            quotas: self.quotas,
-            clients_per_uid: self.clients_per_uid,
-            max_clients: self.max_clients,
-        }
+        self.limits
     }
 
     /// Every key with its value as a TOML literal, in [`KEYS`] order (`socket` only if set).
     pub fn values(&self) -> Vec<(&'static str, String)> {
         let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
+        let (lim, q) = (&self.limits, &self.limits.quotas);
         let mut v = Vec::with_capacity(KEYS.len());
         if let Some(p) = &self.socket {
             v.push(("socket", s(&p.to_string_lossy())));
@@ -644,16 +732,14 @@ impl Config {
         v.extend([
             ("log_level", s(&self.log_level)),
             ("workers", self.workers.to_string()),
+            ("max_clients", lim.max_clients.to_string()),
+            ("clients_per_uid", lim.clients_per_uid.to_string()),
+            ("reserved_clients", lim.reserved_clients.to_string()),
             (
-                "access",
-                s(match self.access {
-                    AccessPolicy::Auto => "auto",
-                    AccessPolicy::ProcessVm => "process-vm",
-                    AccessPolicy::MemFd => "mem-fd",
-                }),
+                "handshake_timeout_ms",
+                lim.handshake_timeout.as_millis().to_string(),
             ),
-            ("max_clients", self.max_clients.to_string()),
-            ("clients_per_uid", self.clients_per_uid.to_string()),
+            ("idle_timeout_s", lim.idle_timeout.as_secs().to_string()),
             ("device.engines", self.device.engines.to_string()),
             (
                 "device.flush_latency_us",
@@ -664,12 +750,18 @@ impl Config {
                 "device.shadow_mib",
                 (self.device.shadow_capacity >> 20).to_string(),
             ),
+            ("quotas.shadow_mib", (q.shadow_bytes >> 20).to_string()),
             (
-                "quotas.shadow_mib",
-                (self.quotas.shadow_bytes >> 20).to_string(),
+                "quotas.shadow_mib_per_uid",
+                (q.shadow_bytes_per_uid >> 20).to_string(),
             ),
-            ("quotas.mirrors", self.quotas.mirrors.to_string()),
-            ("quotas.inflight", self.quotas.inflight.to_string()),
+            (
+                "quotas.reserved_shadow_mib",
+                (q.reserved_shadow_bytes >> 20).to_string(),
+            ),
+            ("quotas.attached_mib", (q.attached_bytes >> 20).to_string()),
+            ("quotas.mirrors", q.mirrors.to_string()),
+            ("quotas.inflight", q.inflight.to_string()),
             ("dirty.tracking", s(self.dirty.tracking.as_str())),
             ("dirty.policy", s(&self.dirty.policy.to_string())),
         ]);
@@ -714,10 +806,8 @@ impl Config {
     pub fn with_reloadable(&self, new: &Config) -> Config {
         let mut c = self.clone();
         c.log_level = new.log_level.clone();
-        c.max_clients = new.max_clients;
-        c.clients_per_uid = new.clients_per_uid;
+        c.limits = new.limits;
         c.device.flush_latency = new.device.flush_latency;
-        c.quotas = new.quotas;
         c
     }
 }
@@ -835,8 +925,8 @@ mod tests {
         };
         let c = cfg(&[(&f, &Source::File("/f".into())), (&flags, &Source::Flags)]);
         assert_eq!(c.workers, 3, "from the file");
-        assert_eq!(c.quotas.mirrors, 9, "the flag wins");
-        assert_eq!(c.quotas.inflight, 5, "from the file");
+        assert_eq!(c.limits.quotas.mirrors, 9, "the flag wins");
+        assert_eq!(c.limits.quotas.inflight, 5, "from the file");
         assert_eq!(
             c.device.engines,
             Config::default().device.engines,
@@ -884,7 +974,9 @@ mod tests {
             let text = match key {
                 "socket" => "socket = \"/tmp/other.sock\"".to_owned(),
                 "log_level" => "log_level = \"debug\"".to_owned(),
-                "access" => "access = \"mem-fd\"".to_owned(),
+                "handshake_timeout_ms" => "handshake_timeout_ms = 30".to_owned(),
+                "max_clients" => "max_clients = 30".to_owned(),
+                "device.shadow_mib" => "[device]\nshadow_mib = 300".to_owned(),
                 "device.mode" => "[device]\nmode = \"one-pass\"".to_owned(),
                 "dirty.tracking" => "[dirty]\ntracking = \"off\"".to_owned(),
                 "dirty.policy" => "[dirty]\npolicy = \"strict\"".to_owned(),

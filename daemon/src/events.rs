@@ -16,7 +16,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::notifier::Invalidation;
 use crate::watched::{Deferred, Watched};
-use crate::workers::Job;
+use crate::workers::{Key, Submitter};
 
 /// Events read from one uffd at most per batch.
 pub const BATCH: usize = 64;
@@ -38,7 +38,8 @@ pub enum EventError {
     Released,
 }
 
-type Registry = Arc<RwLock<HashMap<u64, Arc<Watched>>>>;
+/// The watched clients by id, with the worker key their background work is queued under.
+type Registry = Arc<RwLock<HashMap<u64, (Arc<Watched>, Key)>>>;
 
 /// The reader and finisher threads and the set of watched clients.
 #[derive(Debug)]
@@ -72,13 +73,13 @@ impl std::fmt::Debug for Heartbeat {
 impl EventReader {
     /// Starts the threads. Detaches of retired mirrors go to `jobs`; `hangup` is told the ids
     /// of clients whose uffd hung up.
-    pub fn start(jobs: Sender<Job>, hangup: Hangup) -> Result<EventReader, EventError> {
+    pub fn start(jobs: Submitter, hangup: Hangup) -> Result<EventReader, EventError> {
         Self::start_with(jobs, hangup, None)
     }
 
     /// [`EventReader::start`], with a `heartbeat` called from the reader loop.
     pub fn start_with(
-        jobs: Sender<Job>,
+        jobs: Submitter,
         hangup: Hangup,
         heartbeat: Option<Heartbeat>,
     ) -> Result<EventReader, EventError> {
@@ -118,8 +119,9 @@ impl EventReader {
         })
     }
 
-    /// Starts reading the events of client `id`.
-    pub fn watch(&self, id: u64, w: Arc<Watched>) -> Result<(), EventError> {
+    /// Starts reading the events of client `id`; its background work goes to the workers
+    /// under `key`.
+    pub fn watch(&self, id: u64, w: Arc<Watched>, key: Key) -> Result<(), EventError> {
         let added = w.with_uffd(|u| {
             self.epoll
                 .add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -131,7 +133,7 @@ impl EventReader {
         self.registry
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, w);
+            .insert(id, (w, key));
         Ok(())
     }
 
@@ -141,7 +143,8 @@ impl EventReader {
             .registry
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id)?;
+            .remove(&id)?
+            .0;
         w.with_uffd(|u| {
             let _ = self.epoll.delete(u.as_fd());
         });
@@ -188,7 +191,7 @@ fn reader_loop(
     epoll: &Epoll,
     registry: &Registry,
     finisher: &Sender<Vec<Invalidation>>,
-    jobs: &Sender<Job>,
+    jobs: &Submitter,
     hangup: &Hangup,
     mut heartbeat: Option<Heartbeat>,
 ) {
@@ -227,7 +230,7 @@ fn reader_loop(
             if id == STOP {
                 return;
             }
-            let Some(w) = registry
+            let Some((w, key)) = registry
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&id)
@@ -268,12 +271,7 @@ fn reader_loop(
             if !out.detach.is_empty() {
                 let devs = out.detach;
                 let w2 = Arc::clone(&w);
-                if jobs
-                    .send(Box::new(move || w2.detach_device_mirrors(&devs)))
-                    .is_err()
-                {
-                    tracing::debug!(client = id, "no workers left to detach retired mirrors");
-                }
+                jobs.submit(key, Box::new(move || w2.detach_device_mirrors(&devs)));
             }
         }
         if !waking.is_empty() {
@@ -281,7 +279,7 @@ fn reader_loop(
                 let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
                 waking
                     .drain()
-                    .filter_map(|id| Some((id, reg.get(&id)?.clone())))
+                    .filter_map(|id| Some((id, reg.get(&id)?.0.clone())))
                     .collect()
             };
             let mut out = Deferred::default();

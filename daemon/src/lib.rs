@@ -4,6 +4,7 @@ pub mod config;
 pub mod device;
 pub mod dirty;
 pub mod events;
+pub mod handover;
 pub mod notifier;
 pub mod server;
 pub mod service;

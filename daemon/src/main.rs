@@ -53,27 +53,44 @@ struct Args {
     /// Shadow buffer size in MiB [default: 1024]
     #[arg(long, value_name = "MIB")]
     shadow_mib: Option<u64>,
-    /// Shadow MiB one client may hold [default: 512]
+    /// Shadow MiB one client may hold [default: 256]
     #[arg(long, value_name = "MIB")]
     quota_shadow_mib: Option<u64>,
+    /// Shadow MiB all clients of one user may hold together (root and the daemon's user
+    /// are not counted) [default: 256]
+    #[arg(long, value_name = "MIB")]
+    quota_shadow_mib_per_uid: Option<u64>,
+    /// Shadow MiB only root and the daemon's user may use [default: 128]
+    #[arg(long, value_name = "MIB")]
+    reserved_shadow_mib: Option<u64>,
+    /// MiB of address space one client may attach in all [default: 4096]
+    #[arg(long, value_name = "MIB")]
+    quota_attached_mib: Option<u64>,
     /// Ranges one client may attach [default: 256]
     #[arg(long, value_name = "N")]
     quota_mirrors: Option<u32>,
     /// Requests one client may have in flight [default: 16]
     #[arg(long, value_name = "N")]
     quota_inflight: Option<u32>,
-    /// Clients one uid may have connected [default: 512]
+    /// Clients one uid may have connected [default: 64]
     #[arg(long, value_name = "N")]
     clients_per_uid: Option<u32>,
     /// Clients in total [default: 1024]
     #[arg(long, value_name = "N")]
     max_clients: Option<u32>,
+    /// Of max-clients, connections only root and the daemon's user may take [default: 16]
+    #[arg(long, value_name = "N")]
+    reserved_clients: Option<u32>,
+    /// Time a new connection has to say hello, in ms [default: 5000]
+    #[arg(long, value_name = "MS")]
+    handshake_timeout_ms: Option<u64>,
+    /// Time a connection that mirrors nothing and streams nothing may stay silent, in s
+    /// [default: 600]
+    #[arg(long, value_name = "S")]
+    idle_timeout_s: Option<u64>,
     /// Worker threads for slow requests [default: 4]
     #[arg(long, value_name = "N")]
     workers: Option<u64>,
-    /// How client memory is read: auto, process-vm or mem-fd [default: auto]
-    #[arg(long)]
-    access: Option<String>,
     /// Dirty-tracking back end: auto, pagemap-scan, soft-dirty, uffd-wp or off [default: auto]
     #[arg(long)]
     dirty_tracking: Option<String>,
@@ -90,9 +107,12 @@ impl Args {
             socket: self.socket.clone(),
             log_level: self.log_level.clone(),
             workers: self.workers,
-            access: self.access.clone(),
+            access: None,
             max_clients: self.max_clients,
             clients_per_uid: self.clients_per_uid,
+            reserved_clients: self.reserved_clients,
+            handshake_timeout_ms: self.handshake_timeout_ms,
+            idle_timeout_s: self.idle_timeout_s,
             device: DeviceLayer {
                 engines: self.engines,
                 flush_latency_us: self.flush_latency_us,
@@ -101,6 +121,9 @@ impl Args {
             },
             quotas: QuotasLayer {
                 shadow_mib: self.quota_shadow_mib,
+                shadow_mib_per_uid: self.quota_shadow_mib_per_uid,
+                reserved_shadow_mib: self.reserved_shadow_mib,
+                attached_mib: self.quota_attached_mib,
                 mirrors: self.quota_mirrors,
                 inflight: self.quota_inflight,
             },

@@ -1,9 +1,13 @@
 //! Where mirrored pages come from (DESIGN.md §4 fault path, §5 G7): a client's memory, read
 //! in large batches (iovec arrays), never a system call per page.
 //!
-//! * [`ProcessVmSource`]: `process_vm_readv` on a pid (needs ptrace access to it);
 //! * [`MemFileSource`]: `preadv` on a `/proc/PID/mem` file the client opened itself and handed
-//!   over (its access was checked at open, so it works under Yama `ptrace_scope=1`);
+//!   over: the only path to a client's memory. The kernel checked the client's access when
+//!   it opened the file, and the file stays bound to the address space it was opened on, so
+//!   after an `exec` (of a setuid program, say) it reads nothing (docs/threat-model.md);
+//! * [`ProcessVmSource`]: `process_vm_readv` on a pid, for the daemon's own memory in tests
+//!   and benchmarks only. Never for a client: a pid names whatever program the process
+//!   `exec`s next, and a root daemon may read any of them;
 //! * [`SimMemory`]: an in-process simulated address space for tests and benchmarks.
 
 use crate::lock;
@@ -17,6 +21,9 @@ use crate::sys::{self, PAGE_SIZE};
 /// Errors of reading client memory.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The address space the source was bound to is gone: the client exited or `exec`ed.
+    #[error("the client's address space is gone (it exited or exec'd)")]
+    Gone,
     /// The system call failed.
     #[error("cannot read client memory at {addr:#x} via {via}")]
     Io {
@@ -39,6 +46,12 @@ pub trait MemorySource: Send + Sync {
 
     /// Short name of the access path, for logs and status.
     fn kind(&self) -> &'static str;
+
+    /// False once the address space behind the source is gone for good (the client exited
+    /// or `exec`ed); reads then fail with [`SourceError::Gone`].
+    fn alive(&self) -> bool {
+        true
+    }
 }
 
 fn io_err(addr: u64, via: &'static str, e: nix::Error) -> SourceError {
@@ -112,12 +125,18 @@ impl MemorySource for MemFileSource {
         match sys::read_mem_file(&self.file, addr, dst) {
             Ok(n) => Ok(n),
             Err(nix::Error::EIO | nix::Error::EFAULT) => Ok(0),
+            Err(nix::Error::ESRCH) => Err(SourceError::Gone),
             Err(e) => Err(io_err(addr, "/proc/PID/mem", e)),
         }
     }
 
     fn kind(&self) -> &'static str {
         "proc-mem"
+    }
+
+    fn alive(&self) -> bool {
+        use std::os::fd::AsFd;
+        sys::procfd::mem_alive(self.file.as_fd())
     }
 }
 

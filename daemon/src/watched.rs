@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,11 @@ pub const USER_ADDR_END: u64 = 1 << 56;
 
 /// Invalidations of written pages begun per hold of the access lock.
 const INVALIDATE_BATCH: usize = 256;
+
+/// Bytes write-protected per `UFFDIO_WRITEPROTECT` when a range is armed: between two
+/// pieces the attach notices a client that went away (arming fills the page tables of the
+/// whole range, milliseconds per GiB).
+const ARM_CHUNK: u64 = 64 << 20;
 
 /// Errors of a bound client's operations.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,16 @@ pub enum WatchError {
     /// The mirror quota is used up.
     #[error("mirror quota of {0} ranges reached")]
     TooManyMirrors(u32),
+    /// The attach would take the client over its quota of attached address space.
+    #[error("attaching {len:#x} bytes would exceed the quota of {quota} bytes of attached address space ({attached} attached)")]
+    TooMuchAttached {
+        /// Bytes asked for.
+        len: u64,
+        /// Bytes attached already.
+        attached: u64,
+        /// The quota.
+        quota: u64,
+    },
     /// No mirror with that id.
     #[error("no mirror {0}")]
     NoSuchMirror(u64),
@@ -65,7 +80,7 @@ pub enum WatchError {
     /// The client's address space kept changing for 2 s (its events were not drained).
     #[error("the address space keeps changing; try again")]
     Busy,
-    /// The client was released.
+    /// The client was released, or its session is closing.
     #[error("client released")]
     Released,
     /// The client has no dirty tracking (why), so it cannot sync or ask for a policy.
@@ -181,6 +196,10 @@ pub struct Watched {
     table: Mutex<Table>,
     pagemap: Option<File>,
     max_mirrors: u32,
+    /// Most bytes of address space attached at once (sum of the mirrors' lengths).
+    attach_quota: AtomicU64,
+    /// Set when the session closes: long work stops at its next chunk.
+    cancelled: AtomicBool,
     counters: EventCounters,
     dirty: Arc<ClientDirty>,
     /// Write-protect faults whose un-protect met `EAGAIN` (events unread): retried after
@@ -244,6 +263,8 @@ impl Watched {
             }),
             pagemap,
             max_mirrors,
+            attach_quota: AtomicU64::new(u64::MAX),
+            cancelled: AtomicBool::new(false),
             counters: EventCounters::default(),
             dirty,
             pending_wake: Mutex::new(Vec::new()),
@@ -260,6 +281,31 @@ impl Watched {
     /// The device client.
     pub fn device(&self) -> &DeviceClient {
         &self.device
+    }
+
+    /// False once the client's address space is gone (it exited or `exec`ed while its
+    /// session lives on in another process): the session must end.
+    pub fn alive(&self) -> bool {
+        self.device.source_alive()
+    }
+
+    /// Sets the most address space the client may have attached at once.
+    pub fn set_attach_quota(&self, bytes: u64) {
+        self.attach_quota.store(bytes, Relaxed);
+    }
+
+    /// Asks long work of this client (arming, populating, collecting) to stop at its next
+    /// chunk: the session is closing and nobody waits for the answer.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Relaxed);
+    }
+
+    fn cancelled(&self) -> Result<(), WatchError> {
+        if self.cancelled.load(Relaxed) {
+            Err(WatchError::Released)
+        } else {
+            Ok(())
+        }
     }
 
     /// Event counters.
@@ -361,6 +407,20 @@ impl Watched {
         if t.by_id.len() >= self.max_mirrors as usize {
             return Err(WatchError::TooManyMirrors(self.max_mirrors));
         }
+        let attached: u64 = t
+            .by_id
+            .values()
+            .filter(|m| m.dev.is_some())
+            .map(|m| m.len)
+            .sum();
+        let quota = self.attach_quota.load(Relaxed);
+        if attached.saturating_add(len) > quota {
+            return Err(WatchError::TooMuchAttached {
+                len,
+                attached,
+                quota,
+            });
+        }
         if let Some(o) = t
             .by_id
             .values()
@@ -381,11 +441,13 @@ impl Watched {
             }
         };
         if self.dirty.arms_on_attach() {
-            if let Err(e) = uffd.write_protect(addr, len) {
+            if let Err(e) = self.arm(uffd, addr, len) {
                 undo("a failed arm");
-                return match e.errno() {
-                    Some(nix::Error::EAGAIN) => Ok(Attempt::Again),
-                    _ => Err(e.into()),
+                return match &e {
+                    WatchError::Uffd(u) if u.errno() == Some(nix::Error::EAGAIN) => {
+                        Ok(Attempt::Again)
+                    }
+                    _ => Err(e),
                 };
             }
         }
@@ -398,6 +460,20 @@ impl Watched {
                 Err(e.into())
             }
         }
+    }
+
+    /// Write-protects `addr..addr+len` in pieces of [`ARM_CHUNK`], stopping if the client
+    /// goes away meanwhile.
+    fn arm(&self, uffd: &Uffd, addr: u64, len: u64) -> Result<(), WatchError> {
+        let end = addr + len;
+        let mut at = addr;
+        while at < end {
+            self.cancelled()?;
+            let n = ARM_CHUNK.min(end - at);
+            uffd.write_protect(at, n)?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Detaches mirror `id`: unregisters what is left of it and frees its shadow.
@@ -549,7 +625,14 @@ impl Watched {
     /// mirror then has.
     pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
         let addr = self.resolve(id, offset, len)?;
-        self.device.populate(addr, len).map_err(not_mirrored)?;
+        let end = addr + len;
+        let mut at = addr;
+        while at < end {
+            self.cancelled()?;
+            let n = ARM_CHUNK.min(end - at);
+            self.device.populate(at, n).map_err(not_mirrored)?;
+            at += n;
+        }
         Ok(self
             .list()
             .iter()

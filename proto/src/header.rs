@@ -2,10 +2,16 @@
 
 /// `"MSHD"` read as a little-endian u32: the first four bytes of every message.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MSHD");
-/// The newest protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The newest protocol version this build speaks. Version 2 adds the optional fourth fd of
+/// `Bind` (`/proc/self/clear_refs`) and error codes 18 (`ShadowFull`) and 19
+/// (`OutOfResources`); a version 1 peer is answered as before.
+pub const VERSION: u16 = 2;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
+/// What this build writes in the header's version field: the version whose encoding its
+/// messages use. Protocol 2 encodes every message as protocol 1 did, so it writes 1, which
+/// a peer of either version reads; the version a session speaks is settled by `Hello`.
+pub const ENCODING_VERSION: u16 = 1;
 /// Size of the header on the wire.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload of one message; a bigger one is refused before it is read into memory.

@@ -13,7 +13,8 @@ pub mod path;
 pub mod socket;
 
 pub use header::{
-    Header, HeaderError, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD, MIN_VERSION, VERSION,
+    Header, HeaderError, ENCODING_VERSION, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD,
+    MIN_VERSION, VERSION,
 };
 pub use message::{
     AccessPath, AttachPolicy, ClientInfo, DecodeError, DirtyBackend, ErrorCode, EventKind,

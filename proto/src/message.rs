@@ -447,8 +447,9 @@ pub enum Request {
         /// A name for logs (program name).
         name: String,
     },
-    /// Hands over the client's uffd and its `/proc/self/mem` fd (and optionally its
-    /// `/proc/self/pagemap` fd), in that order, as 2 or 3 `SCM_RIGHTS` fds.
+    /// Hands over the client's uffd and its `/proc/self/mem` fd (opened for reading), then
+    /// optionally its `/proc/self/pagemap` fd (for reading) and its `/proc/self/clear_refs`
+    /// fd (for writing), in that order, as 2 to 4 `SCM_RIGHTS` fds.
     Bind {
         /// [`BIND_UFFD_PRIVILEGED`] or 0; other bits must be 0.
         flags: u32,
@@ -908,7 +909,7 @@ impl Request {
             });
         }
         if msg_type == ty::BIND {
-            check_fds(msg_type, fds, 2..=3, "2 or 3")?;
+            check_fds(msg_type, fds, 2..=4, "2 to 4")?;
         } else {
             check_fds(msg_type, fds, 0..=0, "none")?;
         }
@@ -1555,7 +1556,7 @@ mod tests {
             Err(DecodeError::FdCount { got: 1, .. })
         ));
         assert!(matches!(
-            Request::decode(bind.msg_type(), &bind.encode_payload(), 4),
+            Request::decode(bind.msg_type(), &bind.encode_payload(), 5),
             Err(DecodeError::FdCount { .. })
         ));
         assert!(matches!(

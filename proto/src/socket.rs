@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::header::{Header, HeaderError, HEADER_LEN, MAX_FDS, MAX_PAYLOAD, VERSION};
+use crate::header::{Header, HeaderError, ENCODING_VERSION, HEADER_LEN, MAX_FDS, MAX_PAYLOAD};
 
 /// Why a message could not be sent or received.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ pub fn send(
         return Err(SocketError::TooManyFds);
     }
     let header = Header {
-        version: VERSION,
+        version: ENCODING_VERSION,
         msg_type,
         flags,
         fd_count: fds.len() as u16,
@@ -207,7 +207,7 @@ mod tests {
         ));
         // A header that announces an fd that is not there.
         let h = Header {
-            version: VERSION,
+            version: ENCODING_VERSION,
             msg_type: 2,
             flags: 0,
             fd_count: 1,

@@ -7,6 +7,7 @@ use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::account::Account;
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, ReadJob, ReadOutcome};
 use super::mirror::{Doorbell, ShadowNotifier};
@@ -47,6 +48,8 @@ pub struct ClientCore {
     doorbell: Mutex<Doorbell>,
     source: Arc<dyn MemorySource>,
     quota_pages: AtomicU64,
+    /// The share of the client's user, charged beside `counters.pages`.
+    account: Arc<Account>,
     counters: ClientCounters,
 }
 
@@ -89,6 +92,12 @@ impl ClientCore {
     /// Per-client counters.
     pub fn counters(&self) -> &ClientCounters {
         &self.counters
+    }
+
+    /// Returns `n` pages to the client's quota and its user's share.
+    pub(super) fn uncharge(&self, n: u64) {
+        self.counters.pages.fetch_sub(n, Ordering::Relaxed);
+        self.account.uncharge(n);
     }
 }
 
@@ -348,6 +357,7 @@ impl DeviceClient {
         id: u64,
         source: Arc<dyn MemorySource>,
         quota_bytes: u64,
+        account: Arc<Account>,
     ) -> Self {
         let sub = Subscription::new();
         let trace_tag = Arc::new(AtomicU64::new(0));
@@ -362,6 +372,7 @@ impl DeviceClient {
                 doorbell: Mutex::new(Doorbell::default()),
                 source,
                 quota_pages: AtomicU64::new(quota_bytes / PAGE_SIZE as u64),
+                account,
                 counters: ClientCounters::default(),
             }),
             dev,
@@ -380,6 +391,12 @@ impl DeviceClient {
     /// Per-client counters.
     pub fn counters(&self) -> &ClientCounters {
         &self.core.counters
+    }
+
+    /// False once the address space the client's memory is read from is gone for good (it
+    /// exited or `exec`ed): nothing of it can be mirrored any more.
+    pub fn source_alive(&self) -> bool {
+        self.core.source.alive()
     }
 
     /// Sets the tag its trace records carry (the server uses the client's pid).
@@ -688,11 +705,13 @@ impl DeviceClient {
                 return Err(DeviceError::NotMirrored { addr });
             }
             self.reserve_pages(n as u64)?;
-            if let Err(e) = self.dev.shadow.alloc(n, &mut slots) {
-                self.core
-                    .counters
-                    .pages
-                    .fetch_sub(n as u64, Ordering::Relaxed);
+            let keep = if self.core.account.privileged_user() {
+                0
+            } else {
+                self.dev.reserved_slots.load(Ordering::Relaxed)
+            };
+            if let Err(e) = self.dev.shadow.alloc_keeping(n, keep, &mut slots) {
+                self.core.uncharge(n as u64);
                 return Err(e.into());
             }
             let copied = {
@@ -747,6 +766,7 @@ impl DeviceClient {
         }
     }
 
+    /// Charges `n` pages to the client's quota, then to its user's share.
     fn reserve_pages(&self, n: u64) -> Result<(), DeviceError> {
         let quota = self.core.quota_pages.load(Ordering::Relaxed);
         let c = &self.core.counters.pages;
@@ -758,10 +778,17 @@ impl DeviceClient {
                 });
             }
             match c.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Ok(()),
+                Ok(_) => break,
                 Err(v) => cur = v,
             }
         }
+        if let Err(over) = self.core.account.charge(n) {
+            c.fetch_sub(n, Ordering::Relaxed);
+            return Err(DeviceError::UserQuotaExceeded {
+                quota_bytes: over.quota_bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Releases the client (rule 8, G5): invalidates everything with event `Release` through

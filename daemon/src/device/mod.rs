@@ -3,6 +3,7 @@
 //! and the fault path. It knows nothing of sockets or uffd: client memory comes through a
 //! [`MemorySource`](crate::source::MemorySource).
 
+pub mod account;
 mod client;
 pub mod counters;
 mod engine;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use account::Account;
 pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo, Unlinked};
 pub use counters::{DeviceCounters, Histogram};
 pub use engine::{EngineError, Engines, MAX_ENGINES};
@@ -136,6 +138,14 @@ pub enum DeviceError {
         /// The quota.
         quota_bytes: u64,
     },
+    /// The share of the client's user (all its clients together) would be exceeded.
+    #[error(
+        "the shadow share of this user ({quota_bytes} bytes, all its clients together) is used up"
+    )]
+    UserQuotaExceeded {
+        /// The share.
+        quota_bytes: u64,
+    },
     /// Reading client memory failed.
     #[error(transparent)]
     Source(#[from] SourceError),
@@ -164,6 +174,8 @@ pub(crate) struct DeviceShared {
     pub(crate) mode: InvalidationMode,
     pub(crate) batch_threshold: usize,
     pub(crate) trace: Arc<TraceHub>,
+    /// Slots only privileged users' clients may take (reloadable).
+    pub(crate) reserved_slots: AtomicUsize,
     rr: AtomicUsize,
 }
 
@@ -178,10 +190,7 @@ impl DeviceShared {
             return;
         }
         self.shadow.free(slots);
-        client
-            .counters()
-            .pages
-            .fetch_sub(slots.len() as u64, Ordering::Relaxed);
+        client.uncharge(slots.len() as u64);
         counters::bump(&self.counters.slots_freed, slots.len() as u64);
     }
 }
@@ -246,16 +255,35 @@ impl Device {
                 mode: cfg.mode,
                 batch_threshold: cfg.batch_threshold,
                 trace: Arc::new(TraceHub::default()),
+                reserved_slots: AtomicUsize::new(0),
                 rr: AtomicUsize::new(0),
             }),
             next_client: AtomicU64::new(1),
         })
     }
 
-    /// A new client whose pages come from `source`, with a shadow quota of `quota_bytes`.
+    /// A new client whose pages come from `source`, with a shadow quota of `quota_bytes`,
+    /// charged to an account of its own with no share limit (tests, benchmarks).
     pub fn client(&self, source: Arc<dyn MemorySource>, quota_bytes: u64) -> DeviceClient {
+        self.client_of(source, quota_bytes, Arc::new(Account::privileged()))
+    }
+
+    /// A new client whose pages come from `source`, with a shadow quota of `quota_bytes`,
+    /// charged to its user's `account` too.
+    pub fn client_of(
+        &self,
+        source: Arc<dyn MemorySource>,
+        quota_bytes: u64,
+        account: Arc<Account>,
+    ) -> DeviceClient {
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
-        DeviceClient::new(Arc::clone(&self.shared), id, source, quota_bytes)
+        DeviceClient::new(Arc::clone(&self.shared), id, source, quota_bytes, account)
+    }
+
+    /// Keeps `bytes` of the shadow for clients of privileged accounts (run-time reloadable).
+    pub fn set_reserved_bytes(&self, bytes: u64) {
+        let slots = usize::try_from(bytes / crate::sys::PAGE_SIZE as u64).unwrap_or(usize::MAX);
+        self.shared.reserved_slots.store(slots, Ordering::Relaxed);
     }
 
     /// The bus every client's invalidations are traced on.

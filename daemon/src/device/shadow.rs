@@ -154,19 +154,31 @@ impl Shadow {
     /// Allocates `n` slots (all or none), appending them to `out`: recently freed (warm)
     /// slots first, then cold ones, which are populated in bulk.
     pub fn alloc(&self, n: usize, out: &mut Vec<SlotRef>) -> Result<(), ShadowError> {
+        self.alloc_keeping(n, 0, out)
+    }
+
+    /// [`Shadow::alloc`], refusing unless `keep` slots stay free afterwards (the reserve of
+    /// privileged users, which others may not take).
+    pub fn alloc_keeping(
+        &self,
+        n: usize,
+        keep: usize,
+        out: &mut Vec<SlotRef>,
+    ) -> Result<(), ShadowError> {
+        let want = n.saturating_add(keep);
         let first_cold = {
             let mut free = lock(&self.free);
             // Slots a trim is releasing come back shortly: wait for them rather than fail.
-            while free.len() < n && free.releasing > 0 {
+            while free.len() < want && free.releasing > 0 {
                 free = self
                     .released
                     .wait(free)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            if free.len() < n {
+            if free.len() < want {
                 return Err(ShadowError::Full {
                     wanted: n,
-                    free: free.len(),
+                    free: free.len().saturating_sub(keep),
                 });
             }
             out.reserve(n);

@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
-use crate::workers::Job;
+use crate::workers::{Job, Key, Submitter};
+
+/// The shortest period: a collection scans every page of the mirror, and a client with
+/// many mirrors at a shorter period would keep the workers busy for nobody else.
+pub const MIN_PERIOD: Duration = Duration::from_millis(10);
 
 /// What the timer collects for.
 pub trait PeriodicTarget: Send + Sync {
@@ -24,6 +28,8 @@ pub trait PeriodicTarget: Send + Sync {
 
 struct Entry {
     target: Weak<dyn PeriodicTarget>,
+    /// The workers' fairness key of the client.
+    key: Key,
     mirror: u64,
     period: Duration,
     busy: Arc<AtomicBool>,
@@ -45,7 +51,7 @@ impl std::fmt::Debug for Periodic {
 
 impl Periodic {
     /// Starts the timer thread; due collections go to `jobs`.
-    pub fn start(jobs: Sender<Job>) -> std::io::Result<Periodic> {
+    pub fn start(jobs: Submitter) -> std::io::Result<Periodic> {
         let (tx, rx) = crossbeam_channel::unbounded::<Entry>();
         let thread = std::thread::Builder::new()
             .name("dirty-timer".into())
@@ -86,17 +92,15 @@ impl Periodic {
                                 entries.remove(&key);
                                 continue;
                             }
-                            let (busy, gone, mirror) =
-                                (Arc::clone(&e.busy), Arc::clone(&e.gone), e.mirror);
+                            let (busy, gone, mirror, key) =
+                                (Arc::clone(&e.busy), Arc::clone(&e.gone), e.mirror, e.key);
                             let job: Job = Box::new(move || {
                                 if !target.periodic_sync(mirror) {
                                     gone.store(true, SeqCst);
                                 }
                                 busy.store(false, SeqCst);
                             });
-                            if jobs.send(job).is_err() {
-                                return;
-                            }
+                            jobs.submit(key, job);
                         }
                         // The next beat counts from now if this one came late.
                         due.push(Reverse(((t + e.period).max(now), key)));
@@ -109,13 +113,15 @@ impl Periodic {
         })
     }
 
-    /// Collects mirror `mirror` of `target` every `period` until it reports the mirror gone
-    /// or `target` is dropped.
-    pub fn add(&self, target: Weak<dyn PeriodicTarget>, mirror: u64, period: Duration) {
+    /// Collects mirror `mirror` of `target` every `period` (at least [`MIN_PERIOD`]) until
+    /// it reports the mirror gone or `target` is dropped; the collections run on the workers
+    /// under `key` (the client's uid).
+    pub fn add(&self, target: Weak<dyn PeriodicTarget>, mirror: u64, period: Duration, key: Key) {
         let e = Entry {
             target,
+            key,
             mirror,
-            period: period.max(Duration::from_millis(1)),
+            period: period.max(MIN_PERIOD),
             busy: Arc::default(),
             gone: Arc::default(),
         };
@@ -162,14 +168,14 @@ mod tests {
     #[test]
     fn runs_on_the_pool_until_the_target_says_the_mirror_is_gone() {
         let mut pool = crate::workers::Workers::start("t", 1).expect("workers");
-        let p = Periodic::start(pool.sender()).expect("timer");
+        let p = Periodic::start(pool.submitter().expect("submitter")).expect("timer");
         let c = Arc::new(Counter {
             n: AtomicU64::new(0),
             stop_after: 3,
         });
         let weak: Weak<dyn PeriodicTarget> =
             Arc::downgrade(&(Arc::clone(&c) as Arc<dyn PeriodicTarget>));
-        p.add(weak, 7, Duration::from_millis(1));
+        p.add(weak, 7, MIN_PERIOD, 0);
         let deadline = Instant::now() + Duration::from_secs(10);
         while c.n.load(Relaxed) < 3 {
             assert!(Instant::now() < deadline, "the timer never ran 3 times");

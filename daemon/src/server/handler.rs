@@ -3,7 +3,6 @@
 //! quotas) and the mapping of typed errors onto wire error codes.
 
 use crate::lock;
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -17,12 +16,14 @@ use memshadow_proto::{
 use super::session::{Binding, Hello, Session};
 use super::stream::{event_of, report_of, Subscriber};
 use super::{error_chain, Core};
-use crate::config::{AccessPolicy, DirtyPolicy};
-use crate::device::DeviceError;
+use crate::config::DirtyPolicy;
+use crate::device::{DeviceError, ShadowError};
+use crate::dirty::periodic::MIN_PERIOD;
 use crate::dirty::uffd_wp::ArmingSource;
 use crate::dirty::{policy_of, Backend, ClientDirty};
-use crate::source::{MemFileSource, MemorySource, ProcessVmSource};
-use crate::sys::uffd::{features, Uffd, UffdError};
+use crate::handover::Handover;
+use crate::source::{MemFileSource, MemorySource};
+use crate::sys::uffd::{features, UffdError};
 use crate::sys::{self, PAGE_SIZE};
 use crate::watched::{SyncStats, WatchError, Watched};
 
@@ -44,8 +45,11 @@ pub fn is_slow(req: &Request) -> bool {
 
 /// Root and the daemon's own uid may look at and act on every client (G7).
 fn privileged(core: &Core, s: &Session) -> bool {
-    s.peer.uid == 0 || s.peer.uid == core.owner
+    core.privileged(s.peer.uid)
 }
+
+/// Trace streams one session may receive.
+const MAX_STREAMS: u32 = 1;
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
     Response::error(code, msg)
@@ -76,6 +80,21 @@ pub fn handle(
         };
     };
     let _ = hello;
+    if let Some(w) = s.watched() {
+        if !w.alive() {
+            // The client `exec`ed (or exited) and another process speaks for it: nothing of
+            // the address space it bound is left to serve (docs/threat-model.md).
+            core.end(
+                s,
+                &core.counters.gone,
+                "the client's address space is gone (exec or exit)",
+            );
+            return err(
+                ErrorCode::AccessFailed,
+                "the client's address space is gone (it exec'd or exited); the session ends",
+            );
+        }
+    }
     match req {
         Request::Hello { .. } => err(ErrorCode::OutOfOrder, "second hello"),
         Request::Bind { flags } => bind(core, s, flags, fds),
@@ -192,13 +211,28 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response
     if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
         policy = DirtyPolicy::Manual;
     }
+    if let DirtyPolicy::Periodic(p) = policy {
+        if p < MIN_PERIOD {
+            return err(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "a collection period of {} ms is below the daemon's minimum of {} ms",
+                    p.as_millis(),
+                    MIN_PERIOD.as_millis()
+                ),
+            );
+        }
+    }
+    w.set_attach_quota(core.limits().quotas.attached_bytes);
     let id = match w.attach_with(addr, len, policy) {
         Ok(id) => id,
         Err(e) => return watch_err(e),
     };
     if let DirtyPolicy::Periodic(period) = policy {
         let target: Arc<dyn crate::dirty::periodic::PeriodicTarget> = Arc::clone(w) as _;
-        core.dirty.periodic.add(Arc::downgrade(&target), id, period);
+        core.dirty
+            .periodic
+            .add(Arc::downgrade(&target), id, period, s.peer.uid);
     }
     tracing::debug!(client = s.id, mirror = id, addr, len, policy = %policy, "attached");
     Response::Attached { mirror_id: id }
@@ -234,7 +268,7 @@ fn target(core: &Core, s: &Session, pid: i32, self_ok: bool) -> Result<Arc<Sessi
         .find(|c| c.peer.pid == pid && c.watched().is_some())
         .ok_or_else(|| {
             err(
-                ErrorCode::NoSuchMirror,
+                ErrorCode::NoSuchClient,
                 format!("no bound client with pid {pid}"),
             )
         })
@@ -346,6 +380,13 @@ fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Resp
             format!("unknown event bits in {events:#x}"),
         );
     }
+    if s.streams.fetch_add(1, Relaxed) >= MAX_STREAMS {
+        s.streams.fetch_sub(1, Relaxed);
+        return err(
+            ErrorCode::QuotaExceeded,
+            format!("a session may have {MAX_STREAMS} trace stream; open another connection"),
+        );
+    }
     core.streams.add(Subscriber {
         session: Arc::downgrade(s),
         request_id: rid,
@@ -355,6 +396,19 @@ fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Resp
     });
     tracing::debug!(client = s.id, ?pid, events, "trace stream started");
     Response::TraceStarted
+}
+
+/// `text` with control characters written as escapes (`\u{1b}`), so that what a client
+/// chose (its name, its process name) cannot forge a log line or drive a terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let esc = c.is_control().then(|| c.escape_default());
+            esc.into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
 }
 
 fn with_bound(s: &Session, f: impl FnOnce(&Watched) -> Result<Response, Response>) -> Response {
@@ -375,6 +429,8 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
     }
     let limits = core.limits();
     let q = limits.quotas;
+    // The name is for logs and listings: never let a client write control characters there.
+    let name = escape_controls(&name);
     let _ = s.hello.set(Hello {
         version: hi,
         name: name.clone(),
@@ -393,23 +449,6 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
             inflight: q.inflight,
             clients_per_uid: limits.clients_per_uid,
         },
-    }
-}
-
-/// Checks that `fd` is the peer's own `/proc/PID/<what>` (G7: a client hands over only
-/// access to itself).
-fn check_proc_fd(fd: &OwnedFd, pid: i32, what: &str) -> Result<(), Response> {
-    let want = format!("/proc/{pid}/{what}");
-    match sys::fd_target(fd.as_fd()) {
-        Ok(t) if t == want => Ok(()),
-        Ok(t) => Err(err(
-            ErrorCode::BadFd,
-            format!("expected the client's own {want}, got {t}"),
-        )),
-        Err(e) => Err(err(
-            ErrorCode::BadFd,
-            format!("cannot inspect the {what} fd: {e}"),
-        )),
     }
 }
 
@@ -440,7 +479,7 @@ fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
             );
             let w = Arc::clone(&b.watched);
             let _ = s.binding.set(b);
-            if let Err(e) = core.events.watch(s.id, w) {
+            if let Err(e) = core.events.watch(s.id, w, s.peer.uid) {
                 return err(ErrorCode::Internal, error_chain(&e));
             }
             resp
@@ -455,39 +494,26 @@ fn bind_inner(
     privileged_uffd: bool,
     fds: Vec<OwnedFd>,
 ) -> Result<Binding, Response> {
-    let mut it = fds.into_iter();
-    let (Some(uffd), Some(mem)) = (it.next(), it.next()) else {
-        return Err(err(
-            ErrorCode::BadFd,
-            "bind takes the uffd and /proc/self/mem (and optionally /proc/self/pagemap)",
-        ));
-    };
-    let pagemap = it.next();
     let pid = s.peer.pid;
-    check_proc_fd(&mem, pid, "mem")?;
-    if let Some(p) = &pagemap {
-        check_proc_fd(p, pid, "pagemap")?;
-    }
-    let uffd = Uffd::from_fd(uffd).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
-    uffd.set_nonblocking()
-        .map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
+    let Handover {
+        uffd,
+        mem,
+        pagemap,
+        clear_refs,
+    } = Handover::check(fds, pid).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
     // The dirty back end decides features of the uffd (WP_ASYNC or not), so it is chosen now.
     let backend = core
         .dirty
         .selection
         .for_client(pagemap.is_some(), privileged_uffd);
-    let clear_refs = match backend {
-        Ok(Backend::SoftDirty) => Some(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(format!("/proc/{pid}/clear_refs"))
-                .map_err(|e| {
-                    err(
-                        ErrorCode::AccessFailed,
-                        format!("cannot open /proc/{pid}/clear_refs: {e}"),
-                    )
-                })?,
-        ),
+    let clear_refs = match (&backend, clear_refs) {
+        (Ok(Backend::SoftDirty), Some(f)) => Some(f),
+        (Ok(Backend::SoftDirty), None) => {
+            return Err(err(
+                ErrorCode::BadFd,
+                "the soft-dirty back end needs the client's /proc/self/clear_refs (fourth fd)",
+            ))
+        }
         _ => None,
     };
     if let Err(why) = &backend {
@@ -512,37 +538,8 @@ fn bind_inner(
             ))
         }
     };
-    let (source, access): (Arc<dyn MemorySource>, AccessPath) = match core.cfg.access {
-        AccessPolicy::MemFd => (
-            Arc::new(MemFileSource::new(File::from(mem))),
-            AccessPath::MemFd,
-        ),
-        policy => {
-            // Opening /proc/PID/mem makes the same ptrace-access check as process_vm_readv.
-            let permitted =
-                File::open(format!("/proc/{pid}/mem")).is_ok() && sys::pidfd_alive(s.pidfd.as_fd());
-            if permitted {
-                let pidfd = s
-                    .pidfd
-                    .try_clone()
-                    .map_err(|e| err(ErrorCode::Internal, format!("dup pidfd: {e}")))?;
-                (
-                    Arc::new(ProcessVmSource::pinned(pid, pidfd)),
-                    AccessPath::ProcessVm,
-                )
-            } else if policy == AccessPolicy::ProcessVm {
-                return Err(err(
-                    ErrorCode::PermissionDenied,
-                    "the daemon may not process_vm_readv this client (access = process-vm)",
-                ));
-            } else {
-                (
-                    Arc::new(MemFileSource::new(File::from(mem))),
-                    AccessPath::MemFd,
-                )
-            }
-        }
-    };
+    // The one way into the client's memory: the file it opened itself (docs/threat-model.md).
+    let source: Arc<dyn MemorySource> = Arc::new(MemFileSource::new(mem));
     let dirty = Arc::new(ClientDirty::new(
         backend,
         clear_refs,
@@ -559,18 +556,20 @@ fn bind_inner(
         source
     };
     let quotas = core.limits().quotas;
-    let device = core.device.client(source, quotas.shadow_bytes);
+    let device = core
+        .device
+        .client_of(source, quotas.shadow_bytes, core.account(s.peer.uid));
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
     let watched = Arc::new(Watched::with_dirty(
         uffd,
         device,
-        pagemap.map(File::from),
+        pagemap,
         quotas.mirrors,
         dirty,
     ));
     Ok(Binding {
         watched,
-        access,
+        access: AccessPath::MemFd,
         uffd_features: granted,
     })
 }
@@ -582,9 +581,13 @@ fn watch_err(e: WatchError) -> Response {
             ErrorCode::Overlap
         }
         WatchError::TooManyMirrors(_)
-        | WatchError::Device(DeviceError::QuotaExceeded { .. } | DeviceError::TooManyMirrors) => {
-            ErrorCode::QuotaExceeded
-        }
+        | WatchError::TooMuchAttached { .. }
+        | WatchError::Device(
+            DeviceError::QuotaExceeded { .. }
+            | DeviceError::UserQuotaExceeded { .. }
+            | DeviceError::TooManyMirrors,
+        ) => ErrorCode::QuotaExceeded,
+        WatchError::Device(DeviceError::Shadow(ShadowError::Full { .. })) => ErrorCode::ShadowFull,
         WatchError::NoSuchMirror(_) | WatchError::Device(DeviceError::NoSuchMirror(_)) => {
             ErrorCode::NoSuchMirror
         }
@@ -714,7 +717,7 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
             "device.shadow_mib",
             (cfg.device.shadow_capacity >> 20).to_string(),
         ),
-        ("access.policy", format!("{:?}", cfg.access).to_lowercase()),
+        ("access.path", "mem-fd".into()),
         ("dirty.policy", cfg.dirty.policy.to_string()),
         ("quota.shadow_bytes", q.shadow_bytes.to_string()),
         ("quota.mirrors", q.mirrors.to_string()),
@@ -733,7 +736,7 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
 fn comm_of(c: &Session) -> String {
     let name = std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid)).unwrap_or_default();
     if sys::pidfd_alive(c.pidfd.as_fd()) {
-        name.trim_end().chars().take(32).collect()
+        escape_controls(name.trim_end_matches('\n'))
     } else {
         String::new()
     }

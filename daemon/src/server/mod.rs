@@ -8,35 +8,37 @@
 
 pub mod handler;
 pub mod listen;
+pub mod outbox;
 pub mod session;
 pub mod stream;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use memshadow_proto::{self as proto, ErrorCode, Frame, Request, Response, SocketError};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{accept4, SockFlag};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use crate::config::{Config, Limits};
-use crate::device::{Device, DeviceError};
+use crate::device::{Account, Device, DeviceError};
 use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
 use crate::events::{EventError, EventReader, Heartbeat};
 use crate::lock;
 use crate::sys::PAGE_SIZE;
-use crate::workers::{Job, Workers};
+use crate::workers::{Job, Submitter, Workers};
 pub use listen::{ListenError, Listener};
-use session::{peer_of, Session};
+use outbox::{Flushed, OutFrame, Outbox, Pushed};
+use session::{peer_of, Peer, PeerError, Session};
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,12 @@ pub enum ServerError {
     /// The dirty-tracking back end asked for does not work here.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// Clients cannot be told apart from a recycled pid on this kernel.
+    #[error("cannot identify clients")]
+    Peers(#[source] PeerError),
+    /// The worker pool stopped while starting.
+    #[error("the worker pool stopped")]
+    Stopped,
 }
 
 /// Dirty tracking as the daemon runs it (DESIGN.md §6): what the start-up probe found, the
@@ -138,7 +146,7 @@ pub struct Summary {
 pub struct ServerCounters {
     /// Sessions accepted.
     pub sessions: AtomicU64,
-    /// Connections refused (limits).
+    /// Connections refused (limits, unidentifiable peers, no file descriptors).
     pub refused: AtomicU64,
     /// Sessions closed for bad input.
     pub bad_messages: AtomicU64,
@@ -150,6 +158,20 @@ pub struct ServerCounters {
     pub released: AtomicU64,
     /// uffd events of clients already released.
     pub events_of_released: AtomicU64,
+    /// Sessions closed because their client did not read its answers (its queue was full).
+    pub not_reading: AtomicU64,
+    /// Sessions closed for saying no `Hello` in time, or for idling.
+    pub timed_out: AtomicU64,
+    /// Sessions ended because their client's address space went away (exec or exit)
+    /// while the session lived on.
+    pub gone: AtomicU64,
+}
+
+/// Per user: connections, and the shadow share every client of the user draws from.
+#[derive(Debug, Default)]
+struct UserEntry {
+    sessions: u32,
+    account: Option<Arc<Account>>,
 }
 
 /// What the session loop, the workers and the event source share.
@@ -161,8 +183,10 @@ pub struct Core {
     device: Device,
     events: EventReader,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
-    per_uid: Mutex<HashMap<u32, u32>>,
-    jobs: Mutex<Option<Sender<Job>>>,
+    users: Mutex<HashMap<u32, UserEntry>>,
+    jobs: Mutex<Option<Submitter>>,
+    /// The session loop's epoll: workers arm `EPOLLOUT` on it for queued answers.
+    epoll: Epoll,
     /// Session ids to close, and the eventfd that wakes the session loop for them.
     to_close: Arc<Mutex<Vec<u64>>>,
     wake: Arc<EventFd>,
@@ -190,12 +214,20 @@ impl Core {
     }
 
     /// Puts new limits in force (reload): new sessions and requests see them at once, and
-    /// every bound client's shadow quota changes for its next faults.
+    /// every bound client's shadow quota and every user's share change for their next
+    /// faults.
     pub fn set_limits(&self, l: Limits) {
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = l;
+        self.device
+            .set_reserved_bytes(l.quotas.reserved_shadow_bytes);
         for s in self.sessions() {
             if let Some(w) = s.watched() {
                 w.device().set_quota_bytes(l.quotas.shadow_bytes);
+            }
+        }
+        for u in lock(&self.users).values() {
+            if let Some(a) = &u.account {
+                a.set_quota_bytes(l.quotas.shadow_bytes_per_uid);
             }
         }
     }
@@ -233,9 +265,34 @@ impl Core {
         lock(&self.sessions).len()
     }
 
-    fn submit(&self, job: Job) -> bool {
+    /// True for root and the daemon's own user: they may look at and act on every client,
+    /// and they may use the reserved connections and shadow (G7).
+    pub fn privileged(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.owner
+    }
+
+    /// The shadow share of user `uid`, shared by all its clients.
+    fn account(&self, uid: u32) -> Arc<Account> {
+        let mut users = lock(&self.users);
+        let u = users.entry(uid).or_default();
+        let share = self.limits().quotas.shadow_bytes_per_uid;
+        let privileged = self.privileged(uid);
+        Arc::clone(u.account.get_or_insert_with(|| {
+            Arc::new(if privileged {
+                Account::privileged()
+            } else {
+                Account::limited(share)
+            })
+        }))
+    }
+
+    /// Queues `job` for the workers, in the turn of `s`'s user; false once shutting down.
+    fn submit(&self, s: &Session, job: Job) -> bool {
         match &*lock(&self.jobs) {
-            Some(tx) => tx.send(job).is_ok(),
+            Some(tx) => {
+                tx.submit(s.peer.uid, job);
+                true
+            }
             None => false,
         }
     }
@@ -256,49 +313,80 @@ impl Core {
         }
     }
 
-    /// Sends `resp` to request `request_id` of `s`, waiting up to the send timeout for room;
-    /// a client that does not read its answers loses its session, and is not waited for
-    /// again (the session loop would otherwise stall once per queued request, long enough
-    /// for the service watchdog to fire).
-    fn reply(&self, s: &Session, request_id: u64, resp: &Response) {
-        if s.closing.load(Relaxed) {
-            return;
+    /// Ends session `s` from any thread: nothing more is sent or served, and the session
+    /// loop closes it.
+    fn end(&self, s: &Session, counter: &AtomicU64, why: &'static str) {
+        if !s.closing.swap(true, Relaxed) {
+            counter.fetch_add(1, Relaxed);
+            tracing::warn!(
+                client = s.id,
+                pid = s.peer.pid,
+                uid = s.peer.uid,
+                "ending the session: {why}"
+            );
+            self.request_close(s.id);
         }
+    }
+
+    /// Sends `resp` to request `request_id` of `s` now, or queues it for the session loop to
+    /// send when the socket has room. Never waits: a client whose queue is full does not
+    /// read its answers, and loses its session.
+    fn reply(&self, s: &Session, request_id: u64, resp: &Response) {
         self.counters.requests.fetch_add(1, Relaxed);
         if matches!(resp, Response::Error { .. }) {
             self.counters.errors.fetch_add(1, Relaxed);
         }
-        let payload = resp.encode_payload();
-        let deadline = Instant::now() + self.cfg.send_timeout;
         // A stream's first answer says more follow.
         let flags = match resp {
             Response::TraceStarted => proto::FLAG_MORE,
             _ => 0,
         };
-        loop {
-            match proto::send(s.sock(), resp.msg_type(), flags, request_id, &payload, &[]) {
-                Ok(()) => return,
-                Err(SocketError::WouldBlock) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-                    let mut fds = [PollFd::new(s.sock(), PollFlags::POLLOUT)];
-                    if left.is_zero() || matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(0)) {
-                        tracing::warn!(
-                            client = s.id,
-                            "client does not read its answers; closing the session"
-                        );
-                        break;
-                    }
-                }
-                Err(SocketError::Closed) => break,
-                Err(e) => {
-                    tracing::debug!(client = s.id, error = %e, "cannot answer");
-                    break;
+        self.send(
+            s,
+            OutFrame {
+                msg_type: resp.msg_type(),
+                flags,
+                request_id,
+                payload: resp.encode_payload(),
+            },
+        );
+    }
+
+    /// Sends or queues `f` for `s` ([`Core::reply`]).
+    fn send(&self, s: &Session, f: OutFrame) {
+        if s.closing.load(Relaxed) {
+            return;
+        }
+        let pushed = lock(&s.out).push(s.sock(), f);
+        match pushed {
+            Pushed::Sent | Pushed::Queued { arm: false } => {}
+            Pushed::Queued { arm: true } => {
+                let ev = EpollEvent::new(SOCK_EVENTS | EpollFlags::EPOLLOUT, sock_token(s.id));
+                if let Err(e) = self.epoll.modify(s.sock(), &mut { ev }) {
+                    tracing::debug!(client = s.id, error = %e, "cannot watch the socket for room");
                 }
             }
+            Pushed::Full => self.end(
+                s,
+                &self.counters.not_reading,
+                "the client does not read its answers",
+            ),
+            Pushed::Closed => self.end(s, &self.counters.released, "the client's socket is gone"),
         }
-        s.closing.store(true, Relaxed);
-        self.request_close(s.id);
+    }
+
+    /// Sends what waits for `s` (the socket has room); stops watching for room once all is
+    /// sent.
+    fn flush(&self, s: &Session) {
+        let flushed = lock(&s.out).flush(s.sock());
+        match flushed {
+            Flushed::Pending => {}
+            Flushed::Empty => {
+                let ev = EpollEvent::new(SOCK_EVENTS, sock_token(s.id));
+                let _ = self.epoll.modify(s.sock(), &mut { ev });
+            }
+            Flushed::Closed => self.request_close(s.id),
+        }
     }
 }
 
@@ -306,6 +394,23 @@ impl Core {
 const LISTEN: u64 = u64::MAX;
 const SIGNAL: u64 = u64::MAX - 1;
 const WAKE: u64 = u64::MAX - 2;
+const HOUSEKEEP: u64 = u64::MAX - 3;
+
+/// What the session loop watches a client socket for (plus `EPOLLOUT` while answers wait).
+const SOCK_EVENTS: EpollFlags = EpollFlags::EPOLLIN.union(EpollFlags::EPOLLRDHUP);
+
+/// How often the session loop looks for sessions to end (no hello, idle, client gone).
+const HOUSEKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Answers one session may have waiting for it: one per request in flight, the answers of
+/// inline requests read in one turn of the session loop, and a few errors.
+fn outbox_for(l: &Limits) -> Outbox {
+    let frames = l.quotas.inflight as usize + 2 * READS_PER_TURN + 8;
+    Outbox::new(frames, frames * (proto::HEADER_LEN + proto::MAX_PAYLOAD))
+}
+
+/// Requests read from one session per wake-up (so one client cannot starve the others).
+const READS_PER_TURN: usize = 16;
 
 fn sock_token(id: u64) -> u64 {
     id << 1
@@ -320,7 +425,10 @@ pub struct Server {
     core: Arc<Core>,
     listener: Option<Listener>,
     workers: Workers,
-    epoll: Epoll,
+    housekeep: TimerFd,
+    /// Kept free so a connection can still be accepted (and told why it is refused) when
+    /// the daemon is out of file descriptors.
+    spare_fd: Option<OwnedFd>,
 }
 
 impl Server {
@@ -351,11 +459,15 @@ impl Server {
         listener: Listener,
         heartbeat: Option<Heartbeat>,
     ) -> Result<Server, ServerError> {
+        session::probe_peer_pidfd().map_err(ServerError::Peers)?;
         let device = Device::new(&cfg.device).map_err(ServerError::Device)?;
+        device.set_reserved_bytes(cfg.limits.quotas.reserved_shadow_bytes);
         let workers = Workers::start("worker", cfg.workers).map_err(ServerError::Spawn)?;
+        let submitter = || workers.submitter().ok_or(ServerError::Stopped);
+        let loop_err = |what| move |e| ServerError::Loop(what, e);
         let wake = Arc::new(
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| ServerError::Loop("eventfd", e))?,
+                .map_err(loop_err("eventfd"))?,
         );
         let to_close: Arc<Mutex<Vec<u64>>> = Arc::default();
         let hangup = {
@@ -365,21 +477,31 @@ impl Server {
                 let _ = wake.write(1);
             })
         };
-        let events = EventReader::start_with(workers.sender(), hangup, heartbeat)?;
-        let periodic = Periodic::start(workers.sender()).map_err(ServerError::Spawn)?;
+        let events = EventReader::start_with(submitter()?, hangup, heartbeat)?;
+        let periodic = Periodic::start(submitter()?).map_err(ServerError::Spawn)?;
         let streams =
             stream::Streams::start(Arc::clone(device.trace())).map_err(ServerError::Spawn)?;
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| ServerError::Loop("epoll", e))?;
-        epoll
-            .add(
-                listener.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, LISTEN),
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(loop_err("epoll"))?;
+        let housekeep = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )
+        .map_err(loop_err("timerfd"))?;
+        housekeep
+            .set(
+                Expiration::Interval(TimeSpec::from_duration(HOUSEKEEP_EVERY)),
+                TimerSetTimeFlags::empty(),
             )
-            .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
-        epoll
-            .add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
-            .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
+            .map_err(loop_err("timerfd_settime"))?;
+        for (fd, token) in [
+            (listener.as_fd(), LISTEN),
+            (wake.as_fd(), WAKE),
+            (housekeep.as_fd(), HOUSEKEEP),
+        ] {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .map_err(loop_err("epoll_ctl"))?;
+        }
         tracing::info!(
             socket = %listener.path().display(),
             activated = !listener.owns_file(),
@@ -391,13 +513,14 @@ impl Server {
         );
         Ok(Server {
             core: Arc::new(Core {
-                jobs: Mutex::new(Some(workers.sender())),
+                jobs: Mutex::new(Some(submitter()?)),
                 limits: RwLock::new(cfg.limits()),
                 cfg,
                 device,
                 events,
                 sessions: Mutex::default(),
-                per_uid: Mutex::default(),
+                users: Mutex::default(),
+                epoll,
                 to_close,
                 wake,
                 next_id: AtomicU64::new(1),
@@ -416,7 +539,8 @@ impl Server {
             }),
             listener: Some(listener),
             workers,
-            epoll,
+            housekeep,
+            spare_fd: spare_fd(),
         })
     }
 
@@ -443,7 +567,8 @@ impl Server {
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
         )
         .map_err(|e| ServerError::Loop("signalfd", e))?;
-        self.epoll
+        self.core
+            .epoll
             .add(sfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))
             .map_err(|e| ServerError::Loop("epoll_ctl", e))?;
         let mut events = vec![EpollEvent::empty(); 256];
@@ -453,131 +578,184 @@ impl Server {
             .and_then(|d| EpollTimeout::try_from(d).ok())
             .unwrap_or(EpollTimeout::NONE);
         sup.ready(&self.core);
-        'serve: loop {
-            let n = match self.epoll.wait(&mut events, timeout) {
+        loop {
+            let n = match self.core.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::Error::EINTR) => 0,
                 Err(e) => return Err(ServerError::Loop("epoll_wait", e)),
             };
             sup.tick(&self.core);
-            for ev in &events[..n] {
-                match ev.data() {
-                    SIGNAL => {
-                        while let Ok(Some(si)) = sfd.read_signal() {
-                            if si.ssi_signo == Signal::SIGHUP as u32 {
-                                sup.reload(&self.core);
-                                continue;
-                            }
-                            tracing::info!(signal = si.ssi_signo, "shutting down");
-                            sup.stopping(&self.core);
-                            break 'serve;
-                        }
-                    }
-                    LISTEN => self.accept_all(),
-                    WAKE => {
-                        let _ = self.core.wake.read();
-                        let ids = std::mem::take(&mut *lock(&self.core.to_close));
-                        for id in ids {
-                            self.close(id, "closed by the daemon");
-                        }
-                        if self.core.stop_requested.load(Relaxed) {
-                            tracing::info!("stop requested");
-                            sup.stopping(&self.core);
-                            break 'serve;
-                        }
-                    }
-                    t => {
-                        let id = t >> 1;
-                        if t & 1 == 1 {
-                            self.close(id, "client process exited");
-                        } else {
-                            self.serve_socket(id, ev.events(), &mut buf);
-                        }
-                    }
-                }
+            if events[..n]
+                .iter()
+                .any(|ev| self.serve_event(ev, &sfd, &mut buf, sup))
+            {
+                break;
             }
         }
         self.shutdown();
         Ok(())
     }
 
+    /// Handles one readiness event of the session loop; true when the daemon must stop.
+    fn serve_event(
+        &mut self,
+        ev: &EpollEvent,
+        sfd: &SignalFd,
+        buf: &mut Vec<u8>,
+        sup: &mut dyn Supervisor,
+    ) -> bool {
+        match ev.data() {
+            SIGNAL => {
+                while let Ok(Some(si)) = sfd.read_signal() {
+                    if si.ssi_signo == Signal::SIGHUP as u32 {
+                        sup.reload(&self.core);
+                        continue;
+                    }
+                    tracing::info!(signal = si.ssi_signo, "shutting down");
+                    sup.stopping(&self.core);
+                    return true;
+                }
+            }
+            LISTEN => self.accept_all(),
+            HOUSEKEEP => {
+                let _ = self.housekeep.wait();
+                self.housekeep();
+            }
+            WAKE => {
+                let _ = self.core.wake.read();
+                let ids = std::mem::take(&mut *lock(&self.core.to_close));
+                for id in ids {
+                    self.close(id, "closed by the daemon");
+                }
+                if self.core.stop_requested.load(Relaxed) {
+                    tracing::info!("stop requested");
+                    sup.stopping(&self.core);
+                    return true;
+                }
+            }
+            t if t & 1 == 1 => self.close(t >> 1, "client process exited"),
+            t => self.serve_socket(t >> 1, ev.events(), buf),
+        }
+        false
+    }
+
     fn accept_all(&mut self) {
         let Some(l) = &self.listener else { return };
+        let listen_fd = l.as_fd().as_raw_fd();
         loop {
-            let fd = match accept4(
-                l.as_fd().as_raw_fd(),
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            ) {
+            let fd = match accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
                 Ok(fd) => fd,
                 Err(nix::Error::EAGAIN) => return,
                 Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
+                Err(e @ (nix::Error::EMFILE | nix::Error::ENFILE)) => {
+                    self.refuse_for_lack_of_fds(listen_fd, e);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     return;
                 }
             };
             // SAFETY: accept4 returned a new fd that nothing else owns.
-            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let (peer, pidfd) = match peer_of(sock.as_fd()) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot identify a peer; connection dropped");
-                    continue;
-                }
-            };
-            let refusal = {
-                let limits = self.core.limits();
-                let sessions = lock(&self.core.sessions);
-                let per_uid = lock(&self.core.per_uid);
-                if sessions.len() >= limits.max_clients as usize {
-                    Some(format!(
-                        "the daemon serves its maximum of {} clients",
-                        limits.max_clients
-                    ))
-                } else if per_uid.get(&peer.uid).copied().unwrap_or(0) >= limits.clients_per_uid {
-                    Some(format!(
-                        "uid {} has its maximum of {} clients",
-                        peer.uid, limits.clients_per_uid
-                    ))
-                } else {
-                    None
-                }
-            };
-            if let Some(why) = refusal {
-                self.core.counters.refused.fetch_add(1, Relaxed);
-                tracing::warn!(pid = peer.pid, uid = peer.uid, reason = %why, "client refused");
-                let r = Response::error(ErrorCode::TooManyClients, why);
-                let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
-                continue;
-            }
-            let id = self.core.next_id.fetch_add(1, Relaxed);
-            let s = Arc::new(Session::new(id, peer, pidfd, sock));
-            let added = self
-                .epoll
-                .add(
-                    s.sock(),
-                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, sock_token(id)),
-                )
-                .and_then(|()| {
-                    self.epoll.add(
-                        s.pidfd.as_fd(),
-                        EpollEvent::new(EpollFlags::EPOLLIN, pidfd_token(id)),
-                    )
-                });
-            if let Err(e) = added {
-                tracing::error!(error = %e, "epoll_ctl failed; connection dropped");
-                let _ = self.epoll.delete(s.sock());
-                continue;
-            }
-            *lock(&self.core.per_uid).entry(peer.uid).or_default() += 1;
-            lock(&self.core.sessions).insert(id, s);
-            self.core.counters.sessions.fetch_add(1, Relaxed);
-            tracing::debug!(
-                client = id,
-                pid = peer.pid,
-                uid = peer.uid,
-                "client connected"
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            self.admit(sock);
+        }
+    }
+
+    /// Out of file descriptors: gives up the spare one to accept the next connection, tells
+    /// it why it is refused, and takes the spare again (else the listener would stay
+    /// readable and the loop spin).
+    fn refuse_for_lack_of_fds(&mut self, listen_fd: RawFd, e: nix::Error) {
+        self.core.counters.refused.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e, "out of file descriptors: refusing a connection (raise LimitNOFILE, or lower max_clients)");
+        drop(self.spare_fd.take());
+        if let Ok(fd) = accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+            // SAFETY: accept4 returned a new fd that nothing else owns.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let r = Response::error(
+                ErrorCode::OutOfResources,
+                "memshadowd is out of file descriptors; try again later",
             );
+            let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
+        }
+        self.spare_fd = spare_fd();
+    }
+
+    /// Identifies the peer of a new connection and admits it as a session, or refuses it
+    /// with an answer it can read.
+    fn admit(&mut self, sock: OwnedFd) {
+        let core = &self.core;
+        let refuse = |code: ErrorCode, why: String| {
+            core.counters.refused.fetch_add(1, Relaxed);
+            let r = Response::error(code, why);
+            let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
+        };
+        let (peer, pidfd) = match peer_of(sock.as_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "connection refused");
+                return refuse(ErrorCode::PermissionDenied, error_chain(&e));
+            }
+        };
+        let privileged = core.privileged(peer.uid);
+        if let Some(why) = self.over_limits(&peer, privileged) {
+            tracing::warn!(pid = peer.pid, uid = peer.uid, reason = %why, "client refused");
+            return refuse(ErrorCode::TooManyClients, why);
+        }
+        let id = core.next_id.fetch_add(1, Relaxed);
+        let out = outbox_for(&core.limits());
+        let s = Arc::new(Session::new(id, peer, pidfd, sock, out, core.uptime()));
+        let added = core
+            .epoll
+            .add(s.sock(), EpollEvent::new(SOCK_EVENTS, sock_token(id)))
+            .and_then(|()| {
+                core.epoll.add(
+                    s.pidfd.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, pidfd_token(id)),
+                )
+            });
+        if let Err(e) = added {
+            tracing::error!(error = %e, "epoll_ctl failed; connection dropped");
+            let _ = core.epoll.delete(s.sock());
+            return;
+        }
+        lock(&core.users).entry(peer.uid).or_default().sessions += 1;
+        lock(&core.sessions).insert(id, s);
+        core.counters.sessions.fetch_add(1, Relaxed);
+        tracing::debug!(
+            client = id,
+            pid = peer.pid,
+            uid = peer.uid,
+            "client connected"
+        );
+    }
+
+    /// Why a new connection of `peer` may not be served, if it may not: the daemon is full
+    /// (the last `reserved_clients` connections are kept for root and the daemon's user),
+    /// or its (unprivileged) user has its maximum.
+    fn over_limits(&self, peer: &Peer, privileged: bool) -> Option<String> {
+        let l = self.core.limits();
+        let sessions = lock(&self.core.sessions).len();
+        let of_user = lock(&self.core.users)
+            .get(&peer.uid)
+            .map_or(0, |u| u.sessions);
+        let open_to_all = l.max_clients.saturating_sub(l.reserved_clients) as usize;
+        if sessions >= l.max_clients as usize || (!privileged && sessions >= open_to_all) {
+            Some(format!(
+                "the daemon serves its maximum of {} clients",
+                if privileged {
+                    l.max_clients as usize
+                } else {
+                    open_to_all
+                }
+            ))
+        } else if !privileged && of_user >= l.clients_per_uid {
+            Some(format!(
+                "uid {} has its maximum of {} clients",
+                peer.uid, l.clients_per_uid
+            ))
+        } else {
+            None
         }
     }
 
@@ -585,8 +763,14 @@ impl Server {
         let Some(s) = lock(&self.core.sessions).get(&id).cloned() else {
             return;
         };
+        if ev.contains(EpollFlags::EPOLLOUT) {
+            self.core.flush(&s);
+        }
         // Read what is queued (bounded per wakeup so one client cannot starve the others).
-        for _ in 0..16 {
+        for _ in 0..READS_PER_TURN {
+            if s.closing.load(Relaxed) {
+                return;
+            }
             match proto::recv(s.sock(), buf) {
                 Ok(frame) => {
                     if !self.dispatch(&s, frame) {
@@ -599,11 +783,7 @@ impl Server {
                     return;
                 }
                 Err(e) => {
-                    self.core.counters.bad_messages.fetch_add(1, Relaxed);
-                    tracing::warn!(client = id, error = %e, "bad message; closing the session");
-                    let r = Response::error(ErrorCode::BadMessage, error_chain(&e));
-                    let _ = proto::send(s.sock(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
-                    self.close(id, "bad message");
+                    self.refuse_message(&s, &e);
                     return;
                 }
             }
@@ -611,6 +791,19 @@ impl Server {
         if ev.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
             self.close(id, "connection hung up");
         }
+    }
+
+    /// A message that could not be received whole: the session ends, after one answer
+    /// saying why (best effort).
+    fn refuse_message(&mut self, s: &Session, e: &SocketError) {
+        let (code, why) = {
+            self.core.counters.bad_messages.fetch_add(1, Relaxed);
+            (ErrorCode::BadMessage, "bad message")
+        };
+        tracing::warn!(client = s.id, error = %error_chain(e), "{why}; closing the session");
+        self.core
+            .reply(s, 0, &Response::error(code, error_chain(e)));
+        self.close(s.id, why);
     }
 
     /// Decodes and answers (or hands to a worker) one request; false if the session closed.
@@ -621,11 +814,12 @@ impl Server {
             fds,
         } = frame;
         let rid = header.request_id;
+        s.touch(self.core.uptime());
         let req = match Request::decode(header.msg_type, &payload, fds.len()) {
             Ok(r) => r,
             Err(e) => {
                 self.core.counters.bad_messages.fetch_add(1, Relaxed);
-                tracing::warn!(client = s.id, error = %e, "malformed request; closing the session");
+                tracing::warn!(client = s.id, error = %error_chain(&e), "malformed request; closing the session");
                 self.core.reply(
                     s,
                     rid,
@@ -656,7 +850,7 @@ impl Server {
             core.reply(&s2, rid, &resp);
             s2.inflight.fetch_sub(1, Relaxed);
         });
-        if !self.core.submit(job) {
+        if !self.core.submit(s, job) {
             s.inflight.fetch_sub(1, Relaxed);
             self.core.reply(
                 s,
@@ -667,16 +861,52 @@ impl Server {
         true
     }
 
+    /// Ends the sessions that must end: no `Hello` within the handshake timeout; mirroring
+    /// and streaming nothing for the idle timeout; a client whose address space is gone
+    /// (it `exec`ed or exited while another process kept the session open).
+    fn housekeep(&mut self) {
+        let l = self.core.limits();
+        let now = self.core.uptime();
+        for s in self.core.sessions() {
+            let c = &self.core.counters;
+            if s.hello.get().is_none() && now.saturating_sub(s.connected) > l.handshake_timeout {
+                self.core
+                    .end(&s, &c.timed_out, "no hello within the handshake timeout");
+            } else if let Some(w) = s.watched() {
+                if !w.alive() {
+                    self.core.end(
+                        &s,
+                        &c.gone,
+                        "the client's address space is gone (exec or exit)",
+                    );
+                }
+            } else if s.streams.load(Relaxed) == 0
+                && now.saturating_sub(s.last_active()) > l.idle_timeout
+            {
+                self.core
+                    .end(&s, &c.timed_out, "idle: it mirrors and streams nothing");
+            }
+        }
+    }
+
     /// Closes session `id`: no more requests, and its client is released off this thread.
     fn close(&mut self, id: u64, why: &str) {
         let Some(s) = lock(&self.core.sessions).remove(&id) else {
             return;
         };
         s.closing.store(true, Relaxed);
-        let _ = self.epoll.delete(s.sock());
-        let _ = self.epoll.delete(s.pidfd.as_fd());
-        if let Some(n) = lock(&self.core.per_uid).get_mut(&s.peer.uid) {
-            *n = n.saturating_sub(1);
+        // What is queued goes out if the socket has room (an error saying why, say).
+        let _ = lock(&s.out).flush(s.sock());
+        let _ = self.core.epoll.delete(s.sock());
+        let _ = self.core.epoll.delete(s.pidfd.as_fd());
+        {
+            let mut users = lock(&self.core.users);
+            if let Some(u) = users.get_mut(&s.peer.uid) {
+                u.sessions = u.sessions.saturating_sub(1);
+                if u.sessions == 0 {
+                    users.remove(&s.peer.uid);
+                }
+            }
         }
         tracing::debug!(
             client = id,
@@ -684,10 +914,11 @@ impl Server {
             reason = why,
             "session closed"
         );
-        if s.binding.get().is_some() {
+        if let Some(w) = s.watched() {
+            w.cancel();
             let core = Arc::clone(&self.core);
             let s2 = Arc::clone(&s);
-            if !self.core.submit(Box::new(move || core.release(&s2))) {
+            if !self.core.submit(&s, Box::new(move || core.release(&s2))) {
                 self.core.release(&s);
             }
         }
@@ -697,7 +928,7 @@ impl Server {
         self.core.stopping.store(true, Relaxed);
         // Stop accepting and unlink the socket first.
         if let Some(l) = self.listener.take() {
-            let _ = self.epoll.delete(l.as_fd());
+            let _ = self.core.epoll.delete(l.as_fd());
             drop(l);
         }
         // Release every client here, with the event reader still running so their blocked
@@ -709,7 +940,8 @@ impl Server {
             s.closing.store(true, Relaxed);
             self.core.release(s);
         }
-        // The reader and the timer hold job senders: stop them, then let queued jobs finish.
+        // The reader and the timer hold job submitters: stop them, then let queued jobs
+        // finish.
         self.core.events.stop();
         self.core.dirty.periodic.stop();
         lock(&self.core.jobs).take();
@@ -720,12 +952,19 @@ impl Server {
     }
 }
 
+/// An fd kept in reserve for [`Server::refuse_for_lack_of_fds`].
+fn spare_fd() -> Option<OwnedFd> {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+        .ok()
+        .map(OwnedFd::from)
+}
+
 impl Core {
     /// Releases a closed session's client (rule 8, G5) and stops reading its uffd.
     fn release(&self, s: &Session) {
         let Some(b) = s.binding.get() else { return };
         if let Err(e) = b.watched.release() {
-            tracing::warn!(client = s.id, error = %e, "release failed");
+            tracing::warn!(client = s.id, error = %error_chain(&e), "release failed");
         }
         self.events.unwatch(s.id);
         self.counters.released.fetch_add(1, Relaxed);
@@ -740,6 +979,7 @@ impl Core {
         lock(&self.sessions).values().cloned().collect()
     }
 
+    /// Time since the daemon started (the clock of session time stamps).
     fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -10,8 +10,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
-use memshadow_proto::{self as proto, EventKind, InvalidationReport, Response, SocketError};
+use memshadow_proto::{self as proto, EventKind, InvalidationReport, Response};
 
+use super::outbox::OutFrame;
 use super::session::Session;
 use crate::lock;
 use crate::notifier::Event;
@@ -163,24 +164,27 @@ impl Streams {
                 dropped: sub.dropped,
                 report,
             };
-            match proto::send(
-                s.sock(),
-                resp.msg_type(),
-                proto::FLAG_MORE,
-                sub.request_id,
-                &resp.encode_payload(),
-                &[],
-            ) {
-                Ok(()) => {
+            let frame = OutFrame {
+                msg_type: resp.msg_type(),
+                flags: proto::FLAG_MORE,
+                request_id: sub.request_id,
+                payload: resp.encode_payload(),
+            };
+            // Lossy: a record goes out only if nothing waits before it and the socket has
+            // room now; the subscriber learns how many it lost with the next one.
+            let offered = lock(&s.out).offer(s.sock(), &frame);
+            match offered {
+                Ok(true) => {
                     sub.dropped = 0;
                     true
                 }
-                Err(SocketError::WouldBlock) => {
+                Ok(false) => {
                     sub.dropped += 1;
                     true
                 }
                 Err(e) => {
                     tracing::debug!(client = s.id, error = %e, "trace stream ended");
+                    s.streams.fetch_sub(1, Relaxed);
                     hub.unlisten();
                     false
                 }

@@ -506,7 +506,7 @@ proptest! {
         let base = map(8, 7);
         let (a, _b) = nix::sys::socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
         let pid = std::process::id() as i32;
-        let s = Arc::new(Session::new(u64::MAX >> 2, Peer { pid, uid: 0, gid: 0 }, crate::sys::pidfd_open(pid).unwrap(), a));
+        let s = Arc::new(Session::new(u64::MAX >> 2, Peer { pid, uid: 0, gid: 0 }, crate::sys::pidfd_open(pid).unwrap(), a, super::outbox::Outbox::new(64, 1 << 20), std::time::Duration::ZERO));
         let mut runner = proptest::test_runner::TestRunner::deterministic();
         for (seed, fdkind) in reqs {
             let req = arb_request(base as u64).new_tree(&mut runner).unwrap().current();
@@ -517,7 +517,7 @@ proptest! {
                 prop_assert!(!entries.is_empty());
             }
             if let Some(w) = s.watched() {
-                prop_assert!(w.len() <= core.cfg.quotas.mirrors as usize);
+                prop_assert!(w.len() <= core.cfg.limits.quotas.mirrors as usize);
             }
         }
         core.release(&s);

@@ -145,10 +145,10 @@ impl Reloader {
         }
         if applied.limits() != self.running.limits() {
             core.set_limits(applied.limits());
-            if applied.quotas.mirrors > self.running.quotas.mirrors {
+            if applied.limits.quotas.mirrors > self.running.limits.quotas.mirrors {
                 tracing::info!(
                     "quotas.mirrors raised: clients bound before keep their bind-time cap of {}",
-                    self.running.quotas.mirrors
+                    self.running.limits.quotas.mirrors
                 );
             }
         }

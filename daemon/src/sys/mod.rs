@@ -5,6 +5,7 @@
 //! touches shadow memory (`device::shadow`).
 
 pub mod pagemap;
+pub mod procfd;
 pub mod uffd;
 
 use std::fs::File;
@@ -147,6 +148,7 @@ pub fn read_remote(pid: i32, remote_addr: u64, local: &mut [IoSliceMut<'_>]) -> 
 }
 
 /// Like [`read_remote`], through an open `/proc/PID/mem` file (`preadv` at the address).
+/// `ESRCH` if the address space the file was opened on is gone ([`procfd::mem_alive`]).
 ///
 /// `/proc/PID/mem` has no vectored read: the kernel calls it once per iovec, each call
 /// pinning the mm and walking to the page again. So iovecs that are adjacent in our memory
@@ -180,7 +182,10 @@ pub fn read_mem_file(
         let got = loop {
             match preadv(mem.as_fd(), chunk, off) {
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EIO | Errno::EFAULT) if done > 0 => break 0,
+                Err(Errno::EIO | Errno::EFAULT) if done > 0 => return Ok(done),
+                // Nothing at all, not even EIO: the file's address space is gone
+                // (procfd::mem_alive).
+                Ok(0) if want > 0 => return Err(Errno::ESRCH),
                 other => break other?,
             }
         };
