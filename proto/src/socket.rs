@@ -24,6 +24,15 @@ pub enum SocketError {
     /// More fds than [`MAX_FDS`] were attached (the surplus was discarded by the kernel).
     #[error("more than {MAX_FDS} fds attached")]
     TooManyFds,
+    /// The receiver could not install the fds sent with the message: it is out of file
+    /// descriptors (at its `RLIMIT_NOFILE`). Not the sender's fault; the fds that were
+    /// installed are closed and the rest discarded, the message is consumed whole, and trying
+    /// again later may work. Only the daemon receives fds.
+    #[error("memshadowd is out of file descriptors: it could not receive the fds attached to the message")]
+    FdsExhausted {
+        /// The message's request id, if its header is valid (to answer that request).
+        request_id: Option<u64>,
+    },
     /// A bad header.
     #[error("bad header")]
     Header(#[from] HeaderError),
@@ -128,7 +137,10 @@ struct ControlBuf([u8; CONTROL_LEN]);
 /// owned before anything is checked, however the control data was truncated.
 ///
 /// The kernel installs at most `MAX_FDS + 1` of the fds sent (the buffer has room for no
-/// more) and discards the rest.
+/// more) and discards the rest. Fewer installed than that while it reports truncation
+/// (`MSG_CTRUNC`) means it could not install one (`scm_detach_fds` stops at the first
+/// failure: this process is at its `RLIMIT_NOFILE`): [`SocketError::FdsExhausted`], not the
+/// sender's fault, unlike [`SocketError::TooManyFds`].
 ///
 /// `sock` must not have `SO_PASSCRED`, `SO_PASSSEC` or `SO_PASSPIDFD` set (memshadow sets
 /// none): their control messages would take the fds' room. A pidfd that arrives anyway is
@@ -171,8 +183,13 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Frame, SocketErro
     if truncated_data || bytes > HEADER_LEN + MAX_PAYLOAD {
         return Err(SocketError::Oversized);
     }
-    if truncated_control || fds.len() > MAX_FDS {
+    if fds.len() > MAX_FDS {
         return Err(SocketError::TooManyFds);
+    }
+    if truncated_control {
+        return Err(SocketError::FdsExhausted {
+            request_id: Header::decode(&buf[..bytes]).ok().map(|h| h.request_id),
+        });
     }
     let header = Header::decode(&buf[..bytes])?;
     if usize::from(header.fd_count) != fds.len() {
@@ -385,6 +402,23 @@ mod tests {
         .expect("sendmsg");
     }
 
+    fn nofile() -> libc::rlimit {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `r` is a valid, writable `rlimit`.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+        assert_eq!(rc, 0, "getrlimit: {}", Errno::last());
+        r
+    }
+
+    fn set_nofile(r: libc::rlimit) {
+        // SAFETY: `r` is a valid `rlimit`, only read.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+        assert_eq!(rc, 0, "setrlimit: {}", Errno::last());
+    }
+
     /// The session carries a legal message with fds afterwards.
     fn session_still_works(a: &OwnedFd, b: &OwnedFd, buf: &mut Vec<u8>) {
         let null = std::fs::File::open("/dev/null").expect("open");
@@ -420,5 +454,53 @@ mod tests {
                 assert_eq!(open_fds(), before);
             }
         });
+    }
+
+    /// (b) A receiver at its fd limit reports that, not the sender's fds, and closes the fds
+    /// it did install: the kernel installs fds until one fails (EMFILE) and flags the control
+    /// data as truncated.
+    #[test]
+    fn fds_the_receiver_cannot_install_are_exhaustion_and_none_stays_open() {
+        in_own_process(
+            "fds_the_receiver_cannot_install_are_exhaustion_and_none_stays_open",
+            || {
+                let (a, b) = pair();
+                let null = std::fs::File::open("/dev/null").expect("open");
+                let mut buf = Vec::new();
+                let limits = nofile();
+                // None of the 3 legal fds fits, or the first 2 do and the third does not.
+                for installable in [0usize, 2] {
+                    let before = open_fds();
+                    // The installable+1 lowest free numbers: below the last of them, exactly
+                    // `installable` are free, where the kernel installs the first fds.
+                    let free: Vec<OwnedFd> = (0..=installable)
+                        .map(|_| nix::unistd::dup(&null).expect("dup"))
+                        .collect();
+                    let cap = free.last().expect("one").as_raw_fd();
+                    drop(free);
+                    send(a.as_fd(), 2, 0, 42, b"x", &[null.as_fd(); 3]).expect("send");
+                    set_nofile(libc::rlimit {
+                        rlim_cur: cap as libc::rlim_t,
+                        rlim_max: limits.rlim_max,
+                    });
+                    let r = recv(b.as_fd(), &mut buf);
+                    set_nofile(limits);
+                    assert!(
+                        matches!(
+                            r,
+                            Err(SocketError::FdsExhausted {
+                                request_id: Some(42)
+                            })
+                        ),
+                        "{installable} installable: {r:?}"
+                    );
+                    assert_eq!(open_fds(), before, "{installable} installable");
+                    session_still_works(&a, &b, &mut buf);
+                    assert_eq!(open_fds(), before);
+                }
+                let e = SocketError::FdsExhausted { request_id: None };
+                assert!(e.to_string().contains("out of file descriptors"), "{e}");
+            },
+        );
     }
 }
