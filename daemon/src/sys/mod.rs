@@ -5,6 +5,7 @@
 //! touches shadow memory (`device::shadow`).
 
 pub mod pagemap;
+pub mod rlimit;
 pub mod uffd;
 
 use std::fs::File;
