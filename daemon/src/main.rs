@@ -198,6 +198,15 @@ fn main() -> ExitCode {
     if let Some(e) = &logging.journal_error {
         tracing::warn!(error = %e, "JOURNAL_STREAM names stderr but the journal socket cannot be used; logging to stderr");
     }
+    // Every client holds fds here: use all the room the service manager allows.
+    match memshadow_daemon::sys::rlimit::raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft = l.soft,
+            hard = l.hard,
+            "open-file limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!("{}", error_chain(&e)),
+    }
     let stall = match Stall::from_env() {
         Ok(s) => s,
         Err(e) => {

@@ -165,6 +165,8 @@ pub struct ServerCounters {
     /// Sessions ended because their client's address space went away (exec or exit)
     /// while the session lived on.
     pub gone: AtomicU64,
+    /// Messages whose fds the daemon could not take (out of file descriptors).
+    pub fds_exhausted: AtomicU64,
 }
 
 /// Per user: connections, and the shadow share every client of the user draws from.
@@ -783,8 +785,9 @@ impl Server {
                     return;
                 }
                 Err(e) => {
-                    self.refuse_message(&s, &e);
-                    return;
+                    if !self.refuse_message(&s, &e) {
+                        return;
+                    }
                 }
             }
         }
@@ -793,17 +796,28 @@ impl Server {
         }
     }
 
-    /// A message that could not be received whole: the session ends, after one answer
-    /// saying why (best effort).
-    fn refuse_message(&mut self, s: &Session, e: &SocketError) {
-        let (code, why) = {
-            self.core.counters.bad_messages.fetch_add(1, Relaxed);
-            (ErrorCode::BadMessage, "bad message")
-        };
-        tracing::warn!(client = s.id, error = %error_chain(e), "{why}; closing the session");
-        self.core
-            .reply(s, 0, &Response::error(code, error_chain(e)));
-        self.close(s.id, why);
+    /// A message that could not be received whole. If the daemon could not take its fds
+    /// (out of file descriptors: not the client's fault), the request is answered so and
+    /// the session goes on; anything else ends the session, after one answer saying why
+    /// (best effort).
+    fn refuse_message(&mut self, s: &Session, e: &SocketError) -> bool {
+        if let SocketError::FdsExhausted { request_id } = e {
+            self.core.counters.fds_exhausted.fetch_add(1, Relaxed);
+            tracing::warn!(client = s.id, "{}", error_chain(e));
+            let r = Response::error(ErrorCode::OutOfResources, error_chain(e));
+            self.core.reply(s, request_id.unwrap_or(0), &r);
+            if request_id.is_some() {
+                return true;
+            }
+            self.close(s.id, "out of file descriptors");
+            return false;
+        }
+        self.core.counters.bad_messages.fetch_add(1, Relaxed);
+        tracing::warn!(client = s.id, error = %error_chain(e), "bad message; closing the session");
+        let r = Response::error(ErrorCode::BadMessage, error_chain(e));
+        self.core.reply(s, 0, &r);
+        self.close(s.id, "bad message");
+        false
     }
 
     /// Decodes and answers (or hands to a worker) one request; false if the session closed.

@@ -6,6 +6,7 @@
 
 pub mod pagemap;
 pub mod procfd;
+pub mod rlimit;
 pub mod uffd;
 
 use std::fs::File;
