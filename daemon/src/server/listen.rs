@@ -38,7 +38,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fcntl, open, openat, AtFlags, FcntlArg, OFlag};
@@ -101,12 +101,23 @@ pub enum ListenError {
     },
 }
 
-/// A bound, listening `SOCK_SEQPACKET` socket; dropping it unlinks the file.
+/// Identity of the socket file this daemon created (`st_dev`, `st_ino`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64);
+
+impl FileId {
+    fn of(st: &FileStat) -> FileId {
+        FileId(st.st_dev, st.st_ino)
+    }
+}
+
+/// A bound, listening `SOCK_SEQPACKET` socket; dropping it unlinks the file it created.
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
-    unlink: bool,
+    /// The file this daemon created, unlinked on drop if it is still the one at `path`.
+    file: Option<FileId>,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> ListenError + 'a {
@@ -278,6 +289,8 @@ impl Listener {
             FchmodatFlags::FollowSymlink,
         )
         .map_err(io("chmod the new socket for", path))?;
+        let id = fstatat(&private.fd, PRIVATE_NAME, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(io("inspect the new socket for", path))?;
         // Listening before the name exists: a client that connects the moment it appears
         // waits in the backlog, and another daemon's probe never takes it for stale.
         listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
@@ -289,7 +302,7 @@ impl Listener {
         Ok(Listener {
             fd,
             path: path.to_owned(),
-            unlink: true,
+            file: Some(FileId::of(&id)),
         })
     }
 
@@ -376,7 +389,7 @@ impl Listener {
         Ok(Listener {
             fd,
             path,
-            unlink: false,
+            file: None,
         })
     }
 
@@ -387,7 +400,7 @@ impl Listener {
 
     /// True if this daemon created the socket file (and unlinks it when it stops).
     pub fn owns_file(&self) -> bool {
-        self.unlink
+        self.file.is_some()
     }
 }
 
@@ -399,9 +412,19 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if self.unlink {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot unlink the socket");
+        let Some(id) = self.file else { return };
+        // Only the file this daemon created: if someone replaced it (another daemon's
+        // socket, say), it is theirs.
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if FileId(m.dev(), m.ino()) == id => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot unlink the socket");
+                }
+            }
+            Ok(_) => tracing::warn!(path = %self.path.display(),
+                "the socket file was replaced by another; leaving it"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot unlink the socket")
             }
         }
     }
@@ -478,7 +501,7 @@ mod tests {
         assert!(matches!(Listener::bind(&path), Err(ListenError::Live(_))));
         // A stale file: leave the socket file behind without a listener.
         let mut l = l;
-        l.unlink = false;
+        l.file = None;
         drop(l);
         assert!(path.exists());
         let l = Listener::bind(&path).expect("replaces the stale socket");
@@ -501,7 +524,7 @@ mod tests {
         assert!(entries(&sub).is_empty() && entries(&dir) == ["sub"]);
         // A symlink, even to a stale socket, is in the way too; nothing is left behind.
         let mut stale = Listener::bind(&dir.join("stale.sock")).expect("bind");
-        stale.unlink = false;
+        stale.file = None;
         drop(stale);
         std::os::unix::fs::symlink(dir.join("stale.sock"), &path).expect("symlink");
         assert!(matches!(
@@ -546,7 +569,7 @@ mod tests {
         // A stale socket there is not touched either.
         chmod(&dir, 0o755);
         let mut stale = Listener::bind(&path).expect("bind");
-        stale.unlink = false;
+        stale.file = None;
         drop(stale);
         chmod(&dir, 0o777);
         assert!(matches!(
@@ -658,6 +681,26 @@ mod tests {
         assert_eq!(path.as_os_str().len(), 107);
         let l = Listener::bind(&path).expect("bind");
         connect_to(&path).expect("connect");
+        drop(l);
+        assert!(entries(&dir).is_empty());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn drop_unlinks_only_the_socket_it_created() {
+        let dir = scratch("listen-drop");
+        let path = dir.join("d.sock");
+        let l = Listener::bind(&path).expect("bind");
+        // Someone replaced the file (e.g. removed it and started another daemon).
+        std::fs::remove_file(&path).expect("rm");
+        let other = other_listener(&path);
+        drop(l);
+        connect_to(&path).expect("the other socket was left alone");
+        drop(other);
+        std::fs::remove_file(&path).expect("rm");
+        // Gone already: nothing to do, no panic.
+        let l = Listener::bind(&path).expect("bind");
+        std::fs::remove_file(&path).expect("rm");
         drop(l);
         assert!(entries(&dir).is_empty());
         std::fs::remove_dir_all(&dir).expect("cleanup");
