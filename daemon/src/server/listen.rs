@@ -494,9 +494,9 @@ mod tests {
         let path = sub.join("d.sock");
         let l = Listener::bind(&path).expect("bind");
         assert_eq!(
-            mode_of(&sub),
-            0o755,
-            "a created directory is not group-writable"
+            mode_of(&sub) & 0o022,
+            0,
+            "a created directory is writable by its owner only, whatever the umask"
         );
         assert!(matches!(Listener::bind(&path), Err(ListenError::Live(_))));
         // A stale file: leave the socket file behind without a listener.
@@ -677,7 +677,11 @@ mod tests {
     fn a_path_as_long_as_an_address_allows_binds() {
         let dir = scratch("listen-long");
         let prefix = dir.as_os_str().len() + 1;
-        let path = dir.join("x".repeat(107 - prefix));
+        let Some(n) = 107usize.checked_sub(prefix).filter(|n| *n > 0) else {
+            eprintln!("skipped: the temporary directory's path is too long");
+            return;
+        };
+        let path = dir.join("x".repeat(n));
         assert_eq!(path.as_os_str().len(), 107);
         let l = Listener::bind(&path).expect("bind");
         connect_to(&path).expect("connect");
