@@ -127,6 +127,55 @@ fn clients_and_mirrors_show_every_client() {
     );
 }
 
+/// A client names its process with escape sequences (clear the screen, bell, a tab, a
+/// newline that would start a fake row, an 8-bit CSI): `clients` shows the name escaped and
+/// writes no control byte to the operator's terminal; JSON carries the exact name.
+#[test]
+fn clients_show_a_hostile_process_name_escaped() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    let name = "ev\x1b[2J\x07\t\n\u{9b}1m";
+    assert!(name.len() <= 15, "PR_SET_NAME keeps 15 bytes");
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    c.expect_ok(&format!("setname {hex}"));
+    let pid = c.pid().to_string();
+
+    let o = ctl(&d, &["clients"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let raw: Vec<char> = text
+        .chars()
+        .filter(|&c| c != '\n' && c.is_control())
+        .collect();
+    assert!(raw.is_empty(), "raw control characters {raw:?} in {text:?}");
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(pid.as_str()))
+        .unwrap_or_else(|| panic!("client {pid} not listed: {text}"));
+    assert!(row.contains(r"ev\x1b[2J\x07\t\n\u{9b}1m"), "{row}");
+    // No row was injected: every line after the header starts with a pid.
+    for l in text.lines().skip(1) {
+        let first = l.split_whitespace().next().unwrap_or("");
+        assert!(first.parse::<i32>().is_ok(), "not a row: {l:?} in {text}");
+    }
+
+    let o = ctl(&d, &["--json", "clients"]);
+    assert!(o.status.success());
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        !out.trim_end_matches('\n').chars().any(char::is_control),
+        "{out:?}"
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let me = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["pid"].as_i64() == Some(c.pid().into()))
+        .unwrap_or_else(|| panic!("client {pid} not listed: {v}"));
+    assert_eq!(me["comm"].as_str(), Some(name));
+}
+
 #[test]
 fn peek_reads_the_shadow_in_every_format() {
     let d = Daemon::start(&[]);

@@ -568,6 +568,22 @@ fn run() -> Result<(), String> {
                         }
                     }
                 }
+                // `setname HEX`: names this process (prctl PR_SET_NAME, at most 15 bytes,
+                // shown in /proc/PID/comm); hex so any byte can cross this line protocol.
+                "setname" => {
+                    let hex = arg(1)?;
+                    let bytes = (0..hex.len())
+                        .step_by(2)
+                        .map(|i| {
+                            hex.get(i..i + 2)
+                                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                                .ok_or(format!("not hex: {hex}"))
+                        })
+                        .collect::<Result<Vec<u8>, String>>()?;
+                    let name = std::ffi::CString::new(bytes).map_err(|e| e.to_string())?;
+                    nix::sys::prctl::set_name(&name).map_err(|e| format!("PR_SET_NAME: {e}"))?;
+                    String::new()
+                }
                 "exit" => std::process::exit(0),
                 other => return Err(format!("unknown command {other}")),
             })

@@ -2,9 +2,17 @@
 //! library's control API (no protocol code of its own).
 //!
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable, 4 permission denied.
+//!
+//! Everything the daemon says is untrusted text (a client's process name is whatever that
+//! client chose): table output and error messages show it through [`esc`], so no control
+//! character or bidirectional override reaches the operator's terminal raw, and the text
+//! output as a whole passes [`text_out`]; JSON output is escaped by serde, and [`json_out`]
+//! spells the few characters serde leaves raw (DEL, C1 controls, bidi overrides) as `\uXXXX`.
 
 #![allow(clippy::print_stdout)]
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -144,7 +152,90 @@ fn code_of(e: &Error) -> u8 {
     }
 }
 
-/// An error and its causes, on one line.
+/// Characters shown as an escape rather than as they are: control characters (C0, DEL and
+/// C1: cursor movement, colours, title changes, 8-bit CSI), the Unicode line and paragraph
+/// separators, and the bidirectional formatting characters (which reorder what follows on
+/// the line, so a name could pass for another).
+fn unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Text from the daemon, safe to print: the characters of [`unsafe_for_terminal`] become
+/// visible escapes (`\n`, `\t`, `\r`, `\x1b`, `\u{202e}`) and a backslash is doubled, so an
+/// escape on screen never is text that merely looks like one. Everything else (non-ASCII
+/// letters included) is kept as it is.
+fn esc(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c == '\\' || unsafe_for_terminal(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\t' => o.push_str("\\t"),
+            '\r' => o.push_str("\\r"),
+            c if unsafe_for_terminal(c) => push_escape(&mut o, c),
+            c => o.push(c),
+        }
+    }
+    Cow::Owned(o)
+}
+
+/// `\xNN` for ASCII, `\u{NNNN}` beyond.
+fn push_escape(o: &mut String, c: char) {
+    let _ = if c.is_ascii() {
+        write!(o, "\\x{:02x}", u32::from(c))
+    } else {
+        write!(o, "\\u{{{:x}}}", u32::from(c))
+    };
+}
+
+/// The last guard of text output: whatever still holds a character of
+/// [`unsafe_for_terminal`] other than the line breaks of the tables themselves has it
+/// escaped (every daemon string is already shown through [`esc`]; this is for one that
+/// was missed).
+fn text_out(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c != '\n' && unsafe_for_terminal(c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if c != '\n' && unsafe_for_terminal(c) {
+            push_escape(&mut o, c);
+        } else {
+            o.push(c);
+        }
+    }
+    Cow::Owned(o)
+}
+
+/// One JSON value on a line. serde escapes quotes, backslashes and C0 controls; DEL, C1
+/// controls and the other characters of [`unsafe_for_terminal`] it writes raw, so they are
+/// spelt `\uXXXX` here (they can only be inside strings, where that is the same text).
+fn json_out(v: &Value) -> String {
+    let mut o = String::new();
+    for c in v.to_string().chars() {
+        if unsafe_for_terminal(c) {
+            let _ = write!(o, "\\u{:04x}", u32::from(c));
+        } else {
+            o.push(c);
+        }
+    }
+    o.push('\n');
+    o
+}
+
+/// The line printed for an error: its causes on one line, daemon text escaped.
+fn error_line(e: &Error) -> String {
+    format!("memshadowctl: {}", esc(&memshadow::error_chain(e)))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = match cli.socket.as_deref() {
@@ -155,15 +246,22 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("memshadowctl: {}", memshadow::error_chain(&e));
+            eprintln!("{}", error_line(&e));
             ExitCode::from(code_of(&e))
         }
     }
 }
 
+/// Prints table output (through [`text_out`]).
 fn out(s: &str) {
     let mut o = std::io::stdout().lock();
-    let _ = o.write_all(s.as_bytes());
+    let _ = o.write_all(text_out(s).as_bytes());
+}
+
+/// Prints one JSON value on a line (through [`json_out`]).
+fn out_json(v: &Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(json_out(v).as_bytes());
 }
 
 fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
@@ -171,7 +269,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
         Cmd::Status => {
             let st = c.status()?;
             if cli.json {
-                out(&format!("{}\n", status_json(&st)));
+                out_json(&status_json(&st));
             } else {
                 out(&status_text(&st, c.page_size() as u64));
             }
@@ -180,7 +278,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
             let list = c.list_clients()?;
             if cli.json {
                 let v: Vec<Value> = list.iter().map(client_json).collect();
-                out(&format!("{}\n", Value::Array(v)));
+                out_json(&Value::Array(v));
             } else {
                 out(&clients_text(&list));
             }
@@ -189,7 +287,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
             let list = c.list_mirrors_of(pid.unwrap_or(-1))?;
             if cli.json {
                 let v: Vec<Value> = list.iter().map(mirror_json).collect();
-                out(&format!("{}\n", Value::Array(v)));
+                out_json(&Value::Array(v));
             } else {
                 out(&mirrors_text(&list));
             }
@@ -200,14 +298,9 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
             if cli.json {
                 let m: serde_json::Map<String, Value> =
                     counters.into_iter().map(|(k, v)| (k, json!(v))).collect();
-                out(&format!("{}\n", Value::Object(m)));
+                out_json(&Value::Object(m));
             } else {
-                let w = counters.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-                let mut s = String::new();
-                for (k, v) in &counters {
-                    s.push_str(&format!("{k:<w$}  {v}\n"));
-                }
-                out(&s);
+                out(&stats_text(&counters));
             }
         }
         Cmd::Trace { pid, events, count } => {
@@ -227,14 +320,14 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
                     let mut v = report_json(&rec.report);
                     v["dropped"] = json!(rec.dropped);
                     v["time"] = json!(unix_now());
-                    format!("{v}\n")
+                    json_out(&v)
                 } else {
                     let mut l = trace_text(&rec.report);
                     if rec.dropped > 0 {
                         l.push_str(&format!("  ({} lost before this)", rec.dropped));
                     }
                     l.push('\n');
-                    l
+                    text_out(&l).into_owned()
                 };
                 let mut o = std::io::stdout().lock();
                 if o.write_all(line.as_bytes())
@@ -258,10 +351,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
                 let _ = o.write_all(&bytes).and_then(|()| o.flush());
             } else if cli.json {
                 let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                out(&format!(
-                    "{}\n",
-                    json!({"pid": pid, "addr": addr, "len": bytes.len(), "hex": hex})
-                ));
+                out_json(&json!({"pid": pid, "addr": addr, "len": bytes.len(), "hex": hex}));
             } else {
                 out(&hexdump(*addr, &bytes));
             }
@@ -269,15 +359,12 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
         Cmd::Sync { pid } => {
             let r = c.sync_pid(*pid)?;
             if cli.json {
-                out(&format!(
-                    "{}\n",
-                    json!({
-                        "pid": pid, "backend": r.backend.as_str(), "mirrors": r.mirrors,
-                        "pages_scanned": r.pages_scanned, "pages_dirty": r.pages_dirty,
-                        "regions": r.regions, "scan_ns": r.scan_ns,
-                        "invalidate_ns": r.invalidate_ns,
-                    })
-                ));
+                out_json(&json!({
+                    "pid": pid, "backend": r.backend.as_str(), "mirrors": r.mirrors,
+                    "pages_scanned": r.pages_scanned, "pages_dirty": r.pages_dirty,
+                    "regions": r.regions, "scan_ns": r.scan_ns,
+                    "invalidate_ns": r.invalidate_ns,
+                }));
             } else {
                 out(&format!(
                     "synced pid {pid} ({}): {} mirror(s), {} page(s) scanned, {} written in {} \
@@ -301,7 +388,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
         } => {
             let r = c.invalidate(*pid, *addr, *len, *event, *non_blocking)?;
             if cli.json {
-                out(&format!("{}\n", report_json(&r)));
+                out_json(&report_json(&r));
             } else {
                 out(&invalidate_text(&r, *non_blocking));
             }
@@ -356,7 +443,8 @@ fn micros(ns: u64) -> String {
 }
 
 fn status_text(st: &Status, page: u64) -> String {
-    let i = |k: &str| st.info(k).unwrap_or("?").to_owned();
+    // Daemon text, escaped.
+    let i = |k: &str| esc(st.info(k).unwrap_or("?")).into_owned();
     let n = |k: &str| st.counter(k).unwrap_or(0);
     let inv: u64 = st
         .counters
@@ -407,13 +495,13 @@ fn status_text(st: &Status, page: u64) -> String {
         ("memory access", i("access.policy")),
     ];
     let dirty = match st.info("dirty.backend") {
-        Some(b) => format!("{b}, policy {}", i("dirty.policy")),
+        Some(b) => format!("{}, policy {}", esc(b), i("dirty.policy")),
         None => format!("{}, policy {}", i("dirty.tracking"), i("dirty.policy")),
     };
     rows.push(("dirty tracking", dirty));
     for (k, v) in &st.info {
         if let Some(name) = k.strip_prefix("dirty.refused.") {
-            rows.push(("", format!("{name} refused: {v}")));
+            rows.push(("", format!("{} refused: {}", esc(name), esc(v))));
         }
     }
     rows.push((
@@ -450,6 +538,17 @@ fn status_text(st: &Status, page: u64) -> String {
     s
 }
 
+/// `name  value` lines, names (daemon text, escaped) aligned.
+fn stats_text(counters: &[(String, u64)]) -> String {
+    let names: Vec<Cow<'_, str>> = counters.iter().map(|(k, _)| esc(k)).collect();
+    let w = names.iter().map(|k| k.chars().count()).max().unwrap_or(0);
+    let mut s = String::new();
+    for (k, (_, v)) in names.iter().zip(counters) {
+        s.push_str(&format!("{k:<w$}  {v}\n"));
+    }
+    s
+}
+
 fn client_json(c: &ClientInfo) -> Value {
     json!({
         "id": c.id, "pid": c.pid, "uid": c.uid, "comm": c.comm, "bound": c.bound,
@@ -468,7 +567,11 @@ fn clients_text(list: &[ClientInfo]) -> String {
             "{:>7} {:>6} {:<16} {:>6} {:>10} {:>8} {:>13} {:>8}\n",
             c.pid,
             c.uid,
-            if c.comm.is_empty() { "?" } else { &c.comm },
+            if c.comm.is_empty() {
+                "?".into()
+            } else {
+                esc(&c.comm)
+            },
             if c.bound {
                 c.mirrors.to_string()
             } else {
@@ -504,7 +607,7 @@ fn mirrors_text(list: &[MirrorInfo]) -> String {
             bytes(m.len),
             m.pages,
             m.seq,
-            m.state
+            esc(&m.state)
         ));
     }
     s
@@ -627,6 +730,139 @@ mod tests {
         assert_eq!(code_of(&Error::DaemonGone), exit::UNREACHABLE);
         assert_eq!(code_of(&Error::PermissionDenied("x".into())), exit::DENIED);
         assert_eq!(code_of(&Error::BadRange("x".into())), exit::ERROR);
+    }
+
+    /// A character a terminal would act on rather than show.
+    fn raw_control(s: &str) -> Option<char> {
+        s.chars().find(|&c| c != '\n' && unsafe_for_terminal(c))
+    }
+
+    /// What an attacker would put in its process name: clear the screen, set the title,
+    /// a fake row on a new line, an 8-bit CSI, a right-to-left override.
+    const EVIL: &str = "x\x1b[2J\x1b]0;pwn\x07\n    1      0 init\t\r\x7f\u{9b}31m\u{202e}gpj";
+
+    fn client(comm: &str) -> ClientInfo {
+        ClientInfo {
+            id: 1,
+            pid: 4242,
+            uid: 1000,
+            bound: true,
+            mirrors: 1,
+            shadow_bytes: 4096,
+            events: 0,
+            comm: comm.into(),
+            faults: 0,
+            invalidations: 0,
+        }
+    }
+
+    #[test]
+    fn esc_makes_controls_visible_and_keeps_unicode_text() {
+        assert_eq!(
+            esc(EVIL),
+            "x\\x1b[2J\\x1b]0;pwn\\x07\\n    1      0 init\\t\\r\\x7f\\u{9b}31m\\u{202e}gpj"
+        );
+        assert_eq!(esc("\0\u{2028}\u{2066}"), "\\x00\\u{2028}\\u{2066}");
+        // A backslash is doubled: `\x1b` on screen is always an escape, never text.
+        assert_eq!(esc(r"a\x1b"), r"a\\x1b");
+        // Ordinary text, non-ASCII included, is kept as it is (and not copied).
+        for plain in [
+            "test-client",
+            "kworker/0:1",
+            "größe",
+            "日本語",
+            "émoji 🦀",
+            "",
+        ] {
+            assert!(
+                matches!(esc(plain), Cow::Borrowed(p) if p == plain),
+                "{plain}"
+            );
+        }
+        assert_eq!(raw_control(&esc(EVIL)), None);
+    }
+
+    #[test]
+    fn clients_table_escapes_the_process_name() {
+        let t = clients_text(&[client(EVIL), client("größe")]);
+        assert_eq!(raw_control(&t), None, "{t:?}");
+        assert_eq!(t.lines().count(), 3, "no row injected: {t}");
+        assert!(t.contains("x\\x1b[2J\\x1b]0;pwn\\x07\\n    1"), "{t}");
+        assert!(t.contains(" größe "), "{t}");
+        assert!(clients_text(&[client("")]).contains(" ? "));
+    }
+
+    #[test]
+    fn mirrors_status_and_stats_escape_daemon_text() {
+        let m = MirrorInfo {
+            id: 1,
+            addr: 0x1000,
+            len: 0x1000,
+            pages: 1,
+            pid: 4242,
+            seq: 1,
+            state: EVIL.into(),
+        };
+        let t = mirrors_text(&[m]);
+        assert_eq!(raw_control(&t), None, "{t:?}");
+        assert_eq!(t.lines().count(), 2, "{t}");
+
+        let status = |text: &str| Status {
+            info: vec![
+                ("daemon.version".into(), text.into()),
+                ("socket".into(), text.into()),
+                ("dirty.backend".into(), text.into()),
+                (format!("dirty.refused.{text}"), text.into()),
+            ],
+            counters: vec![(text.into(), 1), ("server.clients".into(), 2)],
+        };
+        let st = status(EVIL);
+        let t = status_text(&st, 4096);
+        assert_eq!(raw_control(&t), None, "{t:?}");
+        let rows = status_text(&status("x"), 4096).lines().count();
+        assert_eq!(t.lines().count(), rows, "one line per row: {t}");
+        let t = stats_text(&st.counters);
+        assert_eq!(raw_control(&t), None, "{t:?}");
+        assert_eq!(t.lines().count(), 2, "{t}");
+        // Names stay aligned on their escaped width.
+        let w = esc(EVIL).chars().count();
+        assert!(t.contains(&format!("{:<w$}  2\n", "server.clients")), "{t}");
+    }
+
+    #[test]
+    fn text_out_escapes_whatever_was_missed_but_line_breaks() {
+        assert_eq!(
+            text_out("a\tb\nc\x1bd\u{9b}\n"),
+            "a\\x09b\nc\\x1bd\\u{9b}\n"
+        );
+        assert!(matches!(text_out("ok\n"), Cow::Borrowed("ok\n")));
+        // What esc made safe passes unchanged (a doubled backslash is not doubled again).
+        let e = esc(EVIL);
+        assert_eq!(text_out(&e), e);
+    }
+
+    #[test]
+    fn json_output_carries_the_same_text_with_nothing_raw() {
+        let v = Value::Array(vec![client_json(&client(EVIL))]);
+        let line = json_out(&v);
+        assert!(line.ends_with('\n'));
+        assert_eq!(line.matches('\n').count(), 1);
+        assert_eq!(raw_control(&line), None, "{line:?}");
+        let back: Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(back, v, "the same value, only spelt differently");
+        assert_eq!(back[0]["comm"].as_str(), Some(EVIL));
+    }
+
+    #[test]
+    fn error_lines_escape_daemon_text() {
+        let e = Error::PermissionDenied(EVIL.into());
+        let l = error_line(&e);
+        assert!(
+            l.starts_with("memshadowctl: permission denied: x\\x1b[2J"),
+            "{l}"
+        );
+        assert_eq!(raw_control(&l), None, "{l:?}");
+        assert!(!l.contains('\n'), "one line: {l:?}");
     }
 
     #[test]
