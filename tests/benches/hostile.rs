@@ -20,7 +20,9 @@
 //! Run: `cargo build --release -p memshadow-daemon && cargo bench -p memshadow-tests --bench
 //! hostile -- --quick` (as root). Prints a table and writes
 //! `target/memshadow-bench/hostile.json`; the daemon's log goes to
-//! `target/memshadow-bench/hostile-memshadowd.log`.
+//! `target/memshadow-bench/hostile-memshadowd.log`. `-- --only non-reading` (or a
+//! comma-separated list of kinds) runs just those kinds of the mix, to tell their effects
+//! apart.
 #![allow(clippy::print_stdout)]
 
 use std::error::Error;
@@ -53,9 +55,11 @@ const READ_LEN: usize = 64;
 const THINK: Duration = Duration::from_millis(1);
 const WARMUP: usize = 50;
 /// The hostile mix: 100 sessions.
-const SILENT: usize = 34;
-const NON_READING: usize = 33;
-const FD_FLOODING: usize = 33;
+const MIX: [(Kind, usize); 3] = [
+    (Kind::Silent, 34),
+    (Kind::NonReading, 33),
+    (Kind::FdFlooding, 33),
+];
 /// Fds attached to each flooding message (the protocol allows `MAX_FDS`).
 const FLOOD_FDS: usize = 16;
 /// Messages sent on each flooding connection before closing it.
@@ -803,13 +807,34 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let mut quick = false;
-    for a in &args[1..] {
+    // `--only KIND[,KIND]`: just those kinds of the mix (to tell their effects apart).
+    let mut only: Option<Vec<Kind>> = None;
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--bench" => {}
+            "--only" => {
+                let list = it.next().ok_or("--only takes KIND[,KIND...]")?;
+                let kinds = list
+                    .split(',')
+                    .map(|k| Kind::parse(k).ok_or_else(|| format!("--only: unknown kind {k:?}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                only = Some(kinds);
+            }
             other => eprintln!("hostile: ignoring argument {other:?}"),
         }
     }
+    let mix: Vec<(Kind, usize)> = MIX
+        .into_iter()
+        .filter(|(k, _)| only.as_ref().is_none_or(|o| o.contains(k)))
+        .collect();
+    let total: usize = mix.iter().map(|(_, n)| n).sum();
+    let mix_text = mix
+        .iter()
+        .map(|(k, n)| format!("{n} {}", k.name()))
+        .collect::<Vec<_>>()
+        .join(" + ");
     let (alone_for, hostile_for, setup_max) = if quick {
         (
             Duration::from_secs(2),
@@ -852,8 +877,8 @@ fn main() -> Res<()> {
     let setting = format!(
         "memshadowd as root, --max-clients {MAX_CLIENTS} --clients-per-uid {CLIENTS_PER_UID} \
          (systemd/memshadowd.toml), other settings default; well-behaved client uid 0; \
-         hostile: {SILENT} silent + {NON_READING} non-reading + {FD_FLOODING} fd-flooding \
-         sessions as uid {HOSTILE_UID}"
+         hostile: {mix_text} sessions as uid {HOSTILE_UID}{}",
+        if only.is_some() { " (--only)" } else { "" }
     );
     eprintln!("hostile: {setting}");
     let polite = Polite::connect(&daemon.socket)?;
@@ -895,18 +920,14 @@ fn main() -> Res<()> {
     let before = counters(&snap)?;
     let fds_before = daemon.open_fds();
     let t_spawn = Instant::now();
-    for (kind, n) in [
-        (Kind::Silent, SILENT),
-        (Kind::NonReading, NON_READING),
-        (Kind::FdFlooding, FD_FLOODING),
-    ] {
+    for &(kind, n) in &mix {
         hostiles.spawn(&exe, &daemon.socket, kind, n)?;
     }
     let ready = hostiles.wait_ready(setup_max)?;
     let setup = t_spawn.elapsed();
     eprintln!(
         "hostile: {ready} of {} hostile sessions set up after {:.1} s; measuring",
-        SILENT + NON_READING + FD_FLOODING,
+        total,
         setup.as_secs_f64()
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -1014,9 +1035,11 @@ fn main() -> Res<()> {
         "workers": workers,
         "inflight_quota": quota,
         "hostile_uid": HOSTILE_UID,
-        "silent": SILENT,
-        "non_reading": NON_READING,
-        "fd_flooding": FD_FLOODING,
+        "hostile_sessions": mix
+            .iter()
+            .map(|(k, n)| (k.name().to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
+        "only": only.is_some(),
         "flood_fds": FLOOD_FDS,
         "flood_pause_ms": FLOOD_PAUSE.as_millis() as u64,
         "hostile_ready": ready,
