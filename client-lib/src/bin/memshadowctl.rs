@@ -492,7 +492,13 @@ fn status_text(st: &Status, page: u64) -> String {
                 i("device.shadow_mib")
             ),
         ),
-        ("memory access", i("access.policy")),
+        (
+            "memory access",
+            format!(
+                "{} (the /proc/self/mem each client hands over)",
+                i("access.path")
+            ),
+        ),
     ];
     let dirty = match st.info("dirty.backend") {
         Some(b) => format!("{}, policy {}", esc(b), i("dirty.policy")),

@@ -736,11 +736,12 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
 }
 
 /// The command name of session `c`'s process, or "" if it is gone (its pid may be reused,
-/// so the name read counts only if the pidfd says the process still lives).
+/// so the name read counts only if the pidfd says the process still lives). Sent as it is:
+/// whoever shows it escapes it (`memshadowctl` does).
 fn comm_of(c: &Session) -> String {
     let name = std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid)).unwrap_or_default();
     if sys::pidfd_alive(c.pidfd.as_fd()) {
-        escape_controls(name.trim_end_matches('\n'))
+        name.trim_end_matches('\n').to_owned()
     } else {
         String::new()
     }
