@@ -287,7 +287,11 @@ impl Inner {
         }
         loop {
             let Conn { sock, buf, .. } = &mut *c;
-            let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
+            let frame = match proto::recv(sock.as_fd(), buf) {
+                Ok(f) => f,
+                // A refusal may still wait behind the reset that the daemon's close caused.
+                Err(e) => return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e))),
+            };
             let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             if frame.header.request_id == id {

@@ -84,11 +84,7 @@ pub fn handle(
         if !w.alive() {
             // The client `exec`ed (or exited) and another process speaks for it: nothing of
             // the address space it bound is left to serve (docs/threat-model.md).
-            core.end(
-                s,
-                &core.counters.gone,
-                "the client's address space is gone (exec or exit)",
-            );
+            core.note_gone(s);
             return err(
                 ErrorCode::AccessFailed,
                 "the client's address space is gone (it exec'd or exited); the session ends",

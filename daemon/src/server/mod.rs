@@ -315,18 +315,33 @@ impl Core {
         }
     }
 
-    /// Ends session `s` from any thread: nothing more is sent or served, and the session
-    /// loop closes it.
-    fn end(&self, s: &Session, counter: &AtomicU64, why: &'static str) {
-        if !s.closing.swap(true, Relaxed) {
-            counter.fetch_add(1, Relaxed);
-            tracing::warn!(
+    /// Ends session `s` from any thread, for `why`: nothing more is sent or served, and the
+    /// session loop closes it. Counted once, whoever notices first.
+    fn end(&self, s: &Session, why: End) {
+        if s.closing.swap(true, Relaxed) {
+            return;
+        }
+        if let Some(c) = why.counter(&self.counters) {
+            c.fetch_add(1, Relaxed);
+        }
+        match why {
+            End::SocketGone => tracing::debug!(client = s.id, "ending the session: {}", why.text()),
+            _ => tracing::warn!(
                 client = s.id,
                 pid = s.peer.pid,
                 uid = s.peer.uid,
-                "ending the session: {why}"
-            );
-            self.request_close(s.id);
+                "ending the session: {}",
+                why.text()
+            ),
+        }
+        self.request_close(s.id);
+    }
+
+    /// Notes that `s`'s client address space is gone (counted once); the session ends once
+    /// the answer in hand is sent.
+    fn note_gone(&self, s: &Session) {
+        if !s.gone.swap(true, Relaxed) {
+            self.counters.gone.fetch_add(1, Relaxed);
         }
     }
 
@@ -352,6 +367,9 @@ impl Core {
                 payload: resp.encode_payload(),
             },
         );
+        if s.gone.load(Relaxed) {
+            self.end(s, End::Gone);
+        }
     }
 
     /// Sends or queues `f` for `s` ([`Core::reply`]).
@@ -368,12 +386,8 @@ impl Core {
                     tracing::debug!(client = s.id, error = %e, "cannot watch the socket for room");
                 }
             }
-            Pushed::Full => self.end(
-                s,
-                &self.counters.not_reading,
-                "the client does not read its answers",
-            ),
-            Pushed::Closed => self.end(s, &self.counters.released, "the client's socket is gone"),
+            Pushed::Full => self.end(s, End::NotReading),
+            Pushed::Closed => self.end(s, End::SocketGone),
         }
     }
 
@@ -388,6 +402,41 @@ impl Core {
                 let _ = self.epoll.modify(s.sock(), &mut { ev });
             }
             Flushed::Closed => self.request_close(s.id),
+        }
+    }
+}
+
+/// Why the daemon ends a session on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Its answers fill its queue: it does not read them.
+    NotReading,
+    /// No `Hello` within the handshake timeout.
+    NoHello,
+    /// Mirrors and streams nothing, and silent for the idle timeout.
+    Idle,
+    /// Its client's address space is gone (counted when noticed, [`Core::note_gone`]).
+    Gone,
+    /// Its socket failed (the peer went away).
+    SocketGone,
+}
+
+impl End {
+    fn counter(self, c: &ServerCounters) -> Option<&AtomicU64> {
+        match self {
+            End::NotReading => Some(&c.not_reading),
+            End::NoHello | End::Idle => Some(&c.timed_out),
+            End::Gone | End::SocketGone => None,
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            End::NotReading => "the client does not read its answers",
+            End::NoHello => "no hello within the handshake timeout",
+            End::Idle => "idle: it mirrors and streams nothing",
+            End::Gone => "the client's address space is gone (exec or exit)",
+            End::SocketGone => "the client's socket is gone",
         }
     }
 }
@@ -882,23 +931,17 @@ impl Server {
         let l = self.core.limits();
         let now = self.core.uptime();
         for s in self.core.sessions() {
-            let c = &self.core.counters;
             if s.hello.get().is_none() && now.saturating_sub(s.connected) > l.handshake_timeout {
-                self.core
-                    .end(&s, &c.timed_out, "no hello within the handshake timeout");
+                self.core.end(&s, End::NoHello);
             } else if let Some(w) = s.watched() {
                 if !w.alive() {
-                    self.core.end(
-                        &s,
-                        &c.gone,
-                        "the client's address space is gone (exec or exit)",
-                    );
+                    self.core.note_gone(&s);
+                    self.core.end(&s, End::Gone);
                 }
             } else if s.streams.load(Relaxed) == 0
                 && now.saturating_sub(s.last_active()) > l.idle_timeout
             {
-                self.core
-                    .end(&s, &c.timed_out, "idle: it mirrors and streams nothing");
+                self.core.end(&s, End::Idle);
             }
         }
     }

@@ -130,6 +130,9 @@ pub struct Session {
     pub streams: AtomicU32,
     /// Set once the session is being closed.
     pub closing: AtomicBool,
+    /// Set when its client's address space turned out to be gone: the session ends once
+    /// the answer saying so is sent.
+    pub gone: AtomicBool,
     /// Answers waiting for room in its socket.
     pub out: Mutex<Outbox>,
     /// When it connected (daemon uptime).
@@ -160,6 +163,7 @@ impl Session {
             inflight: AtomicU32::new(0),
             streams: AtomicU32::new(0),
             closing: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             out: Mutex::new(out),
             connected: now,
             last_active_ms: AtomicU64::new(millis(now)),
