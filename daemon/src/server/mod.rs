@@ -6,6 +6,7 @@
 //! sockets, pidfds, signals, over one epoll), a fixed worker pool for requests that may block,
 //! the event reader and finisher, and the device's engines and reclaimer.
 
+pub mod abuse;
 pub mod handler;
 pub mod listen;
 pub mod outbox;
@@ -36,9 +37,10 @@ use crate::events::{EventError, EventReader, Heartbeat};
 use crate::lock;
 use crate::sys::PAGE_SIZE;
 use crate::workers::{Job, Submitter, Workers};
+use abuse::Abuse;
 pub use listen::{ListenError, Listener};
 use outbox::{Flushed, OutFrame, Outbox, Pushed};
-use session::{peer_of, Peer, PeerError, Session};
+use session::{Peer, PeerError, Session};
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -463,6 +465,9 @@ fn outbox_for(l: &Limits) -> Outbox {
 /// Requests read from one session per wake-up (so one client cannot starve the others).
 const READS_PER_TURN: usize = 16;
 
+/// Connections accepted per wake-up of the session loop.
+const ACCEPTS_PER_TURN: usize = 16;
+
 fn sock_token(id: u64) -> u64 {
     id << 1
 }
@@ -480,6 +485,8 @@ pub struct Server {
     /// Kept free so a connection can still be accepted (and told why it is refused) when
     /// the daemon is out of file descriptors.
     spare_fd: Option<OwnedFd>,
+    /// Users flooding the daemon with malformed messages.
+    abuse: Abuse,
 }
 
 impl Server {
@@ -592,6 +599,7 @@ impl Server {
             workers,
             housekeep,
             spare_fd: spare_fd(),
+            abuse: Abuse::default(),
         })
     }
 
@@ -667,7 +675,7 @@ impl Server {
                     return true;
                 }
             }
-            LISTEN => self.accept_all(),
+            LISTEN => self.accept_some(),
             HOUSEKEEP => {
                 let _ = self.housekeep.wait();
                 self.housekeep();
@@ -690,10 +698,13 @@ impl Server {
         false
     }
 
-    fn accept_all(&mut self) {
+    /// Accepts waiting connections, at most [`ACCEPTS_PER_TURN`] per wake-up: the rest
+    /// wait for the next turn of the loop, after the sessions' requests (a flood of
+    /// connections must not starve the clients already served).
+    fn accept_some(&mut self) {
         let Some(l) = &self.listener else { return };
         let listen_fd = l.as_fd().as_raw_fd();
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let fd = match accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
                 Ok(fd) => fd,
                 Err(nix::Error::EAGAIN) => return,
@@ -741,8 +752,19 @@ impl Server {
             let r = Response::error(code, why);
             let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
         };
-        let (peer, pidfd) = match peer_of(sock.as_fd()) {
-            Ok(p) => p,
+        let pinned = session::credentials(sock.as_fd()).and_then(|peer| {
+            if self.abuse.barred(peer.uid, Instant::now()) && !core.privileged(peer.uid) {
+                return Ok(None);
+            }
+            session::pin(sock.as_fd(), &peer).map(|pidfd| Some((peer, pidfd)))
+        });
+        let (peer, pidfd) = match pinned {
+            Ok(Some(p)) => p,
+            // Barred for a flood of malformed messages: closed before any work.
+            Ok(None) => {
+                core.counters.refused.fetch_add(1, Relaxed);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "connection refused");
                 return refuse(ErrorCode::PermissionDenied, error_chain(&e));
@@ -861,12 +883,31 @@ impl Server {
             self.close(s.id, "out of file descriptors");
             return false;
         }
-        self.core.counters.bad_messages.fetch_add(1, Relaxed);
-        tracing::warn!(client = s.id, error = %error_chain(e), "bad message; closing the session");
-        let r = Response::error(ErrorCode::BadMessage, error_chain(e));
-        self.core.reply(s, 0, &r);
-        self.close(s.id, "bad message");
+        self.malformed(s, 0, &error_chain(e));
         false
+    }
+
+    /// Answers a malformed message of `s` (request `rid`, 0 if unknown) and closes the
+    /// session; logs it unless its user sent too many lately, and bars that user's new
+    /// connections for a while if it keeps on ([`abuse`]).
+    fn malformed(&mut self, s: &Session, rid: u64, why: &str) {
+        self.core.counters.bad_messages.fetch_add(1, Relaxed);
+        let noted = self.abuse.bad_message(s.peer.uid, Instant::now());
+        if noted.log {
+            tracing::warn!(client = s.id, uid = s.peer.uid, error = %why, "malformed message; closing the session");
+        }
+        if noted.barred_now && !self.core.privileged(s.peer.uid) {
+            tracing::warn!(
+                uid = s.peer.uid,
+                "{} malformed messages within {:?}: refusing this user's connections for {:?}",
+                abuse::BAR_AFTER,
+                abuse::WINDOW,
+                2 * abuse::WINDOW
+            );
+        }
+        self.core
+            .reply(s, rid, &Response::error(ErrorCode::BadMessage, why));
+        self.close(s.id, "malformed message");
     }
 
     /// Decodes and answers (or hands to a worker) one request; false if the session closed.
@@ -881,14 +922,7 @@ impl Server {
         let req = match Request::decode(header.msg_type, &payload, fds.len()) {
             Ok(r) => r,
             Err(e) => {
-                self.core.counters.bad_messages.fetch_add(1, Relaxed);
-                tracing::warn!(client = s.id, error = %error_chain(&e), "malformed request; closing the session");
-                self.core.reply(
-                    s,
-                    rid,
-                    &Response::error(ErrorCode::BadMessage, error_chain(&e)),
-                );
-                self.close(s.id, "malformed request");
+                self.malformed(s, rid, &error_chain(&e));
                 return false;
             }
         };
@@ -928,6 +962,9 @@ impl Server {
     /// and streaming nothing for the idle timeout; a client whose address space is gone
     /// (it `exec`ed or exited while another process kept the session open).
     fn housekeep(&mut self) {
+        for (uid, n) in self.abuse.sweep(Instant::now()) {
+            tracing::warn!(uid, "{n} more malformed messages of this user not logged");
+        }
         let l = self.core.limits();
         let now = self.core.uptime();
         for s in self.core.sessions() {

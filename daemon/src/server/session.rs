@@ -46,17 +46,27 @@ pub enum PeerError {
 /// process is never looked up by its pid number: that number may belong to another process
 /// by now.
 pub fn peer_of(sock: BorrowedFd<'_>) -> Result<(Peer, OwnedFd), PeerError> {
+    let peer = credentials(sock)?;
+    Ok((peer, pin(sock, &peer)?))
+}
+
+/// The peer's credentials as of `connect` (`SO_PEERCRED`).
+pub fn credentials(sock: BorrowedFd<'_>) -> Result<Peer, PeerError> {
     let cred = getsockopt(&sock, PeerCredentials).map_err(PeerError::Credentials)?;
-    let peer = Peer {
+    Ok(Peer {
         pid: cred.pid(),
         uid: cred.uid(),
         gid: cred.gid(),
-    };
+    })
+}
+
+/// The pidfd of `peer`, taken by the kernel at `connect`; refused if it has exited since.
+pub fn pin(sock: BorrowedFd<'_>, peer: &Peer) -> Result<OwnedFd, PeerError> {
     let pidfd = peer_pidfd(sock).map_err(PeerError::PidFd)?;
     if !sys::pidfd_alive(pidfd.as_fd()) {
         return Err(PeerError::Gone(peer.pid));
     }
-    Ok((peer, pidfd))
+    Ok(pidfd)
 }
 
 /// `SO_PEERPIDFD`.
