@@ -35,6 +35,7 @@
 //! - `MEMSHADOW_FUZZ_ENABLE`: comma-separated generators of [`KNOWN_BUGS`] to switch on
 //!   (or `all`); they are off by default while the daemon fixes land.
 //! - `MEMSHADOW_FUZZ_HANDSHAKE_SECS`: how long a silent connection may live (default 10).
+//! - `MEMSHADOW_FUZZ_DAEMON_ARGS`: more `memshadowd` arguments (e.g. `--mode one-pass`).
 //!
 //! An input that breaks an invariant is written to `target/memshadow-fuzz/` and its path
 //! printed; the test fails at the end with the list.
@@ -381,6 +382,8 @@ enum Step {
     NoRead(u8),
     /// Known bug `silent`: connect, say nothing, expect to be closed.
     Silent(u8),
+    /// A child process of the client binds, attaches and exits with requests in flight.
+    Exit(u8),
 }
 
 impl Step {
@@ -388,14 +391,14 @@ impl Step {
         match self {
             Step::Send(s) => s.conn,
             Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c,
-            Step::Silent(c) => *c,
+            Step::Silent(c) | Step::Exit(c) => *c,
         }
     }
     fn set_conn(&mut self, n: u8) {
         match self {
             Step::Send(s) => s.conn = n,
             Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c = n,
-            Step::Silent(c) => *c = n,
+            Step::Silent(c) | Step::Exit(c) => *c = n,
         }
     }
 }
@@ -563,6 +566,7 @@ impl Script {
                 Step::Shutdown(_) => out.push_str("shutdown"),
                 Step::NoRead(_) => out.push_str("noread"),
                 Step::Silent(_) => out.push_str("silent"),
+                Step::Exit(_) => out.push_str("exit"),
                 Step::Send(f) => {
                     if f.raw {
                         out.push_str("raw");
@@ -653,6 +657,7 @@ impl Script {
             "shutdown" => self.steps.push(Step::Shutdown(conn)),
             "noread" => self.steps.push(Step::NoRead(conn)),
             "silent" => self.steps.push(Step::Silent(conn)),
+            "exit" => self.steps.push(Step::Exit(conn)),
             "send" | "raw" => {
                 let mut f = Send::new(conn, 0, Vec::new());
                 let mut opts = rest;
@@ -1243,6 +1248,7 @@ fn gen_script(rng: &mut Rng, user: User, enabled: &Enabled) -> Script {
                 st[c as usize].nowait = 0;
                 Step::Wait(c)
             }
+            5 => Step::Exit(c),
             _ => Step::Send(gen_frame(rng, c, &mut st[c as usize], enabled)),
         };
         let stop = matches!(step, Step::NoRead(_) | Step::Silent(_));
@@ -1867,6 +1873,7 @@ fn run_step(
             }
         }
         Step::NoRead(_) => no_read(ctx, conn, out),
+        Step::Exit(_) => exiting_client(ctx, scratch, out),
         Step::Send(f) => {
             // A client that keeps more answers unread than its socket holds is one that
             // does not read (the `never-read` generator): read them first.
@@ -1885,6 +1892,103 @@ fn run_step(
             }
         }
     }
+}
+
+/// A child of the client (sharing its memory layout) binds, attaches its copy of the
+/// scratch area, sends a populate and a read and exits without waiting: the daemon must
+/// release it (checked at rest). The child must be gone within the answer deadline.
+fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(), String> {
+    // SAFETY: the child only runs `exiting_child`, which ends in `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        exiting_child(ctx, scratch);
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let deadline = Instant::now() + ANSWER_DEADLINE;
+    loop {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {
+                out.sent += 5;
+                out.closes += 1;
+                return Ok(());
+            }
+            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
+            Err(e) => return Err(format!("waitpid: {e}")),
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(format!(
+                "a client process did not get through hello, bind and attach within \
+                 {ANSWER_DEADLINE:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The child of [`exiting_client`]: exits 0 once its requests are in flight, 1 if the
+/// session went wrong before.
+fn exiting_child(ctx: &Ctx, scratch: &Scratch) -> ! {
+    let ok = (|| -> Result<(), String> {
+        let s = connect(&ctx.socket)?;
+        let mut buf = Vec::new();
+        let mut call = |r: &Request, fds: &[BorrowedFd<'_>]| -> Result<Response, String> {
+            proto::send(s.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), fds)
+                .map_err(|e| e.to_string())?;
+            let f = recv_within(s.as_fd(), &mut buf, ANSWER_DEADLINE)?;
+            Response::decode(f.header.msg_type, &f.payload, 0).map_err(|e| e.to_string())
+        };
+        call(
+            &Request::Hello {
+                min_version: 1,
+                max_version: 1,
+                name: "exiting".into(),
+            },
+            &[],
+        )?;
+        let uffd = new_uffd();
+        let mem = open_or_null("/proc/self/mem", libc::O_RDONLY);
+        let pagemap = open_or_null("/proc/self/pagemap", libc::O_RDONLY);
+        call(
+            &Request::Bind { flags: 0 },
+            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
+        )?;
+        drop((uffd, mem, pagemap));
+        let Response::Attached { mirror_id } = call(
+            &Request::Attach {
+                addr: scratch.rw,
+                len: 8 * P,
+                flags: 0,
+            },
+            &[],
+        )?
+        else {
+            return Ok(());
+        };
+        for r in [
+            Request::Populate {
+                mirror_id,
+                offset: 0,
+                len: 8 * P,
+            },
+            Request::Read {
+                mirror_id,
+                offset: 0,
+                len: 8 * P as u32,
+            },
+        ] {
+            proto::send(s.as_fd(), r.msg_type(), 0, 2, &r.encode_payload(), &[])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    // SAFETY: ends the child at once (its socket and uffd close with it).
+    unsafe { libc::_exit(i32::from(ok.is_err())) }
 }
 
 /// Waits until `sock`'s peer hangs up (true) or `limit` passes (false), reading nothing.
@@ -2575,9 +2679,13 @@ impl Worker {
             next_k: 0,
             dead: false,
         };
-        let line = w
-            .read_line(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("fuzz worker {index} did not start: {e}"));
+        let line = w.read_line(Duration::from_secs(30)).unwrap_or_else(|e| {
+            panic!(
+                "fuzz worker {index} ({user:?}) did not start: {e} (a worker as nobody needs \
+                 to reach {} and the daemon's socket)",
+                std::env::current_exe().unwrap().display()
+            )
+        });
         assert!(line.starts_with("@@ready"), "{line}");
         w
     }
@@ -3023,6 +3131,9 @@ fn fuzz_the_daemon() {
     .collect();
     if seed % 2 == 1 {
         daemon_args.extend(["--access".to_owned(), "mem-fd".to_owned()]);
+    }
+    if let Ok(extra) = std::env::var("MEMSHADOW_FUZZ_DAEMON_ARGS") {
+        daemon_args.extend(extra.split_whitespace().map(str::to_owned));
     }
     if let Some(s) = replay_scripts.as_ref().and_then(|v| v.first()) {
         if !s.daemon.is_empty() {
