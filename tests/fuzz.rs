@@ -3108,9 +3108,16 @@ fn fuzz_the_daemon() {
             .map_or(1, |d| d.as_nanos() as u64)
     });
     let corpus: Vec<Script> = load_corpus().into_iter().map(|(_, s)| s).collect();
-    let replay_scripts = replay
-        .as_ref()
-        .map(|p| parse_replay(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"))));
+    let replay_scripts = replay.as_ref().map(|p| {
+        // Relative paths: from the current directory, else from the workspace root (cargo
+        // runs the test in tests/).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let path = [PathBuf::from(p), root.join(p)]
+            .into_iter()
+            .find(|c| c.exists())
+            .unwrap_or_else(|| panic!("MEMSHADOW_FUZZ_REPLAY: no file {p}"));
+        parse_replay(&std::fs::read_to_string(&path).unwrap())
+    });
     let root = nix::unistd::geteuid().is_root();
 
     // The daemon: small quotas so their limits are reached; the access path by the seed.
@@ -3193,7 +3200,10 @@ fn fuzz_the_daemon() {
     // One script on one worker, with its outcome recorded.
     let run_one = |w: &mut Worker, k: u64, s: &Script, why_prefix: &str| -> Option<String> {
         let other = pids[(w.index + 1 + (k as usize % (pids.len() - 1))) % pids.len()];
-        let name = format!("{seed}-w{}-{k}", w.index);
+        let name = match &replay {
+            Some(_) => format!("replay-w{}-{k}", w.index),
+            None => format!("{seed}-w{}-{k}", w.index),
+        };
         match w.run(k, other, s) {
             Ok(o) => {
                 totals.lock().unwrap().add(w.user, &o);
