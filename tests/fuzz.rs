@@ -1,0 +1,3463 @@
+//! Handler fuzzing against a real `memshadowd`: for a bounded time, many sessions send
+//! generated frame sequences (valid and invalid requests, in every protocol state, with
+//! right and wrong fds), half of them as an unprivileged user, and the daemon is checked
+//! throughout and afterwards.
+//!
+//! How it runs. The test starts the daemon, then worker processes (this test binary re-run
+//! as `fuzz_worker_process`; half of them as uid/gid 65534), and feeds each worker one
+//! *script* at a time: a sequence of frames and socket actions over one to three
+//! connections, in the text format of `tests/fuzz-corpus/README.md`. Scripts are mutated
+//! from the corpus in `tests/fuzz-corpus/` or generated from scratch, by a xorshift PRNG
+//! seeded from `MEMSHADOW_FUZZ_SEED` (printed); script `k` of worker `w` depends only on
+//! the seed, `w`, `k` and the corpus.
+//!
+//! Checked in every session (by the worker): every request gets an answer or a close
+//! within a deadline; every answer is a well-formed frame without fds, of the type its
+//! request calls for, and carries a request id that was sent; malformed frames are answered
+//! `BadMessage` and close the session, and a healthy session is never closed; nothing but
+//! `Hello` succeeds before `Hello`, nothing that needs `Bind` before `Bind`; `Bind` accepts
+//! only the client's own `/proc/PID/mem` (and pagemap); an unprivileged client never gets
+//! another client's clients, mirrors, bytes, invalidations, syncs or trace; a device read
+//! returns exactly the client's own bytes, and only for a mirror it attached and has not
+//! detached.
+//!
+//! Checked by the test, periodically and at the end: the daemon is alive and answers
+//! `status`; once every session has closed, its fd and thread counts come back to their
+//! baseline, `shadow.slots_in_use` to 0 and `server.clients` to the one asking; and a
+//! well-behaved `TestClient` can still connect, attach and read.
+//!
+//! Environment:
+//! - `MEMSHADOW_FUZZ_SECS`: fuzzing time (default 20).
+//! - `MEMSHADOW_FUZZ_SEED`: the seed (default: from the clock; always printed).
+//! - `MEMSHADOW_FUZZ_SESSIONS`: stop after this many scripts (default: no limit).
+//! - `MEMSHADOW_FUZZ_REPLAY`: run only this script file (e.g. one written under
+//!   `target/memshadow-fuzz/` by a failing run) against a fresh daemon, then check.
+//! - `MEMSHADOW_FUZZ_ENABLE`: comma-separated generators of [`KNOWN_BUGS`] to switch on
+//!   (or `all`); they are off by default while the daemon fixes land.
+//! - `MEMSHADOW_FUZZ_HANDSHAKE_SECS`: how long a silent connection may live (default 10).
+//! - `MEMSHADOW_FUZZ_DAEMON_ARGS`: more `memshadowd` arguments (e.g. `--mode one-pass`).
+//!
+//! An input that breaks an invariant is written to `target/memshadow-fuzz/` and its path
+//! printed; the test fails at the end with the list.
+
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::print_stdout)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use memshadow_proto::{
+    self as proto, ErrorCode, Header, Request, Response, SocketError, FLAG_MORE, HEADER_LEN,
+    MAX_FDS, MAX_PAYLOAD, MAX_READ,
+};
+use memshadow_tests::{bin_dir, fields, Daemon, TestClient};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+
+const P: u64 = 4096;
+/// Generators of bugs known on main and being fixed in parallel: off unless
+/// `MEMSHADOW_FUZZ_ENABLE` names them. Remove a name here once its fix has landed.
+const KNOWN_BUGS: &[(&str, &str)] = &[
+    (
+        "fd-overflow",
+        "frames with 7 to 16 SCM_RIGHTS fds (the daemon leaks the ones past the 6th)",
+    ),
+    (
+        "never-read",
+        "a client that floods requests and never reads (replies block the session loop)",
+    ),
+    (
+        "silent",
+        "a client that connects and never says hello (no handshake timeout)",
+    ),
+];
+/// Every generator name [`KNOWN_BUGS`] may list (a fixed one is simply always on).
+const SWITCHABLE: &[&str] = &["fd-overflow", "never-read", "silent"];
+
+/// How long one answer (or close) may take.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a worker may take for one whole script.
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the daemon may take to come back to its baseline once every session closed.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a `status` of the daemon may take before it counts as unresponsive.
+const STATUS_DEADLINE: Duration = Duration::from_secs(10);
+/// A session loop that answers a `status` slower than this while a client does not read
+/// is stalled by that client (only checked by the `never-read` generator).
+const STALL_LIMIT: Duration = Duration::from_millis(1000);
+/// Most requests a session has unanswered before it reads (three device reads' answers
+/// fit the daemon's socket buffer).
+const MAX_PIPELINE: usize = 3;
+/// Guard pages (`PROT_NONE`) before and after the scratch area of a script, and its pages.
+const GUARD_PAGES: u64 = 32;
+const RW_PAGES: u64 = 32;
+/// Time between the test's checks of the daemon (each ends with all sessions closed).
+const EPOCH: Duration = Duration::from_millis(2500);
+/// Workers per user.
+const WORKERS_PER_USER: usize = 2;
+const NOBODY: u32 = 65534;
+
+/// The request types by name (checked against the protocol crate below).
+const TYPES: &[(&str, u16)] = &[
+    ("hello", 0x0001),
+    ("bind", 0x0002),
+    ("attach", 0x0003),
+    ("detach", 0x0004),
+    ("read", 0x0005),
+    ("populate", 0x0006),
+    ("stats", 0x0007),
+    ("status", 0x0008),
+    ("clients", 0x0009),
+    ("mirrors", 0x000a),
+    ("peek", 0x0010),
+    ("invalidate", 0x0011),
+    ("trace", 0x0012),
+    ("sync", 0x0020),
+    ("syncpid", 0x0021),
+];
+const TRACE_EVENT: u16 = 0x8013;
+
+// =======================================================================================
+// The PRNG.
+
+/// xorshift64* — small, self-contained, good enough to drive a fuzzer.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        // splitmix64 of the seed, so nearby seeds diverge at once (and 0 is not stuck).
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn range(&mut self, lo: u64, hi_incl: u64) -> u64 {
+        lo + self.below(hi_incl - lo + 1)
+    }
+    /// True with probability `pct` %.
+    fn pct(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len() as u64) as usize].clone()
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+// =======================================================================================
+// Scripts: the model, its text form (tests/fuzz-corpus/README.md), parsing and printing.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum User {
+    Root,
+    Nobody,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    /// The session's own process.
+    Me,
+    Daemon,
+    /// The test process (root, never a client).
+    Parent,
+    /// Another worker (a client, maybe bound, maybe of the other user).
+    Other,
+    /// A child of the worker (never a client).
+    Sibling,
+}
+
+const WHO: &[(&str, Who)] = &[
+    ("me", Who::Me),
+    ("daemon", Who::Daemon),
+    ("parent", Who::Parent),
+    ("other", Who::Other),
+    ("sibling", Who::Sibling),
+];
+
+/// One piece of a payload template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Hex(Vec<u8>),
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+    I32(i32),
+    /// A u16 length and the bytes.
+    Str(Vec<u8>),
+    /// `.1` repeated `.0` times.
+    Rep(u32, Vec<u8>),
+    /// u64: the script's scratch area + offset.
+    Addr(i64),
+    /// i32: a pid.
+    Pid(Who),
+    /// u64: the id of the k-th mirror this connection attached (k + 1 if none).
+    Mirror(u8),
+}
+
+/// A file descriptor to attach to a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fd {
+    /// A fresh userfaultfd of this process.
+    Uffd,
+    /// One on which `UFFDIO_API` was already done.
+    UffdApi,
+    /// One created by another (live) process, the worker's sibling.
+    UffdForeign,
+    /// One whose creator has exited.
+    UffdDead,
+    /// `/proc/self/mem`, read-write.
+    Mem,
+    /// `/proc/self/mem`, read-only.
+    MemRo,
+    /// `/proc/self/mem`, `O_PATH`.
+    MemOpath,
+    /// `/proc/self/pagemap`.
+    Pagemap,
+    /// `/proc/self/task/TID/mem` (the same memory under another name).
+    TaskMem,
+    /// `O_PATH` of the test process's (root's) `/proc/PID/mem`.
+    ParentMem,
+    /// `O_PATH` of the daemon's own `/proc/PID/mem`.
+    DaemonMem,
+    /// Read-only `/proc/PID/mem` of the worker's sibling (same user, readable).
+    SiblingMem,
+    /// `O_PATH` of the test process's pagemap.
+    ParentPagemap,
+    Null,
+    Pipe,
+    Sock,
+    /// The session's own socket.
+    SelfSock,
+    Memfd,
+    Event,
+    Dir,
+}
+
+const FDS: &[(&str, Fd)] = &[
+    ("uffd", Fd::Uffd),
+    ("uffd-api", Fd::UffdApi),
+    ("uffd-foreign", Fd::UffdForeign),
+    ("uffd-dead", Fd::UffdDead),
+    ("mem", Fd::Mem),
+    ("mem-ro", Fd::MemRo),
+    ("mem-opath", Fd::MemOpath),
+    ("pagemap", Fd::Pagemap),
+    ("task-mem", Fd::TaskMem),
+    ("parent-mem", Fd::ParentMem),
+    ("daemon-mem", Fd::DaemonMem),
+    ("sibling-mem", Fd::SiblingMem),
+    ("parent-pagemap", Fd::ParentPagemap),
+    ("null", Fd::Null),
+    ("pipe", Fd::Pipe),
+    ("sock", Fd::Sock),
+    ("self", Fd::SelfSock),
+    ("memfd", Fd::Memfd),
+    ("eventfd", Fd::Event),
+    ("dir", Fd::Dir),
+];
+
+/// A change to a whole rendered record (header and payload), applied in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mut {
+    Flip(usize, u8),
+    Set(usize, Vec<u8>),
+    Trunc(usize),
+    Ext(Vec<u8>),
+    Ins(usize, Vec<u8>),
+    Del(usize, usize),
+}
+
+impl Mut {
+    fn apply(&self, b: &mut Vec<u8>) {
+        match self {
+            Mut::Flip(at, bit) if *at < b.len() => b[*at] ^= 1 << (bit % 8),
+            Mut::Set(at, x) => {
+                for (i, v) in x.iter().enumerate() {
+                    if at + i < b.len() {
+                        b[at + i] = *v;
+                    }
+                }
+            }
+            Mut::Trunc(n) => b.truncate(*n),
+            Mut::Ext(x) => b.extend_from_slice(x),
+            Mut::Ins(at, x) => {
+                let i = (*at).min(b.len());
+                b.splice(i..i, x.iter().copied());
+            }
+            Mut::Del(at, n) if *at < b.len() => {
+                let end = (at + n).min(b.len());
+                b.drain(*at..end);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Wait for the answers to everything sent on the connection.
+    Wait,
+    /// Go on at once (pipelining).
+    NoWait,
+    /// Close the connection right after sending (mid-request).
+    Close,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Send {
+    conn: u8,
+    /// The tokens are the whole record; no header is generated.
+    raw: bool,
+    ty: u16,
+    ver: Option<u16>,
+    flags: Option<u16>,
+    hdrfds: Option<u16>,
+    len: Option<u32>,
+    magic: Option<u32>,
+    id: Option<u64>,
+    fds: Vec<Fd>,
+    payload: Vec<Tok>,
+    muts: Vec<Mut>,
+    mode: Mode,
+}
+
+impl Send {
+    fn new(conn: u8, ty: u16, payload: Vec<Tok>) -> Send {
+        Send {
+            conn,
+            raw: false,
+            ty,
+            ver: None,
+            flags: None,
+            hdrfds: None,
+            len: None,
+            magic: None,
+            id: None,
+            fds: Vec::new(),
+            payload,
+            muts: Vec::new(),
+            mode: Mode::Wait,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Send(Send),
+    /// Wait for every answer pending on the connection.
+    Wait(u8),
+    /// Close the connection (a later step on it connects again).
+    Close(u8),
+    /// `shutdown(SHUT_WR)`: the daemon sees the end of the stream.
+    Shutdown(u8),
+    /// Known bug `never-read`: flood requests, never read, expect to be closed.
+    NoRead(u8),
+    /// Known bug `silent`: connect, say nothing, expect to be closed.
+    Silent(u8),
+    /// A child process of the client binds, attaches and exits with requests in flight.
+    Exit(u8),
+}
+
+impl Step {
+    fn conn(&self) -> u8 {
+        match self {
+            Step::Send(s) => s.conn,
+            Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c,
+            Step::Silent(c) | Step::Exit(c) => *c,
+        }
+    }
+    fn set_conn(&mut self, n: u8) {
+        match self {
+            Step::Send(s) => s.conn = n,
+            Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c = n,
+            Step::Silent(c) | Step::Exit(c) => *c = n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Script {
+    user: User,
+    /// Known-bug generators this script exercises (skipped unless enabled).
+    needs: Vec<String>,
+    /// Extra daemon arguments (honoured when replaying the file).
+    daemon: Vec<String>,
+    steps: Vec<Step>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("bad hex {s:?}"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn num(s: &str) -> Result<i128, String> {
+    let (neg, t) = match s.strip_prefix('-') {
+        Some(t) => (true, t),
+        None => (false, s),
+    };
+    let v = match t.strip_prefix("0x") {
+        Some(h) => i128::from_str_radix(h, 16),
+        None => t.parse::<i128>(),
+    }
+    .map_err(|e| format!("bad number {s:?}: {e}"))?;
+    Ok(if neg { -v } else { v })
+}
+
+fn num_as<T: TryFrom<i128>>(s: &str) -> Result<T, String> {
+    T::try_from(num(s)?).map_err(|_| format!("{s} is out of range"))
+}
+
+fn type_name(ty: u16) -> String {
+    TYPES
+        .iter()
+        .find(|(_, t)| *t == ty)
+        .map_or_else(|| format!("{ty:#06x}"), |(n, _)| (*n).to_owned())
+}
+
+fn fd_name(f: Fd) -> &'static str {
+    FDS.iter().find(|(_, x)| *x == f).map_or("?", |(n, _)| n)
+}
+
+impl Tok {
+    fn print(&self) -> String {
+        match self {
+            Tok::Hex(b) => hex(b),
+            Tok::U8(v) => format!("u8:{v}"),
+            Tok::U16(v) => format!("u16:{v}"),
+            Tok::U32(v) => format!("u32:{v:#x}"),
+            Tok::U64(v) => format!("u64:{v:#x}"),
+            Tok::I32(v) => format!("i32:{v}"),
+            Tok::Str(b) => match std::str::from_utf8(b) {
+                Ok(s) if s.bytes().all(|c| c.is_ascii_graphic() && c != b'#') => {
+                    format!("str:{s}")
+                }
+                _ => format!("strhex:{}", hex(b)),
+            },
+            Tok::Rep(n, b) => format!("rep:{n}:{}", hex(b)),
+            Tok::Addr(o) if *o < 0 => format!("addr:-{:#x}", o.unsigned_abs()),
+            Tok::Addr(o) => format!("addr:{o:#x}"),
+            Tok::Pid(w) => format!(
+                "pid:{}",
+                WHO.iter().find(|(_, x)| x == w).map_or("?", |(n, _)| n)
+            ),
+            Tok::Mirror(k) => format!("mirror:{k}"),
+        }
+    }
+
+    fn parse(w: &str) -> Result<Tok, String> {
+        let Some((kind, v)) = w.split_once(':') else {
+            return unhex(w).map(Tok::Hex);
+        };
+        Ok(match kind {
+            "u8" => Tok::U8(num_as(v)?),
+            "u16" => Tok::U16(num_as(v)?),
+            "u32" => Tok::U32(num_as(v)?),
+            "u64" => Tok::U64(num_as(v)?),
+            "i32" => Tok::I32(num_as(v)?),
+            "str" => Tok::Str(v.as_bytes().to_vec()),
+            "strhex" => Tok::Str(unhex(v)?),
+            "rep" => {
+                let (n, b) = v.split_once(':').ok_or("rep:N:HEX")?;
+                Tok::Rep(num_as(n)?, unhex(b)?)
+            }
+            "addr" => Tok::Addr(num_as(v)?),
+            "pid" => Tok::Pid(
+                WHO.iter()
+                    .find(|(n, _)| *n == v)
+                    .map(|(_, w)| *w)
+                    .ok_or(format!("unknown pid:{v}"))?,
+            ),
+            "mirror" => Tok::Mirror(num_as(v)?),
+            _ => return Err(format!("unknown token {w:?}")),
+        })
+    }
+}
+
+impl Mut {
+    fn print(&self) -> String {
+        match self {
+            Mut::Flip(a, b) => format!("flip:{a}:{b}"),
+            Mut::Set(a, x) => format!("set:{a}:{}", hex(x)),
+            Mut::Trunc(n) => format!("trunc:{n}"),
+            Mut::Ext(x) => format!("ext:{}", hex(x)),
+            Mut::Ins(a, x) => format!("ins:{a}:{}", hex(x)),
+            Mut::Del(a, n) => format!("del:{a}:{n}"),
+        }
+    }
+
+    fn parse(w: &str) -> Result<Mut, String> {
+        let mut it = w.split(':');
+        let op = it.next().unwrap_or("");
+        let mut arg = || it.next().ok_or(format!("{w}: missing argument"));
+        Ok(match op {
+            "flip" => Mut::Flip(num_as(arg()?)?, num_as(arg()?)?),
+            "set" => Mut::Set(num_as(arg()?)?, unhex(arg()?)?),
+            "trunc" => Mut::Trunc(num_as(arg()?)?),
+            "ext" => Mut::Ext(unhex(arg()?)?),
+            "ins" => Mut::Ins(num_as(arg()?)?, unhex(arg()?)?),
+            "del" => Mut::Del(num_as(arg()?)?, num_as(arg()?)?),
+            _ => return Err(format!("unknown mutation {w:?}")),
+        })
+    }
+}
+
+impl Script {
+    fn print(&self) -> String {
+        let mut out = String::new();
+        out.push_str(match self.user {
+            User::Root => "as root\n",
+            User::Nobody => "as nobody\n",
+            User::Any => "as any\n",
+        });
+        for n in &self.needs {
+            let _ = writeln!(out, "needs {n}");
+        }
+        if !self.daemon.is_empty() {
+            let _ = writeln!(out, "daemon {}", self.daemon.join(" "));
+        }
+        for s in &self.steps {
+            let c = s.conn();
+            if c != 0 {
+                let _ = write!(out, "@{c} ");
+            }
+            match s {
+                Step::Wait(_) => out.push_str("wait"),
+                Step::Close(_) => out.push_str("close"),
+                Step::Shutdown(_) => out.push_str("shutdown"),
+                Step::NoRead(_) => out.push_str("noread"),
+                Step::Silent(_) => out.push_str("silent"),
+                Step::Exit(_) => out.push_str("exit"),
+                Step::Send(f) => {
+                    if f.raw {
+                        out.push_str("raw");
+                    } else {
+                        let _ = write!(out, "send {}", type_name(f.ty));
+                    }
+                    let opt = |out: &mut String, k: &str, v: Option<String>| {
+                        if let Some(v) = v {
+                            let _ = write!(out, " {k}={v}");
+                        }
+                    };
+                    opt(&mut out, "ver", f.ver.map(|v| v.to_string()));
+                    opt(&mut out, "flags", f.flags.map(|v| format!("{v:#x}")));
+                    opt(&mut out, "hdrfds", f.hdrfds.map(|v| v.to_string()));
+                    opt(&mut out, "len", f.len.map(|v| v.to_string()));
+                    opt(&mut out, "magic", f.magic.map(|v| format!("{v:#x}")));
+                    opt(&mut out, "id", f.id.map(|v| v.to_string()));
+                    if !f.fds.is_empty() {
+                        let names: Vec<&str> = f.fds.iter().map(|x| fd_name(*x)).collect();
+                        let _ = write!(out, " fds={}", names.join(","));
+                    }
+                    if !f.muts.is_empty() {
+                        let m: Vec<String> = f.muts.iter().map(Mut::print).collect();
+                        let _ = write!(out, " mut={}", m.join(","));
+                    }
+                    match f.mode {
+                        Mode::Wait => {}
+                        Mode::NoWait => out.push_str(" nowait"),
+                        Mode::Close => out.push_str(" close"),
+                    }
+                    if !f.payload.is_empty() {
+                        out.push_str(" :");
+                        for t in &f.payload {
+                            out.push(' ');
+                            out.push_str(&t.print());
+                        }
+                    }
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    fn parse(text: &str) -> Result<Script, String> {
+        let mut s = Script {
+            user: User::Any,
+            needs: Vec::new(),
+            daemon: Vec::new(),
+            steps: Vec::new(),
+        };
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split_once('#').map_or(line, |(a, _)| a).trim();
+            if line.is_empty() {
+                continue;
+            }
+            s.parse_line(line)
+                .map_err(|e| format!("line {}: {e}: {line}", i + 1))?;
+        }
+        Ok(s)
+    }
+
+    fn parse_line(&mut self, line: &str) -> Result<(), String> {
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let mut conn = 0u8;
+        if let Some(c) = words[0].strip_prefix('@') {
+            conn = num_as(c)?;
+            if conn > 3 {
+                return Err("at most 4 connections (@0..@3)".into());
+            }
+            words.remove(0);
+        }
+        let kw = *words.first().ok_or("empty step")?;
+        let rest = &words[1..];
+        match kw {
+            "as" => {
+                self.user = match rest.first().copied() {
+                    Some("root") => User::Root,
+                    Some("nobody") => User::Nobody,
+                    Some("any") => User::Any,
+                    _ => return Err("as root|nobody|any".into()),
+                }
+            }
+            "needs" => self.needs.extend(rest.iter().map(|w| (*w).to_owned())),
+            "daemon" => self.daemon.extend(rest.iter().map(|w| (*w).to_owned())),
+            "wait" => self.steps.push(Step::Wait(conn)),
+            "close" => self.steps.push(Step::Close(conn)),
+            "shutdown" => self.steps.push(Step::Shutdown(conn)),
+            "noread" => self.steps.push(Step::NoRead(conn)),
+            "silent" => self.steps.push(Step::Silent(conn)),
+            "exit" => self.steps.push(Step::Exit(conn)),
+            "send" | "raw" => {
+                let mut f = Send::new(conn, 0, Vec::new());
+                let mut opts = rest;
+                if kw == "raw" {
+                    f.raw = true;
+                } else {
+                    let t = *rest.first().ok_or("send TYPE")?;
+                    f.ty = match TYPES.iter().find(|(n, _)| *n == t) {
+                        Some((_, ty)) => *ty,
+                        None => num_as(t)?,
+                    };
+                    opts = &rest[1..];
+                }
+                let split = opts.iter().position(|w| *w == ":").unwrap_or(opts.len());
+                for o in &opts[..split] {
+                    match o.split_once('=') {
+                        Some(("ver", v)) => f.ver = Some(num_as(v)?),
+                        Some(("flags", v)) => f.flags = Some(num_as(v)?),
+                        Some(("hdrfds", v)) => f.hdrfds = Some(num_as(v)?),
+                        Some(("len", v)) => f.len = Some(num_as(v)?),
+                        Some(("magic", v)) => f.magic = Some(num_as(v)?),
+                        Some(("id", v)) => f.id = Some(num_as(v)?),
+                        Some(("fds", v)) => {
+                            for n in v.split(',') {
+                                let fd = FDS
+                                    .iter()
+                                    .find(|(x, _)| *x == n)
+                                    .ok_or(format!("unknown fd kind {n}"))?;
+                                f.fds.push(fd.1);
+                            }
+                        }
+                        Some(("mut", v)) => {
+                            for m in v.split(',') {
+                                f.muts.push(Mut::parse(m)?);
+                            }
+                        }
+                        None if *o == "nowait" => f.mode = Mode::NoWait,
+                        None if *o == "close" => f.mode = Mode::Close,
+                        _ => return Err(format!("unknown option {o}")),
+                    }
+                }
+                for w in opts.iter().skip(split + 1) {
+                    f.payload.push(Tok::parse(w)?);
+                }
+                self.steps.push(Step::Send(f));
+            }
+            _ => return Err(format!("unknown step {kw}")),
+        }
+        Ok(())
+    }
+
+    /// The frames of the script that carry more fds than the daemon reads whole (the
+    /// `fd-overflow` generator).
+    fn max_fds(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Send(f) => f.fds.len(),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The known-bug generators the script uses, by what it contains.
+    fn uses(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.max_fds() > 6 {
+            v.push("fd-overflow");
+        }
+        if self.steps.iter().any(|s| matches!(s, Step::NoRead(_))) {
+            v.push("never-read");
+        }
+        if self.steps.iter().any(|s| matches!(s, Step::Silent(_))) {
+            v.push("silent");
+        }
+        v
+    }
+}
+
+// =======================================================================================
+// The generator: scripts from scratch, and mutations of corpus scripts.
+
+/// Which known-bug generators are switched on.
+#[derive(Debug, Clone, Default)]
+struct Enabled(Vec<String>);
+
+impl Enabled {
+    fn from_env() -> Enabled {
+        let want = std::env::var("MEMSHADOW_FUZZ_ENABLE").unwrap_or_default();
+        let mut on: Vec<String> = SWITCHABLE
+            .iter()
+            .filter(|g| !KNOWN_BUGS.iter().any(|(k, _)| k == *g))
+            .map(|g| (*g).to_owned())
+            .collect();
+        for w in want.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            if w == "all" {
+                on.extend(SWITCHABLE.iter().map(|g| (*g).to_owned()));
+            } else {
+                assert!(
+                    SWITCHABLE.contains(&w),
+                    "MEMSHADOW_FUZZ_ENABLE: unknown generator {w} (known: {SWITCHABLE:?})"
+                );
+                on.push(w.to_owned());
+            }
+        }
+        on.sort();
+        on.dedup();
+        Enabled(on)
+    }
+    fn on(&self, g: &str) -> bool {
+        self.0.iter().any(|x| x == g)
+    }
+    fn allows(&self, s: &Script) -> bool {
+        s.needs.iter().all(|n| self.on(n)) && s.uses().iter().all(|n| self.on(n))
+    }
+}
+
+fn ty(name: &str) -> u16 {
+    TYPES.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+/// Values worth trying for a field of `width` bytes.
+fn extreme(rng: &mut Rng, width: usize) -> u64 {
+    let all = [
+        0u64,
+        1,
+        2,
+        P - 1,
+        P,
+        P + 1,
+        0x7f,
+        0x80,
+        0xff,
+        0x100,
+        0x7fff,
+        0xffff,
+        0x1_0000,
+        MAX_READ as u64,
+        MAX_READ as u64 + 1,
+        MAX_PAYLOAD as u64,
+        MAX_PAYLOAD as u64 + 1,
+        0x7fff_ffff,
+        0x8000_0000,
+        0xffff_ffff,
+        1 << 40,
+        1 << 47,
+        1 << 56,
+        0x7fff_ffff_ffff_ffff,
+        0x8000_0000_0000_0000,
+        u64::MAX - P + 1,
+        u64::MAX,
+    ];
+    let v = if rng.pct(80) {
+        rng.pick(&all)
+    } else {
+        rng.next()
+    };
+    if width >= 8 {
+        v
+    } else {
+        v & ((1u64 << (8 * width)) - 1)
+    }
+}
+
+fn gen_pid(rng: &mut Rng) -> Tok {
+    match rng.below(10) {
+        0..=3 => Tok::Pid(Who::Me),
+        4 => Tok::Pid(Who::Other),
+        5 => Tok::Pid(Who::Daemon),
+        6 => Tok::Pid(Who::Parent),
+        7 => Tok::Pid(Who::Sibling),
+        8 => Tok::I32(rng.pick(&[0, -1, 1, i32::MAX, i32::MIN])),
+        _ => Tok::I32(rng.next() as i32),
+    }
+}
+
+fn gen_addr(rng: &mut Rng) -> Tok {
+    let page = rng.range(0, RW_PAGES) as i64 * P as i64;
+    match rng.below(12) {
+        0..=6 => Tok::Addr(page),
+        7 => Tok::Addr(page + rng.range(1, P - 1) as i64),
+        8 => Tok::Addr(-(rng.range(1, GUARD_PAGES) as i64) * P as i64),
+        9 => Tok::Addr(((RW_PAGES + rng.range(0, GUARD_PAGES - 1)) * P) as i64),
+        _ => Tok::U64(rng.pick(&[
+            0,
+            0x1000,
+            0x1_0000,
+            0x0000_8000_0000_0000,
+            0x00ff_ffff_ffff_f000,
+            1 << 56,
+            0xffff_8000_0000_0000,
+            u64::MAX - P + 1,
+            u64::MAX,
+        ])),
+    }
+}
+
+fn gen_len(rng: &mut Rng) -> u64 {
+    match rng.below(10) {
+        0..=5 => rng.range(1, 8) * P,
+        6 => RW_PAGES * P,
+        7 => rng.range(1, 3 * P),
+        _ => extreme(rng, 8),
+    }
+}
+
+fn gen_mirror(rng: &mut Rng) -> Tok {
+    if rng.pct(80) {
+        Tok::Mirror(rng.below(3) as u8)
+    } else {
+        Tok::U64(extreme(rng, 8))
+    }
+}
+
+/// A random valid-looking string of `n` bytes, sometimes not UTF-8.
+fn gen_name(rng: &mut Rng) -> Tok {
+    let n = match rng.below(6) {
+        0 => 0,
+        1 => 64,
+        2 => 65,
+        3 => rng.range(66, 300) as usize,
+        _ => rng.range(1, 16) as usize,
+    };
+    if rng.pct(10) {
+        return Tok::Str(rng.bytes(n));
+    }
+    Tok::Str(
+        (0..n)
+            .map(|_| b"abcdefghijklmnopqrstuvwxyz-_."[rng.below(29) as usize])
+            .collect(),
+    )
+}
+
+fn gen_fd(rng: &mut Rng) -> Fd {
+    rng.pick(FDS).1
+}
+
+/// The fds of a `Bind`: usually right, often wrong in one way.
+fn gen_bind_fds(rng: &mut Rng, enabled: &Enabled) -> Vec<Fd> {
+    let mut fds = vec![Fd::Uffd, Fd::Mem];
+    if rng.pct(50) {
+        fds.push(Fd::Pagemap);
+    }
+    if rng.pct(45) {
+        match rng.below(5) {
+            0 => fds[0] = gen_fd(rng),
+            1 => fds[1] = gen_fd(rng),
+            2 => {
+                let i = rng.below(fds.len() as u64) as usize;
+                fds.remove(i);
+            }
+            3 => {
+                let n = rng.range(0, 6) as usize;
+                fds = (0..n).map(|_| gen_fd(rng)).collect();
+            }
+            _ => {
+                let n = if enabled.on("fd-overflow") && rng.pct(50) {
+                    rng.range(7, 16)
+                } else {
+                    rng.range(4, 6)
+                };
+                while fds.len() < n as usize {
+                    fds.push(gen_fd(rng));
+                }
+            }
+        }
+    }
+    fds
+}
+
+/// A frame of request type `name`, with plausible (sometimes extreme) fields.
+fn gen_request(rng: &mut Rng, conn: u8, name: &str, enabled: &Enabled) -> Send {
+    let t = ty(name);
+    let payload = match name {
+        "hello" => {
+            let (lo, hi) = if rng.pct(85) {
+                (1, 1)
+            } else {
+                (extreme(rng, 2) as u16, extreme(rng, 2) as u16)
+            };
+            vec![Tok::U16(lo), Tok::U16(hi), gen_name(rng)]
+        }
+        "bind" => vec![Tok::U32(if rng.pct(85) {
+            rng.below(2) as u32
+        } else {
+            extreme(rng, 4) as u32
+        })],
+        "attach" => {
+            let flags = match rng.below(8) {
+                0..=3 => 0,
+                4 => 1,
+                5 => 2,
+                6 => 3 | ((rng.range(1, 500) as u32) << 8),
+                _ => extreme(rng, 4) as u32,
+            };
+            vec![gen_addr(rng), Tok::U64(gen_len(rng)), Tok::U32(flags)]
+        }
+        "detach" | "sync" => vec![gen_mirror(rng)],
+        "read" => vec![
+            gen_mirror(rng),
+            Tok::U64(if rng.pct(80) {
+                rng.below(8) * P + rng.pick(&[0, 0, 1, P - 8])
+            } else {
+                extreme(rng, 8)
+            }),
+            Tok::U32(if rng.pct(80) {
+                rng.range(1, 2 * P) as u32
+            } else {
+                extreme(rng, 4) as u32
+            }),
+        ],
+        "populate" => vec![
+            gen_mirror(rng),
+            Tok::U64(if rng.pct(80) {
+                rng.below(4) * P
+            } else {
+                extreme(rng, 8)
+            }),
+            Tok::U64(gen_len(rng)),
+        ],
+        "mirrors" | "syncpid" => vec![gen_pid(rng)],
+        "peek" => vec![
+            gen_pid(rng),
+            gen_addr(rng),
+            Tok::U32(rng.range(1, 2 * P) as u32),
+        ],
+        "invalidate" => vec![
+            gen_pid(rng),
+            gen_addr(rng),
+            Tok::U64(gen_len(rng)),
+            Tok::U8(if rng.pct(85) {
+                rng.range(1, 6) as u8
+            } else {
+                extreme(rng, 1) as u8
+            }),
+            Tok::U8(if rng.pct(85) {
+                rng.below(2) as u8
+            } else {
+                extreme(rng, 1) as u8
+            }),
+        ],
+        "trace" => vec![
+            gen_pid(rng),
+            Tok::U32(if rng.pct(80) {
+                rng.below(64) as u32
+            } else {
+                extreme(rng, 4) as u32
+            }),
+        ],
+        _ => Vec::new(),
+    };
+    let mut f = Send::new(conn, t, payload);
+    if name == "bind" {
+        f.fds = gen_bind_fds(rng, enabled);
+    }
+    f
+}
+
+/// A frame that is wrong as a whole: garbage, an unknown type, a response type, an
+/// oversized or empty record.
+fn gen_garbage(rng: &mut Rng, conn: u8) -> Send {
+    match rng.below(7) {
+        0 => {
+            let n = rng.range(0, 64) as usize;
+            let mut f = Send::new(conn, 0, vec![Tok::Hex(rng.bytes(n))]);
+            f.raw = true;
+            if n == 0 {
+                f.payload.clear();
+            }
+            f
+        }
+        1 => Send::new(
+            conn,
+            rng.pick(&[0x0000, 0x000b, 0x000f, 0x0013, 0x0022, 0x0fff, 0x7fff]),
+            Vec::new(),
+        ),
+        2 => Send::new(
+            conn,
+            rng.pick(&[0x8001, 0x8005, 0x8013, 0x80ff, 0x8000, 0xffff]),
+            {
+                let n = rng.range(1, 16) as usize;
+                vec![Tok::Hex(rng.bytes(n))]
+            },
+        ),
+        3 => Send::new(
+            conn,
+            rng.pick(&TYPES.iter().map(|t| t.1).collect::<Vec<_>>()),
+            vec![Tok::Rep(
+                rng.pick(&[MAX_PAYLOAD as u32 - 24, MAX_PAYLOAD as u32, 70_000]),
+                vec![rng.next() as u8],
+            )],
+        ),
+        4 => Send::new(conn, rng.next() as u16, vec![Tok::Hex(rng.bytes(8))]),
+        5 => {
+            // Too many fds for any type (5 or 6: still read whole by the daemon).
+            let mut f = Send::new(conn, ty("status"), Vec::new());
+            f.fds = (0..rng.range(5, 6)).map(|_| Fd::Null).collect();
+            f.hdrfds = Some(4);
+            f
+        }
+        _ => {
+            let mut f = Send::new(conn, ty("status"), Vec::new());
+            f.fds = vec![gen_fd(rng)];
+            f
+        }
+    }
+}
+
+/// Changes a frame: header fields, the record's bytes, its fds, its type.
+fn mutate_frame(rng: &mut Rng, f: &mut Send, enabled: &Enabled) {
+    // The rendered record's length, roughly (addresses and pids are 8 and 4 bytes).
+    let plen: usize = f
+        .payload
+        .iter()
+        .map(|t| match t {
+            Tok::Hex(b) => b.len(),
+            Tok::U8(_) => 1,
+            Tok::U16(_) => 2,
+            Tok::U32(_) | Tok::I32(_) | Tok::Pid(_) => 4,
+            Tok::U64(_) | Tok::Addr(_) | Tok::Mirror(_) => 8,
+            Tok::Str(b) => 2 + b.len(),
+            Tok::Rep(n, b) => *n as usize * b.len(),
+        })
+        .sum();
+    let len = if f.raw { plen } else { HEADER_LEN + plen };
+    for _ in 0..rng.range(1, 3) {
+        match rng.below(14) {
+            0 => f.hdrfds = Some(rng.pick(&[0, 1, 2, 3, 4, 5, 0xffff])),
+            1 => f.ver = Some(rng.pick(&[0, 2, 0xffff])),
+            2 => f.flags = Some(rng.pick(&[FLAG_MORE, 2, 0x8000, 0xffff])),
+            3 => {
+                f.len = Some(rng.pick(&[
+                    0,
+                    plen as u32 + 1,
+                    (plen as u32).saturating_sub(1),
+                    MAX_PAYLOAD as u32 + 1,
+                    u32::MAX,
+                ]))
+            }
+            4 => f.magic = Some(rng.pick(&[0, u32::from_le_bytes(*b"MSHE"), u32::MAX])),
+            5 => f.id = Some(rng.pick(&[0, 1, u64::MAX])),
+            6 => f.muts.push(Mut::Flip(
+                rng.below(len as u64) as usize,
+                rng.below(8) as u8,
+            )),
+            7 => {
+                let w = rng.pick(&[1usize, 2, 4, 8]);
+                // Length and count fields sit right after the header; so do most others.
+                let at = if rng.pct(50) && len > HEADER_LEN {
+                    rng.range(HEADER_LEN as u64, len as u64 - 1) as usize
+                } else {
+                    rng.below(len as u64 + 1) as usize
+                };
+                let v = extreme(rng, w).to_le_bytes()[..w].to_vec();
+                f.muts.push(Mut::Set(at, v));
+            }
+            8 => f.muts.push(Mut::Trunc(rng.pick(&[
+                0,
+                1,
+                23,
+                24,
+                25,
+                len.saturating_sub(1),
+            ]))),
+            9 => {
+                let n = rng.pick(&[1, 2, 8, 64]);
+                f.muts.push(Mut::Ext(rng.bytes(n)));
+            }
+            10 => {
+                let at = rng.below(len as u64 + 1) as usize;
+                let n = rng.range(1, 8) as usize;
+                f.muts.push(Mut::Ins(at, rng.bytes(n)));
+            }
+            11 => f.muts.push(Mut::Del(
+                rng.below(len as u64 + 1) as usize,
+                rng.range(1, 8) as usize,
+            )),
+            12 => {
+                let max = if enabled.on("fd-overflow") && rng.pct(30) {
+                    16
+                } else {
+                    6
+                };
+                if rng.pct(50) && !f.fds.is_empty() {
+                    let i = rng.below(f.fds.len() as u64) as usize;
+                    f.fds[i] = gen_fd(rng);
+                } else if f.fds.len() < max {
+                    f.fds.push(gen_fd(rng));
+                }
+            }
+            _ => {
+                if !f.raw {
+                    f.ty = if rng.pct(70) {
+                        rng.pick(TYPES).1
+                    } else {
+                        rng.next() as u16
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// A frame for connection `c` in the generator's idea of its state.
+fn gen_frame(rng: &mut Rng, c: u8, st: &mut GenConn, enabled: &Enabled) -> Send {
+    let mut f = if !st.hello && rng.pct(85) {
+        st.hello = true;
+        gen_request(rng, c, "hello", enabled)
+    } else if st.hello && !st.bind && rng.pct(65) {
+        st.bind = true;
+        gen_request(rng, c, "bind", enabled)
+    } else if rng.pct(8) {
+        gen_garbage(rng, c)
+    } else {
+        let names = [
+            "attach",
+            "attach",
+            "attach",
+            "read",
+            "read",
+            "read",
+            "detach",
+            "populate",
+            "stats",
+            "status",
+            "clients",
+            "mirrors",
+            "peek",
+            "invalidate",
+            "trace",
+            "sync",
+            "syncpid",
+            "hello",
+            "bind",
+        ];
+        let name = rng.pick(&names);
+        gen_request(rng, c, name, enabled)
+    };
+    if rng.pct(20) {
+        mutate_frame(rng, &mut f, enabled);
+    }
+    f.mode = match rng.below(100) {
+        0..=2 => Mode::Close,
+        3..=14 if st.nowait < MAX_PIPELINE as u32 => Mode::NoWait,
+        _ => Mode::Wait,
+    };
+    match f.mode {
+        Mode::NoWait => st.nowait += 1,
+        Mode::Wait => st.nowait = 0,
+        Mode::Close => *st = GenConn::default(),
+    }
+    f
+}
+
+/// The generator's idea of a connection's state.
+#[derive(Debug, Clone, Default)]
+struct GenConn {
+    hello: bool,
+    bind: bool,
+    nowait: u32,
+}
+
+/// A script from scratch: a walk through the protocol over one to three connections.
+fn gen_script(rng: &mut Rng, user: User, enabled: &Enabled) -> Script {
+    let conns = if rng.pct(80) {
+        1
+    } else {
+        rng.range(2, 3) as u8
+    };
+    let mut st = vec![GenConn::default(); conns as usize];
+    let mut steps = Vec::new();
+    for _ in 0..rng.range(1, 24) {
+        let c = rng.below(u64::from(conns)) as u8;
+        let r = rng.below(100);
+        let step = match r {
+            0 if enabled.on("silent") => Step::Silent(c),
+            1 if enabled.on("never-read") && st[c as usize].hello => Step::NoRead(c),
+            2 => {
+                st[c as usize] = GenConn::default();
+                Step::Close(c)
+            }
+            3 => {
+                st[c as usize] = GenConn::default();
+                Step::Shutdown(c)
+            }
+            4 => {
+                st[c as usize].nowait = 0;
+                Step::Wait(c)
+            }
+            5 => Step::Exit(c),
+            _ => Step::Send(gen_frame(rng, c, &mut st[c as usize], enabled)),
+        };
+        let stop = matches!(step, Step::NoRead(_) | Step::Silent(_));
+        steps.push(step);
+        if stop {
+            break;
+        }
+    }
+    Script {
+        user,
+        needs: Vec::new(),
+        daemon: Vec::new(),
+        steps,
+    }
+}
+
+/// Mutates a corpus script: steps inserted, deleted, duplicated, swapped, moved to another
+/// connection, spliced from another script; frames mutated; numbers set to extremes.
+fn mutate_script(rng: &mut Rng, s: &mut Script, corpus: &[Script], enabled: &Enabled) {
+    for _ in 0..rng.range(1, 4) {
+        let n = s.steps.len() as u64;
+        match rng.below(9) {
+            0 => {
+                let at = rng.below(n + 1) as usize;
+                let c = rng.below(2) as u8;
+                let mut st = GenConn {
+                    hello: true,
+                    bind: rng.pct(50),
+                    nowait: 0,
+                };
+                let f = gen_frame(rng, c, &mut st, enabled);
+                s.steps.insert(at, Step::Send(f));
+            }
+            1 if n > 1 => {
+                s.steps.remove(rng.below(n) as usize);
+            }
+            2 if n > 0 => {
+                let i = rng.below(n) as usize;
+                let st = s.steps[i].clone();
+                s.steps.insert(i, st);
+            }
+            3 if n > 1 => {
+                let i = rng.below(n - 1) as usize;
+                s.steps.swap(i, i + 1);
+            }
+            4 if n > 0 => {
+                let i = rng.below(n) as usize;
+                s.steps[i].set_conn(rng.below(3) as u8);
+            }
+            5 if !corpus.is_empty() => {
+                let other = rng.pick(corpus);
+                if !other.steps.is_empty() && enabled.allows(&other) {
+                    let from = rng.below(other.steps.len() as u64) as usize;
+                    let take = rng.range(1, 6) as usize;
+                    let at = rng.below(n + 1) as usize;
+                    let part: Vec<Step> =
+                        other.steps.iter().skip(from).take(take).cloned().collect();
+                    s.steps.splice(at..at, part);
+                }
+            }
+            6 | 7 if n > 0 => {
+                let i = rng.below(n) as usize;
+                if let Step::Send(f) = &mut s.steps[i] {
+                    mutate_frame(rng, f, enabled);
+                }
+            }
+            _ if n > 0 => {
+                let i = rng.below(n) as usize;
+                if let Step::Send(f) = &mut s.steps[i] {
+                    if !f.payload.is_empty() {
+                        let j = rng.below(f.payload.len() as u64) as usize;
+                        f.payload[j] = match &f.payload[j] {
+                            Tok::U8(_) => Tok::U8(extreme(rng, 1) as u8),
+                            Tok::U16(_) => Tok::U16(extreme(rng, 2) as u16),
+                            Tok::U32(_) => Tok::U32(extreme(rng, 4) as u32),
+                            Tok::I32(_) | Tok::Pid(_) => gen_pid(rng),
+                            Tok::U64(_) | Tok::Mirror(_) => Tok::U64(extreme(rng, 8)),
+                            Tok::Addr(_) => gen_addr(rng),
+                            Tok::Str(_) => gen_name(rng),
+                            t => t.clone(),
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    s.steps.truncate(40);
+}
+
+/// Script `k` of worker `w`: a function of the seed, `w`, `k` and the corpus only.
+fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &Enabled) -> Script {
+    let mut rng = Rng::new(seed ^ ((w as u64) << 48) ^ k.wrapping_mul(0x9e37_79b9));
+    let usable: Vec<&Script> = corpus
+        .iter()
+        .filter(|s| en.allows(s) && (s.user == User::Any || s.user == user))
+        .collect();
+    // Every worker first runs the corpus scripts of its user once, unmutated.
+    if (k as usize) < usable.len() {
+        let mut s = usable[k as usize].clone();
+        s.user = user;
+        return s;
+    }
+    let mut s = if !usable.is_empty() && rng.pct(40) {
+        let mut s = (*rng.pick(&usable)).clone();
+        mutate_script(&mut rng, &mut s, corpus, en);
+        s
+    } else {
+        gen_script(&mut rng, user, en)
+    };
+    s.user = user;
+    // Keep switched-off generators out of mutated scripts.
+    if !en.on("fd-overflow") {
+        for st in &mut s.steps {
+            if let Step::Send(f) = st {
+                f.fds.truncate(6);
+            }
+        }
+    }
+    if !en.on("never-read") {
+        s.steps.retain(|st| !matches!(st, Step::NoRead(_)));
+    }
+    if !en.on("silent") {
+        s.steps.retain(|st| !matches!(st, Step::Silent(_)));
+    }
+    s.needs.retain(|n| en.on(n));
+    s
+}
+
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz-corpus")
+}
+
+fn load_corpus() -> Vec<(String, Script)> {
+    let mut v: Vec<(String, Script)> = std::fs::read_dir(corpus_dir())
+        .expect("tests/fuzz-corpus")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "msf"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let s = Script::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p.file_name().unwrap().to_string_lossy().into_owned(), s)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+// =======================================================================================
+// The worker: runs scripts as one client process.
+
+/// What a worker knows about its surroundings.
+#[derive(Debug)]
+struct Ctx {
+    socket: PathBuf,
+    me: i32,
+    uid: u32,
+    daemon: i32,
+    parent: i32,
+    other: i32,
+    salt: u8,
+    /// A child that hands out userfaultfds it creates (foreign uffds), and its socket.
+    sibling: i32,
+    sibling_sock: OwnedFd,
+}
+
+/// The byte the scratch area holds at offset `i`.
+fn pattern(salt: u8, i: u64) -> u8 {
+    ((i / P) as u8).wrapping_mul(31) ^ (i as u8) ^ salt
+}
+
+/// The script's memory: `GUARD | RW | GUARD` pages, the RW part filled with [`pattern`].
+struct Scratch {
+    base: *mut libc::c_void,
+    rw: u64,
+}
+
+impl Scratch {
+    fn new(salt: u8) -> Scratch {
+        let total = (2 * GUARD_PAGES + RW_PAGES) * P;
+        // SAFETY: a fresh anonymous reservation chosen by the kernel; nothing refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap scratch");
+        let rw = base as u64 + GUARD_PAGES * P;
+        // SAFETY: changes the protection of the middle of our own reservation.
+        let r = unsafe {
+            libc::mprotect(
+                rw as *mut libc::c_void,
+                (RW_PAGES * P) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        assert_eq!(r, 0, "mprotect scratch");
+        // SAFETY: the RW part of our own reservation, readable and writable (just set).
+        let mem = unsafe { std::slice::from_raw_parts_mut(rw as *mut u8, (RW_PAGES * P) as usize) };
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = pattern(salt, i as u64);
+        }
+        Scratch { base, rw }
+    }
+
+    /// True if `addr..addr+len` lies in the RW part.
+    fn holds(&self, addr: u64, len: u64) -> bool {
+        addr >= self.rw
+            && addr
+                .checked_add(len)
+                .is_some_and(|e| e <= self.rw + RW_PAGES * P)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let total = (2 * GUARD_PAGES + RW_PAGES) * P;
+        // SAFETY: unmaps our own reservation; nothing refers to it any more.
+        unsafe { libc::munmap(self.base, total as usize) };
+    }
+}
+
+/// A request sent and not yet answered.
+#[derive(Debug)]
+struct Pending {
+    rid: u64,
+    /// What the daemon decodes from the frame (`None`: it is malformed).
+    req: Option<Request>,
+    fds: Vec<Fd>,
+    desc: String,
+}
+
+/// One connection of a script.
+#[derive(Debug, Default)]
+struct Conn {
+    sock: Option<OwnedFd>,
+    next_id: u64,
+    pending: VecDeque<Pending>,
+    /// Mirrors attached and not detached: id, addr, len.
+    mirrors: Vec<(u64, u64, u64)>,
+    /// Ids of mirrors detached (ids are never reused).
+    gone: Vec<u64>,
+    traces: Vec<u64>,
+    hello: bool,
+    bound: bool,
+    /// Something was sent that makes the daemon close the session.
+    doomed: bool,
+    buf: Vec<u8>,
+}
+
+/// What a script did, and what it found.
+#[derive(Debug, Default)]
+struct Outcome {
+    sent: u64,
+    replies: u64,
+    events: u64,
+    closes: u64,
+    errors: BTreeMap<u16, u64>,
+    /// Successful answers by kind.
+    ok: BTreeMap<String, u64>,
+    foreign_uffd_bound: u64,
+    violations: Vec<String>,
+}
+
+impl Outcome {
+    fn encode(&self) -> String {
+        let errs: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect();
+        let ok: Vec<String> = self.ok.iter().map(|(c, n)| format!("{c}:{n}")).collect();
+        format!(
+            "sent={} replies={} events={} closes={} foreign={} ok={} errs={} viol={}",
+            self.sent,
+            self.replies,
+            self.events,
+            self.closes,
+            self.foreign_uffd_bound,
+            if ok.is_empty() {
+                "-".into()
+            } else {
+                ok.join(",")
+            },
+            if errs.is_empty() {
+                "-".into()
+            } else {
+                errs.join(",")
+            },
+            if self.violations.is_empty() {
+                "-".into()
+            } else {
+                hex(self.violations.join("\n").as_bytes())
+            }
+        )
+    }
+
+    fn decode(line: &str) -> Outcome {
+        let f = fields(line);
+        let n = |k: &str| f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut o = Outcome {
+            sent: n("sent"),
+            replies: n("replies"),
+            events: n("events"),
+            closes: n("closes"),
+            foreign_uffd_bound: n("foreign"),
+            ..Outcome::default()
+        };
+        if let Some(e) = f.get("errs").filter(|e| *e != "-") {
+            for p in e.split(',') {
+                if let Some((c, k)) = p.split_once(':') {
+                    o.errors
+                        .insert(c.parse().unwrap_or(0), k.parse().unwrap_or(0));
+                }
+            }
+        }
+        if let Some(e) = f.get("ok").filter(|e| *e != "-") {
+            for p in e.split(',') {
+                if let Some((c, k)) = p.split_once(':') {
+                    o.ok.insert(c.to_owned(), k.parse().unwrap_or(0));
+                }
+            }
+        }
+        if let Some(v) = f.get("viol").filter(|v| *v != "-") {
+            let text = String::from_utf8_lossy(&unhex(v).unwrap_or_default()).into_owned();
+            o.violations = text.lines().map(str::to_owned).collect();
+        }
+        o
+    }
+}
+
+/// A non-blocking `SOCK_SEQPACKET` connection, retried while the backlog is full.
+fn connect(path: &Path) -> Result<OwnedFd, String> {
+    let deadline = Instant::now() + ANSWER_DEADLINE;
+    loop {
+        let s = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        let addr = UnixAddr::new(path).map_err(|e| e.to_string())?;
+        match nix::sys::socket::connect(s.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(s),
+            Err(Errno::EAGAIN | Errno::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("connect: {e}")),
+        }
+    }
+}
+
+/// Opens `path` with `flags`, or `/dev/null` if that is not allowed.
+fn open_or_null(path: &str, flags: libc::c_int) -> OwnedFd {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: a plain open of a NUL-terminated path; a non-negative result is a new fd.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        return unsafe { OwnedFd::from_raw_fd(fd) };
+    }
+    std::fs::File::open("/dev/null").unwrap().into()
+}
+
+fn new_uffd() -> OwnedFd {
+    memshadow::create_uffd().expect("userfaultfd")
+}
+
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+
+/// A uffd created by a child of the worker that exits at once.
+fn dead_uffd() -> OwnedFd {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    // SAFETY: the child only creates a uffd, sends it and calls _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let u = new_uffd();
+        let raw = [u.as_raw_fd()];
+        let _ = sendmsg::<()>(
+            b.as_raw_fd(),
+            &[std::io::IoSlice::new(b"u")],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        );
+        // SAFETY: ends the child without running anything of the parent's.
+        unsafe { libc::_exit(0) };
+    }
+    let fd = recv_fd(a.as_fd());
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    fd.unwrap_or_else(|| std::fs::File::open("/dev/null").unwrap().into())
+}
+
+fn recv_fd(sock: BorrowedFd<'_>) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    for c in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(fd) = fds.first() {
+                // SAFETY: the kernel just installed this fd for us; nothing else owns it.
+                return Some(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
+    }
+    None
+}
+
+/// Starts the sibling: a child that, for every byte it reads, creates a uffd and sends
+/// it back, until its socket closes.
+fn start_sibling() -> (i32, OwnedFd) {
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    // SAFETY: the child only creates uffds, sends them over its socket and calls _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        drop(a);
+        // SAFETY: asks for SIGKILL when the worker dies; integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        let mut byte = [0u8; 1];
+        while let Ok(n) = nix::sys::socket::recv(b.as_raw_fd(), &mut byte, MsgFlags::empty()) {
+            if n == 0 {
+                break;
+            }
+            let u = new_uffd();
+            let raw = [u.as_raw_fd()];
+            let _ = sendmsg::<()>(
+                b.as_raw_fd(),
+                &[std::io::IoSlice::new(b"u")],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            );
+        }
+        // SAFETY: ends the child without running anything of the parent's.
+        unsafe { libc::_exit(0) };
+    }
+    drop(b);
+    (pid, a)
+}
+
+impl Ctx {
+    /// Opens one fd of kind `k` for a frame on `sock`.
+    fn make_fd(&self, k: Fd, sock: BorrowedFd<'_>) -> OwnedFd {
+        let null = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        match k {
+            Fd::Uffd => new_uffd(),
+            Fd::UffdApi => {
+                let u = new_uffd();
+                let mut api = [0xaau64, 0, 0];
+                // SAFETY: UFFDIO_API on our own uffd, with a valid `struct uffdio_api`.
+                unsafe { libc::ioctl(u.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) };
+                u
+            }
+            Fd::UffdForeign => {
+                let _ =
+                    nix::sys::socket::send(self.sibling_sock.as_raw_fd(), b"u", MsgFlags::empty());
+                recv_fd(self.sibling_sock.as_fd()).unwrap_or_else(null)
+            }
+            Fd::UffdDead => dead_uffd(),
+            Fd::Mem => open_or_null("/proc/self/mem", libc::O_RDWR),
+            Fd::MemRo => open_or_null("/proc/self/mem", libc::O_RDONLY),
+            Fd::MemOpath => open_or_null("/proc/self/mem", libc::O_PATH),
+            Fd::Pagemap => open_or_null("/proc/self/pagemap", libc::O_RDONLY),
+            Fd::TaskMem => open_or_null(
+                &format!("/proc/self/task/{}/mem", nix::unistd::gettid()),
+                libc::O_RDONLY,
+            ),
+            Fd::ParentMem => open_or_null(&format!("/proc/{}/mem", self.parent), libc::O_PATH),
+            Fd::DaemonMem => open_or_null(&format!("/proc/{}/mem", self.daemon), libc::O_PATH),
+            Fd::SiblingMem => open_or_null(&format!("/proc/{}/mem", self.sibling), libc::O_RDONLY),
+            Fd::ParentPagemap => {
+                open_or_null(&format!("/proc/{}/pagemap", self.parent), libc::O_PATH)
+            }
+            Fd::Null => null(),
+            Fd::Pipe => nix::unistd::pipe().unwrap().0,
+            Fd::Sock => {
+                socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .unwrap()
+                .0
+            }
+            Fd::SelfSock => sock.try_clone_to_owned().unwrap_or_else(|_| null()),
+            Fd::Memfd => {
+                nix::sys::memfd::memfd_create("fuzz", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                    .unwrap()
+            }
+            Fd::Event => nix::sys::eventfd::EventFd::new().unwrap().into(),
+            Fd::Dir => open_or_null("/proc/self", libc::O_RDONLY | libc::O_DIRECTORY),
+        }
+    }
+
+    fn pid(&self, w: Who) -> i32 {
+        match w {
+            Who::Me => self.me,
+            Who::Daemon => self.daemon,
+            Who::Parent => self.parent,
+            Who::Other => self.other,
+            Who::Sibling => self.sibling,
+        }
+    }
+}
+
+/// Runs one script; everything it opened is closed when it returns.
+fn run_script(ctx: &Ctx, s: &Script, handshake: Duration) -> Outcome {
+    let scratch = Scratch::new(ctx.salt);
+    let mut conns: Vec<Conn> = (0..4).map(|_| Conn::default()).collect();
+    let mut out = Outcome::default();
+    for (i, step) in s.steps.iter().enumerate() {
+        let c = step.conn() as usize;
+        if let Err(v) = run_step(ctx, &scratch, &mut conns[c], step, handshake, &mut out) {
+            out.violations
+                .push(format!("step {} ({}): {v}", i + 1, step_desc(step)));
+            break;
+        }
+    }
+    // Every answer still due, then close.
+    if out.violations.is_empty() {
+        for (c, conn) in conns.iter_mut().enumerate() {
+            if let Err(v) = drain(ctx, &scratch, conn, &mut out) {
+                out.violations.push(format!("end of script, @{c}: {v}"));
+                break;
+            }
+        }
+    }
+    drop(conns);
+    drop(scratch);
+    out
+}
+
+fn step_desc(step: &Step) -> String {
+    Script {
+        user: User::Any,
+        needs: Vec::new(),
+        daemon: Vec::new(),
+        steps: vec![step.clone()],
+    }
+    .print()
+    .lines()
+    .nth(1)
+    .unwrap_or("")
+    .chars()
+    .take(160)
+    .collect()
+}
+
+fn ensure_connected(ctx: &Ctx, conn: &mut Conn) -> Result<(), String> {
+    if conn.sock.is_none() {
+        *conn = Conn {
+            sock: Some(connect(&ctx.socket)?),
+            next_id: 1,
+            ..Conn::default()
+        };
+    }
+    Ok(())
+}
+
+fn run_step(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    step: &Step,
+    handshake: Duration,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    match step {
+        Step::Wait(_) => drain(ctx, scratch, conn, out),
+        Step::Close(_) => {
+            *conn = Conn::default();
+            Ok(())
+        }
+        Step::Shutdown(_) => {
+            if let Some(sock) = &conn.sock {
+                let _ =
+                    nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+                conn.doomed = true;
+                drain(ctx, scratch, conn, out)?;
+            }
+            Ok(())
+        }
+        Step::Silent(_) => {
+            let sock = connect(&ctx.socket)?;
+            match wait_hangup(sock.as_fd(), handshake) {
+                true => {
+                    out.closes += 1;
+                    Ok(())
+                }
+                false => Err(format!(
+                    "a connection that never said hello was still open after {handshake:?} \
+                     (no handshake timeout)"
+                )),
+            }
+        }
+        Step::NoRead(_) => no_read(ctx, conn, out),
+        Step::Exit(_) => exiting_client(ctx, scratch, out),
+        Step::Send(f) => {
+            // A client that keeps more answers unread than its socket holds is one that
+            // does not read (the `never-read` generator): read them first.
+            if conn.pending.len() >= MAX_PIPELINE {
+                drain(ctx, scratch, conn, out)?;
+            }
+            ensure_connected(ctx, conn)?;
+            send_frame(ctx, scratch, conn, f, out)?;
+            match f.mode {
+                Mode::Wait => drain(ctx, scratch, conn, out),
+                Mode::NoWait => Ok(()),
+                Mode::Close => {
+                    *conn = Conn::default();
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// A child of the client (sharing its memory layout) binds, attaches its copy of the
+/// scratch area, sends a populate and a read and exits without waiting: the daemon must
+/// release it (checked at rest). The child must be gone within the answer deadline.
+fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(), String> {
+    // SAFETY: the child only runs `exiting_child`, which ends in `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        exiting_child(ctx, scratch);
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let deadline = Instant::now() + ANSWER_DEADLINE;
+    loop {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {
+                out.sent += 5;
+                out.closes += 1;
+                return Ok(());
+            }
+            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
+            Err(e) => return Err(format!("waitpid: {e}")),
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(format!(
+                "a client process did not get through hello, bind and attach within \
+                 {ANSWER_DEADLINE:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The child of [`exiting_client`]: exits 0 once its requests are in flight, 1 if the
+/// session went wrong before.
+fn exiting_child(ctx: &Ctx, scratch: &Scratch) -> ! {
+    let ok = (|| -> Result<(), String> {
+        let s = connect(&ctx.socket)?;
+        let mut buf = Vec::new();
+        let mut call = |r: &Request, fds: &[BorrowedFd<'_>]| -> Result<Response, String> {
+            proto::send(s.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), fds)
+                .map_err(|e| e.to_string())?;
+            let f = recv_within(s.as_fd(), &mut buf, ANSWER_DEADLINE)?;
+            Response::decode(f.header.msg_type, &f.payload, 0).map_err(|e| e.to_string())
+        };
+        call(
+            &Request::Hello {
+                min_version: 1,
+                max_version: 1,
+                name: "exiting".into(),
+            },
+            &[],
+        )?;
+        let uffd = new_uffd();
+        let mem = open_or_null("/proc/self/mem", libc::O_RDONLY);
+        let pagemap = open_or_null("/proc/self/pagemap", libc::O_RDONLY);
+        call(
+            &Request::Bind { flags: 0 },
+            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
+        )?;
+        drop((uffd, mem, pagemap));
+        let Response::Attached { mirror_id } = call(
+            &Request::Attach {
+                addr: scratch.rw,
+                len: 8 * P,
+                flags: 0,
+            },
+            &[],
+        )?
+        else {
+            return Ok(());
+        };
+        for r in [
+            Request::Populate {
+                mirror_id,
+                offset: 0,
+                len: 8 * P,
+            },
+            Request::Read {
+                mirror_id,
+                offset: 0,
+                len: 8 * P as u32,
+            },
+        ] {
+            proto::send(s.as_fd(), r.msg_type(), 0, 2, &r.encode_payload(), &[])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    // SAFETY: ends the child at once (its socket and uffd close with it).
+    unsafe { libc::_exit(i32::from(ok.is_err())) }
+}
+
+/// Waits until `sock`'s peer hangs up (true) or `limit` passes (false), reading nothing.
+fn wait_hangup(sock: BorrowedFd<'_>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // No events asked for: poll reports a hang-up (and errors) anyway, and queued
+        // answers (a client that does not read has plenty) do not wake it.
+        let mut p = [PollFd::new(sock, PollFlags::empty())];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if let Ok(n) = poll(&mut p, PollTimeout::from(ms)) {
+            if n > 0
+                && p[0]
+                    .revents()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+            {
+                return true;
+            }
+        }
+    }
+}
+
+/// The `never-read` generator: floods `status` requests without reading the answers,
+/// checks that the session loop still answers another client promptly, and that the
+/// daemon closes the flooding session.
+fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
+    ensure_connected(ctx, conn)?;
+    let sock = conn.sock.take().unwrap();
+    // Flood until the daemon stops reading this session: its answers fill our socket, so
+    // it is stuck sending one (or has given up on us).
+    let status = Request::Status;
+    let flood_end = Instant::now() + ANSWER_DEADLINE;
+    let mut id = 0u64;
+    while Instant::now() < flood_end {
+        id += 1;
+        match proto::send(sock.as_fd(), status.msg_type(), 0, id, &[], &[]) {
+            Ok(()) => out.sent += 1,
+            Err(SocketError::WouldBlock) => {
+                let mut p = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                if poll(&mut p, PollTimeout::from(500u16)).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    // The session loop must still serve others while that session's answers are stuck.
+    let t = Instant::now();
+    let probe = connect(&ctx.socket)?;
+    let mut buf = Vec::new();
+    for r in [
+        Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            name: "probe".into(),
+        },
+        Request::Status,
+    ] {
+        proto::send(probe.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), &[])
+            .map_err(|e| format!("probe send: {e}"))?;
+        recv_within(probe.as_fd(), &mut buf, ANSWER_DEADLINE).map_err(|e| format!("probe: {e}"))?;
+    }
+    let took = t.elapsed();
+    if took > STALL_LIMIT {
+        return Err(format!(
+            "a client that does not read stalled the session loop: another client's status \
+             took {took:?}"
+        ));
+    }
+    if !wait_hangup(sock.as_fd(), 2 * ANSWER_DEADLINE) {
+        return Err(format!(
+            "a client that does not read was still connected after {:?}",
+            2 * ANSWER_DEADLINE
+        ));
+    }
+    out.closes += 1;
+    Ok(())
+}
+
+/// Receives one frame within `limit`.
+fn recv_within(
+    sock: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<proto::Frame, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match proto::recv(sock, buf) {
+            Ok(f) => return Ok(f),
+            Err(SocketError::WouldBlock) => {}
+            Err(SocketError::Closed) => return Err("closed".into()),
+            Err(e) => return Err(format!("bad frame from the daemon: {e}")),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no answer within {limit:?}"));
+        }
+        let mut p = [PollFd::new(sock, PollFlags::POLLIN)];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let _ = poll(&mut p, PollTimeout::from(ms));
+    }
+}
+
+/// Renders a frame's record (header and payload, mutations applied).
+fn render(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, f: &Send) -> Vec<u8> {
+    let mut p = Vec::new();
+    for t in &f.payload {
+        match t {
+            Tok::Hex(b) => p.extend_from_slice(b),
+            Tok::U8(v) => p.push(*v),
+            Tok::U16(v) => p.extend_from_slice(&v.to_le_bytes()),
+            Tok::U32(v) => p.extend_from_slice(&v.to_le_bytes()),
+            Tok::U64(v) => p.extend_from_slice(&v.to_le_bytes()),
+            Tok::I32(v) => p.extend_from_slice(&v.to_le_bytes()),
+            Tok::Str(b) => {
+                p.extend_from_slice(&(b.len() as u16).to_le_bytes());
+                p.extend_from_slice(b);
+            }
+            Tok::Rep(n, b) => {
+                for _ in 0..*n {
+                    p.extend_from_slice(b);
+                }
+            }
+            Tok::Addr(o) => p.extend_from_slice(&scratch.rw.wrapping_add_signed(*o).to_le_bytes()),
+            Tok::Pid(w) => p.extend_from_slice(&ctx.pid(*w).to_le_bytes()),
+            Tok::Mirror(k) => {
+                let id = conn
+                    .mirrors
+                    .get(usize::from(*k))
+                    .map_or(u64::from(*k) + 1, |m| m.0);
+                p.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    let mut rec = if f.raw {
+        p
+    } else {
+        let id = f.id.unwrap_or_else(|| {
+            conn.next_id += 1;
+            conn.next_id
+        });
+        let h = Header {
+            version: f.ver.unwrap_or(proto::VERSION),
+            msg_type: f.ty,
+            flags: f.flags.unwrap_or(0),
+            fd_count: f.hdrfds.unwrap_or(f.fds.len() as u16),
+            payload_len: f.len.unwrap_or(p.len() as u32),
+            request_id: id,
+        };
+        let mut r = h.encode().to_vec();
+        if let Some(m) = f.magic {
+            r[0..4].copy_from_slice(&m.to_le_bytes());
+        }
+        r.extend_from_slice(&p);
+        r
+    };
+    for m in &f.muts {
+        m.apply(&mut rec);
+    }
+    rec
+}
+
+/// What the daemon makes of `rec` with `nfds` fds: the request id it answers with, and
+/// the request if the frame is well-formed.
+fn daemon_view(rec: &[u8], nfds: usize) -> (u64, Option<Request>) {
+    if rec.len() > HEADER_LEN + MAX_PAYLOAD || nfds > MAX_FDS {
+        return (0, None);
+    }
+    let Ok(h) = Header::decode(rec) else {
+        return (0, None);
+    };
+    if usize::from(h.fd_count) != nfds {
+        return (0, None);
+    }
+    (
+        h.request_id,
+        Request::decode(h.msg_type, &rec[HEADER_LEN..], nfds).ok(),
+    )
+}
+
+fn send_frame(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    f: &Send,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let rec = render(ctx, scratch, conn, f);
+    let sock = conn.sock.as_ref().unwrap();
+    let owned: Vec<OwnedFd> = f
+        .fds
+        .iter()
+        .map(|k| ctx.make_fd(*k, sock.as_fd()))
+        .collect();
+    let raw: Vec<RawFd> = owned.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    let iov = [std::io::IoSlice::new(&rec)];
+    let deadline = Instant::now() + ANSWER_DEADLINE;
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(_) => break,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "the daemon read nothing from this session for {ANSWER_DEADLINE:?}"
+                    ));
+                }
+                let mut p = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut p, PollTimeout::from(100u16));
+            }
+            Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
+                // The daemon closed the session already: it must have had a reason.
+                return closed(conn, out);
+            }
+            Err(Errno::EMSGSIZE) => return Ok(()),
+            Err(e) => return Err(format!("sendmsg: {e}")),
+        }
+    }
+    drop(owned);
+    out.sent += 1;
+    if rec.is_empty() && f.fds.is_empty() {
+        // An empty record reads as the end of the stream.
+        conn.doomed = true;
+        return Ok(());
+    }
+    let (rid, req) = daemon_view(&rec, f.fds.len());
+    if req.is_none() {
+        conn.doomed = true;
+    }
+    if let Some(Request::Trace { .. }) = &req {
+        conn.traces.push(rid);
+    }
+    conn.pending.push_back(Pending {
+        rid,
+        req,
+        fds: f.fds.clone(),
+        desc: step_desc(&Step::Send(f.clone())),
+    });
+    Ok(())
+}
+
+/// The daemon closed the connection: fine if it had a reason.
+fn closed(conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
+    out.closes += 1;
+    let doomed = conn.doomed;
+    let pending: Vec<String> = conn.pending.iter().map(|p| p.desc.clone()).collect();
+    *conn = Conn::default();
+    if doomed || pending.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the daemon closed a healthy session with {} request(s) unanswered, first: {}",
+            pending.len(),
+            pending[0]
+        ))
+    }
+}
+
+/// Reads answers until nothing is pending on the connection (or it closes).
+fn drain(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
+    while !conn.pending.is_empty() {
+        let Some(sock) = conn.sock.as_ref() else {
+            conn.pending.clear();
+            return Ok(());
+        };
+        let frame = match recv_within(sock.as_fd(), &mut conn.buf, ANSWER_DEADLINE) {
+            Ok(f) => f,
+            Err(e) if e == "closed" => return closed(conn, out),
+            Err(e) => {
+                return Err(format!(
+                    "{e} (waiting for the answer to {})",
+                    conn.pending[0].desc
+                ))
+            }
+        };
+        if !frame.fds.is_empty() {
+            return Err(format!("the daemon sent {} fds", frame.fds.len()));
+        }
+        let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
+            .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
+        let rid = frame.header.request_id;
+        if frame.header.msg_type == TRACE_EVENT {
+            out.events += 1;
+            if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
+                return Err(format!("trace event for request {rid}, not a stream"));
+            }
+            continue;
+        }
+        out.replies += 1;
+        match &resp {
+            Response::Error { code, .. } => *out.errors.entry(code.code()).or_default() += 1,
+            r => *out.ok.entry(variant(r).to_owned()).or_default() += 1,
+        }
+        // Ids may repeat (`id=`, or 0 for every frame the daemon cannot read a header of),
+        // and slow requests are answered out of order: pair a BadMessage with a malformed
+        // frame first, anything else with a well-formed one.
+        let bad_message = matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        );
+        let same = |p: &&Pending| p.rid == rid;
+        let i = conn
+            .pending
+            .iter()
+            .position(|p| same(&p) && p.req.is_none() == bad_message)
+            .or_else(|| conn.pending.iter().position(|p| same(&p)));
+        let Some(i) = i else {
+            if rid == 0
+                && matches!(
+                    resp,
+                    Response::Error {
+                        code: ErrorCode::TooManyClients | ErrorCode::ShuttingDown,
+                        ..
+                    }
+                )
+            {
+                conn.doomed = true;
+                continue;
+            }
+            return Err(format!(
+                "answer {resp:?} to request id {rid}, which was not sent"
+            ));
+        };
+        let p = conn.pending.remove(i).unwrap();
+        check_answer(ctx, scratch, conn, &p, &resp, out)
+            .map_err(|e| format!("{e} (request: {})", p.desc))?;
+    }
+    Ok(())
+}
+
+/// The answer `resp` to `p` is allowed in the session's state.
+fn check_answer(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    p: &Pending,
+    resp: &Response,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{why}: answered {}", short(resp)));
+    let err_code = match resp {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    };
+    let Some(req) = &p.req else {
+        conn.doomed = true;
+        return match err_code {
+            Some(ErrorCode::BadMessage | ErrorCode::TooManyClients | ErrorCode::ShuttingDown) => {
+                Ok(())
+            }
+            _ => bad("a malformed frame was not refused as BadMessage"),
+        };
+    };
+    // Slow requests run on the daemon's workers, so one sent before a `Hello`, `Bind` or
+    // `Attach` that is still unanswered may be served after it.
+    let pending =
+        |f: fn(&Request) -> bool| conn.pending.iter().any(|q| q.req.as_ref().is_some_and(f));
+    let hello_pending = pending(|r| matches!(r, Request::Hello { .. }));
+    let bind_pending = pending(|r| matches!(r, Request::Bind { .. }));
+    let attach_pending = pending(|r| matches!(r, Request::Attach { .. }));
+    if let (Request::Hello { .. }, Response::HelloAck { .. }) = (req, resp) {
+        if conn.hello {
+            return bad("a second hello accepted");
+        }
+        conn.hello = true;
+        return Ok(());
+    }
+    if !conn.hello && !hello_pending {
+        // Any refusal will do (slow requests meet the in-flight quota before the state).
+        return match err_code {
+            Some(_) => Ok(()),
+            None => bad("before hello"),
+        };
+    }
+    if err_code.is_some() {
+        return Ok(());
+    }
+    let matches = matches!(
+        (req, resp),
+        (Request::Bind { .. }, Response::Bound { .. })
+            | (Request::Attach { .. }, Response::Attached { .. })
+            | (Request::Detach { .. }, Response::Detached)
+            | (Request::Read { .. }, Response::Data { .. })
+            | (Request::Populate { .. }, Response::Populated { .. })
+            | (Request::ClientStats, Response::Counters { .. })
+            | (Request::Status, Response::StatusReport { .. })
+            | (Request::ListClients, Response::Clients { .. })
+            | (Request::ListMirrors { .. }, Response::Mirrors { .. })
+            | (Request::Peek { .. }, Response::Data { .. })
+            | (Request::Invalidate { .. }, Response::Invalidated { .. })
+            | (Request::Trace { .. }, Response::TraceStarted)
+            | (
+                Request::Sync { .. } | Request::SyncPid { .. },
+                Response::Synced { .. }
+            )
+    );
+    if !matches {
+        return bad("an answer of the wrong type");
+    }
+    let needs_bind = matches!(
+        req,
+        Request::Attach { .. }
+            | Request::Detach { .. }
+            | Request::Read { .. }
+            | Request::Populate { .. }
+            | Request::Sync { .. }
+            | Request::ListMirrors { pid: 0 }
+    );
+    if needs_bind && !conn.bound && !bind_pending {
+        return bad("before bind");
+    }
+    // A mirror id the answer is about: this session's (then its range), or unknown.
+    let known = |conn: &Conn, id: u64| -> Result<Option<(u64, u64, u64)>, String> {
+        if let Some(m) = conn.mirrors.iter().find(|m| m.0 == id) {
+            return Ok(Some(*m));
+        }
+        if conn.gone.contains(&id) {
+            return Err(format!("mirror {id} was detached"));
+        }
+        if attach_pending {
+            return Ok(None);
+        }
+        Err(format!("mirror {id} was never attached by this session"))
+    };
+    let me = ctx.me;
+    if ctx.uid != 0 {
+        let other = match req {
+            Request::ListClients | Request::Peek { .. } => true,
+            Request::Invalidate { pid, .. }
+            | Request::SyncPid { pid }
+            | Request::Trace { pid, .. } => *pid != me,
+            Request::ListMirrors { pid } => *pid != 0 && *pid != me,
+            _ => false,
+        };
+        if other {
+            return bad("an unprivileged client acted on another client");
+        }
+        if let Response::Mirrors { mirrors } = resp {
+            if mirrors.iter().any(|m| m.pid != me) {
+                return bad("an unprivileged client saw another client's mirrors");
+            }
+        }
+    }
+    match (req, resp) {
+        (Request::Bind { .. }, Response::Bound { .. }) => {
+            if conn.bound {
+                return bad("a second bind");
+            }
+            let uffd_ok = matches!(
+                p.fds.first(),
+                Some(Fd::Uffd | Fd::UffdApi | Fd::UffdForeign | Fd::UffdDead)
+            );
+            let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo | Fd::MemOpath));
+            let pagemap_ok = matches!(p.fds.get(2), None | Some(Fd::Pagemap));
+            if !(uffd_ok && mem_ok && pagemap_ok) {
+                return bad(
+                    "bind accepted fds that are not the client's own uffd, mem and pagemap",
+                );
+            }
+            if matches!(p.fds.first(), Some(Fd::UffdForeign | Fd::UffdDead)) {
+                out.foreign_uffd_bound += 1;
+            }
+            conn.bound = true;
+        }
+        (Request::Attach { addr, len, .. }, Response::Attached { mirror_id }) => {
+            if conn.mirrors.iter().any(|m| m.0 == *mirror_id) || conn.gone.contains(mirror_id) {
+                return bad("a mirror id handed out twice");
+            }
+            conn.mirrors.push((*mirror_id, *addr, *len));
+        }
+        (Request::Detach { mirror_id }, Response::Detached) => {
+            known(conn, *mirror_id).map_err(|e| format!("detach: {e}: answered Detached"))?;
+            conn.mirrors.retain(|m| m.0 != *mirror_id);
+            conn.gone.push(*mirror_id);
+        }
+        (
+            Request::Read {
+                mirror_id,
+                offset,
+                len,
+            },
+            Response::Data { bytes },
+        ) => {
+            if bytes.len() != *len as usize {
+                return bad(&format!("a read of {len} bytes"));
+            }
+            let Some(m) =
+                known(conn, *mirror_id).map_err(|e| format!("read: {e}: answered Data"))?
+            else {
+                return Ok(());
+            };
+            if offset.checked_add(u64::from(*len)).is_none_or(|e| e > m.2) {
+                return bad("a read beyond the end of its mirror");
+            }
+            let start = m.1.wrapping_add(*offset);
+            if scratch.holds(start, u64::from(*len)) {
+                let first = start - scratch.rw;
+                if let Some(i) =
+                    (0..bytes.len()).find(|i| bytes[*i] != pattern(ctx.salt, first + *i as u64))
+                {
+                    return bad(&format!(
+                        "a read returned bytes that are not the client's (offset {i})"
+                    ));
+                }
+            }
+        }
+        (Request::Peek { pid, addr, len }, Response::Data { bytes }) => {
+            if bytes.len() != *len as usize {
+                return bad(&format!("a peek of {len} bytes"));
+            }
+            if *pid == ctx.me && scratch.holds(*addr, u64::from(*len)) {
+                let first = addr - scratch.rw;
+                if (0..bytes.len()).any(|i| bytes[i] != pattern(ctx.salt, first + i as u64)) {
+                    return bad("a peek returned bytes that are not the client's");
+                }
+            }
+        }
+        (Request::Populate { mirror_id, .. }, Response::Populated { pages }) => {
+            let m = known(conn, *mirror_id)
+                .map_err(|e| format!("populate: {e}: answered Populated"))?;
+            if m.is_some_and(|m| *pages > m.2 / P) {
+                return bad("more pages populated than the mirror has");
+            }
+        }
+        (Request::ListMirrors { pid: 0 }, Response::Mirrors { mirrors }) if !attach_pending => {
+            if let Some(x) = mirrors
+                .iter()
+                .find(|x| !conn.mirrors.iter().any(|m| m.0 == x.id))
+            {
+                return bad(&format!("lists mirror {} this session does not have", x.id));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The name of a response's variant.
+fn variant(r: &Response) -> &'static str {
+    match r {
+        Response::HelloAck { .. } => "HelloAck",
+        Response::Bound { .. } => "Bound",
+        Response::Attached { .. } => "Attached",
+        Response::Detached => "Detached",
+        Response::Data { .. } => "Data",
+        Response::Populated { .. } => "Populated",
+        Response::Counters { .. } => "Counters",
+        Response::Clients { .. } => "Clients",
+        Response::Mirrors { .. } => "Mirrors",
+        Response::StatusReport { .. } => "StatusReport",
+        Response::Invalidated { .. } => "Invalidated",
+        Response::TraceStarted => "TraceStarted",
+        Response::TraceEvent { .. } => "TraceEvent",
+        Response::Synced { .. } => "Synced",
+        Response::Error { .. } => "Error",
+    }
+}
+
+/// A response, short enough for a message.
+fn short(r: &Response) -> String {
+    let s = match r {
+        Response::Data { bytes } => format!("Data({} bytes)", bytes.len()),
+        Response::StatusReport { .. } => "StatusReport".into(),
+        r => format!("{r:?}"),
+    };
+    s.chars().take(200).collect()
+}
+
+/// The worker process: reads `run K OTHER_PID HEX_SCRIPT` lines, answers `@@done K ...`.
+fn worker_main(socket: &str) {
+    let env_i32 = |k: &str| -> i32 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let handshake = Duration::from_secs(
+        std::env::var("MEMSHADOW_FUZZ_HANDSHAKE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10),
+    );
+    let (sibling, sibling_sock) = start_sibling();
+    let mut ctx = Ctx {
+        socket: PathBuf::from(socket),
+        me: std::process::id() as i32,
+        uid: nix::unistd::getuid().as_raw(),
+        daemon: env_i32("MEMSHADOW_FUZZ_DAEMON_PID"),
+        parent: env_i32("MEMSHADOW_FUZZ_PARENT_PID"),
+        other: 0,
+        salt: env_i32("MEMSHADOW_FUZZ_SALT") as u8,
+        sibling,
+        sibling_sock,
+    };
+    let stdout = std::io::stdout();
+    println!("@@ready pid={} uid={}", ctx.me, ctx.uid);
+    let _ = stdout.lock().flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.first() != Some(&"run") || w.len() != 4 {
+            break;
+        }
+        ctx.other = w[2].parse().unwrap_or(0);
+        let text = String::from_utf8(unhex(w[3]).unwrap()).unwrap();
+        let out = match Script::parse(&text) {
+            Ok(s) => run_script(&ctx, &s, handshake),
+            Err(e) => Outcome {
+                violations: vec![format!("unparsable script: {e}")],
+                ..Outcome::default()
+            },
+        };
+        println!("@@done {} {}", w[1], out.encode());
+        let _ = stdout.lock().flush();
+    }
+}
+
+/// Not a test: the entry point of the worker processes the fuzz test starts (it does
+/// nothing unless `MEMSHADOW_FUZZ_WORKER` is set).
+#[test]
+fn fuzz_worker_process() {
+    if let Ok(socket) = std::env::var("MEMSHADOW_FUZZ_WORKER") {
+        worker_main(&socket);
+    }
+}
+
+// =======================================================================================
+// The test: the daemon, the workers, the schedule and the checks.
+
+/// A worker process as the test drives it.
+struct Worker {
+    index: usize,
+    user: User,
+    pid: i32,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    next_k: u64,
+    dead: bool,
+}
+
+impl Worker {
+    fn start(index: usize, user: User, d: &Daemon) -> Worker {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "fuzz_worker_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "-q",
+        ])
+        .env("MEMSHADOW_FUZZ_WORKER", d.socket())
+        .env("MEMSHADOW_FUZZ_DAEMON_PID", d.pid().to_string())
+        .env("MEMSHADOW_FUZZ_PARENT_PID", std::process::id().to_string())
+        .env("MEMSHADOW_FUZZ_SALT", (index * 37 + 11).to_string())
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        if user == User::Nobody {
+            // std drops the supplementary groups (setgroups(0)) when root sets a uid.
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        let mut child = cmd.spawn().expect("spawn a fuzz worker");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut w = Worker {
+            index,
+            user,
+            pid: child.id() as i32,
+            child,
+            stdin,
+            stdout,
+            next_k: 0,
+            dead: false,
+        };
+        let line = w.read_line(Duration::from_secs(30)).unwrap_or_else(|e| {
+            panic!(
+                "fuzz worker {index} ({user:?}) did not start: {e} (a worker as nobody needs \
+                 to reach {} and the daemon's socket)",
+                std::env::current_exe().unwrap().display()
+            )
+        });
+        assert!(line.starts_with("@@ready"), "{line}");
+        w
+    }
+
+    /// The next `@@` line within `limit`.
+    fn read_line(&mut self, limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !self.stdout.buffer().contains(&b'\n') {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(format!("no answer within {limit:?}"));
+                }
+                let fd = self.stdout.get_ref().as_fd();
+                let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
+                    continue;
+                }
+            }
+            let mut line = String::new();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) => return Err("the worker exited".into()),
+                Ok(_) if line.starts_with("@@") => return Ok(line.trim_end().to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Runs `script` on this worker; `other` is another client's pid.
+    fn run(&mut self, k: u64, other: i32, script: &Script) -> Result<Outcome, String> {
+        let text = script.print();
+        writeln!(self.stdin, "run {k} {other} {}", hex(text.as_bytes()))
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("the worker is gone: {e}"))?;
+        let line = self.read_line(SCRIPT_DEADLINE)?;
+        let rest = line
+            .strip_prefix(&format!("@@done {k} "))
+            .ok_or(format!("unexpected worker line {line}"))?;
+        Ok(Outcome::decode(rest))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon's open fds (targets) and threads.
+fn fd_targets(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+        .is_some_and(|st| st != 'Z' && st != 'X')
+}
+
+/// `status` of the daemon through the client library, within [`STATUS_DEADLINE`] (the
+/// library has no timeouts, so it runs on a thread that may be abandoned).
+fn timed_status(socket: &Path) -> Result<(BTreeMap<String, u64>, Duration), String> {
+    let (tx, rx) = mpsc::channel();
+    let path = socket.to_owned();
+    let t = Instant::now();
+    std::thread::spawn(move || {
+        let r = memshadow::Client::connect_control(Some(&path))
+            .and_then(|c| c.status())
+            .map(|s| s.counters.into_iter().collect::<BTreeMap<_, _>>())
+            .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(STATUS_DEADLINE) {
+        Ok(Ok(c)) => Ok((c, t.elapsed())),
+        Ok(Err(e)) => Err(format!("status failed: {e}")),
+        Err(_) => Err(format!("status did not answer within {STATUS_DEADLINE:?}")),
+    }
+}
+
+/// The daemon at rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rest {
+    fds: Vec<String>,
+    threads: usize,
+}
+
+/// Waits (polling) until the daemon is back at `base`: no more fds and threads, no shadow
+/// slot in use, no client but the one asking.
+fn settle(d: &Daemon, base: &Rest) -> Result<Rest, String> {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        if !alive(d.pid()) {
+            return Err("the daemon died".into());
+        }
+        let fds = fd_targets(d.pid());
+        let threads = d.threads();
+        let (c, _) = timed_status(d.socket())?;
+        let slots = c.get("shadow.slots_in_use").copied().unwrap_or(u64::MAX);
+        // The status connection itself is a client.
+        let clients = c.get("server.clients").copied().unwrap_or(u64::MAX);
+        let now = Rest { fds, threads };
+        if now.fds.len() <= base.fds.len() && threads <= base.threads && slots == 0 && clients <= 1
+        {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            let mut extra = now.fds.clone();
+            for f in &base.fds {
+                if let Some(i) = extra.iter().position(|x| x == f) {
+                    extra.remove(i);
+                }
+            }
+            let mut by: BTreeMap<String, usize> = BTreeMap::new();
+            for f in extra {
+                let key = if f.starts_with("socket:") {
+                    "socket:[..]".to_owned()
+                } else if f.starts_with("pipe:") {
+                    "pipe:[..]".to_owned()
+                } else {
+                    f
+                };
+                *by.entry(key).or_default() += 1;
+            }
+            return Err(format!(
+                "after every session closed, the daemon did not come back to its baseline \
+                 within {SETTLE_DEADLINE:?}: fds {} (baseline {}; extra {by:?}), threads {} \
+                 (baseline {}), shadow.slots_in_use {slots}, server.clients {clients} (1 is the \
+                 status connection)",
+                now.fds.len(),
+                base.fds.len(),
+                threads,
+                base.threads
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The daemon at rest before fuzzing: once no client but the asking one is left and no
+/// shadow slot is in use, the fewest fds and threads seen over a few samples.
+fn baseline(d: &Daemon) -> Rest {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let (c, _) = timed_status(d.socket()).expect("status before fuzzing");
+        if c.get("server.clients") <= Some(&1) && c.get("shadow.slots_in_use") == Some(&0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never came to rest: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut best: Option<Rest> = None;
+    for _ in 0..5 {
+        let now = Rest {
+            fds: fd_targets(d.pid()),
+            threads: d.threads(),
+        };
+        best = Some(match best {
+            Some(b) if b.fds.len() <= now.fds.len() => Rest {
+                threads: b.threads.min(now.threads),
+                ..b
+            },
+            Some(b) => Rest {
+                threads: b.threads.min(now.threads),
+                ..now
+            },
+            None => now,
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    best.unwrap()
+}
+
+/// A well-behaved client can still connect, attach and read (within a deadline).
+fn good_client_works(d: &Daemon) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let socket = d.socket().to_owned();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(move || {
+            let mut c = TestClient::start(&socket);
+            c.expect_ok("map a 4");
+            c.expect_ok("fill a 7");
+            c.expect_ok("attach a");
+            c.expect_ok("read a 0 16384")
+        });
+        let _ = tx.send(r.map_err(|_| "the test client failed".to_owned()));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(a)) if a == "uniform=7" => Ok(()),
+        Ok(Ok(a)) => Err(format!("a well-behaved client read {a}, not uniform=7")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("a well-behaved client did not finish within 30 s".into()),
+    }
+}
+
+/// Totals of the run.
+#[derive(Debug, Default)]
+struct Totals {
+    sessions: u64,
+    by_user: BTreeMap<&'static str, u64>,
+    sent: u64,
+    replies: u64,
+    events: u64,
+    closes: u64,
+    foreign_uffd_bound: u64,
+    errors: BTreeMap<u16, u64>,
+    ok: BTreeMap<String, u64>,
+    max_status: Duration,
+}
+
+impl Totals {
+    fn add(&mut self, user: User, o: &Outcome) {
+        self.sessions += 1;
+        *self
+            .by_user
+            .entry(if user == User::Nobody {
+                "nobody"
+            } else {
+                "root"
+            })
+            .or_default() += 1;
+        self.sent += o.sent;
+        self.replies += o.replies;
+        self.events += o.events;
+        self.closes += o.closes;
+        self.foreign_uffd_bound += o.foreign_uffd_bound;
+        for (c, n) in &o.errors {
+            *self.errors.entry(*c).or_default() += n;
+        }
+        for (c, n) in &o.ok {
+            *self.ok.entry(c.clone()).or_default() += n;
+        }
+    }
+}
+
+fn error_name(c: u16) -> String {
+    let s = format!("{:?}", ErrorCode::from_code(c));
+    s.split('(').next().unwrap_or(&s).to_owned()
+}
+
+/// Where failing inputs go: `target/memshadow-fuzz/`.
+fn finding_dir() -> PathBuf {
+    let d = bin_dir().parent().unwrap().join("memshadow-fuzz");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes `scripts` (one session each, run in order on replay) with `why` as a comment;
+/// returns the path.
+fn write_finding(name: &str, why: &str, daemon_args: &[String], scripts: &[&Script]) -> PathBuf {
+    let path = finding_dir().join(format!("{name}.msf"));
+    let mut text = String::new();
+    for l in why.lines() {
+        let _ = writeln!(text, "# {l}");
+    }
+    let _ = writeln!(
+        text,
+        "# replay: MEMSHADOW_FUZZ_REPLAY={} cargo test -p memshadow-tests --test fuzz",
+        path.display()
+    );
+    for (i, s) in scripts.iter().enumerate() {
+        if i > 0 {
+            text.push_str("session\n");
+        }
+        let mut s = (*s).clone();
+        s.daemon = daemon_args.to_vec();
+        text.push_str(&s.print());
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A replay file: sessions separated by `session` lines.
+fn parse_replay(text: &str) -> Vec<Script> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines().chain(std::iter::once("session")) {
+        if line.trim() == "session" {
+            if !cur.trim().is_empty() {
+                out.push(Script::parse(&cur).unwrap_or_else(|e| panic!("replay file: {e}")));
+            }
+            cur.clear();
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    out
+}
+
+fn env_u64(k: &str) -> Option<u64> {
+    std::env::var(k).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{k} must be a number, not {v:?}"))
+    })
+}
+
+#[test]
+fn type_names_match_the_protocol() {
+    let reqs = [
+        Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            name: String::new(),
+        },
+        Request::Bind { flags: 0 },
+        Request::Attach {
+            addr: 0,
+            len: 0,
+            flags: 0,
+        },
+        Request::Detach { mirror_id: 0 },
+        Request::Read {
+            mirror_id: 0,
+            offset: 0,
+            len: 0,
+        },
+        Request::Populate {
+            mirror_id: 0,
+            offset: 0,
+            len: 0,
+        },
+        Request::ClientStats,
+        Request::Status,
+        Request::ListClients,
+        Request::ListMirrors { pid: 0 },
+        Request::Peek {
+            pid: 0,
+            addr: 0,
+            len: 0,
+        },
+        Request::Invalidate {
+            pid: 0,
+            addr: 0,
+            len: 0,
+            event: proto::EventKind::Unmap,
+            flags: 0,
+        },
+        Request::Trace { pid: 0, events: 0 },
+        Request::Sync { mirror_id: 0 },
+        Request::SyncPid { pid: 0 },
+    ];
+    assert_eq!(reqs.len(), TYPES.len());
+    for (r, (_, t)) in reqs.iter().zip(TYPES) {
+        assert_eq!(r.msg_type(), *t, "{r:?}");
+    }
+    let ev = Response::TraceEvent {
+        dropped: 0,
+        report: proto::InvalidationReport {
+            pid: 0,
+            event: proto::EventKind::Unmap,
+            start: 0,
+            end: 0,
+            notifiers: 0,
+            would_block: false,
+            start_ns: 0,
+            finish_ns: 0,
+            flushes_queued: 0,
+            flushes_coalesced: 0,
+        },
+    };
+    assert_eq!(ev.msg_type(), TRACE_EVENT);
+}
+
+/// The corpus parses, prints back to itself, and its scripts stay within their
+/// declared generators.
+#[test]
+fn the_corpus_parses_and_round_trips() {
+    let corpus = load_corpus();
+    assert!(corpus.len() >= 24, "only {} corpus files", corpus.len());
+    for (name, s) in &corpus {
+        assert_eq!(&Script::parse(&s.print()).unwrap(), s, "{name}");
+        for u in s.uses() {
+            assert!(
+                s.needs.iter().any(|n| n == u),
+                "{name} uses {u} without `needs {u}`"
+            );
+        }
+    }
+    // Generated and mutated scripts print and parse back too.
+    let en = Enabled(SWITCHABLE.iter().map(|s| (*s).to_owned()).collect());
+    let scripts: Vec<Script> = corpus.into_iter().map(|(_, s)| s).collect();
+    for k in 0..2000 {
+        let s = script_for(7, (k % 4) as usize, k, User::Root, &scripts, &en);
+        let back = Script::parse(&s.print()).unwrap();
+        if let Some(i) = (0..s.steps.len()).find(|i| back.steps.get(*i) != Some(&s.steps[*i])) {
+            panic!("{:?}\nprints as {}", s.steps[i], step_desc(&s.steps[i]));
+        }
+        assert_eq!(back, s, "{}", s.print());
+    }
+}
+
+#[test]
+fn fuzz_the_daemon() {
+    let enabled = Enabled::from_env();
+    let replay = std::env::var("MEMSHADOW_FUZZ_REPLAY").ok();
+    let secs = env_u64("MEMSHADOW_FUZZ_SECS").unwrap_or(20);
+    let max_sessions = env_u64("MEMSHADOW_FUZZ_SESSIONS").unwrap_or(u64::MAX);
+    let seed = env_u64("MEMSHADOW_FUZZ_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let corpus: Vec<Script> = load_corpus().into_iter().map(|(_, s)| s).collect();
+    let replay_scripts = replay.as_ref().map(|p| {
+        // Relative paths: from the current directory, else from the workspace root (cargo
+        // runs the test in tests/).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let path = [PathBuf::from(p), root.join(p)]
+            .into_iter()
+            .find(|c| c.exists())
+            .unwrap_or_else(|| panic!("MEMSHADOW_FUZZ_REPLAY: no file {p}"));
+        parse_replay(&std::fs::read_to_string(&path).unwrap())
+    });
+    let root = nix::unistd::geteuid().is_root();
+
+    // The daemon: small quotas so their limits are reached; the access path by the seed.
+    let mut daemon_args: Vec<String> = [
+        "--quota-mirrors",
+        "4",
+        "--quota-shadow-mib",
+        "4",
+        "--quota-inflight",
+        "2",
+        "--shadow-mib",
+        "64",
+        "--clients-per-uid",
+        "64",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    if seed % 2 == 1 {
+        daemon_args.extend(["--access".to_owned(), "mem-fd".to_owned()]);
+    }
+    if let Ok(extra) = std::env::var("MEMSHADOW_FUZZ_DAEMON_ARGS") {
+        daemon_args.extend(extra.split_whitespace().map(str::to_owned));
+    }
+    if let Some(s) = replay_scripts.as_ref().and_then(|v| v.first()) {
+        if !s.daemon.is_empty() {
+            daemon_args = s.daemon.clone();
+        }
+    }
+    let mut args = daemon_args.clone();
+    if std::env::var("MEMSHADOW_LOG").is_err() {
+        // Every malformed frame is a warning: keep the test's output readable.
+        args.extend(["--log-level".to_owned(), "error".to_owned()]);
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start(&arg_refs);
+    // Workers running as nobody must reach the socket.
+    let _ = Command::new("chmod")
+        .arg("755")
+        .arg(d.socket().parent().unwrap())
+        .status();
+    println!(
+        "fuzz: seed={seed} secs={secs} daemon args {daemon_args:?}; known-bug generators on: \
+         {:?} (off: {:?}); replay {:?}",
+        enabled.0,
+        KNOWN_BUGS
+            .iter()
+            .filter(|(k, _)| !enabled.on(k))
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>(),
+        replay
+    );
+
+    // The baseline: after one well-behaved client came and went (lazy set-up done).
+    good_client_works(&d).expect("a well-behaved client before fuzzing");
+    let base = baseline(&d);
+
+    let users: Vec<User> = if root {
+        let mut u = vec![User::Root; WORKERS_PER_USER];
+        u.extend(vec![User::Nobody; WORKERS_PER_USER]);
+        u
+    } else {
+        println!("fuzz: not root, so every session runs as this user (no unprivileged half)");
+        vec![User::Root; 2 * WORKERS_PER_USER]
+    };
+    let mut workers: Vec<Worker> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| Worker::start(i, *u, &d))
+        .collect();
+    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
+    let daemon_pid = d.pid();
+
+    let findings: Mutex<Vec<PathBuf>> = Mutex::default();
+    let totals: Mutex<Totals> = Mutex::default();
+    let mut fatal: Option<String> = None;
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(secs);
+
+    // One script on one worker, with its outcome recorded.
+    let run_one = |w: &mut Worker, k: u64, s: &Script, why_prefix: &str| -> Option<String> {
+        let other = pids[(w.index + 1 + (k as usize % (pids.len() - 1))) % pids.len()];
+        let name = match &replay {
+            Some(_) => format!("replay-w{}-{k}", w.index),
+            None => format!("{seed}-w{}-{k}", w.index),
+        };
+        match w.run(k, other, s) {
+            Ok(o) => {
+                totals.lock().unwrap().add(w.user, &o);
+                if !o.violations.is_empty() {
+                    let why = format!(
+                        "{why_prefix}seed {seed}, worker {} ({:?}), script {k}:\n{}",
+                        w.index,
+                        w.user,
+                        o.violations.join("\n")
+                    );
+                    let p = write_finding(&name, &why, &daemon_args, &[s]);
+                    println!("fuzz: FINDING {} — {}", p.display(), o.violations[0]);
+                    findings.lock().unwrap().push(p);
+                }
+                None
+            }
+            Err(e) => {
+                w.dead = true;
+                let why = format!(
+                    "{why_prefix}seed {seed}, worker {} ({:?}), script {k}: the worker did not \
+                     finish the script: {e} (the daemon is {})",
+                    w.index,
+                    w.user,
+                    if alive(daemon_pid) {
+                        "alive: a hang in the daemon, or a crash of the worker (see stderr)"
+                    } else {
+                        "dead"
+                    }
+                );
+                let p = write_finding(&name, &why, &daemon_args, &[s]);
+                println!("fuzz: FINDING {} — {why}", p.display());
+                findings.lock().unwrap().push(p.clone());
+                Some(why)
+            }
+        }
+    };
+
+    if let Some(scripts) = &replay_scripts {
+        for s in scripts {
+            let w = workers
+                .iter_mut()
+                .find(|w| s.user == User::Any || w.user == s.user)
+                .expect("a worker of the script's user");
+            let k = w.next_k;
+            w.next_k += 1;
+            if let Some(e) = run_one(w, k, s, "replay: ") {
+                fatal = Some(e);
+                break;
+            }
+        }
+    } else {
+        // Epochs: all workers run scripts until the epoch ends; then, with every session
+        // closed, the daemon must come back to its baseline.
+        let mut epoch = 0u64;
+        while Instant::now() < end && fatal.is_none() {
+            let epoch_end = (Instant::now() + EPOCH).min(end);
+            let ran: Mutex<Vec<(usize, u64, Script)>> = Mutex::default();
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                for w in workers.iter_mut().filter(|w| !w.dead) {
+                    let (corpus, enabled, ran, totals, stop) =
+                        (&corpus, &enabled, &ran, &totals, &stop);
+                    let run_one = &run_one;
+                    sc.spawn(move || {
+                        while Instant::now() < epoch_end
+                            && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                            && totals.lock().unwrap().sessions < max_sessions
+                        {
+                            let k = w.next_k;
+                            w.next_k += 1;
+                            let s = script_for(seed, w.index, k, w.user, corpus, enabled);
+                            ran.lock().unwrap().push((w.index, k, s.clone()));
+                            if run_one(w, k, &s, "").is_some() {
+                                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    });
+                }
+                // Meanwhile: the daemon lives and answers.
+                while Instant::now() < epoch_end && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    if !alive(d.pid()) {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
+                    match timed_status(d.socket()) {
+                        Ok((_, t)) => {
+                            let mut tt = totals.lock().unwrap();
+                            tt.max_status = tt.max_status.max(t);
+                        }
+                        Err(e) => {
+                            println!("fuzz: the daemon does not answer status under load: {e}");
+                            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+            epoch += 1;
+            let ran = ran.into_inner().unwrap();
+            if !alive(d.pid()) || workers.iter().any(|w| w.dead) || stop.into_inner() {
+                let why = if alive(d.pid()) {
+                    "the daemon stopped answering (or a worker died) during this epoch".to_owned()
+                } else {
+                    "the daemon died during this epoch".to_owned()
+                };
+                let last: Vec<&Script> = ran.iter().rev().take(16).map(|r| &r.2).collect();
+                let p = write_finding(
+                    &format!("{seed}-epoch{epoch}-last"),
+                    &format!("{why}; the last scripts run, newest first"),
+                    &daemon_args,
+                    &last,
+                );
+                println!("fuzz: FINDING {} — {why}", p.display());
+                findings.lock().unwrap().push(p);
+                fatal = Some(why);
+                break;
+            }
+            if let Err(e) = settle(&d, &base) {
+                // Leaked: find a script that leaks on its own, replaying this epoch's.
+                let why = format!("epoch {epoch}: {e}");
+                let all: Vec<&Script> = ran.iter().map(|r| &r.2).collect();
+                let p = write_finding(
+                    &format!("{seed}-epoch{epoch}-all"),
+                    &format!("{why}\nevery script of the epoch, in order"),
+                    &daemon_args,
+                    &all,
+                );
+                println!("fuzz: FINDING {} — {why}", p.display());
+                findings.lock().unwrap().push(p);
+                if let Some(p) = isolate_leak(&d, &mut workers, &ran, &daemon_args, seed, &run_one)
+                {
+                    findings.lock().unwrap().push(p);
+                }
+                fatal = Some(why);
+                break;
+            }
+        }
+    }
+    let fuzz_time = t0.elapsed();
+    drop(workers);
+
+    // The end: the daemon is alive, back at rest, and serves a well-behaved client.
+    let mut failures: Vec<String> = Vec::new();
+    if let Some(f) = fatal {
+        failures.push(f);
+    } else if !alive(d.pid()) {
+        failures.push("the daemon died".into());
+    } else {
+        if let Err(e) = settle(&d, &base) {
+            failures.push(e);
+        }
+        if let Err(e) = good_client_works(&d) {
+            failures.push(format!("after fuzzing: {e}"));
+        }
+    }
+    let t = totals.into_inner().unwrap();
+    let errs: Vec<String> = t
+        .errors
+        .iter()
+        .map(|(c, n)| format!("{}={n}", error_name(*c)))
+        .collect();
+    let findings = findings.into_inner().unwrap();
+    println!(
+        "fuzz summary: seed={seed} time={:.1}s sessions={} ({}) frames={} answers={} \
+         trace-events={} closes={} ok[{}] errors[{}] foreign-uffd-binds={} max-status={}ms \
+         daemon fds={} threads={} findings={}",
+        fuzz_time.as_secs_f64(),
+        t.sessions,
+        t.by_user
+            .iter()
+            .map(|(u, n)| format!("{u} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.sent,
+        t.replies,
+        t.events,
+        t.closes,
+        t.ok.iter()
+            .map(|(c, n)| format!("{c}={n}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        errs.join(" "),
+        t.foreign_uffd_bound,
+        t.max_status.as_millis(),
+        base.fds.len(),
+        base.threads,
+        findings.len()
+    );
+    for p in &findings {
+        println!("fuzz: replay with MEMSHADOW_FUZZ_REPLAY={}", p.display());
+    }
+    assert!(
+        failures.is_empty() && findings.is_empty(),
+        "fuzzing found problems (seed {seed}):\n{}\nreplay files:\n{}",
+        failures.join("\n"),
+        findings
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// After a leak in an epoch: replays the epoch's scripts one at a time (each on the worker
+/// that ran it) until one leaves the daemon above its new resting point; writes that one.
+fn isolate_leak(
+    d: &Daemon,
+    workers: &mut [Worker],
+    ran: &[(usize, u64, Script)],
+    daemon_args: &[String],
+    seed: u64,
+    run_one: &dyn Fn(&mut Worker, u64, &Script, &str) -> Option<String>,
+) -> Option<PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut rest = Rest {
+        fds: fd_targets(d.pid()),
+        threads: d.threads(),
+    };
+    for (wi, k, s) in ran {
+        if Instant::now() > deadline {
+            break;
+        }
+        let w = workers.iter_mut().find(|w| w.index == *wi && !w.dead)?;
+        if run_one(w, *k, s, "isolating a leak: ").is_some() {
+            return None;
+        }
+        // Settle briefly: the script's sessions are closed; their release may lag.
+        let t = Instant::now();
+        let mut now = Rest {
+            fds: fd_targets(d.pid()),
+            threads: d.threads(),
+        };
+        while now.fds.len() > rest.fds.len() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+            now = Rest {
+                fds: fd_targets(d.pid()),
+                threads: d.threads(),
+            };
+        }
+        if now.fds.len() > rest.fds.len() || now.threads > rest.threads {
+            let why = format!(
+                "this script alone left the daemon with {} more fds and {} more threads \
+                 (seed {seed}, worker {wi}, script {k})",
+                now.fds.len() as i64 - rest.fds.len() as i64,
+                now.threads as i64 - rest.threads as i64
+            );
+            let p = write_finding(&format!("{seed}-w{wi}-{k}-leak"), &why, daemon_args, &[s]);
+            println!("fuzz: FINDING {} — {why}", p.display());
+            return Some(p);
+        }
+        rest = now;
+    }
+    None
+}
