@@ -588,7 +588,8 @@ impl Config {
             return Err(bad(
                 "quotas.reserved_shadow_mib",
                 format!(
-                    "{} MiB leaves nothing of the {} MiB shadow (device.shadow_mib) to other users",
+                    "{} MiB leaves nothing of the {} MiB shadow (device.shadow_mib) to other \
+                     users; lower it with the shadow",
                     q.reserved_shadow_bytes >> 20,
                     self.device.shadow_capacity >> 20
                 ),

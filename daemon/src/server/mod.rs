@@ -760,10 +760,14 @@ impl Server {
         });
         let (peer, pidfd) = match pinned {
             Ok(Some(p)) => p,
-            // Barred for a flood of malformed messages: closed before any work.
+            // Barred for a flood of malformed messages: told so, before any other work.
             Ok(None) => {
-                core.counters.refused.fetch_add(1, Relaxed);
-                return;
+                return refuse(
+                    ErrorCode::TooManyClients,
+                    "this user sent too many malformed messages: its connections are \
+                     refused for a few seconds"
+                        .into(),
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "connection refused");
