@@ -636,7 +636,9 @@ pub enum Response {
 /// Error codes of [`Response::Error`]; unknown codes from a newer peer are kept as `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
-    /// Malformed message; the session is closed after this error.
+    /// A malformed message or field. When the message itself could not be received or
+    /// decoded (the session may be out of step), the session is closed after this error; a
+    /// decodable request with a bad field (unknown flags, say) is only refused.
     BadMessage,
     /// No common protocol version.
     ProtocolVersion,
