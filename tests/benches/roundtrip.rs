@@ -723,7 +723,10 @@ fn main() -> Res<()> {
         drop(daemon);
         for (op, bare) in [
             ("populate_vs_mem_fd_MBps", bare_mem_fd_bw(src, bw_len)?),
-            ("populate_vs_process_vm_MBps", bare_process_vm_bw(src, bw_len)?),
+            (
+                "populate_vs_process_vm_MBps",
+                bare_process_vm_bw(src, bw_len)?,
+            ),
         ] {
             bw.push(BwRow {
                 op,

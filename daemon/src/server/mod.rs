@@ -379,31 +379,48 @@ impl Core {
         if s.closing.load(Relaxed) {
             return;
         }
-        let pushed = lock(&s.out).push(s.sock(), f);
-        match pushed {
+        // The watch for room changes under the queue's lock, so that it always matches
+        // the queue: a flush that empties the queue and a send that fills it again cannot
+        // leave the last word to the flush (and a queued answer unwatched).
+        let mut out = lock(&s.out);
+        match out.push(s.sock(), f) {
             Pushed::Sent | Pushed::Queued { arm: false } => {}
-            Pushed::Queued { arm: true } => {
-                let ev = EpollEvent::new(SOCK_EVENTS | EpollFlags::EPOLLOUT, sock_token(s.id));
-                if let Err(e) = self.epoll.modify(s.sock(), &mut { ev }) {
-                    tracing::debug!(client = s.id, error = %e, "cannot watch the socket for room");
-                }
+            Pushed::Queued { arm: true } => self.watch_for_room(s, true),
+            Pushed::Full => {
+                drop(out);
+                self.end(s, End::NotReading);
             }
-            Pushed::Full => self.end(s, End::NotReading),
-            Pushed::Closed => self.end(s, End::SocketGone),
+            Pushed::Closed => {
+                drop(out);
+                self.end(s, End::SocketGone);
+            }
         }
     }
 
     /// Sends what waits for `s` (the socket has room); stops watching for room once all is
     /// sent.
     fn flush(&self, s: &Session) {
-        let flushed = lock(&s.out).flush(s.sock());
-        match flushed {
+        let mut out = lock(&s.out);
+        match out.flush(s.sock()) {
             Flushed::Pending => {}
-            Flushed::Empty => {
-                let ev = EpollEvent::new(SOCK_EVENTS, sock_token(s.id));
-                let _ = self.epoll.modify(s.sock(), &mut { ev });
+            Flushed::Empty => self.watch_for_room(s, false),
+            Flushed::Closed => {
+                drop(out);
+                self.request_close(s.id);
             }
-            Flushed::Closed => self.request_close(s.id),
+        }
+    }
+
+    /// Watches `s`'s socket for room (`EPOLLOUT`) or not. Call with its queue locked.
+    fn watch_for_room(&self, s: &Session, on: bool) {
+        let flags = if on {
+            SOCK_EVENTS | EpollFlags::EPOLLOUT
+        } else {
+            SOCK_EVENTS
+        };
+        let ev = EpollEvent::new(flags, sock_token(s.id));
+        if let Err(e) = self.epoll.modify(s.sock(), &mut { ev }) {
+            tracing::debug!(client = s.id, error = %e, "cannot change the watch of the socket");
         }
     }
 }
