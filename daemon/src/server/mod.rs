@@ -965,8 +965,9 @@ impl Server {
         let (core, s2) = (Arc::clone(&self.core), Arc::clone(s));
         let job: Job = Box::new(move || {
             let resp = handler::handle(&core, &s2, rid, req, fds);
-            core.reply(&s2, rid, &resp);
+            // Out of flight before the client can see the answer and send the next one.
             s2.inflight.fetch_sub(1, Relaxed);
+            core.reply(&s2, rid, &resp);
         });
         if !self.core.submit(s, job) {
             s.inflight.fetch_sub(1, Relaxed);

@@ -529,3 +529,63 @@ proptest! {
         unsafe { libc::munmap(base.cast(), 8 * P) };
     }
 }
+
+/// Answers of many requests in flight, written by the workers while the session loop
+/// flushes the queue of a client that reads in bursts: every answer arrives. (A flush that
+/// emptied the queue and then, racing a worker that had just queued an answer, turned the
+/// watch for room off left that answer unsent until the client's next request.)
+#[test]
+fn every_answer_of_a_bursty_reader_arrives() {
+    let d = Daemon::start();
+    let mut c = Raw::connect(&d.path);
+    c.hello();
+    assert!(matches!(c.bind(), Response::Bound { .. }));
+    let base = map(16, 3);
+    let id = match c.call(
+        &Request::Attach {
+            addr: base as u64,
+            len: (16 * P) as u64,
+            flags: 0,
+        },
+        &[],
+    ) {
+        Response::Attached { mirror_id } => mirror_id,
+        r => panic!("{r:?}"),
+    };
+    // Never wait forever for an answer: a lost one fails the test.
+    nix::sys::socket::setsockopt(
+        &c.sock,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(20, 0),
+    )
+    .unwrap();
+    let inflight = Config::default().limits.quotas.inflight as u64;
+    for round in 0..200u64 {
+        for k in 0..inflight {
+            let req = Request::Read {
+                mirror_id: id,
+                offset: (k % 2) * P as u64,
+                len: MAX_READ as u32,
+            };
+            proto::send(
+                c.sock.as_fd(),
+                req.msg_type(),
+                0,
+                round * 100 + k + 1_000,
+                &req.encode_payload(),
+                &[],
+            )
+            .unwrap();
+        }
+        // Let the answers back up in the socket before reading them all.
+        std::thread::sleep(std::time::Duration::from_micros(200 * (round % 5)));
+        for _ in 0..inflight {
+            let f = proto::recv(c.sock.as_fd(), &mut c.buf)
+                .unwrap_or_else(|e| panic!("round {round}: an answer never came: {e}"));
+            let r = Response::decode(f.header.msg_type, &f.payload, 0).unwrap();
+            assert_eq!(data(r).len(), MAX_READ);
+        }
+    }
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(base.cast(), 16 * P) };
+}
