@@ -20,7 +20,8 @@ use crate::workers::{Key, Submitter};
 
 /// Events read from one uffd at most per batch.
 pub const BATCH: usize = 64;
-/// How soon the reader retries un-protects of write faults that met `EAGAIN` (ms).
+/// How soon the reader retries un-protects of write faults that met `EAGAIN`, and looks
+/// again at fences waiting to be lifted (ms).
 const WAKE_RETRY_MS: u16 = 1;
 const STOP: u64 = u64::MAX;
 
@@ -250,7 +251,7 @@ fn reader_loop(
             }
             let mut out = Deferred::default();
             match w.read_events(&mut buf, &mut scratch, &mut out) {
-                Ok(_) if w.has_pending_wakes() => {
+                Ok(_) if w.has_pending_wakes() || w.has_pending_fences() => {
                     waking.insert(id);
                 }
                 Ok(_) => {}
@@ -279,12 +280,21 @@ fn reader_loop(
                 let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
                 waking
                     .drain()
-                    .filter_map(|id| Some((id, reg.get(&id)?.0.clone())))
+                    .filter_map(|id| Some((id, reg.get(&id)?.clone())))
                     .collect()
             };
             let mut out = Deferred::default();
-            for (id, w) in clients {
-                if w.retry_wakes(&mut out) {
+            for (id, (w, key)) in clients {
+                let mut again = w.has_pending_wakes() && w.retry_wakes(&mut out);
+                if w.has_pending_fences() {
+                    again = true;
+                    // Settling may wait for the client's mmap lock: never on this thread.
+                    if w.claim_settling() {
+                        let w2 = Arc::clone(&w);
+                        jobs.submit(key, Box::new(move || w2.settle_fences()));
+                    }
+                }
+                if again {
                     waking.insert(id);
                 }
             }

@@ -484,6 +484,13 @@ fn run() -> Result<(), String> {
                     stress(&client, num(1)? as usize, num(2)?, &kinds)?
                 }
                 "multi" => multi(&socket, num(1)? as usize, num(2)?)?,
+                "dontneed-stress" => dontneed_stress(
+                    &client,
+                    num(1)? as usize,
+                    num(2)?,
+                    num(3)? as usize,
+                    w.get(4).copied().unwrap_or("anon"),
+                )?,
                 "churn-start" => {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
                     let (addr, len) = (m.addr, m.len);
@@ -670,6 +677,129 @@ fn stress(
     Ok(format!(
         "rounds={} stable_reads={}",
         rounds * threads as u64,
+        reads.load(Relaxed)
+    ))
+}
+
+/// The stamp of round `r` in page `p`: the round and the page, so a page read elsewhere, or
+/// a round's leftovers, both show.
+fn stamp(r: u64, p: usize) -> u64 {
+    (r << 32) | p as u64 | 1 << 63
+}
+
+/// G1 for `madvise` under load: `pages` pages (`anon`: private anonymous, cleared with
+/// `MADV_DONTNEED`; or `shm`: a shared memfd, cleared with `MADV_REMOVE`), stamped per page
+/// and round, attached; `readers` threads keep faulting random pages in through the device
+/// while the main thread, each round, stamps every page, `madvise`s the whole range and
+/// then reads every page through the device: each must read zeros. The readers check their
+/// side: a read issued after round `d`'s `madvise` returned never sees a stamp of round `d`
+/// or earlier. (The kernel announces these changes before it makes them: a fault between
+/// the two must not keep the old bytes.)
+fn dontneed_stress(
+    c: &Client,
+    pages: usize,
+    rounds: u64,
+    readers: usize,
+    kind: &str,
+) -> Result<String, String> {
+    let shared = kind == "shm";
+    let map = Map::new(pages, shared)?;
+    let mirror = Arc::new(
+        c.attach(map.addr as *const u8, map.len)
+            .map_err(|e| e.to_string())?,
+    );
+    // The last round whose madvise returned (0: none yet).
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicU64::new(0));
+    let first_stale = Arc::new(std::sync::Mutex::new(None::<String>));
+    let reads = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..readers)
+        .map(|t| {
+            let (m, done, stop, stale, first, reads) = (
+                mirror.clone(),
+                done.clone(),
+                stop.clone(),
+                stale.clone(),
+                first_stale.clone(),
+                reads.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
+                let mut buf = [0u8; 8];
+                while !stop.load(Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let p = (x % pages as u64) as usize;
+                    let d = done.load(std::sync::atomic::Ordering::SeqCst);
+                    if m.read((p * P) as u64, &mut buf).is_err() {
+                        continue;
+                    }
+                    reads.fetch_add(1, Relaxed);
+                    let v = u64::from_le_bytes(buf);
+                    let round = (v >> 32) & 0x7fff_ffff;
+                    if v != 0 && round <= d {
+                        stale.fetch_add(1, Relaxed);
+                        first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(
+                            format!("reader: page {p} read round {round} after round {d}'s madvise returned"),
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut checked = 0u64;
+    let mut chunk = vec![0u8; 15 * P];
+    for r in 1..=rounds {
+        for p in 0..pages {
+            // SAFETY: inside our own writable mapping.
+            unsafe { ((map.addr + p * P) as *mut u64).write_volatile(stamp(r, p)) };
+        }
+        map.madvise(if shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        })?;
+        done.store(r, std::sync::atomic::Ordering::SeqCst);
+        // Every page, through the device, after the madvise returned.
+        for first in (0..pages).step_by(15) {
+            let n = 15.min(pages - first);
+            let buf = &mut chunk[..n * P];
+            mirror
+                .read((first * P) as u64, buf)
+                .map_err(|e| format!("round {r}: read of pages {first}..: {e}"))?;
+            for i in 0..n {
+                let v = u64::from_le_bytes(buf[i * P..i * P + 8].try_into().unwrap_or([0; 8]));
+                checked += 1;
+                if v != 0 {
+                    stale.fetch_add(1, Relaxed);
+                    first_stale
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert(format!(
+                            "round {r}: page {} read {v:#x} after the madvise returned",
+                            first + i
+                        ));
+                }
+            }
+        }
+    }
+    stop.store(true, Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let n = stale.load(Relaxed);
+    if n > 0 {
+        let first = first_stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        return Err(format!("{n} stale reads, first: {first}"));
+    }
+    Ok(format!(
+        "rounds={rounds} checked={checked} reader_reads={}",
         reads.load(Relaxed)
     ))
 }

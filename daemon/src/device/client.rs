@@ -214,6 +214,16 @@ impl AccessGuard<'_> {
         r
     }
 
+    /// Fences `range`: until [`DeviceClient::unfence`] with the token returned, none of its
+    /// pages is installed, and device reads of it go to the client's memory itself. Call it
+    /// under this guard before the invalidation of the range, as `retire` is.
+    pub fn fence(&self, range: Range) -> u64 {
+        let first = range.start() / PAGE_SIZE as u64;
+        let last = range.last() / PAGE_SIZE as u64;
+        bump(&self.client.dev.counters.fences, 1);
+        self.client.core.pt().fence(first, last)
+    }
+
     /// Takes mirror `id` (live or retired entirely) out of the client's sets, for
     /// [`DeviceClient::tear_down`]. Under the access lock no retirement can come between
     /// the parts of its range it reports as never retired ([`Unlinked::live`]: still the
@@ -391,6 +401,26 @@ impl DeviceClient {
     /// Per-client counters.
     pub fn counters(&self) -> &ClientCounters {
         &self.core.counters
+    }
+
+    /// Lifts fence `token` ([`AccessGuard::fence`]); `timed_out` if the change it waited
+    /// for was not seen made (counted apart).
+    pub fn unfence(&self, token: u64, timed_out: bool) {
+        self.core.pt().unfence(token);
+        let c = &self.dev.counters;
+        bump(
+            if timed_out {
+                &c.fences_timed_out
+            } else {
+                &c.fences_lifted
+            },
+            1,
+        );
+    }
+
+    /// Where the client's pages are read from.
+    pub fn source(&self) -> &dyn MemorySource {
+        self.core.source.as_ref()
     }
 
     /// False once the address space the client's memory is read from is gone for good (it
@@ -608,10 +638,15 @@ impl DeviceClient {
             return Ok(Vec::new());
         }
         Range::new(addr, len as u64)?;
+        let first = addr / PAGE_SIZE as u64;
+        let last = (addr + len as u64 - 1) / PAGE_SIZE as u64;
         for _ in 0..MAX_REPLAYS {
             let (tx, rx) = crossbeam_channel::bounded(1);
             {
                 let _g = self.lock_access();
+                if self.core.pt().fenced(first, last) {
+                    return self.read_fenced(addr, len);
+                }
                 let job = ReadJob {
                     client: Arc::clone(&self.core),
                     addr,
@@ -644,6 +679,54 @@ impl DeviceClient {
     /// invalidation whose event was read before this was called has zapped its pages first
     /// (the client's munmap or madvise returns once the event is *read*, before its start
     /// pass). The lock is not held across the fault, which may wait for the event reader.
+    /// A device read of a range with fenced pages, under the access lock (the caller's):
+    /// served straight from the client's memory, nothing installed.
+    ///
+    /// A fence covers pages the kernel announced it will change (`MADV_DONTNEED`,
+    /// `MADV_REMOVE`: the event comes *before* the zap, and the client's call is let go as
+    /// soon as the event is read) and may not have changed yet. Bytes read there now may be
+    /// the old ones, so they must never be installed: a copy in the shadow would outlive the
+    /// zap. A read of the client's memory itself, though, is right for any device read
+    /// issued after the client's call returned, because the kernel zaps before it returns.
+    /// Holding the access lock keeps every mapping change whose event was read after this
+    /// read began from happening under it (the client waits for that read).
+    fn read_fenced(&self, addr: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
+        let page = PAGE_SIZE as u64;
+        let start = addr - addr % page;
+        let end = (addr + len as u64).next_multiple_of(page);
+        let whole = Range::from_bounds(start, end)?;
+        let mut at = start;
+        while at < end {
+            let m = self
+                .mirror_at(at)
+                .ok_or(DeviceError::NotMirrored { addr: at })?;
+            let cut = m
+                .range
+                .intersection(&whole)
+                .ok_or(DeviceError::NotMirrored { addr: at })?;
+            if m.retired_overlaps(&cut) {
+                return Err(DeviceError::NotMirrored { addr: at });
+            }
+            at = cut.last() + 1;
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        let got = self
+            .core
+            .source
+            .read_pages(start, &mut [IoSliceMut::new(&mut buf)])?;
+        let off = (addr - start) as usize;
+        if got < off + len {
+            return Err(DeviceError::NotMapped {
+                addr: start + (got as u64 / page) * page,
+            });
+        }
+        bump(&self.core.counters.reads, 1);
+        bump(&self.dev.counters.fenced_reads, 1);
+        buf.truncate(off + len);
+        buf.drain(..off);
+        Ok(buf)
+    }
+
     pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
         let r = Range::new(addr, len)?;
         let first = r.start() / PAGE_SIZE as u64;
@@ -658,7 +741,8 @@ impl DeviceClient {
                 let pt = self.core.pt();
                 let stop = vpn.saturating_add((FAULT_BATCH * 16) as u64);
                 while vpn <= last && vpn < stop {
-                    if pt.get(vpn).is_none() {
+                    // A fenced page is not installed now; a read of it is served anyway.
+                    if pt.get(vpn).is_none() && !pt.fenced(vpn, vpn) {
                         missing.push(vpn);
                     }
                     vpn += 1;

@@ -83,6 +83,14 @@ counters!(
         faults,
         /// Faults that had to start over because an invalidation touched their range.
         fault_retries,
+        /// Device reads of fenced pages, served from the client's memory, nothing installed.
+        fenced_reads,
+        /// Fences put up (a change announced before it is made: `MADV_DONTNEED`/`REMOVE`).
+        fences,
+        /// Fences lifted once the change was seen made.
+        fences_lifted,
+        /// Fences lifted after waiting the longest without seeing the change made.
+        fences_timed_out,
         /// Pages copied into the shadow by the fault path.
         pages_mirrored,
         /// Bytes copied into the shadow by the fault path.

@@ -34,6 +34,11 @@ struct MirrorPt {
 pub struct PageTable {
     ptes: BTreeMap<u64, Pte>,
     mirrors: HashMap<MirrorIdx, MirrorPt>,
+    /// Fenced virtual pages (`first..=last`, with the fence's token): nothing may be
+    /// installed there, because the kernel announced a change of those pages that it may
+    /// not have made yet (see `DeviceClient::read`).
+    fences: Vec<(u64, u64, u64)>,
+    next_fence: u64,
     /// Scratch for `zap`, kept to avoid an allocation per invalidation.
     keys: Vec<u64>,
 }
@@ -59,9 +64,30 @@ impl PageTable {
         self.ptes.get(&vpn).copied()
     }
 
-    /// Installs an entry; refuses (returns false) if `vpn` already has one or its mirror is
-    /// gone.
+    /// Fences virtual pages `first..=last`: nothing is installed there until the token
+    /// returned is given to [`PageTable::unfence`].
+    pub fn fence(&mut self, first: u64, last: u64) -> u64 {
+        self.next_fence += 1;
+        self.fences.push((first, last, self.next_fence));
+        self.next_fence
+    }
+
+    /// Lifts the fence `token`.
+    pub fn unfence(&mut self, token: u64) {
+        self.fences.retain(|f| f.2 != token);
+    }
+
+    /// True if any of virtual pages `first..=last` is fenced.
+    pub fn fenced(&self, first: u64, last: u64) -> bool {
+        self.fences.iter().any(|&(f, l, _)| f <= last && first <= l)
+    }
+
+    /// Installs an entry; refuses (returns false) if `vpn` already has one, is fenced, or its
+    /// mirror is gone.
     pub fn install(&mut self, vpn: u64, pte: Pte) -> bool {
+        if self.fenced(vpn, vpn) {
+            return false;
+        }
         let Some(m) = self.mirrors.get_mut(&pte.mirror) else {
             return false;
         };
@@ -175,6 +201,13 @@ mod tests {
         assert!(pt.install(2, pte(1, 7)));
         assert!(!pt.install(2, pte(2, 7)), "occupied refused");
         assert!(pt.install(5, pte(3, 7)));
+        let f = pt.fence(9, 10);
+        assert!(pt.fenced(8, 9) && !pt.fenced(11, 20));
+        assert!(!pt.install(10, pte(4, 7)), "fenced refused");
+        pt.unfence(f);
+        assert!(pt.install(10, pte(4, 7)));
+        let mut gone = Vec::new();
+        assert_eq!(pt.zap(10, 10, 7, &mut gone), 1);
         pt.mark_cached(7, 3);
         assert_eq!(pt.engine_mask(7, false), 0b1000);
         let mut out = Vec::new();

@@ -310,6 +310,17 @@ impl Uffd {
         }
     }
 
+    /// Waits until no thread of the client holds its mmap lock for reading, by taking it for
+    /// writing (`UFFDIO_UNREGISTER` takes it before it looks at the range, and then refuses
+    /// the empty page 0 with `EINVAL`; nothing changes). A zap the client started under the
+    /// read lock (`MADV_DONTNEED`) is over when this returns. Blocks while the client holds
+    /// the lock: call it off shared threads.
+    pub fn barrier(&self) {
+        let _ = self
+            .inner
+            .unregister(std::ptr::null_mut(), super::PAGE_SIZE);
+    }
+
     /// Reads the pending events (the fd is non-blocking), appending them to `out`. Returns
     /// how many were read; 0 if none were pending.
     pub fn read_events(

@@ -2,6 +2,8 @@
 //! client, and the table of ranges it attached (DESIGN.md §1, §6). Mirror ids given to the
 //! client stay stable while the range follows `mremap`; this module knows nothing of sockets.
 
+mod fences;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -200,6 +202,10 @@ pub struct Watched {
     attach_quota: AtomicU64,
     /// Set when the session closes: long work stops at its next chunk.
     cancelled: AtomicBool,
+    /// Fences of announced changes, waiting to be lifted ([`fences`]).
+    fences: Mutex<Vec<fences::PendingFence>>,
+    /// Set while a job settles the fences.
+    settling: AtomicBool,
     counters: EventCounters,
     dirty: Arc<ClientDirty>,
     /// Write-protect faults whose un-protect met `EAGAIN` (events unread): retried after
@@ -265,6 +271,8 @@ impl Watched {
             max_mirrors,
             attach_quota: AtomicU64::new(u64::MAX),
             cancelled: AtomicBool::new(false),
+            fences: Mutex::new(Vec::new()),
+            settling: AtomicBool::new(false),
             counters: EventCounters::default(),
             dirty,
             pending_wake: Mutex::new(Vec::new()),
@@ -843,8 +851,11 @@ impl Watched {
             }
             UffdEvent::Remove { start, end } => {
                 self.counters.remove.fetch_add(1, Relaxed);
-                // The mapping stays: the next access faults the (now zero) pages back in.
+                // The mapping stays, but the kernel zaps its pages only after this read:
+                // fence the range until it has, then invalidate (any fault that began
+                // earlier retries, and installs nothing while the fence stands).
                 if let Ok(r) = Range::from_bounds(start, end) {
+                    self.fence(guard, r);
                     self.invalidate(guard, r, Event::Clear, out);
                 }
             }

@@ -1,0 +1,177 @@
+//! Fences of announced changes (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`): the kernel
+//! sends `UFFD_EVENT_REMOVE` *before* it zaps the pages, and lets the client's thread go on
+//! as soon as the event is read; the thread then takes its mmap lock again and zaps. Between
+//! the read and the zap, the client's memory still shows the old bytes, and a device fault
+//! that copied them would keep them after the zap, with no event left to remove them.
+//!
+//! So the start pass of such an event also *fences* the range in the device: no page of it
+//! is installed, and device reads of it are served from the client's memory itself (right
+//! for any read issued after the client's call returned, since the kernel zaps first).
+//! The fence is lifted once the zap is seen done, by a job on the workers (it may have to
+//! wait for the client's mmap lock, which no shared thread may do):
+//!
+//! 1. the client's uffd no longer reports a change in flight (`mmap_changing`: the thread
+//!    that made the call has run again after the read);
+//! 2. one of the range's pages that were present when the event was read is not present
+//!    any more (the zap, which runs under one hold of the read lock, has begun), if there
+//!    were any and the client handed over its pagemap; else up to [`LIFT_AFTER`] passes;
+//! 3. the mmap lock is taken for writing ([`Uffd::barrier`]): a zap in progress is over;
+//! 4. one page of the range is read again (a hole punch of shared memory, `MADV_REMOVE`,
+//!    makes that read wait for it).
+//!
+//! What is left: a thread preempted between the end of its wait for the event and taking
+//! the lock again, for longer than [`LIFT_AFTER`], with nothing present in the range to
+//! watch; and `MADV_FREE`, which zaps nothing (the pages stay until memory is short, then
+//! read as zeros, with no event). Both are documented limits.
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::Watched;
+use crate::lock;
+use crate::notifier::Range;
+use crate::sys::pagemap::{read_words, word};
+use crate::sys::uffd::Uffd;
+use crate::sys::PAGE_SIZE;
+
+/// Longest a fence waits to see its zap begin before it is lifted anyway.
+pub const LIFT_AFTER: Duration = Duration::from_millis(200);
+
+/// Pages of a fenced range whose presence is watched.
+const MAX_SENTINELS: usize = 8;
+
+/// A fence waiting to be lifted.
+#[derive(Debug)]
+pub struct PendingFence {
+    /// The device's token for it.
+    pub token: u64,
+    /// The range.
+    pub range: Range,
+    /// When the event was read.
+    pub since: Instant,
+    /// Pages present then; the zap has begun once one of them is not.
+    pub sentinels: Vec<u64>,
+}
+
+impl PendingFence {
+    /// A fence of `range` (device token `token`), with the present pages `pagemap` shows.
+    pub fn new(token: u64, range: Range, pagemap: Option<&File>) -> PendingFence {
+        PendingFence {
+            token,
+            range,
+            since: Instant::now(),
+            sentinels: pagemap.map_or_else(Vec::new, |p| present_pages(p, range)),
+        }
+    }
+}
+
+/// Whether the page at `addr` is present (a swapped page, or a write-protect marker, is not).
+fn present(pagemap: &File, addr: u64) -> Option<bool> {
+    let w = read_words(pagemap, addr, 1).ok()?;
+    Some(w.first().copied()? & word::PRESENT != 0)
+}
+
+/// Up to [`MAX_SENTINELS`] present pages spread over `range`. Spread, because the client's
+/// own accesses after its call returned (and the daemon's fenced reads) map pages again,
+/// beginning where the client goes first; the zap itself runs from the start to the end.
+fn present_pages(pagemap: &File, range: Range) -> Vec<u64> {
+    let page = PAGE_SIZE as u64;
+    let pages = range.len() / page;
+    let step = (pages / MAX_SENTINELS as u64).max(1);
+    (0..pages)
+        .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+        .map(|i| range.start() + i * page)
+        .filter(|&a| present(pagemap, a) == Some(true))
+        .take(MAX_SENTINELS)
+        .collect()
+}
+
+/// True if some sentinel page is no longer present.
+fn zap_begun(pagemap: &File, sentinels: &[u64]) -> bool {
+    sentinels
+        .iter()
+        .any(|&a| present(pagemap, a) == Some(false))
+}
+
+/// What became of a fence when it was looked at.
+enum Verdict {
+    /// Not yet.
+    Wait,
+    /// The zap was seen made.
+    Done,
+    /// Waited [`LIFT_AFTER`] without seeing it.
+    TimedOut,
+}
+
+impl Watched {
+    /// Fences `range` for an event that announces a change not made yet; call under the
+    /// access lock, before the range's invalidation.
+    pub(super) fn fence(&self, guard: &crate::device::AccessGuard<'_>, range: Range) {
+        let token = guard.fence(range);
+        let f = PendingFence::new(token, range, self.pagemap.as_ref());
+        lock(&self.fences).push(f);
+    }
+
+    /// True while a fence waits to be lifted.
+    pub fn has_pending_fences(&self) -> bool {
+        !lock(&self.fences).is_empty()
+    }
+
+    /// Claims the right to settle fences (one job at a time per client); false if a job
+    /// already has it.
+    pub fn claim_settling(&self) -> bool {
+        !self.settling.swap(true, Relaxed)
+    }
+
+    /// Lifts the fences whose change is seen made (see the module). Blocks while the
+    /// client holds its mmap lock: run it on a worker, after [`Watched::claim_settling`].
+    /// The event reader looks again later while [`Watched::has_pending_fences`].
+    pub fn settle_fences(&self) {
+        let pending = std::mem::take(&mut *lock(&self.fences));
+        let mut left = Vec::new();
+        for f in pending {
+            match self.look_at(&f) {
+                Verdict::Wait => left.push(f),
+                v => self.lift(&f, matches!(v, Verdict::TimedOut)),
+            }
+        }
+        lock(&self.fences).extend(left);
+        self.settling.store(false, Relaxed);
+    }
+
+    fn look_at(&self, f: &PendingFence) -> Verdict {
+        let Some(changing) = self.with_uffd(|u| u.events_pending(f.range.start(), 0)) else {
+            // Released: the fence goes with the device client.
+            return Verdict::Done;
+        };
+        let late = f.since.elapsed() >= LIFT_AFTER;
+        if changing && !late {
+            return Verdict::Wait;
+        }
+        let begun = match (&self.pagemap, f.sentinels.is_empty()) {
+            (Some(p), false) => zap_begun(p, &f.sentinels),
+            _ => false,
+        };
+        if !begun && !late {
+            return Verdict::Wait;
+        }
+        self.with_uffd(Uffd::barrier);
+        // A punch of shared memory in progress makes this read wait for its end.
+        let mut page = [0u8; PAGE_SIZE];
+        let _ = self
+            .device
+            .source()
+            .read_pages(f.range.start(), &mut [IoSliceMut::new(&mut page)]);
+        if begun {
+            Verdict::Done
+        } else {
+            Verdict::TimedOut
+        }
+    }
+
+    fn lift(&self, f: &PendingFence, timed_out: bool) {
+        self.device.unfence(f.token, timed_out);
+    }
+}
