@@ -412,6 +412,12 @@ impl Client {
         if bind {
             let (uffd, privileged) = create_uffd_kind()?;
             let mem = open_proc("/proc/self/mem")?;
+            // Protocol 2: the maps, third (which addresses are mapped, and readable).
+            let maps = if inner.version >= 2 {
+                Some(open_proc("/proc/self/maps")?)
+            } else {
+                None
+            };
             // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
             // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
             let pagemap = open_proc("/proc/self/pagemap").ok();
@@ -425,13 +431,14 @@ impl Client {
                         .ok()
                 });
             let mut fds = vec![uffd.as_fd(), mem.as_fd()];
+            fds.extend(maps.as_ref().map(AsFd::as_fd));
             fds.extend(pagemap.as_ref().map(AsFd::as_fd));
             fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
             let flags = if privileged { BIND_UFFD_PRIVILEGED } else { 0 };
             let sent = inner.call(&Request::Bind { flags }, &fds);
             // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
             drop(fds);
-            drop((uffd, mem, pagemap, clear_refs));
+            drop((uffd, mem, maps, pagemap, clear_refs));
             match sent? {
                 Response::Bound {
                     access,
@@ -620,6 +627,12 @@ impl Mirror {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.check(offset, buf.len() as u64)?;
         let chunk = MAX_READ.min(self.inner.limits.max_read.max(1) as usize);
+        if buf.len() > chunk {
+            // One device fault per missing run of the whole read, as a device would take,
+            // rather than one per message-sized piece. A failure here shows again, precisely,
+            // in the read of the piece it concerns.
+            let _ = self.populate(offset, buf.len() as u64);
+        }
         let mut done = 0;
         while done < buf.len() {
             let n = chunk.min(buf.len() - done);

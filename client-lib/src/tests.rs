@@ -71,7 +71,7 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
         let reads = Arc::clone(&reads);
         move |req, fds| match *req {
             Request::Bind { .. } => {
-                assert_eq!(fds.len(), 4, "uffd, mem, pagemap, clear_refs");
+                assert_eq!(fds.len(), 5, "uffd, mem, maps, pagemap, clear_refs");
                 let t =
                     std::fs::read_link(format!("/proc/self/fd/{}", fds[0].as_raw_fd())).unwrap();
                 assert_eq!(t.to_str(), Some("anon_inode:[userfaultfd]"));
@@ -89,6 +89,8 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
                 })
             }
             Request::Detach { .. } => Some(Response::Detached),
+            // A read of several messages populates first (one fault per missing run).
+            Request::Populate { .. } => Some(Response::Populated { pages: 32 }),
             _ => None,
         }
     });

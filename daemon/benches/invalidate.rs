@@ -225,6 +225,7 @@ fn main() {
     let (pvm_cold, pvm_warm) = mirror_gbps(Arc::new(ProcessVmSource::new(pid)), addr, bytes as u64);
     let mem_file = Arc::new(MemFileSource::new(
         std::fs::File::open("/proc/self/mem").unwrap(),
+        None,
     ));
     let (pmem_cold, pmem_warm) = mirror_gbps(mem_file, addr, bytes as u64);
     let row = |name: &str, g: f64| {

@@ -2,10 +2,12 @@
 //! (docs/threat-model.md).
 //!
 //! In order: its userfaultfd (created in its own address space, `UFFDIO_API` not done yet),
-//! its `/proc/self/mem` opened for reading, and optionally its `/proc/self/pagemap` (for
-//! reading) and `/proc/self/clear_refs` (for writing). The `mem` file is the daemon's only
-//! way into the client's memory; it must still lead to a live address space when it
-//! arrives (a file opened before the client `exec`ed leads nowhere).
+//! its `/proc/self/mem` opened for reading, then (protocol 2) its `/proc/self/maps`, then
+//! optionally its `/proc/self/pagemap` (for reading) and `/proc/self/clear_refs` (for
+//! writing). A protocol 1 client hands over uffd, mem and optionally pagemap. The `mem` file
+//! is the daemon's only way into the client's memory; it must still lead to a live address
+//! space when it arrives (a file opened before the client `exec`ed leads nowhere). The
+//! `maps` file tells which addresses are mapped and readable (attach, faults, sync).
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,6 +22,8 @@ pub struct Handover {
     pub uffd: Uffd,
     /// Its `/proc/self/mem`.
     pub mem: File,
+    /// Its `/proc/self/maps` (protocol 2).
+    pub maps: Option<File>,
     /// Its `/proc/self/pagemap`, if handed over.
     pub pagemap: Option<File>,
     /// Its `/proc/self/clear_refs`, if handed over.
@@ -29,10 +33,10 @@ pub struct Handover {
 /// Why a bind's fds were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
-    /// Fewer than two fds.
+    /// Fewer fds than the protocol version needs.
     #[error(
-        "bind takes the userfaultfd and /proc/self/mem, then optionally /proc/self/pagemap \
-         and /proc/self/clear_refs"
+        "bind takes the userfaultfd, /proc/self/mem and (protocol 2) /proc/self/maps, then \
+         optionally /proc/self/pagemap and /proc/self/clear_refs"
     )]
     Missing,
     /// A `/proc/self/...` fd is not what it must be.
@@ -50,19 +54,28 @@ pub enum HandoverError {
 }
 
 impl Handover {
-    /// Checks `fds`, handed over by the process `pid` (the peer of the session).
-    pub fn check(fds: Vec<OwnedFd>, pid: i32) -> Result<Handover, HandoverError> {
+    /// Checks `fds`, handed over by the process `pid` (the peer of the session) speaking
+    /// protocol `version`.
+    pub fn check(fds: Vec<OwnedFd>, pid: i32, version: u16) -> Result<Handover, HandoverError> {
         let mut it = fds.into_iter();
         let (Some(uffd), Some(mem)) = (it.next(), it.next()) else {
             return Err(HandoverError::Missing);
         };
+        let maps = if version >= 2 {
+            Some(it.next().ok_or(HandoverError::Missing)?)
+        } else {
+            None
+        };
         let (pagemap, clear_refs) = (it.next(), it.next());
         procfd::check(mem.as_fd(), pid, "mem", Access::Read)?;
-        if let Some(p) = &pagemap {
-            procfd::check(p.as_fd(), pid, "pagemap", Access::Read)?;
-        }
-        if let Some(c) = &clear_refs {
-            procfd::check(c.as_fd(), pid, "clear_refs", Access::Write)?;
+        for (fd, what, access) in [
+            (&maps, "maps", Access::Read),
+            (&pagemap, "pagemap", Access::Read),
+            (&clear_refs, "clear_refs", Access::Write),
+        ] {
+            if let Some(fd) = fd {
+                procfd::check(fd.as_fd(), pid, what, access)?;
+            }
         }
         if !procfd::mem_alive(mem.as_fd()) {
             return Err(HandoverError::Gone);
@@ -72,6 +85,7 @@ impl Handover {
         Ok(Handover {
             uffd,
             mem: File::from(mem),
+            maps: maps.map(File::from),
             pagemap: pagemap.map(File::from),
             clear_refs: clear_refs.map(File::from),
         })
@@ -99,21 +113,35 @@ mod tests {
 
     #[test]
     fn takes_a_uffd_and_own_proc_files() {
-        let h = Handover::check(vec![uffd(), proc("mem"), proc("pagemap")], me()).unwrap();
-        assert!(h.pagemap.is_some() && h.clear_refs.is_none());
+        let h = Handover::check(vec![uffd(), proc("mem"), proc("pagemap")], me(), 1).unwrap();
+        assert!(h.pagemap.is_some() && h.clear_refs.is_none() && h.maps.is_none());
+        let h = Handover::check(
+            vec![uffd(), proc("mem"), proc("maps"), proc("pagemap")],
+            me(),
+            2,
+        )
+        .unwrap();
+        assert!(h.pagemap.is_some() && h.maps.is_some());
+        // Protocol 2 wants maps in third place.
+        let e = Handover::check(vec![uffd(), proc("mem"), proc("pagemap")], me(), 2).unwrap_err();
+        assert!(matches!(e, HandoverError::ProcFd(_)), "{e}");
+        assert!(matches!(
+            Handover::check(vec![uffd(), proc("mem")], me(), 2),
+            Err(HandoverError::Missing)
+        ));
     }
 
     #[test]
     fn refuses_missing_swapped_and_foreign_fds() {
         assert!(matches!(
-            Handover::check(vec![uffd()], me()),
+            Handover::check(vec![uffd()], me(), 1),
             Err(HandoverError::Missing)
         ));
         // mem and uffd swapped: the second fd is no mem file.
-        let e = Handover::check(vec![proc("mem"), uffd()], me()).unwrap_err();
+        let e = Handover::check(vec![proc("mem"), uffd()], me(), 1).unwrap_err();
         assert!(matches!(e, HandoverError::ProcFd(_)), "{e}");
         // A mem file where the uffd belongs.
-        let e = Handover::check(vec![proc("mem"), proc("mem")], me()).unwrap_err();
+        let e = Handover::check(vec![proc("mem"), proc("mem")], me(), 1).unwrap_err();
         assert!(
             matches!(e, HandoverError::Uffd(UffdError::NotUffd(_))),
             "{e}"
@@ -122,11 +150,12 @@ mod tests {
         let e = Handover::check(
             vec![uffd(), proc("mem"), proc("pagemap"), proc("pagemap")],
             me(),
+            1,
         )
         .unwrap_err();
         assert!(matches!(e, HandoverError::ProcFd(_)), "{e}");
         // Another pid's files.
-        let e = Handover::check(vec![uffd(), proc("mem")], 1).unwrap_err();
+        let e = Handover::check(vec![uffd(), proc("mem")], 1, 1).unwrap_err();
         assert!(
             matches!(e, HandoverError::ProcFd(ProcFdError::NotOwn { .. })),
             "{e}"

@@ -16,7 +16,9 @@ use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use crate::sys::maps::{Maps, MapsError};
 use crate::sys::{self, PAGE_SIZE};
+use std::sync::Arc;
 
 /// Errors of reading client memory.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,13 @@ pub enum SourceError {
     /// The address space the source was bound to is gone: the client exited or `exec`ed.
     #[error("the client's address space is gone (it exited or exec'd)")]
     Gone,
+    /// The client's memory at the address is mapped without read permission
+    /// (`PROT_NONE`): the device may not read it, as a device could not.
+    #[error("address {addr:#x} is not readable (its mapping is PROT_NONE or write-only)")]
+    NotReadable {
+        /// The address.
+        addr: u64,
+    },
     /// The system call failed.
     #[error("cannot read client memory at {addr:#x} via {via}")]
     Io {
@@ -43,6 +52,12 @@ pub trait MemorySource: Send + Sync {
     /// of whole pages to fill in order). Returns the bytes filled: short if the range stops
     /// being mapped part-way, 0 if `addr` itself is not mapped.
     fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError>;
+
+    /// [`MemorySource::read_pages`] for bytes that are returned, never installed in the
+    /// shadow (a source that prepares pages it copies for the shadow skips that).
+    fn read_uncached(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        self.read_pages(addr, dst)
+    }
 
     /// Short name of the access path, for logs and status.
     fn kind(&self) -> &'static str;
@@ -107,27 +122,58 @@ impl MemorySource for ProcessVmSource {
     }
 }
 
-/// Reads with `preadv(2)` on an open `/proc/PID/mem`.
+/// Reads with `preadv(2)` on an open `/proc/PID/mem`, only where the client's mappings
+/// allow reading (the file itself ignores protections: the kernel reads it with
+/// `FOLL_FORCE`), when the client handed over its `/proc/self/maps`.
 #[derive(Debug)]
 pub struct MemFileSource {
     file: File,
+    maps: Option<Arc<Maps>>,
 }
 
 impl MemFileSource {
-    /// Reads through `file`, an open `/proc/PID/mem`.
-    pub fn new(file: File) -> Self {
-        MemFileSource { file }
+    /// Reads through `file`, an open `/proc/PID/mem`, checking protections in `maps`.
+    pub fn new(file: File, maps: Option<Arc<Maps>>) -> Self {
+        MemFileSource { file, maps }
+    }
+
+    /// The bytes of `want` from `addr` that may be read: all, without a maps file.
+    fn readable(&self, addr: u64, want: usize) -> Result<usize, SourceError> {
+        let Some(maps) = &self.maps else {
+            return Ok(want);
+        };
+        let n = maps
+            .readable_prefix(addr, want as u64)
+            .map_err(|e| match e {
+                MapsError::Gone => SourceError::Gone,
+                MapsError::Io(source) => SourceError::Io {
+                    addr,
+                    via: "/proc/PID/maps",
+                    source,
+                },
+            })?;
+        if n == 0 && maps.first_hole(addr, addr + 1).ok().flatten().is_none() {
+            return Err(SourceError::NotReadable { addr });
+        }
+        Ok(usize::try_from(n).unwrap_or(want).min(want))
     }
 }
 
 impl MemorySource for MemFileSource {
     fn read_pages(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
-        match sys::read_mem_file(&self.file, addr, dst) {
-            Ok(n) => Ok(n),
-            Err(nix::Error::EIO | nix::Error::EFAULT) => Ok(0),
-            Err(nix::Error::ESRCH) => Err(SourceError::Gone),
-            Err(e) => Err(io_err(addr, "/proc/PID/mem", e)),
+        let want: usize = dst.iter().map(|b| b.len()).sum();
+        let allowed = self.readable(addr, want)?;
+        if allowed < want {
+            // Read only what may be read: whole leading buffers (pages).
+            let mut keep = 0;
+            let mut bytes = 0;
+            while keep < dst.len() && bytes + dst[keep].len() <= allowed {
+                bytes += dst[keep].len();
+                keep += 1;
+            }
+            return self.read_all(addr, &mut dst[..keep]);
         }
+        self.read_all(addr, dst)
     }
 
     fn kind(&self) -> &'static str {
@@ -137,6 +183,20 @@ impl MemorySource for MemFileSource {
     fn alive(&self) -> bool {
         use std::os::fd::AsFd;
         sys::procfd::mem_alive(self.file.as_fd())
+    }
+}
+
+impl MemFileSource {
+    fn read_all(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        if dst.is_empty() {
+            return Ok(0);
+        }
+        match sys::read_mem_file(&self.file, addr, dst) {
+            Ok(n) => Ok(n),
+            Err(nix::Error::EIO | nix::Error::EFAULT) => Ok(0),
+            Err(nix::Error::ESRCH) => Err(SourceError::Gone),
+            Err(e) => Err(io_err(addr, "/proc/PID/mem", e)),
+        }
     }
 }
 
@@ -280,7 +340,7 @@ mod tests {
                 .expect("read"),
             0
         );
-        let mem = MemFileSource::new(File::open("/proc/self/mem").expect("open"));
+        let mem = MemFileSource::new(File::open("/proc/self/mem").expect("open"), None);
         assert_eq!(
             mem.read_pages(0, &mut [IoSliceMut::new(&mut out)])
                 .expect("read"),

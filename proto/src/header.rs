@@ -2,9 +2,10 @@
 
 /// `"MSHD"` read as a little-endian u32: the first four bytes of every message.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MSHD");
-/// The newest protocol version this build speaks. Version 2 adds the optional fourth fd of
-/// `Bind` (`/proc/self/clear_refs`) and error codes 18 (`ShadowFull`) and 19
-/// (`OutOfResources`); a version 1 peer is answered as before.
+/// The newest protocol version this build speaks. Version 2's `Bind` carries the client's
+/// `/proc/self/maps` third (then pagemap and, new, `clear_refs`: up to 5 fds), and it adds
+/// error codes 18 (`ShadowFull`) and 19 (`OutOfResources`); a version 1 peer is answered as
+/// before.
 pub const VERSION: u16 = 2;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
@@ -17,7 +18,7 @@ pub const HEADER_LEN: usize = 24;
 /// Largest payload of one message; a bigger one is refused before it is read into memory.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Most file descriptors one message may carry.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 5;
 /// Header flag: more messages answering the same request follow (streams).
 pub const FLAG_MORE: u16 = 1 << 0;
 /// Flags this version defines; others are refused.

@@ -448,8 +448,9 @@ pub enum Request {
         name: String,
     },
     /// Hands over the client's uffd and its `/proc/self/mem` fd (opened for reading), then
-    /// optionally its `/proc/self/pagemap` fd (for reading) and its `/proc/self/clear_refs`
-    /// fd (for writing), in that order, as 2 to 4 `SCM_RIGHTS` fds.
+    /// (protocol 2) its `/proc/self/maps` fd, then optionally its `/proc/self/pagemap` fd
+    /// (for reading) and its `/proc/self/clear_refs` fd (for writing), in that order, as 2
+    /// to 5 `SCM_RIGHTS` fds (protocol 1: uffd, mem and optionally pagemap).
     Bind {
         /// [`BIND_UFFD_PRIVILEGED`] or 0; other bits must be 0.
         flags: u32,
@@ -911,7 +912,7 @@ impl Request {
             });
         }
         if msg_type == ty::BIND {
-            check_fds(msg_type, fds, 2..=4, "2 to 4")?;
+            check_fds(msg_type, fds, 2..=5, "2 to 5")?;
         } else {
             check_fds(msg_type, fds, 0..=0, "none")?;
         }
@@ -1558,7 +1559,7 @@ mod tests {
             Err(DecodeError::FdCount { got: 1, .. })
         ));
         assert!(matches!(
-            Request::decode(bind.msg_type(), &bind.encode_payload(), 5),
+            Request::decode(bind.msg_type(), &bind.encode_payload(), 6),
             Err(DecodeError::FdCount { .. })
         ));
         assert!(matches!(

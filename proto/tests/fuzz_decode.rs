@@ -22,7 +22,7 @@ use std::cell::Cell;
 use memshadow_proto::{
     AccessPath, AttachPolicy, ClientInfo, DecodeError, DirtyBackend, ErrorCode, EventKind, Header,
     InvalidationReport, Limits, MirrorInfo, Request, Response, SyncReport, FLAG_MORE, HEADER_LEN,
-    MAX_FDS, MAX_LIST, MAX_NAME, MAX_PAYLOAD, MAX_READ, MAX_VALUE, VERSION,
+    MAX_FDS, MAX_LIST, MAX_NAME, MAX_PAYLOAD, MAX_READ, MAX_VALUE, MIN_VERSION, VERSION,
 };
 use proptest::prelude::*;
 
@@ -110,7 +110,7 @@ fn allowed_heap(len: usize) -> usize {
 /// What the `fds` rule of each type is.
 fn fds_ok_for(req: &Request, fds: usize) -> bool {
     match req {
-        Request::Bind { .. } => (2..=3).contains(&fds),
+        Request::Bind { .. } => (2..=5).contains(&fds),
         _ => fds == 0,
     }
 }
@@ -170,7 +170,7 @@ fn check_header(bytes: &[u8]) -> Option<Header> {
     assert_eq!(heap, 0, "Header::decode allocated");
     let h = h.ok()?;
     assert_eq!(h.encode()[..], bytes[..HEADER_LEN], "{h:?}");
-    assert_eq!(h.version, VERSION);
+    assert!((MIN_VERSION..=VERSION).contains(&h.version), "{h:?}");
     assert_eq!(h.flags & !FLAG_MORE, 0);
     assert!(usize::from(h.fd_count) <= MAX_FDS);
     assert!(h.payload_len as usize <= MAX_PAYLOAD);

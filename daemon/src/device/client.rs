@@ -418,6 +418,22 @@ impl DeviceClient {
         );
     }
 
+    /// Runs `(first, last)` (inclusive virtual page numbers) of the pages of
+    /// `range` that are in the shadow now.
+    pub fn mirrored_runs(&self, range: Range) -> Vec<(u64, u64)> {
+        let first = range.start() / PAGE_SIZE as u64;
+        let last = range.last() / PAGE_SIZE as u64;
+        let pt = self.core.pt();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (vpn, _) in pt.entries_in(first, last) {
+            match runs.last_mut() {
+                Some(r) if r.1 + 1 == vpn => r.1 = vpn,
+                _ => runs.push((vpn, vpn)),
+            }
+        }
+        runs
+    }
+
     /// Where the client's pages are read from.
     pub fn source(&self) -> &dyn MemorySource {
         self.core.source.as_ref()
@@ -679,6 +695,20 @@ impl DeviceClient {
     /// invalidation whose event was read before this was called has zapped its pages first
     /// (the client's munmap or madvise returns once the event is *read*, before its start
     /// pass). The lock is not held across the fault, which may wait for the event reader.
+    /// Why a read of the client's memory stopped at `addr`: that page is not readable (the
+    /// source says so when asked for it alone), or not mapped.
+    fn why_short(&self, addr: u64) -> DeviceError {
+        let mut page = vec![0u8; PAGE_SIZE];
+        match self
+            .core
+            .source
+            .read_uncached(addr, &mut [IoSliceMut::new(&mut page)])
+        {
+            Err(e) => e.into(),
+            Ok(_) => DeviceError::NotMapped { addr },
+        }
+    }
+
     /// A device read of a range with fenced pages, under the access lock (the caller's):
     /// served straight from the client's memory, nothing installed.
     ///
@@ -713,12 +743,10 @@ impl DeviceClient {
         let got = self
             .core
             .source
-            .read_pages(start, &mut [IoSliceMut::new(&mut buf)])?;
+            .read_uncached(start, &mut [IoSliceMut::new(&mut buf)])?;
         let off = (addr - start) as usize;
         if got < off + len {
-            return Err(DeviceError::NotMapped {
-                addr: start + (got as u64 / page) * page,
-            });
+            return Err(self.why_short(start + (got as u64 / page) * page));
         }
         bump(&self.core.counters.reads, 1);
         bump(&self.dev.counters.fenced_reads, 1);
@@ -842,9 +870,7 @@ impl DeviceClient {
             );
             self.dev.free_slots(&self.core, &unused);
             if copied < n {
-                return Err(DeviceError::NotMapped {
-                    addr: addr + (copied * PAGE_SIZE) as u64,
-                });
+                return Err(self.why_short(addr + (copied * PAGE_SIZE) as u64));
             }
             return Ok(());
         }

@@ -167,6 +167,11 @@ impl PageTable {
         self.ptes.is_empty()
     }
 
+    /// The entries of virtual pages `first..=last`, in address order.
+    pub fn entries_in(&self, first: u64, last: u64) -> impl Iterator<Item = (u64, Pte)> + '_ {
+        self.ptes.range(first..=last).map(|(k, v)| (*k, *v))
+    }
+
     /// All entries, in address order (tests and equivalence checks).
     pub fn entries(&self) -> impl Iterator<Item = (u64, Pte)> + '_ {
         self.ptes.iter().map(|(k, v)| (*k, *v))

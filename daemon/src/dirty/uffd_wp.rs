@@ -100,8 +100,17 @@ impl MemorySource for ArmingSource {
         self.inner.read_pages(addr, dst)
     }
 
+    /// Nothing read this way is installed, so nothing needs arming.
+    fn read_uncached(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
+        self.inner.read_uncached(addr, dst)
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    fn alive(&self) -> bool {
+        self.inner.alive()
     }
 }
 

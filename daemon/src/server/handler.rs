@@ -23,6 +23,7 @@ use crate::dirty::uffd_wp::ArmingSource;
 use crate::dirty::{policy_of, Backend, ClientDirty};
 use crate::handover::Handover;
 use crate::source::{MemFileSource, MemorySource};
+use crate::sys::maps::Maps;
 use crate::sys::uffd::{features, UffdError};
 use crate::sys::{self, PAGE_SIZE};
 use crate::watched::{SyncStats, WatchError, Watched};
@@ -491,12 +492,15 @@ fn bind_inner(
     fds: Vec<OwnedFd>,
 ) -> Result<Binding, Response> {
     let pid = s.peer.pid;
+    let version = s.hello.get().map_or(1, |h| h.version);
     let Handover {
         uffd,
         mem,
+        maps,
         pagemap,
         clear_refs,
-    } = Handover::check(fds, pid).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
+    } = Handover::check(fds, pid, version).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
+    let maps = maps.map(|f| Arc::new(Maps::new(f)));
     // The dirty back end decides features of the uffd (WP_ASYNC or not), so it is chosen now.
     let backend = core
         .dirty
@@ -535,7 +539,7 @@ fn bind_inner(
         }
     };
     // The one way into the client's memory: the file it opened itself (docs/threat-model.md).
-    let source: Arc<dyn MemorySource> = Arc::new(MemFileSource::new(mem));
+    let source: Arc<dyn MemorySource> = Arc::new(MemFileSource::new(mem, maps.clone()));
     let dirty = Arc::new(ClientDirty::new(
         backend,
         clear_refs,
@@ -556,13 +560,8 @@ fn bind_inner(
         .device
         .client_of(source, quotas.shadow_bytes, core.account(s.peer.uid));
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
-    let watched = Arc::new(Watched::with_dirty(
-        uffd,
-        device,
-        pagemap,
-        quotas.mirrors,
-        dirty,
-    ));
+    let watched =
+        Arc::new(Watched::with_dirty(uffd, device, pagemap, quotas.mirrors, dirty).with_maps(maps));
     Ok(Binding {
         watched,
         access: AccessPath::MemFd,
@@ -572,7 +571,11 @@ fn bind_inner(
 
 fn watch_err(e: WatchError) -> Response {
     let code = match &e {
-        WatchError::BadRange { .. } => ErrorCode::BadRange,
+        WatchError::BadRange { .. } | WatchError::Hole { .. } | WatchError::DiskFile { .. } => {
+            ErrorCode::BadRange
+        }
+        WatchError::Maps(crate::sys::maps::MapsError::Gone) => ErrorCode::AccessFailed,
+        WatchError::Maps(_) => ErrorCode::Internal,
         WatchError::Overlap { .. } | WatchError::Device(DeviceError::Overlap { .. }) => {
             ErrorCode::Overlap
         }

@@ -118,10 +118,11 @@ impl Raw {
     fn bind(&mut self) -> Response {
         let uffd = raw_uffd();
         let mem = std::fs::File::open("/proc/self/mem").unwrap();
+        let maps = std::fs::File::open("/proc/self/maps").unwrap();
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
         self.call(
             &Request::Bind { flags: 0 },
-            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
+            &[uffd.as_fd(), mem.as_fd(), maps.as_fd(), pagemap.as_fd()],
         )
     }
 

@@ -141,6 +141,21 @@ impl Watched {
         self.settling.store(false, Relaxed);
     }
 
+    /// Settles, on this thread, the fences over `range` until none is left (at most about
+    /// [`LIFT_AFTER`]): for requests that must install pages there (populate).
+    pub(super) fn settle_over(&self, range: Range) {
+        let deadline = Instant::now() + LIFT_AFTER + Duration::from_millis(50);
+        let overlaps = || lock(&self.fences).iter().any(|f| f.range.overlaps(&range));
+        while overlaps() && Instant::now() < deadline {
+            if self.claim_settling() {
+                self.settle_fences();
+            }
+            if overlaps() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
     fn look_at(&self, f: &PendingFence) -> Verdict {
         let Some(changing) = self.with_uffd(|u| u.events_pending(f.range.start(), 0)) else {
             // Released: the fence goes with the device client.
@@ -163,7 +178,7 @@ impl Watched {
         let _ = self
             .device
             .source()
-            .read_pages(f.range.start(), &mut [IoSliceMut::new(&mut page)]);
+            .read_uncached(f.range.start(), &mut [IoSliceMut::new(&mut page)]);
         if begun {
             Verdict::Done
         } else {

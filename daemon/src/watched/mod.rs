@@ -15,6 +15,7 @@ use crate::device::{AccessGuard, DeviceClient, DeviceError};
 use crate::dirty::{Backend, ClientDirty, Collected, DirtyError};
 use crate::lock;
 use crate::notifier::{Event, InvalidateArgs, InvalidateError, Invalidation, Range};
+use crate::sys::maps::Maps;
 use crate::sys::uffd::{SharedUffd, Uffd, UffdError, UffdEvent};
 use crate::sys::PAGE_SIZE;
 use crate::trace::TraceRecord;
@@ -44,6 +45,32 @@ pub enum WatchError {
         /// Why.
         why: &'static str,
     },
+    /// Part of the range is not mapped (no event would tell of a mapping made there later).
+    #[error("range {addr:#x}+{len:#x} is not mapped at {hole:#x}")]
+    Hole {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The first address not mapped.
+        hole: u64,
+    },
+    /// The range is mapped, by a mapping this userfaultfd cannot register in write-protect
+    /// mode (the kernel needs `WP_ASYNC` to register a file on disk).
+    #[error(
+        "range {addr:#x}+{len:#x} maps a file on disk, which can be attached only with the \
+         pagemap-scan dirty-tracking back end (write-protect registration of a disk file \
+         needs asynchronous write-protect)"
+    )]
+    DiskFile {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The client's mappings could not be read.
+    #[error(transparent)]
+    Maps(#[from] crate::sys::maps::MapsError),
     /// Overlaps an attached range.
     #[error("range {addr:#x}+{len:#x} overlaps mirror {other}")]
     Overlap {
@@ -197,6 +224,8 @@ pub struct Watched {
     device: DeviceClient,
     table: Mutex<Table>,
     pagemap: Option<File>,
+    /// The client's mappings (protocol 2 clients hand their `/proc/self/maps` over).
+    maps: Option<Arc<Maps>>,
     max_mirrors: u32,
     /// Most bytes of address space attached at once (sum of the mirrors' lengths).
     attach_quota: AtomicU64,
@@ -268,6 +297,7 @@ impl Watched {
                 next: 1,
             }),
             pagemap,
+            maps: None,
             max_mirrors,
             attach_quota: AtomicU64::new(u64::MAX),
             cancelled: AtomicBool::new(false),
@@ -279,6 +309,12 @@ impl Watched {
             #[cfg(test)]
             defer_wakes: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// The same client, checking mappings and protections in `maps` (attach, sync).
+    pub fn with_maps(mut self, maps: Option<Arc<Maps>>) -> Watched {
+        self.maps = maps;
+        self
     }
 
     /// The client's dirty tracking.
@@ -440,9 +476,20 @@ impl Watched {
                 other: o.id,
             });
         }
+        if let Some(hole) = self
+            .maps
+            .as_ref()
+            .map(|m| m.first_hole(addr, end))
+            .transpose()?
+            .flatten()
+        {
+            return Err(WatchError::Hole { addr, len, hole });
+        }
         let uffd = lock(&self.uffd);
         let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
-        uffd.register_wp(addr, len)?;
+        if let Err(e) = uffd.register_wp(addr, len) {
+            return Err(self.why_not_registered(addr, len, e));
+        }
         let undo = |why: &str| {
             if let Err(u) = uffd.unregister(addr, len) {
                 tracing::warn!(addr, len, error = %u, "unregister after {why}");
@@ -467,6 +514,22 @@ impl Watched {
                 undo("a failed attach");
                 Err(e.into())
             }
+        }
+    }
+
+    /// The error of a refused registration, named plainly when the client's mappings say
+    /// why (a file on disk).
+    fn why_not_registered(&self, addr: u64, len: u64, e: UffdError) -> WatchError {
+        let disk = matches!(e, UffdError::Invalid { .. })
+            && self
+                .maps
+                .as_ref()
+                .and_then(|m| m.at_or_after(addr).ok().flatten())
+                .is_some_and(|v| v.disk_file && v.start < addr + len);
+        if disk {
+            WatchError::DiskFile { addr, len }
+        } else {
+            e.into()
         }
     }
 
@@ -597,6 +660,13 @@ impl Watched {
         let collected =
             self.dirty
                 .collect(&mut guard, self.pagemap.as_ref(), ranges, &mut found)?;
+        // What no event and no dirty bit tells: mappings made unreadable (mprotect), and
+        // mirrored pages gone from the client (a hole punched in, or a truncation of, a file
+        // or memfd it maps).
+        for &(s, e) in ranges {
+            self.unreadable_parts(s, e, &mut found)?;
+            self.vanished_pages(s, e, &mut found);
+        }
         // Begin every invalidation before releasing the collection lock: a collection that
         // runs next and finds nothing must not let its read overtake these. The access lock
         // (which the event reader needs) is taken per batch, not for all of them.
@@ -629,10 +699,62 @@ impl Watched {
         })
     }
 
+    /// Appends the parts of `start..end` that the client mapped unreadable since (by the
+    /// client's maps, when it handed them over).
+    fn unreadable_parts(
+        &self,
+        start: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<(), WatchError> {
+        let Some(maps) = &self.maps else {
+            return Ok(());
+        };
+        let mut at = start;
+        while let Some(u) = maps.first_unreadable(at, end)? {
+            let stop = maps
+                .at_or_after(u)?
+                .map_or(end, |v| v.end.min(end))
+                .max(u + PAGE_SIZE as u64);
+            out.push((u, stop));
+            at = stop;
+        }
+        Ok(())
+    }
+
+    /// Appends the runs of pages of `start..end` in the shadow that are not present in the
+    /// client any more (by its pagemap, when it handed it over).
+    fn vanished_pages(&self, start: u64, end: u64, out: &mut Vec<(u64, u64)>) {
+        use crate::sys::pagemap::{read_words, word};
+        let (Some(pagemap), Ok(range)) = (&self.pagemap, Range::from_bounds(start, end)) else {
+            return;
+        };
+        let page = PAGE_SIZE as u64;
+        for (first, last) in self.device.mirrored_runs(range) {
+            let n = usize::try_from(last - first + 1).unwrap_or(0);
+            let Ok(words) = read_words(pagemap, first * page, n) else {
+                continue;
+            };
+            for (i, w) in words.iter().enumerate() {
+                if w & word::PRESENT == 0 {
+                    let a = (first + i as u64) * page;
+                    match out.last_mut() {
+                        Some(r) if r.1 == a => r.1 = a + page,
+                        _ => out.push((a, a + page)),
+                    }
+                }
+            }
+        }
+    }
+
     /// Faults `offset..offset+len` of mirror `id` into the shadow; returns the pages the
     /// mirror then has.
     pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
         let addr = self.resolve(id, offset, len)?;
+        // Nothing is installed in a fenced range: wait for its fences to lift first.
+        if let Ok(r) = Range::new(addr, len) {
+            self.settle_over(r);
+        }
         let end = addr + len;
         let mut at = addr;
         while at < end {
