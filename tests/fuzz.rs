@@ -95,6 +95,14 @@ const EPOCH: Duration = Duration::from_millis(2500);
 /// Workers per user.
 const WORKERS_PER_USER: usize = 2;
 const NOBODY: u32 = 65534;
+/// The abuse bar (`daemon/src/server/abuse.rs`): a user whose connections send more than
+/// 32 malformed messages within a second has its new connections refused for 2 s, each
+/// told so right after `accept` (request id 0, `TooManyClients`, this message) and closed.
+/// Never root, nor the daemon's own user.
+const BAR_MESSAGE: &str = "this user sent too many malformed messages";
+/// The daemon's handshake timeout (its default): a connection that has not said hello
+/// this long after it connected may be closed without a word.
+const DAEMON_HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// The request types by name (checked against the protocol crate below).
 const TYPES: &[(&str, u16)] = &[
@@ -1395,6 +1403,10 @@ struct Ctx {
     socket: PathBuf,
     me: i32,
     uid: u32,
+    /// Root or the daemon's own user: never barred, whatever it sends.
+    privileged: bool,
+    /// How long the daemon waits for a hello before it closes a connection.
+    daemon_handshake: Duration,
     daemon: i32,
     parent: i32,
     other: i32,
@@ -1490,6 +1502,10 @@ struct Conn {
     bound: bool,
     /// Something was sent that makes the daemon close the session.
     doomed: bool,
+    /// When it connected.
+    opened: Option<Instant>,
+    /// Frames received on it (a refusal can only be the first).
+    frames: u64,
     buf: Vec<u8>,
 }
 
@@ -1504,6 +1520,12 @@ struct Outcome {
     /// Successful answers by kind.
     ok: BTreeMap<String, u64>,
     foreign_uffd_bound: u64,
+    /// Connections made.
+    connects: u64,
+    /// Of those, refused with a reason (the abuse bar, limits) right after `accept`.
+    refused: u64,
+    /// Of those, refused by the abuse bar.
+    barred: u64,
     violations: Vec<String>,
 }
 
@@ -1516,12 +1538,16 @@ impl Outcome {
             .collect();
         let ok: Vec<String> = self.ok.iter().map(|(c, n)| format!("{c}:{n}")).collect();
         format!(
-            "sent={} replies={} events={} closes={} foreign={} ok={} errs={} viol={}",
+            "sent={} replies={} events={} closes={} foreign={} connects={} refused={} \
+             barred={} ok={} errs={} viol={}",
             self.sent,
             self.replies,
             self.events,
             self.closes,
             self.foreign_uffd_bound,
+            self.connects,
+            self.refused,
+            self.barred,
             if ok.is_empty() {
                 "-".into()
             } else {
@@ -1549,6 +1575,9 @@ impl Outcome {
             events: n("events"),
             closes: n("closes"),
             foreign_uffd_bound: n("foreign"),
+            connects: n("connects"),
+            refused: n("refused"),
+            barred: n("barred"),
             ..Outcome::default()
         };
         if let Some(e) = f.get("errs").filter(|e| *e != "-") {
@@ -1813,15 +1842,24 @@ fn step_desc(step: &Step) -> String {
     .collect()
 }
 
-fn ensure_connected(ctx: &Ctx, conn: &mut Conn) -> Result<(), String> {
+fn ensure_connected(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
     if conn.sock.is_none() {
-        *conn = Conn {
-            sock: Some(connect(&ctx.socket)?),
-            next_id: 1,
-            ..Conn::default()
-        };
+        *conn = Conn::open(connect(&ctx.socket)?);
+        out.connects += 1;
     }
     Ok(())
+}
+
+impl Conn {
+    /// A connection just made.
+    fn open(sock: OwnedFd) -> Conn {
+        Conn {
+            sock: Some(sock),
+            next_id: 1,
+            opened: Some(Instant::now()),
+            ..Conn::default()
+        }
+    }
 }
 
 fn run_step(
@@ -1848,19 +1886,18 @@ fn run_step(
             Ok(())
         }
         Step::Silent(_) => {
-            let sock = connect(&ctx.socket)?;
-            match wait_hangup(sock.as_fd(), handshake) {
-                true => {
-                    out.closes += 1;
-                    Ok(())
-                }
-                false => Err(format!(
+            let mut silent = Conn::open(connect(&ctx.socket)?);
+            out.connects += 1;
+            if !wait_hangup(silent.sock.as_ref().unwrap().as_fd(), handshake) {
+                return Err(format!(
                     "a connection that never said hello was still open after {handshake:?} \
                      (no handshake timeout)"
-                )),
+                ));
             }
+            // Closed without a word (the handshake timeout), or refused at once.
+            closed(ctx, scratch, &mut silent, out)
         }
-        Step::NoRead(_) => no_read(ctx, conn, out),
+        Step::NoRead(_) => no_read(ctx, scratch, conn, handshake, out),
         Step::Exit(_) => exiting_client(ctx, scratch, out),
         Step::Send(f) => {
             // A client that keeps more answers unread than its socket holds is one that
@@ -1868,7 +1905,7 @@ fn run_step(
             if conn.pending.len() >= MAX_PIPELINE {
                 drain(ctx, scratch, conn, out)?;
             }
-            ensure_connected(ctx, conn)?;
+            ensure_connected(ctx, conn, out)?;
             send_frame(ctx, scratch, conn, f, out)?;
             match f.mode {
                 Mode::Wait => drain(ctx, scratch, conn, out),
@@ -1882,30 +1919,57 @@ fn run_step(
     }
 }
 
+/// How the child of [`exiting_client`] ends: its requests in flight, refused by the abuse
+/// bar, refused otherwise (limits), or something went wrong (its message in its pipe).
+const EXIT_IN_FLIGHT: i32 = 0;
+const EXIT_FAILED: i32 = 1;
+const EXIT_BARRED: i32 = 2;
+const EXIT_REFUSED: i32 = 3;
+
 /// A child of the client (sharing its memory layout) binds, attaches its copy of the
 /// scratch area, sends a populate and a read and exits without waiting: the daemon must
 /// release it (checked at rest). The child must be gone within the answer deadline.
 fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(), String> {
+    let (why_r, why_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the child only runs `exiting_child`, which ends in `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        exiting_child(ctx, scratch);
+        drop(why_r);
+        exiting_child(ctx, scratch, why_w);
     }
+    drop(why_w);
     let pid = nix::unistd::Pid::from_raw(pid);
     let deadline = Instant::now() + ANSWER_DEADLINE;
     loop {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {
+        let code = match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
+            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
+            Err(e) => return Err(format!("waitpid: {e}")),
+        };
+        out.connects += u64::from(code.is_some());
+        match code {
+            None => {}
+            Some(EXIT_IN_FLIGHT) => {
                 out.sent += 5;
                 out.closes += 1;
                 return Ok(());
             }
-            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
-            Err(e) => return Err(format!("waitpid: {e}")),
+            Some(EXIT_BARRED) => return note_refusal(ctx, Refused::Bar, BAR_MESSAGE, out),
+            Some(EXIT_REFUSED) => return note_refusal(ctx, Refused::Limit, "", out),
+            Some(code) => {
+                let mut why = [0u8; 4096];
+                let n = nix::unistd::read(&why_r, &mut why).unwrap_or(0);
+                return Err(format!(
+                    "the exiting client ended with exit code {code}: {}",
+                    String::from_utf8_lossy(&why[..n])
+                ));
+            }
         }
         if Instant::now() > deadline {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -1919,64 +1983,37 @@ fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(),
     }
 }
 
-/// The child of [`exiting_client`]: exits 0 once its requests are in flight, 1 if the
-/// session went wrong before.
-fn exiting_child(ctx: &Ctx, scratch: &Scratch) -> ! {
-    let ok = (|| -> Result<(), String> {
-        let s = connect(&ctx.socket)?;
-        let mut buf = Vec::new();
-        let mut call = |r: &Request, fds: &[BorrowedFd<'_>]| -> Result<Response, String> {
-            proto::send(s.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), fds)
-                .map_err(|e| e.to_string())?;
-            let f = recv_within(s.as_fd(), &mut buf, ANSWER_DEADLINE)?;
-            Response::decode(f.header.msg_type, &f.payload, 0).map_err(|e| e.to_string())
-        };
-        call(
-            &Request::Hello {
-                min_version: 1,
-                max_version: 1,
-                name: "exiting".into(),
-            },
-            &[],
-        )?;
-        let uffd = new_uffd();
-        let mem = open_or_null("/proc/self/mem", libc::O_RDONLY);
-        let pagemap = open_or_null("/proc/self/pagemap", libc::O_RDONLY);
-        call(
-            &Request::Bind { flags: 0 },
-            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
-        )?;
-        drop((uffd, mem, pagemap));
-        let Response::Attached { mirror_id } = call(
-            &Request::Attach {
-                addr: scratch.rw,
-                len: 8 * P,
-                flags: 0,
-            },
-            &[],
-        )?
-        else {
-            return Ok(());
-        };
-        for r in [
-            Request::Populate {
-                mirror_id,
-                offset: 0,
-                len: 8 * P,
-            },
-            Request::Read {
-                mirror_id,
-                offset: 0,
-                len: 8 * P as u32,
-            },
-        ] {
-            proto::send(s.as_fd(), r.msg_type(), 0, 2, &r.encode_payload(), &[])
-                .map_err(|e| e.to_string())?;
+/// The child of [`exiting_client`]: one connection through the steps of any script (so
+/// checked the same way), the last two without waiting for their answers; then it exits
+/// with one of the `EXIT_` codes, its message (if it failed) written to `why`.
+fn exiting_child(ctx: &Ctx, scratch: &Scratch, why: OwnedFd) -> ! {
+    let script = "send hello : u16:1 u16:1 str:exiting\n\
+                  send bind fds=uffd,mem-ro,pagemap : u32:0\n\
+                  send attach : addr:0 u64:0x8000 u32:0\n\
+                  send populate nowait : mirror:0 u64:0 u64:0x8000\n\
+                  send read nowait : mirror:0 u64:0 u32:0x8000\n";
+    let mut out = Outcome::default();
+    let mut conn = Conn::default();
+    let r = Script::parse(script).and_then(|s| {
+        for step in &s.steps {
+            run_step(ctx, scratch, &mut conn, step, Duration::ZERO, &mut out)?;
+            if out.refused > 0 {
+                break;
+            }
         }
         Ok(())
-    })();
+    });
+    let code = match r {
+        Err(e) => {
+            let _ = nix::unistd::write(&why, e.as_bytes());
+            EXIT_FAILED
+        }
+        Ok(()) if out.barred > 0 => EXIT_BARRED,
+        Ok(()) if out.refused > 0 => EXIT_REFUSED,
+        Ok(()) => EXIT_IN_FLIGHT,
+    };
     // SAFETY: ends the child at once (its socket and uffd close with it).
-    unsafe { libc::_exit(i32::from(ok.is_err())) }
+    unsafe { libc::_exit(code) }
 }
 
 /// Waits until `sock`'s peer hangs up (true) or `limit` passes (false), reading nothing.
@@ -2006,9 +2043,18 @@ fn wait_hangup(sock: BorrowedFd<'_>, limit: Duration) -> bool {
 /// The `never-read` generator: floods `status` requests without reading the answers,
 /// checks that the session loop still answers another client promptly, and that the
 /// daemon closes the flooding session.
-fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
-    ensure_connected(ctx, conn)?;
+fn no_read(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    handshake: Duration,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    ensure_connected(ctx, conn, out)?;
     let sock = conn.sock.take().unwrap();
+    let served = conn.frames > 0;
+    let mut buf = std::mem::take(&mut conn.buf);
+    *conn = Conn::default();
     // Flood until the daemon stops reading this session: its answers fill our socket, so
     // it is stuck sending one (or has given up on us).
     let status = Request::Status;
@@ -2027,23 +2073,24 @@ fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> 
             Err(_) => break,
         }
     }
-    // The session loop must still serve others while that session's answers are stuck.
+    // The session loop must still serve others while that session's answers are stuck: a
+    // probe connection gets its answers promptly (or, its user barred, its refusal: the
+    // session loop sends that too).
     let t = Instant::now();
-    let probe = connect(&ctx.socket)?;
-    let mut buf = Vec::new();
-    for r in [
-        Request::Hello {
-            min_version: 1,
-            max_version: 1,
-            name: "probe".into(),
-        },
-        Request::Status,
-    ] {
-        proto::send(probe.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), &[])
-            .map_err(|e| format!("probe send: {e}"))?;
-        recv_within(probe.as_fd(), &mut buf, ANSWER_DEADLINE).map_err(|e| format!("probe: {e}"))?;
+    let mut probe = Conn::default();
+    let refused = out.refused;
+    for step in Script::parse("send hello : u16:1 u16:1 str:probe\nsend status\n")
+        .map(|s| s.steps)
+        .unwrap_or_default()
+    {
+        run_step(ctx, scratch, &mut probe, &step, handshake, out)
+            .map_err(|e| format!("probe: {e}"))?;
+        if out.refused > refused {
+            break;
+        }
     }
     let took = t.elapsed();
+    drop(probe);
     if took > STALL_LIMIT {
         return Err(format!(
             "a client that does not read stalled the session loop: another client's status \
@@ -2057,25 +2104,32 @@ fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> 
         ));
     }
     out.closes += 1;
+    // Closed without a word, as a client that does not read is; or refused at once, and
+    // then the refusal is the first thing it was sent.
+    if !served {
+        if let Some((kind, why)) = left_behind(sock.as_fd(), &mut buf)?
+            .first()
+            .and_then(refusal_in)
+        {
+            note_refusal(ctx, kind, &why, out)?;
+        }
+    }
     Ok(())
 }
 
-/// Receives one frame within `limit`.
+/// Receives one frame within `limit`; `None` once the daemon has closed the connection
+/// (then [`left_behind`] reads what it sent before).
 fn recv_within(
     sock: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     limit: Duration,
-) -> Result<proto::Frame, String> {
+) -> Result<Option<proto::Frame>, String> {
     let deadline = Instant::now() + limit;
     loop {
         match proto::recv(sock, buf) {
-            Ok(f) => return Ok(f),
+            Ok(f) => return Ok(Some(f)),
             Err(SocketError::WouldBlock) => {}
-            Err(SocketError::Closed) => {
-                // A reset (the daemon closed with a request of ours unread) is reported
-                // before what it sent first, a refusal say: read once more.
-                return proto::recv(sock, buf).map_err(|_| "closed".into());
-            }
+            Err(SocketError::Closed) => return Ok(None),
             Err(e) => return Err(format!("bad frame from the daemon: {e}")),
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -2086,6 +2140,83 @@ fn recv_within(
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         let _ = poll(&mut p, PollTimeout::from(ms));
     }
+}
+
+/// What the daemon left on a connection it closed, read without waiting: the frames it
+/// sent before it closed (answers; on a connection it refused, why). A reset (the daemon
+/// closed with a request of ours unread) is reported before them, so reading goes on past
+/// one end of the stream, until a second (or nothing is left).
+fn left_behind(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Vec<proto::Frame>, String> {
+    let mut frames = Vec::new();
+    let mut ends = 0;
+    loop {
+        match proto::recv(sock, buf) {
+            Ok(f) => {
+                ends = 0;
+                frames.push(f);
+            }
+            Err(SocketError::Closed) if ends == 0 => ends += 1,
+            Err(SocketError::Closed | SocketError::WouldBlock) => return Ok(frames),
+            Err(e) => return Err(format!("bad frame from the daemon: {e}")),
+        }
+    }
+}
+
+/// Why the daemon refused a connection right after accepting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Its user is barred for a flood of malformed messages.
+    Bar,
+    /// The daemon or its user has its maximum of clients.
+    Limit,
+    /// Out of file descriptors, unidentifiable peer, shutting down.
+    Other,
+}
+
+/// A frame that may be a refusal (request id 0, an error only `accept` sends or that ends
+/// any session) and which; see [`on_frame`] for when it is one.
+fn refusal(rid: u64, resp: &Response) -> Option<Refused> {
+    let Response::Error { code, message } = resp else {
+        return None;
+    };
+    match code {
+        _ if rid != 0 => None,
+        ErrorCode::TooManyClients if message.starts_with(BAR_MESSAGE) => Some(Refused::Bar),
+        ErrorCode::TooManyClients => Some(Refused::Limit),
+        ErrorCode::OutOfResources | ErrorCode::PermissionDenied | ErrorCode::ShuttingDown => {
+            Some(Refused::Other)
+        }
+        _ => None,
+    }
+}
+
+/// [`refusal`] of the first frame of a connection that sent no request of id 0, and its
+/// message.
+fn refusal_in(f: &proto::Frame) -> Option<(Refused, String)> {
+    match Response::decode(f.header.msg_type, &f.payload, f.fds.len()).ok()? {
+        r @ Response::Error { .. } => {
+            let kind = refusal(f.header.request_id, &r)?;
+            Some((kind, short(&r)))
+        }
+        _ => None,
+    }
+}
+
+/// Counts a connection refused for `kind`: fine, but the bar only ever hits an
+/// unprivileged user (one that sent malformed messages).
+fn note_refusal(ctx: &Ctx, kind: Refused, why: &str, out: &mut Outcome) -> Result<(), String> {
+    out.refused += 1;
+    if kind == Refused::Bar {
+        out.barred += 1;
+        if ctx.privileged {
+            return Err(format!(
+                "a connection of uid {} was refused by the abuse bar, which never bars root \
+                 nor the daemon's user: {why}",
+                ctx.uid
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Renders a frame's record (header and payload, mutations applied).
@@ -2204,8 +2335,9 @@ fn send_frame(
                 let _ = poll(&mut p, PollTimeout::from(100u16));
             }
             Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
-                // The daemon closed the session already: it must have had a reason.
-                return closed(conn, out);
+                // The daemon closed the session already: it must have had a reason, which
+                // (a refusal, an answer) may still wait to be read.
+                return closed(ctx, scratch, conn, out);
             }
             Err(Errno::EMSGSIZE) => return Ok(()),
             Err(e) => return Err(format!("sendmsg: {e}")),
@@ -2234,10 +2366,24 @@ fn send_frame(
     Ok(())
 }
 
-/// The daemon closed the connection: fine if it had a reason.
-fn closed(conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
+/// The daemon closed the connection (a receive saw the end, or a send failed): reads what
+/// it left, without waiting — answers to our requests, checked as any, and on a connection
+/// it refused, why — then judges the close. Fine with a reason: a refusal, a malformed
+/// frame or the end of the stream we sent, the handshake timeout; a finding without one
+/// while requests wait for their answers.
+fn closed(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
     out.closes += 1;
-    let doomed = conn.doomed;
+    if let Some(sock) = conn.sock.take() {
+        let mut buf = std::mem::take(&mut conn.buf);
+        for f in left_behind(sock.as_fd(), &mut buf)? {
+            on_frame(ctx, scratch, conn, f, out)?;
+        }
+    }
+    let timed_out = !conn.hello
+        && conn
+            .opened
+            .is_some_and(|t| t.elapsed() >= ctx.daemon_handshake);
+    let doomed = conn.doomed || timed_out;
     let pending: Vec<String> = conn.pending.iter().map(|p| p.desc.clone()).collect();
     *conn = Conn::default();
     if doomed || pending.is_empty() {
@@ -2258,72 +2404,108 @@ fn drain(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, out: &mut Outcome) -> Re
             conn.pending.clear();
             return Ok(());
         };
-        let frame = match recv_within(sock.as_fd(), &mut conn.buf, ANSWER_DEADLINE) {
-            Ok(f) => f,
-            Err(e) if e == "closed" => return closed(conn, out),
+        match recv_within(sock.as_fd(), &mut conn.buf, ANSWER_DEADLINE) {
+            Ok(Some(frame)) => on_frame(ctx, scratch, conn, frame, out)?,
+            Ok(None) => return closed(ctx, scratch, conn, out),
             Err(e) => {
                 return Err(format!(
                     "{e} (waiting for the answer to {})",
                     conn.pending[0].desc
                 ))
             }
-        };
-        if !frame.fds.is_empty() {
-            return Err(format!("the daemon sent {} fds", frame.fds.len()));
         }
-        let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
-            .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
-        let rid = frame.header.request_id;
-        if frame.header.msg_type == TRACE_EVENT {
-            out.events += 1;
-            if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
-                return Err(format!("trace event for request {rid}, not a stream"));
-            }
-            continue;
-        }
-        out.replies += 1;
-        match &resp {
-            Response::Error { code, .. } => *out.errors.entry(code.code()).or_default() += 1,
-            r => *out.ok.entry(variant(r).to_owned()).or_default() += 1,
-        }
-        // Ids may repeat (`id=`, or 0 for every frame the daemon cannot read a header of),
-        // and slow requests are answered out of order: pair a BadMessage with a malformed
-        // frame first, anything else with a well-formed one.
-        let bad_message = matches!(
-            resp,
-            Response::Error {
-                code: ErrorCode::BadMessage,
-                ..
-            }
-        );
-        let same = |p: &&Pending| p.rid == rid;
-        let i = conn
-            .pending
-            .iter()
-            .position(|p| same(&p) && p.req.is_none() == bad_message)
-            .or_else(|| conn.pending.iter().position(|p| same(&p)));
-        let Some(i) = i else {
-            if rid == 0
-                && matches!(
-                    resp,
-                    Response::Error {
-                        code: ErrorCode::TooManyClients | ErrorCode::ShuttingDown,
-                        ..
-                    }
-                )
-            {
-                conn.doomed = true;
-                continue;
-            }
-            return Err(format!(
-                "answer {resp:?} to request id {rid}, which was not sent"
-            ));
-        };
-        let p = conn.pending.remove(i).unwrap();
-        check_answer(ctx, scratch, conn, &p, &resp, out)
-            .map_err(|e| format!("{e} (request: {})", p.desc))?;
     }
     Ok(())
+}
+
+/// One frame the daemon sent on `conn`: a refusal of the connection, a trace event, or the
+/// answer to one of its pending requests (checked).
+fn on_frame(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    frame: proto::Frame,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let first = conn.frames == 0;
+    conn.frames += 1;
+    if !frame.fds.is_empty() {
+        return Err(format!("the daemon sent {} fds", frame.fds.len()));
+    }
+    let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
+        .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
+    let rid = frame.header.request_id;
+    if frame.header.msg_type == TRACE_EVENT {
+        out.events += 1;
+        if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
+            return Err(format!("trace event for request {rid}, not a stream"));
+        }
+        return Ok(());
+    }
+    // A refusal is the only thing sent on a connection the daemon will not serve, and only
+    // `accept` refuses with `TooManyClients`. Other codes of a refusal may answer a request
+    // of id 0, or end a session (out of fds, shutting down) with a reason.
+    if let Some(kind) = refusal(rid, &resp) {
+        let answers_one = conn.pending.iter().any(|p| p.rid == 0 && p.req.is_some());
+        let unambiguous = matches!(kind, Refused::Bar | Refused::Limit);
+        match kind {
+            _ if unambiguous && !first => {
+                return Err(format!(
+                    "{} after it had served the connection",
+                    short(&resp)
+                ))
+            }
+            _ if answers_one && !unambiguous => {}
+            _ if first => {
+                conn.doomed = true;
+                conn.pending.clear();
+                return note_refusal(ctx, kind, &short(&resp), out);
+            }
+            _ => {
+                conn.doomed = true;
+                *out.errors.entry(resp_code(&resp)).or_default() += 1;
+                return Ok(());
+            }
+        }
+    }
+    out.replies += 1;
+    match &resp {
+        Response::Error { code, .. } => *out.errors.entry(code.code()).or_default() += 1,
+        r => *out.ok.entry(variant(r).to_owned()).or_default() += 1,
+    }
+    // Ids may repeat (`id=`, or 0 for every frame the daemon cannot read a header of),
+    // and slow requests are answered out of order: pair a BadMessage with a malformed
+    // frame first, anything else with a well-formed one.
+    let bad_message = matches!(
+        resp,
+        Response::Error {
+            code: ErrorCode::BadMessage,
+            ..
+        }
+    );
+    let same = |p: &&Pending| p.rid == rid;
+    let i = conn
+        .pending
+        .iter()
+        .position(|p| same(&p) && p.req.is_none() == bad_message)
+        .or_else(|| conn.pending.iter().position(|p| same(&p)));
+    let Some(i) = i else {
+        return Err(format!(
+            "answer {} to request id {rid}, which was not sent",
+            short(&resp)
+        ));
+    };
+    let p = conn.pending.remove(i).unwrap();
+    check_answer(ctx, scratch, conn, &p, &resp, out)
+        .map_err(|e| format!("{e} (request: {})", p.desc))
+}
+
+/// The code of an error answer (0 for anything else).
+fn resp_code(r: &Response) -> u16 {
+    match r {
+        Response::Error { code, .. } => code.code(),
+        _ => 0,
+    }
 }
 
 /// The answer `resp` to `p` is allowed in the session's state.
@@ -2343,7 +2525,8 @@ fn check_answer(
     let Some(req) = &p.req else {
         conn.doomed = true;
         return match err_code {
-            Some(ErrorCode::BadMessage | ErrorCode::TooManyClients | ErrorCode::ShuttingDown) => {
+            // (Or, if the daemon could not take its fds, OutOfResources.)
+            Some(ErrorCode::BadMessage | ErrorCode::OutOfResources | ErrorCode::ShuttingDown) => {
                 Ok(())
             }
             _ => bad("a malformed frame was not refused as BadMessage"),
@@ -2579,10 +2762,19 @@ fn worker_main(socket: &str) {
             .unwrap_or(10),
     );
     let (sibling, sibling_sock) = start_sibling();
+    let uid = nix::unistd::getuid().as_raw();
     let mut ctx = Ctx {
         socket: PathBuf::from(socket),
         me: std::process::id() as i32,
-        uid: nix::unistd::getuid().as_raw(),
+        uid,
+        privileged: uid == 0
+            || uid.to_string() == std::env::var("MEMSHADOW_FUZZ_DAEMON_UID").unwrap_or_default(),
+        daemon_handshake: Duration::from_millis(
+            std::env::var("MEMSHADOW_FUZZ_DAEMON_HANDSHAKE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DAEMON_HANDSHAKE.as_millis() as u64),
+        ),
         daemon: env_i32("MEMSHADOW_FUZZ_DAEMON_PID"),
         parent: env_i32("MEMSHADOW_FUZZ_PARENT_PID"),
         other: 0,
@@ -2638,7 +2830,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(index: usize, user: User, d: &Daemon) -> Worker {
+    fn start(index: usize, user: User, d: &Daemon, daemon_args: &[String]) -> Worker {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "fuzz_worker_process",
@@ -2650,6 +2842,14 @@ impl Worker {
         .env("MEMSHADOW_FUZZ_WORKER", d.socket())
         .env("MEMSHADOW_FUZZ_DAEMON_PID", d.pid().to_string())
         .env("MEMSHADOW_FUZZ_PARENT_PID", std::process::id().to_string())
+        .env(
+            "MEMSHADOW_FUZZ_DAEMON_UID",
+            nix::unistd::geteuid().to_string(),
+        )
+        .env(
+            "MEMSHADOW_FUZZ_DAEMON_HANDSHAKE_MS",
+            handshake_ms(daemon_args).to_string(),
+        )
         .env("MEMSHADOW_FUZZ_SALT", (index * 37 + 11).to_string())
         .current_dir("/")
         .stdin(Stdio::piped())
@@ -2727,6 +2927,16 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The daemon's handshake timeout with these arguments, ms.
+fn handshake_ms(daemon_args: &[String]) -> u64 {
+    daemon_args
+        .windows(2)
+        .rev()
+        .find(|w| w[0] == "--handshake-timeout-ms")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(DAEMON_HANDSHAKE.as_millis() as u64)
 }
 
 /// The daemon's open fds (targets) and threads.
@@ -3177,7 +3387,7 @@ fn fuzz_the_daemon() {
     let mut workers: Vec<Worker> = users
         .iter()
         .enumerate()
-        .map(|(i, u)| Worker::start(i, *u, &d))
+        .map(|(i, u)| Worker::start(i, *u, &d, &daemon_args))
         .collect();
     let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
     let daemon_pid = d.pid();
