@@ -100,6 +100,8 @@ const NOBODY: u32 = 65534;
 /// told so right after `accept` (request id 0, `TooManyClients`, this message) and closed.
 /// Never root, nor the daemon's own user.
 const BAR_MESSAGE: &str = "this user sent too many malformed messages";
+/// How long a worker that met the abuse bar may wait for it to lift (it lasts 2 s).
+const BAR_LIFT_DEADLINE: Duration = Duration::from_secs(30);
 /// The daemon's handshake timeout (its default): a connection that has not said hello
 /// this long after it connected may be closed without a word.
 const DAEMON_HANDSHAKE: Duration = Duration::from_secs(5);
@@ -174,6 +176,16 @@ enum User {
     Root,
     Nobody,
     Any,
+}
+
+impl User {
+    /// As the summary names it.
+    fn name(self) -> &'static str {
+        match self {
+            User::Nobody => "nobody",
+            _ => "root",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1526,6 +1538,8 @@ struct Outcome {
     refused: u64,
     /// Of those, refused by the abuse bar.
     barred: u64,
+    /// Time spent waiting for the bar to lift after meeting it, ms.
+    bar_wait_ms: u64,
     violations: Vec<String>,
 }
 
@@ -1539,7 +1553,7 @@ impl Outcome {
         let ok: Vec<String> = self.ok.iter().map(|(c, n)| format!("{c}:{n}")).collect();
         format!(
             "sent={} replies={} events={} closes={} foreign={} connects={} refused={} \
-             barred={} ok={} errs={} viol={}",
+             barred={} barwait={} ok={} errs={} viol={}",
             self.sent,
             self.replies,
             self.events,
@@ -1548,6 +1562,7 @@ impl Outcome {
             self.connects,
             self.refused,
             self.barred,
+            self.bar_wait_ms,
             if ok.is_empty() {
                 "-".into()
             } else {
@@ -1578,6 +1593,7 @@ impl Outcome {
             connects: n("connects"),
             refused: n("refused"),
             barred: n("barred"),
+            bar_wait_ms: n("barwait"),
             ..Outcome::default()
         };
         if let Some(e) = f.get("errs").filter(|e| *e != "-") {
@@ -1822,8 +1838,47 @@ fn run_script(ctx: &Ctx, s: &Script, handshake: Duration) -> Outcome {
         }
     }
     drop(conns);
+    if out.barred > 0 && out.violations.is_empty() {
+        wait_out_bar(ctx, &scratch, &mut out);
+    }
     drop(scratch);
     out
+}
+
+/// After a script met the abuse bar: waits until this user's connections are served again
+/// (a hello answered), trying every 100 ms, rather than run scripts that would only be
+/// refused. The bar lasts 2 s and the workers of the user stop flooding while they wait,
+/// so it must lift well within [`BAR_LIFT_DEADLINE`].
+fn wait_out_bar(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) {
+    let t = Instant::now();
+    let hello = Script::parse("send hello : u16:1 u16:1 str:after-the-bar").map(|s| s.steps);
+    let Ok([hello]) = hello.as_deref() else {
+        out.violations
+            .push(format!("the hello script does not parse: {hello:?}"));
+        return;
+    };
+    loop {
+        let mut probe = Conn::default();
+        let mut o = Outcome::default();
+        if let Err(e) = run_step(ctx, scratch, &mut probe, hello, Duration::ZERO, &mut o) {
+            out.violations
+                .push(format!("while waiting for the abuse bar to lift: {e}"));
+            break;
+        }
+        if probe.hello && o.refused == 0 {
+            break;
+        }
+        if t.elapsed() > BAR_LIFT_DEADLINE {
+            out.violations.push(format!(
+                "uid {} was still refused {BAR_LIFT_DEADLINE:?} after it met the abuse bar \
+                 (which lasts 2 s): the bar does not lift",
+                ctx.uid
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out.bar_wait_ms += t.elapsed().as_millis() as u64;
 }
 
 fn step_desc(step: &Step) -> String {
@@ -3106,6 +3161,13 @@ fn good_client_works(d: &Daemon) -> Result<(), String> {
 struct Totals {
     sessions: u64,
     by_user: BTreeMap<&'static str, u64>,
+    /// Per user: scripts that met the abuse bar, connections made, refused, refused by
+    /// the bar, and time waiting for it to lift.
+    met_bar: BTreeMap<&'static str, u64>,
+    connects: BTreeMap<&'static str, u64>,
+    refused: BTreeMap<&'static str, u64>,
+    barred: BTreeMap<&'static str, u64>,
+    bar_wait: BTreeMap<&'static str, Duration>,
     sent: u64,
     replies: u64,
     events: u64,
@@ -3119,14 +3181,13 @@ struct Totals {
 impl Totals {
     fn add(&mut self, user: User, o: &Outcome) {
         self.sessions += 1;
-        *self
-            .by_user
-            .entry(if user == User::Nobody {
-                "nobody"
-            } else {
-                "root"
-            })
-            .or_default() += 1;
+        let u = user.name();
+        *self.by_user.entry(u).or_default() += 1;
+        *self.met_bar.entry(u).or_default() += u64::from(o.barred > 0);
+        *self.connects.entry(u).or_default() += o.connects;
+        *self.refused.entry(u).or_default() += o.refused;
+        *self.barred.entry(u).or_default() += o.barred;
+        *self.bar_wait.entry(u).or_default() += Duration::from_millis(o.bar_wait_ms);
         self.sent += o.sent;
         self.replies += o.replies;
         self.events += o.events;
@@ -3596,6 +3657,30 @@ fn fuzz_the_daemon() {
         base.threads,
         findings.len()
     );
+    // The abuse bar, per user: how much of the fuzzing it refused.
+    for (u, n) in &t.by_user {
+        let get = |m: &BTreeMap<&str, u64>| m.get(u).copied().unwrap_or(0);
+        let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
+        let (met, conns, refused, barred) = (
+            get(&t.met_bar),
+            get(&t.connects),
+            get(&t.refused),
+            get(&t.barred),
+        );
+        let waited = t.bar_wait.get(u).copied().unwrap_or_default();
+        let worker_time = fuzz_time * users.iter().filter(|x| x.name() == *u).count() as u32;
+        println!(
+            "fuzz bar: {u}: scripts {n}, {} ran unrefused, {met} met the bar ({:.1}%); \
+             connections {conns}, refused {refused}, by the bar {barred} ({:.1}%); waited for \
+             the bar {:.1}s of {:.1}s worker time ({:.1}%)",
+            n - met,
+            pct(met, *n),
+            pct(barred, conns),
+            waited.as_secs_f64(),
+            worker_time.as_secs_f64(),
+            100.0 * waited.as_secs_f64() / worker_time.as_secs_f64().max(0.001)
+        );
+    }
     for p in &findings {
         println!("fuzz: replay with MEMSHADOW_FUZZ_REPLAY={}", p.display());
     }
