@@ -4,17 +4,29 @@
 //! throughout and afterwards.
 //!
 //! How it runs. The test starts the daemon, then worker processes (this test binary re-run
-//! as `fuzz_worker_process`; half of them as uid/gid 65534), and feeds each worker one
-//! *script* at a time: a sequence of frames and socket actions over one to three
-//! connections, in the text format of `tests/fuzz-corpus/README.md`. Scripts are mutated
-//! from the corpus in `tests/fuzz-corpus/` or generated from scratch, by a xorshift PRNG
-//! seeded from `MEMSHADOW_FUZZ_SEED` (printed); script `k` of worker `w` depends only on
-//! the seed, `w`, `k` and the corpus.
+//! as `fuzz_worker_process`: two as root, two as uid/gid 65534, one as the *bystander*
+//! 65533), and feeds each worker one *script* at a time: a sequence of frames and socket
+//! actions over one to three connections, in the text format of
+//! `tests/fuzz-corpus/README.md`. Scripts are mutated from the corpus in
+//! `tests/fuzz-corpus/` or generated from scratch, by a xorshift PRNG seeded from
+//! `MEMSHADOW_FUZZ_SEED` (printed); script `k` of worker `w` depends only on the seed, `w`,
+//! `k` and the corpus — except whether it runs `clean` (see below); replay files say so.
+//!
+//! The abuse bar. The daemon refuses, for 2 s, the new connections of a user whose
+//! connections sent more than 32 malformed messages within a second (never root nor its
+//! own user). Unprivileged workers would meet it most of the time, so: a user that sent
+//! [`MALFORMED_BUDGET`] malformed frames within the last second runs `clean` scripts (its
+//! malformed frames are not sent) until it is under again; a worker that meets the bar
+//! anyway waits until a hello of its user is answered again (bounded: the bar must lift);
+//! the bystander only ever runs clean scripts. A refusal is a close with a reason wherever
+//! a connection meets it; the bar refusing root, the daemon's user or the bystander is a
+//! finding. The summary's `fuzz bar:` lines say how much of each user's time it took.
 //!
 //! Checked in every session (by the worker): every request gets an answer or a close
 //! within a deadline; every answer is a well-formed frame without fds, of the type its
 //! request calls for, and carries a request id that was sent; malformed frames are answered
-//! `BadMessage` and close the session, and a healthy session is never closed; nothing but
+//! `BadMessage` and close the session, and a healthy session is never closed without a
+//! reason (a refusal right after `accept`, or the handshake timeout); nothing but
 //! `Hello` succeeds before `Hello`, nothing that needs `Bind` before `Bind`; `Bind` accepts
 //! only the client's own `/proc/PID/mem` (and pagemap); an unprivileged client never gets
 //! another client's clients, mirrors, bytes, invalidations, syncs or trace; a device read
@@ -95,6 +107,16 @@ const EPOCH: Duration = Duration::from_millis(2500);
 /// Workers per user.
 const WORKERS_PER_USER: usize = 2;
 const NOBODY: u32 = 65534;
+/// An unprivileged user whose worker only runs `clean` scripts: it never sends a malformed
+/// frame, so the abuse bar must never refuse it, however much `NOBODY` floods.
+const BYSTANDER: u32 = 65533;
+/// Malformed frames an unprivileged user may have sent within the last [`BAR_WINDOW`]
+/// (counted as its scripts end) before its next scripts run `clean`: a little under the
+/// bar's threshold (32), so that the bar is met now and then (when scripts full of
+/// malformed frames run at once), not most of the time.
+const MALFORMED_BUDGET: u64 = 28;
+/// The bar's counting window.
+const BAR_WINDOW: Duration = Duration::from_secs(1);
 /// The abuse bar (`daemon/src/server/abuse.rs`): a user whose connections send more than
 /// 32 malformed messages within a second has its new connections refused for 2 s, each
 /// told so right after `accept` (request id 0, `TooManyClients`, this message) and closed.
@@ -175,16 +197,25 @@ impl Rng {
 enum User {
     Root,
     Nobody,
+    /// [`BYSTANDER`].
+    Bystander,
     Any,
 }
 
 impl User {
-    /// As the summary names it.
+    /// As scripts and the summary name it.
     fn name(self) -> &'static str {
         match self {
+            User::Root => "root",
             User::Nobody => "nobody",
-            _ => "root",
+            User::Bystander => "bystander",
+            User::Any => "any",
         }
+    }
+
+    /// True if a script written for `self` may run as `worker`.
+    fn runs_as(self, worker: User) -> bool {
+        self == User::Any || self == worker || (self == User::Nobody && worker == User::Bystander)
     }
 }
 
@@ -414,6 +445,8 @@ impl Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Script {
     user: User,
+    /// Frames the daemon would find malformed are not sent (so its user is never barred).
+    clean: bool,
     /// Known-bug generators this script exercises (skipped unless enabled).
     needs: Vec<String>,
     /// Extra daemon arguments (honoured when replaying the file).
@@ -552,11 +585,10 @@ impl Mut {
 impl Script {
     fn print(&self) -> String {
         let mut out = String::new();
-        out.push_str(match self.user {
-            User::Root => "as root\n",
-            User::Nobody => "as nobody\n",
-            User::Any => "as any\n",
-        });
+        let _ = writeln!(out, "as {}", self.user.name());
+        if self.clean {
+            out.push_str("clean\n");
+        }
         for n in &self.needs {
             let _ = writeln!(out, "needs {n}");
         }
@@ -622,6 +654,7 @@ impl Script {
     fn parse(text: &str) -> Result<Script, String> {
         let mut s = Script {
             user: User::Any,
+            clean: false,
             needs: Vec::new(),
             daemon: Vec::new(),
             steps: Vec::new(),
@@ -654,10 +687,12 @@ impl Script {
                 self.user = match rest.first().copied() {
                     Some("root") => User::Root,
                     Some("nobody") => User::Nobody,
+                    Some("bystander") => User::Bystander,
                     Some("any") => User::Any,
-                    _ => return Err("as root|nobody|any".into()),
+                    _ => return Err("as root|nobody|bystander|any".into()),
                 }
             }
+            "clean" => self.clean = true,
             "needs" => self.needs.extend(rest.iter().map(|w| (*w).to_owned())),
             "daemon" => self.daemon.extend(rest.iter().map(|w| (*w).to_owned())),
             "wait" => self.steps.push(Step::Wait(conn)),
@@ -1267,6 +1302,7 @@ fn gen_script(rng: &mut Rng, user: User, enabled: &Enabled) -> Script {
     }
     Script {
         user,
+        clean: false,
         needs: Vec::new(),
         daemon: Vec::new(),
         steps,
@@ -1352,12 +1388,13 @@ fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &E
     let mut rng = Rng::new(seed ^ ((w as u64) << 48) ^ k.wrapping_mul(0x9e37_79b9));
     let usable: Vec<&Script> = corpus
         .iter()
-        .filter(|s| en.allows(s) && (s.user == User::Any || s.user == user))
+        .filter(|s| en.allows(s) && s.user.runs_as(user))
         .collect();
     // Every worker first runs the corpus scripts of its user once, unmutated.
     if (k as usize) < usable.len() {
         let mut s = usable[k as usize].clone();
         s.user = user;
+        s.clean |= user == User::Bystander;
         return s;
     }
     let mut s = if !usable.is_empty() && rng.pct(40) {
@@ -1383,6 +1420,7 @@ fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &E
         s.steps.retain(|st| !matches!(st, Step::Silent(_)));
     }
     s.needs.retain(|n| en.on(n));
+    s.clean |= user == User::Bystander;
     s
 }
 
@@ -1417,6 +1455,10 @@ struct Ctx {
     uid: u32,
     /// Root or the daemon's own user: never barred, whatever it sends.
     privileged: bool,
+    /// The [`BYSTANDER`]: sends no malformed frame, so never barred.
+    bystander: bool,
+    /// The script running is `clean`: frames the daemon would find malformed are skipped.
+    clean: bool,
     /// How long the daemon waits for a hello before it closes a connection.
     daemon_handshake: Duration,
     daemon: i32,
@@ -1532,6 +1574,10 @@ struct Outcome {
     /// Successful answers by kind.
     ok: BTreeMap<String, u64>,
     foreign_uffd_bound: u64,
+    /// Frames sent that the daemon finds malformed.
+    malformed: u64,
+    /// Such frames not sent (the script is `clean`).
+    skipped: u64,
     /// Connections made.
     connects: u64,
     /// Of those, refused with a reason (the abuse bar, limits) right after `accept`.
@@ -1552,13 +1598,16 @@ impl Outcome {
             .collect();
         let ok: Vec<String> = self.ok.iter().map(|(c, n)| format!("{c}:{n}")).collect();
         format!(
-            "sent={} replies={} events={} closes={} foreign={} connects={} refused={} \
+            "sent={} replies={} events={} closes={} foreign={} malformed={} skipped={} \
+             connects={} refused={} \
              barred={} barwait={} ok={} errs={} viol={}",
             self.sent,
             self.replies,
             self.events,
             self.closes,
             self.foreign_uffd_bound,
+            self.malformed,
+            self.skipped,
             self.connects,
             self.refused,
             self.barred,
@@ -1590,6 +1639,8 @@ impl Outcome {
             events: n("events"),
             closes: n("closes"),
             foreign_uffd_bound: n("foreign"),
+            malformed: n("malformed"),
+            skipped: n("skipped"),
             connects: n("connects"),
             refused: n("refused"),
             barred: n("barred"),
@@ -1884,6 +1935,7 @@ fn wait_out_bar(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) {
 fn step_desc(step: &Step) -> String {
     Script {
         user: User::Any,
+        clean: false,
         needs: Vec::new(),
         daemon: Vec::new(),
         steps: vec![step.clone()],
@@ -2270,6 +2322,13 @@ fn note_refusal(ctx: &Ctx, kind: Refused, why: &str, out: &mut Outcome) -> Resul
                 ctx.uid
             ));
         }
+        if ctx.bystander {
+            return Err(format!(
+                "a connection of uid {} was refused by the abuse bar, though that user never \
+                 sent a malformed frame (another user did): {why}",
+                ctx.uid
+            ));
+        }
     }
     Ok(())
 }
@@ -2359,6 +2418,13 @@ fn send_frame(
     out: &mut Outcome,
 ) -> Result<(), String> {
     let rec = render(ctx, scratch, conn, f);
+    // An empty record reads as the end of the stream.
+    let eof = rec.is_empty() && f.fds.is_empty();
+    let (rid, req) = daemon_view(&rec, f.fds.len());
+    if ctx.clean && !eof && req.is_none() {
+        out.skipped += 1;
+        return Ok(());
+    }
     let sock = conn.sock.as_ref().unwrap();
     let owned: Vec<OwnedFd> = f
         .fds
@@ -2400,13 +2466,12 @@ fn send_frame(
     }
     drop(owned);
     out.sent += 1;
-    if rec.is_empty() && f.fds.is_empty() {
-        // An empty record reads as the end of the stream.
+    if eof {
         conn.doomed = true;
         return Ok(());
     }
-    let (rid, req) = daemon_view(&rec, f.fds.len());
     if req.is_none() {
+        out.malformed += 1;
         conn.doomed = true;
     }
     if let Some(Request::Trace { .. }) = &req {
@@ -2824,6 +2889,8 @@ fn worker_main(socket: &str) {
         uid,
         privileged: uid == 0
             || uid.to_string() == std::env::var("MEMSHADOW_FUZZ_DAEMON_UID").unwrap_or_default(),
+        bystander: std::env::var_os("MEMSHADOW_FUZZ_BYSTANDER").is_some(),
+        clean: false,
         daemon_handshake: Duration::from_millis(
             std::env::var("MEMSHADOW_FUZZ_DAEMON_HANDSHAKE_MS")
                 .ok()
@@ -2849,7 +2916,10 @@ fn worker_main(socket: &str) {
         ctx.other = w[2].parse().unwrap_or(0);
         let text = String::from_utf8(unhex(w[3]).unwrap()).unwrap();
         let out = match Script::parse(&text) {
-            Ok(s) => run_script(&ctx, &s, handshake),
+            Ok(s) => {
+                ctx.clean = s.clean || ctx.bystander;
+                run_script(&ctx, &s, handshake)
+            }
             Err(e) => Outcome {
                 violations: vec![format!("unparsable script: {e}")],
                 ..Outcome::default()
@@ -2909,9 +2979,17 @@ impl Worker {
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
-        if user == User::Nobody {
+        match user {
             // std drops the supplementary groups (setgroups(0)) when root sets a uid.
-            cmd.uid(NOBODY).gid(NOBODY);
+            User::Nobody => {
+                cmd.uid(NOBODY).gid(NOBODY);
+            }
+            User::Bystander => {
+                cmd.uid(BYSTANDER)
+                    .gid(BYSTANDER)
+                    .env("MEMSHADOW_FUZZ_BYSTANDER", "1");
+            }
+            User::Root | User::Any => {}
         }
         let mut child = cmd.spawn().expect("spawn a fuzz worker");
         let stdin = child.stdin.take().unwrap();
@@ -3156,6 +3234,29 @@ fn good_client_works(d: &Daemon) -> Result<(), String> {
     }
 }
 
+/// Malformed frames each user sent lately (counted when its scripts end).
+#[derive(Debug, Default)]
+struct Budget(BTreeMap<&'static str, VecDeque<(Instant, u64)>>);
+
+impl Budget {
+    fn note(&mut self, user: User, malformed: u64) {
+        if malformed > 0 {
+            let q = self.0.entry(user.name()).or_default();
+            q.push_back((Instant::now(), malformed));
+        }
+    }
+
+    /// True if `user` sent [`MALFORMED_BUDGET`] malformed frames within the last
+    /// [`BAR_WINDOW`].
+    fn spent(&mut self, user: User) -> bool {
+        let q = self.0.entry(user.name()).or_default();
+        while q.front().is_some_and(|(t, _)| t.elapsed() > BAR_WINDOW) {
+            q.pop_front();
+        }
+        q.iter().map(|(_, n)| n).sum::<u64>() >= MALFORMED_BUDGET
+    }
+}
+
 /// Totals of the run.
 #[derive(Debug, Default)]
 struct Totals {
@@ -3164,6 +3265,10 @@ struct Totals {
     /// Per user: scripts that met the abuse bar, connections made, refused, refused by
     /// the bar, and time waiting for it to lift.
     met_bar: BTreeMap<&'static str, u64>,
+    /// Per user: `clean` scripts, malformed frames sent, and not sent (clean scripts).
+    clean: BTreeMap<&'static str, u64>,
+    malformed: BTreeMap<&'static str, u64>,
+    skipped: BTreeMap<&'static str, u64>,
     connects: BTreeMap<&'static str, u64>,
     refused: BTreeMap<&'static str, u64>,
     barred: BTreeMap<&'static str, u64>,
@@ -3179,10 +3284,13 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, user: User, o: &Outcome) {
+    fn add(&mut self, user: User, clean: bool, o: &Outcome) {
         self.sessions += 1;
         let u = user.name();
         *self.by_user.entry(u).or_default() += 1;
+        *self.clean.entry(u).or_default() += u64::from(clean);
+        *self.malformed.entry(u).or_default() += o.malformed;
+        *self.skipped.entry(u).or_default() += o.skipped;
         *self.met_bar.entry(u).or_default() += u64::from(o.barred > 0);
         *self.connects.entry(u).or_default() += o.connects;
         *self.refused.entry(u).or_default() += o.refused;
@@ -3440,6 +3548,7 @@ fn fuzz_the_daemon() {
     let users: Vec<User> = if root {
         let mut u = vec![User::Root; WORKERS_PER_USER];
         u.extend(vec![User::Nobody; WORKERS_PER_USER]);
+        u.push(User::Bystander);
         u
     } else {
         println!("fuzz: not root, so every session runs as this user (no unprivileged half)");
@@ -3455,6 +3564,7 @@ fn fuzz_the_daemon() {
 
     let findings: Mutex<Vec<PathBuf>> = Mutex::default();
     let totals: Mutex<Totals> = Mutex::default();
+    let budget: Mutex<Budget> = Mutex::default();
     let mut fatal: Option<String> = None;
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(secs);
@@ -3468,7 +3578,8 @@ fn fuzz_the_daemon() {
         };
         match w.run(k, other, s) {
             Ok(o) => {
-                totals.lock().unwrap().add(w.user, &o);
+                totals.lock().unwrap().add(w.user, s.clean, &o);
+                budget.lock().unwrap().note(w.user, o.malformed);
                 if !o.violations.is_empty() {
                     let why = format!(
                         "{why_prefix}seed {seed}, worker {} ({:?}), script {k}:\n{}",
@@ -3507,7 +3618,7 @@ fn fuzz_the_daemon() {
         for s in scripts {
             let w = workers
                 .iter_mut()
-                .find(|w| s.user == User::Any || w.user == s.user)
+                .find(|w| s.user.runs_as(w.user))
                 .expect("a worker of the script's user");
             let k = w.next_k;
             w.next_k += 1;
@@ -3526,8 +3637,8 @@ fn fuzz_the_daemon() {
             let stop = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|sc| {
                 for w in workers.iter_mut().filter(|w| !w.dead) {
-                    let (corpus, enabled, ran, totals, stop) =
-                        (&corpus, &enabled, &ran, &totals, &stop);
+                    let (corpus, enabled, ran, totals, stop, budget) =
+                        (&corpus, &enabled, &ran, &totals, &stop, &budget);
                     let run_one = &run_one;
                     sc.spawn(move || {
                         while Instant::now() < epoch_end
@@ -3536,7 +3647,13 @@ fn fuzz_the_daemon() {
                         {
                             let k = w.next_k;
                             w.next_k += 1;
-                            let s = script_for(seed, w.index, k, w.user, corpus, enabled);
+                            let mut s = script_for(seed, w.index, k, w.user, corpus, enabled);
+                            // An unprivileged user that sent its share of malformed frames
+                            // lately runs clean scripts for a while, so that the abuse bar
+                            // only now and then refuses it (and it is waited out then).
+                            if w.user == User::Nobody && budget.lock().unwrap().spent(w.user) {
+                                s.clean = true;
+                            }
                             ran.lock().unwrap().push((w.index, k, s.clone()));
                             if run_one(w, k, &s, "").is_some() {
                                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -3667,12 +3784,14 @@ fn fuzz_the_daemon() {
             get(&t.refused),
             get(&t.barred),
         );
+        let (clean, malformed, skipped) = (get(&t.clean), get(&t.malformed), get(&t.skipped));
         let waited = t.bar_wait.get(u).copied().unwrap_or_default();
         let worker_time = fuzz_time * users.iter().filter(|x| x.name() == *u).count() as u32;
         println!(
-            "fuzz bar: {u}: scripts {n}, {} ran unrefused, {met} met the bar ({:.1}%); \
-             connections {conns}, refused {refused}, by the bar {barred} ({:.1}%); waited for \
-             the bar {:.1}s of {:.1}s worker time ({:.1}%)",
+            "fuzz bar: {u}: scripts {n} ({clean} clean), {} ran unrefused, {met} met the bar \
+             ({:.1}%); malformed frames sent {malformed}, not sent {skipped}; connections \
+             {conns}, refused {refused}, by the bar {barred} ({:.1}%); waited for the bar \
+             {:.1}s of {:.1}s worker time ({:.1}%)",
             n - met,
             pct(met, *n),
             pct(barred, conns),
