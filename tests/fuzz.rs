@@ -99,6 +99,8 @@ const STALL_LIMIT: Duration = Duration::from_millis(1000);
 /// Most requests a session has unanswered before it reads (three device reads' answers
 /// fit the daemon's socket buffer).
 const MAX_PIPELINE: usize = 3;
+/// Of the generated or mutated scripts with a `silent` step, those that keep it, %.
+const SILENT_KEEP_PCT: u64 = 1;
 /// Guard pages (`PROT_NONE`) before and after the scratch area of a script, and its pages.
 const GUARD_PAGES: u64 = 32;
 const RW_PAGES: u64 = 32;
@@ -124,8 +126,9 @@ const BAR_WINDOW: Duration = Duration::from_secs(1);
 const BAR_MESSAGE: &str = "this user sent too many malformed messages";
 /// How long a worker that met the abuse bar may wait for it to lift (it lasts 2 s).
 const BAR_LIFT_DEADLINE: Duration = Duration::from_secs(30);
-/// The daemon's handshake timeout (its default): a connection that has not said hello
-/// this long after it connected may be closed without a word.
+/// The daemon's default handshake timeout: a connection that has not said hello this long
+/// after it connected may be closed without a word ([`handshake_ms`] reads the one the
+/// daemon is given).
 const DAEMON_HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// The request types by name (checked against the protocol crate below).
@@ -1416,7 +1419,11 @@ fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &E
     if !en.on("never-read") {
         s.steps.retain(|st| !matches!(st, Step::NoRead(_)));
     }
-    if !en.on("silent") {
+    // A `silent` step waits for the daemon's handshake timeout and its next housekeeping
+    // tick, a second or two against a few ms for any other step: only now and then a script
+    // keeps one, else they take most of the fuzzing time.
+    let silent = s.steps.iter().any(|st| matches!(st, Step::Silent(_)));
+    if !en.on("silent") || (silent && !rng.pct(SILENT_KEEP_PCT)) {
         s.steps.retain(|st| !matches!(st, Step::Silent(_)));
     }
     s.needs.retain(|n| en.on(n));
@@ -3491,7 +3498,8 @@ fn fuzz_the_daemon() {
     });
     let root = nix::unistd::geteuid().is_root();
 
-    // The daemon: small quotas so their limits are reached.
+    // The daemon: small quotas so their limits are reached; a short handshake timeout, else
+    // the `silent` steps (each waits for it) take most of the fuzzing time.
     let mut daemon_args: Vec<String> = [
         "--quota-mirrors",
         "4",
@@ -3505,6 +3513,8 @@ fn fuzz_the_daemon() {
         "64",
         "--clients-per-uid",
         "64",
+        "--handshake-timeout-ms",
+        "1000",
     ]
     .iter()
     .map(|s| (*s).to_owned())
