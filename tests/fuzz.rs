@@ -30,10 +30,10 @@
 //! `BadMessage` and close the session, and a healthy session is never closed without a
 //! reason (a refusal right after `accept`, or the handshake timeout); nothing but
 //! `Hello` succeeds before `Hello`, nothing that needs `Bind` before `Bind`; `Bind` accepts
-//! only the client's own `/proc/PID/mem` (and pagemap); an unprivileged client never gets
-//! another client's clients, mirrors, bytes, invalidations, syncs or trace; a device read
-//! returns exactly the client's own bytes, and only for a mirror it attached and has not
-//! detached.
+//! only the client's own `/proc/PID/mem`, opened for reading (and pagemap); an unprivileged
+//! client never gets another client's clients, mirrors, bytes, invalidations, syncs or
+//! trace; a device read returns exactly the client's own bytes, and only for a mirror it
+//! attached and has not detached.
 //!
 //! Checked by the test, periodically and at the end: the daemon is alive and answers
 //! `status`; once every session has closed, its fd and thread counts come back to their
@@ -2793,7 +2793,8 @@ fn check_answer(
                 p.fds.first(),
                 Some(Fd::Uffd | Fd::UffdApi | Fd::UffdForeign | Fd::UffdDead)
             );
-            let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo | Fd::MemOpath));
+            // Opened for reading: an `O_PATH` fd proves nothing (the daemon says `BadFd`).
+            let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo));
             let pagemap_ok = matches!(p.fds.get(2), None | Some(Fd::Pagemap));
             if !(uffd_ok && mem_ok && pagemap_ok) {
                 return bad(
