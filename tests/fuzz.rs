@@ -2605,29 +2605,33 @@ fn on_frame(
         return Ok(());
     }
     // A refusal is the only thing sent on a connection the daemon will not serve, and only
-    // `accept` refuses with `TooManyClients`. Other codes of a refusal may answer a request
-    // of id 0, or end a session (out of fds, shutting down) with a reason.
+    // `accept` refuses with `TooManyClients`. The other codes of a refusal may answer a
+    // request of id 0; two of them may also end a session (out of fds, shutting down).
     if let Some(kind) = refusal(rid, &resp) {
+        let from_accept = matches!(kind, Refused::Bar | Refused::Limit);
         let answers_one = conn.pending.iter().any(|p| p.rid == 0 && p.req.is_some());
-        let unambiguous = matches!(kind, Refused::Bar | Refused::Limit);
-        match kind {
-            _ if unambiguous && !first => {
-                return Err(format!(
-                    "{} after it had served the connection",
-                    short(&resp)
-                ))
+        let ends_session = matches!(
+            resp,
+            Response::Error {
+                code: ErrorCode::OutOfResources | ErrorCode::ShuttingDown,
+                ..
             }
-            _ if answers_one && !unambiguous => {}
-            _ if first => {
-                conn.doomed = true;
-                conn.pending.clear();
-                return note_refusal(ctx, kind, &short(&resp), out);
-            }
-            _ => {
-                conn.doomed = true;
-                *out.errors.entry(resp_code(&resp)).or_default() += 1;
-                return Ok(());
-            }
+        );
+        if from_accept && !first {
+            return Err(format!(
+                "{} after it had served the connection",
+                short(&resp)
+            ));
+        }
+        if from_accept || (first && !answers_one) {
+            conn.doomed = true;
+            conn.pending.clear();
+            return note_refusal(ctx, kind, &short(&resp), out);
+        }
+        if ends_session && !answers_one {
+            conn.doomed = true;
+            *out.errors.entry(resp_code(&resp)).or_default() += 1;
+            return Ok(());
         }
     }
     out.replies += 1;
