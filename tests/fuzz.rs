@@ -3113,7 +3113,6 @@ impl Drop for Worker {
 fn handshake_ms(daemon_args: &[String]) -> u64 {
     daemon_args
         .windows(2)
-        .rev()
         .find(|w| w[0] == "--handshake-timeout-ms")
         .and_then(|w| w[1].parse().ok())
         .unwrap_or(DAEMON_HANDSHAKE.as_millis() as u64)
@@ -3565,14 +3564,15 @@ fn fuzz_the_daemon() {
         "64",
         "--clients-per-uid",
         "64",
-        "--handshake-timeout-ms",
-        "1000",
     ]
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
     if let Ok(extra) = std::env::var("MEMSHADOW_FUZZ_DAEMON_ARGS") {
         daemon_args.extend(extra.split_whitespace().map(str::to_owned));
+    }
+    if !daemon_args.iter().any(|a| a == "--handshake-timeout-ms") {
+        daemon_args.extend(["--handshake-timeout-ms".to_owned(), "1000".to_owned()]);
     }
     if let Some(s) = replay_scripts.as_ref().and_then(|v| v.first()) {
         if !s.daemon.is_empty() {
