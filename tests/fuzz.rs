@@ -4,22 +4,36 @@
 //! throughout and afterwards.
 //!
 //! How it runs. The test starts the daemon, then worker processes (this test binary re-run
-//! as `fuzz_worker_process`; half of them as uid/gid 65534), and feeds each worker one
-//! *script* at a time: a sequence of frames and socket actions over one to three
-//! connections, in the text format of `tests/fuzz-corpus/README.md`. Scripts are mutated
-//! from the corpus in `tests/fuzz-corpus/` or generated from scratch, by a xorshift PRNG
-//! seeded from `MEMSHADOW_FUZZ_SEED` (printed); script `k` of worker `w` depends only on
-//! the seed, `w`, `k` and the corpus.
+//! as `fuzz_worker_process`: two as root, two as uid/gid 65534, one as the *bystander*
+//! 65533), and feeds each worker one *script* at a time: a sequence of frames and socket
+//! actions over one to three connections, in the text format of
+//! `tests/fuzz-corpus/README.md`. Scripts are mutated from the corpus in
+//! `tests/fuzz-corpus/` or generated from scratch, by a xorshift PRNG seeded from
+//! `MEMSHADOW_FUZZ_SEED` (printed); script `k` of worker `w` depends only on the seed, `w`,
+//! `k` and the corpus — except whether it runs `clean` (see below); replay files say so.
+//!
+//! The abuse bar. The daemon refuses, for 2 s, the new connections of a user whose
+//! connections sent more than 32 malformed messages within a second (never root nor its
+//! own user). Unprivileged workers would meet it most of the time, so the scripts of such
+//! a user may send [`MALFORMED_BUDGET`] malformed frames per second between them: a script
+//! that would send more runs `clean` (its malformed frames are not sent), and the corpus's
+//! first, unmutated pass waits for room instead. A worker that meets the bar anyway (the
+//! corpus's `34-abuse-bar.msf` does) waits until a hello of its user is answered again
+//! (bounded: the bar must lift). The bystander only ever runs clean scripts. A refusal is a
+//! close with a reason wherever a connection meets it; the bar refusing root, the daemon's
+//! user or the bystander is a finding. The summary's `fuzz bar:` lines say how much of each
+//! user's scripts and time it took.
 //!
 //! Checked in every session (by the worker): every request gets an answer or a close
 //! within a deadline; every answer is a well-formed frame without fds, of the type its
 //! request calls for, and carries a request id that was sent; malformed frames are answered
-//! `BadMessage` and close the session, and a healthy session is never closed; nothing but
+//! `BadMessage` and close the session, and a healthy session is never closed without a
+//! reason (a refusal right after `accept`, or the handshake timeout); nothing but
 //! `Hello` succeeds before `Hello`, nothing that needs `Bind` before `Bind`; `Bind` accepts
-//! only the client's own `/proc/PID/mem` (and pagemap); an unprivileged client never gets
-//! another client's clients, mirrors, bytes, invalidations, syncs or trace; a device read
-//! returns exactly the client's own bytes, and only for a mirror it attached and has not
-//! detached.
+//! only the client's own `/proc/PID/mem`, opened for reading (and pagemap); an unprivileged
+//! client never gets another client's clients, mirrors, bytes, invalidations, syncs or
+//! trace; a device read returns exactly the client's own bytes, and only for a mirror it
+//! attached and has not detached.
 //!
 //! Checked by the test, periodically and at the end: the daemon is alive and answers
 //! `status`; once every session has closed, its fd and thread counts come back to their
@@ -87,6 +101,8 @@ const STALL_LIMIT: Duration = Duration::from_millis(1000);
 /// Most requests a session has unanswered before it reads (three device reads' answers
 /// fit the daemon's socket buffer).
 const MAX_PIPELINE: usize = 3;
+/// Of the generated or mutated scripts with a `silent` step, those that keep it, %.
+const SILENT_KEEP_PCT: u64 = 1;
 /// Guard pages (`PROT_NONE`) before and after the scratch area of a script, and its pages.
 const GUARD_PAGES: u64 = 32;
 const RW_PAGES: u64 = 32;
@@ -95,6 +111,27 @@ const EPOCH: Duration = Duration::from_millis(2500);
 /// Workers per user.
 const WORKERS_PER_USER: usize = 2;
 const NOBODY: u32 = 65534;
+/// An unprivileged user whose worker only runs `clean` scripts: it never sends a malformed
+/// frame, so the abuse bar must never refuse it, however much `NOBODY` floods.
+const BYSTANDER: u32 = 65533;
+/// Malformed frames an unprivileged user may have sent within the last [`BAR_WINDOW`]
+/// (counted as its scripts end) before its next scripts run `clean`: under the bar's
+/// threshold (32), so that the bar is met now and then (when scripts full of malformed
+/// frames run at once, and by the corpus's `34-abuse-bar.msf`), not most of the time.
+const MALFORMED_BUDGET: u64 = 24;
+/// The bar's counting window.
+const BAR_WINDOW: Duration = Duration::from_secs(1);
+/// The abuse bar (`daemon/src/server/abuse.rs`): a user whose connections send more than
+/// 32 malformed messages within a second has its new connections refused for 2 s, each
+/// told so right after `accept` (request id 0, `TooManyClients`, this message) and closed.
+/// Never root, nor the daemon's own user.
+const BAR_MESSAGE: &str = "this user sent too many malformed messages";
+/// How long a worker that met the abuse bar may wait for it to lift (it lasts 2 s).
+const BAR_LIFT_DEADLINE: Duration = Duration::from_secs(30);
+/// The daemon's default handshake timeout: a connection that has not said hello this long
+/// after it connected may be closed without a word ([`handshake_ms`] reads the one the
+/// daemon is given).
+const DAEMON_HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// The request types by name (checked against the protocol crate below).
 const TYPES: &[(&str, u16)] = &[
@@ -165,7 +202,26 @@ impl Rng {
 enum User {
     Root,
     Nobody,
+    /// [`BYSTANDER`].
+    Bystander,
     Any,
+}
+
+impl User {
+    /// As scripts and the summary name it.
+    fn name(self) -> &'static str {
+        match self {
+            User::Root => "root",
+            User::Nobody => "nobody",
+            User::Bystander => "bystander",
+            User::Any => "any",
+        }
+    }
+
+    /// True if a script written for `self` may run as `worker`.
+    fn runs_as(self, worker: User) -> bool {
+        self == User::Any || self == worker || (self == User::Nobody && worker == User::Bystander)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,6 +450,8 @@ impl Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Script {
     user: User,
+    /// Frames the daemon would find malformed are not sent (so its user is never barred).
+    clean: bool,
     /// Known-bug generators this script exercises (skipped unless enabled).
     needs: Vec<String>,
     /// Extra daemon arguments (honoured when replaying the file).
@@ -532,11 +590,10 @@ impl Mut {
 impl Script {
     fn print(&self) -> String {
         let mut out = String::new();
-        out.push_str(match self.user {
-            User::Root => "as root\n",
-            User::Nobody => "as nobody\n",
-            User::Any => "as any\n",
-        });
+        let _ = writeln!(out, "as {}", self.user.name());
+        if self.clean {
+            out.push_str("clean\n");
+        }
         for n in &self.needs {
             let _ = writeln!(out, "needs {n}");
         }
@@ -602,6 +659,7 @@ impl Script {
     fn parse(text: &str) -> Result<Script, String> {
         let mut s = Script {
             user: User::Any,
+            clean: false,
             needs: Vec::new(),
             daemon: Vec::new(),
             steps: Vec::new(),
@@ -634,10 +692,12 @@ impl Script {
                 self.user = match rest.first().copied() {
                     Some("root") => User::Root,
                     Some("nobody") => User::Nobody,
+                    Some("bystander") => User::Bystander,
                     Some("any") => User::Any,
-                    _ => return Err("as root|nobody|any".into()),
+                    _ => return Err("as root|nobody|bystander|any".into()),
                 }
             }
+            "clean" => self.clean = true,
             "needs" => self.needs.extend(rest.iter().map(|w| (*w).to_owned())),
             "daemon" => self.daemon.extend(rest.iter().map(|w| (*w).to_owned())),
             "wait" => self.steps.push(Step::Wait(conn)),
@@ -1247,6 +1307,7 @@ fn gen_script(rng: &mut Rng, user: User, enabled: &Enabled) -> Script {
     }
     Script {
         user,
+        clean: false,
         needs: Vec::new(),
         daemon: Vec::new(),
         steps,
@@ -1327,17 +1388,23 @@ fn mutate_script(rng: &mut Rng, s: &mut Script, corpus: &[Script], enabled: &Ena
     s.steps.truncate(40);
 }
 
+/// The corpus scripts `user` runs.
+fn corpus_for<'a>(user: User, corpus: &'a [Script], en: &Enabled) -> Vec<&'a Script> {
+    corpus
+        .iter()
+        .filter(|s| en.allows(s) && s.user.runs_as(user))
+        .collect()
+}
+
 /// Script `k` of worker `w`: a function of the seed, `w`, `k` and the corpus only.
 fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &Enabled) -> Script {
     let mut rng = Rng::new(seed ^ ((w as u64) << 48) ^ k.wrapping_mul(0x9e37_79b9));
-    let usable: Vec<&Script> = corpus
-        .iter()
-        .filter(|s| en.allows(s) && (s.user == User::Any || s.user == user))
-        .collect();
+    let usable = corpus_for(user, corpus, en);
     // Every worker first runs the corpus scripts of its user once, unmutated.
     if (k as usize) < usable.len() {
         let mut s = usable[k as usize].clone();
         s.user = user;
+        s.clean |= user == User::Bystander;
         return s;
     }
     let mut s = if !usable.is_empty() && rng.pct(40) {
@@ -1359,10 +1426,15 @@ fn script_for(seed: u64, w: usize, k: u64, user: User, corpus: &[Script], en: &E
     if !en.on("never-read") {
         s.steps.retain(|st| !matches!(st, Step::NoRead(_)));
     }
-    if !en.on("silent") {
+    // A `silent` step waits for the daemon's handshake timeout and its next housekeeping
+    // tick, a second or two against a few ms for any other step: only now and then a script
+    // keeps one, else they take most of the fuzzing time.
+    let silent = s.steps.iter().any(|st| matches!(st, Step::Silent(_)));
+    if !en.on("silent") || (silent && !rng.pct(SILENT_KEEP_PCT)) {
         s.steps.retain(|st| !matches!(st, Step::Silent(_)));
     }
     s.needs.retain(|n| en.on(n));
+    s.clean |= user == User::Bystander;
     s
 }
 
@@ -1395,6 +1467,14 @@ struct Ctx {
     socket: PathBuf,
     me: i32,
     uid: u32,
+    /// Root or the daemon's own user: never barred, whatever it sends.
+    privileged: bool,
+    /// The [`BYSTANDER`]: sends no malformed frame, so never barred.
+    bystander: bool,
+    /// The script running is `clean`: frames the daemon would find malformed are skipped.
+    clean: bool,
+    /// How long the daemon waits for a hello before it closes a connection.
+    daemon_handshake: Duration,
     daemon: i32,
     parent: i32,
     other: i32,
@@ -1490,6 +1570,10 @@ struct Conn {
     bound: bool,
     /// Something was sent that makes the daemon close the session.
     doomed: bool,
+    /// When it connected.
+    opened: Option<Instant>,
+    /// Frames received on it (a refusal can only be the first).
+    frames: u64,
     buf: Vec<u8>,
 }
 
@@ -1504,6 +1588,18 @@ struct Outcome {
     /// Successful answers by kind.
     ok: BTreeMap<String, u64>,
     foreign_uffd_bound: u64,
+    /// Frames sent that the daemon finds malformed.
+    malformed: u64,
+    /// Such frames not sent (the script is `clean`).
+    skipped: u64,
+    /// Connections made.
+    connects: u64,
+    /// Of those, refused with a reason (the abuse bar, limits) right after `accept`.
+    refused: u64,
+    /// Of those, refused by the abuse bar.
+    barred: u64,
+    /// Time spent waiting for the bar to lift after meeting it, ms.
+    bar_wait_ms: u64,
     violations: Vec<String>,
 }
 
@@ -1516,12 +1612,20 @@ impl Outcome {
             .collect();
         let ok: Vec<String> = self.ok.iter().map(|(c, n)| format!("{c}:{n}")).collect();
         format!(
-            "sent={} replies={} events={} closes={} foreign={} ok={} errs={} viol={}",
+            "sent={} replies={} events={} closes={} foreign={} malformed={} skipped={} \
+             connects={} refused={} \
+             barred={} barwait={} ok={} errs={} viol={}",
             self.sent,
             self.replies,
             self.events,
             self.closes,
             self.foreign_uffd_bound,
+            self.malformed,
+            self.skipped,
+            self.connects,
+            self.refused,
+            self.barred,
+            self.bar_wait_ms,
             if ok.is_empty() {
                 "-".into()
             } else {
@@ -1549,6 +1653,12 @@ impl Outcome {
             events: n("events"),
             closes: n("closes"),
             foreign_uffd_bound: n("foreign"),
+            malformed: n("malformed"),
+            skipped: n("skipped"),
+            connects: n("connects"),
+            refused: n("refused"),
+            barred: n("barred"),
+            bar_wait_ms: n("barwait"),
             ..Outcome::default()
         };
         if let Some(e) = f.get("errs").filter(|e| *e != "-") {
@@ -1793,13 +1903,53 @@ fn run_script(ctx: &Ctx, s: &Script, handshake: Duration) -> Outcome {
         }
     }
     drop(conns);
+    if out.barred > 0 && out.violations.is_empty() {
+        wait_out_bar(ctx, &scratch, &mut out);
+    }
     drop(scratch);
     out
+}
+
+/// After a script met the abuse bar: waits until this user's connections are served again
+/// (a hello answered), trying every 100 ms, rather than run scripts that would only be
+/// refused. The bar lasts 2 s and the workers of the user stop flooding while they wait,
+/// so it must lift well within [`BAR_LIFT_DEADLINE`].
+fn wait_out_bar(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) {
+    let t = Instant::now();
+    let hello = Script::parse("send hello : u16:1 u16:1 str:after-the-bar").map(|s| s.steps);
+    let Ok([hello]) = hello.as_deref() else {
+        out.violations
+            .push(format!("the hello script does not parse: {hello:?}"));
+        return;
+    };
+    loop {
+        let mut probe = Conn::default();
+        let mut o = Outcome::default();
+        if let Err(e) = run_step(ctx, scratch, &mut probe, hello, Duration::ZERO, &mut o) {
+            out.violations
+                .push(format!("while waiting for the abuse bar to lift: {e}"));
+            break;
+        }
+        if probe.hello && o.refused == 0 {
+            break;
+        }
+        if t.elapsed() > BAR_LIFT_DEADLINE {
+            out.violations.push(format!(
+                "uid {} was still refused {BAR_LIFT_DEADLINE:?} after it met the abuse bar \
+                 (which lasts 2 s): the bar does not lift",
+                ctx.uid
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out.bar_wait_ms += t.elapsed().as_millis() as u64;
 }
 
 fn step_desc(step: &Step) -> String {
     Script {
         user: User::Any,
+        clean: false,
         needs: Vec::new(),
         daemon: Vec::new(),
         steps: vec![step.clone()],
@@ -1813,15 +1963,24 @@ fn step_desc(step: &Step) -> String {
     .collect()
 }
 
-fn ensure_connected(ctx: &Ctx, conn: &mut Conn) -> Result<(), String> {
+fn ensure_connected(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
     if conn.sock.is_none() {
-        *conn = Conn {
-            sock: Some(connect(&ctx.socket)?),
-            next_id: 1,
-            ..Conn::default()
-        };
+        *conn = Conn::open(connect(&ctx.socket)?);
+        out.connects += 1;
     }
     Ok(())
+}
+
+impl Conn {
+    /// A connection just made.
+    fn open(sock: OwnedFd) -> Conn {
+        Conn {
+            sock: Some(sock),
+            next_id: 1,
+            opened: Some(Instant::now()),
+            ..Conn::default()
+        }
+    }
 }
 
 fn run_step(
@@ -1848,19 +2007,18 @@ fn run_step(
             Ok(())
         }
         Step::Silent(_) => {
-            let sock = connect(&ctx.socket)?;
-            match wait_hangup(sock.as_fd(), handshake) {
-                true => {
-                    out.closes += 1;
-                    Ok(())
-                }
-                false => Err(format!(
+            let mut silent = Conn::open(connect(&ctx.socket)?);
+            out.connects += 1;
+            if !wait_hangup(silent.sock.as_ref().unwrap().as_fd(), handshake) {
+                return Err(format!(
                     "a connection that never said hello was still open after {handshake:?} \
                      (no handshake timeout)"
-                )),
+                ));
             }
+            // Closed without a word (the handshake timeout), or refused at once.
+            closed(ctx, scratch, &mut silent, out)
         }
-        Step::NoRead(_) => no_read(ctx, conn, out),
+        Step::NoRead(_) => no_read(ctx, scratch, conn, handshake, out),
         Step::Exit(_) => exiting_client(ctx, scratch, out),
         Step::Send(f) => {
             // A client that keeps more answers unread than its socket holds is one that
@@ -1868,7 +2026,7 @@ fn run_step(
             if conn.pending.len() >= MAX_PIPELINE {
                 drain(ctx, scratch, conn, out)?;
             }
-            ensure_connected(ctx, conn)?;
+            ensure_connected(ctx, conn, out)?;
             send_frame(ctx, scratch, conn, f, out)?;
             match f.mode {
                 Mode::Wait => drain(ctx, scratch, conn, out),
@@ -1882,30 +2040,57 @@ fn run_step(
     }
 }
 
+/// How the child of [`exiting_client`] ends: its requests in flight, refused by the abuse
+/// bar, refused otherwise (limits), or something went wrong (its message in its pipe).
+const EXIT_IN_FLIGHT: i32 = 0;
+const EXIT_FAILED: i32 = 1;
+const EXIT_BARRED: i32 = 2;
+const EXIT_REFUSED: i32 = 3;
+
 /// A child of the client (sharing its memory layout) binds, attaches its copy of the
 /// scratch area, sends a populate and a read and exits without waiting: the daemon must
 /// release it (checked at rest). The child must be gone within the answer deadline.
 fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(), String> {
+    let (why_r, why_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the child only runs `exiting_child`, which ends in `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        exiting_child(ctx, scratch);
+        drop(why_r);
+        exiting_child(ctx, scratch, why_w);
     }
+    drop(why_w);
     let pid = nix::unistd::Pid::from_raw(pid);
     let deadline = Instant::now() + ANSWER_DEADLINE;
     loop {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {
+        let code = match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
+            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
+            Err(e) => return Err(format!("waitpid: {e}")),
+        };
+        out.connects += u64::from(code.is_some());
+        match code {
+            None => {}
+            Some(EXIT_IN_FLIGHT) => {
                 out.sent += 5;
                 out.closes += 1;
                 return Ok(());
             }
-            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
-            Err(e) => return Err(format!("waitpid: {e}")),
+            Some(EXIT_BARRED) => return note_refusal(ctx, Refused::Bar, BAR_MESSAGE, out),
+            Some(EXIT_REFUSED) => return note_refusal(ctx, Refused::Limit, "", out),
+            Some(code) => {
+                let mut why = [0u8; 4096];
+                let n = nix::unistd::read(&why_r, &mut why).unwrap_or(0);
+                return Err(format!(
+                    "the exiting client ended with exit code {code}: {}",
+                    String::from_utf8_lossy(&why[..n])
+                ));
+            }
         }
         if Instant::now() > deadline {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -1919,64 +2104,37 @@ fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(),
     }
 }
 
-/// The child of [`exiting_client`]: exits 0 once its requests are in flight, 1 if the
-/// session went wrong before.
-fn exiting_child(ctx: &Ctx, scratch: &Scratch) -> ! {
-    let ok = (|| -> Result<(), String> {
-        let s = connect(&ctx.socket)?;
-        let mut buf = Vec::new();
-        let mut call = |r: &Request, fds: &[BorrowedFd<'_>]| -> Result<Response, String> {
-            proto::send(s.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), fds)
-                .map_err(|e| e.to_string())?;
-            let f = recv_within(s.as_fd(), &mut buf, ANSWER_DEADLINE)?;
-            Response::decode(f.header.msg_type, &f.payload, 0).map_err(|e| e.to_string())
-        };
-        call(
-            &Request::Hello {
-                min_version: 1,
-                max_version: 1,
-                name: "exiting".into(),
-            },
-            &[],
-        )?;
-        let uffd = new_uffd();
-        let mem = open_or_null("/proc/self/mem", libc::O_RDONLY);
-        let pagemap = open_or_null("/proc/self/pagemap", libc::O_RDONLY);
-        call(
-            &Request::Bind { flags: 0 },
-            &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
-        )?;
-        drop((uffd, mem, pagemap));
-        let Response::Attached { mirror_id } = call(
-            &Request::Attach {
-                addr: scratch.rw,
-                len: 8 * P,
-                flags: 0,
-            },
-            &[],
-        )?
-        else {
-            return Ok(());
-        };
-        for r in [
-            Request::Populate {
-                mirror_id,
-                offset: 0,
-                len: 8 * P,
-            },
-            Request::Read {
-                mirror_id,
-                offset: 0,
-                len: 8 * P as u32,
-            },
-        ] {
-            proto::send(s.as_fd(), r.msg_type(), 0, 2, &r.encode_payload(), &[])
-                .map_err(|e| e.to_string())?;
+/// The child of [`exiting_client`]: one connection through the steps of any script (so
+/// checked the same way), the last two without waiting for their answers; then it exits
+/// with one of the `EXIT_` codes, its message (if it failed) written to `why`.
+fn exiting_child(ctx: &Ctx, scratch: &Scratch, why: OwnedFd) -> ! {
+    let script = "send hello : u16:1 u16:1 str:exiting\n\
+                  send bind fds=uffd,mem-ro,pagemap : u32:0\n\
+                  send attach : addr:0 u64:0x8000 u32:0\n\
+                  send populate nowait : mirror:0 u64:0 u64:0x8000\n\
+                  send read nowait : mirror:0 u64:0 u32:0x8000\n";
+    let mut out = Outcome::default();
+    let mut conn = Conn::default();
+    let r = Script::parse(script).and_then(|s| {
+        for step in &s.steps {
+            run_step(ctx, scratch, &mut conn, step, Duration::ZERO, &mut out)?;
+            if out.refused > 0 {
+                break;
+            }
         }
         Ok(())
-    })();
+    });
+    let code = match r {
+        Err(e) => {
+            let _ = nix::unistd::write(&why, e.as_bytes());
+            EXIT_FAILED
+        }
+        Ok(()) if out.barred > 0 => EXIT_BARRED,
+        Ok(()) if out.refused > 0 => EXIT_REFUSED,
+        Ok(()) => EXIT_IN_FLIGHT,
+    };
     // SAFETY: ends the child at once (its socket and uffd close with it).
-    unsafe { libc::_exit(i32::from(ok.is_err())) }
+    unsafe { libc::_exit(code) }
 }
 
 /// Waits until `sock`'s peer hangs up (true) or `limit` passes (false), reading nothing.
@@ -2006,9 +2164,18 @@ fn wait_hangup(sock: BorrowedFd<'_>, limit: Duration) -> bool {
 /// The `never-read` generator: floods `status` requests without reading the answers,
 /// checks that the session loop still answers another client promptly, and that the
 /// daemon closes the flooding session.
-fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
-    ensure_connected(ctx, conn)?;
+fn no_read(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    handshake: Duration,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    ensure_connected(ctx, conn, out)?;
     let sock = conn.sock.take().unwrap();
+    let served = conn.frames > 0;
+    let mut buf = std::mem::take(&mut conn.buf);
+    *conn = Conn::default();
     // Flood until the daemon stops reading this session: its answers fill our socket, so
     // it is stuck sending one (or has given up on us).
     let status = Request::Status;
@@ -2027,23 +2194,24 @@ fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> 
             Err(_) => break,
         }
     }
-    // The session loop must still serve others while that session's answers are stuck.
+    // The session loop must still serve others while that session's answers are stuck: a
+    // probe connection gets its answers promptly (or, its user barred, its refusal: the
+    // session loop sends that too).
     let t = Instant::now();
-    let probe = connect(&ctx.socket)?;
-    let mut buf = Vec::new();
-    for r in [
-        Request::Hello {
-            min_version: 1,
-            max_version: 1,
-            name: "probe".into(),
-        },
-        Request::Status,
-    ] {
-        proto::send(probe.as_fd(), r.msg_type(), 0, 1, &r.encode_payload(), &[])
-            .map_err(|e| format!("probe send: {e}"))?;
-        recv_within(probe.as_fd(), &mut buf, ANSWER_DEADLINE).map_err(|e| format!("probe: {e}"))?;
+    let mut probe = Conn::default();
+    let refused = out.refused;
+    for step in Script::parse("send hello : u16:1 u16:1 str:probe\nsend status\n")
+        .map(|s| s.steps)
+        .unwrap_or_default()
+    {
+        run_step(ctx, scratch, &mut probe, &step, handshake, out)
+            .map_err(|e| format!("probe: {e}"))?;
+        if out.refused > refused {
+            break;
+        }
     }
     let took = t.elapsed();
+    drop(probe);
     if took > STALL_LIMIT {
         return Err(format!(
             "a client that does not read stalled the session loop: another client's status \
@@ -2057,25 +2225,32 @@ fn no_read(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> 
         ));
     }
     out.closes += 1;
+    // Closed without a word, as a client that does not read is; or refused at once, and
+    // then the refusal is the first thing it was sent.
+    if !served {
+        if let Some((kind, why)) = left_behind(sock.as_fd(), &mut buf)?
+            .first()
+            .and_then(refusal_in)
+        {
+            note_refusal(ctx, kind, &why, out)?;
+        }
+    }
     Ok(())
 }
 
-/// Receives one frame within `limit`.
+/// Receives one frame within `limit`; `None` once the daemon has closed the connection
+/// (then [`left_behind`] reads what it sent before).
 fn recv_within(
     sock: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     limit: Duration,
-) -> Result<proto::Frame, String> {
+) -> Result<Option<proto::Frame>, String> {
     let deadline = Instant::now() + limit;
     loop {
         match proto::recv(sock, buf) {
-            Ok(f) => return Ok(f),
+            Ok(f) => return Ok(Some(f)),
             Err(SocketError::WouldBlock) => {}
-            Err(SocketError::Closed) => {
-                // A reset (the daemon closed with a request of ours unread) is reported
-                // before what it sent first, a refusal say: read once more.
-                return proto::recv(sock, buf).map_err(|_| "closed".into());
-            }
+            Err(SocketError::Closed) => return Ok(None),
             Err(e) => return Err(format!("bad frame from the daemon: {e}")),
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -2088,8 +2263,128 @@ fn recv_within(
     }
 }
 
+/// What the daemon left on a connection it closed, read without waiting: the frames it
+/// sent before it closed (answers; on a connection it refused, why). A reset (the daemon
+/// closed with a request of ours unread) is reported before them, so reading goes on past
+/// one end of the stream, until a second (or nothing is left).
+fn left_behind(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<Vec<proto::Frame>, String> {
+    let mut frames = Vec::new();
+    let mut ends = 0;
+    loop {
+        match proto::recv(sock, buf) {
+            Ok(f) => {
+                ends = 0;
+                frames.push(f);
+            }
+            Err(SocketError::Closed) if ends == 0 => ends += 1,
+            Err(SocketError::Closed | SocketError::WouldBlock) => return Ok(frames),
+            Err(e) => return Err(format!("bad frame from the daemon: {e}")),
+        }
+    }
+}
+
+/// Why the daemon refused a connection right after accepting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Its user is barred for a flood of malformed messages.
+    Bar,
+    /// The daemon or its user has its maximum of clients.
+    Limit,
+    /// Out of file descriptors, unidentifiable peer, shutting down.
+    Other,
+}
+
+/// A frame that may be a refusal (request id 0, an error only `accept` sends or that ends
+/// any session) and which; see [`on_frame`] for when it is one.
+fn refusal(rid: u64, resp: &Response) -> Option<Refused> {
+    let Response::Error { code, message } = resp else {
+        return None;
+    };
+    match code {
+        _ if rid != 0 => None,
+        ErrorCode::TooManyClients if message.starts_with(BAR_MESSAGE) => Some(Refused::Bar),
+        ErrorCode::TooManyClients => Some(Refused::Limit),
+        ErrorCode::OutOfResources | ErrorCode::PermissionDenied | ErrorCode::ShuttingDown => {
+            Some(Refused::Other)
+        }
+        _ => None,
+    }
+}
+
+/// [`refusal`] of the first frame of a connection that sent no request of id 0, and its
+/// message.
+fn refusal_in(f: &proto::Frame) -> Option<(Refused, String)> {
+    match Response::decode(f.header.msg_type, &f.payload, f.fds.len()).ok()? {
+        r @ Response::Error { .. } => {
+            let kind = refusal(f.header.request_id, &r)?;
+            Some((kind, short(&r)))
+        }
+        _ => None,
+    }
+}
+
+/// Counts a connection refused for `kind`: fine, but the bar only ever hits an
+/// unprivileged user (one that sent malformed messages).
+fn note_refusal(ctx: &Ctx, kind: Refused, why: &str, out: &mut Outcome) -> Result<(), String> {
+    out.refused += 1;
+    if kind == Refused::Bar {
+        out.barred += 1;
+        if ctx.privileged {
+            return Err(format!(
+                "a connection of uid {} was refused by the abuse bar, which never bars root \
+                 nor the daemon's user: {why}",
+                ctx.uid
+            ));
+        }
+        if ctx.bystander {
+            return Err(format!(
+                "a connection of uid {} was refused by the abuse bar, though that user never \
+                 sent a malformed frame (another user did): {why}",
+                ctx.uid
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Renders a frame's record (header and payload, mutations applied).
 fn render(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, f: &Send) -> Vec<u8> {
+    let mirrors = &conn.mirrors;
+    let value = |t: &Tok| match t {
+        Tok::Addr(o) => scratch.rw.wrapping_add_signed(*o).to_le_bytes().to_vec(),
+        Tok::Pid(w) => ctx.pid(*w).to_le_bytes().to_vec(),
+        Tok::Mirror(k) => mirrors
+            .get(usize::from(*k))
+            .map_or(u64::from(*k) + 1, |m| m.0)
+            .to_le_bytes()
+            .to_vec(),
+        _ => Vec::new(),
+    };
+    render_with(f, &mut conn.next_id, &value)
+}
+
+/// The frames of `s` the daemon would find malformed (as [`send_frame`] counts them; the
+/// values of addresses, pids and mirror ids do not change that).
+fn malformed_frames(s: &Script) -> u64 {
+    let mut ids = [1u64; 4];
+    let zeros = |t: &Tok| match t {
+        Tok::Pid(_) => vec![0; 4],
+        _ => vec![0; 8],
+    };
+    let mut n = 0;
+    for st in &s.steps {
+        if let Step::Send(f) = st {
+            let rec = render_with(f, &mut ids[usize::from(f.conn) % 4], &zeros);
+            let eof = rec.is_empty() && f.fds.is_empty();
+            n += u64::from(!eof && daemon_view(&rec, f.fds.len()).1.is_none());
+        }
+    }
+    n
+}
+
+/// [`render`], with `value` rendering the tokens whose bytes depend on the run (addresses,
+/// pids, mirror ids); `next_id` is the connection's last request id.
+fn render_with(f: &Send, next_id: &mut u64, value: &dyn Fn(&Tok) -> Vec<u8>) -> Vec<u8> {
     let mut p = Vec::new();
     for t in &f.payload {
         match t {
@@ -2108,23 +2403,15 @@ fn render(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, f: &Send) -> Vec<u8> {
                     p.extend_from_slice(b);
                 }
             }
-            Tok::Addr(o) => p.extend_from_slice(&scratch.rw.wrapping_add_signed(*o).to_le_bytes()),
-            Tok::Pid(w) => p.extend_from_slice(&ctx.pid(*w).to_le_bytes()),
-            Tok::Mirror(k) => {
-                let id = conn
-                    .mirrors
-                    .get(usize::from(*k))
-                    .map_or(u64::from(*k) + 1, |m| m.0);
-                p.extend_from_slice(&id.to_le_bytes());
-            }
+            Tok::Addr(_) | Tok::Pid(_) | Tok::Mirror(_) => p.extend_from_slice(&value(t)),
         }
     }
     let mut rec = if f.raw {
         p
     } else {
         let id = f.id.unwrap_or_else(|| {
-            conn.next_id += 1;
-            conn.next_id
+            *next_id += 1;
+            *next_id
         });
         let h = Header {
             version: f.ver.unwrap_or(proto::VERSION),
@@ -2173,6 +2460,13 @@ fn send_frame(
     out: &mut Outcome,
 ) -> Result<(), String> {
     let rec = render(ctx, scratch, conn, f);
+    // An empty record reads as the end of the stream.
+    let eof = rec.is_empty() && f.fds.is_empty();
+    let (rid, req) = daemon_view(&rec, f.fds.len());
+    if ctx.clean && !eof && req.is_none() {
+        out.skipped += 1;
+        return Ok(());
+    }
     let sock = conn.sock.as_ref().unwrap();
     let owned: Vec<OwnedFd> = f
         .fds
@@ -2204,8 +2498,9 @@ fn send_frame(
                 let _ = poll(&mut p, PollTimeout::from(100u16));
             }
             Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
-                // The daemon closed the session already: it must have had a reason.
-                return closed(conn, out);
+                // The daemon closed the session already: it must have had a reason, which
+                // (a refusal, an answer) may still wait to be read.
+                return closed(ctx, scratch, conn, out);
             }
             Err(Errno::EMSGSIZE) => return Ok(()),
             Err(e) => return Err(format!("sendmsg: {e}")),
@@ -2213,13 +2508,12 @@ fn send_frame(
     }
     drop(owned);
     out.sent += 1;
-    if rec.is_empty() && f.fds.is_empty() {
-        // An empty record reads as the end of the stream.
+    if eof {
         conn.doomed = true;
         return Ok(());
     }
-    let (rid, req) = daemon_view(&rec, f.fds.len());
     if req.is_none() {
+        out.malformed += 1;
         conn.doomed = true;
     }
     if let Some(Request::Trace { .. }) = &req {
@@ -2234,10 +2528,24 @@ fn send_frame(
     Ok(())
 }
 
-/// The daemon closed the connection: fine if it had a reason.
-fn closed(conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
+/// The daemon closed the connection (a receive saw the end, or a send failed): reads what
+/// it left, without waiting — answers to our requests, checked as any, and on a connection
+/// it refused, why — then judges the close. Fine with a reason: a refusal, a malformed
+/// frame or the end of the stream we sent, the handshake timeout; a finding without one
+/// while requests wait for their answers.
+fn closed(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, out: &mut Outcome) -> Result<(), String> {
     out.closes += 1;
-    let doomed = conn.doomed;
+    if let Some(sock) = conn.sock.take() {
+        let mut buf = std::mem::take(&mut conn.buf);
+        for f in left_behind(sock.as_fd(), &mut buf)? {
+            on_frame(ctx, scratch, conn, f, out)?;
+        }
+    }
+    let timed_out = !conn.hello
+        && conn
+            .opened
+            .is_some_and(|t| t.elapsed() >= ctx.daemon_handshake);
+    let doomed = conn.doomed || timed_out;
     let pending: Vec<String> = conn.pending.iter().map(|p| p.desc.clone()).collect();
     *conn = Conn::default();
     if doomed || pending.is_empty() {
@@ -2258,72 +2566,112 @@ fn drain(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, out: &mut Outcome) -> Re
             conn.pending.clear();
             return Ok(());
         };
-        let frame = match recv_within(sock.as_fd(), &mut conn.buf, ANSWER_DEADLINE) {
-            Ok(f) => f,
-            Err(e) if e == "closed" => return closed(conn, out),
+        match recv_within(sock.as_fd(), &mut conn.buf, ANSWER_DEADLINE) {
+            Ok(Some(frame)) => on_frame(ctx, scratch, conn, frame, out)?,
+            Ok(None) => return closed(ctx, scratch, conn, out),
             Err(e) => {
                 return Err(format!(
                     "{e} (waiting for the answer to {})",
                     conn.pending[0].desc
                 ))
             }
-        };
-        if !frame.fds.is_empty() {
-            return Err(format!("the daemon sent {} fds", frame.fds.len()));
         }
-        let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
-            .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
-        let rid = frame.header.request_id;
-        if frame.header.msg_type == TRACE_EVENT {
-            out.events += 1;
-            if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
-                return Err(format!("trace event for request {rid}, not a stream"));
-            }
-            continue;
+    }
+    Ok(())
+}
+
+/// One frame the daemon sent on `conn`: a refusal of the connection, a trace event, or the
+/// answer to one of its pending requests (checked).
+fn on_frame(
+    ctx: &Ctx,
+    scratch: &Scratch,
+    conn: &mut Conn,
+    frame: proto::Frame,
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let first = conn.frames == 0;
+    conn.frames += 1;
+    if !frame.fds.is_empty() {
+        return Err(format!("the daemon sent {} fds", frame.fds.len()));
+    }
+    let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
+        .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
+    let rid = frame.header.request_id;
+    if frame.header.msg_type == TRACE_EVENT {
+        out.events += 1;
+        if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
+            return Err(format!("trace event for request {rid}, not a stream"));
         }
-        out.replies += 1;
-        match &resp {
-            Response::Error { code, .. } => *out.errors.entry(code.code()).or_default() += 1,
-            r => *out.ok.entry(variant(r).to_owned()).or_default() += 1,
-        }
-        // Ids may repeat (`id=`, or 0 for every frame the daemon cannot read a header of),
-        // and slow requests are answered out of order: pair a BadMessage with a malformed
-        // frame first, anything else with a well-formed one.
-        let bad_message = matches!(
+        return Ok(());
+    }
+    // A refusal is the only thing sent on a connection the daemon will not serve, and only
+    // `accept` refuses with `TooManyClients`. The other codes of a refusal may answer a
+    // request of id 0; two of them may also end a session (out of fds, shutting down).
+    if let Some(kind) = refusal(rid, &resp) {
+        let from_accept = matches!(kind, Refused::Bar | Refused::Limit);
+        let answers_one = conn.pending.iter().any(|p| p.rid == 0 && p.req.is_some());
+        let ends_session = matches!(
             resp,
             Response::Error {
-                code: ErrorCode::BadMessage,
+                code: ErrorCode::OutOfResources | ErrorCode::ShuttingDown,
                 ..
             }
         );
-        let same = |p: &&Pending| p.rid == rid;
-        let i = conn
-            .pending
-            .iter()
-            .position(|p| same(&p) && p.req.is_none() == bad_message)
-            .or_else(|| conn.pending.iter().position(|p| same(&p)));
-        let Some(i) = i else {
-            if rid == 0
-                && matches!(
-                    resp,
-                    Response::Error {
-                        code: ErrorCode::TooManyClients | ErrorCode::ShuttingDown,
-                        ..
-                    }
-                )
-            {
-                conn.doomed = true;
-                continue;
-            }
+        if from_accept && !first {
             return Err(format!(
-                "answer {resp:?} to request id {rid}, which was not sent"
+                "{} after it had served the connection",
+                short(&resp)
             ));
-        };
-        let p = conn.pending.remove(i).unwrap();
-        check_answer(ctx, scratch, conn, &p, &resp, out)
-            .map_err(|e| format!("{e} (request: {})", p.desc))?;
+        }
+        if from_accept || (first && !answers_one) {
+            conn.doomed = true;
+            conn.pending.clear();
+            return note_refusal(ctx, kind, &short(&resp), out);
+        }
+        if ends_session && !answers_one {
+            conn.doomed = true;
+            *out.errors.entry(resp_code(&resp)).or_default() += 1;
+            return Ok(());
+        }
     }
-    Ok(())
+    out.replies += 1;
+    match &resp {
+        Response::Error { code, .. } => *out.errors.entry(code.code()).or_default() += 1,
+        r => *out.ok.entry(variant(r).to_owned()).or_default() += 1,
+    }
+    // Ids may repeat (`id=`, or 0 for every frame the daemon cannot read a header of),
+    // and slow requests are answered out of order: pair a BadMessage with a malformed
+    // frame first, anything else with a well-formed one.
+    let bad_message = matches!(
+        resp,
+        Response::Error {
+            code: ErrorCode::BadMessage,
+            ..
+        }
+    );
+    let same = |p: &&Pending| p.rid == rid;
+    let i = conn
+        .pending
+        .iter()
+        .position(|p| same(&p) && p.req.is_none() == bad_message)
+        .or_else(|| conn.pending.iter().position(|p| same(&p)));
+    let Some(i) = i else {
+        return Err(format!(
+            "answer {} to request id {rid}, which was not sent",
+            short(&resp)
+        ));
+    };
+    let p = conn.pending.remove(i).unwrap();
+    check_answer(ctx, scratch, conn, &p, &resp, out)
+        .map_err(|e| format!("{e} (request: {})", p.desc))
+}
+
+/// The code of an error answer (0 for anything else).
+fn resp_code(r: &Response) -> u16 {
+    match r {
+        Response::Error { code, .. } => code.code(),
+        _ => 0,
+    }
 }
 
 /// The answer `resp` to `p` is allowed in the session's state.
@@ -2343,7 +2691,8 @@ fn check_answer(
     let Some(req) = &p.req else {
         conn.doomed = true;
         return match err_code {
-            Some(ErrorCode::BadMessage | ErrorCode::TooManyClients | ErrorCode::ShuttingDown) => {
+            // (Or, if the daemon could not take its fds, OutOfResources.)
+            Some(ErrorCode::BadMessage | ErrorCode::OutOfResources | ErrorCode::ShuttingDown) => {
                 Ok(())
             }
             _ => bad("a malformed frame was not refused as BadMessage"),
@@ -2448,7 +2797,8 @@ fn check_answer(
                 p.fds.first(),
                 Some(Fd::Uffd | Fd::UffdApi | Fd::UffdForeign | Fd::UffdDead)
             );
-            let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo | Fd::MemOpath));
+            // Opened for reading: an `O_PATH` fd proves nothing (the daemon says `BadFd`).
+            let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo));
             let pagemap_ok = matches!(p.fds.get(2), None | Some(Fd::Pagemap));
             if !(uffd_ok && mem_ok && pagemap_ok) {
                 return bad(
@@ -2579,10 +2929,21 @@ fn worker_main(socket: &str) {
             .unwrap_or(10),
     );
     let (sibling, sibling_sock) = start_sibling();
+    let uid = nix::unistd::getuid().as_raw();
     let mut ctx = Ctx {
         socket: PathBuf::from(socket),
         me: std::process::id() as i32,
-        uid: nix::unistd::getuid().as_raw(),
+        uid,
+        privileged: uid == 0
+            || uid.to_string() == std::env::var("MEMSHADOW_FUZZ_DAEMON_UID").unwrap_or_default(),
+        bystander: std::env::var_os("MEMSHADOW_FUZZ_BYSTANDER").is_some(),
+        clean: false,
+        daemon_handshake: Duration::from_millis(
+            std::env::var("MEMSHADOW_FUZZ_DAEMON_HANDSHAKE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DAEMON_HANDSHAKE.as_millis() as u64),
+        ),
         daemon: env_i32("MEMSHADOW_FUZZ_DAEMON_PID"),
         parent: env_i32("MEMSHADOW_FUZZ_PARENT_PID"),
         other: 0,
@@ -2602,7 +2963,10 @@ fn worker_main(socket: &str) {
         ctx.other = w[2].parse().unwrap_or(0);
         let text = String::from_utf8(unhex(w[3]).unwrap()).unwrap();
         let out = match Script::parse(&text) {
-            Ok(s) => run_script(&ctx, &s, handshake),
+            Ok(s) => {
+                ctx.clean = s.clean || ctx.bystander;
+                run_script(&ctx, &s, handshake)
+            }
             Err(e) => Outcome {
                 violations: vec![format!("unparsable script: {e}")],
                 ..Outcome::default()
@@ -2638,7 +3002,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(index: usize, user: User, d: &Daemon) -> Worker {
+    fn start(index: usize, user: User, d: &Daemon, daemon_args: &[String]) -> Worker {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "fuzz_worker_process",
@@ -2650,13 +3014,29 @@ impl Worker {
         .env("MEMSHADOW_FUZZ_WORKER", d.socket())
         .env("MEMSHADOW_FUZZ_DAEMON_PID", d.pid().to_string())
         .env("MEMSHADOW_FUZZ_PARENT_PID", std::process::id().to_string())
+        .env(
+            "MEMSHADOW_FUZZ_DAEMON_UID",
+            nix::unistd::geteuid().to_string(),
+        )
+        .env(
+            "MEMSHADOW_FUZZ_DAEMON_HANDSHAKE_MS",
+            handshake_ms(daemon_args).to_string(),
+        )
         .env("MEMSHADOW_FUZZ_SALT", (index * 37 + 11).to_string())
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
-        if user == User::Nobody {
+        match user {
             // std drops the supplementary groups (setgroups(0)) when root sets a uid.
-            cmd.uid(NOBODY).gid(NOBODY);
+            User::Nobody => {
+                cmd.uid(NOBODY).gid(NOBODY);
+            }
+            User::Bystander => {
+                cmd.uid(BYSTANDER)
+                    .gid(BYSTANDER)
+                    .env("MEMSHADOW_FUZZ_BYSTANDER", "1");
+            }
+            User::Root | User::Any => {}
         }
         let mut child = cmd.spawn().expect("spawn a fuzz worker");
         let stdin = child.stdin.take().unwrap();
@@ -2727,6 +3107,15 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The daemon's handshake timeout with these arguments, ms.
+fn handshake_ms(daemon_args: &[String]) -> u64 {
+    daemon_args
+        .windows(2)
+        .find(|w| w[0] == "--handshake-timeout-ms")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(DAEMON_HANDSHAKE.as_millis() as u64)
 }
 
 /// The daemon's open fds (targets) and threads.
@@ -2891,11 +3280,51 @@ fn good_client_works(d: &Daemon) -> Result<(), String> {
     }
 }
 
+/// Malformed frames each user's scripts were let send lately (counted as they start).
+#[derive(Debug, Default)]
+struct Budget(BTreeMap<&'static str, VecDeque<(Instant, u64)>>);
+
+impl Budget {
+    /// Those of `user` within the last [`BAR_WINDOW`].
+    fn used(&mut self, user: User) -> u64 {
+        let q = self.0.entry(user.name()).or_default();
+        while q.front().is_some_and(|(t, _)| t.elapsed() > BAR_WINDOW) {
+            q.pop_front();
+        }
+        q.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Lets a script of `user` with `n` malformed frames send them, if they fit in
+    /// [`MALFORMED_BUDGET`] (or, more than it, if none were sent lately).
+    fn take(&mut self, user: User, n: u64) -> bool {
+        let used = self.used(user);
+        let fits = n == 0 || used + n <= MALFORMED_BUDGET || used == 0;
+        if fits && n > 0 {
+            self.0
+                .entry(user.name())
+                .or_default()
+                .push_back((Instant::now(), n));
+        }
+        fits
+    }
+}
+
 /// Totals of the run.
 #[derive(Debug, Default)]
 struct Totals {
     sessions: u64,
     by_user: BTreeMap<&'static str, u64>,
+    /// Per user: scripts that met the abuse bar, connections made, refused, refused by
+    /// the bar, and time waiting for it to lift.
+    met_bar: BTreeMap<&'static str, u64>,
+    /// Per user: `clean` scripts, malformed frames sent, and not sent (clean scripts).
+    clean: BTreeMap<&'static str, u64>,
+    malformed: BTreeMap<&'static str, u64>,
+    skipped: BTreeMap<&'static str, u64>,
+    connects: BTreeMap<&'static str, u64>,
+    refused: BTreeMap<&'static str, u64>,
+    barred: BTreeMap<&'static str, u64>,
+    bar_wait: BTreeMap<&'static str, Duration>,
     sent: u64,
     replies: u64,
     events: u64,
@@ -2907,16 +3336,18 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, user: User, o: &Outcome) {
+    fn add(&mut self, user: User, clean: bool, o: &Outcome) {
         self.sessions += 1;
-        *self
-            .by_user
-            .entry(if user == User::Nobody {
-                "nobody"
-            } else {
-                "root"
-            })
-            .or_default() += 1;
+        let u = user.name();
+        *self.by_user.entry(u).or_default() += 1;
+        *self.clean.entry(u).or_default() += u64::from(clean);
+        *self.malformed.entry(u).or_default() += o.malformed;
+        *self.skipped.entry(u).or_default() += o.skipped;
+        *self.met_bar.entry(u).or_default() += u64::from(o.barred > 0);
+        *self.connects.entry(u).or_default() += o.connects;
+        *self.refused.entry(u).or_default() += o.refused;
+        *self.barred.entry(u).or_default() += o.barred;
+        *self.bar_wait.entry(u).or_default() += Duration::from_millis(o.bar_wait_ms);
         self.sent += o.sent;
         self.replies += o.replies;
         self.events += o.events;
@@ -3074,6 +3505,12 @@ fn the_corpus_parses_and_round_trips() {
                 "{name} uses {u} without `needs {u}`"
             );
         }
+        // What the budget of malformed frames counts.
+        match name.as_str() {
+            "01-good-session.msf" => assert_eq!(malformed_frames(s), 0, "{name}"),
+            "34-abuse-bar.msf" => assert_eq!(malformed_frames(s), 40, "{name}"),
+            _ => {}
+        }
     }
     // Generated and mutated scripts print and parse back too.
     let en = Enabled(SWITCHABLE.iter().map(|s| (*s).to_owned()).collect());
@@ -3112,7 +3549,8 @@ fn fuzz_the_daemon() {
     });
     let root = nix::unistd::geteuid().is_root();
 
-    // The daemon: small quotas so their limits are reached.
+    // The daemon: small quotas so their limits are reached; a short handshake timeout, else
+    // the `silent` steps (each waits for it) take most of the fuzzing time.
     let mut daemon_args: Vec<String> = [
         "--quota-mirrors",
         "4",
@@ -3132,6 +3570,9 @@ fn fuzz_the_daemon() {
     .collect();
     if let Ok(extra) = std::env::var("MEMSHADOW_FUZZ_DAEMON_ARGS") {
         daemon_args.extend(extra.split_whitespace().map(str::to_owned));
+    }
+    if !daemon_args.iter().any(|a| a == "--handshake-timeout-ms") {
+        daemon_args.extend(["--handshake-timeout-ms".to_owned(), "1000".to_owned()]);
     }
     if let Some(s) = replay_scripts.as_ref().and_then(|v| v.first()) {
         if !s.daemon.is_empty() {
@@ -3169,6 +3610,7 @@ fn fuzz_the_daemon() {
     let users: Vec<User> = if root {
         let mut u = vec![User::Root; WORKERS_PER_USER];
         u.extend(vec![User::Nobody; WORKERS_PER_USER]);
+        u.push(User::Bystander);
         u
     } else {
         println!("fuzz: not root, so every session runs as this user (no unprivileged half)");
@@ -3177,13 +3619,14 @@ fn fuzz_the_daemon() {
     let mut workers: Vec<Worker> = users
         .iter()
         .enumerate()
-        .map(|(i, u)| Worker::start(i, *u, &d))
+        .map(|(i, u)| Worker::start(i, *u, &d, &daemon_args))
         .collect();
     let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
     let daemon_pid = d.pid();
 
     let findings: Mutex<Vec<PathBuf>> = Mutex::default();
     let totals: Mutex<Totals> = Mutex::default();
+    let budget: Mutex<Budget> = Mutex::default();
     let mut fatal: Option<String> = None;
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(secs);
@@ -3197,7 +3640,7 @@ fn fuzz_the_daemon() {
         };
         match w.run(k, other, s) {
             Ok(o) => {
-                totals.lock().unwrap().add(w.user, &o);
+                totals.lock().unwrap().add(w.user, s.clean, &o);
                 if !o.violations.is_empty() {
                     let why = format!(
                         "{why_prefix}seed {seed}, worker {} ({:?}), script {k}:\n{}",
@@ -3236,7 +3679,7 @@ fn fuzz_the_daemon() {
         for s in scripts {
             let w = workers
                 .iter_mut()
-                .find(|w| s.user == User::Any || w.user == s.user)
+                .find(|w| s.user.runs_as(w.user))
                 .expect("a worker of the script's user");
             let k = w.next_k;
             w.next_k += 1;
@@ -3255,8 +3698,8 @@ fn fuzz_the_daemon() {
             let stop = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|sc| {
                 for w in workers.iter_mut().filter(|w| !w.dead) {
-                    let (corpus, enabled, ran, totals, stop) =
-                        (&corpus, &enabled, &ran, &totals, &stop);
+                    let (corpus, enabled, ran, totals, stop, budget) =
+                        (&corpus, &enabled, &ran, &totals, &stop, &budget);
                     let run_one = &run_one;
                     sc.spawn(move || {
                         while Instant::now() < epoch_end
@@ -3265,7 +3708,23 @@ fn fuzz_the_daemon() {
                         {
                             let k = w.next_k;
                             w.next_k += 1;
-                            let s = script_for(seed, w.index, k, w.user, corpus, enabled);
+                            let mut s = script_for(seed, w.index, k, w.user, corpus, enabled);
+                            // An unprivileged user's scripts may send MALFORMED_BUDGET
+                            // malformed frames per second: a script over that runs clean,
+                            // so that the abuse bar only now and then refuses the user (and
+                            // it is waited out then). The corpus as written (the first
+                            // scripts) runs whole once: it waits for room instead.
+                            if w.user == User::Nobody {
+                                let first_pass = corpus_for(w.user, corpus, enabled).len();
+                                let n = malformed_frames(&s);
+                                while !budget.lock().unwrap().take(w.user, n) {
+                                    if (k as usize) >= first_pass {
+                                        s.clean = true;
+                                        break;
+                                    }
+                                    std::thread::sleep(Duration::from_millis(20));
+                                }
+                            }
                             ran.lock().unwrap().push((w.index, k, s.clone()));
                             if run_one(w, k, &s, "").is_some() {
                                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -3386,6 +3845,32 @@ fn fuzz_the_daemon() {
         base.threads,
         findings.len()
     );
+    // The abuse bar, per user: how much of the fuzzing it refused.
+    for (u, n) in &t.by_user {
+        let get = |m: &BTreeMap<&str, u64>| m.get(u).copied().unwrap_or(0);
+        let pct = |a: u64, b: u64| 100.0 * a as f64 / b.max(1) as f64;
+        let (met, conns, refused, barred) = (
+            get(&t.met_bar),
+            get(&t.connects),
+            get(&t.refused),
+            get(&t.barred),
+        );
+        let (clean, malformed, skipped) = (get(&t.clean), get(&t.malformed), get(&t.skipped));
+        let waited = t.bar_wait.get(u).copied().unwrap_or_default();
+        let worker_time = fuzz_time * users.iter().filter(|x| x.name() == *u).count() as u32;
+        println!(
+            "fuzz bar: {u}: scripts {n} ({clean} clean), {} ran unrefused, {met} met the bar \
+             ({:.1}%); malformed frames sent {malformed}, not sent {skipped}; connections \
+             {conns}, refused {refused}, by the bar {barred} ({:.1}%); waited for the bar \
+             {:.1}s of {:.1}s worker time ({:.1}%)",
+            n - met,
+            pct(met, *n),
+            pct(barred, conns),
+            waited.as_secs_f64(),
+            worker_time.as_secs_f64(),
+            100.0 * waited.as_secs_f64() / worker_time.as_secs_f64().max(0.001)
+        );
+    }
     for p in &findings {
         println!("fuzz: replay with MEMSHADOW_FUZZ_REPLAY={}", p.display());
     }
