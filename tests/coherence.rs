@@ -39,3 +39,110 @@ fn no_old_bytes_after_madvise_returned() {
         }
     }
 }
+
+/// An attach over an unmapped hole is refused, naming the hole: a page mapped there later
+/// would raise no event, so nothing would ever invalidate it.
+#[test]
+fn an_attach_over_a_hole_is_refused_naming_it() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    let addr = u64::from_str_radix(
+        fields(&c.expect_ok("map h 4"))["addr"].trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    c.expect_ok(&format!("unmap-page h {P}"));
+    let r = c.cmd(&format!("attach-raw {addr:#x} {}", 4 * P));
+    assert!(r.starts_with("err bad range"), "{r}");
+    assert!(r.contains(&format!("not mapped at {:#x}", addr + P)), "{r}");
+}
+
+const P: u64 = 4096;
+
+/// `mprotect(PROT_NONE)` raises no event; the device must not serve what the CPU may not
+/// read. Before anything is mirrored, a device read of a PROT_NONE page is refused (the
+/// mem file ignores protections); after mirroring, the change is seen at the next sync,
+/// and at once under the strict policy.
+#[test]
+fn protection_changes_stop_device_reads() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    // Not mirrored yet: refused at the fault.
+    c.expect_ok("map n 4");
+    c.expect_ok("fill n 7");
+    c.expect_ok(&format!("mprotect n 0 {} none", 4 * P));
+    c.expect_ok("attach n");
+    let r = c.cmd(&format!("read n 0 {P}"));
+    assert!(r.contains("not readable"), "{r}");
+    // Mirrored, then protected: seen at the next sync.
+    c.expect_ok("map m 4");
+    c.expect_ok("fill m 7");
+    c.expect_ok("attach m");
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read m 0 {}", 4 * P)))["uniform"],
+        "7"
+    );
+    c.expect_ok(&format!("mprotect m {P} {P} none"));
+    c.expect_ok("sync m");
+    let r = c.cmd(&format!("read m {P} {P}"));
+    assert!(r.contains("not readable"), "{r}");
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read m 0 {P}")))["uniform"],
+        "7"
+    );
+    // Under strict, at once.
+    c.expect_ok("map s 4");
+    c.expect_ok("fill s 7");
+    c.expect_ok("attach-policy s strict");
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read s 0 {}", 4 * P)))["uniform"],
+        "7"
+    );
+    c.expect_ok(&format!("mprotect s 0 {P} none"));
+    let r = c.cmd(&format!("read s 0 {P}"));
+    assert!(r.contains("not readable"), "{r}");
+    // Readable again: served again.
+    c.expect_ok(&format!("mprotect s 0 {P} rw"));
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read s 0 {P}")))["uniform"],
+        "7"
+    );
+}
+
+/// The client's own hole punch or truncation of a memfd it maps raises no event and writes
+/// nothing: a sync finds the mirrored pages that are no longer present.
+#[test]
+fn a_sync_sees_the_clients_own_hole_punch_and_truncation() {
+    for backend in ["pagemap-scan", "uffd-wp"] {
+        let d = Daemon::start(&["--dirty-tracking", backend]);
+        let mut c = TestClient::start(d.socket());
+        c.expect_ok("map f 8 shm");
+        c.expect_ok("fill f 9");
+        c.expect_ok("attach f");
+        assert_eq!(fields(&c.expect_ok("populate f"))["pages"], "8");
+        c.expect_ok(&format!("punch f {P} {}", 2 * P));
+        c.expect_ok("sync f");
+        assert_eq!(
+            fields(&c.expect_ok(&format!("read f {P} {}", 2 * P)))["uniform"],
+            "0",
+            "{backend}: the punched pages read zeros"
+        );
+        assert_eq!(
+            fields(&c.expect_ok(&format!("read f 0 {P}")))["uniform"],
+            "9"
+        );
+        // Truncate to 4 pages, then grow back: the pages past 4 read zeros.
+        c.expect_ok(&format!("truncate f {}", 4 * P));
+        c.expect_ok(&format!("truncate f {}", 8 * P));
+        c.expect_ok("sync f");
+        assert_eq!(
+            fields(&c.expect_ok(&format!("read f {} {}", 4 * P, 4 * P)))["uniform"],
+            "0",
+            "{backend}: the truncated pages read zeros"
+        );
+        assert_eq!(
+            fields(&c.expect_ok(&format!("read f {} {P}", 3 * P)))["uniform"],
+            "9"
+        );
+    }
+}

@@ -19,6 +19,8 @@ const P: usize = 4096;
 struct Map {
     addr: usize,
     len: usize,
+    /// The memfd behind a shared map (`shm`), for hole punches and truncation.
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Map {
@@ -53,6 +55,7 @@ impl Map {
         Ok(Map {
             addr: p as usize,
             len,
+            fd,
         })
     }
 
@@ -78,6 +81,7 @@ impl Map {
         let m = Map {
             addr: (p as usize).next_multiple_of(HUGE),
             len,
+            fd: None,
         };
         m.madvise(libc::MADV_HUGEPAGE)?;
         Ok(m)
@@ -396,6 +400,54 @@ fn run() -> Result<(), String> {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
                     format!("anon_huge_kb={}", m.anon_huge_kb()?)
                 }
+                "mprotect" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let (off, len) = (num(2)? as usize, num(3)? as usize);
+                    let prot = match arg(4)? {
+                        "none" => libc::PROT_NONE,
+                        "r" => libc::PROT_READ,
+                        "rw" => libc::PROT_READ | libc::PROT_WRITE,
+                        p => return Err(format!("unknown protection {p}")),
+                    };
+                    if off.checked_add(len).is_none_or(|e| e > m.len) {
+                        return Err("outside the map".into());
+                    }
+                    // SAFETY: our own mapping; the protection is ours to choose.
+                    if unsafe { libc::mprotect((m.addr + off) as *mut libc::c_void, len, prot) }
+                        != 0
+                    {
+                        return Err(std::io::Error::last_os_error().to_string());
+                    }
+                    String::new()
+                }
+                "punch" | "truncate" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let fd = m.fd.as_ref().ok_or("not a shared (memfd) map")?;
+                    let (off, len) = (num(2)? as i64, num(3).unwrap_or(0) as i64);
+                    let r = if arg(0)? == "punch" {
+                        nix::fcntl::fallocate(
+                            fd,
+                            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                            off,
+                            len,
+                        )
+                    } else {
+                        nix::unistd::ftruncate(fd, off)
+                    };
+                    r.map_err(|e| e.to_string())?;
+                    String::new()
+                }
+                "unmap-page" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let off = num(2)? as usize;
+                    if off >= m.len {
+                        return Err("outside the map".into());
+                    }
+                    // SAFETY: one page of our own mapping, which nothing else uses.
+                    unsafe { libc::munmap((m.addr + off) as *mut libc::c_void, P) };
+                    String::new()
+                }
                 "madvise-range" => {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
                     let (off, len) = (num(2)? as usize, num(3)? as usize);
@@ -405,6 +457,7 @@ fn run() -> Result<(), String> {
                     let part = Map {
                         addr: m.addr + off,
                         len,
+                        fd: None,
                     };
                     part.madvise(libc::MADV_DONTNEED)?;
                     String::new()
