@@ -59,6 +59,23 @@ fn an_attach_over_a_hole_is_refused_naming_it() {
 
 const P: u64 = 4096;
 
+/// Waits until every fence the daemon put up was lifted (reads of a fenced range are served
+/// from the client's memory, so a test of what the shadow keeps must wait for them).
+fn fences_lifted(d: &Daemon) {
+    let t = std::time::Instant::now();
+    loop {
+        let st = d.status();
+        if st["device.fences"] == st["device.fences_lifted"] + st["device.fences_timed_out"] {
+            return;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "fences never lifted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// `mprotect(PROT_NONE)` raises no event; the device must not serve what the CPU may not
 /// read. Before anything is mirrored, a device read of a PROT_NONE page is refused (the
 /// mem file ignores protections); after mirroring, the change is seen at the next sync,
@@ -145,4 +162,105 @@ fn a_sync_sees_the_clients_own_hole_punch_and_truncation() {
             "9"
         );
     }
+}
+
+/// Two mirrors of one buffer (two devices, or two libraries in one process) are the normal
+/// case: they may overlap within a session, each with its own notifier, and both stay
+/// coherent; detaching one leaves the other watched (the registration stays where it still
+/// covers). A second session of the same process cannot register the same range (one
+/// userfaultfd per range): it is told why, and what to do instead.
+#[test]
+fn overlapping_mirrors_stay_coherent_and_a_second_session_is_told_why_not() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok("map a 12");
+    c.expect_ok("fill a 3");
+    c.expect_ok("attach a");
+    c.expect_ok(&format!("attach-sub a {} {} b", 4 * P, 8 * P));
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read a 0 {}", 12 * P)))["uniform"],
+        "3"
+    );
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read-sub b 0 {}", 8 * P)))["uniform"],
+        "3"
+    );
+    // A change in the overlap reaches both.
+    c.expect_ok(&format!("madvise-range a {} {}", 5 * P, P));
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read a {} {P}", 5 * P)))["uniform"],
+        "0"
+    );
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read-sub b {P} {P}")))["uniform"],
+        "0"
+    );
+    // Detach the big one: the sub-mirror's range stays registered and coherent.
+    fences_lifted(&d);
+    c.expect_ok("detach a");
+    c.expect_ok(&format!("write a {} {} 8", 4 * P, 8 * P));
+    c.expect_ok("sync-all");
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read-sub b 0 {}", 8 * P)))["uniform"],
+        "8"
+    );
+    c.expect_ok(&format!("madvise-range a {} {}", 6 * P, P));
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read-sub b {} {P}", 2 * P)))["uniform"],
+        "0"
+    );
+    // A second session of this process over the same range.
+    c.expect_ok("map s 4");
+    c.expect_ok("attach s");
+    let r = c.cmd("second-session-attach s");
+    assert!(r.starts_with("err range already watched"), "{r}");
+    assert!(
+        r.contains("another memshadow session of this process"),
+        "{r}"
+    );
+}
+
+/// A device read longer than one message faults each missing run once, as a device does
+/// (it was one fault per 60 KiB message: 69 for 4 MiB).
+#[test]
+fn a_long_read_faults_once_per_missing_run() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok("map big 1024");
+    c.expect_ok("fill big 4");
+    c.expect_ok("attach big");
+    let faults = |c: &mut TestClient| {
+        fields(&c.expect_ok("stats"))["client.faults"]
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = faults(&mut c);
+    assert_eq!(
+        fields(&c.expect_ok(&format!("read big 0 {}", 1024 * P)))["uniform"],
+        "4"
+    );
+    assert_eq!(faults(&mut c) - before, 1, "4 MiB is one missing run");
+}
+
+/// A disk-file mapping can be registered in write-protect mode only with asynchronous
+/// write-protect (the pagemap-scan back end): elsewhere the refusal says so.
+#[test]
+fn a_disk_file_mapping_refused_says_why() {
+    let dir = memshadow_tests::TempDir::new("diskfile");
+    for backend in ["off", "uffd-wp"] {
+        let d = Daemon::start(&["--dirty-tracking", backend]);
+        let mut c = TestClient::start(d.socket());
+        let path = dir.path().join(format!("{backend}.dat"));
+        c.expect_ok(&format!("map-file f {} 4", path.display()));
+        let r = c.cmd("attach f");
+        assert!(r.contains("maps a file on disk"), "{backend}: {r}");
+        assert!(r.contains("pagemap-scan"), "{backend}: {r}");
+    }
+    let d = Daemon::start(&["--dirty-tracking", "pagemap-scan"]);
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok(&format!(
+        "map-file f {} 4",
+        dir.path().join("scan.dat").display()
+    ));
+    c.expect_ok("attach f");
 }

@@ -649,7 +649,8 @@ pub enum ErrorCode {
     BadFd,
     /// A bogus range: empty, unaligned, overflowing, kernel address, or not mapped.
     BadRange,
-    /// The range overlaps one already attached.
+    /// The range overlaps one already attached. Not sent since protocol 2, which lets
+    /// mirrors overlap; kept so that the value is never given another meaning.
     Overlap,
     /// The address is not in any mirror.
     NotMirrored,

@@ -323,6 +323,9 @@ fn run() -> Result<(), String> {
     }
     let mut client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
     let mut maps: HashMap<String, (Map, Option<Mirror>)> = HashMap::new();
+    // More mirrors of parts of the maps, by name (overlapping the maps' own mirrors).
+    let mut subs: HashMap<String, Mirror> = HashMap::new();
+    let mut second: Option<Client> = None;
     let mut churn: Option<Churn> = None;
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
@@ -399,6 +402,93 @@ fn run() -> Result<(), String> {
                 "thp" => {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
                     format!("anon_huge_kb={}", m.anon_huge_kb()?)
+                }
+                "map-file" => {
+                    // A shared mapping of a regular file at PATH (created, PAGES pages).
+                    let path = arg(2)?;
+                    let len = num(3)? as usize * P;
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(path)
+                        .map_err(|e| e.to_string())?;
+                    f.set_len(len as u64).map_err(|e| e.to_string())?;
+                    // SAFETY: a fresh shared mapping of our own file, chosen by the kernel.
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_SHARED,
+                            std::os::fd::AsRawFd::as_raw_fd(&f),
+                            0,
+                        )
+                    };
+                    if p == libc::MAP_FAILED {
+                        return Err(std::io::Error::last_os_error().to_string());
+                    }
+                    let m = Map {
+                        addr: p as usize,
+                        len,
+                        fd: Some(f.into()),
+                    };
+                    let a = format!("addr={:#x}", m.addr);
+                    maps.insert(arg(1)?.into(), (m, None));
+                    a
+                }
+                "attach-sub" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let (off, len) = (num(2)? as usize, num(3)? as usize);
+                    if off.checked_add(len).is_none_or(|e| e > m.len) {
+                        return Err("outside the map".into());
+                    }
+                    let x = client
+                        .attach((m.addr + off) as *const u8, len)
+                        .map_err(|e| e.to_string())?;
+                    let id = x.id();
+                    subs.insert(arg(4)?.into(), x);
+                    format!("id={id}")
+                }
+                "read-sub" => {
+                    let m = subs.get(arg(1)?).ok_or("no such sub-mirror")?;
+                    match read_summary(m, num(2)?, num(3)? as usize) {
+                        Ok(Some(b)) => format!("uniform={b}"),
+                        Ok(None) => "uniform=no".into(),
+                        Err(Error::NotMirrored(_)) => return Err("NotMirrored".into()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                "detach" => {
+                    let (_, mirror) = maps.get_mut(arg(1)?).ok_or("no such map")?;
+                    mirror
+                        .take()
+                        .ok_or("not attached")?
+                        .detach()
+                        .map_err(|e| e.to_string())?;
+                    String::new()
+                }
+                "detach-sub" => {
+                    let m = subs.remove(arg(1)?).ok_or("no such sub-mirror")?;
+                    m.detach().map_err(|e| e.to_string())?;
+                    String::new()
+                }
+                "second-session-attach" => {
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    if second.is_none() {
+                        second = Some(
+                            Client::connect_to(socket.as_ref())
+                                .map_err(|e| format!("connect: {e}"))?,
+                        );
+                    }
+                    let c2 = second.as_ref().ok_or("no second session")?;
+                    let x = c2
+                        .attach(m.addr as *const u8, m.len)
+                        .map_err(|e| e.to_string())?;
+                    let id = x.id();
+                    std::mem::forget(x);
+                    format!("id={id}")
                 }
                 "mprotect" => {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;

@@ -154,7 +154,9 @@ pub struct MirrorInfo {
 #[derive(Debug, Default)]
 struct Mirrors {
     /// Live mirrors by first address: what faults and attaches look up.
-    by_start: BTreeMap<u64, Arc<Mirror>>,
+    /// Live mirrors by (first address, id): mirrors of one client may overlap (two
+    /// devices, or two libraries, mirroring one buffer), each with its own notifier.
+    by_start: BTreeMap<(u64, u64), Arc<Mirror>>,
     /// Mirrors retired entirely, by id, until their detach: out of the way of a new mirror
     /// of whatever the client maps there next (e.g. the target of an mremap), while their
     /// notifier still waits to be removed off the event reader's path.
@@ -233,7 +235,7 @@ impl AccessGuard<'_> {
         let mut m = self.client.mirrors();
         let live = m.by_start.iter().find(|(_, v)| v.id == id).map(|(k, _)| *k);
         let mirror = match live {
-            Some(start) => m.by_start.remove(&start),
+            Some(key) => m.by_start.remove(&key),
             None => m.dead.remove(&id),
         }
         .ok_or(DeviceError::NoSuchMirror(id))?;
@@ -253,7 +255,11 @@ impl AccessGuard<'_> {
         let mut m = self.client.mirrors();
         let mut dead = Vec::new();
         let mut unlink = Vec::new();
-        for mirror in m.by_start.range(..=range.last()).map(|(_, v)| v) {
+        for mirror in m
+            .by_start
+            .range(..=(range.last(), u64::MAX))
+            .map(|(_, v)| v)
+        {
             let Some(cut) = mirror.range.intersection(&range) else {
                 continue;
             };
@@ -263,11 +269,11 @@ impl AccessGuard<'_> {
             // Retired pieces may overlap; only the common case (all of it at once) matters.
             if cut == mirror.range || retired >= mirror.range.len() && covers(&r, &mirror.range) {
                 dead.push(mirror.id);
-                unlink.push(mirror.range.start());
+                unlink.push((mirror.range.start(), mirror.id));
             }
         }
-        for start in unlink {
-            if let Some(mirror) = m.by_start.remove(&start) {
+        for key in unlink {
+            if let Some(mirror) = m.by_start.remove(&key) {
                 m.dead.insert(mirror.id, mirror);
             }
         }
@@ -506,7 +512,7 @@ impl DeviceClient {
         lock(&self.mirrors)
     }
 
-    /// Mirrors `addr..addr+len` (page aligned, overlapping no other mirror of the client)
+    /// Mirrors `addr..addr+len` (page aligned; it may overlap other mirrors of the client)
     /// and returns the new mirror's id.
     pub fn attach(&self, addr: u64, len: u64) -> Result<u64, DeviceError> {
         if addr % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 {
@@ -514,20 +520,6 @@ impl DeviceClient {
         }
         let range = Range::new(addr, len)?;
         let mut m = self.mirrors();
-        if let Some(other) = m
-            .by_start
-            .range(..=range.last())
-            .next_back()
-            .map(|(_, v)| v)
-        {
-            if other.range.overlaps(&range) {
-                return Err(DeviceError::Overlap {
-                    addr,
-                    len,
-                    other: other.id,
-                });
-            }
-        }
         let idx = m.next;
         m.next = m.next.checked_add(1).ok_or(DeviceError::TooManyMirrors)?;
         self.core.pt().add_mirror(idx);
@@ -553,7 +545,7 @@ impl DeviceClient {
         };
         let id = u64::from(idx) + 1;
         m.by_start.insert(
-            addr,
+            (addr, id),
             Arc::new(Mirror {
                 id,
                 idx,
@@ -609,11 +601,18 @@ impl DeviceClient {
         self.dev.free_slots(&self.core, &slots);
     }
 
-    /// The mirror containing `addr`.
+    /// A live mirror containing `addr` that was not retired there (with overlapping
+    /// mirrors, any of them: every invalidation of the address reaches each one's notifier,
+    /// and a page is zapped by the notifier of the mirror that installed it).
     fn mirror_at(&self, addr: u64) -> Option<Arc<Mirror>> {
         let m = self.mirrors();
-        let (_, mirror) = m.by_start.range(..=addr).next_back()?;
-        mirror.range.contains(addr).then(|| Arc::clone(mirror))
+        let page = Range::new(addr - addr % PAGE_SIZE as u64, PAGE_SIZE as u64).ok()?;
+        m.by_start
+            .range(..=(addr, u64::MAX))
+            .rev()
+            .map(|(_, v)| v)
+            .find(|v| v.range.contains(addr) && !v.retired_overlaps(&page))
+            .map(Arc::clone)
     }
 
     /// The client's mirrors, in address order, with their pages as of every event read
@@ -679,10 +678,7 @@ impl DeviceClient {
                     bump(&self.core.counters.reads, 1);
                     return Ok(v);
                 }
-                ReadOutcome::Fault(pages) => {
-                    bump(&self.core.counters.faults, 1);
-                    self.service_fault(&pages)?;
-                }
+                ReadOutcome::Fault(pages) => self.service_fault(&pages)?,
             }
         }
         Err(DeviceError::FaultStorm { addr })
@@ -808,6 +804,8 @@ impl DeviceClient {
     /// Rule 2: `read_begin` → copy without locks → device lock → `read_retry` → install or
     /// start over.
     fn fault_run(&self, mirror: &Mirror, first_vpn: u64, n: usize) -> Result<(), DeviceError> {
+        // A device fault per missing run (a read's, or a populate's), however many tries.
+        bump(&self.core.counters.faults, 1);
         let addr = first_vpn * PAGE_SIZE as u64;
         let mut slots: Vec<SlotRef> = Vec::with_capacity(n);
         let run = Range::new(addr, (n * PAGE_SIZE) as u64)?;

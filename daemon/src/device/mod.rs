@@ -104,16 +104,6 @@ pub enum DeviceError {
         /// Length.
         len: u64,
     },
-    /// The range overlaps an attached mirror.
-    #[error("range {addr:#x}+{len:#x} overlaps mirror {other}")]
-    Overlap {
-        /// First byte.
-        addr: u64,
-        /// Length.
-        len: u64,
-        /// The mirror it overlaps.
-        other: u64,
-    },
     /// The client has used every mirror index.
     #[error("too many mirrors")]
     TooManyMirrors,

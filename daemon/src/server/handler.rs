@@ -223,6 +223,18 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response
     w.set_attach_quota(core.limits().quotas.attached_bytes);
     let id = match w.attach_with(addr, len, policy) {
         Ok(id) => id,
+        Err(WatchError::Uffd(UffdError::Busy { .. })) if another_session_of(core, s) => {
+            return err(
+                ErrorCode::AlreadyWatched,
+                format!(
+                    "range {addr:#x}+{len:#x} is already attached through another memshadow \
+                     session of this process (pid {}); the kernel lets one userfaultfd watch \
+                     a range, so attach it through that session (clone its Client): mirrors \
+                     of one session may overlap",
+                    s.peer.pid
+                ),
+            )
+        }
         Err(e) => return watch_err(e),
     };
     if let DirtyPolicy::Periodic(period) = policy {
@@ -233,6 +245,14 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response
     }
     tracing::debug!(client = s.id, mirror = id, addr, len, policy = %policy, "attached");
     Response::Attached { mirror_id: id }
+}
+
+/// True if the peer of `s` has another bound session (with another userfaultfd of the same
+/// address space).
+fn another_session_of(core: &Core, s: &Session) -> bool {
+    core.sessions()
+        .iter()
+        .any(|o| o.id != s.id && o.peer.pid == s.peer.pid && o.watched().is_some())
 }
 
 fn mirror_infos(pid: i32, w: &Watched) -> Vec<MirrorInfo> {
@@ -576,9 +596,6 @@ fn watch_err(e: WatchError) -> Response {
         }
         WatchError::Maps(crate::sys::maps::MapsError::Gone) => ErrorCode::AccessFailed,
         WatchError::Maps(_) => ErrorCode::Internal,
-        WatchError::Overlap { .. } | WatchError::Device(DeviceError::Overlap { .. }) => {
-            ErrorCode::Overlap
-        }
         WatchError::TooManyMirrors(_)
         | WatchError::TooMuchAttached { .. }
         | WatchError::Device(

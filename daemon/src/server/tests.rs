@@ -343,17 +343,18 @@ fn bad_input_gets_clear_errors() {
     ) else {
         panic!()
     };
-    assert_eq!(
-        code(&c.call(
+    // Mirrors may overlap (two devices of one buffer): each has its own notifier.
+    assert!(matches!(
+        c.call(
             &Request::Attach {
                 addr: base as u64 + P as u64,
                 len: P as u64,
                 flags: 0
             },
             &[]
-        )),
-        Some(ErrorCode::Overlap)
-    );
+        ),
+        Response::Attached { .. }
+    ));
     assert_eq!(
         code(&c.read(mirror_id, P as u64, P as u32 + 1)),
         Some(ErrorCode::BadRange)

@@ -13,8 +13,9 @@
 //! 1. the client's uffd no longer reports a change in flight (`mmap_changing`: the thread
 //!    that made the call has run again after the read);
 //! 2. one of the range's pages that were present when the event was read is not present
-//!    any more (the zap, which runs under one hold of the read lock, has begun), if there
-//!    were any and the client handed over its pagemap; else up to [`LIFT_AFTER`] passes;
+//!    any more (the zap, which runs under one hold of the read lock, has begun), or none
+//!    was present already then (nothing left to zap), by the client's pagemap; without a
+//!    pagemap, or if it never sees that, up to [`LIFT_AFTER`] passes;
 //! 3. the mmap lock is taken for writing ([`Uffd::barrier`]): a zap in progress is over;
 //! 4. one page of the range is read again (a hole punch of shared memory, `MADV_REMOVE`,
 //!    makes that read wait for it).
@@ -53,16 +54,23 @@ pub struct PendingFence {
     pub since: Instant,
     /// Pages present then; the zap has begun once one of them is not.
     pub sentinels: Vec<u64>,
+    /// A sentinel was seen not present (the fenced reads themselves look before they read:
+    /// a read maps the page again).
+    pub zap_seen: bool,
 }
 
 impl PendingFence {
     /// A fence of `range` (device token `token`), with the present pages `pagemap` shows.
     pub fn new(token: u64, range: Range, pagemap: Option<&File>) -> PendingFence {
+        let sentinels = pagemap.map(|p| present_pages(p, range));
         PendingFence {
             token,
             range,
             since: Instant::now(),
-            sentinels: pagemap.map_or_else(Vec::new, |p| present_pages(p, range)),
+            // Nothing present already (the client's thread, let go at the read, may have
+            // zapped before this look; or nothing was mapped): nothing is left to zap.
+            zap_seen: sentinels.as_ref().is_some_and(Vec::is_empty),
+            sentinels: sentinels.unwrap_or_default(),
         }
     }
 }
@@ -112,6 +120,21 @@ impl Watched {
         let token = guard.fence(range);
         let f = PendingFence::new(token, range, self.pagemap.as_ref());
         lock(&self.fences).push(f);
+    }
+
+    /// Before a device read of `range`: notes, for the fences over it, whether their zap has
+    /// begun (the read may map the fenced pages again, hiding that from a later look).
+    pub(super) fn observe_fences(&self, range: Range) {
+        let Some(pagemap) = &self.pagemap else {
+            return;
+        };
+        let mut fences = lock(&self.fences);
+        for f in fences
+            .iter_mut()
+            .filter(|f| !f.zap_seen && f.range.overlaps(&range))
+        {
+            f.zap_seen = zap_begun(pagemap, &f.sentinels);
+        }
     }
 
     /// True while a fence waits to be lifted.
@@ -165,10 +188,11 @@ impl Watched {
         if changing && !late {
             return Verdict::Wait;
         }
-        let begun = match (&self.pagemap, f.sentinels.is_empty()) {
-            (Some(p), false) => zap_begun(p, &f.sentinels),
-            _ => false,
-        };
+        let begun = f.zap_seen
+            || match (&self.pagemap, f.sentinels.is_empty()) {
+                (Some(p), false) => zap_begun(p, &f.sentinels),
+                _ => false,
+            };
         if !begun && !late {
             return Verdict::Wait;
         }
@@ -182,6 +206,13 @@ impl Watched {
         if begun {
             Verdict::Done
         } else {
+            tracing::debug!(
+                start = f.range.start(),
+                len = f.range.len(),
+                changing,
+                sentinels = f.sentinels.len(),
+                "fence lifted without seeing its zap"
+            );
             Verdict::TimedOut
         }
     }

@@ -71,16 +71,6 @@ pub enum WatchError {
     /// The client's mappings could not be read.
     #[error(transparent)]
     Maps(#[from] crate::sys::maps::MapsError),
-    /// Overlaps an attached range.
-    #[error("range {addr:#x}+{len:#x} overlaps mirror {other}")]
-    Overlap {
-        /// First byte.
-        addr: u64,
-        /// Length.
-        len: u64,
-        /// The other mirror.
-        other: u64,
-    },
     /// The mirror quota is used up.
     #[error("mirror quota of {0} ranges reached")]
     TooManyMirrors(u32),
@@ -465,17 +455,6 @@ impl Watched {
                 quota,
             });
         }
-        if let Some(o) = t
-            .by_id
-            .values()
-            .find(|m| m.dev.is_some() && m.live_start < end && addr < m.live_end)
-        {
-            return Err(WatchError::Overlap {
-                addr,
-                len,
-                other: o.id,
-            });
-        }
         if let Some(hole) = self
             .maps
             .as_ref()
@@ -496,7 +475,13 @@ impl Watched {
             }
         };
         if self.dirty.arms_on_attach() {
-            if let Err(e) = self.arm(uffd, addr, len) {
+            // Only what no other mirror covers: re-arming a page written since the other
+            // mirror's last collection would hide that write from it.
+            let fresh = Self::uncovered(t, addr, end);
+            if let Err(e) = fresh
+                .iter()
+                .try_for_each(|&(s, e)| self.arm(uffd, s, e - s))
+            {
                 undo("a failed arm");
                 return match &e {
                     WatchError::Uffd(u) if u.errno() == Some(nix::Error::EAGAIN) => {
@@ -533,6 +518,30 @@ impl Watched {
         }
     }
 
+    /// The parts of `start..end` that no live mirror of `t` covers, in address order.
+    fn uncovered(t: &Table, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut covered: Vec<(u64, u64)> = t
+            .by_id
+            .values()
+            .filter(|m| m.dev.is_some())
+            .map(|m| (m.live_start.max(start), m.live_end.min(end)))
+            .filter(|(s, e)| s < e)
+            .collect();
+        covered.sort_unstable();
+        let mut out = Vec::new();
+        let mut at = start;
+        for (s, e) in covered {
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
     /// Write-protects `addr..addr+len` in pieces of [`ARM_CHUNK`], stopping if the client
     /// goes away meanwhile.
     fn arm(&self, uffd: &Uffd, addr: u64, len: u64) -> Result<(), WatchError> {
@@ -565,12 +574,16 @@ impl Watched {
                 return Ok(());
             };
             let unlinked = guard.unlink(dev)?;
+            // The registration stays where another mirror still covers the range.
+            let t = lock(&self.table);
             for r in unlinked.live() {
-                self.with_uffd(|u| {
-                    if let Err(e) = u.unregister(r.start(), r.len()) {
-                        tracing::debug!(mirror = id, error = %e, "unregister on detach");
-                    }
-                });
+                for (s, e) in Self::uncovered(&t, r.start(), r.start() + r.len()) {
+                    self.with_uffd(|u| {
+                        if let Err(e) = u.unregister(s, e - s) {
+                            tracing::debug!(mirror = id, error = %e, "unregister on detach");
+                        }
+                    });
+                }
             }
             unlinked
         };
@@ -620,6 +633,9 @@ impl Watched {
             let start = addr - addr % page;
             let end = (addr + len as u64).next_multiple_of(page);
             self.sync_ranges(&[(start, end)], 1)?;
+        }
+        if let Ok(r) = Range::new(addr, len as u64) {
+            self.observe_fences(r);
         }
         self.device.read(addr, len).map_err(not_mirrored)
     }
