@@ -44,7 +44,7 @@ pub const LIFT_AFTER: Duration = Duration::from_millis(200);
 const MAX_SENTINELS: usize = 8;
 
 /// A fence waiting to be lifted.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PendingFence {
     /// The device's token for it.
     pub token: u64,
@@ -152,15 +152,19 @@ impl Watched {
     /// client holds its mmap lock: run it on a worker, after [`Watched::claim_settling`].
     /// The event reader looks again later while [`Watched::has_pending_fences`].
     pub fn settle_fences(&self) {
-        let pending = std::mem::take(&mut *lock(&self.fences));
-        let mut left = Vec::new();
+        // Looked at on a copy (a look may wait for the client's mmap lock), and left in the
+        // list until lifted in the device too: whoever waits for the list to empty
+        // ([`Watched::settle_over`]) then finds the pages installable.
+        let pending: Vec<PendingFence> = lock(&self.fences).clone();
         for f in pending {
-            match self.look_at(&f) {
-                Verdict::Wait => left.push(f),
-                v => self.lift(&f, matches!(v, Verdict::TimedOut)),
-            }
+            let timed_out = match self.look_at(&f) {
+                Verdict::Wait => continue,
+                Verdict::Done => false,
+                Verdict::TimedOut => true,
+            };
+            self.device.unfence(f.token, timed_out);
+            lock(&self.fences).retain(|p| p.token != f.token);
         }
-        lock(&self.fences).extend(left);
         self.settling.store(false, Relaxed);
     }
 
@@ -176,6 +180,12 @@ impl Watched {
             if overlaps() {
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+        if overlaps() {
+            tracing::debug!(
+                start = range.start(),
+                "fences still up after waiting for them"
+            );
         }
     }
 
@@ -215,9 +225,5 @@ impl Watched {
             );
             Verdict::TimedOut
         }
-    }
-
-    fn lift(&self, f: &PendingFence, timed_out: bool) {
-        self.device.unfence(f.token, timed_out);
     }
 }
