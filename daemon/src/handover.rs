@@ -61,13 +61,15 @@ impl Handover {
         let (Some(uffd), Some(mem)) = (it.next(), it.next()) else {
             return Err(HandoverError::Missing);
         };
+        // The way into the client's memory first: whatever else is wrong, a bad one is
+        // named as such.
+        procfd::check(mem.as_fd(), pid, "mem", Access::Read)?;
         let maps = if version >= 2 {
             Some(it.next().ok_or(HandoverError::Missing)?)
         } else {
             None
         };
         let (pagemap, clear_refs) = (it.next(), it.next());
-        procfd::check(mem.as_fd(), pid, "mem", Access::Read)?;
         for (fd, what, access) in [
             (&maps, "maps", Access::Read),
             (&pagemap, "pagemap", Access::Read),
