@@ -268,7 +268,7 @@ fn g7_bad_input_is_refused_and_other_clients_carry_on() {
         &Request::Attach {
             addr: 0x10000,
             len: P,
-            flags: 0,
+            policy: proto::AttachPolicy::Default,
         },
         &[],
     );
@@ -307,7 +307,9 @@ fn g7_bad_input_is_refused_and_other_clients_carry_on() {
     let uffd = memshadow::create_uffd().unwrap();
     let r = raw_call(
         &s,
-        &Request::Bind { flags: 0 },
+        &Request::Bind {
+            flags: proto::BindFlags::empty(),
+        },
         &[uffd.as_fd(), mem.as_fd()],
     );
     assert!(

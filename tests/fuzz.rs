@@ -3432,11 +3432,13 @@ fn type_names_match_the_protocol() {
             max_version: 1,
             name: String::new(),
         },
-        Request::Bind { flags: 0 },
+        Request::Bind {
+            flags: proto::BindFlags::empty(),
+        },
         Request::Attach {
             addr: 0,
             len: 0,
-            flags: 0,
+            policy: proto::AttachPolicy::Default,
         },
         Request::Detach { mirror_id: 0 },
         Request::Read {
@@ -3463,7 +3465,7 @@ fn type_names_match_the_protocol() {
             addr: 0,
             len: 0,
             event: proto::EventKind::Unmap,
-            flags: 0,
+            flags: proto::InvalidateFlags::empty(),
         },
         Request::Trace { pid: 0, events: 0 },
         Request::Sync { mirror_id: 0 },

@@ -7,8 +7,8 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use memshadow_proto::{
-    self as proto, EventKind, InvalidationReport, MirrorInfo, Request, Response, FLAG_MORE,
-    INVALIDATE_NON_BLOCKING, MAX_READ,
+    self as proto, EventKind, InvalidateFlags, InvalidationReport, MirrorInfo, Request, Response,
+    FLAG_MORE, MAX_READ,
 };
 
 use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner, SyncReport};
@@ -176,9 +176,9 @@ impl Client {
             len,
             event,
             flags: if non_blocking {
-                INVALIDATE_NON_BLOCKING
+                InvalidateFlags::NON_BLOCKING
             } else {
-                0
+                InvalidateFlags::empty()
             },
         };
         match self.inner.call(&req, &[])? {

@@ -15,7 +15,7 @@ pub const FAKE_VERSION: &str = "fake-1.2";
 
 /// Starts the fake daemon; returns the client's end of the socket and the daemon's thread,
 /// which ends when the client hangs up (and panics, failing the test, if the client sends
-/// something undecodable). The fds a request brought are closed before it is answered.
+/// something undecodable). Long lists are answered in pieces, as the daemon does. The fds a request brought are closed before it is answered.
 ///
 /// `Hello` is answered with `limits`. Every other request goes to `answer` with the fds
 /// that came with it; `None` gives the default answer: `Bound` (memfd access, no uffd
@@ -54,16 +54,22 @@ pub fn spawn(
             // Like the daemon, close what was passed before answering: the client may count
             // its uffds as soon as it has the answer.
             drop(fds);
-            let sent = proto::send(
-                daemon.as_fd(),
-                resp.msg_type(),
-                0,
-                f.header.request_id,
-                &resp.encode_payload(),
-                &[],
-            );
-            if sent.is_err() {
-                return;
+            // Like the daemon, a long list goes out in pieces, all but the last FLAG_MORE.
+            let pieces = resp.into_pieces();
+            let last = pieces.len() - 1;
+            for (i, piece) in pieces.into_iter().enumerate() {
+                let flags = if i < last { proto::FLAG_MORE } else { 0 };
+                let sent = proto::send(
+                    daemon.as_fd(),
+                    piece.msg_type(),
+                    flags,
+                    f.header.request_id,
+                    &piece.encode_payload(),
+                    &[],
+                );
+                if sent.is_err() {
+                    return;
+                }
             }
         }
     });

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 pub use control::{event_bit, Status, Trace, TraceRecord};
 use memshadow_proto::{
-    self as proto, AttachPolicy, Request, Response, SocketError, BIND_UFFD_PRIVILEGED, MAX_READ,
-    MIN_VERSION, VERSION,
+    self as proto, AttachPolicy, BindFlags, Request, Response, SocketError, MAX_READ, MIN_VERSION,
+    VERSION,
 };
 pub use memshadow_proto::{
     error_chain, AccessPath, ClientInfo, DirtyBackend, ErrorCode, EventKind, InvalidationReport,
@@ -285,6 +285,8 @@ impl Inner {
             let Conn { sock, buf, .. } = &mut *c;
             return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e)));
         }
+        let mut partial: Option<Response> = None;
+        let mut pieces = 0usize;
         loop {
             let Conn { sock, buf, .. } = &mut *c;
             let frame = match proto::recv(sock.as_fd(), buf) {
@@ -295,10 +297,29 @@ impl Inner {
             let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             if frame.header.request_id == id {
-                return match resp {
-                    Response::Error { code, message } => Err(Error::from_response(code, message)),
-                    r => Ok((r, id)),
+                let more = frame.header.flags & proto::FLAG_MORE != 0;
+                let whole = match (partial.take(), resp) {
+                    (_, Response::Error { code, message }) => {
+                        return Err(Error::from_response(code, message))
+                    }
+                    (None, r) => r,
+                    (Some(mut first), r) => {
+                        pieces += 1;
+                        if pieces > MAX_PIECES || !first.absorb(r) {
+                            return Err(Error::Protocol(
+                                "a list answer in pieces that do not fit together".into(),
+                            ));
+                        }
+                        first
+                    }
                 };
+                // A long list comes in pieces, every one but the last with FLAG_MORE.
+                // A trace's first answer is the exception: it starts a stream.
+                if !more || matches!(whole, Response::TraceStarted) {
+                    return Ok((whole, id));
+                }
+                partial = Some(whole);
+                continue;
             }
             // An unsolicited error (request id 0) ends the session; an answer to another
             // request (one whose caller gave up on it) is not this call's.
@@ -308,6 +329,10 @@ impl Inner {
         }
     }
 }
+
+/// Most pieces one answer may come in: a daemon's lists are bounded by its own limits
+/// (clients, mirrors, counters), far below this.
+const MAX_PIECES: usize = 1 << 16;
 
 /// The error the daemon left on a connection it closed, if any (read without waiting).
 fn refusal(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Option<Error> {
@@ -434,7 +459,11 @@ impl Client {
             fds.extend(maps.as_ref().map(AsFd::as_fd));
             fds.extend(pagemap.as_ref().map(AsFd::as_fd));
             fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
-            let flags = if privileged { BIND_UFFD_PRIVILEGED } else { 0 };
+            let flags = if privileged {
+                BindFlags::UFFD_PRIVILEGED
+            } else {
+                BindFlags::empty()
+            };
             let sent = inner.call(&Request::Bind { flags }, &fds);
             // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
             drop(fds);
@@ -526,7 +555,7 @@ impl Client {
             &Request::Attach {
                 addr,
                 len: len as u64,
-                flags: policy.flags(),
+                policy,
             },
             &[],
         )? {

@@ -153,8 +153,8 @@ fn bind_flag_policies_and_sync_go_on_the_wire() {
         move |req, _| {
             seen.lock().unwrap().push(req.clone());
             match *req {
-                Request::Attach { flags, .. } => Some(Response::Attached {
-                    mirror_id: u64::from(flags),
+                Request::Attach { policy, .. } => Some(Response::Attached {
+                    mirror_id: u64::from(policy.flags()),
                 }),
                 Request::Sync { mirror_id } => Some(Response::Synced {
                     report: SyncReport {
@@ -204,7 +204,53 @@ fn bind_flag_policies_and_sync_go_on_the_wire() {
     let seen = seen.lock().unwrap();
     let privileged = create_uffd_with(0).is_ok();
     assert!(seen.contains(&Request::Bind {
-        flags: if privileged { BIND_UFFD_PRIVILEGED } else { 0 }
+        flags: if privileged {
+            BindFlags::UFFD_PRIVILEGED
+        } else {
+            BindFlags::empty()
+        }
     }));
     assert!(seen.contains(&Request::SyncPid { pid: 42 }));
+}
+
+/// A list longer than one message arrives in pieces (FLAG_MORE on all but the last); the
+/// library hands back the whole list, in order, and the next call still gets its own answer.
+#[test]
+fn a_long_list_is_put_back_together_from_its_pieces() {
+    let clients: Vec<ClientInfo> = (0..3000)
+        .map(|i| ClientInfo {
+            id: i,
+            pid: 1000 + i as i32,
+            uid: 0,
+            bound: true,
+            mirrors: 1,
+            shadow_bytes: 4096,
+            events: 0,
+            comm: format!("client-{i}"),
+            faults: 0,
+            invalidations: 0,
+        })
+        .collect();
+    assert!(
+        Response::Clients {
+            clients: clients.clone()
+        }
+        .into_pieces()
+        .len()
+            > 3,
+        "the list must not fit in one message for this test to mean anything"
+    );
+    let sent = clients.clone();
+    let (a, daemon) = fake_daemon::spawn(Limits::default(), move |req, _| match req {
+        Request::ListClients => Some(Response::Clients {
+            clients: sent.clone(),
+        }),
+        Request::Status => Some(Response::error(ErrorCode::Internal, "after the list")),
+        _ => None,
+    });
+    let c = Client::from_socket(a, false).unwrap();
+    assert_eq!(c.list_clients().unwrap(), clients);
+    assert!(matches!(c.status(), Err(Error::Daemon { .. })));
+    drop(c);
+    daemon.join().unwrap();
 }

@@ -11,15 +11,16 @@ pub mod header;
 pub mod message;
 pub mod path;
 pub mod socket;
+pub mod wire;
 
 pub use header::{
     Header, HeaderError, ENCODING_VERSION, FLAG_MORE, HEADER_LEN, MAGIC, MAX_FDS, MAX_PAYLOAD,
     MIN_VERSION, VERSION,
 };
 pub use message::{
-    AccessPath, AttachPolicy, ClientInfo, DecodeError, DirtyBackend, ErrorCode, EventKind,
-    InvalidationReport, Limits, MirrorInfo, Request, Response, SyncReport, ATTACH_PERIOD_SHIFT,
-    ATTACH_POLICY_MASK, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING, MAX_LIST, MAX_NAME,
+    AccessPath, AttachPolicy, BindFlags, ClientInfo, DecodeError, DirtyBackend, ErrorCode,
+    EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request, Response,
+    SyncReport, ATTACH_PERIOD_SHIFT, ATTACH_POLICY_MASK, MAX_LIST, MAX_MESSAGE, MAX_NAME,
     MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
 };
 pub use path::{socket_path, SOCKET_ENV};

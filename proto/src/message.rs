@@ -1,11 +1,13 @@
 //! The typed messages: requests a client sends, responses and errors the daemon returns.
 //!
 //! Requests have types `0x0001..`, responses `0x8001..`; a response carries the
-//! `request_id` of the request it answers. Decoding checks the payload field by field
-//! ([`crate::codec::Reader`]) and the number of fds the message type allows.
+//! `request_id` of the request it answers. Each message is defined once, in the tables of
+//! [`Request`] and [`Response`] below ([`crate::wire`]); decoding checks the payload field
+//! by field ([`crate::codec::Reader`]) and the number of fds the message type allows.
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::header::MAX_PAYLOAD;
+use crate::wire::{messages, Field};
 
 /// Longest name (client name, counter name, version string) on the wire.
 pub const MAX_NAME: usize = 64;
@@ -15,13 +17,6 @@ pub const MAX_READ: usize = 60 * 1024;
 pub const MAX_LIST: usize = 1024;
 /// Longest value of a status line (a socket path fits).
 pub const MAX_VALUE: usize = 256;
-/// `Invalidate` flag: the invalidation may not block (a refusal is reported as `EAGAIN`).
-pub const INVALIDATE_NON_BLOCKING: u8 = 1;
-/// `Bind` flag: the uffd was created without `UFFD_USER_MODE_ONLY`, so the kernel's own
-/// accesses to write-protected pages wait for the daemon instead of failing with `EFAULT`
-/// (DESIGN.md §6); only then may the daemon track writes with synchronous write-protect
-/// faults. The claim affects only the client that makes it.
-pub const BIND_UFFD_PRIVILEGED: u32 = 1;
 /// `Attach` flags: the bits that choose the collection policy of written pages
 /// ([`AttachPolicy`]).
 pub const ATTACH_POLICY_MASK: u32 = 0x3;
@@ -435,203 +430,620 @@ fn bool_field(r: &mut Reader<'_>, field: &'static str) -> Result<bool, CodecErro
     }
 }
 
-/// A request, client → daemon.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    /// First message of a session: the versions this client speaks and who it is.
-    Hello {
-        /// Oldest version spoken.
-        min_version: u16,
-        /// Newest version spoken.
-        max_version: u16,
-        /// A name for logs (program name).
-        name: String,
-    },
-    /// Hands over the client's uffd and its `/proc/self/mem` fd (opened for reading), then
-    /// (protocol 2) its `/proc/self/maps` fd, then optionally its `/proc/self/pagemap` fd
-    /// (for reading) and its `/proc/self/clear_refs` fd (for writing), in that order, as 2
-    /// to 5 `SCM_RIGHTS` fds (protocol 1: uffd, mem and optionally pagemap).
-    Bind {
-        /// [`BIND_UFFD_PRIVILEGED`] or 0; other bits must be 0.
-        flags: u32,
-    },
-    /// Mirror `addr..addr+len` of the client's memory.
-    Attach {
-        /// First byte (page aligned).
-        addr: u64,
-        /// Length (page aligned, > 0).
-        len: u64,
-        /// The collection policy of written pages ([`AttachPolicy::flags`]); 0 takes the
-        /// daemon's default.
-        flags: u32,
-    },
-    /// Stop mirroring a range.
-    Detach {
-        /// Which.
-        mirror_id: u64,
-    },
-    /// A device read of `len` bytes at `offset` into a mirror, served by an engine.
-    Read {
-        /// Which mirror.
-        mirror_id: u64,
-        /// Byte offset into the mirror.
-        offset: u64,
-        /// Bytes, at most [`MAX_READ`].
-        len: u32,
-    },
-    /// Fault `offset..offset+len` of a mirror into the shadow without returning data.
-    Populate {
-        /// Which mirror.
-        mirror_id: u64,
-        /// Byte offset.
-        offset: u64,
-        /// Bytes.
-        len: u64,
-    },
-    /// This session's counters.
-    ClientStats,
-    /// The daemon's settings and counters.
-    Status,
-    /// Every connected client (root or the daemon's owner only).
-    ListClients,
-    /// Mirrors of this session (`pid` 0), of the client with that pid, or of every client
-    /// (`pid` -1); another client's only for root or the daemon's owner (G7).
-    ListMirrors {
-        /// Whose.
-        pid: i32,
-    },
-    /// A device read of another client's shadow at a client address (root or owner only).
-    Peek {
-        /// The client.
-        pid: i32,
-        /// First byte (client virtual address).
-        addr: u64,
-        /// Bytes, at most [`MAX_READ`].
-        len: u32,
-    },
-    /// Injects an invalidation of a client's range, as if its address space had changed
-    /// (root, the daemon's owner, or the client itself).
-    Invalidate {
-        /// The client.
-        pid: i32,
-        /// First byte.
-        addr: u64,
-        /// Length in bytes.
-        len: u64,
-        /// The kind to report.
-        event: EventKind,
-        /// [`INVALIDATE_NON_BLOCKING`] or 0.
-        flags: u8,
-    },
-    /// Subscribes this session to a live stream of invalidations: answered by `TraceStarted`,
-    /// then one `TraceEvent` per invalidation, all with `FLAG_MORE` and this request's id,
-    /// until the session closes. Other clients' events only for root or the daemon's owner.
-    Trace {
-        /// Only this client's (0: every client the caller may see).
-        pid: i32,
-        /// Bit `code - 1` set for each [`EventKind`] wanted; 0 means all.
-        events: u32,
-    },
-    /// Collects the pages this client wrote in a mirror (or in every mirror, `mirror_id`
-    /// 0) and invalidates them, so the next device read returns the new bytes.
-    Sync {
-        /// Which mirror (0: all of this session's).
-        mirror_id: u64,
-    },
-    /// `Sync` of every mirror of the client with that pid (root, the daemon's owner, or
-    /// the client itself; `memshadowctl sync --pid`).
-    SyncPid {
-        /// The client.
-        pid: i32,
-    },
+bitflags::bitflags! {
+    /// `Bind` flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct BindFlags: u32 {
+        /// The uffd was created without `UFFD_USER_MODE_ONLY`, so the kernel's own accesses
+        /// to write-protected pages wait for the daemon instead of failing with `EFAULT`
+        /// (docs/design.md §6); only then may the daemon track writes with synchronous
+        /// write-protect faults. The claim affects only the client that makes it.
+        const UFFD_PRIVILEGED = 1;
+    }
 }
 
-/// A response, daemon → client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Response {
-    /// Answer to `Hello`.
-    HelloAck {
-        /// The version chosen for the session.
-        version: u16,
-        /// The daemon's build version.
-        daemon_version: String,
-        /// The daemon's page size.
-        page_size: u32,
-        /// Limits and quotas.
-        limits: Limits,
-    },
-    /// Answer to `Bind`.
-    Bound {
-        /// How the daemon will read memory.
-        access: AccessPath,
-        /// Features the uffd handshake granted.
-        uffd_features: u64,
-    },
-    /// Answer to `Attach`.
-    Attached {
-        /// The new mirror's id.
-        mirror_id: u64,
-    },
-    /// Answer to `Detach`.
-    Detached,
-    /// Answer to `Read`.
-    Data {
-        /// The bytes.
-        bytes: Vec<u8>,
-    },
-    /// Answer to `Populate`.
-    Populated {
-        /// Pages now mirrored in the range.
-        pages: u64,
-    },
-    /// Answer to `ClientStats`: named counters.
-    Counters {
-        /// Name → value.
-        entries: Vec<(String, u64)>,
-    },
-    /// Answer to `ListClients`.
-    Clients {
-        /// The clients.
-        clients: Vec<ClientInfo>,
-    },
-    /// Answer to `ListMirrors`.
-    Mirrors {
-        /// The mirrors.
-        mirrors: Vec<MirrorInfo>,
-    },
-    /// Answer to `Status`: settings as text and every counter.
-    StatusReport {
-        /// Name → value (`daemon.version`, `socket`, `device.mode`, …).
-        info: Vec<(String, String)>,
-        /// Name → value.
-        counters: Vec<(String, u64)>,
-    },
-    /// Answer to `Invalidate`.
-    Invalidated {
-        /// What it did.
-        report: InvalidationReport,
-    },
-    /// First answer to `Trace`: the stream is open.
-    TraceStarted,
-    /// One invalidation seen by a `Trace` subscriber.
-    TraceEvent {
-        /// Records this subscriber lost (it read too slowly) since the previous one.
-        dropped: u64,
-        /// What happened.
-        report: InvalidationReport,
-    },
-    /// Answer to `Sync` and `SyncPid`.
-    Synced {
-        /// What the collection did.
-        report: SyncReport,
-    },
-    /// A refused request.
-    Error {
-        /// What kind of refusal.
-        code: ErrorCode,
-        /// A human-readable reason.
-        message: String,
-    },
+bitflags::bitflags! {
+    /// `Invalidate` flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct InvalidateFlags: u8 {
+        /// The invalidation may not block (a refusal is reported as `EAGAIN`).
+        const NON_BLOCKING = 1;
+    }
+}
+
+/// Flag words: unknown bits are refused (a newer peer's flag this side would ignore).
+macro_rules! flags_field {
+    ($($t:ty => $m:ident),* $(,)?) => {$(
+        impl Field for $t {
+            fn put(&self, w: &mut Writer) {
+                w.$m(self.bits());
+            }
+            fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+                let bits = r.$m(name)?;
+                <$t>::from_bits(bits).ok_or(CodecError::BadValue {
+                    field: name,
+                    value: bits.into(),
+                })
+            }
+        }
+    )*};
+}
+
+flags_field!(BindFlags => u32, InvalidateFlags => u8);
+
+impl Field for AttachPolicy {
+    fn put(&self, w: &mut Writer) {
+        w.u32(self.flags());
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        let flags = r.u32(name)?;
+        AttachPolicy::from_flags(flags).map_err(|_| CodecError::BadValue {
+            field: name,
+            value: flags.into(),
+        })
+    }
+}
+
+impl Field for EventKind {
+    fn put(&self, w: &mut Writer) {
+        w.u8(self.code());
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        let c = r.u8(name)?;
+        EventKind::from_code(c).ok_or(CodecError::BadValue {
+            field: name,
+            value: c.into(),
+        })
+    }
+}
+
+impl Field for AccessPath {
+    fn put(&self, w: &mut Writer) {
+        w.u8(self.code());
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        let _ = name;
+        AccessPath::from_code(r.u8("access")?)
+    }
+}
+
+impl Field for ErrorCode {
+    fn put(&self, w: &mut Writer) {
+        w.u16(self.code());
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        Ok(ErrorCode::from_code(r.u16(name)?))
+    }
+}
+
+impl Field for Limits {
+    fn put(&self, w: &mut Writer) {
+        w.u32(self.max_payload)
+            .u16(self.max_fds)
+            .u32(self.max_read)
+            .u64(self.shadow_bytes)
+            .u32(self.mirrors)
+            .u32(self.inflight)
+            .u32(self.clients_per_uid);
+    }
+    fn get(r: &mut Reader<'_>, _: &'static str) -> Result<Self, CodecError> {
+        Ok(Limits {
+            max_payload: r.u32("max_payload")?,
+            max_fds: r.u16("max_fds")?,
+            max_read: r.u32("max_read")?,
+            shadow_bytes: r.u64("shadow_bytes")?,
+            mirrors: r.u32("mirrors")?,
+            inflight: r.u32("inflight")?,
+            clients_per_uid: r.u32("clients_per_uid")?,
+        })
+    }
+}
+
+impl Field for InvalidationReport {
+    fn put(&self, w: &mut Writer) {
+        self.encode(w);
+    }
+    fn get(r: &mut Reader<'_>, _: &'static str) -> Result<Self, CodecError> {
+        InvalidationReport::decode(r)
+    }
+}
+
+impl Field for SyncReport {
+    fn put(&self, w: &mut Writer) {
+        self.encode(w);
+    }
+    fn get(r: &mut Reader<'_>, _: &'static str) -> Result<Self, CodecError> {
+        SyncReport::decode(r)
+    }
+}
+
+/// The bytes of a device read (at most [`MAX_READ`]).
+impl Field for Vec<u8> {
+    fn put(&self, w: &mut Writer) {
+        w.bytes(&self[..self.len().min(MAX_READ)]);
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        r.bytes(name, MAX_READ)
+    }
+}
+
+/// An entry of a list response: how it is coded, and the fewest bytes it takes (so that a
+/// count can be checked against the bytes left before anything is reserved).
+pub trait Item: Sized {
+    /// Fewest encoded bytes of one entry.
+    const MIN_LEN: usize;
+    /// Appends the entry.
+    fn put_item(&self, w: &mut Writer);
+    /// Reads one entry.
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError>;
+}
+
+impl Item for (String, u64) {
+    const MIN_LEN: usize = 2 + 8;
+    fn put_item(&self, w: &mut Writer) {
+        w.str(&self.0, MAX_NAME).u64(self.1);
+    }
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        Ok((r.str("name", MAX_NAME)?, r.u64("value")?))
+    }
+}
+
+impl Item for (String, String) {
+    const MIN_LEN: usize = 2 + 2;
+    fn put_item(&self, w: &mut Writer) {
+        w.str(&self.0, MAX_NAME).str(&self.1, MAX_VALUE);
+    }
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        Ok((r.str("name", MAX_NAME)?, r.str("value", MAX_VALUE)?))
+    }
+}
+
+impl Item for ClientInfo {
+    const MIN_LEN: usize = 37 + 2 + 16;
+    fn put_item(&self, w: &mut Writer) {
+        w.u64(self.id)
+            .i32(self.pid)
+            .u32(self.uid)
+            .u8(self.bound.into())
+            .u32(self.mirrors)
+            .u64(self.shadow_bytes)
+            .u64(self.events)
+            .str(&self.comm, MAX_NAME)
+            .u64(self.faults)
+            .u64(self.invalidations);
+    }
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        Ok(ClientInfo {
+            id: r.u64("id")?,
+            pid: r.i32("pid")?,
+            uid: r.u32("uid")?,
+            bound: bool::get(r, "bound")?,
+            mirrors: r.u32("mirrors")?,
+            shadow_bytes: r.u64("shadow_bytes")?,
+            events: r.u64("events")?,
+            comm: r.str("comm", MAX_NAME)?,
+            faults: r.u64("faults")?,
+            invalidations: r.u64("invalidations")?,
+        })
+    }
+}
+
+impl Item for MirrorInfo {
+    const MIN_LEN: usize = 32 + 4 + 8 + 2;
+    fn put_item(&self, w: &mut Writer) {
+        w.u64(self.id)
+            .u64(self.addr)
+            .u64(self.len)
+            .u64(self.pages)
+            .i32(self.pid)
+            .u64(self.seq)
+            .str(&self.state, MAX_NAME);
+    }
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        Ok(MirrorInfo {
+            id: r.u64("id")?,
+            addr: r.u64("addr")?,
+            len: r.u64("len")?,
+            pages: r.u64("pages")?,
+            pid: r.i32("pid")?,
+            seq: r.u64("seq")?,
+            state: r.str("state", MAX_NAME)?,
+        })
+    }
+}
+
+/// A list: a u32 count, then the entries. A list longer than [`MAX_LIST`], or one that
+/// does not fit a message, is sent in pieces ([`Response::into_pieces`]); it is never cut.
+impl<T: Item> Field for Vec<T> {
+    fn put(&self, w: &mut Writer) {
+        debug_assert!(self.len() <= MAX_LIST, "a list is sent in pieces");
+        let n = self.len().min(MAX_LIST);
+        w.u32(n as u32);
+        for item in &self[..n] {
+            item.put_item(w);
+        }
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        let n = r.count(name, MAX_LIST, T::MIN_LEN)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(T::get_item(r)?);
+        }
+        Ok(v)
+    }
+}
+
+messages! {
+    /// A request, client → daemon (types `0x0001..`).
+    pub enum Request {
+        /// First message of a session: the versions this client speaks and who it is.
+        0x0001 "hello" => Hello {
+            /// Oldest version spoken.
+            min_version: u16,
+            /// Newest version spoken.
+            max_version: u16,
+            /// A name for logs (program name).
+            name: String [MAX_NAME],
+        },
+        /// Hands over the client's uffd and its `/proc/self/mem` fd (opened for reading),
+        /// then (protocol 2) its `/proc/self/maps` fd, then optionally its
+        /// `/proc/self/pagemap` fd (for reading) and its `/proc/self/clear_refs` fd (for
+        /// writing), in that order, as 2 to 5 `SCM_RIGHTS` fds (protocol 1: uffd, mem and
+        /// optionally pagemap).
+        0x0002 "bind" fds 2..=5 "2 to 5" => Bind {
+            /// What the client claims about its uffd.
+            flags: BindFlags,
+        },
+        /// Mirror `addr..addr+len` of the client's memory.
+        0x0003 "attach" => Attach {
+            /// First byte (page aligned).
+            addr: u64,
+            /// Length (page aligned, > 0).
+            len: u64,
+            /// When the pages the client writes are collected.
+            policy: AttachPolicy,
+        },
+        /// Stop mirroring a range.
+        0x0004 "detach" => Detach {
+            /// Which.
+            mirror_id: u64,
+        },
+        /// A device read of `len` bytes at `offset` into a mirror, served by an engine.
+        0x0005 "read" => Read {
+            /// Which mirror.
+            mirror_id: u64,
+            /// Byte offset into the mirror.
+            offset: u64,
+            /// Bytes, at most [`MAX_READ`].
+            len: u32,
+        },
+        /// Fault `offset..offset+len` of a mirror into the shadow without returning data.
+        0x0006 "populate" => Populate {
+            /// Which mirror.
+            mirror_id: u64,
+            /// Byte offset.
+            offset: u64,
+            /// Bytes.
+            len: u64,
+        },
+        /// This session's counters.
+        0x0007 "client-stats" => ClientStats,
+        /// The daemon's settings and counters.
+        0x0008 "status" => Status,
+        /// Every connected client (root or the daemon's owner only).
+        0x0009 "list-clients" => ListClients,
+        /// Mirrors of this session (`pid` 0), of the client with that pid, or of every
+        /// client (`pid` -1); another client's only for root or the daemon's owner (G7).
+        0x000a "list-mirrors" => ListMirrors {
+            /// Whose.
+            pid: i32,
+        },
+        /// A device read of another client's shadow at a client address (root or owner).
+        0x0010 "peek" => Peek {
+            /// The client.
+            pid: i32,
+            /// First byte (client virtual address).
+            addr: u64,
+            /// Bytes, at most [`MAX_READ`].
+            len: u32,
+        },
+        /// Injects an invalidation of a client's range, as if its address space had changed
+        /// (root, the daemon's owner, or the client itself).
+        0x0011 "invalidate" => Invalidate {
+            /// The client.
+            pid: i32,
+            /// First byte.
+            addr: u64,
+            /// Length in bytes.
+            len: u64,
+            /// The kind to report.
+            event: EventKind,
+            /// How.
+            flags: InvalidateFlags,
+        },
+        /// Subscribes this session to a live stream of invalidations: answered by
+        /// `TraceStarted`, then one `TraceEvent` per invalidation, all with `FLAG_MORE` and
+        /// this request's id, until the session closes. Other clients' events only for root
+        /// or the daemon's owner.
+        0x0012 "trace" => Trace {
+            /// Only this client's (0: every client the caller may see).
+            pid: i32,
+            /// Bit `code - 1` set for each [`EventKind`] wanted; 0 means all.
+            events: u32,
+        },
+        /// Collects the pages this client wrote in a mirror (or in every mirror,
+        /// `mirror_id` 0) and invalidates them, so the next device read returns them.
+        0x0020 "sync" => Sync {
+            /// Which mirror (0: all of this session's).
+            mirror_id: u64,
+        },
+        /// `Sync` of every mirror of the client with that pid (root, the daemon's owner, or
+        /// the client itself; `memshadowctl sync --pid`).
+        0x0021 "sync-pid" => SyncPid {
+            /// The client.
+            pid: i32,
+        },
+    }
+}
+
+messages! {
+    /// A response, daemon → client (types `0x8001..`), with the `request_id` of the request
+    /// it answers. A list response too long for one message comes in pieces, every piece
+    /// but the last with `FLAG_MORE` ([`Response::into_pieces`], [`Response::absorb`]).
+    pub enum Response {
+        /// Answer to `Hello`.
+        0x8001 "hello-ack" => HelloAck {
+            /// The version chosen for the session.
+            version: u16,
+            /// The daemon's build version.
+            daemon_version: String [MAX_NAME],
+            /// The daemon's page size.
+            page_size: u32,
+            /// Limits and quotas.
+            limits: Limits,
+        },
+        /// Answer to `Bind`.
+        0x8002 "bound" => Bound {
+            /// How the daemon will read memory.
+            access: AccessPath,
+            /// Features the uffd handshake granted.
+            uffd_features: u64,
+        },
+        /// Answer to `Attach`.
+        0x8003 "attached" => Attached {
+            /// The new mirror's id.
+            mirror_id: u64,
+        },
+        /// Answer to `Detach`.
+        0x8004 "detached" => Detached,
+        /// Answer to `Read`.
+        0x8005 "data" => Data {
+            /// The bytes.
+            bytes: Vec<u8>,
+        },
+        /// Answer to `Populate`.
+        0x8006 "populated" => Populated {
+            /// Pages now mirrored in the range.
+            pages: u64,
+        },
+        /// Answer to `ClientStats`: named counters.
+        0x8007 "counters" => Counters {
+            /// Name → value.
+            entries: Vec<(String, u64)>,
+        },
+        /// Answer to `ListClients`.
+        0x8008 "clients" => Clients {
+            /// The clients.
+            clients: Vec<ClientInfo>,
+        },
+        /// Answer to `ListMirrors`.
+        0x8009 "mirrors" => Mirrors {
+            /// The mirrors.
+            mirrors: Vec<MirrorInfo>,
+        },
+        /// Answer to `Status`: settings as text and every counter.
+        0x8010 "status-report" => StatusReport {
+            /// Name → value (`daemon.version`, `socket`, `device.mode`, …).
+            info: Vec<(String, String)>,
+            /// Name → value.
+            counters: Vec<(String, u64)>,
+        },
+        /// Answer to `Invalidate`.
+        0x8011 "invalidated" => Invalidated {
+            /// What it did.
+            report: InvalidationReport,
+        },
+        /// First answer to `Trace`: the stream is open.
+        0x8012 "trace-started" => TraceStarted,
+        /// One invalidation seen by a `Trace` subscriber.
+        0x8013 "trace-event" => TraceEvent {
+            /// Records this subscriber lost (it read too slowly) since the previous one.
+            dropped: u64,
+            /// What happened.
+            report: InvalidationReport,
+        },
+        /// Answer to `Sync` and `SyncPid`.
+        0x8020 "synced" => Synced {
+            /// What the collection did.
+            report: SyncReport,
+        },
+        /// A refused request.
+        0x80ff "error" => Error {
+            /// What kind of refusal.
+            code: ErrorCode,
+            /// A human-readable reason.
+            message: String [MAX_MESSAGE],
+        },
+    }
+}
+
+/// Longest message of an error.
+pub const MAX_MESSAGE: usize = 1024;
+
+fn payload_err(what: &'static str) -> impl FnOnce(CodecError) -> DecodeError {
+    move |source| DecodeError::Payload { what, source }
+}
+
+/// Decodes a message of `msg_type` of one direction: fds, fields, nothing left over.
+fn decode_as<T>(
+    msg_type: u16,
+    payload: &[u8],
+    fds: usize,
+    what: &'static str,
+    fds_of: fn(u16) -> (std::ops::RangeInclusive<usize>, &'static str),
+    fields: fn(u16, &mut Reader<'_>) -> Result<Option<T>, CodecError>,
+    other_knows: fn(u16) -> bool,
+) -> Result<T, DecodeError> {
+    let mut r = Reader::new(payload);
+    let Some(msg) = fields(msg_type, &mut r).map_err(payload_err(what))? else {
+        return Err(if other_knows(msg_type) {
+            DecodeError::WrongDirection(msg_type)
+        } else {
+            DecodeError::UnknownType(msg_type)
+        });
+    };
+    let (allowed, want) = fds_of(msg_type);
+    if !allowed.contains(&fds) {
+        return Err(DecodeError::FdCount {
+            msg_type,
+            want,
+            got: fds,
+        });
+    }
+    r.finish().map_err(payload_err(what))?;
+    Ok(msg)
+}
+
+impl Request {
+    /// Encodes the payload.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        self.encode_fields(&mut w);
+        w.into_bytes()
+    }
+
+    /// Decodes a request of type `msg_type` that arrived with `fds` file descriptors.
+    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Request, DecodeError> {
+        decode_as(
+            msg_type,
+            payload,
+            fds,
+            "request",
+            Request::fds,
+            Request::decode_fields,
+            Response::known,
+        )
+    }
+}
+
+impl Response {
+    /// Shorthand for an error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Encodes the payload. A list response must fit one message: send a long one with
+    /// [`Response::into_pieces`].
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        self.encode_fields(&mut w);
+        let bytes = w.into_bytes();
+        debug_assert!(bytes.len() <= MAX_PAYLOAD, "{} too large", self.name());
+        bytes
+    }
+
+    /// Decodes a response of type `msg_type` that arrived with `fds` file descriptors.
+    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Response, DecodeError> {
+        decode_as(
+            msg_type,
+            payload,
+            fds,
+            "response",
+            Response::fds,
+            Response::decode_fields,
+            Request::known,
+        )
+    }
+
+    /// The response in pieces that each fit one message (a list of at most [`MAX_LIST`]
+    /// entries and [`MAX_PAYLOAD`] bytes): one piece for anything but a long list. Send
+    /// every piece but the last with `FLAG_MORE`; the receiver puts them together again
+    /// with [`Response::absorb`].
+    pub fn into_pieces(self) -> Vec<Response> {
+        match self {
+            Response::Counters { entries } => {
+                pieces(entries, |entries| Response::Counters { entries })
+            }
+            Response::Clients { clients } => {
+                pieces(clients, |clients| Response::Clients { clients })
+            }
+            Response::Mirrors { mirrors } => {
+                pieces(mirrors, |mirrors| Response::Mirrors { mirrors })
+            }
+            Response::StatusReport { info, counters } => {
+                let mut v = pieces(info, |info| Response::StatusReport {
+                    info,
+                    counters: Vec::new(),
+                });
+                v.extend(pieces(counters, |counters| Response::StatusReport {
+                    info: Vec::new(),
+                    counters,
+                }));
+                v
+            }
+            r => vec![r],
+        }
+    }
+
+    /// Adds `more`, the next piece of the same list response, to this one; false (and
+    /// nothing changed) if it is not a piece of the same kind.
+    pub fn absorb(&mut self, more: Response) -> bool {
+        match (self, more) {
+            (Response::Counters { entries }, Response::Counters { entries: m }) => {
+                entries.extend(m)
+            }
+            (Response::Clients { clients }, Response::Clients { clients: m }) => clients.extend(m),
+            (Response::Mirrors { mirrors }, Response::Mirrors { mirrors: m }) => mirrors.extend(m),
+            (
+                Response::StatusReport { info, counters },
+                Response::StatusReport {
+                    info: i,
+                    counters: c,
+                },
+            ) => {
+                info.extend(i);
+                counters.extend(c);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// `items` cut into lists that each fit one message, wrapped by `wrap`; at least one (an
+/// empty list is one empty piece).
+fn pieces<T: Item>(items: Vec<T>, wrap: impl Fn(Vec<T>) -> Response) -> Vec<Response> {
+    // Room for the header-less payload, less the count and the other lists' counts.
+    const ROOM: usize = MAX_PAYLOAD - 16;
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut len = 0;
+    for item in items {
+        let mut w = Writer::new();
+        item.put_item(&mut w);
+        let n = w.into_bytes().len();
+        if !cur.is_empty() && (cur.len() == MAX_LIST || len + n > ROOM) {
+            out.push(wrap(std::mem::take(&mut cur)));
+            len = 0;
+        }
+        len += n;
+        cur.push(item);
+    }
+    out.push(wrap(cur));
+    out
 }
 
 /// Error codes of [`Response::Error`]; unknown codes from a newer peer are kept as `Other`.
@@ -742,523 +1154,6 @@ impl ErrorCode {
     }
 }
 
-mod ty {
-    pub const HELLO: u16 = 0x0001;
-    pub const BIND: u16 = 0x0002;
-    pub const ATTACH: u16 = 0x0003;
-    pub const DETACH: u16 = 0x0004;
-    pub const READ: u16 = 0x0005;
-    pub const POPULATE: u16 = 0x0006;
-    pub const CLIENT_STATS: u16 = 0x0007;
-    pub const STATUS: u16 = 0x0008;
-    pub const LIST_CLIENTS: u16 = 0x0009;
-    pub const LIST_MIRRORS: u16 = 0x000a;
-    pub const PEEK: u16 = 0x0010;
-    pub const INVALIDATE: u16 = 0x0011;
-    pub const TRACE: u16 = 0x0012;
-    pub const SYNC: u16 = 0x0020;
-    pub const SYNC_PID: u16 = 0x0021;
-    pub const RESPONSE: u16 = 0x8000;
-    pub const HELLO_ACK: u16 = 0x8001;
-    pub const BOUND: u16 = 0x8002;
-    pub const ATTACHED: u16 = 0x8003;
-    pub const DETACHED: u16 = 0x8004;
-    pub const DATA: u16 = 0x8005;
-    pub const POPULATED: u16 = 0x8006;
-    pub const COUNTERS: u16 = 0x8007;
-    pub const CLIENTS: u16 = 0x8008;
-    pub const MIRRORS: u16 = 0x8009;
-    pub const STATUS_REPORT: u16 = 0x8010;
-    pub const INVALIDATED: u16 = 0x8011;
-    pub const TRACE_STARTED: u16 = 0x8012;
-    pub const TRACE_EVENT: u16 = 0x8013;
-    pub const SYNCED: u16 = 0x8020;
-    pub const ERROR: u16 = 0x80ff;
-}
-
-fn payload_err(what: &'static str) -> impl FnOnce(CodecError) -> DecodeError {
-    move |source| DecodeError::Payload { what, source }
-}
-
-fn check_fds(
-    msg_type: u16,
-    got: usize,
-    allowed: std::ops::RangeInclusive<usize>,
-    want: &'static str,
-) -> Result<(), DecodeError> {
-    if allowed.contains(&got) {
-        Ok(())
-    } else {
-        Err(DecodeError::FdCount {
-            msg_type,
-            want,
-            got,
-        })
-    }
-}
-
-impl Request {
-    /// The wire type.
-    pub fn msg_type(&self) -> u16 {
-        match self {
-            Request::Hello { .. } => ty::HELLO,
-            Request::Bind { .. } => ty::BIND,
-            Request::Attach { .. } => ty::ATTACH,
-            Request::Detach { .. } => ty::DETACH,
-            Request::Read { .. } => ty::READ,
-            Request::Populate { .. } => ty::POPULATE,
-            Request::ClientStats => ty::CLIENT_STATS,
-            Request::Status => ty::STATUS,
-            Request::ListClients => ty::LIST_CLIENTS,
-            Request::ListMirrors { .. } => ty::LIST_MIRRORS,
-            Request::Peek { .. } => ty::PEEK,
-            Request::Invalidate { .. } => ty::INVALIDATE,
-            Request::Trace { .. } => ty::TRACE,
-            Request::Sync { .. } => ty::SYNC,
-            Request::SyncPid { .. } => ty::SYNC_PID,
-        }
-    }
-
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Request::Hello { .. } => "hello",
-            Request::Bind { .. } => "bind",
-            Request::Attach { .. } => "attach",
-            Request::Detach { .. } => "detach",
-            Request::Read { .. } => "read",
-            Request::Populate { .. } => "populate",
-            Request::ClientStats => "client-stats",
-            Request::Status => "status",
-            Request::ListClients => "list-clients",
-            Request::ListMirrors { .. } => "list-mirrors",
-            Request::Peek { .. } => "peek",
-            Request::Invalidate { .. } => "invalidate",
-            Request::Trace { .. } => "trace",
-            Request::Sync { .. } => "sync",
-            Request::SyncPid { .. } => "sync-pid",
-        }
-    }
-
-    /// Encodes the payload.
-    pub fn encode_payload(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        match self {
-            Request::Hello {
-                min_version,
-                max_version,
-                name,
-            } => {
-                w.u16(*min_version).u16(*max_version).str(name, MAX_NAME);
-            }
-            Request::Bind { flags } => {
-                w.u32(*flags);
-            }
-            Request::Attach { addr, len, flags } => {
-                w.u64(*addr).u64(*len).u32(*flags);
-            }
-            Request::Detach { mirror_id } => {
-                w.u64(*mirror_id);
-            }
-            Request::Read {
-                mirror_id,
-                offset,
-                len,
-            } => {
-                w.u64(*mirror_id).u64(*offset).u32(*len);
-            }
-            Request::Populate {
-                mirror_id,
-                offset,
-                len,
-            } => {
-                w.u64(*mirror_id).u64(*offset).u64(*len);
-            }
-            Request::ListMirrors { pid } => {
-                w.i32(*pid);
-            }
-            Request::Peek { pid, addr, len } => {
-                w.i32(*pid).u64(*addr).u32(*len);
-            }
-            Request::Invalidate {
-                pid,
-                addr,
-                len,
-                event,
-                flags,
-            } => {
-                w.i32(*pid).u64(*addr).u64(*len).u8(event.code()).u8(*flags);
-            }
-            Request::Trace { pid, events } => {
-                w.i32(*pid).u32(*events);
-            }
-            Request::Sync { mirror_id } => {
-                w.u64(*mirror_id);
-            }
-            Request::SyncPid { pid } => {
-                w.i32(*pid);
-            }
-            Request::ClientStats | Request::Status | Request::ListClients => {}
-        }
-        w.into_bytes()
-    }
-
-    /// Decodes a request of type `msg_type` that arrived with `fds` file descriptors.
-    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Request, DecodeError> {
-        if msg_type & ty::RESPONSE != 0 {
-            return Err(if Response::known(msg_type) {
-                DecodeError::WrongDirection(msg_type)
-            } else {
-                DecodeError::UnknownType(msg_type)
-            });
-        }
-        if msg_type == ty::BIND {
-            check_fds(msg_type, fds, 2..=5, "2 to 5")?;
-        } else {
-            check_fds(msg_type, fds, 0..=0, "none")?;
-        }
-        let mut r = Reader::new(payload);
-        let req = (|| -> Result<Request, CodecError> {
-            Ok(match msg_type {
-                ty::HELLO => Request::Hello {
-                    min_version: r.u16("min_version")?,
-                    max_version: r.u16("max_version")?,
-                    name: r.str("name", MAX_NAME)?,
-                },
-                ty::BIND => Request::Bind {
-                    flags: r.u32("flags")?,
-                },
-                ty::ATTACH => Request::Attach {
-                    addr: r.u64("addr")?,
-                    len: r.u64("len")?,
-                    flags: r.u32("flags")?,
-                },
-                ty::DETACH => Request::Detach {
-                    mirror_id: r.u64("mirror_id")?,
-                },
-                ty::READ => Request::Read {
-                    mirror_id: r.u64("mirror_id")?,
-                    offset: r.u64("offset")?,
-                    len: r.u32("len")?,
-                },
-                ty::POPULATE => Request::Populate {
-                    mirror_id: r.u64("mirror_id")?,
-                    offset: r.u64("offset")?,
-                    len: r.u64("len")?,
-                },
-                ty::CLIENT_STATS => Request::ClientStats,
-                ty::STATUS => Request::Status,
-                ty::LIST_CLIENTS => Request::ListClients,
-                ty::LIST_MIRRORS => Request::ListMirrors { pid: r.i32("pid")? },
-                ty::PEEK => Request::Peek {
-                    pid: r.i32("pid")?,
-                    addr: r.u64("addr")?,
-                    len: r.u32("len")?,
-                },
-                ty::INVALIDATE => Request::Invalidate {
-                    pid: r.i32("pid")?,
-                    addr: r.u64("addr")?,
-                    len: r.u64("len")?,
-                    event: EventKind::decode(&mut r)?,
-                    flags: r.u8("flags")?,
-                },
-                ty::TRACE => Request::Trace {
-                    pid: r.i32("pid")?,
-                    events: r.u32("events")?,
-                },
-                ty::SYNC => Request::Sync {
-                    mirror_id: r.u64("mirror_id")?,
-                },
-                ty::SYNC_PID => Request::SyncPid { pid: r.i32("pid")? },
-                other => {
-                    return Err(CodecError::BadValue {
-                        field: "msg_type",
-                        value: other.into(),
-                    })
-                }
-            })
-        })();
-        let req = match req {
-            Err(CodecError::BadValue {
-                field: "msg_type", ..
-            }) => return Err(DecodeError::UnknownType(msg_type)),
-            other => other.map_err(payload_err("request"))?,
-        };
-        r.finish().map_err(payload_err("request"))?;
-        Ok(req)
-    }
-}
-
-impl Request {
-    fn known(msg_type: u16) -> bool {
-        matches!(
-            msg_type,
-            ty::HELLO..=ty::LIST_MIRRORS | ty::PEEK..=ty::TRACE | ty::SYNC..=ty::SYNC_PID
-        )
-    }
-}
-
-impl Response {
-    fn known(msg_type: u16) -> bool {
-        matches!(
-            msg_type,
-            ty::HELLO_ACK..=ty::MIRRORS
-                | ty::STATUS_REPORT..=ty::TRACE_EVENT
-                | ty::SYNCED
-                | ty::ERROR
-        )
-    }
-
-    /// The wire type.
-    pub fn msg_type(&self) -> u16 {
-        match self {
-            Response::HelloAck { .. } => ty::HELLO_ACK,
-            Response::Bound { .. } => ty::BOUND,
-            Response::Attached { .. } => ty::ATTACHED,
-            Response::Detached => ty::DETACHED,
-            Response::Data { .. } => ty::DATA,
-            Response::Populated { .. } => ty::POPULATED,
-            Response::Counters { .. } => ty::COUNTERS,
-            Response::Clients { .. } => ty::CLIENTS,
-            Response::Mirrors { .. } => ty::MIRRORS,
-            Response::StatusReport { .. } => ty::STATUS_REPORT,
-            Response::Invalidated { .. } => ty::INVALIDATED,
-            Response::TraceStarted => ty::TRACE_STARTED,
-            Response::TraceEvent { .. } => ty::TRACE_EVENT,
-            Response::Synced { .. } => ty::SYNCED,
-            Response::Error { .. } => ty::ERROR,
-        }
-    }
-
-    /// Shorthand for an error response.
-    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-        Response::Error {
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// Encodes the payload. Lists longer than [`MAX_LIST`] are cut to it.
-    pub fn encode_payload(&self) -> Vec<u8> {
-        let mut w = Writer::new();
-        match self {
-            Response::HelloAck {
-                version,
-                daemon_version,
-                page_size,
-                limits,
-            } => {
-                w.u16(*version)
-                    .str(daemon_version, MAX_NAME)
-                    .u32(*page_size);
-                w.u32(limits.max_payload)
-                    .u16(limits.max_fds)
-                    .u32(limits.max_read)
-                    .u64(limits.shadow_bytes)
-                    .u32(limits.mirrors)
-                    .u32(limits.inflight)
-                    .u32(limits.clients_per_uid);
-            }
-            Response::Bound {
-                access,
-                uffd_features,
-            } => {
-                w.u8(access.code()).u64(*uffd_features);
-            }
-            Response::Attached { mirror_id } => {
-                w.u64(*mirror_id);
-            }
-            Response::Detached => {}
-            Response::Data { bytes } => {
-                w.bytes(&bytes[..bytes.len().min(MAX_READ)]);
-            }
-            Response::Populated { pages } => {
-                w.u64(*pages);
-            }
-            Response::Counters { entries } => {
-                let n = entries.len().min(MAX_LIST);
-                w.u32(n as u32);
-                for (name, value) in &entries[..n] {
-                    w.str(name, MAX_NAME).u64(*value);
-                }
-            }
-            Response::Clients { clients } => {
-                let n = clients.len().min(MAX_LIST);
-                w.u32(n as u32);
-                for c in &clients[..n] {
-                    w.u64(c.id)
-                        .i32(c.pid)
-                        .u32(c.uid)
-                        .u8(c.bound.into())
-                        .u32(c.mirrors)
-                        .u64(c.shadow_bytes)
-                        .u64(c.events)
-                        .str(&c.comm, MAX_NAME)
-                        .u64(c.faults)
-                        .u64(c.invalidations);
-                }
-            }
-            Response::Mirrors { mirrors } => {
-                let n = mirrors.len().min(MAX_LIST);
-                w.u32(n as u32);
-                for m in &mirrors[..n] {
-                    w.u64(m.id)
-                        .u64(m.addr)
-                        .u64(m.len)
-                        .u64(m.pages)
-                        .i32(m.pid)
-                        .u64(m.seq)
-                        .str(&m.state, MAX_NAME);
-                }
-            }
-            Response::StatusReport { info, counters } => {
-                let n = info.len().min(MAX_LIST);
-                w.u32(n as u32);
-                for (name, value) in &info[..n] {
-                    w.str(name, MAX_NAME).str(value, MAX_VALUE);
-                }
-                let n = counters.len().min(MAX_LIST);
-                w.u32(n as u32);
-                for (name, value) in &counters[..n] {
-                    w.str(name, MAX_NAME).u64(*value);
-                }
-            }
-            Response::Invalidated { report } => report.encode(&mut w),
-            Response::TraceStarted => {}
-            Response::TraceEvent { dropped, report } => {
-                w.u64(*dropped);
-                report.encode(&mut w);
-            }
-            Response::Synced { report } => report.encode(&mut w),
-            Response::Error { code, message } => {
-                w.u16(code.code()).str(message, 1024);
-            }
-        }
-        let bytes = w.into_bytes();
-        debug_assert!(bytes.len() <= MAX_PAYLOAD);
-        bytes
-    }
-
-    /// Decodes a response of type `msg_type` that arrived with `fds` file descriptors.
-    pub fn decode(msg_type: u16, payload: &[u8], fds: usize) -> Result<Response, DecodeError> {
-        if !Response::known(msg_type) {
-            return Err(if Request::known(msg_type) {
-                DecodeError::WrongDirection(msg_type)
-            } else {
-                DecodeError::UnknownType(msg_type)
-            });
-        }
-        check_fds(msg_type, fds, 0..=0, "none")?;
-        let mut r = Reader::new(payload);
-        let resp = (|| -> Result<Response, CodecError> {
-            Ok(match msg_type {
-                ty::HELLO_ACK => Response::HelloAck {
-                    version: r.u16("version")?,
-                    daemon_version: r.str("daemon_version", MAX_NAME)?,
-                    page_size: r.u32("page_size")?,
-                    limits: Limits {
-                        max_payload: r.u32("max_payload")?,
-                        max_fds: r.u16("max_fds")?,
-                        max_read: r.u32("max_read")?,
-                        shadow_bytes: r.u64("shadow_bytes")?,
-                        mirrors: r.u32("mirrors")?,
-                        inflight: r.u32("inflight")?,
-                        clients_per_uid: r.u32("clients_per_uid")?,
-                    },
-                },
-                ty::BOUND => Response::Bound {
-                    access: AccessPath::from_code(r.u8("access")?)?,
-                    uffd_features: r.u64("uffd_features")?,
-                },
-                ty::ATTACHED => Response::Attached {
-                    mirror_id: r.u64("mirror_id")?,
-                },
-                ty::DETACHED => Response::Detached,
-                ty::DATA => Response::Data {
-                    bytes: r.bytes("bytes", MAX_READ)?,
-                },
-                ty::POPULATED => Response::Populated {
-                    pages: r.u64("pages")?,
-                },
-                ty::COUNTERS => {
-                    let n = r.count("entries", MAX_LIST, 2 + 8)?;
-                    let mut entries = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        entries.push((r.str("name", MAX_NAME)?, r.u64("value")?));
-                    }
-                    Response::Counters { entries }
-                }
-                ty::CLIENTS => {
-                    let n = r.count("clients", MAX_LIST, 37 + 2 + 16)?;
-                    let mut clients = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        clients.push(ClientInfo {
-                            id: r.u64("id")?,
-                            pid: r.i32("pid")?,
-                            uid: r.u32("uid")?,
-                            bound: bool_field(&mut r, "bound")?,
-                            mirrors: r.u32("mirrors")?,
-                            shadow_bytes: r.u64("shadow_bytes")?,
-                            events: r.u64("events")?,
-                            comm: r.str("comm", MAX_NAME)?,
-                            faults: r.u64("faults")?,
-                            invalidations: r.u64("invalidations")?,
-                        });
-                    }
-                    Response::Clients { clients }
-                }
-                ty::MIRRORS => {
-                    let n = r.count("mirrors", MAX_LIST, 32 + 4 + 8 + 2)?;
-                    let mut mirrors = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        mirrors.push(MirrorInfo {
-                            id: r.u64("id")?,
-                            addr: r.u64("addr")?,
-                            len: r.u64("len")?,
-                            pages: r.u64("pages")?,
-                            pid: r.i32("pid")?,
-                            seq: r.u64("seq")?,
-                            state: r.str("state", MAX_NAME)?,
-                        });
-                    }
-                    Response::Mirrors { mirrors }
-                }
-                ty::STATUS_REPORT => {
-                    let n = r.count("info", MAX_LIST, 2 + 2)?;
-                    let mut info = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        info.push((r.str("name", MAX_NAME)?, r.str("value", MAX_VALUE)?));
-                    }
-                    let n = r.count("counters", MAX_LIST, 2 + 8)?;
-                    let mut counters = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        counters.push((r.str("name", MAX_NAME)?, r.u64("value")?));
-                    }
-                    Response::StatusReport { info, counters }
-                }
-                ty::INVALIDATED => Response::Invalidated {
-                    report: InvalidationReport::decode(&mut r)?,
-                },
-                ty::TRACE_STARTED => Response::TraceStarted,
-                ty::TRACE_EVENT => Response::TraceEvent {
-                    dropped: r.u64("dropped")?,
-                    report: InvalidationReport::decode(&mut r)?,
-                },
-                ty::SYNCED => Response::Synced {
-                    report: SyncReport::decode(&mut r)?,
-                },
-                _ => Response::Error {
-                    code: ErrorCode::from_code(r.u16("code")?),
-                    message: r.str("message", 1024)?,
-                },
-            })
-        })()
-        .map_err(payload_err("response"))?;
-        r.finish().map_err(payload_err("response"))?;
-        Ok(resp)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1274,13 +1169,23 @@ mod tests {
                 },
                 0,
             ),
-            (Request::Bind { flags: 0 }, 2),
-            (Request::Bind { flags: 0 }, 3),
+            (
+                Request::Bind {
+                    flags: BindFlags::empty(),
+                },
+                2,
+            ),
+            (
+                Request::Bind {
+                    flags: BindFlags::empty(),
+                },
+                3,
+            ),
             (
                 Request::Attach {
                     addr: 0x7f00_0000_0000,
                     len: 1 << 20,
-                    flags: 0,
+                    policy: AttachPolicy::Default,
                 },
                 0,
             ),
@@ -1320,7 +1225,7 @@ mod tests {
                     addr: 0x7000,
                     len: 4096,
                     event: EventKind::SoftDirty,
-                    flags: INVALIDATE_NON_BLOCKING,
+                    flags: InvalidateFlags::NON_BLOCKING,
                 },
                 0,
             ),
@@ -1333,7 +1238,7 @@ mod tests {
             ),
             (
                 Request::Bind {
-                    flags: BIND_UFFD_PRIVILEGED,
+                    flags: BindFlags::UFFD_PRIVILEGED,
                 },
                 3,
             ),
@@ -1341,7 +1246,7 @@ mod tests {
                 Request::Attach {
                     addr: 0x7f00_0000_0000,
                     len: 1 << 21,
-                    flags: AttachPolicy::Periodic { period_ms: 250 }.flags(),
+                    policy: AttachPolicy::Periodic { period_ms: 250 },
                 },
                 0,
             ),
@@ -1378,7 +1283,7 @@ mod tests {
             let mut p = payload.clone();
             p[0] = code;
             assert!(matches!(
-                Response::decode(ty::SYNCED, &p, 0),
+                Response::decode(0x8020, &p, 0),
                 Ok(Response::Synced { report }) if report.backend == b
             ));
         }
@@ -1386,7 +1291,7 @@ mod tests {
             let mut p = payload.clone();
             p[0] = bad;
             assert!(matches!(
-                Response::decode(ty::SYNCED, &p, 0),
+                Response::decode(0x8020, &p, 0),
                 Err(DecodeError::Payload { .. })
             ));
         }
@@ -1554,7 +1459,9 @@ mod tests {
 
     #[test]
     fn fd_counts_types_and_directions_are_checked() {
-        let bind = Request::Bind { flags: 0 };
+        let bind = Request::Bind {
+            flags: BindFlags::empty(),
+        };
         assert!(matches!(
             Request::decode(bind.msg_type(), &bind.encode_payload(), 1),
             Err(DecodeError::FdCount { got: 1, .. })
@@ -1564,7 +1471,7 @@ mod tests {
             Err(DecodeError::FdCount { .. })
         ));
         assert!(matches!(
-            Request::decode(ty::STATUS, &[], 1),
+            Request::decode(0x0008, &[], 1),
             Err(DecodeError::FdCount { .. })
         ));
         assert_eq!(
@@ -1572,23 +1479,23 @@ mod tests {
             Err(DecodeError::UnknownType(0x0077))
         );
         assert_eq!(
-            Request::decode(ty::DETACHED, &[], 0),
-            Err(DecodeError::WrongDirection(ty::DETACHED))
+            Request::decode(0x8004, &[], 0),
+            Err(DecodeError::WrongDirection(0x8004))
         );
         assert_eq!(
-            Response::decode(ty::STATUS, &[], 0),
-            Err(DecodeError::WrongDirection(ty::STATUS))
+            Response::decode(0x0008, &[], 0),
+            Err(DecodeError::WrongDirection(0x0008))
         );
         assert_eq!(
             Response::decode(0x8077, &[], 0),
             Err(DecodeError::UnknownType(0x8077))
         );
         assert!(matches!(
-            Request::decode(ty::STATUS, &[0], 0),
+            Request::decode(0x0008, &[0], 0),
             Err(DecodeError::Payload { .. })
         ));
         assert!(matches!(
-            Request::decode(ty::DETACH, &[0; 7], 0),
+            Request::decode(0x0004, &[0; 7], 0),
             Err(DecodeError::Payload { .. })
         ));
     }

@@ -215,7 +215,9 @@ fn opath_bind(socket: &Path, program: &str) -> Res<String> {
     match call(
         &s,
         2,
-        &Request::Bind { flags: 0 },
+        &Request::Bind {
+            flags: proto::BindFlags::empty(),
+        },
         &[uffd.as_fd(), mem.as_fd()],
     )? {
         Response::Bound { .. } => {}
@@ -225,7 +227,7 @@ fn opath_bind(socket: &Path, program: &str) -> Res<String> {
     let attach = Request::Attach {
         addr: SECRET_ADDR,
         len: SECRET_LEN as u64,
-        flags: 0,
+        policy: proto::AttachPolicy::Default,
     };
     let id = match call(&s, 3, &attach, &[])? {
         Response::Attached { mirror_id } => mirror_id,

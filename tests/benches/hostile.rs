@@ -464,7 +464,9 @@ fn non_reading_session(socket: &Path, ready: &mut bool) -> Res<()> {
         call(
             s,
             2,
-            &Request::Bind { flags: 0 },
+            &Request::Bind {
+                flags: proto::BindFlags::empty(),
+            },
             &[uffd.as_fd(), mem.as_fd(), pagemap.as_fd()],
         )?;
     }
@@ -477,7 +479,7 @@ fn non_reading_session(socket: &Path, ready: &mut bool) -> Res<()> {
         &Request::Attach {
             addr: map as u64,
             len: RANGE as u64,
-            flags: 0,
+            policy: proto::AttachPolicy::Default,
         },
         &[],
     )? {
@@ -533,7 +535,9 @@ fn flood_once(socket: &Path, ready: &mut bool) -> Res<()> {
         .map(|_| null.try_clone().map(OwnedFd::from))
         .collect::<Result<_, _>>()?;
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let req = Request::Bind { flags: 0 };
+    let req = Request::Bind {
+        flags: proto::BindFlags::empty(),
+    };
     let payload = req.encode_payload();
     let sock = memshadow_tests::seqpacket_connect(socket)?;
     for i in 0..FLOOD_MSGS {

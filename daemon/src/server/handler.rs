@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use memshadow_proto::{
-    AccessPath, AttachPolicy, ClientInfo, ErrorCode, EventKind, Limits, MirrorInfo, Request,
-    Response, SyncReport, BIND_UFFD_PRIVILEGED, INVALIDATE_NON_BLOCKING, MAX_FDS, MAX_PAYLOAD,
-    MAX_READ, MIN_VERSION, VERSION,
+    AccessPath, AttachPolicy, BindFlags, ClientInfo, ErrorCode, EventKind, InvalidateFlags, Limits,
+    MirrorInfo, Request, Response, SyncReport, MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION,
+    VERSION,
 };
 
 use super::session::{Binding, Hello, Session};
@@ -103,7 +103,7 @@ pub fn handle(
             entries: client_stats(s),
         },
         Request::ListClients => list_clients(core, s),
-        Request::Attach { addr, len, flags } => attach(core, s, addr, len, flags),
+        Request::Attach { addr, len, policy } => attach(core, s, addr, len, policy),
         Request::Detach { mirror_id } => with_bound(s, |w| {
             w.detach(mirror_id).map_err(watch_err)?;
             Ok(Response::Detached)
@@ -186,11 +186,7 @@ fn synced(d: &SyncStats) -> Response {
 /// `Attach`, with its collection policy: the flags' choice, else the daemon's default (which
 /// falls back to `manual` for a client without dirty tracking; an explicit policy other than
 /// `manual` is refused to such a client).
-fn attach(core: &Core, s: &Session, addr: u64, len: u64, flags: u32) -> Response {
-    let requested = match AttachPolicy::from_flags(flags) {
-        Ok(p) => p,
-        Err(why) => return err(ErrorCode::BadMessage, why),
-    };
+fn attach(core: &Core, s: &Session, addr: u64, len: u64, requested: AttachPolicy) -> Response {
     let Some(b) = s.binding.get() else {
         return err(ErrorCode::OutOfOrder, "bind first");
     };
@@ -342,20 +338,14 @@ fn invalidate(
     addr: u64,
     len: u64,
     event: EventKind,
-    flags: u8,
+    flags: InvalidateFlags,
 ) -> Response {
-    if flags & !INVALIDATE_NON_BLOCKING != 0 {
-        return err(
-            ErrorCode::BadMessage,
-            format!("unknown invalidate flags {flags:#x}"),
-        );
-    }
     let c = match target(core, s, pid, true) {
         Ok(c) => c,
         Err(r) => return r,
     };
     with_bound(&c, |w| {
-        let blockable = flags & INVALIDATE_NON_BLOCKING == 0;
+        let blockable = !flags.contains(InvalidateFlags::NON_BLOCKING);
         let done = w
             .inject(addr, len, event_of(event), blockable)
             .map_err(watch_err)?;
@@ -469,18 +459,12 @@ fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response
     }
 }
 
-fn bind(core: &Core, s: &Session, flags: u32, fds: Vec<OwnedFd>) -> Response {
+fn bind(core: &Core, s: &Session, flags: BindFlags, fds: Vec<OwnedFd>) -> Response {
     let _g = lock(&s.bind_lock);
     if s.binding.get().is_some() {
         return err(ErrorCode::OutOfOrder, "already bound");
     }
-    if flags & !BIND_UFFD_PRIVILEGED != 0 {
-        return err(
-            ErrorCode::BadMessage,
-            format!("unknown bind flags {flags:#x}"),
-        );
-    }
-    match bind_inner(core, s, flags & BIND_UFFD_PRIVILEGED != 0, fds) {
+    match bind_inner(core, s, flags.contains(BindFlags::UFFD_PRIVILEGED), fds) {
         Ok(b) => {
             let resp = Response::Bound {
                 access: b.access,

@@ -350,25 +350,28 @@ impl Core {
     /// Sends `resp` to request `request_id` of `s` now, or queues it for the session loop to
     /// send when the socket has room. Never waits: a client whose queue is full does not
     /// read its answers, and loses its session.
-    fn reply(&self, s: &Session, request_id: u64, resp: &Response) {
+    fn reply(&self, s: &Session, request_id: u64, resp: Response) {
         self.counters.requests.fetch_add(1, Relaxed);
         if matches!(resp, Response::Error { .. }) {
             self.counters.errors.fetch_add(1, Relaxed);
         }
-        // A stream's first answer says more follow.
-        let flags = match resp {
-            Response::TraceStarted => proto::FLAG_MORE,
-            _ => 0,
-        };
-        self.send(
-            s,
-            OutFrame {
-                msg_type: resp.msg_type(),
-                flags,
-                request_id,
-                payload: resp.encode_payload(),
-            },
-        );
+        // A stream's first answer says more follow; so does every piece of a long list but
+        // its last.
+        let stream = matches!(resp, Response::TraceStarted);
+        let pieces = resp.into_pieces();
+        let last = pieces.len() - 1;
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let more = stream || i < last;
+            self.send(
+                s,
+                OutFrame {
+                    msg_type: piece.msg_type(),
+                    flags: if more { proto::FLAG_MORE } else { 0 },
+                    request_id,
+                    payload: piece.encode_payload(),
+                },
+            );
+        }
         if s.gone.load(Relaxed) {
             self.end(s, End::Gone);
         }
@@ -897,7 +900,7 @@ impl Server {
             self.core.counters.fds_exhausted.fetch_add(1, Relaxed);
             tracing::warn!(client = s.id, "{}", error_chain(e));
             let r = Response::error(ErrorCode::OutOfResources, error_chain(e));
-            self.core.reply(s, request_id.unwrap_or(0), &r);
+            self.core.reply(s, request_id.unwrap_or(0), r);
             if request_id.is_some() {
                 return true;
             }
@@ -927,7 +930,7 @@ impl Server {
             );
         }
         self.core
-            .reply(s, rid, &Response::error(ErrorCode::BadMessage, why));
+            .reply(s, rid, Response::error(ErrorCode::BadMessage, why));
         self.close(s.id, "malformed message");
     }
 
@@ -949,7 +952,7 @@ impl Server {
         };
         if !handler::is_slow(&req) {
             let resp = handler::handle(&self.core, s, rid, req, fds);
-            self.core.reply(s, rid, &resp);
+            self.core.reply(s, rid, resp);
             return true;
         }
         let limit = self.core.limits().quotas.inflight;
@@ -959,7 +962,7 @@ impl Server {
                 ErrorCode::QuotaExceeded,
                 format!("more than {limit} requests in flight"),
             );
-            self.core.reply(s, rid, &r);
+            self.core.reply(s, rid, r);
             return true;
         }
         let (core, s2) = (Arc::clone(&self.core), Arc::clone(s));
@@ -967,14 +970,14 @@ impl Server {
             let resp = handler::handle(&core, &s2, rid, req, fds);
             // Out of flight before the client can see the answer and send the next one.
             s2.inflight.fetch_sub(1, Relaxed);
-            core.reply(&s2, rid, &resp);
+            core.reply(&s2, rid, resp);
         });
         if !self.core.submit(s, job) {
             s.inflight.fetch_sub(1, Relaxed);
             self.core.reply(
                 s,
                 rid,
-                &Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+                Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
             );
         }
         true

@@ -9,7 +9,10 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use memshadow_proto::{self as proto, ErrorCode, EventKind, Request, Response, MAX_READ, VERSION};
+use memshadow_proto::{
+    self as proto, AttachPolicy, BindFlags, ErrorCode, EventKind, InvalidateFlags, Request,
+    Response, MAX_READ, VERSION,
+};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -121,7 +124,9 @@ impl Raw {
         let maps = std::fs::File::open("/proc/self/maps").unwrap();
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
         self.call(
-            &Request::Bind { flags: 0 },
+            &Request::Bind {
+                flags: BindFlags::empty(),
+            },
             &[uffd.as_fd(), mem.as_fd(), maps.as_fd(), pagemap.as_fd()],
         )
     }
@@ -195,7 +200,7 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
             &Request::Attach {
                 addr: 0,
                 len: 4096,
-                flags: 0
+                policy: AttachPolicy::Default,
             },
             &[]
         )),
@@ -209,7 +214,7 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
         &Request::Attach {
             addr,
             len: 16 * P as u64,
-            flags: 0,
+            policy: AttachPolicy::Default,
         },
         &[],
     ) else {
@@ -289,7 +294,12 @@ fn bad_input_gets_clear_errors() {
     let null = std::fs::File::open("/dev/null").unwrap();
     let mem = std::fs::File::open("/proc/self/mem").unwrap();
     assert_eq!(
-        code(&c.call(&Request::Bind { flags: 0 }, &[null.as_fd(), mem.as_fd()])),
+        code(&c.call(
+            &Request::Bind {
+                flags: BindFlags::empty()
+            },
+            &[null.as_fd(), mem.as_fd()]
+        )),
         Some(ErrorCode::BadFd)
     );
     let mut child = std::process::Command::new("sleep")
@@ -298,7 +308,9 @@ fn bad_input_gets_clear_errors() {
         .unwrap();
     let other_mem = std::fs::File::open(format!("/proc/{}/mem", child.id())).unwrap();
     let r = c.call(
-        &Request::Bind { flags: 0 },
+        &Request::Bind {
+            flags: BindFlags::empty(),
+        },
         &[raw_uffd().as_fd(), other_mem.as_fd()],
     );
     child.kill().unwrap();
@@ -321,7 +333,7 @@ fn bad_input_gets_clear_errors() {
             &Request::Attach {
                 addr,
                 len,
-                flags: 0,
+                policy: AttachPolicy::Default,
             },
             &[],
         );
@@ -337,7 +349,7 @@ fn bad_input_gets_clear_errors() {
         &Request::Attach {
             addr: base as u64,
             len: 2 * P as u64,
-            flags: 0,
+            policy: AttachPolicy::Default,
         },
         &[],
     ) else {
@@ -349,7 +361,7 @@ fn bad_input_gets_clear_errors() {
             &Request::Attach {
                 addr: base as u64 + P as u64,
                 len: P as u64,
-                flags: 0
+                policy: AttachPolicy::Default,
             },
             &[]
         ),
@@ -408,18 +420,24 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
                 name,
             }
         }),
-        any::<u32>().prop_map(|flags| Request::Bind { flags }),
+        any::<bool>().prop_map(|p| Request::Bind {
+            flags: if p {
+                BindFlags::UFFD_PRIVILEGED
+            } else {
+                BindFlags::empty()
+            }
+        }),
         (
             addr,
             len,
             prop_oneof![
-                Just(0u32),
-                Just(memshadow_proto::AttachPolicy::Strict.flags()),
-                Just(memshadow_proto::AttachPolicy::Periodic { period_ms: 1 }.flags()),
-                any::<u32>()
+                Just(AttachPolicy::Default),
+                Just(AttachPolicy::Strict),
+                Just(AttachPolicy::Periodic { period_ms: 1 }),
+                Just(AttachPolicy::Periodic { period_ms: 10 }),
             ]
         )
-            .prop_map(|(addr, len, flags)| Request::Attach { addr, len, flags }),
+            .prop_map(|(addr, len, policy)| Request::Attach { addr, len, policy }),
         (0u64..4).prop_map(|mirror_id| Request::Sync { mirror_id }),
         prop_oneof![Just(std::process::id() as i32), any::<i32>()]
             .prop_map(|pid| Request::SyncPid { pid }),
@@ -464,14 +482,18 @@ fn arb_request(base: u64) -> impl Strategy<Value = Request> {
             prop_oneof![Just(base), Just(base + P as u64), any::<u64>()],
             prop_oneof![Just(P as u64), Just(8 * P as u64), any::<u64>()],
             0usize..6,
-            0u8..3
+            any::<bool>()
         )
-            .prop_map(|(addr, len, k, flags)| Request::Invalidate {
+            .prop_map(|(addr, len, k, nb)| Request::Invalidate {
                 pid: std::process::id() as i32,
                 addr,
                 len,
                 event: EventKind::ALL[k],
-                flags,
+                flags: if nb {
+                    InvalidateFlags::NON_BLOCKING
+                } else {
+                    InvalidateFlags::empty()
+                },
             }),
         (0i32..2, 0u32..128).prop_map(|(p, events)| Request::Trace {
             pid: p * std::process::id() as i32,
@@ -547,7 +569,7 @@ fn every_answer_of_a_bursty_reader_arrives() {
         &Request::Attach {
             addr: base as u64,
             len: (16 * P) as u64,
-            flags: 0,
+            policy: AttachPolicy::Default,
         },
         &[],
     ) {
