@@ -575,7 +575,7 @@ pub unsafe extern "C" fn memshadow_mirror_len(mirror: *const FfiMirror) -> u64 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_mirror_detach(mirror: *const FfiMirror) -> Status {
     // SAFETY: the caller's contract.
-    guard(|| unsafe { on_mirror(mirror, Mirror::detach_inner) })
+    guard(|| unsafe { on_mirror(mirror, Mirror::detach_shared) })
 }
 
 /// Frees a mirror handle, detaching it first if it still is attached (errors ignored:
@@ -641,6 +641,7 @@ pub unsafe extern "C" fn memshadow_daemon_stats(
         // SAFETY: the caller's contract.
         let entries = unsafe { handle(client, "client") }?
             .client
+            .control()
             .status()?
             .counters;
         // SAFETY: checked by `out_ptr`.

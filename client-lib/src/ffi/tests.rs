@@ -40,7 +40,7 @@ fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut Ff
         r => Some(answer(r.clone())),
     });
     // A control session: no uffd is created (the uffd-counting test of lib.rs runs beside).
-    new_client(Client::from_socket(a, false).unwrap())
+    new_client(Client::unbound_for_tests(a).unwrap())
 }
 
 /// A fake daemon that mirrors anything as mirror 9, serves reads with `offset as u8`
