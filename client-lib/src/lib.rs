@@ -6,7 +6,8 @@
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
 //! daemon's engines from the shadow. Writes to mirrored memory reach the shadow when the
 //! daemon collects them (dirty tracking): on [`Mirror::sync`], or as the [`Policy`] given
-//! to [`Client::attach_with`] says. The C ABI over this API is in [`ffi`].
+//! to [`Client::attach_with`] says. The C ABI over this API is the `memshadow-capi`
+//! crate (`libmemshadow.so`), and `memshadowctl` the `memshadow-ctl` crate.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,7 +43,6 @@ pub use memshadow_proto::{
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
-pub mod ffi;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -680,15 +680,6 @@ impl Client {
     /// tracking for this process (why, in the message).
     pub fn sync(&self) -> Result<SyncReport, Error> {
         sync_call(&self.inner, Request::Sync { mirror_id: 0 })
-    }
-
-    /// A client on `sock` without binding (no uffd is created): for the C ABI's tests,
-    /// which run beside the test that counts this process's uffds.
-    #[cfg(test)]
-    pub(crate) fn unbound_for_tests(sock: OwnedFd) -> Result<Client, Error> {
-        Ok(Client {
-            inner: Arc::new(open_session(sock, None, "test".into(), false)?),
-        })
     }
 }
 

@@ -1,25 +1,28 @@
-//! `include/memshadow.h` is what cbindgen makes of `src/ffi.rs` now: fails when the
-//! checked-in header is stale; `MEMSHADOW_BLESS=1` rewrites it.
+//! `client-lib/include/memshadow.h` is what cbindgen makes of `src/lib.rs` now: fails when
+//! the checked-in header is stale; `MEMSHADOW_BLESS=1` rewrites it.
 
 use std::path::Path;
 
-const BLESS: &str = "MEMSHADOW_BLESS=1 cargo test -p memshadow --test header";
+const BLESS: &str = "MEMSHADOW_BLESS=1 cargo test -p memshadow-capi --test header";
 
 #[test]
 fn the_checked_in_header_is_up_to_date() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = cbindgen::Config::from_file(dir.join("cbindgen.toml"))
-        .expect("read client-lib/cbindgen.toml");
+        .expect("read client-lib/capi/cbindgen.toml");
     let bindings = cbindgen::Builder::new()
         .with_config(config)
-        .with_src(dir.join("src/ffi.rs"))
+        .with_src(dir.join("src/lib.rs"))
         .generate()
         .expect("cbindgen could not generate the header");
     let mut fresh = Vec::new();
     bindings.write(&mut fresh);
-    let path = dir.join("include/memshadow.h");
+    let path = dir
+        .parent()
+        .expect("client-lib/")
+        .join("include/memshadow.h");
     if std::env::var_os("MEMSHADOW_BLESS").is_some_and(|v| v == "1") {
-        std::fs::write(&path, &fresh).expect("write include/memshadow.h");
+        std::fs::write(&path, &fresh).expect("write client-lib/include/memshadow.h");
         return;
     }
     let current = std::fs::read(&path).unwrap_or_default();

@@ -9,8 +9,11 @@ use std::sync::mpsc;
 use memshadow_proto::{ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION};
 
 use super::*;
-use crate::fake_daemon;
 use Status::*;
+
+/// The Rust library's fake daemon (a file of its unit tests, not of its API).
+#[path = "../../src/fake_daemon.rs"]
+mod fake_daemon;
 
 fn last_error() -> String {
     // SAFETY: never NULL, NUL-terminated, valid until the next call on this thread.
@@ -28,8 +31,8 @@ fn status_name(s: Status) -> String {
         .to_owned()
 }
 
-/// A control session with a fake daemon that answers whatever `answer` says after the
-/// handshake.
+/// A client bound to a fake daemon that answers whatever `answer` says after the handshake
+/// and the bind.
 fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut FfiClient {
     let limits = Limits {
         max_read: MAX_READ as u32,
@@ -39,8 +42,7 @@ fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut Ff
         Request::Bind { .. } => None,
         r => Some(answer(r.clone())),
     });
-    // A control session: no uffd is created (the uffd-counting test of lib.rs runs beside).
-    new_client(Client::unbound_for_tests(a).unwrap())
+    new_client(Client::builder().socket_fd(a).connect().unwrap())
 }
 
 /// A fake daemon that mirrors anything as mirror 9, serves reads with `offset as u8`
