@@ -6,6 +6,11 @@
  * aborts on bad input; memshadow_last_error() says what went wrong on this thread.
  * Handles may be used from several threads at once, except that a handle must not be
  * freed while another thread still uses it.
+ *
+ * Versions: the library is libmemshadow.so.MAJOR (its SONAME). Within a major version
+ * functions, codes and struct fields are only added, never changed or removed, so a
+ * program built against 0.x runs with any later 0.y; MEMSHADOW_VERSION_* below is the
+ * version of this header, memshadow_version() the one of the library loaded at run time.
  */
 
 #ifndef MEMSHADOW_H
@@ -15,6 +20,11 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+/** The version of libmemshadow this header belongs to (memshadow_version() is the one loaded at run time). */
+#define MEMSHADOW_VERSION_MAJOR 0
+#define MEMSHADOW_VERSION_MINOR 1
+#define MEMSHADOW_VERSION_PATCH 0
 
 /**
  * Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
@@ -156,15 +166,15 @@ typedef struct memshadow_sync_report {
     /**
      * Pages whose written state was looked at (0 for the `uffd-wp` back end).
      */
-    uint64_t pages_scanned;
+    size_t pages_scanned;
     /**
      * Pages found written and invalidated (re-mirrored on the next device access).
      */
-    uint64_t pages_dirty;
+    size_t pages_dirty;
     /**
      * Runs of written pages (one invalidation each).
      */
-    uint64_t regions;
+    size_t regions;
     /**
      * Time spent finding and re-arming the written pages, in ns.
      */
@@ -263,7 +273,7 @@ memshadow_status memshadow_attach(const struct memshadow_client *client,
  * bytes.
  */
 memshadow_status memshadow_mirror_read(const struct memshadow_mirror *mirror,
-                                       uint64_t offset,
+                                       size_t offset,
                                        void *buf,
                                        size_t len);
 
@@ -274,12 +284,12 @@ memshadow_status memshadow_mirror_read(const struct memshadow_mirror *mirror,
  *
  * # Safety
  * `mirror` is NULL or a live mirror handle; `pages_out` is NULL or valid for writing a
- * `uint64_t`.
+ * `size_t`.
  */
 memshadow_status memshadow_mirror_populate(const struct memshadow_mirror *mirror,
-                                           uint64_t offset,
-                                           uint64_t len,
-                                           uint64_t *pages_out);
+                                           size_t offset,
+                                           size_t len,
+                                           size_t *pages_out);
 
 /**
  * Collects the pages of the mirror written since the last collection and invalidates
@@ -308,7 +318,7 @@ uint64_t memshadow_mirror_id(const struct memshadow_mirror *mirror);
  * # Safety
  * `mirror` is NULL or a live mirror handle.
  */
-uint64_t memshadow_mirror_len(const struct memshadow_mirror *mirror);
+size_t memshadow_mirror_len(const struct memshadow_mirror *mirror);
 
 /**
  * Stops mirroring and reports whether the daemon agreed. The handle stays valid (reads
@@ -395,9 +405,20 @@ void memshadow_stats_free(struct memshadow_stats *stats);
 /**
  * The message of the last failed call on this thread ("" if the last call succeeded).
  * Never NULL. Valid until the next `memshadow_*` call on this thread (other than
- * `memshadow_last_error`, `memshadow_status_name` and `memshadow_version`).
+ * `memshadow_last_error`, `memshadow_last_errno`, `memshadow_status_name` and
+ * `memshadow_version`).
  */
 const char *memshadow_last_error(void);
+
+/**
+ * The errno behind the last failed call on this thread: the error number of the system
+ * call that failed in this process (`ENOENT` or `ECONNREFUSED` with
+ * `MEMSHADOW_ERR_CONNECT`, `EPERM` with `MEMSHADOW_ERR_UFFD`, `EACCES` with
+ * `MEMSHADOW_ERR_NOT_DUMPABLE`, ...). 0 if no system call failed behind it (a refusal of
+ * the daemon, a bad argument) or the last call succeeded. Set and cleared with
+ * `memshadow_last_error`.
+ */
+int memshadow_last_errno(void);
 
 /**
  * The name of a result code (e.g. "MEMSHADOW_ERR_BAD_RANGE"), a static string; NULL for
@@ -406,7 +427,11 @@ const char *memshadow_last_error(void);
 const char *memshadow_status_name(int32_t status);
 
 /**
- * The version of libmemshadow (e.g. "0.1.0"), a static string.
+ * The version of the libmemshadow loaded at run time, "MAJOR.MINOR.PATCH" (e.g. "0.1.0"),
+ * a static string. `MEMSHADOW_VERSION_MAJOR`, `_MINOR` and `_PATCH` are the version of
+ * the header a program was built with. The dynamic linker sees to the major version (the
+ * SONAME, `libmemshadow.so.MAJOR`); a program that calls a function added in minor
+ * version y needs a library of version MAJOR.y or later.
  */
 const char *memshadow_version(void);
 

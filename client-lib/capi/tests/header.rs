@@ -5,11 +5,27 @@ use std::path::Path;
 
 const BLESS: &str = "MEMSHADOW_BLESS=1 cargo test -p memshadow-capi --test header";
 
+/// `MEMSHADOW_VERSION_*`: the crate's version, so a version bump makes the header stale
+/// until it is regenerated.
+fn version_macros() -> String {
+    format!(
+        "\n/** The version of libmemshadow this header belongs to (memshadow_version() is the \
+         one loaded at run time). */\n\
+         #define MEMSHADOW_VERSION_MAJOR {}\n\
+         #define MEMSHADOW_VERSION_MINOR {}\n\
+         #define MEMSHADOW_VERSION_PATCH {}",
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_PATCH"),
+    )
+}
+
 #[test]
 fn the_checked_in_header_is_up_to_date() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = cbindgen::Config::from_file(dir.join("cbindgen.toml"))
+    let mut config = cbindgen::Config::from_file(dir.join("cbindgen.toml"))
         .expect("read client-lib/capi/cbindgen.toml");
+    config.after_includes = Some(version_macros());
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(dir.join("src/lib.rs"))
