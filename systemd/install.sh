@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs memshadow: the binaries, the systemd units, the example configuration, the C
 # header and pkg-config file and libraries (when built), and creates the `memshadow` group
-# whose members may connect to the daemon's socket.
+# whose members may connect to the daemon's socket. The shared library is installed as
+# libmemshadow.so.X.Y.Z with the links libmemshadow.so.X (its SONAME, what programs load)
+# and libmemshadow.so (what -lmemshadow finds); `ldconfig` runs when installing to /.
 #
 #   systemd/install.sh [--prefix DIR] [--destdir DIR] [--from DIR] [--no-build] [--no-group]
 #
@@ -65,6 +67,10 @@ put() { # put MODE SOURCE TARGET: install one file under DESTDIR
   install -D -m "$1" "$2" "$DESTDIR$3"
   echo "installed $DESTDIR$3"
 }
+link() { # link NAME TARGET: TARGET (under DESTDIR) becomes a symbolic link to NAME
+  ln -sfn "$1" "$DESTDIR$2"
+  echo "linked $DESTDIR$2 -> $1"
+}
 skip() { echo "skipped $1: $2"; }
 
 # Binaries.
@@ -76,14 +82,28 @@ else
   skip memshadowctl "not built in $FROM"
 fi
 
-# C library, header and pkg-config file.
-for lib in libmemshadow.so libmemshadow.a; do
-  if [ -f "$FROM/$lib" ]; then
-    put 644 "$FROM/$lib" "$LIBDIR/$lib"
-  else
-    skip "$lib" "not built in $FROM"
+# C library, header and pkg-config file. Cargo builds libmemshadow.so; its SONAME is
+# libmemshadow.so.MAJOR (client-lib/capi/build.rs).
+MAJOR=${VERSION%%.*}
+SHARED=0
+if [ -f "$FROM/libmemshadow.so" ]; then
+  soname=$(readelf -d "$FROM/libmemshadow.so" 2>/dev/null \
+    | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p') || soname=""
+  if [ -n "$soname" ] && [ "$soname" != "libmemshadow.so.$MAJOR" ]; then
+    die "$FROM/libmemshadow.so has the SONAME $soname, not libmemshadow.so.$MAJOR of version $VERSION"
   fi
-done
+  put 644 "$FROM/libmemshadow.so" "$LIBDIR/libmemshadow.so.$VERSION"
+  link "libmemshadow.so.$VERSION" "$LIBDIR/libmemshadow.so.$MAJOR"
+  link "libmemshadow.so.$MAJOR" "$LIBDIR/libmemshadow.so"
+  SHARED=1
+else
+  skip libmemshadow.so "not built in $FROM"
+fi
+if [ -f "$FROM/libmemshadow.a" ]; then
+  put 644 "$FROM/libmemshadow.a" "$LIBDIR/libmemshadow.a"
+else
+  skip libmemshadow.a "not built in $FROM"
+fi
 if [ -f "$SRCDIR/client-lib/include/memshadow.h" ]; then
   put 644 "$SRCDIR/client-lib/include/memshadow.h" "$INCLUDEDIR/memshadow.h"
 else
@@ -138,6 +158,18 @@ elif getent group memshadow >/dev/null; then
 else
   groupadd --system memshadow
   echo "created group memshadow"
+fi
+
+# The dynamic linker's cache, so programs find libmemshadow.so.MAJOR in LIBDIR at once.
+if [ "$SHARED" = 0 ]; then
+  :
+elif [ -n "$DESTDIR" ]; then
+  echo "next (on the target machine): ldconfig"
+elif command -v ldconfig >/dev/null 2>&1; then
+  ldconfig
+  echo "ran ldconfig"
+else
+  skip ldconfig "not found; run it as root so programs find libmemshadow.so.$MAJOR"
 fi
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then

@@ -1289,8 +1289,9 @@ fn daemon_system_calls_fit_the_unit_filter() {
 
 /// The install script stages binaries, units (ExecStart rewritten), the example config
 /// (never overwriting an existing one), the header, pkg-config file and libraries when they
-/// exist, and the memshadow group, all under a DESTDIR; on this tree, what is not built yet
-/// is skipped with a message.
+/// exist (the shared one as `libmemshadow.so.X.Y.Z` with the links `libmemshadow.so.X` and
+/// `libmemshadow.so`), and the memshadow group, all under a DESTDIR; on this tree, what is
+/// not built yet is skipped with a message.
 #[test]
 fn install_script_stages_everything_under_destdir() {
     let script = root().join("systemd/install.sh");
@@ -1350,9 +1351,15 @@ fn install_script_stages_everything_under_destdir() {
         .output()
         .unwrap();
     assert!(check.status.success(), "the installed config is valid");
+    let version = env!("CARGO_PKG_VERSION");
+    let major = env!("CARGO_PKG_VERSION_MAJOR");
+    let real = format!("libmemshadow.so.{version}");
+    let soname = format!("libmemshadow.so.{major}");
     for (artifact, path) in [
         ("memshadowctl", "usr/local/bin/memshadowctl"),
         ("libmemshadow.so", "usr/local/lib/libmemshadow.so"),
+        ("libmemshadow.so", &format!("usr/local/lib/{real}")),
+        ("libmemshadow.so", &format!("usr/local/lib/{soname}")),
         ("libmemshadow.a", "usr/local/lib/libmemshadow.a"),
     ] {
         let built = bins.join(artifact).exists();
@@ -1363,6 +1370,25 @@ fn install_script_stages_everything_under_destdir() {
                 "{out}"
             );
         }
+    }
+    if bins.join("libmemshadow.so").exists() {
+        let lib = d.join("usr/local/lib");
+        assert_eq!(
+            std::fs::read(lib.join(&real)).unwrap(),
+            std::fs::read(bins.join("libmemshadow.so")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_link(lib.join(&soname)).unwrap(),
+            Path::new(&real)
+        );
+        assert_eq!(
+            std::fs::read_link(lib.join("libmemshadow.so")).unwrap(),
+            Path::new(&soname)
+        );
+        assert!(
+            out.contains("next (on the target machine): ldconfig"),
+            "{out}"
+        );
     }
     for (src, path, name) in [
         (
@@ -1450,12 +1476,47 @@ fn install_script_stages_everything_under_destdir() {
     for p in [
         "usr/bin/memshadowd",
         "usr/bin/memshadowctl",
-        "usr/lib/libmemshadow.so",
+        "usr/lib/libmemshadow.so.9.8.7",
         "usr/lib/libmemshadow.a",
         "usr/include/memshadow.h",
         "etc/memshadow/memshadowd.toml",
     ] {
         assert!(d.join(p).is_file(), "{p} missing:\n{out}");
+    }
+    // The major version of 9.8.7 names the SONAME link (the stand-in library is no ELF
+    // file, so its SONAME is not checked).
+    for (link, to) in [
+        ("usr/lib/libmemshadow.so.9", "libmemshadow.so.9.8.7"),
+        ("usr/lib/libmemshadow.so", "libmemshadow.so.9"),
+    ] {
+        assert_eq!(std::fs::read_link(d.join(link)).unwrap(), Path::new(to));
+    }
+    assert_eq!(
+        std::fs::read(d.join("usr/lib/libmemshadow.so")).unwrap(),
+        b"so"
+    );
+
+    // The real library (SONAME libmemshadow.so.0) does not pass for version 9.8.7.
+    if bins.join("libmemshadow.so").exists() && tool("readelf", "binutils").is_some() {
+        std::fs::copy(bins.join("libmemshadow.so"), fb.join("libmemshadow.so")).unwrap();
+        let stage3 = TempDir::new("install3");
+        let o = Command::new("bash")
+            .arg(&script)
+            .args(["--srcdir", s.to_str().unwrap(), "--destdir"])
+            .arg(stage3.path())
+            .args(["--from", fb.to_str().unwrap(), "--no-build", "--no-group"])
+            .env_remove("DESTDIR")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "installed a library of another major version"
+        );
+        assert!(
+            err.contains("has the SONAME libmemshadow.so.0, not libmemshadow.so.9"),
+            "{err}"
+        );
     }
     assert_eq!(
         std::fs::read_to_string(d.join("usr/lib/pkgconfig/memshadow.pc")).unwrap(),

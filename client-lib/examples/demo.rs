@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use memshadow::{Client, InvalidationReport};
+use memshadow::{Client, InvalidationReport, Target};
 
 const PAGE: usize = 4096;
 const LEN: usize = 1 << 20;
@@ -117,10 +117,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         client.access_path().map_or("?", |a| a.as_str())
     );
 
-    // What the daemon does, as it tells any `memshadowctl trace`.
+    // What the daemon does, as it tells any `memshadowctl trace`. The stream has a
+    // connection of its own: the thread blocked on it holds up none of the calls below.
     let (tx, trace) = mpsc::channel();
-    let tracer = Client::connect_control(Some(&socket))?;
-    let mut stream = tracer.trace(std::process::id() as i32, 0)?;
+    let mut stream = client.control().trace(Target::Me, 0)?;
     std::thread::spawn(move || {
         while let Ok(rec) = stream.next_record() {
             if tx.send(rec.report).is_err() {
@@ -206,7 +206,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         return Err(format!("memshadowctl status failed: {st}").into());
     }
     drop(client);
-    drop(tracer);
     println!("== stopping memshadowd (SIGTERM)");
     let how = daemon.stop()?;
     println!("memshadowd stopped: {how}");

@@ -4,11 +4,12 @@
 //! are refused to anyone but root or the daemon's own uid (DESIGN.md §5 G7).
 
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use memshadow_proto::{
-    self as proto, EventKind, InvalidateFlags, InvalidationReport, MirrorInfo, Request, Response,
-    FLAG_MORE, MAX_READ,
+    self as proto, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request,
+    Response, FLAG_MORE, MAX_READ,
 };
 
 use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner, SyncReport};
@@ -49,11 +50,11 @@ pub struct TraceRecord {
     pub report: InvalidationReport,
 }
 
-/// A live stream of invalidations ([`Client::trace`]). Blocks in [`Trace::next_record`]
-/// until the daemon reports one; ends when the daemon goes away.
+/// A live stream of invalidations ([`Control::trace`]), on a connection of its own: blocking
+/// in [`Trace::next_record`] holds up no other request. Ends when the daemon goes away.
 #[derive(Debug)]
 pub struct Trace {
-    inner: Arc<Inner>,
+    inner: Inner,
     id: u64,
 }
 
@@ -61,24 +62,20 @@ impl Trace {
     /// The next record; `Err(DaemonGone)` when the daemon closes the stream.
     pub fn next_record(&mut self) -> Result<TraceRecord, Error> {
         let mut c = self.inner.lock_conn();
-        loop {
-            let crate::Conn { sock, buf, .. } = &mut *c;
-            let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
-            let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            match resp {
-                Response::TraceEvent { dropped, report } if frame.header.request_id == self.id => {
-                    if frame.header.flags & FLAG_MORE == 0 {
-                        return Err(Error::Protocol("trace record without FLAG_MORE".into()));
-                    }
-                    return Ok(TraceRecord { dropped, report });
+        let crate::Conn { sock, buf, .. } = &mut *c;
+        let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
+        let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        match resp {
+            Response::TraceEvent { dropped, report } if frame.header.request_id == self.id => {
+                if frame.header.flags & FLAG_MORE == 0 {
+                    return Err(Error::Protocol("trace record without FLAG_MORE".into()));
                 }
-                Response::Error { code, message } => {
-                    return Err(Error::from_response(code, message))
-                }
-                // Answers to requests of other clones of the client are not ours.
-                _ => continue,
+                Ok(TraceRecord { dropped, report })
             }
+            Response::Error { code, message } => Err(Error::from_response(code, message)),
+            // The connection is the stream's own: nothing else may arrive on it.
+            r => Err(unexpected(r)),
         }
     }
 }
@@ -94,12 +91,94 @@ impl Iterator for Trace {
     }
 }
 
-/// The bit of `kind` in a [`Client::trace`] event mask.
+/// The bit of `kind` in a [`Control::trace`] event mask.
 pub fn event_bit(kind: EventKind) -> u32 {
     1 << (kind.code() - 1)
 }
 
-impl Client {
+/// Whose mirrors ([`Control::list_mirrors`]) or invalidations ([`Control::trace`]) a
+/// request is about. On the wire `Me` and `All` are the protocol's pids 0 and -1 (mirrors)
+/// or this process's pid and 0 (trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// This session's mirrors (so only on a bound session: [`Client::control`]); this
+    /// process's invalidations.
+    Me,
+    /// The client with this pid (positive; another client's only for root or the daemon's
+    /// owner).
+    Pid(i32),
+    /// Every client the caller may see (root and the daemon's owner: every client).
+    All,
+}
+
+impl Target {
+    fn pid(p: i32) -> Result<i32, Error> {
+        if p > 0 {
+            Ok(p)
+        } else {
+            Err(Error::NoSuchClient(format!("no client has pid {p}")))
+        }
+    }
+
+    /// The `pid` of `ListMirrors`.
+    pub(crate) fn mirrors_pid(self) -> Result<i32, Error> {
+        match self {
+            Target::Me => Ok(0),
+            Target::Pid(p) => Target::pid(p),
+            Target::All => Ok(-1),
+        }
+    }
+
+    /// The `pid` of `Trace`.
+    pub(crate) fn trace_pid(self) -> Result<i32, Error> {
+        match self {
+            Target::Me => Ok(std::process::id() as i32),
+            Target::Pid(p) => Target::pid(p),
+            Target::All => Ok(0),
+        }
+    }
+}
+
+/// A control session: the daemon's status, its clients and mirrors, device reads of another
+/// client's shadow, injected invalidations and live traces. From [`Control::connect`] (a
+/// session of its own, which mirrors nothing) or [`Client::control`] (on a client's
+/// session). Cheap to clone; usable from many threads.
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Control {
+    /// Opens a control session at the default path ([`crate::socket_path`]).
+    pub fn connect() -> Result<Control, Error> {
+        Client::builder().connect_control()
+    }
+
+    /// Opens a control session with the daemon at `path`.
+    pub fn connect_to(path: &Path) -> Result<Control, Error> {
+        Client::builder().socket(path).connect_control()
+    }
+
+    /// The protocol version of the session.
+    pub fn protocol_version(&self) -> u16 {
+        self.inner.version
+    }
+
+    /// The daemon's version.
+    pub fn daemon_version(&self) -> &str {
+        &self.inner.daemon_version
+    }
+
+    /// The daemon's page size.
+    pub fn page_size(&self) -> usize {
+        self.inner.page_size as usize
+    }
+
+    /// The daemon's limits and this session's quotas.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
     /// The daemon's settings and counters.
     pub fn status(&self) -> Result<Status, Error> {
         match self.inner.call(&Request::Status, &[])? {
@@ -116,14 +195,10 @@ impl Client {
         }
     }
 
-    /// This session's mirrors.
-    pub fn list_mirrors(&self) -> Result<Vec<MirrorInfo>, Error> {
-        self.list_mirrors_of(0)
-    }
-
-    /// Mirrors of the client with pid `pid` (0: this session, -1: every client); another
-    /// client's only for root or the daemon's owner.
-    pub fn list_mirrors_of(&self, pid: i32) -> Result<Vec<MirrorInfo>, Error> {
+    /// The mirrors of `target`: this session's (`Me`), one client's, or every client's;
+    /// another client's only for root or the daemon's owner.
+    pub fn list_mirrors(&self, target: Target) -> Result<Vec<MirrorInfo>, Error> {
+        let pid = target.mirrors_pid()?;
         match self.inner.call(&Request::ListMirrors { pid }, &[])? {
             Response::Mirrors { mirrors } => Ok(mirrors),
             r => Err(unexpected(r)),
@@ -193,19 +268,25 @@ impl Client {
         crate::sync_call(&self.inner, Request::SyncPid { pid })
     }
 
-    /// Subscribes to a live stream of invalidations of client `pid` (0: every client this
-    /// caller may see) whose kind is in `events` (bits of [`event_bit`]; 0: all). Use a
-    /// client of its own for it: answers to other requests on the same connection are
-    /// interleaved with the stream.
-    pub fn trace(&self, pid: i32, events: u32) -> Result<Trace, Error> {
-        let (resp, id) = self
-            .inner
-            .call_with_id(&Request::Trace { pid, events }, &[])?;
+    /// Subscribes to a live stream of the invalidations of `target` whose kind is in
+    /// `events` (bits of [`event_bit`]; 0: all). The stream has a connection of its own,
+    /// opened at the path this session was opened on, so waiting for records holds up no
+    /// other request of this session (`Error::Unsupported` for a session opened on a socket
+    /// handed over without a path: [`crate::Builder::socket_fd`]).
+    pub fn trace(&self, target: Target, events: u32) -> Result<Trace, Error> {
+        let pid = target.trace_pid()?;
+        let path = self.inner.path.clone().ok_or_else(|| {
+            Error::Unsupported(
+                "a trace needs a connection of its own, and this session has no socket path \
+                 to open one at"
+                    .into(),
+            )
+        })?;
+        let sock = crate::connect_socket(&path)?;
+        let inner = crate::open_session(sock, Some(path), self.inner.name.clone(), false)?;
+        let (resp, id) = inner.call_with_id(&Request::Trace { pid, events }, &[])?;
         match resp {
-            Response::TraceStarted => Ok(Trace {
-                inner: Arc::clone(&self.inner),
-                id,
-            }),
+            Response::TraceStarted => Ok(Trace { inner, id }),
             r => Err(unexpected(r)),
         }
     }

@@ -6,7 +6,8 @@
 //! [`Client::attach`] mirrors a range; [`Mirror::read`] is a device read served by the
 //! daemon's engines from the shadow. Writes to mirrored memory reach the shadow when the
 //! daemon collects them (dirty tracking): on [`Mirror::sync`], or as the [`Policy`] given
-//! to [`Client::attach_with`] says. The C ABI over this API is in [`ffi`].
+//! to [`Client::attach_with`] says. The C ABI over this API is the `memshadow-capi`
+//! crate (`libmemshadow.so`), and `memshadowctl` the `memshadow-ctl` crate.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub use control::{event_bit, Status, Trace, TraceRecord};
+pub use control::{event_bit, Control, Status, Target, Trace, TraceRecord};
 use memshadow_proto::{
     self as proto, AttachPolicy, BindFlags, Request, Response, SocketError, MAX_READ, MIN_VERSION,
     VERSION,
@@ -42,13 +43,14 @@ pub use memshadow_proto::{
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
-pub mod ffi;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 
-/// Errors of the client library.
+/// Errors of the client library. New kinds may be added in a minor release: match with a
+/// wildcard arm. [`Error::raw_os_error`] is the errno behind an error, if any.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No socket path could be worked out.
     #[error("no socket path: set MEMSHADOW_SOCKET or XDG_RUNTIME_DIR")]
@@ -133,6 +135,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// The errno of the failed system call behind this error (`ENOENT` or `ECONNREFUSED`
+    /// for a [`Error::Connect`], `EPERM` for a [`Error::Uffd`], ...), found by walking its
+    /// causes; `None` when there is none (a refusal of the daemon, a broken protocol).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(n) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+            {
+                return Some(n);
+            }
+            if let Some(&errno) = e.downcast_ref::<nix::errno::Errno>() {
+                return (errno as i32 != 0).then_some(errno as i32);
+            }
+            cause = e.source();
+        }
+        None
+    }
+
     fn from_response(code: ErrorCode, message: String) -> Error {
         match code {
             ErrorCode::NotMirrored => Error::NotMirrored(message),
@@ -250,6 +272,11 @@ struct Inner {
     page_size: u32,
     limits: Limits,
     bound: Option<(AccessPath, u64)>,
+    /// The socket path the session was opened on (`None`: a socket handed over), where a
+    /// trace opens a connection of its own.
+    path: Option<PathBuf>,
+    /// The name this session gave the daemon.
+    name: String,
 }
 
 impl Inner {
@@ -354,131 +381,226 @@ fn unexpected(r: Response) -> Error {
     Error::Protocol(format!("unexpected answer {r:?}"))
 }
 
-/// A session with memshadowd. Cheap to clone; usable from many threads (requests are
-/// serialised on the one connection).
+/// How to open a session with memshadowd: where, under which name, and whether as a client
+/// that mirrors its memory ([`Builder::connect`]) or as a control session
+/// ([`Builder::connect_control`]).
+///
+/// ```no_run
+/// # fn main() -> Result<(), memshadow::Error> {
+/// let client = memshadow::Client::builder()
+///     .socket("/run/memshadow/memshadowd.sock") // default: MEMSHADOW_SOCKET or the path rules
+///     .name("my-emulator")                      // default: this process's comm
+///     .connect()?;
+/// let control = client.control();               // control requests on the same session
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Builder {
+    path: Option<PathBuf>,
+    sock: Option<OwnedFd>,
+    name: Option<String>,
+}
+
+impl Builder {
+    /// Connects to the daemon listening at `path` (default: [`socket_path`]).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Uses `sock`, a `SOCK_SEQPACKET` Unix socket already connected to the daemon (one a
+    /// parent process handed over, say), instead of connecting. A trace needs a connection
+    /// of its own: it opens one at the path given with [`Builder::socket`], and is refused
+    /// (`Error::Unsupported`) without one.
+    pub fn socket_fd(mut self, sock: OwnedFd) -> Builder {
+        self.sock = Some(sock);
+        self
+    }
+
+    /// The name the session gives the daemon, for its logs (default: this process's
+    /// `comm`; at most 64 bytes are sent).
+    pub fn name(mut self, name: impl Into<String>) -> Builder {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Opens the session and binds this process: creates its userfaultfd and hands it to
+    /// the daemon with the fds it needs to read this process's memory, keeping no copy.
+    pub fn connect(self) -> Result<Client, Error> {
+        Ok(Client {
+            inner: Arc::new(self.open(true)?),
+        })
+    }
+
+    /// Opens a control session: nothing of this process is mirrored (status, lists, peeks,
+    /// injected invalidations and traces; `memshadowctl`).
+    pub fn connect_control(self) -> Result<Control, Error> {
+        Ok(Control {
+            inner: Arc::new(self.open(false)?),
+        })
+    }
+
+    fn open(self, bind: bool) -> Result<Inner, Error> {
+        let name = self.name.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/self/comm")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        });
+        let (sock, path) = match (self.sock, self.path) {
+            (Some(sock), path) => (sock, path),
+            (None, Some(path)) => (connect_socket(&path)?, Some(path)),
+            (None, None) => {
+                let path = socket_path()?;
+                (connect_socket(&path)?, Some(path))
+            }
+        };
+        open_session(sock, path, name, bind)
+    }
+}
+
+/// A new connection to the daemon at `path`.
+fn connect_socket(path: &Path) -> Result<OwnedFd, Error> {
+    let cerr = |source| Error::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(cerr)?;
+    let addr = UnixAddr::new(path).map_err(cerr)?;
+    connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+    Ok(sock)
+}
+
+/// The handshake on `sock` and, if `bind`, the bind of this process.
+fn open_session(
+    sock: OwnedFd,
+    path: Option<PathBuf>,
+    name: String,
+    bind: bool,
+) -> Result<Inner, Error> {
+    let mut inner = Inner {
+        conn: Mutex::new(Conn {
+            sock,
+            next_id: 0,
+            buf: Vec::new(),
+        }),
+        version: 0,
+        daemon_version: String::new(),
+        page_size: 0,
+        limits: Limits::default(),
+        bound: None,
+        path,
+        name,
+    };
+    let hello = Request::Hello {
+        min_version: MIN_VERSION,
+        max_version: VERSION,
+        name: inner.name.clone(),
+    };
+    match inner.call(&hello, &[])? {
+        Response::HelloAck {
+            version,
+            daemon_version,
+            page_size,
+            limits,
+        } => {
+            inner.version = version;
+            inner.daemon_version = daemon_version;
+            inner.page_size = page_size;
+            inner.limits = limits;
+        }
+        r => return Err(unexpected(r)),
+    }
+    if bind {
+        let (uffd, privileged) = create_uffd_kind()?;
+        let mem = open_proc("/proc/self/mem")?;
+        // Protocol 2: the maps, third (which addresses are mapped, and readable).
+        let maps = if inner.version >= 2 {
+            Some(open_proc("/proc/self/maps")?)
+        } else {
+            None
+        };
+        // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
+        // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
+        let pagemap = open_proc("/proc/self/pagemap").ok();
+        let clear_refs = pagemap
+            .as_ref()
+            .filter(|_| inner.version >= 2)
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/proc/self/clear_refs")
+                    .ok()
+            });
+        let mut fds = vec![uffd.as_fd(), mem.as_fd()];
+        fds.extend(maps.as_ref().map(AsFd::as_fd));
+        fds.extend(pagemap.as_ref().map(AsFd::as_fd));
+        fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
+        let flags = if privileged {
+            BindFlags::UFFD_PRIVILEGED
+        } else {
+            BindFlags::empty()
+        };
+        let sent = inner.call(&Request::Bind { flags }, &fds);
+        // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
+        drop(fds);
+        drop((uffd, mem, maps, pagemap, clear_refs));
+        match sent? {
+            Response::Bound {
+                access,
+                uffd_features,
+            } => inner.bound = Some((access, uffd_features)),
+            r => return Err(unexpected(r)),
+        }
+    }
+    Ok(inner)
+}
+
+/// A session with memshadowd that mirrors this process's memory. Cheap to clone; usable
+/// from many threads (requests are serialised on the one connection). Its control requests
+/// (status, other clients) are on [`Client::control`].
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
 }
 
 impl Client {
+    /// How to open a session, when the defaults of [`Client::connect`] do not fit.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
     /// Connects to the daemon at the default path and binds this process.
     pub fn connect() -> Result<Client, Error> {
-        Client::connect_to(&socket_path()?)
+        Client::builder().connect()
     }
 
     /// Connects to the daemon at `path` and binds this process.
     pub fn connect_to(path: &Path) -> Result<Client, Error> {
-        Client::open(path, true)
+        Client::builder().socket(path).connect()
     }
 
-    /// Connects without binding (status and control only; `memshadowctl`).
-    pub fn connect_control(path: Option<&Path>) -> Result<Client, Error> {
+    /// Opens a control session (nothing is mirrored) at `path`, or at the default path:
+    /// the same as [`Control::connect_to`] and [`Control::connect`].
+    pub fn connect_control(path: Option<&Path>) -> Result<Control, Error> {
         match path {
-            Some(p) => Client::open(p, false),
-            None => Client::open(&socket_path()?, false),
+            Some(p) => Control::connect_to(p),
+            None => Control::connect(),
         }
     }
 
-    fn open(path: &Path, bind: bool) -> Result<Client, Error> {
-        let cerr = |source| Error::Connect {
-            path: path.to_owned(),
-            source,
-        };
-        let sock = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(cerr)?;
-        let addr = UnixAddr::new(path).map_err(cerr)?;
-        connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-        Client::from_socket(sock, bind)
-    }
-
-    fn from_socket(sock: OwnedFd, bind: bool) -> Result<Client, Error> {
-        let mut inner = Inner {
-            conn: Mutex::new(Conn {
-                sock,
-                next_id: 0,
-                buf: Vec::new(),
-            }),
-            version: 0,
-            daemon_version: String::new(),
-            page_size: 0,
-            limits: Limits::default(),
-            bound: None,
-        };
-        let name = std::fs::read_to_string("/proc/self/comm")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default();
-        match inner.call(
-            &Request::Hello {
-                min_version: MIN_VERSION,
-                max_version: VERSION,
-                name,
-            },
-            &[],
-        )? {
-            Response::HelloAck {
-                version,
-                daemon_version,
-                page_size,
-                limits,
-            } => {
-                inner.version = version;
-                inner.daemon_version = daemon_version;
-                inner.page_size = page_size;
-                inner.limits = limits;
-            }
-            r => return Err(unexpected(r)),
+    /// Control requests (status, lists, traces, ...) on this session's connection.
+    pub fn control(&self) -> Control {
+        Control {
+            inner: Arc::clone(&self.inner),
         }
-        if bind {
-            let (uffd, privileged) = create_uffd_kind()?;
-            let mem = open_proc("/proc/self/mem")?;
-            // Protocol 2: the maps, third (which addresses are mapped, and readable).
-            let maps = if inner.version >= 2 {
-                Some(open_proc("/proc/self/maps")?)
-            } else {
-                None
-            };
-            // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
-            // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
-            let pagemap = open_proc("/proc/self/pagemap").ok();
-            let clear_refs = pagemap
-                .as_ref()
-                .filter(|_| inner.version >= 2)
-                .and_then(|_| {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open("/proc/self/clear_refs")
-                        .ok()
-                });
-            let mut fds = vec![uffd.as_fd(), mem.as_fd()];
-            fds.extend(maps.as_ref().map(AsFd::as_fd));
-            fds.extend(pagemap.as_ref().map(AsFd::as_fd));
-            fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
-            let flags = if privileged {
-                BindFlags::UFFD_PRIVILEGED
-            } else {
-                BindFlags::empty()
-            };
-            let sent = inner.call(&Request::Bind { flags }, &fds);
-            // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
-            drop(fds);
-            drop((uffd, mem, maps, pagemap, clear_refs));
-            match sent? {
-                Response::Bound {
-                    access,
-                    uffd_features,
-                } => inner.bound = Some((access, uffd_features)),
-                r => return Err(unexpected(r)),
-            }
-        }
-        Ok(Client {
-            inner: Arc::new(inner),
-        })
     }
 
     /// The protocol version of the session.
@@ -501,7 +623,7 @@ impl Client {
         self.inner.limits
     }
 
-    /// How the daemon reads this process's memory (`None` for a control session).
+    /// How the daemon reads this process's memory.
     pub fn access_path(&self) -> Option<AccessPath> {
         self.inner.bound.map(|b| b.0)
     }
@@ -575,16 +697,17 @@ impl Client {
         self.attach(map.as_ptr(), map.len())
     }
 
-    fn counters(&self, req: Request) -> Result<Vec<(String, u64)>, Error> {
-        match self.inner.call(&req, &[])? {
+    /// This session's counters.
+    pub fn stats(&self) -> Result<Vec<(String, u64)>, Error> {
+        match self.inner.call(&Request::ClientStats, &[])? {
             Response::Counters { entries } => Ok(entries),
             r => Err(unexpected(r)),
         }
     }
 
-    /// This session's counters.
-    pub fn stats(&self) -> Result<Vec<(String, u64)>, Error> {
-        self.counters(Request::ClientStats)
+    /// This session's mirrors.
+    pub fn list_mirrors(&self) -> Result<Vec<MirrorInfo>, Error> {
+        self.control().list_mirrors(Target::Me)
     }
 
     /// Collects the pages this process wrote in every mirror of this session and
@@ -711,12 +834,14 @@ impl Mirror {
         sync_call(&self.inner, Request::Sync { mirror_id: self.id })
     }
 
-    /// Stops mirroring.
+    /// Stops mirroring. Dropping the mirror detaches it too, ignoring errors.
     pub fn detach(self) -> Result<(), Error> {
-        self.detach_inner()
+        self.detach_shared()
     }
 
-    fn detach_inner(&self) -> Result<(), Error> {
+    /// Stops mirroring a mirror that is shared (in an `Arc`, or behind a C handle): later
+    /// reads fail with `Error::NoSuchMirror`, and detaching again is a no-op.
+    pub fn detach_shared(&self) -> Result<(), Error> {
         if self.detached.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
@@ -732,9 +857,21 @@ impl Mirror {
 
 impl Drop for Mirror {
     fn drop(&mut self) {
-        let _ = self.detach_inner();
+        let _ = self.detach_shared();
     }
 }
+
+// Each handle may be shared between threads (Client, Mirror, Control) or handed to one
+// (Trace); a change that loses this fails to compile here.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Client>();
+    send_sync::<Mirror>();
+    send_sync::<Control>();
+    send_sync::<Trace>();
+    send_sync::<Builder>();
+    send_sync::<Error>();
+};
 
 #[cfg(test)]
 mod fake_daemon;

@@ -4,8 +4,10 @@
 
 use super::*;
 use crate::fake_daemon;
+use memshadow_proto::{EventKind, InvalidationReport};
 use nix::sys::socket::socketpair;
 use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc;
 
 /// Tests that create userfaultfds hold this, so the one that counts this process's
 /// userfaultfds sees none of theirs.
@@ -94,7 +96,7 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
             _ => None,
         }
     });
-    let c = Client::from_socket(a, true).unwrap();
+    let c = Client::builder().socket_fd(a).connect().unwrap();
     assert_eq!(
         uffds_held(),
         before,
@@ -137,7 +139,7 @@ fn a_vanished_daemon_is_daemon_gone() {
     .unwrap();
     drop(b);
     assert!(matches!(
-        Client::from_socket(a, false),
+        Client::builder().socket_fd(a).connect_control(),
         Err(Error::DaemonGone)
     ));
 }
@@ -176,7 +178,7 @@ fn bind_flag_policies_and_sync_go_on_the_wire() {
             }
         }
     });
-    let c = Client::from_socket(a, true).unwrap();
+    let c = Client::builder().socket_fd(a).connect().unwrap();
     let strict = c
         .attach_with(0x10000 as *const u8, 4096, Policy::Strict)
         .unwrap();
@@ -198,7 +200,10 @@ fn bind_flag_policies_and_sync_go_on_the_wire() {
     assert_eq!(r.mirrors as u64, strict.id(), "Sync names the mirror");
     assert_eq!(r.backend, DirtyBackend::PagemapScan);
     assert_eq!(c.sync().unwrap().mirrors, 0, "0: every mirror");
-    assert!(matches!(c.sync_pid(42), Err(Error::Unsupported(_))));
+    assert!(matches!(
+        c.control().sync_pid(42),
+        Err(Error::Unsupported(_))
+    ));
     drop((strict, periodic, plain, c));
     daemon.join().unwrap();
     let seen = seen.lock().unwrap();
@@ -248,9 +253,215 @@ fn a_long_list_is_put_back_together_from_its_pieces() {
         Request::Status => Some(Response::error(ErrorCode::Internal, "after the list")),
         _ => None,
     });
-    let c = Client::from_socket(a, false).unwrap();
+    let c = Client::builder().socket_fd(a).connect_control().unwrap();
     assert_eq!(c.list_clients().unwrap(), clients);
     assert!(matches!(c.status(), Err(Error::Daemon { .. })));
     drop(c);
+    daemon.join().unwrap();
+}
+
+#[test]
+fn the_errno_behind_an_error_is_found_among_its_causes() {
+    let io = |n| std::io::Error::from_raw_os_error(n);
+    let connect = Error::Connect {
+        path: "/x".into(),
+        source: nix::Error::ECONNREFUSED,
+    };
+    assert_eq!(connect.raw_os_error(), Some(libc::ECONNREFUSED));
+    assert_eq!(
+        Error::Uffd(io(libc::EPERM)).raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        Error::Proc("/proc/self/mem", io(libc::EACCES)).raw_os_error(),
+        Some(libc::EACCES)
+    );
+    // Two causes down: Error::Socket -> SocketError::Io -> Errno.
+    let socket = Error::Socket(SocketError::Io(nix::Error::EMSGSIZE));
+    assert_eq!(socket.raw_os_error(), Some(libc::EMSGSIZE));
+    // No system call failed behind these.
+    assert_eq!(Error::Socket(SocketError::Closed).raw_os_error(), None);
+    assert_eq!(Error::NotMirrored("x".into()).raw_os_error(), None);
+    assert_eq!(Error::DaemonGone.raw_os_error(), None);
+}
+
+#[test]
+fn targets_are_the_protocols_pids() {
+    assert_eq!(Target::Me.mirrors_pid().unwrap(), 0);
+    assert_eq!(Target::All.mirrors_pid().unwrap(), -1);
+    assert_eq!(Target::Pid(42).mirrors_pid().unwrap(), 42);
+    assert_eq!(
+        Target::Me.trace_pid().unwrap(),
+        std::process::id() as i32,
+        "a trace of this process"
+    );
+    assert_eq!(Target::All.trace_pid().unwrap(), 0);
+    assert_eq!(Target::Pid(42).trace_pid().unwrap(), 42);
+    // A pid that would read as one of the special values on the wire is no client's.
+    for p in [0, -1, i32::MIN] {
+        assert!(matches!(
+            Target::Pid(p).mirrors_pid(),
+            Err(Error::NoSuchClient(_))
+        ));
+        assert!(matches!(
+            Target::Pid(p).trace_pid(),
+            Err(Error::NoSuchClient(_))
+        ));
+    }
+}
+
+/// A fake daemon listening at a path: answers `Hello` and `Status`, starts a trace on
+/// `Trace` and sends its one record when `release` gets a message; `hellos` are the names
+/// its connections gave, in order.
+struct TraceDaemon {
+    path: PathBuf,
+    hellos: Arc<Mutex<Vec<String>>>,
+    release: mpsc::Sender<()>,
+}
+
+impl TraceDaemon {
+    fn start(tag: &str) -> TraceDaemon {
+        use nix::sys::socket::{accept, bind, listen, Backlog};
+        let dir = std::env::temp_dir().join(format!("memshadow-lib-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.sock");
+        let l = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&l, Backlog::new(4).unwrap()).unwrap();
+        let hellos = Arc::new(Mutex::new(Vec::new()));
+        let (release, released) = mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let seen = Arc::clone(&hellos);
+        std::thread::spawn(move || {
+            while let Ok(fd) = accept(l.as_raw_fd()) {
+                // SAFETY: `accept` just returned this fd; nothing else owns it.
+                let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+                let (seen, released) = (Arc::clone(&seen), Arc::clone(&released));
+                std::thread::spawn(move || serve_trace(&conn, &seen, &released));
+            }
+        });
+        TraceDaemon {
+            path,
+            hellos,
+            release,
+        }
+    }
+}
+
+fn serve_trace(conn: &OwnedFd, seen: &Mutex<Vec<String>>, released: &Mutex<mpsc::Receiver<()>>) {
+    let send = |id: u64, flags: u16, r: &Response| {
+        proto::send(
+            conn.as_fd(),
+            r.msg_type(),
+            flags,
+            id,
+            &r.encode_payload(),
+            &[],
+        )
+        .is_ok()
+    };
+    let mut buf = Vec::new();
+    while let Ok(f) = proto::recv(conn.as_fd(), &mut buf) {
+        let id = f.header.request_id;
+        let ok = match Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap() {
+            Request::Hello { name, .. } => {
+                seen.lock().unwrap().push(name);
+                send(
+                    id,
+                    0,
+                    &Response::HelloAck {
+                        version: VERSION,
+                        daemon_version: "fake".into(),
+                        page_size: 4096,
+                        limits: Limits::default(),
+                    },
+                )
+            }
+            Request::Status => send(
+                id,
+                0,
+                &Response::StatusReport {
+                    info: vec![],
+                    counters: vec![("server.clients".into(), 2)],
+                },
+            ),
+            Request::Trace { pid, .. } => {
+                assert_eq!(pid, 0, "Target::All");
+                let record = Response::TraceEvent {
+                    dropped: 3,
+                    report: InvalidationReport {
+                        pid: 77,
+                        event: EventKind::Unmap,
+                        start: 0x1000,
+                        end: 0x3000,
+                        notifiers: 1,
+                        would_block: false,
+                        start_ns: 1,
+                        finish_ns: 2,
+                        flushes_queued: 0,
+                        flushes_coalesced: 0,
+                    },
+                };
+                send(id, 0, &Response::TraceStarted)
+                    && released.lock().unwrap().recv().is_ok()
+                    && send(id, proto::FLAG_MORE, &record)
+            }
+            _ => send(id, 0, &Response::error(ErrorCode::Internal, "unexpected")),
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// A trace waiting for its next record holds up no other call of the session it came
+/// from: it has a connection of its own, opened under the session's name.
+#[test]
+fn a_trace_waits_on_a_connection_of_its_own() {
+    let d = TraceDaemon::start("trace");
+    let control = Client::builder()
+        .socket(&d.path)
+        .name("tracer")
+        .connect_control()
+        .unwrap();
+    let mut trace = control.trace(Target::All, 0).unwrap();
+    let waiting = std::thread::spawn(move || trace.next_record());
+    // The trace thread is (about to be) blocked in next_record; a status must not wait
+    // for it. Asked on another thread so a regression fails rather than hangs.
+    let (tx, rx) = mpsc::channel();
+    let asker = control.clone();
+    std::thread::spawn(move || tx.send(asker.status().map(|s| s.counter("server.clients"))));
+    let status = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("status waited for the trace");
+    assert_eq!(status.unwrap(), Some(2));
+    d.release.send(()).unwrap();
+    let rec = waiting.join().unwrap().unwrap();
+    assert_eq!((rec.dropped, rec.report.pid), (3, 77));
+    assert_eq!(
+        *d.hellos.lock().unwrap(),
+        ["tracer", "tracer"],
+        "the session, then the trace's own connection"
+    );
+    let _ = std::fs::remove_dir_all(d.path.parent().unwrap());
+}
+
+/// A session on a socket handed over has no path to open a trace's connection at.
+#[test]
+fn a_trace_needs_a_path() {
+    let (a, daemon) = fake_daemon::spawn(Limits::default(), |_, _| None);
+    let control = Client::builder().socket_fd(a).connect_control().unwrap();
+    assert!(matches!(
+        control.trace(Target::All, 0),
+        Err(Error::Unsupported(_))
+    ));
+    drop(control);
     daemon.join().unwrap();
 }

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use memshadow::{Client, Mirror};
+use memshadow::{Client, Control, Mirror};
 use memshadow_proto::{self as proto, Header, Request, Response, MAX_READ, MIN_VERSION, VERSION};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
@@ -590,7 +590,7 @@ impl Op {
 /// The well-behaved client's connections and range.
 struct Polite {
     mirror: Arc<Mirror>,
-    control: Client,
+    control: Control,
     _client: Client,
     map: *mut u8,
 }
@@ -613,7 +613,7 @@ impl Polite {
     }
 
     /// One op, timed, in µs.
-    fn one(mirror: &Mirror, control: &Client, op: Op) -> Res<f64> {
+    fn one(mirror: &Mirror, control: &Control, op: Op) -> Res<f64> {
         let t = Instant::now();
         match op {
             Op::Read => {
@@ -796,7 +796,7 @@ impl Row {
 }
 
 /// A few daemon counters (through a control connection of its own).
-fn counters(c: &Client) -> Res<std::collections::HashMap<String, u64>> {
+fn counters(c: &Control) -> Res<std::collections::HashMap<String, u64>> {
     Ok(c.status()?.counters.into_iter().collect())
 }
 

@@ -397,7 +397,9 @@ fn run() -> Result<(), String> {
                 }
                 "sync-all" => sync_answer(client.sync())?,
                 "sync-pid" => sync_answer(
-                    client.sync_pid(arg(1)?.parse::<i32>().map_err(|e| e.to_string())?),
+                    client
+                        .control()
+                        .sync_pid(arg(1)?.parse::<i32>().map_err(|e| e.to_string())?),
                 )?,
                 "thp" => {
                     let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;

@@ -5,11 +5,11 @@
  * Exits 0 only if every check passed (tests/capi.rs runs it against a real daemon).
  *
  * Build (from the workspace root, after `cargo build --workspace`, with memshadow.pc on
- * PKG_CONFIG_PATH):
- *   cc -Wall -Werror -std=c99 -o demo client-lib/examples/c/demo.c $(pkg-config --cflags --libs memshadow)
+ * PKG_CONFIG_PATH; README "Using the C library" has the lines that make it):
+ *   cc -std=c99 -Wall -Wextra -pedantic -Werror -o demo client-lib/examples/c/demo.c $(pkg-config --cflags --libs memshadow)
  * Run it against a running daemon (the socket path follows MEMSHADOW_SOCKET, else the
- * default path rules):
- *   LD_LIBRARY_PATH=target/debug MEMSHADOW_SOCKET=/path/to/memshadowd.sock ./demo
+ * default path rules), with a library directory that has libmemshadow.so.0:
+ *   LD_LIBRARY_PATH=$LIBDIR MEMSHADOW_SOCKET=/path/to/memshadowd.sock ./demo
  */
 #define _DEFAULT_SOURCE /* MAP_ANONYMOUS and madvise under -std=c99 */
 
@@ -21,13 +21,15 @@
 
 #include <memshadow.h>
 
-/* Runs a call that must succeed; on failure prints its code and message and fails. */
+/* Runs a call that must succeed; on failure prints its code, message and errno, and
+ * fails. */
 #define CHECK(call)                                                                     \
     do {                                                                                \
         memshadow_status check_status_ = (call);                                        \
         if (check_status_ != MEMSHADOW_OK) {                                            \
-            fprintf(stderr, "demo: %s failed: %s: %s\n", #call,                         \
-                    memshadow_status_name(check_status_), memshadow_last_error());      \
+            fprintf(stderr, "demo: %s failed: %s: %s (errno %d)\n", #call,              \
+                    memshadow_status_name(check_status_), memshadow_last_error(),       \
+                    memshadow_last_errno());                                            \
             goto out;                                                                   \
         }                                                                               \
     } while (0)
@@ -62,13 +64,19 @@ int main(void)
     unsigned char *buf = NULL;
     size_t page = 0, len = 0, mapped = 0;
     memshadow_status s;
-    uint64_t pages = 0, value = 0;
+    size_t pages = 0;
+    uint64_t value = 0;
+
+    /* The header this was built with, and the library it runs with: the same major version
+     * (the SONAME, libmemshadow.so.0), maybe a later minor or patch. */
+    printf("libmemshadow %s, built against %d.%d.%d\n", memshadow_version(),
+           MEMSHADOW_VERSION_MAJOR, MEMSHADOW_VERSION_MINOR, MEMSHADOW_VERSION_PATCH);
 
     CHECK(memshadow_connect(&client));
     page = memshadow_client_page_size(client);
-    printf("connected: memshadowd %s, protocol %u, page size %zu, libmemshadow %s\n",
+    printf("connected: memshadowd %s, protocol %u, page size %zu\n",
            memshadow_client_daemon_version(client),
-           (unsigned)memshadow_client_protocol_version(client), page, memshadow_version());
+           (unsigned)memshadow_client_protocol_version(client), page);
 
     len = mapped = PAGES * page;
     map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -86,7 +94,7 @@ int main(void)
     printf("device read: all %zu bytes match memory\n", len);
 
     CHECK(memshadow_mirror_populate(mirror, 0, len, &pages));
-    printf("populated: %" PRIu64 " pages in the shadow\n", pages);
+    printf("populated: %zu pages in the shadow\n", pages);
 
     /* Write after mirroring: the shadow still has the old bytes until the daemon collects
      * the written pages (dirty tracking); after a sync a device read sees the new ones. */
@@ -97,7 +105,7 @@ int main(void)
         if (s == MEMSHADOW_OK) {
             CHECK(memshadow_mirror_read(mirror, 2 * page, buf, page));
             EXPECT(all_bytes(buf, page, 0xAB), "page 2 is stale after a sync");
-            printf("after a write and a sync: %" PRIu64 " page(s) found written, the device "
+            printf("after a write and a sync: %zu page(s) found written, the device "
                    "reads the new bytes\n", report.pages_dirty);
         } else {
             EXPECT(s == MEMSHADOW_ERR_UNSUPPORTED, "sync gave %s: %s", memshadow_status_name(s),

@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use memshadow::{
-    event_bit, Client, ClientInfo, Error, EventKind, InvalidationReport, MirrorInfo, Status,
+    event_bit, ClientInfo, Control, Error, EventKind, InvalidationReport, MirrorInfo, Status,
+    Target,
 };
 use serde_json::{json, Value};
 
@@ -239,8 +240,8 @@ fn error_line(e: &Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = match cli.socket.as_deref() {
-        Some(p) => Client::connect_control(Some(p)),
-        None => Client::connect_control(None),
+        Some(p) => Control::connect_to(p),
+        None => Control::connect(),
     };
     let r = client.and_then(|c| run(&c, &cli));
     match r {
@@ -264,7 +265,7 @@ fn out_json(v: &Value) {
     let _ = o.write_all(json_out(v).as_bytes());
 }
 
-fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
+fn run(c: &Control, cli: &Cli) -> Result<(), Error> {
     match &cli.cmd {
         Cmd::Status => {
             let st = c.status()?;
@@ -284,7 +285,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
             }
         }
         Cmd::Mirrors { pid } => {
-            let list = c.list_mirrors_of(pid.unwrap_or(-1))?;
+            let list = c.list_mirrors(pid.map_or(Target::All, Target::Pid))?;
             if cli.json {
                 let v: Vec<Value> = list.iter().map(mirror_json).collect();
                 out_json(&Value::Array(v));
@@ -305,7 +306,7 @@ fn run(c: &Client, cli: &Cli) -> Result<(), Error> {
         }
         Cmd::Trace { pid, events, count } => {
             let mask = events.iter().fold(0, |m, k| m | event_bit(*k));
-            let mut trace = c.trace(pid.unwrap_or(0), mask)?;
+            let mut trace = c.trace(pid.map_or(Target::All, Target::Pid), mask)?;
             if !cli.json {
                 out(&format!(
                     "{:<15} {:>7} {:<10} {:<31} {:>5} {:>10} {:>10} {:>7}\n",

@@ -9,8 +9,15 @@ use std::sync::mpsc;
 use memshadow_proto::{ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION};
 
 use super::*;
-use crate::fake_daemon;
 use Status::*;
+
+/// The Rust library's fake daemon (a file of its unit tests, not of its API).
+#[path = "../../src/fake_daemon.rs"]
+mod fake_daemon;
+
+fn last_errno() -> c_int {
+    memshadow_last_errno()
+}
 
 fn last_error() -> String {
     // SAFETY: never NULL, NUL-terminated, valid until the next call on this thread.
@@ -28,8 +35,8 @@ fn status_name(s: Status) -> String {
         .to_owned()
 }
 
-/// A control session with a fake daemon that answers whatever `answer` says after the
-/// handshake.
+/// A client bound to a fake daemon that answers whatever `answer` says after the handshake
+/// and the bind.
 fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut FfiClient {
     let limits = Limits {
         max_read: MAX_READ as u32,
@@ -39,8 +46,7 @@ fn fake_client(answer: impl Fn(Request) -> Response + Send + 'static) -> *mut Ff
         Request::Bind { .. } => None,
         r => Some(answer(r.clone())),
     });
-    // A control session: no uffd is created (the uffd-counting test of lib.rs runs beside).
-    new_client(Client::from_socket(a, false).unwrap())
+    new_client(Client::builder().socket_fd(a).connect().unwrap())
 }
 
 /// A fake daemon that mirrors anything as mirror 9, serves reads with `offset as u8`
@@ -81,6 +87,7 @@ fn null_pointers_are_invalid_arguments_with_a_message() {
     let invalid = |s: Status, msg: &str| {
         assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT, "{msg}");
         assert_eq!(last_error(), msg);
+        assert_eq!(last_errno(), 0, "{msg}: no system call failed");
     };
     // SAFETY: every pointer is NULL or valid (so in the calls below).
     let s = unsafe { memshadow_connect(null_mut()) };
@@ -214,10 +221,11 @@ fn a_session_through_the_c_api() {
     let s = unsafe { memshadow_mirror_read(m, 1 << 20, buf.as_mut_ptr().cast(), 1) };
     assert_eq!(s, MEMSHADOW_ERR_NOT_MIRRORED);
     assert_eq!(last_error(), "not mirrored: unmapped");
+    assert_eq!(last_errno(), 0, "a refusal of the daemon has no errno");
     // SAFETY: as above.
     let s = unsafe { memshadow_mirror_read(m, 2 << 20, buf.as_mut_ptr().cast(), 1) };
     assert_eq!(s, MEMSHADOW_ERR_BAD_RANGE);
-    let mut pages = 0u64;
+    let mut pages = 0usize;
     // SAFETY: a live mirror; `pages` is writable.
     let s = unsafe { memshadow_mirror_populate(m, 0, 8192, &mut pages) };
     assert_eq!((s, pages), (MEMSHADOW_OK, 2));
@@ -386,6 +394,7 @@ fn connect_to_a_missing_socket_is_a_connect_error() {
     // SAFETY: a C string and a writable out pointer.
     let s = unsafe { memshadow_connect_to(c"/nonexistent/memshadow.sock".as_ptr(), &mut c) };
     assert_eq!(s, MEMSHADOW_ERR_CONNECT);
+    assert_eq!(last_errno(), libc::ENOENT, "the errno of connect(2)");
     assert!(c.is_null());
     assert!(
         last_error().starts_with("cannot connect to memshadowd at /nonexistent/memshadow.sock: "),
@@ -411,6 +420,30 @@ fn a_panic_becomes_an_internal_error() {
     let s = guard(|| panic!("boom"));
     assert_eq!(s, MEMSHADOW_ERR_INTERNAL);
     assert_eq!(last_error(), "internal error in libmemshadow (panic: boom)");
+}
+
+/// The errno is set with the message and cleared by the next successful call; asking for
+/// it (or the message) changes neither.
+#[test]
+fn the_last_errno_follows_the_last_call() {
+    let mut c = std::ptr::dangling_mut::<FfiClient>();
+    // SAFETY: a C string and a writable out pointer.
+    let s = unsafe { memshadow_connect_to(c"/nonexistent/d.sock".as_ptr(), &mut c) };
+    assert_eq!(s, MEMSHADOW_ERR_CONNECT);
+    assert_eq!(last_errno(), libc::ENOENT);
+    assert!(!last_error().is_empty());
+    assert!(!memshadow_status_name(s as i32).is_null());
+    assert_eq!(last_errno(), libc::ENOENT, "unchanged by the getters");
+    let other = std::thread::spawn(last_errno).join().unwrap();
+    assert_eq!(other, 0, "per thread");
+    // SAFETY: a NULL handle is ignored, successfully.
+    unsafe { memshadow_stats_free(null_mut()) };
+    assert_eq!(last_errno(), 0);
+    // An errno from deeper down: Error::Socket -> SocketError::Io -> Errno.
+    let f = Failure::from(Error::Socket(SocketError::Io(nix::Error::EMSGSIZE)));
+    assert_eq!((f.status, f.errno), (MEMSHADOW_ERR_SOCKET, libc::EMSGSIZE));
+    let f = Failure::from(Error::Uffd(std::io::Error::from_raw_os_error(libc::EPERM)));
+    assert_eq!((f.status, f.errno), (MEMSHADOW_ERR_UFFD, libc::EPERM));
 }
 
 #[test]

@@ -1,8 +1,17 @@
-//! The C ABI of libmemshadow (`libmemshadow.so`/`.a`, header `include/memshadow.h`
-//! generated from this file by cbindgen; `tests/header.rs` fails when it is stale).
+//! The C ABI of libmemshadow (`libmemshadow.so`/`.a`, header `../include/memshadow.h`
+//! generated from this file by cbindgen; `tests/header.rs` fails when it is stale), over
+//! the Rust library, the `memshadow` crate.
 //!
 //! It mirrors the Rust API: [`Client`] and [`Mirror`] behind opaque handles, every
-//! [`Error`] variant as one [`Status`] code, the message in [`memshadow_last_error`].
+//! [`Error`] variant as one [`Status`] code, the message in [`memshadow_last_error`] and
+//! the errno behind it in [`memshadow_last_errno`]. Every byte length, offset into a mirror
+//! and count is a `size_t`; ids, counter values and times are `uint64_t`.
+//!
+//! Versioning (README "Using the C library"): the SONAME is `libmemshadow.so.MAJOR`
+//! (`build.rs`); within a major version entry points and codes are only added, never
+//! changed or removed, so a program built against 0.x runs with any later 0.y.
+//! `MEMSHADOW_VERSION_MAJOR/MINOR/PATCH` in the header are the version it was built
+//! against, [`memshadow_version`] the one loaded at run time.
 //! Nothing unwinds across the boundary (every entry point runs under `catch_unwind` and
 //! turns a panic into `MEMSHADOW_ERR_INTERNAL`), and every pointer argument is checked for
 //! NULL (`MEMSHADOW_ERR_INVALID_ARGUMENT`).
@@ -10,13 +19,13 @@
 //! Adding an entry point for a new `Mirror` method is one function: see
 //! [`memshadow_mirror_populate`] (`on_mirror` + `guard`).
 
-use std::cell::RefCell;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use crate::{Client, Error, Mirror};
+use memshadow::{Client, Error, Mirror};
 
 /// Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
 /// of the Rust library; `memshadow_last_error()` has the details. Values are stable.
@@ -77,8 +86,11 @@ pub enum Status {
 }
 
 impl Status {
-    /// The code of a library error. Exhaustive on purpose: a new [`Error`] variant must be
-    /// given a code here (append it; never renumber).
+    /// The code of a library error. A new [`Error`] variant must be given a code here
+    /// (append it; never renumber) and a case in the test
+    /// `every_error_variant_has_a_distinct_code_and_name`: `Error` is `#[non_exhaustive]`,
+    /// so this match cannot be exhaustive and one forgotten falls to
+    /// `MEMSHADOW_ERR_INTERNAL` (a bug of this library, as its code says).
     fn of(e: &Error) -> Status {
         match e {
             Error::NoSocketPath => Status::MEMSHADOW_ERR_NO_SOCKET_PATH,
@@ -103,6 +115,7 @@ impl Status {
             Error::Unsupported(_) => Status::MEMSHADOW_ERR_UNSUPPORTED,
             Error::ShadowFull(_) => Status::MEMSHADOW_ERR_SHADOW_FULL,
             Error::OutOfResources(_) => Status::MEMSHADOW_ERR_OUT_OF_RESOURCES,
+            _ => Status::MEMSHADOW_ERR_INTERNAL,
         }
     }
 
@@ -167,18 +180,21 @@ impl Status {
     ];
 }
 
-/// A failed call: the code and the message for [`memshadow_last_error`].
+/// A failed call: the code, the message for [`memshadow_last_error`] and the errno for
+/// [`memshadow_last_errno`].
 #[derive(Debug)]
 struct Failure {
     status: Status,
     message: String,
+    errno: c_int,
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         Failure {
             status: Status::of(&e),
-            message: crate::error_chain(&e),
+            message: memshadow::error_chain(&e),
+            errno: e.raw_os_error().unwrap_or(0),
         }
     }
 }
@@ -187,19 +203,35 @@ fn invalid(message: impl Into<String>) -> Failure {
     Failure {
         status: Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
         message: message.into(),
+        errno: 0,
     }
 }
 
 thread_local! {
     /// This thread's last error message ("" after a success).
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// The errno behind this thread's last failure (0 after a success, or if none).
+    static LAST_ERRNO: Cell<c_int> = const { Cell::new(0) };
 }
 
-fn set_last_error(message: &str) {
+fn set_last_error(message: &str, errno: c_int) {
     // A message from the daemon could hold a NUL; C would cut it there anyway.
     let bytes: Vec<u8> = message.bytes().filter(|&b| b != 0).collect();
     let c = CString::new(bytes).unwrap_or_default();
     LAST_ERROR.with(|l| *l.borrow_mut() = c);
+    LAST_ERRNO.with(|l| l.set(errno));
+}
+
+/// Runs an entry point that cannot fail and leaves the last error alone (the getters of
+/// the last error and the version): no unwinding out, `fallback` after a panic.
+fn no_unwind<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+/// A length or count from the library (a `u64` on the wire) as a `size_t`: it describes
+/// memory of this process, so it fits.
+fn size(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Runs one entry point: no unwinding out, the last error set (or cleared), and the
@@ -214,15 +246,16 @@ fn guard_value<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> (T, St
         Err(Failure {
             status: Status::MEMSHADOW_ERR_INTERNAL,
             message: format!("internal error in libmemshadow (panic: {what})"),
+            errno: 0,
         })
     });
     match outcome {
         Ok(v) => {
-            set_last_error("");
+            set_last_error("", 0);
             (v, Status::MEMSHADOW_OK)
         }
         Err(e) => {
-            set_last_error(&e.message);
+            set_last_error(&e.message, e.errno);
             (fallback, e.status)
         }
     }
@@ -456,7 +489,7 @@ unsafe fn on_mirror<T>(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_mirror_read(
     mirror: *const FfiMirror,
-    offset: u64,
+    offset: usize,
     buf: *mut c_void,
     len: usize,
 ) -> Status {
@@ -471,7 +504,7 @@ pub unsafe extern "C" fn memshadow_mirror_read(
         // bytes by the caller's contract; u8 needs no alignment.
         let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
         // SAFETY: the caller's contract.
-        unsafe { on_mirror(mirror, |m| m.read(offset, buf)) }
+        unsafe { on_mirror(mirror, |m| m.read(offset as u64, buf)) }
     })
 }
 
@@ -481,20 +514,20 @@ pub unsafe extern "C" fn memshadow_mirror_read(
 ///
 /// # Safety
 /// `mirror` is NULL or a live mirror handle; `pages_out` is NULL or valid for writing a
-/// `uint64_t`.
+/// `size_t`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_mirror_populate(
     mirror: *const FfiMirror,
-    offset: u64,
-    len: u64,
-    pages_out: *mut u64,
+    offset: usize,
+    len: usize,
+    pages_out: *mut usize,
 ) -> Status {
     guard(|| {
         // SAFETY: the caller's contract.
-        let pages = unsafe { on_mirror(mirror, |m| m.populate(offset, len)) }?;
+        let pages = unsafe { on_mirror(mirror, |m| m.populate(offset as u64, len as u64)) }?;
         if !pages_out.is_null() {
             // SAFETY: not NULL, and the caller's contract.
-            unsafe { put(pages_out, pages) };
+            unsafe { put(pages_out, size(pages)) };
         }
         Ok(())
     })
@@ -505,11 +538,11 @@ pub unsafe extern "C" fn memshadow_mirror_populate(
 #[derive(Debug, Clone, Copy, Default)]
 pub struct memshadow_sync_report {
     /// Pages whose written state was looked at (0 for the `uffd-wp` back end).
-    pub pages_scanned: u64,
+    pub pages_scanned: usize,
     /// Pages found written and invalidated (re-mirrored on the next device access).
-    pub pages_dirty: u64,
+    pub pages_dirty: usize,
     /// Runs of written pages (one invalidation each).
-    pub regions: u64,
+    pub regions: usize,
     /// Time spent finding and re-arming the written pages, in ns.
     pub scan_ns: u64,
     /// Time spent invalidating them, in ns.
@@ -534,9 +567,9 @@ pub unsafe extern "C" fn memshadow_mirror_sync(
         let r = unsafe { on_mirror(mirror, |m| m.sync()) }?;
         if !report_out.is_null() {
             let report = memshadow_sync_report {
-                pages_scanned: r.pages_scanned,
-                pages_dirty: r.pages_dirty,
-                regions: r.regions,
+                pages_scanned: size(r.pages_scanned),
+                pages_dirty: size(r.pages_dirty),
+                regions: size(r.regions),
                 scan_ns: r.scan_ns,
                 invalidate_ns: r.invalidate_ns,
             };
@@ -562,9 +595,9 @@ pub unsafe extern "C" fn memshadow_mirror_id(mirror: *const FfiMirror) -> u64 {
 /// # Safety
 /// `mirror` is NULL or a live mirror handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn memshadow_mirror_len(mirror: *const FfiMirror) -> u64 {
+pub unsafe extern "C" fn memshadow_mirror_len(mirror: *const FfiMirror) -> usize {
     // SAFETY: the caller's contract.
-    guard_value(0, || unsafe { on_mirror(mirror, |m| Ok(m.len())) }).0
+    guard_value(0, || unsafe { on_mirror(mirror, |m| Ok(size(m.len()))) }).0
 }
 
 /// Stops mirroring and reports whether the daemon agreed. The handle stays valid (reads
@@ -575,7 +608,7 @@ pub unsafe extern "C" fn memshadow_mirror_len(mirror: *const FfiMirror) -> u64 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_mirror_detach(mirror: *const FfiMirror) -> Status {
     // SAFETY: the caller's contract.
-    guard(|| unsafe { on_mirror(mirror, Mirror::detach_inner) })
+    guard(|| unsafe { on_mirror(mirror, Mirror::detach_shared) })
 }
 
 /// Frees a mirror handle, detaching it first if it still is attached (errors ignored:
@@ -641,6 +674,7 @@ pub unsafe extern "C" fn memshadow_daemon_stats(
         // SAFETY: the caller's contract.
         let entries = unsafe { handle(client, "client") }?
             .client
+            .control()
             .status()?
             .counters;
         // SAFETY: checked by `out_ptr`.
@@ -746,25 +780,45 @@ pub unsafe extern "C" fn memshadow_stats_free(stats: *mut FfiStats) {
 
 /// The message of the last failed call on this thread ("" if the last call succeeded).
 /// Never NULL. Valid until the next `memshadow_*` call on this thread (other than
-/// `memshadow_last_error`, `memshadow_status_name` and `memshadow_version`).
+/// `memshadow_last_error`, `memshadow_last_errno`, `memshadow_status_name` and
+/// `memshadow_version`).
 #[unsafe(no_mangle)]
 pub extern "C" fn memshadow_last_error() -> *const c_char {
-    LAST_ERROR
-        .try_with(|l| l.borrow().as_ptr())
-        .unwrap_or(c"".as_ptr())
+    no_unwind(c"".as_ptr(), || {
+        LAST_ERROR
+            .try_with(|l| l.borrow().as_ptr())
+            .unwrap_or(c"".as_ptr())
+    })
+}
+
+/// The errno behind the last failed call on this thread: the error number of the system
+/// call that failed in this process (`ENOENT` or `ECONNREFUSED` with
+/// `MEMSHADOW_ERR_CONNECT`, `EPERM` with `MEMSHADOW_ERR_UFFD`, `EACCES` with
+/// `MEMSHADOW_ERR_NOT_DUMPABLE`, ...). 0 if no system call failed behind it (a refusal of
+/// the daemon, a bad argument) or the last call succeeded. Set and cleared with
+/// `memshadow_last_error`.
+#[unsafe(no_mangle)]
+pub extern "C" fn memshadow_last_errno() -> c_int {
+    no_unwind(0, || LAST_ERRNO.try_with(Cell::get).unwrap_or(0))
 }
 
 /// The name of a result code (e.g. "MEMSHADOW_ERR_BAD_RANGE"), a static string; NULL for
 /// a value that is no code.
 #[unsafe(no_mangle)]
 pub extern "C" fn memshadow_status_name(status: i32) -> *const c_char {
-    Status::ALL
-        .iter()
-        .find(|s| **s as i32 == status)
-        .map_or(std::ptr::null(), |s| s.name().as_ptr())
+    no_unwind(std::ptr::null(), || {
+        Status::ALL
+            .iter()
+            .find(|s| **s as i32 == status)
+            .map_or(std::ptr::null(), |s| s.name().as_ptr())
+    })
 }
 
-/// The version of libmemshadow (e.g. "0.1.0"), a static string.
+/// The version of the libmemshadow loaded at run time, "MAJOR.MINOR.PATCH" (e.g. "0.1.0"),
+/// a static string. `MEMSHADOW_VERSION_MAJOR`, `_MINOR` and `_PATCH` are the version of
+/// the header a program was built with. The dynamic linker sees to the major version (the
+/// SONAME, `libmemshadow.so.MAJOR`); a program that calls a function added in minor
+/// version y needs a library of version MAJOR.y or later.
 #[unsafe(no_mangle)]
 pub extern "C" fn memshadow_version() -> *const c_char {
     const V: &CStr =
@@ -772,7 +826,7 @@ pub extern "C" fn memshadow_version() -> *const c_char {
             Ok(v) => v,
             Err(_) => c"?",
         };
-    V.as_ptr()
+    no_unwind(c"?".as_ptr(), || V.as_ptr())
 }
 
 #[cfg(test)]
