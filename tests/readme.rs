@@ -177,7 +177,10 @@ fn rust_snippets_are_the_librarys_doc_examples() {
     let root = root();
     let lib = std::fs::read_to_string(root.join("client-lib/src/lib.rs")).unwrap();
     let examples = doc_examples(&lib);
-    assert!(examples.len() >= 2, "client-lib/src/lib.rs has its doc examples");
+    assert!(
+        examples.len() >= 2,
+        "client-lib/src/lib.rs has its doc examples"
+    );
     let mut seen = 0;
     for (page, text) in pages() {
         for (_, body) in blocks(&text, "rust") {
