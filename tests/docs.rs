@@ -11,8 +11,9 @@
 //!   (its own test, so its state is plain while the code's references are rewritten);
 //! * (c) a section (`§N`), guarantee (`GN`) or notifier rule (`rule N`) that has no heading
 //!   in `docs/design.md`;
-//! * (d) a relative Markdown link to a file (or a heading anchor) that does not exist, and a
-//!   `docs/….md` path named in a comment that does not exist.
+//! * (d) a relative Markdown link to a file (or a heading anchor) that does not exist, a
+//!   `docs/….md` path named in a comment that does not exist, and a test named in Markdown
+//!   (`tests/e2e.rs::g5_a_killed_client_frees_everything`) that its file does not have.
 //!
 //! `docs/design.md` must keep its numbering: sections 1 to 8, "Rule 1" to "Rule 9" in §3,
 //! "G1" to "G7" in §5, each heading once.
@@ -612,6 +613,43 @@ fn relative_links_resolve() {
         }
     }
     report("links to nothing", &bad);
+}
+
+/// `file.rs::name` references in Markdown (the test tables of docs/design.md, say) name a
+/// function that exists in that file.
+#[test]
+fn named_tests_exist() {
+    let root = root();
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    for l in lines(&root) {
+        if kind_of(&l.file) != Some(Kind::Markdown) {
+            continue;
+        }
+        for (i, _) in l.text.match_indices(".rs::") {
+            let path: String = l.text[..i]
+                .chars()
+                .rev()
+                .take_while(|c| c.is_alphanumeric() || "_/-.".contains(*c))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            let name: String = l.text[i + 5..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let file = format!("{path}.rs");
+            seen += 1;
+            match std::fs::read_to_string(root.join(&file)) {
+                Ok(src) if src.contains(&format!("fn {name}(")) => {}
+                Ok(_) => bad.push(format!("{}: {file} has no fn {name}", l.at())),
+                Err(e) => bad.push(format!("{}: {file}: {e}", l.at())),
+            }
+        }
+    }
+    assert!(seen > 20, "the test references were found ({seen})");
+    report("references to tests that do not exist", &bad);
 }
 
 #[test]
