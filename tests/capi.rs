@@ -21,7 +21,7 @@ const SONAME: &str = concat!("libmemshadow.so.", env!("CARGO_PKG_VERSION_MAJOR")
 /// an install lays it out: `libmemshadow.so.0`, the SONAME programs load at run time, and
 /// `libmemshadow.so`, the name `-lmemshadow` finds when they are linked. These lines (and
 /// `WRITE_PC`, `BUILD_SHARED`, `BUILD_STATIC`, `RUN`) run verbatim under `sh` in the
-/// workspace root; the README's "Using the C library" section shows the same lines.
+/// workspace root; docs/usage.md's "The C library" section shows the same lines.
 const LINK_LIBDIR: &str = r#"
 mkdir -p "$LIBDIR"
 ln -sf "$BUILT/libmemshadow.so" "$LIBDIR/libmemshadow.so.0"

@@ -1,4 +1,4 @@
-//! Dirty tracking end to end (issue 7, DESIGN.md §6): the real `memshadowd` with each back
+//! Dirty tracking end to end (docs/design.md §6): the real `memshadowd` with each back
 //! end that works here, real client processes writing to mirrored memory, and device reads
 //! that must return the new bytes once the writes were collected, and the old ones when
 //! tracking is off (so these tests can fail).
@@ -106,7 +106,7 @@ fn writes_reach_the_device_after_sync_for_each_backend() {
             assert_eq!(n(&r, "pages_dirty"), 1, "{backend} {kind}: {r:?}");
             assert_eq!(uniform(&mut c, kind, 5 * P, P), "9");
             // Memory changed by another process (process_vm_writev, as root): no uffd event,
-            // only dirty tracking sees it (DESIGN.md §6).
+            // only dirty tracking sees it (docs/design.md §6).
             let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).unwrap();
             remote_write(c.pid(), addr + 7 * P, P as usize, 11);
             let r = fields(&c.expect_ok(&format!("sync {kind}")));

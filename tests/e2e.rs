@@ -1,4 +1,4 @@
-//! End-to-end tests: the real `memshadowd` binary and real client processes (DESIGN.md §5).
+//! End-to-end tests: the real `memshadowd` binary and real client processes (docs/design.md §5).
 
 #![allow(clippy::unwrap_used)]
 

@@ -1,15 +1,20 @@
-//! Keeps README.md honest: every shell block in it must say what exercises it, and that
-//! must exist — `.ci/run` (which extracts and runs the marked prerequisite, main-job and
-//! test commands, and must contain every other `ci` block verbatim) or a named test.
+//! Keeps README.md and the pages of docs/ honest: every shell block in them must say what
+//! exercises it, and that must exist — `.ci/run` (which extracts and runs the README's marked
+//! prerequisite, main-job and test commands, and must contain every other `ci` block
+//! verbatim) or a named test. And every Rust snippet in them must be one of the client
+//! library's documentation examples (which `cargo test` compiles), so none can rot.
 //!
 //! Markers, on the line before a ```sh block:
-//! `<!-- prereq-command -->`, `<!-- main-command -->`, `<!-- test-command -->` (run by
-//! `.ci/run`), `<!-- checked-by: ci -->` (its lines appear in `.ci/run`), or
-//! `<!-- checked-by: tests/FILE.rs::test_name -->`.
+//! `<!-- prereq-command -->`, `<!-- main-command -->`, `<!-- test-command -->` (README.md
+//! only, once each; run by `.ci/run`), `<!-- checked-by: ci -->` (its lines appear in
+//! `.ci/run`), or `<!-- checked-by: tests/FILE.rs::test_name -->`.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+
+/// The README's own markers: `.ci/run` extracts the blocks after them.
+const RUN_MARKERS: [&str; 3] = ["prereq-command", "main-command", "test-command"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,13 +23,36 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// (marker line before it, lines of the block) for each ```sh block.
-fn sh_blocks(readme: &str) -> Vec<(String, Vec<String>)> {
-    let lines: Vec<&str> = readme.lines().collect();
+/// README.md and every Markdown page of docs/, as (path relative to the root, text).
+fn pages() -> Vec<(String, String)> {
+    let root = root();
+    let mut names = vec!["README.md".to_owned()];
+    let mut docs: Vec<String> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".md"))
+        .map(|n| format!("docs/{n}"))
+        .collect();
+    docs.sort();
+    names.extend(docs);
+    names
+        .into_iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(root.join(&n)).unwrap();
+            (n, text)
+        })
+        .collect()
+}
+
+/// (marker line before it, lines of the block) for each fenced block whose info string
+/// starts with `lang`.
+fn blocks(md: &str, lang: &str) -> Vec<(String, Vec<String>)> {
+    let fence = format!("```{lang}");
+    let lines: Vec<&str> = md.lines().collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        if lines[i].trim_start().starts_with("```sh") {
+        if lines[i].trim_start().starts_with(&fence) {
             let marker = if i > 0 { lines[i - 1].trim() } else { "" };
             let mut body = Vec::new();
             i += 1;
@@ -33,57 +61,139 @@ fn sh_blocks(readme: &str) -> Vec<(String, Vec<String>)> {
                 i += 1;
             }
             out.push((marker.to_owned(), body));
+        } else if lines[i].trim_start().starts_with("```") {
+            // Skip any other fenced block whole, so its closing fence is not taken for an
+            // opening one.
+            i += 1;
+            while i < lines.len() && !lines[i].trim_start().starts_with("```") {
+                i += 1;
+            }
         }
         i += 1;
     }
     out
 }
 
+/// (marker line before it, lines of the block) for each ```sh block.
+fn sh_blocks(md: &str) -> Vec<(String, Vec<String>)> {
+    blocks(md, "sh")
+}
+
+fn is_run_marker(marker: &str) -> bool {
+    RUN_MARKERS
+        .iter()
+        .any(|m| marker == format!("<!-- {m} -->"))
+}
+
 #[test]
 fn every_readme_command_block_is_exercised() {
     let root = root();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
-    let blocks = sh_blocks(&readme);
-    assert!(blocks.len() >= 3, "README has its command blocks");
-    for m in ["prereq-command", "main-command", "test-command"] {
-        let tag = format!("<!-- {m} -->");
-        assert_eq!(
-            blocks.iter().filter(|(k, _)| *k == tag).count(),
-            1,
-            "README has exactly one {tag} block"
-        );
-        assert!(ci.contains(m), ".ci/run runs the README's {m}");
-    }
-    for (marker, body) in &blocks {
-        let what = body.join(" / ");
-        if ["prereq-command", "main-command", "test-command"]
-            .iter()
-            .any(|m| *marker == format!("<!-- {m} -->"))
-        {
-            continue;
+    let pages = pages();
+    assert!(pages.len() > 1, "docs/ has pages");
+    for (page, text) in &pages {
+        let blocks = sh_blocks(text);
+        if page == "README.md" {
+            assert!(blocks.len() >= 3, "README has its command blocks");
+            for m in RUN_MARKERS {
+                let tag = format!("<!-- {m} -->");
+                assert_eq!(
+                    blocks.iter().filter(|(k, _)| *k == tag).count(),
+                    1,
+                    "README has exactly one {tag} block"
+                );
+                assert!(ci.contains(m), ".ci/run runs the README's {m}");
+            }
         }
-        let checked = marker
-            .strip_prefix("<!-- checked-by:")
-            .and_then(|m| m.strip_suffix("-->"))
-            .map(str::trim)
-            .unwrap_or_else(|| panic!("block `{what}` has no checked-by marker before it"));
-        if checked == "ci" {
-            for line in body.iter().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-                assert!(ci.contains(line.as_str()), ".ci/run does not run `{line}`");
+        for (marker, body) in &blocks {
+            let what = format!("{page}: `{}`", body.join(" / "));
+            if is_run_marker(marker) {
+                assert_eq!(
+                    page, "README.md",
+                    "{what}: {marker} belongs in README.md, where .ci/run looks for it"
+                );
+                continue;
+            }
+            let checked = marker
+                .strip_prefix("<!-- checked-by:")
+                .and_then(|m| m.strip_suffix("-->"))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("block {what} has no checked-by marker before it"));
+            if checked == "ci" {
+                for line in body.iter().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                    assert!(
+                        ci.contains(line.as_str()),
+                        ".ci/run does not run `{line}` ({page})"
+                    );
+                }
+                continue;
+            }
+            let (file, test) = checked
+                .split_once("::")
+                .unwrap_or_else(|| panic!("bad marker {marker} ({page})"));
+            let src = std::fs::read_to_string(root.join(file))
+                .unwrap_or_else(|e| panic!("{file} (marker of {what}): {e}"));
+            assert!(
+                src.contains(&format!("fn {test}(")),
+                "{file} has no test {test} (marker of {what})"
+            );
+        }
+    }
+}
+
+/// The code of every documentation example (```` ```no_run ````, ```` ``` ```` or
+/// ```` ```rust ```` blocks of `///` and `//!` comments) in `src`, without its hidden
+/// (`# `) lines, each line trimmed.
+fn doc_examples(src: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cur: Option<Vec<String>> = None;
+    for line in src.lines() {
+        let t = line.trim_start();
+        let Some(doc) = t.strip_prefix("//!").or_else(|| t.strip_prefix("///")) else {
+            continue;
+        };
+        let doc = doc.strip_prefix(' ').unwrap_or(doc);
+        if let Some(fence) = doc.trim().strip_prefix("```") {
+            match cur.take() {
+                Some(body) => out.push(body),
+                None if matches!(fence, "" | "rust" | "no_run" | "rust,no_run") => {
+                    cur = Some(Vec::new())
+                }
+                None => {}
             }
             continue;
         }
-        let (file, test) = checked
-            .split_once("::")
-            .unwrap_or_else(|| panic!("bad marker {marker}"));
-        let src = std::fs::read_to_string(root.join(file))
-            .unwrap_or_else(|e| panic!("{file} (marker of `{what}`): {e}"));
-        assert!(
-            src.contains(&format!("fn {test}(")),
-            "{file} has no test {test} (marker of `{what}`)"
-        );
+        if let Some(body) = &mut cur {
+            if doc.trim() != "#" && !doc.trim_start().starts_with("# ") {
+                body.push(doc.trim().to_owned());
+            }
+        }
     }
+    out
+}
+
+#[test]
+fn rust_snippets_are_the_librarys_doc_examples() {
+    let root = root();
+    let lib = std::fs::read_to_string(root.join("client-lib/src/lib.rs")).unwrap();
+    let examples = doc_examples(&lib);
+    assert!(
+        examples.len() >= 2,
+        "client-lib/src/lib.rs has its doc examples"
+    );
+    let mut seen = 0;
+    for (page, text) in pages() {
+        for (_, body) in blocks(&text, "rust") {
+            seen += 1;
+            assert!(
+                examples.contains(&body),
+                "a Rust snippet of {page} is not a doc example of client-lib/src/lib.rs \
+                 (make it one, so that cargo test compiles it):\n{}",
+                body.join("\n")
+            );
+        }
+    }
+    assert!(seen >= 2, "the README and docs/usage.md show the library");
 }
 
 #[test]
@@ -96,4 +206,13 @@ fn the_block_parser_sees_markers() {
             vec!["foo --bar".to_owned()]
         )]
     );
+    let rust: Vec<Vec<String>> = blocks(md, "rust").into_iter().map(|(_, b)| b).collect();
+    assert_eq!(rust, vec![vec!["no".to_owned()]]);
+}
+
+#[test]
+fn doc_examples_drop_hidden_lines() {
+    let src = "//! ```no_run\n//! # fn main() {\n//! let a = 1;\n//! # }\n//! ```\n\
+               /// ```compile_fail\n/// nope\n/// ```\n";
+    assert_eq!(doc_examples(src), vec![vec!["let a = 1;".to_owned()]]);
 }

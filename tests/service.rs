@@ -1,4 +1,4 @@
-//! memshadowd as a service (issue 8, DESIGN.md §7), with the tools a machine without systemd
+//! memshadowd as a service (docs/design.md §7), with the tools a machine without systemd
 //! as PID 1 has: the units pass `systemd-analyze verify`; socket activation through
 //! `systemd-socket-activate`; readiness, status and the watchdog through a `NOTIFY_SOCKET`
 //! listener of the test's own; a restart on a socket the test holds; the configuration file,

@@ -1,7 +1,7 @@
 //! The control API: what `memshadowctl` (and any tool) asks of the daemon — its status,
 //! its clients and mirrors, device reads of another client's shadow, injected
 //! invalidations and a live trace of invalidations. Requests that touch another client
-//! are refused to anyone but root or the daemon's own uid (DESIGN.md §5 G7).
+//! are refused to anyone but root or the daemon's own uid (docs/design.md §5 G7).
 
 use std::os::fd::AsFd;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! libmemshadow: the client library of memshadowd (DESIGN.md §1).
+//! libmemshadow: the client library of memshadowd (docs/design.md §1).
 //!
 //! [`Client::connect`] opens a session, creates this process's userfaultfd and hands it to
 //! the daemon with the fds it needs to read this process's memory, then **closes its own
@@ -121,6 +121,10 @@ pub enum Error {
     /// The daemon says the exchange broke the protocol, or answered something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// An argument the library refuses before asking the daemon (a session name longer
+    /// than the protocol carries, say).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// Any other refusal.
     #[error("memshadowd refused ({code:?}): {message}")]
     Daemon {
@@ -420,7 +424,8 @@ impl Builder {
     }
 
     /// The name the session gives the daemon, for its logs (default: this process's
-    /// `comm`; at most 64 bytes are sent).
+    /// `comm`). A name longer than [`proto::MAX_NAME`] bytes is refused when connecting
+    /// ([`Error::InvalidArgument`]) rather than cut.
     pub fn name(mut self, name: impl Into<String>) -> Builder {
         self.name = Some(name.into());
         self
@@ -448,6 +453,13 @@ impl Builder {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default()
         });
+        if name.len() > proto::MAX_NAME {
+            return Err(Error::InvalidArgument(format!(
+                "a session name is at most {} bytes; this one is {}",
+                proto::MAX_NAME,
+                name.len()
+            )));
+        }
         let (sock, path) = match (self.sock, self.path) {
             (Some(sock), path) => (sock, path),
             (None, Some(path)) => (connect_socket(&path)?, Some(path)),

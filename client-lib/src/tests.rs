@@ -465,3 +465,13 @@ fn a_trace_needs_a_path() {
     drop(control);
     daemon.join().unwrap();
 }
+
+/// A name the protocol cannot carry whole is refused, not cut.
+#[test]
+fn a_session_name_too_long_is_refused_before_anything_is_sent() {
+    let (a, daemon) = fake_daemon::spawn(Limits::default(), |_, _| None);
+    let long = "n".repeat(proto::MAX_NAME + 1);
+    let r = Client::builder().socket_fd(a).name(long).connect_control();
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    daemon.join().unwrap();
+}

@@ -1,4 +1,4 @@
-//! Dirty-tracking benchmark (issue 7, DESIGN.md §6): the time to find the pages written in
+//! Dirty-tracking benchmark (docs/design.md §6): the time to find the pages written in
 //! a mirrored range and re-arm them, per back end that works here, against reading
 //! `/proc/PID/pagemap` for the whole range (what a pagemap-based tracker such as soft-dirty
 //! must do just to find them), measured in the same run on the same memory.

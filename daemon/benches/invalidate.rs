@@ -1,4 +1,4 @@
-//! Device invalidation benchmark (DESIGN.md §1, §4): the time of one invalidation that hits M
+//! Device invalidation benchmark (docs/design.md §1, §4): the time of one invalidation that hits M
 //! notifiers with K engines at a flush latency L, one-pass vs two-pass vs two-pass with
 //! doorbell batching, measured in the same run; and the fault-in (mirror) bandwidth through
 //! each memory-access path against a bare copy.

@@ -1,6 +1,6 @@
 //! The daemon's settings: built-in defaults that let it run with no config file, the TOML
 //! configuration file (`/etc/memshadow/memshadowd.toml` or `--config`), command-line flags
-//! over it, and which settings a reload (`SIGHUP`) may change at run time (DESIGN.md §1).
+//! over it, and which settings a reload (`SIGHUP`) may change at run time (docs/design.md §1).
 //!
 //! Precedence, lowest first: built-in defaults, the file, `MEMSHADOW_LOG` (log level only),
 //! command-line flags. Every layer is a [`Layer`]; [`Config::from_layers`] checks and applies
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::device::{DeviceConfig, InvalidationMode, MAX_CAPACITY, MAX_ENGINES};
 
-/// Which dirty-tracking back end to use (DESIGN.md §6); `Auto` takes the fastest one the
+/// Which dirty-tracking back end to use (docs/design.md §6); `Auto` takes the fastest one the
 /// start-up probe finds working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyTracking {
@@ -56,7 +56,7 @@ impl DirtyTracking {
     }
 }
 
-/// When written pages are collected for an attach that does not choose (issue 7).
+/// When written pages are collected for an attach that does not choose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyPolicy {
     /// Only on an explicit `sync`.

@@ -1,4 +1,4 @@
-//! The uffd event source (DESIGN.md §6): one reader thread polls every bound client's
+//! The uffd event source (docs/design.md §6): one reader thread polls every bound client's
 //! userfaultfd, reads events in batches and runs their start passes under the client's access
 //! lock (G1); a finisher thread runs the finish passes in order, so reading the next event
 //! never waits for a flush while each invalidation stays open until its finish is done.

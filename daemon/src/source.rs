@@ -1,4 +1,4 @@
-//! Where mirrored pages come from (DESIGN.md §4 fault path, §5 G7): a client's memory, read
+//! Where mirrored pages come from (docs/design.md §4 fault path, §5 G7): a client's memory, read
 //! in large batches (iovec arrays), never a system call per page.
 //!
 //! * [`MemFileSource`]: `preadv` on a `/proc/PID/mem` file the client opened itself and handed

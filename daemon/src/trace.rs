@@ -1,6 +1,6 @@
 //! The invalidation trace: a bounded, lossy bus of records, one per invalidation of any
 //! client's shadow, for `memshadowctl trace`. It knows nothing of sockets; the server drains
-//! it. Publishing never blocks (DESIGN.md §6: nothing on the invalidation path may wait for
+//! it. Publishing never blocks (docs/design.md §6: nothing on the invalidation path may wait for
 //! a reader), costs one atomic load when nobody listens, and counts what it had to drop.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};

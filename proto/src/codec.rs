@@ -43,6 +43,9 @@ pub enum CodecError {
     },
 }
 
+/// What ends a string [`Writer::str`] had to cut.
+pub const CUT_MARK: &str = "…";
+
 /// Appends little-endian fields to a payload.
 #[derive(Debug, Default)]
 pub struct Writer {
@@ -83,14 +86,29 @@ impl Writer {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
-    /// Appends a string with a u16 length, cut (at a char boundary) to `max` bytes.
+    /// Appends a string with a u16 length. One longer than `max` bytes is cut at a char
+    /// boundary and ends in [`CUT_MARK`], so a reader sees that it was cut: senders check
+    /// what they can refuse (the library refuses a long session name), and this keeps what
+    /// they cannot (a long path in a status value) from being cut silently.
     pub fn str(&mut self, s: &str, max: usize) -> &mut Self {
-        let mut end = s.len().min(max).min(usize::from(u16::MAX));
+        let max = max.min(usize::from(u16::MAX));
+        if s.len() <= max {
+            self.u16(s.len() as u16);
+            self.buf.extend_from_slice(s.as_bytes());
+            return self;
+        }
+        let mark = if max >= 2 * CUT_MARK.len() {
+            CUT_MARK
+        } else {
+            ""
+        };
+        let mut end = max - mark.len();
         while !s.is_char_boundary(end) {
             end -= 1;
         }
-        self.u16(end as u16);
+        self.u16((end + mark.len()) as u16);
         self.buf.extend_from_slice(&s.as_bytes()[..end]);
+        self.buf.extend_from_slice(mark.as_bytes());
         self
     }
     /// Appends a byte string with a u32 length.
@@ -234,11 +252,19 @@ mod tests {
     }
 
     #[test]
-    fn strings_are_cut_at_char_boundaries() {
+    fn strings_are_cut_at_char_boundaries_and_say_so() {
         let mut w = Writer::new();
-        w.str("aé", 2);
+        w.str("aé", 2)
+            .str("abcdefgh", 8)
+            .str("abcdefghi", 8)
+            .str("aaaaaéé", 8);
         let b = w.into_bytes();
-        assert_eq!(Reader::new(&b).str("s", 8).as_deref(), Ok("a"));
+        let mut r = Reader::new(&b);
+        assert_eq!(r.str("s", 8).as_deref(), Ok("a"), "no room for a mark");
+        assert_eq!(r.str("s", 8).as_deref(), Ok("abcdefgh"), "fits: kept whole");
+        assert_eq!(r.str("s", 8).as_deref(), Ok("abcde…"));
+        assert_eq!(r.str("s", 8).as_deref(), Ok("aaaaa…"));
+        assert_eq!(r.finish(), Ok(()));
     }
 
     #[test]

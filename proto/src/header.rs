@@ -4,8 +4,9 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MSHD");
 /// The newest protocol version this build speaks. Version 2's `Bind` carries the client's
 /// `/proc/self/maps` third (then pagemap and, new, `clear_refs`: up to 5 fds), and it adds
-/// error codes 18 (`ShadowFull`) and 19 (`OutOfResources`); a version 1 peer is answered as
-/// before.
+/// error codes 18 (`ShadowFull`) and 19 (`OutOfResources`). A version 1 peer sends 2 to 4
+/// fds (a fourth is taken as `clear_refs`) and may also receive codes 18 and 19, which an
+/// older library reads as `Other(n)`.
 pub const VERSION: u16 = 2;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;

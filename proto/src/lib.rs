@@ -3,7 +3,7 @@
 //! Every message is one `SOCK_SEQPACKET` record: a fixed 24-byte little-endian [`Header`]
 //! followed by at most [`MAX_PAYLOAD`] bytes of payload, with at most [`MAX_FDS`] file
 //! descriptors attached as `SCM_RIGHTS`. Anything larger is refused, and decoding untrusted
-//! bytes never panics and never allocates more than the payload it was given (DESIGN.md
+//! bytes never panics and never allocates more than the payload it was given (docs/design.md
 //! §5 G7). There is no daemon logic here.
 
 pub mod codec;

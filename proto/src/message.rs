@@ -25,7 +25,7 @@ pub const ATTACH_PERIOD_SHIFT: u32 = 8;
 /// Longest period [`AttachPolicy::Periodic`] can carry (24 bits of ms, about 4.6 h).
 pub const MAX_PERIOD_MS: u32 = (1 << (32 - ATTACH_PERIOD_SHIFT)) - 1;
 
-/// When the daemon collects the written pages of an attached range (issue 7), carried in
+/// When the daemon collects the written pages of an attached range, carried in
 /// the `flags` of `Attach`: bits 0-1 the kind, bits 8-31 the period of `Periodic` in ms,
 /// bits 2-7 zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

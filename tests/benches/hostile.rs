@@ -1,5 +1,5 @@
 //! `hostile`: a well-behaved client's request latency alone, and again while 100 hostile
-//! sessions run against the same daemon (DESIGN.md §5 G7: one client must not be able to
+//! sessions run against the same daemon (docs/design.md §5 G7: one client must not be able to
 //! stall the others). Goal: with the hostile sessions, the well-behaved client's p99 is
 //! within 2x of its p99 alone. The goal is reported, never asserted.
 //!

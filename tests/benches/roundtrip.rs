@@ -1,4 +1,4 @@
-//! `roundtrip`: what memshadowd costs a client's `madvise`/`munmap` (DESIGN.md §5 G1, §7),
+//! `roundtrip`: what memshadowd costs a client's `madvise`/`munmap` (docs/design.md §5 G1, §7),
 //! against no userfaultfd at all and against a bare in-process uffd reader; plus device-read
 //! latency, and fault-in bandwidth against bare copies by `pread` of `/proc/self/mem` (the
 //! daemon's one access path) and by `process_vm_readv`.

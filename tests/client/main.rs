@@ -300,7 +300,7 @@ fn policy(s: &str) -> Result<Policy, String> {
 }
 
 /// Drops to `uid` (and the same gid) like an unprivileged client, staying dumpable so the
-/// process may open its own `/proc/self/mem` and `pagemap` (DESIGN.md §7).
+/// process may open its own `/proc/self/mem` and `pagemap` (docs/design.md §7).
 fn become_uid(uid: u32) -> Result<(), String> {
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(|e| format!("setgid: {e}"))?;

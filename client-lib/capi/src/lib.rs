@@ -105,6 +105,7 @@ impl Status {
             Error::QuotaExceeded(_) => Status::MEMSHADOW_ERR_QUOTA_EXCEEDED,
             Error::AlreadyWatched(_) => Status::MEMSHADOW_ERR_ALREADY_WATCHED,
             Error::BadRange(_) => Status::MEMSHADOW_ERR_BAD_RANGE,
+            Error::InvalidArgument(_) => Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
             Error::Overlap(_) => Status::MEMSHADOW_ERR_OVERLAP,
             Error::TooManyClients(_) => Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS,
             Error::PermissionDenied(_) => Status::MEMSHADOW_ERR_PERMISSION_DENIED,

@@ -1,5 +1,5 @@
 //! One client of the device: its page table (behind the device lock), its notifiers, its
-//! mirrors, the fault path (DESIGN.md §3 rule 2, §4) and the access lock that G1 needs.
+//! mirrors, the fault path (docs/design.md §3 rule 2, §4) and the access lock that G1 needs.
 
 use crate::lock;
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Engines (DESIGN.md §4): K workers, each fed by a FIFO `crossbeam-channel` and each with
+//! Engines (docs/design.md §4): K workers, each fed by a FIFO `crossbeam-channel` and each with
 //! its own TLB. Jobs are TLB flushes, which complete a fence after a modelled device round
 //! trip, and device reads; an access queued after a flush is served after that flush has
 //! completed.

@@ -1,4 +1,4 @@
-//! The shadow notifier: the device's interval notifier over one mirrored range (DESIGN.md §4),
+//! The shadow notifier: the device's interval notifier over one mirrored range (docs/design.md §4),
 //! and the doorbell that batches its flushes within one tree walk.
 //!
 //! * two-pass (`TwoPass`): **start** zaps the range's PTEs under the device lock, queues a TLB

@@ -1,4 +1,4 @@
-//! The device model (DESIGN.md §4): a shadow buffer cut into slots, a device page table per
+//! The device model (docs/design.md §4): a shadow buffer cut into slots, a device page table per
 //! client, K engines with TLBs, the shadow notifier that invalidates in one or two passes,
 //! and the fault path. It knows nothing of sockets or uffd: client memory comes through a
 //! [`MemorySource`](crate::source::MemorySource).
@@ -28,7 +28,7 @@ use crate::notifier::{InvalidateError, NotifierError, RangeError};
 use crate::source::{MemorySource, SourceError};
 use crate::trace::TraceHub;
 
-/// How shadow notifiers invalidate (DESIGN.md §1).
+/// How shadow notifiers invalidate (docs/design.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum InvalidationMode {
     /// Each notifier flushes and waits before the next (the baseline).

@@ -1,4 +1,4 @@
-//! The device page table of one client (DESIGN.md §4): client virtual page → shadow slot.
+//! The device page table of one client (docs/design.md §4): client virtual page → shadow slot.
 //!
 //! It lives inside the client's device lock (`ClientCore::pt`), which is the only way to
 //! reach it, so only the device lock changes it. It also keeps, per mirror, which engines may

@@ -1,4 +1,4 @@
-//! The shadow buffer (DESIGN.md §4): one memfd-backed mapping cut into page-sized slots, with
+//! The shadow buffer (docs/design.md §4): one memfd-backed mapping cut into page-sized slots, with
 //! a free-slot allocator and a generation per slot so reuse can be detected (G2).
 //!
 //! Freed slots go to a *warm* list first: their memory is still resident, so reusing them

@@ -1,4 +1,4 @@
-//! Dirty tracking (DESIGN.md §6, issue 7): finds the pages a client wrote after they were
+//! Dirty tracking (docs/design.md §6): finds the pages a client wrote after they were
 //! mirrored, so they can be invalidated (event `SoftDirty`, two-pass) and re-mirrored on the
 //! next device access. Without it the shadow follows the client's mappings but not their
 //! contents.

@@ -1,4 +1,4 @@
-//! The `pagemap-scan` back end (DESIGN.md §6): the client's uffd has `UFFD_FEATURE_WP_ASYNC`,
+//! The `pagemap-scan` back end (docs/design.md §6): the client's uffd has `UFFD_FEATURE_WP_ASYNC`,
 //! so a write to a write-protected page is resolved by the kernel, which only clears the
 //! page's uffd-wp bit; `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`
 //! then reports the pages whose bit is clear ("written") and sets it again, atomically per

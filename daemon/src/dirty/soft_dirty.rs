@@ -1,4 +1,4 @@
-//! The `soft-dirty` back end (DESIGN.md §6): `/proc/PID/clear_refs` "4" clears every
+//! The `soft-dirty` back end (docs/design.md §6): `/proc/PID/clear_refs` "4" clears every
 //! soft-dirty bit of the process (write-protecting its pages so the next write sets the bit
 //! again), and bit 55 of a page's pagemap word says it was written since. Needs
 //! `CONFIG_MEM_SOFT_DIRTY`: the dev machines' kernel accepts "4" but never sets the bit, so

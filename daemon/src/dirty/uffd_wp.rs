@@ -1,4 +1,4 @@
-//! The `uffd-wp` back end (DESIGN.md §6), the universal fallback (Linux 5.7+; 6.4+ for
+//! The `uffd-wp` back end (docs/design.md §6), the universal fallback (Linux 5.7+; 6.4+ for
 //! `WP_UNPOPULATED`): a page is write-protected ("armed") just before the device copies it
 //! ([`ArmingSource`]), so a later write by the client raises a synchronous write-protect
 //! fault; the event reader invalidates the page (event `SoftDirty`, start pass under the

@@ -1,4 +1,4 @@
-//! What a notifier implements, and what its callbacks are told (DESIGN.md §3 rules 3, 5, 7, 9).
+//! What a notifier implements, and what its callbacks are told (docs/design.md §3 rules 3, 5, 7, 9).
 //!
 //! A notifier is either [`OnePass`] (one `invalidate` callback) or [`TwoPass`]
 //! (`invalidate_start` + `invalidate_finish`). They are separate traits with no default

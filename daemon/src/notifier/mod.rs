@@ -1,5 +1,5 @@
 //! The notifier core: per-client interval notifiers with one-pass and two-pass invalidation,
-//! after the kernel's `mmu_interval_notifier` (DESIGN.md §3).
+//! after the kernel's `mmu_interval_notifier` (docs/design.md §3).
 //!
 //! It knows nothing of uffd, sockets or engines: event sources call
 //! [`Subscription::invalidate`] (or [`Subscription::begin_invalidate`] to keep the finish

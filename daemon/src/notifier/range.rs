@@ -1,4 +1,4 @@
-//! Address ranges as the notifier core sees them (DESIGN.md §3 rule 1 and rule 4).
+//! Address ranges as the notifier core sees them (docs/design.md §3 rule 1 and rule 4).
 //!
 //! A range is inclusive of its first byte and exclusive of its end. It is stored as
 //! `start..=last` so that the whole address space (`0..=u64::MAX`, used by release, rule 8)

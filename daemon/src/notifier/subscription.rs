@@ -1,5 +1,5 @@
 //! One client's ("mm's") set of interval notifiers and the invalidation machinery over it
-//! (DESIGN.md §3 rules 1–8).
+//! (docs/design.md §3 rules 1–8).
 //!
 //! Locking follows `mm/mmu_notifier.c`: one small mutex (the kernel's spinlock) guards the
 //! sequence, the active count, the deferred list and the tree *pointer*. A walker bumps the

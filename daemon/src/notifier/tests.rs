@@ -1,4 +1,4 @@
-//! Tests of the notifier core: one per rule of DESIGN.md §3 (named after it), a model-based
+//! Tests of the notifier core: one per rule of docs/design.md §3 (named after it), a model-based
 //! test against a naive `Vec` model, and a concurrency stress test of the reader pattern.
 
 #![allow(clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! An augmented AVL interval tree (DESIGN.md §3 rule 1: lookup in O(log n + hits)).
+//! An augmented AVL interval tree (docs/design.md §3 rule 1: lookup in O(log n + hits)).
 //!
 //! Written here rather than taken from a crate because the notifier core needs three things
 //! together that the interval crates we looked at do not offer at once: removal of one

@@ -515,7 +515,7 @@ fn bind_inner(
         (Ok(Backend::SoftDirty), None) => {
             return Err(err(
                 ErrorCode::BadFd,
-                "the soft-dirty back end needs the client's /proc/self/clear_refs (fourth fd)",
+                "the soft-dirty back end needs the client's /proc/self/clear_refs (the last fd of Bind)",
             ))
         }
         _ => None,

@@ -1,4 +1,4 @@
-//! The memshadowd server (DESIGN.md §1, §5 G5–G7): accepts clients on a `SOCK_SEQPACKET`
+//! The memshadowd server (docs/design.md §1, §5 G5–G7): accepts clients on a `SOCK_SEQPACKET`
 //! socket, checks who they are, answers their requests, binds their userfaultfds to the
 //! event source and releases them when they go away.
 //!
@@ -71,7 +71,7 @@ pub enum ServerError {
     Stopped,
 }
 
-/// Dirty tracking as the daemon runs it (DESIGN.md §6): what the start-up probe found, the
+/// Dirty tracking as the daemon runs it (docs/design.md §6): what the start-up probe found, the
 /// daemon-wide counters, and the one timer of the `periodic` policy.
 #[derive(Debug)]
 pub struct DirtyState {

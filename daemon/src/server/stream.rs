@@ -1,6 +1,6 @@
 //! Live trace streams (`memshadowctl trace`): the sessions subscribed to invalidation records
 //! and the one thread that feeds them from the device's trace bus. Nothing here may slow an
-//! invalidation down (DESIGN.md §6): the bus never blocks its publishers, and a subscriber
+//! invalidation down (docs/design.md §6): the bus never blocks its publishers, and a subscriber
 //! that does not read its socket loses records (counted, and reported with the next record
 //! it gets) rather than holding up the daemon.
 

@@ -1,4 +1,4 @@
-//! Running as a service (DESIGN.md §1, §5 G6, §7): what the session loop tells the service
+//! Running as a service (docs/design.md §1, §5 G6, §7): what the session loop tells the service
 //! manager (`READY=1` once the socket accepts and the engines run, `STATUS=` with clients and
 //! shadow bytes, `STOPPING=1`, `RELOADING=1` … `READY=1` around a reload), the watchdog ping
 //! sent from the uffd-reader loop, the `SIGHUP` reload, socket activation and journald

@@ -4,7 +4,7 @@
 //!
 //! Why a thread: a datagram to a listener whose queue is full blocks the sender
 //! (`net.unix.max_dgram_qlen` is 10 by default), and the watchdog ping comes from the
-//! uffd-reader loop, which must never block (DESIGN.md §6: clients' `munmap` waits for it).
+//! uffd-reader loop, which must never block (docs/design.md §6: clients' `munmap` waits for it).
 //! Callers only queue; the queue keeps the order; when it is full, messages are dropped
 //! and counted.
 

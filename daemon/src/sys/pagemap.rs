@@ -1,5 +1,5 @@
 //! `/proc/PID/pagemap` and its `PAGEMAP_SCAN` ioctl (Linux 6.7+), and `/proc/PID/clear_refs`:
-//! what the dirty-tracking back ends read (DESIGN.md §6, §7).
+//! what the dirty-tracking back ends read (docs/design.md §6, §7).
 //!
 //! The C library headers of the dev machines predate `PAGEMAP_SCAN`, so the ioctl number,
 //! `struct pm_scan_arg`, `struct page_region` and the flag bits are defined here, with their

@@ -1,4 +1,4 @@
-//! A client's userfaultfd, as the daemon drives it (DESIGN.md §6, §7).
+//! A client's userfaultfd, as the daemon drives it (docs/design.md §6, §7).
 //!
 //! The client creates the uffd in its own mm and hands it over without calling
 //! `UFFDIO_API`; the daemon does the handshake here (the `userfaultfd` crate only does it

@@ -1,5 +1,5 @@
 //! A bound client as the event source and the device see it: its userfaultfd, its device
-//! client, and the table of ranges it attached (DESIGN.md §1, §6). Mirror ids given to the
+//! client, and the table of ranges it attached (docs/design.md §1, §6). Mirror ids given to the
 //! client stay stable while the range follows `mremap`; this module knows nothing of sockets.
 
 mod fences;
@@ -1230,7 +1230,7 @@ mod tests {
     /// to keep alive beside it).
     fn uffd_wp_watched() -> (Watched, Device) {
         let (uffd, user_mode_only) = Uffd::create().unwrap();
-        assert!(!user_mode_only, "the tests run as root (DESIGN.md §7)");
+        assert!(!user_mode_only, "the tests run as root (docs/design.md §7)");
         uffd.api(
             Backend::UffdWp.uffd_features()
                 | features::EVENT_UNMAP
