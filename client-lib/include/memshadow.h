@@ -48,7 +48,8 @@ enum memshadow_status
      */
     MEMSHADOW_ERR_INTERNAL = -2,
     /**
-     * No socket path: set `MEMSHADOW_SOCKET` or `XDG_RUNTIME_DIR`.
+     * No socket path: `MEMSHADOW_SOCKET` is not set, nothing is at the system socket, and
+     * neither is this process root nor is `XDG_RUNTIME_DIR` set.
      */
     MEMSHADOW_ERR_NO_SOCKET_PATH = -3,
     /**
@@ -104,7 +105,8 @@ enum memshadow_status
      */
     MEMSHADOW_ERR_TOO_MANY_CLIENTS = -16,
     /**
-     * Not allowed.
+     * Not allowed: refused by the daemon, or by its socket (then `memshadow_last_errno()` is
+     * `EACCES` or `EPERM`, and the message says which group to join).
      */
     MEMSHADOW_ERR_PERMISSION_DENIED = -17,
     /**
@@ -190,11 +192,13 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Connects to memshadowd at the default socket path (`MEMSHADOW_SOCKET` if set, else
- * `/run/memshadow/memshadowd.sock` for root, else
- * `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`) and registers this process.
- * On success `*out` is a new client handle (free it with `memshadow_client_free`);
- * on failure `*out` is NULL.
+ * Connects to memshadowd and registers this process. The socket is `MEMSHADOW_SOCKET` if
+ * set, else `/run/memshadow/memshadowd.sock` if it exists (for every user: members of its
+ * group need no setting), else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock` (the rules of
+ * the Rust library and `memshadowctl`). On success `*out` is a new client handle (free it
+ * with `memshadow_client_free`); on failure `*out` is NULL. A socket that refuses this
+ * user gives `MEMSHADOW_ERR_PERMISSION_DENIED` with errno `EACCES`, and a message saying
+ * which group to join; no socket at the path, `MEMSHADOW_ERR_CONNECT` with `ENOENT`.
  *
  * # Safety
  * `out` is NULL or valid for writing a pointer.

@@ -39,7 +39,8 @@ pub enum Status {
     MEMSHADOW_ERR_INVALID_ARGUMENT = -1,
     /// A bug in libmemshadow (a caught panic); the handle may be unusable.
     MEMSHADOW_ERR_INTERNAL = -2,
-    /// No socket path: set `MEMSHADOW_SOCKET` or `XDG_RUNTIME_DIR`.
+    /// No socket path: `MEMSHADOW_SOCKET` is not set, nothing is at the system socket, and
+    /// neither is this process root nor is `XDG_RUNTIME_DIR` set.
     MEMSHADOW_ERR_NO_SOCKET_PATH = -3,
     /// The daemon's socket could not be reached.
     MEMSHADOW_ERR_CONNECT = -4,
@@ -67,7 +68,8 @@ pub enum Status {
     MEMSHADOW_ERR_OVERLAP = -15,
     /// The daemon has too many clients.
     MEMSHADOW_ERR_TOO_MANY_CLIENTS = -16,
-    /// Not allowed.
+    /// Not allowed: refused by the daemon, or by its socket (then `memshadow_last_errno()` is
+    /// `EACCES` or `EPERM`, and the message says which group to join).
     MEMSHADOW_ERR_PERMISSION_DENIED = -17,
     /// The exchange broke the protocol.
     MEMSHADOW_ERR_PROTOCOL = -18,
@@ -108,7 +110,9 @@ impl Status {
             Error::InvalidArgument(_) => Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
             Error::Overlap(_) => Status::MEMSHADOW_ERR_OVERLAP,
             Error::TooManyClients(_) => Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS,
-            Error::PermissionDenied(_) => Status::MEMSHADOW_ERR_PERMISSION_DENIED,
+            Error::PermissionDenied(_) | Error::ConnectDenied { .. } => {
+                Status::MEMSHADOW_ERR_PERMISSION_DENIED
+            }
             Error::Protocol(_) => Status::MEMSHADOW_ERR_PROTOCOL,
             Error::Daemon { .. } => Status::MEMSHADOW_ERR_DAEMON,
             Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
@@ -326,11 +330,13 @@ fn new_client(client: Client) -> *mut FfiClient {
     }))
 }
 
-/// Connects to memshadowd at the default socket path (`MEMSHADOW_SOCKET` if set, else
-/// `/run/memshadow/memshadowd.sock` for root, else
-/// `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`) and registers this process.
-/// On success `*out` is a new client handle (free it with `memshadow_client_free`);
-/// on failure `*out` is NULL.
+/// Connects to memshadowd and registers this process. The socket is `MEMSHADOW_SOCKET` if
+/// set, else `/run/memshadow/memshadowd.sock` if it exists (for every user: members of its
+/// group need no setting), else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock` (the rules of
+/// the Rust library and `memshadowctl`). On success `*out` is a new client handle (free it
+/// with `memshadow_client_free`); on failure `*out` is NULL. A socket that refuses this
+/// user gives `MEMSHADOW_ERR_PERMISSION_DENIED` with errno `EACCES`, and a message saying
+/// which group to join; no socket at the path, `MEMSHADOW_ERR_CONNECT` with `ENOENT`.
 ///
 /// # Safety
 /// `out` is NULL or valid for writing a pointer.

@@ -388,6 +388,24 @@ fn every_error_variant_has_a_distinct_code_and_name() {
     );
 }
 
+/// A socket that refuses this user is a permission error, with the errno of `connect` and
+/// the hint of the Rust library (tests/discovery.rs makes a real one, as a plain user).
+#[test]
+fn a_socket_that_refuses_this_user_is_permission_denied_with_its_errno() {
+    let f = Failure::from(Error::ConnectDenied {
+        path: "/run/memshadow/memshadowd.sock".into(),
+        hint: "join group memshadow".into(),
+        errno: nix::Error::EACCES,
+    });
+    assert_eq!(f.status, MEMSHADOW_ERR_PERMISSION_DENIED);
+    assert_eq!(f.errno, libc::EACCES);
+    assert_eq!(
+        f.message,
+        "permission denied connecting to memshadowd at /run/memshadow/memshadowd.sock: join \
+         group memshadow"
+    );
+}
+
 #[test]
 fn connect_to_a_missing_socket_is_a_connect_error() {
     let mut c = std::ptr::dangling_mut::<FfiClient>();

@@ -32,8 +32,8 @@ use serde_json::{json, Value};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Daemon socket [default: $MEMSHADOW_SOCKET, else /run/memshadow/memshadowd.sock for
-    /// root, else $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
+    /// Daemon socket [default: $MEMSHADOW_SOCKET, else /run/memshadow/memshadowd.sock if it
+    /// exists, else $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Print JSON instead of tables (one object per line for `trace`).
@@ -148,7 +148,7 @@ fn parse_num(s: &str) -> Result<u64, String> {
 fn code_of(e: &Error) -> u8 {
     match e {
         Error::Connect { .. } | Error::DaemonGone | Error::NoSocketPath => exit::UNREACHABLE,
-        Error::PermissionDenied(_) => exit::DENIED,
+        Error::PermissionDenied(_) | Error::ConnectDenied { .. } => exit::DENIED,
         _ => exit::ERROR,
     }
 }
@@ -736,6 +736,22 @@ mod tests {
     fn exit_codes_follow_the_documented_table() {
         assert_eq!(code_of(&Error::DaemonGone), exit::UNREACHABLE);
         assert_eq!(code_of(&Error::PermissionDenied("x".into())), exit::DENIED);
+        let denied = Error::ConnectDenied {
+            path: "/run/memshadow/memshadowd.sock".into(),
+            hint: "join group memshadow".into(),
+            errno: nix::Error::EACCES,
+        };
+        assert_eq!(
+            code_of(&denied),
+            exit::DENIED,
+            "a socket that refuses this user"
+        );
+        let gone = Error::Connect {
+            path: "/x".into(),
+            source: nix::Error::ENOENT,
+        };
+        assert_eq!(code_of(&gone), exit::UNREACHABLE);
+        assert_eq!(code_of(&Error::NoSocketPath), exit::UNREACHABLE);
         assert_eq!(code_of(&Error::BadRange("x".into())), exit::ERROR);
     }
 
