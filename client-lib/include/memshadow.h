@@ -27,6 +27,28 @@
 #define MEMSHADOW_VERSION_PATCH 0
 
 /**
+ * `memshadow_attach_with`: the daemon's default policy (its `--dirty-policy`), as
+ * `memshadow_attach`.
+ */
+#define MEMSHADOW_POLICY_DEFAULT 0
+
+/**
+ * `memshadow_attach_with`: written pages are collected only on `memshadow_mirror_sync`.
+ */
+#define MEMSHADOW_POLICY_MANUAL 1
+
+/**
+ * `memshadow_attach_with`: each device read collects the pages it reads first.
+ */
+#define MEMSHADOW_POLICY_STRICT 2
+
+/**
+ * `memshadow_attach_with`: the daemon collects written pages on a timer, every
+ * `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
+ */
+#define MEMSHADOW_POLICY_PERIODIC 3
+
+/**
  * Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
  * of the Rust library; `memshadow_last_error()` has the details. Values are stable.
  */
@@ -265,6 +287,28 @@ memshadow_status memshadow_attach(const struct memshadow_client *client,
                                   const void *ptr,
                                   size_t len,
                                   struct memshadow_mirror **out);
+
+/**
+ * `memshadow_attach` with a collection policy for the pages this process writes in the
+ * range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
+ * `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
+ * `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
+ * `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+ * `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
+ * period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
+ * manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking
+ * for this process. The Rust library's `Client::attach_with`. On success `*out` is a new
+ * mirror handle (free it with `memshadow_mirror_free`); on failure `*out` is NULL.
+ *
+ * # Safety
+ * As `memshadow_attach`.
+ */
+memshadow_status memshadow_attach_with(const struct memshadow_client *client,
+                                       const void *ptr,
+                                       size_t len,
+                                       uint32_t policy,
+                                       uint64_t period_ms,
+                                       struct memshadow_mirror **out);
 
 /**
  * A device read: copies `len` bytes at `offset` of the mirror into `buf`, served by the

@@ -472,6 +472,89 @@ pub unsafe extern "C" fn memshadow_attach(
     })
 }
 
+/// `memshadow_attach_with`: the daemon's default policy (its `--dirty-policy`), as
+/// `memshadow_attach`.
+pub const MEMSHADOW_POLICY_DEFAULT: u32 = 0;
+/// `memshadow_attach_with`: written pages are collected only on `memshadow_mirror_sync`.
+pub const MEMSHADOW_POLICY_MANUAL: u32 = 1;
+/// `memshadow_attach_with`: each device read collects the pages it reads first.
+pub const MEMSHADOW_POLICY_STRICT: u32 = 2;
+/// `memshadow_attach_with`: the daemon collects written pages on a timer, every
+/// `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
+pub const MEMSHADOW_POLICY_PERIODIC: u32 = 3;
+
+/// The Rust policy of a C one: `None` for the daemon's default.
+fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, Failure> {
+    let no_period = |name: &str| {
+        if period_ms == 0 {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "period_ms is {period_ms}, but {name} has no period (pass 0)"
+            )))
+        }
+    };
+    match policy {
+        MEMSHADOW_POLICY_DEFAULT => no_period("MEMSHADOW_POLICY_DEFAULT").map(|()| None),
+        MEMSHADOW_POLICY_MANUAL => {
+            no_period("MEMSHADOW_POLICY_MANUAL").map(|()| Some(memshadow::Policy::Manual))
+        }
+        MEMSHADOW_POLICY_STRICT => {
+            no_period("MEMSHADOW_POLICY_STRICT").map(|()| Some(memshadow::Policy::Strict))
+        }
+        MEMSHADOW_POLICY_PERIODIC if period_ms == 0 => Err(invalid(
+            "MEMSHADOW_POLICY_PERIODIC needs a period_ms (at least 10)",
+        )),
+        MEMSHADOW_POLICY_PERIODIC => Ok(Some(memshadow::Policy::Periodic(
+            std::time::Duration::from_millis(period_ms),
+        ))),
+        p => Err(invalid(format!(
+            "{p} is no policy (MEMSHADOW_POLICY_DEFAULT, _MANUAL, _STRICT or _PERIODIC)"
+        ))),
+    }
+}
+
+/// `memshadow_attach` with a collection policy for the pages this process writes in the
+/// range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
+/// `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
+/// `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
+/// `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+/// `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
+/// period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
+/// manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking
+/// for this process. The Rust library's `Client::attach_with`. On success `*out` is a new
+/// mirror handle (free it with `memshadow_mirror_free`); on failure `*out` is NULL.
+///
+/// # Safety
+/// As `memshadow_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_attach_with(
+    client: *const FfiClient,
+    ptr: *const c_void,
+    len: usize,
+    policy: u32,
+    period_ms: u64,
+    out: *mut *mut FfiMirror,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let client = unsafe { handle(client, "client") }?;
+        if ptr.is_null() {
+            return Err(invalid("ptr is NULL"));
+        }
+        let mirror = match policy_of(policy, period_ms)? {
+            None => client.client.attach(ptr.cast(), len)?,
+            Some(p) => client.client.attach_with(ptr.cast(), len, p)?,
+        };
+        let m = Box::into_raw(Box::new(FfiMirror { mirror }));
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, m) };
+        Ok(())
+    })
+}
+
 /// Runs `f` on the mirror behind a handle.
 ///
 /// # Safety
