@@ -11,9 +11,10 @@
 #                 units in DIR/lib/systemd/system
 # --destdir DIR   stage everything under DIR (packaging, tests); nothing outside it is touched
 #                 (the group goes into DIR/etc/group if that file exists, else it is skipped)
-# --from DIR      where the built binaries are (default: target/release of this tree)
+# --from DIR      where the built binaries are (default: release/ of $CARGO_TARGET_DIR, else
+#                 of target/ in the source tree)
 # --srcdir DIR    the source tree (default: the tree this script is in)
-# --no-build      do not run `cargo build --release --workspace` first
+# --no-build      do not run the build first (BUILD below, the README's main-job build)
 # --no-group      do not create the memshadow group
 # Environment overrides: BINDIR, LIBDIR, INCLUDEDIR, SYSCONFDIR (default /etc), UNITDIR.
 #
@@ -57,11 +58,26 @@ SYSCONFDIR=${SYSCONFDIR:-/etc}
 UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$SRCDIR/Cargo.toml" | head -n1)
 
+# The build of the README's main job, word for word (tests/readme.rs checks it), so that after
+# it nothing is built again. Another selection of targets builds other artifacts: building
+# examples brings in the dev-dependencies, and with resolver 2 their features (bitflags' std,
+# regex-syntax's unicode tables, syn's full parser, ...) then apply to the crates shared with
+# the binaries, so nix, memshadow-proto, the proc macros, tracing-subscriber and every crate
+# of the workspace above them are built a second time; and the C library's files
+# (libmemshadow.so and .a, whose names carry no hash) are rebuilt by each build in turn.
+BUILD_CMD="cargo build --release --workspace --lib --bins --examples"
 if [ "$BUILD" = 1 ]; then
-  echo "building: cargo build --release --workspace"
-  (cd "$SRCDIR" && cargo build --release --workspace)
+  echo "building: $BUILD_CMD"
+  (cd "$SRCDIR" && $BUILD_CMD)
 fi
-FROM=${FROM:-$SRCDIR/target/release}
+# Where cargo put it: $CARGO_TARGET_DIR (relative to the source tree, where cargo ran), else
+# target/ of the source tree.
+case "${CARGO_TARGET_DIR:-}" in
+  "") TARGET=$SRCDIR/target ;;
+  /*) TARGET=$CARGO_TARGET_DIR ;;
+  *) TARGET=$SRCDIR/$CARGO_TARGET_DIR ;;
+esac
+FROM=${FROM:-$TARGET/release}
 
 put() { # put MODE SOURCE TARGET: install one file under DESTDIR
   install -D -m "$1" "$2" "$DESTDIR$3"
@@ -74,7 +90,7 @@ link() { # link NAME TARGET: TARGET (under DESTDIR) becomes a symbolic link to N
 skip() { echo "skipped $1: $2"; }
 
 # Binaries.
-[ -x "$FROM/memshadowd" ] || die "$FROM/memshadowd is not built (run cargo build --release --workspace, or pass --from)"
+[ -x "$FROM/memshadowd" ] || die "$FROM/memshadowd is not built (run $BUILD_CMD, or pass --from)"
 put 755 "$FROM/memshadowd" "$BINDIR/memshadowd"
 if [ -x "$FROM/memshadowctl" ]; then
   put 755 "$FROM/memshadowctl" "$BINDIR/memshadowctl"

@@ -216,3 +216,40 @@ fn doc_examples_drop_hidden_lines() {
                /// ```compile_fail\n/// nope\n/// ```\n";
     assert_eq!(doc_examples(src), vec![vec!["let a = 1;".to_owned()]]);
 }
+
+/// `systemd/install.sh` builds with the README's main-job build, word for word, so that one
+/// build serves both: building examples turns on the dev-dependencies' features for the crates
+/// the binaries share with them, so any other selection of targets builds them again.
+#[test]
+fn install_sh_runs_the_main_jobs_build() {
+    let root = root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let main = sh_blocks(&readme)
+        .into_iter()
+        .find(|(m, _)| m == "<!-- main-command -->")
+        .map(|(_, body)| body.join(" "))
+        .expect("README.md has a main command");
+    let build = main
+        .split("&&")
+        .map(str::trim)
+        .find(|c| c.starts_with("cargo build"))
+        .expect("the main command starts with a cargo build");
+    let script = std::fs::read_to_string(root.join("systemd/install.sh")).unwrap();
+    let set = script
+        .lines()
+        .find_map(|l| l.strip_prefix("BUILD_CMD=\""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("systemd/install.sh sets BUILD_CMD=\"...\"");
+    assert_eq!(
+        set, build,
+        "systemd/install.sh must build exactly as the README's main job does"
+    );
+    assert!(
+        script.contains("$BUILD_CMD)"),
+        "systemd/install.sh runs $BUILD_CMD"
+    );
+    assert!(
+        build.contains("--lib") && build.contains("--bins") && build.contains("--examples"),
+        "the one build makes the C library, the binaries and the demo: {build}"
+    );
+}

@@ -1,13 +1,15 @@
-//! The main job: starts `memshadowd` (from the same build) on a temporary socket, attaches
-//! 1 MiB of this process, reads it through the device, `madvise`s and `munmap`s parts of it
-//! and prints what the daemon did (its live trace of invalidations), shows
-//! `memshadowctl status`, then stops the daemon with SIGTERM.
+//! The main job: starts `memshadowd` (from the same build, on its built-in defaults) on a
+//! temporary socket, attaches 1 MiB of this process, reads it through the device,
+//! `madvise`s and `munmap`s parts of it and prints what the daemon did (its live trace of
+//! invalidations), shows `memshadowctl status`, then stops the daemon with SIGTERM.
+//! With `--socket PATH` (or `MEMSHADOW_SOCKET`) it uses the daemon running there instead,
+//! and leaves it running. `--help` says so.
 
 #![allow(clippy::print_stdout)]
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitCode};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,55 @@ use memshadow::{Client, InvalidationReport, Target};
 
 const PAGE: usize = 4096;
 const LEN: usize = 1 << 20;
+
+const USAGE: &str = "\
+demo: mirrors 1 MiB of this process through memshadowd, changes it (madvise, munmap) and
+prints each invalidation the daemon traced, then `memshadowctl status`.
+
+usage: demo [--socket PATH]
+
+  --socket PATH  use the memshadowd listening at PATH, and leave it running
+  -h, --help     print this help
+
+Without --socket, the daemon at $MEMSHADOW_SOCKET if that is set; otherwise the demo starts
+its own memshadowd (the one built next to it, on its built-in defaults: --no-config) on a
+temporary socket and stops it with SIGTERM at the end.
+";
+
+/// Where the daemon comes from.
+enum Source {
+    /// `--socket PATH` or `MEMSHADOW_SOCKET`: a running daemon.
+    Running(PathBuf, &'static str),
+    /// None given: start one.
+    Own,
+}
+
+/// The command line: `Ok(None)` for `--help`.
+fn parse_args(
+    args: impl Iterator<Item = std::ffi::OsString>,
+    env: Option<std::ffi::OsString>,
+) -> Result<Option<Source>, String> {
+    let mut socket = None;
+    let mut args = args;
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("-h" | "--help") => return Ok(None),
+            Some("--socket") => {
+                let p = args.next().ok_or("--socket needs a path")?;
+                socket = Some(PathBuf::from(p));
+            }
+            Some(s) if s.starts_with("--socket=") => {
+                socket = Some(PathBuf::from(&s["--socket=".len()..]));
+            }
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    Ok(Some(match (socket, env.filter(|e| !e.is_empty())) {
+        (Some(p), _) => Source::Running(p, "--socket"),
+        (None, Some(e)) => Source::Running(PathBuf::from(e), "MEMSHADOW_SOCKET"),
+        (None, None) => Source::Own,
+    }))
+}
 
 fn counter(c: &Client, name: &str) -> Result<u64, Box<dyn Error>> {
     Ok(c.stats()?
@@ -58,7 +109,7 @@ fn sibling(name: &str) -> Result<PathBuf, Box<dyn Error>> {
         .ok_or("no target dir")?;
     if !p.exists() {
         return Err(format!(
-            "{} not found: build the workspace first (cargo build --release --workspace --examples)",
+            "{} not found: build the workspace first (the README's main command does)",
             p.display()
         )
         .into());
@@ -81,32 +132,82 @@ fn describe(r: &InvalidationReport) -> String {
     )
 }
 
-fn main() -> Result<(), Box<dyn Error>> {
-    let daemon_bin = sibling("memshadowd")?;
+fn main() -> ExitCode {
+    let source = match parse_args(
+        std::env::args_os().skip(1),
+        std::env::var_os("MEMSHADOW_SOCKET"),
+    ) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("demo: {e} (see demo --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(source) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo: {}", memshadow_error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn memshadow_error_chain(e: &(dyn Error + 'static)) -> String {
+    match e.downcast_ref::<memshadow::Error>() {
+        Some(e) => memshadow::error_chain(e),
+        None => e.to_string(),
+    }
+}
+
+fn run(source: Source) -> Result<(), Box<dyn Error>> {
     let ctl_bin = sibling("memshadowctl")?;
-    let dir = std::env::temp_dir().join(format!("memshadow-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("memshadowd.sock");
-    println!("== starting memshadowd on {}", socket.display());
-    let mut daemon = Daemon {
-        child: Some(
-            Command::new(&daemon_bin)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--flush-latency-us")
-                .arg("100")
-                .env("MEMSHADOW_LOG", "warn")
-                .spawn()?,
-        ),
-        dir,
+    let (socket, mut daemon) = match source {
+        Source::Running(socket, from) => {
+            println!(
+                "== using the memshadowd at {} (from {from}); it keeps running",
+                socket.display()
+            );
+            (socket, None)
+        }
+        Source::Own => {
+            let daemon_bin = sibling("memshadowd")?;
+            let dir = std::env::temp_dir().join(format!("memshadow-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let socket = dir.join("memshadowd.sock");
+            println!(
+                "== starting memshadowd on {} (built-in defaults: --no-config)",
+                socket.display()
+            );
+            let daemon = Daemon {
+                child: Some(
+                    Command::new(&daemon_bin)
+                        .arg("--no-config")
+                        .arg("--socket")
+                        .arg(&socket)
+                        .env("MEMSHADOW_LOG", "warn")
+                        .spawn()?,
+                ),
+                dir,
+            };
+            (socket, Some(daemon))
+        }
+    };
+    // A daemon of our own may still be starting; a running one answers at once.
+    let wait = if daemon.is_some() {
+        Duration::from_secs(10)
+    } else {
+        Duration::ZERO
     };
     let t = Instant::now();
     let client = loop {
         match Client::connect_to(&socket) {
             Ok(c) => break c,
-            Err(_) if t.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
+            Err(_) if t.elapsed() < wait => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.into()),
         }
     };
@@ -206,8 +307,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         return Err(format!("memshadowctl status failed: {st}").into());
     }
     drop(client);
-    println!("== stopping memshadowd (SIGTERM)");
-    let how = daemon.stop()?;
-    println!("memshadowd stopped: {how}");
+    if let Some(daemon) = daemon.as_mut() {
+        println!("== stopping memshadowd (SIGTERM)");
+        let how = daemon.stop()?;
+        println!("memshadowd stopped: {how}");
+    }
     Ok(())
 }

@@ -27,6 +27,28 @@
 #define MEMSHADOW_VERSION_PATCH 0
 
 /**
+ * `memshadow_attach_with`: the daemon's default policy (its `--dirty-policy`), as
+ * `memshadow_attach`.
+ */
+#define MEMSHADOW_POLICY_DEFAULT 0
+
+/**
+ * `memshadow_attach_with`: written pages are collected only on `memshadow_mirror_sync`.
+ */
+#define MEMSHADOW_POLICY_MANUAL 1
+
+/**
+ * `memshadow_attach_with`: each device read collects the pages it reads first.
+ */
+#define MEMSHADOW_POLICY_STRICT 2
+
+/**
+ * `memshadow_attach_with`: the daemon collects written pages on a timer, every
+ * `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
+ */
+#define MEMSHADOW_POLICY_PERIODIC 3
+
+/**
  * Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
  * of the Rust library; `memshadow_last_error()` has the details. Values are stable.
  */
@@ -48,7 +70,8 @@ enum memshadow_status
      */
     MEMSHADOW_ERR_INTERNAL = -2,
     /**
-     * No socket path: set `MEMSHADOW_SOCKET` or `XDG_RUNTIME_DIR`.
+     * No socket path: `MEMSHADOW_SOCKET` is not set, nothing is at the system socket, and
+     * neither is this process root nor is `XDG_RUNTIME_DIR` set.
      */
     MEMSHADOW_ERR_NO_SOCKET_PATH = -3,
     /**
@@ -104,7 +127,8 @@ enum memshadow_status
      */
     MEMSHADOW_ERR_TOO_MANY_CLIENTS = -16,
     /**
-     * Not allowed.
+     * Not allowed: refused by the daemon, or by its socket (then `memshadow_last_errno()` is
+     * `EACCES` or `EPERM`, and the message says which group to join).
      */
     MEMSHADOW_ERR_PERMISSION_DENIED = -17,
     /**
@@ -190,11 +214,13 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Connects to memshadowd at the default socket path (`MEMSHADOW_SOCKET` if set, else
- * `/run/memshadow/memshadowd.sock` for root, else
- * `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`) and registers this process.
- * On success `*out` is a new client handle (free it with `memshadow_client_free`);
- * on failure `*out` is NULL.
+ * Connects to memshadowd and registers this process. The socket is `MEMSHADOW_SOCKET` if
+ * set, else `/run/memshadow/memshadowd.sock` if it exists (for every user: members of its
+ * group need no setting), else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock` (the rules of
+ * the Rust library and `memshadowctl`). On success `*out` is a new client handle (free it
+ * with `memshadow_client_free`); on failure `*out` is NULL. A socket that refuses this
+ * user gives `MEMSHADOW_ERR_PERMISSION_DENIED` with errno `EACCES`, and a message saying
+ * which group to join; no socket at the path, `MEMSHADOW_ERR_CONNECT` with `ENOENT`.
  *
  * # Safety
  * `out` is NULL or valid for writing a pointer.
@@ -261,6 +287,28 @@ memshadow_status memshadow_attach(const struct memshadow_client *client,
                                   const void *ptr,
                                   size_t len,
                                   struct memshadow_mirror **out);
+
+/**
+ * `memshadow_attach` with a collection policy for the pages this process writes in the
+ * range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
+ * `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
+ * `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
+ * `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+ * `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
+ * period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
+ * manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking
+ * for this process. The Rust library's `Client::attach_with`. On success `*out` is a new
+ * mirror handle (free it with `memshadow_mirror_free`); on failure `*out` is NULL.
+ *
+ * # Safety
+ * As `memshadow_attach`.
+ */
+memshadow_status memshadow_attach_with(const struct memshadow_client *client,
+                                       const void *ptr,
+                                       size_t len,
+                                       uint32_t policy,
+                                       uint64_t period_ms,
+                                       struct memshadow_mirror **out);
 
 /**
  * A device read: copies `len` bytes at `offset` of the mirror into `buf`, served by the

@@ -149,7 +149,7 @@ pub struct Control {
 }
 
 impl Control {
-    /// Opens a control session at the default path ([`crate::socket_path`]).
+    /// Opens a control session at the socket [`crate::socket_path`] finds.
     pub fn connect() -> Result<Control, Error> {
         Client::builder().connect_control()
     }

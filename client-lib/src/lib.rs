@@ -43,6 +43,7 @@ pub use memshadow_proto::{
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
+mod discover;
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -52,8 +53,12 @@ const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No socket path could be worked out.
-    #[error("no socket path: set MEMSHADOW_SOCKET or XDG_RUNTIME_DIR")]
+    /// No socket path could be worked out: `MEMSHADOW_SOCKET` is not set, nothing is at
+    /// the system socket, and the caller is not root and has no `XDG_RUNTIME_DIR`.
+    #[error(
+        "no memshadowd socket: nothing at /run/memshadow/memshadowd.sock, and neither \
+         MEMSHADOW_SOCKET nor XDG_RUNTIME_DIR is set"
+    )]
     NoSocketPath,
     /// The daemon's socket could not be reached.
     #[error("cannot connect to memshadowd at {path}")]
@@ -63,6 +68,18 @@ pub enum Error {
         /// The cause.
         #[source]
         source: nix::Error,
+    },
+    /// The daemon's socket refused this user (`EACCES` or `EPERM` from `connect`). The hint
+    /// says why and what would let it in, usually which group to join; the errno is in
+    /// [`Error::raw_os_error`].
+    #[error("permission denied connecting to memshadowd at {path}: {hint}")]
+    ConnectDenied {
+        /// The path.
+        path: PathBuf,
+        /// What the socket's owner, group and mode, and this process's groups, say.
+        hint: String,
+        /// `EACCES` or `EPERM`.
+        errno: nix::Error,
     },
     /// The daemon went away (or is shutting down).
     #[error("memshadowd is gone")]
@@ -143,6 +160,9 @@ impl Error {
     /// for a [`Error::Connect`], `EPERM` for a [`Error::Uffd`], ...), found by walking its
     /// causes; `None` when there is none (a refusal of the daemon, a broken protocol).
     pub fn raw_os_error(&self) -> Option<i32> {
+        if let Error::ConnectDenied { errno, .. } = self {
+            return Some(*errno as i32);
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = cause {
             if let Some(n) = e
@@ -193,11 +213,16 @@ fn sock_err(e: SocketError) -> Error {
     }
 }
 
-/// The socket path by the rules shared with the daemon: `MEMSHADOW_SOCKET` if set, else
-/// `/run/memshadow/memshadowd.sock` for root, else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`
-/// ([`memshadow_proto::path::socket_path`]).
+/// The daemon's socket, as every client finds it: `$MEMSHADOW_SOCKET` if set, else
+/// `/run/memshadow/memshadowd.sock` if something is there (for every user: a member of the
+/// socket's group reaches the system daemon with no setting), else
+/// `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock` if something is there; with nothing found,
+/// the path a daemon this user started without `--socket` would listen at (the system
+/// socket for root, else the per-user one), or [`Error::NoSocketPath`].
 pub fn socket_path() -> Result<PathBuf, Error> {
-    memshadow_proto::socket_path().ok_or(Error::NoSocketPath)
+    discover::Lookup::here()
+        .discover()
+        .ok_or(Error::NoSocketPath)
 }
 
 /// Creates this process's userfaultfd (non-blocking, close-on-exec), falling back to
@@ -486,7 +511,14 @@ fn connect_socket(path: &Path) -> Result<OwnedFd, Error> {
     )
     .map_err(cerr)?;
     let addr = UnixAddr::new(path).map_err(cerr)?;
-    connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+    connect(sock.as_raw_fd(), &addr).map_err(|e| match e {
+        nix::Error::EACCES | nix::Error::EPERM => Error::ConnectDenied {
+            path: path.to_owned(),
+            hint: discover::denied_hint(path),
+            errno: e,
+        },
+        e => cerr(e),
+    })?;
     Ok(sock)
 }
 
@@ -589,7 +621,7 @@ impl Client {
         Builder::default()
     }
 
-    /// Connects to the daemon at the default path and binds this process.
+    /// Connects to the daemon at the socket [`socket_path`] finds and binds this process.
     pub fn connect() -> Result<Client, Error> {
         Client::builder().connect()
     }
@@ -599,7 +631,8 @@ impl Client {
         Client::builder().socket(path).connect()
     }
 
-    /// Opens a control session (nothing is mirrored) at `path`, or at the default path:
+    /// Opens a control session (nothing is mirrored) at `path`, or at the socket
+    /// [`socket_path`] finds:
     /// the same as [`Control::connect_to`] and [`Control::connect`].
     pub fn connect_control(path: Option<&Path>) -> Result<Control, Error> {
         match path {

@@ -39,7 +39,8 @@ pub enum Status {
     MEMSHADOW_ERR_INVALID_ARGUMENT = -1,
     /// A bug in libmemshadow (a caught panic); the handle may be unusable.
     MEMSHADOW_ERR_INTERNAL = -2,
-    /// No socket path: set `MEMSHADOW_SOCKET` or `XDG_RUNTIME_DIR`.
+    /// No socket path: `MEMSHADOW_SOCKET` is not set, nothing is at the system socket, and
+    /// neither is this process root nor is `XDG_RUNTIME_DIR` set.
     MEMSHADOW_ERR_NO_SOCKET_PATH = -3,
     /// The daemon's socket could not be reached.
     MEMSHADOW_ERR_CONNECT = -4,
@@ -67,7 +68,8 @@ pub enum Status {
     MEMSHADOW_ERR_OVERLAP = -15,
     /// The daemon has too many clients.
     MEMSHADOW_ERR_TOO_MANY_CLIENTS = -16,
-    /// Not allowed.
+    /// Not allowed: refused by the daemon, or by its socket (then `memshadow_last_errno()` is
+    /// `EACCES` or `EPERM`, and the message says which group to join).
     MEMSHADOW_ERR_PERMISSION_DENIED = -17,
     /// The exchange broke the protocol.
     MEMSHADOW_ERR_PROTOCOL = -18,
@@ -108,7 +110,9 @@ impl Status {
             Error::InvalidArgument(_) => Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
             Error::Overlap(_) => Status::MEMSHADOW_ERR_OVERLAP,
             Error::TooManyClients(_) => Status::MEMSHADOW_ERR_TOO_MANY_CLIENTS,
-            Error::PermissionDenied(_) => Status::MEMSHADOW_ERR_PERMISSION_DENIED,
+            Error::PermissionDenied(_) | Error::ConnectDenied { .. } => {
+                Status::MEMSHADOW_ERR_PERMISSION_DENIED
+            }
             Error::Protocol(_) => Status::MEMSHADOW_ERR_PROTOCOL,
             Error::Daemon { .. } => Status::MEMSHADOW_ERR_DAEMON,
             Error::Socket(_) => Status::MEMSHADOW_ERR_SOCKET,
@@ -326,11 +330,13 @@ fn new_client(client: Client) -> *mut FfiClient {
     }))
 }
 
-/// Connects to memshadowd at the default socket path (`MEMSHADOW_SOCKET` if set, else
-/// `/run/memshadow/memshadowd.sock` for root, else
-/// `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock`) and registers this process.
-/// On success `*out` is a new client handle (free it with `memshadow_client_free`);
-/// on failure `*out` is NULL.
+/// Connects to memshadowd and registers this process. The socket is `MEMSHADOW_SOCKET` if
+/// set, else `/run/memshadow/memshadowd.sock` if it exists (for every user: members of its
+/// group need no setting), else `$XDG_RUNTIME_DIR/memshadow/memshadowd.sock` (the rules of
+/// the Rust library and `memshadowctl`). On success `*out` is a new client handle (free it
+/// with `memshadow_client_free`); on failure `*out` is NULL. A socket that refuses this
+/// user gives `MEMSHADOW_ERR_PERMISSION_DENIED` with errno `EACCES`, and a message saying
+/// which group to join; no socket at the path, `MEMSHADOW_ERR_CONNECT` with `ENOENT`.
 ///
 /// # Safety
 /// `out` is NULL or valid for writing a pointer.
@@ -459,6 +465,89 @@ pub unsafe extern "C" fn memshadow_attach(
             return Err(invalid("ptr is NULL"));
         }
         let mirror = client.client.attach(ptr.cast(), len)?;
+        let m = Box::into_raw(Box::new(FfiMirror { mirror }));
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, m) };
+        Ok(())
+    })
+}
+
+/// `memshadow_attach_with`: the daemon's default policy (its `--dirty-policy`), as
+/// `memshadow_attach`.
+pub const MEMSHADOW_POLICY_DEFAULT: u32 = 0;
+/// `memshadow_attach_with`: written pages are collected only on `memshadow_mirror_sync`.
+pub const MEMSHADOW_POLICY_MANUAL: u32 = 1;
+/// `memshadow_attach_with`: each device read collects the pages it reads first.
+pub const MEMSHADOW_POLICY_STRICT: u32 = 2;
+/// `memshadow_attach_with`: the daemon collects written pages on a timer, every
+/// `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
+pub const MEMSHADOW_POLICY_PERIODIC: u32 = 3;
+
+/// The Rust policy of a C one: `None` for the daemon's default.
+fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, Failure> {
+    let no_period = |name: &str| {
+        if period_ms == 0 {
+            Ok(())
+        } else {
+            Err(invalid(format!(
+                "period_ms is {period_ms}, but {name} has no period (pass 0)"
+            )))
+        }
+    };
+    match policy {
+        MEMSHADOW_POLICY_DEFAULT => no_period("MEMSHADOW_POLICY_DEFAULT").map(|()| None),
+        MEMSHADOW_POLICY_MANUAL => {
+            no_period("MEMSHADOW_POLICY_MANUAL").map(|()| Some(memshadow::Policy::Manual))
+        }
+        MEMSHADOW_POLICY_STRICT => {
+            no_period("MEMSHADOW_POLICY_STRICT").map(|()| Some(memshadow::Policy::Strict))
+        }
+        MEMSHADOW_POLICY_PERIODIC if period_ms == 0 => Err(invalid(
+            "MEMSHADOW_POLICY_PERIODIC needs a period_ms (at least 10)",
+        )),
+        MEMSHADOW_POLICY_PERIODIC => Ok(Some(memshadow::Policy::Periodic(
+            std::time::Duration::from_millis(period_ms),
+        ))),
+        p => Err(invalid(format!(
+            "{p} is no policy (MEMSHADOW_POLICY_DEFAULT, _MANUAL, _STRICT or _PERIODIC)"
+        ))),
+    }
+}
+
+/// `memshadow_attach` with a collection policy for the pages this process writes in the
+/// range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
+/// `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
+/// `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
+/// `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+/// `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
+/// period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
+/// manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking
+/// for this process. The Rust library's `Client::attach_with`. On success `*out` is a new
+/// mirror handle (free it with `memshadow_mirror_free`); on failure `*out` is NULL.
+///
+/// # Safety
+/// As `memshadow_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_attach_with(
+    client: *const FfiClient,
+    ptr: *const c_void,
+    len: usize,
+    policy: u32,
+    period_ms: u64,
+    out: *mut *mut FfiMirror,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let client = unsafe { handle(client, "client") }?;
+        if ptr.is_null() {
+            return Err(invalid("ptr is NULL"));
+        }
+        let mirror = match policy_of(policy, period_ms)? {
+            None => client.client.attach(ptr.cast(), len)?,
+            Some(p) => client.client.attach_with(ptr.cast(), len, p)?,
+        };
         let m = Box::into_raw(Box::new(FfiMirror { mirror }));
         // SAFETY: checked by `out_ptr`.
         unsafe { put(out, m) };

@@ -6,7 +6,9 @@
 use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 
-use memshadow_proto::{ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION};
+use memshadow_proto::{
+    AttachPolicy, ErrorCode, Limits, Request, Response, SocketError, MAX_READ, VERSION,
+};
 
 use super::*;
 use Status::*;
@@ -386,6 +388,107 @@ fn every_error_variant_has_a_distinct_code_and_name() {
         f.message,
         "cannot connect to memshadowd at /x: ENOENT: No such file or directory"
     );
+}
+
+/// A socket that refuses this user is a permission error, with the errno of `connect` and
+/// the hint of the Rust library (tests/discovery.rs makes a real one, as a plain user).
+#[test]
+fn a_socket_that_refuses_this_user_is_permission_denied_with_its_errno() {
+    let f = Failure::from(Error::ConnectDenied {
+        path: "/run/memshadow/memshadowd.sock".into(),
+        hint: "join group memshadow".into(),
+        errno: nix::Error::EACCES,
+    });
+    assert_eq!(f.status, MEMSHADOW_ERR_PERMISSION_DENIED);
+    assert_eq!(f.errno, libc::EACCES);
+    assert_eq!(
+        f.message,
+        "permission denied connecting to memshadowd at /run/memshadow/memshadowd.sock: join \
+         group memshadow"
+    );
+}
+
+/// `memshadow_attach_with` sends each policy as the Rust library's `attach_with` (and the
+/// default as `memshadow_attach`), and refuses an unknown policy or a misplaced period
+/// before asking the daemon.
+#[test]
+fn attach_with_sends_the_policy_it_was_given() {
+    let (tx, seen) = mpsc::channel::<AttachPolicy>();
+    let tx = std::sync::Mutex::new(tx);
+    let c = fake_client(move |r| match r {
+        Request::Attach { policy, .. } => {
+            tx.lock().unwrap().send(policy).unwrap();
+            Response::Attached { mirror_id: 5 }
+        }
+        Request::Detach { .. } => Response::Detached,
+        _ => Response::error(ErrorCode::Internal, "unexpected"),
+    });
+    let attach_with = |policy: u32, period_ms: u64| {
+        let mut m = std::ptr::dangling_mut::<FfiMirror>();
+        // SAFETY: a live handle and a writable out pointer; the address is never touched.
+        let s = unsafe {
+            memshadow_attach_with(c, 0x10000 as *const c_void, 4096, policy, period_ms, &mut m)
+        };
+        (s, m)
+    };
+    for (policy, period, wire) in [
+        (MEMSHADOW_POLICY_DEFAULT, 0, AttachPolicy::Default),
+        (MEMSHADOW_POLICY_MANUAL, 0, AttachPolicy::Manual),
+        (MEMSHADOW_POLICY_STRICT, 0, AttachPolicy::Strict),
+        (
+            MEMSHADOW_POLICY_PERIODIC,
+            25,
+            AttachPolicy::Periodic { period_ms: 25 },
+        ),
+    ] {
+        let (s, m) = attach_with(policy, period);
+        assert_eq!(s, MEMSHADOW_OK, "{policy}: {}", last_error());
+        assert_eq!(seen.try_recv().unwrap(), wire);
+        // SAFETY: a live mirror handle.
+        assert_eq!(unsafe { memshadow_mirror_id(m) }, 5);
+        // SAFETY: freed once.
+        unsafe { memshadow_mirror_free(m) };
+    }
+    for (policy, period, said) in [
+        (4, 0, "4 is no policy"),
+        (u32::MAX, 0, "is no policy"),
+        (MEMSHADOW_POLICY_PERIODIC, 0, "needs a period_ms"),
+        (
+            MEMSHADOW_POLICY_MANUAL,
+            10,
+            "MEMSHADOW_POLICY_MANUAL has no period",
+        ),
+        (
+            MEMSHADOW_POLICY_DEFAULT,
+            1,
+            "MEMSHADOW_POLICY_DEFAULT has no period",
+        ),
+    ] {
+        let (s, m) = attach_with(policy, period);
+        assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT, "{policy}/{period}");
+        assert!(m.is_null());
+        assert!(last_error().contains(said), "{}", last_error());
+        assert!(seen.try_recv().is_err(), "nothing was sent to the daemon");
+    }
+    // NULL arguments, as for memshadow_attach.
+    let mut m = std::ptr::dangling_mut::<FfiMirror>();
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_attach_with(null(), 0x10000 as *const c_void, 4096, 0, 0, &mut m) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "client is NULL")
+    );
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_attach_with(c, null(), 4096, 0, 0, &mut m) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "ptr is NULL")
+    );
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_attach_with(c, 0x10000 as *const c_void, 4096, 0, 0, null_mut()) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    // SAFETY: freed once.
+    unsafe { memshadow_client_free(c) };
 }
 
 #[test]

@@ -32,8 +32,8 @@ use serde_json::{json, Value};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Daemon socket [default: $MEMSHADOW_SOCKET, else /run/memshadow/memshadowd.sock for
-    /// root, else $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
+    /// Daemon socket [default: $MEMSHADOW_SOCKET, else /run/memshadow/memshadowd.sock if it
+    /// exists, else $XDG_RUNTIME_DIR/memshadow/memshadowd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Print JSON instead of tables (one object per line for `trace`).
@@ -148,7 +148,7 @@ fn parse_num(s: &str) -> Result<u64, String> {
 fn code_of(e: &Error) -> u8 {
     match e {
         Error::Connect { .. } | Error::DaemonGone | Error::NoSocketPath => exit::UNREACHABLE,
-        Error::PermissionDenied(_) => exit::DENIED,
+        Error::PermissionDenied(_) | Error::ConnectDenied { .. } => exit::DENIED,
         _ => exit::ERROR,
     }
 }
@@ -493,32 +493,10 @@ fn status_text(st: &Status, page: u64) -> String {
                 i("device.shadow_mib")
             ),
         ),
-        (
-            "memory access",
-            format!(
-                "{} (the /proc/self/mem each client hands over)",
-                i("access.path")
-            ),
-        ),
+        ("memory access", memory_access(st.info("access.path"))),
     ];
-    let dirty = match st.info("dirty.backend") {
-        Some(b) => format!("{}, policy {}", esc(b), i("dirty.policy")),
-        None => format!("{}, policy {}", i("dirty.tracking"), i("dirty.policy")),
-    };
-    rows.push(("dirty tracking", dirty));
-    for (k, v) in &st.info {
-        if let Some(name) = k.strip_prefix("dirty.refused.") {
-            rows.push(("", format!("{} refused: {}", esc(name), esc(v))));
-        }
-    }
-    rows.push((
-        "clients",
-        format!(
-            "{} connected, {} bound",
-            n("server.clients"),
-            n("server.clients_bound")
-        ),
-    ));
+    rows.extend(dirty_rows(st));
+    rows.push(("clients", clients_row(st)));
     rows.push((
         "totals",
         format!(
@@ -543,6 +521,122 @@ fn status_text(st: &Status, page: u64) -> String {
         s.push_str(&format!("{k:<15} {v}\n"));
     }
     s
+}
+
+/// How the daemon reads client memory (`access.path`).
+fn memory_access(path: Option<&str>) -> String {
+    match path {
+        Some("mem-fd") => {
+            "through each client's own /proc/self/mem, handed over when it binds (mem-fd)".into()
+        }
+        Some(other) => esc(other).into_owned(),
+        None => "?".into(),
+    }
+}
+
+/// When a collection policy collects written pages.
+fn policy_text(policy: &str) -> String {
+    match policy {
+        "manual" => "manual (written pages are collected on sync)".into(),
+        "strict" => "strict (each device read collects the pages it reads first)".into(),
+        p => match p.strip_prefix("periodic=") {
+            Some(ms) => format!(
+                "periodic (written pages are collected every {} ms)",
+                esc(ms)
+            ),
+            None => esc(p).into_owned(),
+        },
+    }
+}
+
+/// `dirty tracking`: the back end in use and why, the policy of a plain attach, and why each
+/// other back end is not used. `off` is listed only when it is what is used: beside a back end
+/// that works it is no alternative anyone would look for.
+fn dirty_rows(st: &Status) -> Vec<(&'static str, String)> {
+    let i = |k: &str| esc(st.info(k).unwrap_or("?")).into_owned();
+    let policy = format!(
+        "policy of a plain attach: {}; attach_with picks one per range",
+        policy_text(st.info("dirty.policy").unwrap_or("?"))
+    );
+    let Some(backend) = st.info("dirty.backend") else {
+        // A daemon that does not say which back end it chose.
+        return vec![(
+            "dirty tracking",
+            format!("{}, {policy}", i("dirty.tracking")),
+        )];
+    };
+    let requested = st.info("dirty.requested").unwrap_or("?");
+    let (b, r) = (esc(backend), esc(requested));
+    let first = match (backend, requested) {
+        ("off", "off") => {
+            "off (--dirty-tracking off): the shadow follows mappings, not writes".into()
+        }
+        ("off", _) => format!(
+            "off: no back end works here (--dirty-tracking {r}): the shadow follows mappings, not \
+             writes"
+        ),
+        (_, "auto") => format!("{b}, the first back end that works here (--dirty-tracking auto)"),
+        _ => format!("{b} (--dirty-tracking {r})"),
+    };
+    let mut rows = vec![("dirty tracking", first), ("", policy)];
+    for (k, v) in &st.info {
+        let Some(name) = k.strip_prefix("dirty.refused.") else {
+            continue;
+        };
+        if name == "off" && backend != "off" {
+            continue;
+        }
+        rows.push(("", format!("{} not used: {}", esc(name), esc(v))));
+    }
+    rows
+}
+
+/// `clients`: who the connections are.
+fn clients_row(st: &Status) -> String {
+    let n = |k: &str| st.counter(k).unwrap_or(0);
+    let total = n("server.clients");
+    let count = |k: &str| st.info(k).and_then(|v| v.parse::<u64>().ok());
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let (Some(bound), Some(tracing), Some(control), Some(handshake)) = (
+        count("sessions.bound"),
+        count("sessions.tracing"),
+        count("sessions.control"),
+        count("sessions.handshake"),
+    ) else {
+        // A daemon that does not break them down.
+        let bound = n("server.clients_bound");
+        return format!(
+            "{total} connected: {} (they mirror their memory), {} (control sessions and \
+             traces, this memshadowctl among them)",
+            plural(bound, "bound client", "bound clients"),
+            plural(total.saturating_sub(bound), "other", "others")
+        );
+    };
+    let mut parts = vec![format!(
+        "{} (mirroring memory)",
+        plural(bound, "bound client", "bound clients")
+    )];
+    if tracing > 0 {
+        parts.push(plural(tracing, "trace stream", "trace streams"));
+    }
+    if control > 0 {
+        let who = if control == 1 {
+            "this memshadowctl"
+        } else {
+            "this memshadowctl among them"
+        };
+        parts.push(format!(
+            "{} ({who})",
+            plural(control, "control session", "control sessions")
+        ));
+    }
+    if handshake > 0 {
+        parts.push(format!(
+            "{} still saying hello",
+            plural(handshake, "connection", "connections")
+        ));
+    }
+    format!("{total} connected: {}", parts.join(", "))
 }
 
 /// `name  value` lines, names (daemon text, escaped) aligned.
@@ -736,6 +830,22 @@ mod tests {
     fn exit_codes_follow_the_documented_table() {
         assert_eq!(code_of(&Error::DaemonGone), exit::UNREACHABLE);
         assert_eq!(code_of(&Error::PermissionDenied("x".into())), exit::DENIED);
+        let denied = Error::ConnectDenied {
+            path: "/run/memshadow/memshadowd.sock".into(),
+            hint: "join group memshadow".into(),
+            errno: nix::Error::EACCES,
+        };
+        assert_eq!(
+            code_of(&denied),
+            exit::DENIED,
+            "a socket that refuses this user"
+        );
+        let gone = Error::Connect {
+            path: "/x".into(),
+            source: nix::Error::ENOENT,
+        };
+        assert_eq!(code_of(&gone), exit::UNREACHABLE);
+        assert_eq!(code_of(&Error::NoSocketPath), exit::UNREACHABLE);
         assert_eq!(code_of(&Error::BadRange("x".into())), exit::ERROR);
     }
 
@@ -834,6 +944,94 @@ mod tests {
         // Names stay aligned on their escaped width.
         let w = esc(EVIL).chars().count();
         assert!(t.contains(&format!("{:<w$}  2\n", "server.clients")), "{t}");
+    }
+
+    /// `status` as the daemon of the demo answers it: each line says what it means.
+    #[test]
+    fn status_lines_explain_themselves() {
+        let info = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let mut st = Status {
+            info: info(&[
+                ("access.path", "mem-fd"),
+                ("dirty.policy", "manual"),
+                ("dirty.backend", "pagemap-scan"),
+                ("dirty.requested", "auto"),
+                (
+                    "dirty.refused.soft-dirty",
+                    "unavailable: no CONFIG_MEM_SOFT_DIRTY",
+                ),
+                (
+                    "dirty.refused.uffd-wp",
+                    "works, but pagemap-scan is preferred",
+                ),
+                ("dirty.refused.off", "not chosen: a back end works"),
+                ("sessions.bound", "1"),
+                ("sessions.tracing", "1"),
+                ("sessions.control", "1"),
+                ("sessions.handshake", "0"),
+            ]),
+            counters: vec![
+                ("server.clients".into(), 3),
+                ("server.clients_bound".into(), 1),
+            ],
+        };
+        let t = status_text(&st, 4096);
+        for want in [
+            "memory access   through each client's own /proc/self/mem, handed over when it binds \
+             (mem-fd)\n",
+            "dirty tracking  pagemap-scan, the first back end that works here (--dirty-tracking \
+             auto)\n",
+            "                policy of a plain attach: manual (written pages are collected on \
+             sync); attach_with picks one per range\n",
+            "                soft-dirty not used: unavailable: no CONFIG_MEM_SOFT_DIRTY\n",
+            "                uffd-wp not used: works, but pagemap-scan is preferred\n",
+            "clients         3 connected: 1 bound client (mirroring memory), 1 trace stream, 1 \
+             control session (this memshadowctl)\n",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
+        assert!(
+            !t.contains("off not used"),
+            "off is no alternative beside a back end: {t}"
+        );
+        assert!(!t.contains("refused"), "{t}");
+
+        // Nothing works: off is what is used, and says so.
+        st.info = info(&[
+            ("dirty.policy", "periodic=50"),
+            ("dirty.backend", "off"),
+            ("dirty.requested", "auto"),
+            ("dirty.refused.pagemap-scan", "unavailable: old kernel"),
+        ]);
+        let t = status_text(&st, 4096);
+        assert!(
+            t.contains("dirty tracking  off: no back end works here (--dirty-tracking auto)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("periodic (written pages are collected every 50 ms)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("pagemap-scan not used: unavailable: old kernel"),
+            "{t}"
+        );
+        // A daemon without the sessions.* lines: the counters, and what the rest may be.
+        assert!(
+            t.contains("3 connected: 1 bound client (they mirror their memory), 2 others"),
+            "{t}"
+        );
+        st.info = info(&[("dirty.backend", "uffd-wp"), ("dirty.requested", "uffd-wp")]);
+        let t = status_text(&st, 4096);
+        assert!(
+            t.contains("dirty tracking  uffd-wp (--dirty-tracking uffd-wp)\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -732,6 +732,29 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     // `dirty.backend`, `dirty.requested`, `dirty.refused.<name>`: the probe's findings.
     v.extend(core.dirty.selection.status_lines());
+    // Who the connections are (the counter `server.clients` counts them all): bound clients
+    // (they mirror their memory), sessions that stream a trace, other control sessions (the
+    // one asking included), and connections that have not said hello yet.
+    let (mut bound, mut tracing, mut control, mut handshake) = (0u32, 0u32, 0u32, 0u32);
+    for c in core.sessions() {
+        if c.binding.get().is_some() {
+            bound += 1;
+        } else if c.hello.get().is_none() {
+            handshake += 1;
+        } else if c.streams.load(Relaxed) > 0 {
+            tracing += 1;
+        } else {
+            control += 1;
+        }
+    }
+    for (k, n) in [
+        ("sessions.bound", bound),
+        ("sessions.tracing", tracing),
+        ("sessions.control", control),
+        ("sessions.handshake", handshake),
+    ] {
+        v.push((k.to_owned(), n.to_string()));
+    }
     v
 }
 
