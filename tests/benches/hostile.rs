@@ -846,13 +846,14 @@ fn main() -> Res<()> {
         (
             Duration::from_secs(2),
             Duration::from_secs(3),
-            Duration::from_secs(3),
+            // Only a bound on waiting (setting up takes ~0.3 s); a loaded machine may be slow.
+            Duration::from_secs(15),
         )
     } else {
         (
             Duration::from_secs(10),
             Duration::from_secs(15),
-            Duration::from_secs(10),
+            Duration::from_secs(15),
         )
     };
     if !nix::unistd::geteuid().is_root() {
