@@ -14,8 +14,8 @@ use crossbeam_channel::Sender;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::address_space::{AddressSpace, Deferred};
 use crate::notifier::Invalidation;
-use crate::watched::{Deferred, Watched};
 use crate::workers::{Key, Submitter};
 
 /// Events read from one uffd at most per batch.
@@ -40,7 +40,7 @@ pub enum EventError {
 }
 
 /// The watched clients by id, with the worker key their background work is queued under.
-type Registry = Arc<RwLock<HashMap<u64, (Arc<Watched>, Key)>>>;
+type Registry = Arc<RwLock<HashMap<u64, (Arc<AddressSpace>, Key)>>>;
 
 /// The reader and finisher threads and the set of watched clients.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ impl EventReader {
 
     /// Starts reading the events of client `id`; its background work goes to the workers
     /// under `key`.
-    pub fn watch(&self, id: u64, w: Arc<Watched>, key: Key) -> Result<(), EventError> {
+    pub fn watch(&self, id: u64, w: Arc<AddressSpace>, key: Key) -> Result<(), EventError> {
         let added = w.with_uffd(|u| {
             self.epoll
                 .add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -139,7 +139,7 @@ impl EventReader {
     }
 
     /// Stops watching client `id` (after its release closed the uffd, or before).
-    pub fn unwatch(&self, id: u64) -> Option<Arc<Watched>> {
+    pub fn unwatch(&self, id: u64) -> Option<Arc<AddressSpace>> {
         let w = self
             .registry
             .write()

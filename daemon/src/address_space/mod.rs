@@ -1,6 +1,10 @@
-//! A bound client as the event source and the device see it: its userfaultfd, its device
-//! client, and the table of ranges it attached (docs/design.md §1, §6). Mirror ids given to the
-//! client stay stable while the range follows `mremap`; this module knows nothing of sockets.
+//! A bound client's address space as the daemon watches it: the client's userfaultfd, its
+//! device client, and the table of ranges it attached (docs/design.md §1, §6). Everything the
+//! daemon does to or learns about a client's memory goes through an [`AddressSpace`]: attach
+//! and detach, device reads and populate, collection of written pages (sync), and the uffd
+//! events that change the address space under the mirrors. Mirror ids given to the client stay
+//! stable while the range follows `mremap`; this module knows nothing of sockets or of the
+//! wire format.
 
 mod fences;
 
@@ -32,7 +36,7 @@ const INVALIDATE_BATCH: usize = 256;
 /// whole range, milliseconds per GiB).
 const ARM_CHUNK: u64 = 64 << 20;
 
-/// Errors of a bound client's operations.
+/// Errors of the operations on a watched address space.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     /// Empty, unaligned, overflowing or kernel range.
@@ -194,7 +198,7 @@ struct Table {
     next: u64,
 }
 
-/// What [`Watched::sync`] did.
+/// What [`AddressSpace::sync`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct SyncStats {
     /// The back end.
@@ -207,9 +211,9 @@ pub struct SyncStats {
     pub invalidate_ns: u64,
 }
 
-/// A bound client.
+/// A bound client's address space, as the daemon watches and mirrors it.
 #[derive(Debug)]
-pub struct Watched {
+pub struct AddressSpace {
     uffd: SharedUffd,
     device: DeviceClient,
     table: Mutex<Table>,
@@ -236,7 +240,7 @@ pub struct Watched {
     defer_wakes: std::sync::atomic::AtomicU32,
 }
 
-/// What one try of [`Watched::attach_locked`] came to.
+/// What one try of [`AddressSpace::attach_locked`] came to.
 enum Attempt {
     /// Mirrored as this device mirror.
     Attached(u64),
@@ -244,7 +248,7 @@ enum Attempt {
     Again,
 }
 
-/// What [`Watched::read_events`] hands back for the caller to do off the reader's path.
+/// What [`AddressSpace::read_events`] hands back for the caller to do off the reader's path.
 #[derive(Debug, Default)]
 pub struct Deferred {
     /// Finish passes (G1: only the starts had to run before the next read).
@@ -253,15 +257,15 @@ pub struct Deferred {
     pub detach: Vec<u64>,
 }
 
-impl Watched {
+impl AddressSpace {
     /// A client whose uffd already did its `UFFDIO_API`, without dirty tracking.
     pub fn new(
         uffd: Uffd,
         device: DeviceClient,
         pagemap: Option<File>,
         max_mirrors: u32,
-    ) -> Watched {
-        Watched::with_dirty(
+    ) -> AddressSpace {
+        AddressSpace::with_dirty(
             Arc::new(Mutex::new(Some(uffd))),
             device,
             pagemap,
@@ -278,8 +282,8 @@ impl Watched {
         pagemap: Option<File>,
         max_mirrors: u32,
         dirty: Arc<ClientDirty>,
-    ) -> Watched {
-        Watched {
+    ) -> AddressSpace {
+        AddressSpace {
             uffd,
             device,
             table: Mutex::new(Table {
@@ -302,7 +306,7 @@ impl Watched {
     }
 
     /// The same client, checking mappings and protections in `maps` (attach, sync).
-    pub fn with_maps(mut self, maps: Option<Arc<Maps>>) -> Watched {
+    pub fn with_maps(mut self, maps: Option<Arc<Maps>>) -> AddressSpace {
         self.maps = maps;
         self
     }
@@ -941,7 +945,7 @@ impl Watched {
         self.retry_wakes_locked(&guard, out)
     }
 
-    /// [`Watched::retry_wakes`] under the access lock `guard`.
+    /// [`AddressSpace::retry_wakes`] under the access lock `guard`.
     ///
     /// The fault's own invalidation has ended by now, so the device may have faulted the
     /// page in again meanwhile: arming it changed nothing (it was still protected) and the
@@ -1137,7 +1141,7 @@ impl Watched {
     }
 }
 
-impl crate::dirty::periodic::PeriodicTarget for Watched {
+impl crate::dirty::periodic::PeriodicTarget for AddressSpace {
     fn periodic_sync(&self, mirror: u64) -> bool {
         let periodic = lock(&self.table)
             .by_id
@@ -1186,20 +1190,25 @@ mod tests {
 
     /// A client without dirty tracking on this process's own memory, on a device made
     /// with `cfg` (returned too, to keep alive beside it).
-    fn plain_watched(cfg: &DeviceConfig) -> (Arc<Watched>, Device) {
+    fn plain_space(cfg: &DeviceConfig) -> (Arc<AddressSpace>, Device) {
         let (uffd, _) = Uffd::create().unwrap();
         uffd.api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
             .unwrap();
         uffd.set_nonblocking().unwrap();
         let dev = Device::new(cfg).unwrap();
         let source = Arc::new(ProcessVmSource::new(std::process::id() as i32));
-        let w = Arc::new(Watched::new(uffd, dev.client(source, 1 << 20), None, 8));
+        let w = Arc::new(AddressSpace::new(
+            uffd,
+            dev.client(source, 1 << 20),
+            None,
+            8,
+        ));
         (w, dev)
     }
 
     /// Maps fresh anonymous memory over `addr..addr+len` in one call, on another thread (an
     /// unmap event of a registered range blocks it until read), serving events meanwhile.
-    fn map_over(w: &Watched, addr: u64, len: usize, out: &mut Deferred) {
+    fn map_over(w: &AddressSpace, addr: u64, len: usize, out: &mut Deferred) {
         let mapper = std::thread::spawn(move || {
             // SAFETY: the tests call this on mappings of their own, which they no longer
             // touch through other handles.
@@ -1228,7 +1237,7 @@ mod tests {
 
     /// A client with uffd-wp dirty tracking on this process's own memory (and the device,
     /// to keep alive beside it).
-    fn uffd_wp_watched() -> (Watched, Device) {
+    fn uffd_wp_space() -> (AddressSpace, Device) {
         let (uffd, user_mode_only) = Uffd::create().unwrap();
         assert!(!user_mode_only, "the tests run as root (docs/design.md §7)");
         uffd.api(
@@ -1247,7 +1256,7 @@ mod tests {
             Arc::clone(&dirty),
         ));
         let dev = Device::new(&DeviceConfig::default()).unwrap();
-        let w = Watched::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
+        let w = AddressSpace::with_dirty(uffd, dev.client(source, 1 << 20), None, 8, dirty);
         (w, dev)
     }
 
@@ -1277,7 +1286,7 @@ mod tests {
     /// The event reader's part: reads until some events came (a test that expects events
     /// fails after 20 s instead of spinning).
     fn read_some_events(
-        w: &Watched,
+        w: &AddressSpace,
         buf: &mut userfaultfd::EventBuffer,
         scratch: &mut Vec<UffdEvent>,
         out: &mut Deferred,
@@ -1298,7 +1307,7 @@ mod tests {
     #[test]
     fn a_deferred_wake_invalidates_a_page_mirrored_again_before_the_write() {
         let page = PAGE_SIZE as u64;
-        let (w, _dev) = uffd_wp_watched();
+        let (w, _dev) = uffd_wp_space();
         // Unmapping a registered range blocks until its event is read: if an assertion
         // fails, the mapping leaks instead of hanging the unwinding.
         let mut map = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
@@ -1348,7 +1357,7 @@ mod tests {
     #[test]
     fn a_slow_detach_leaves_a_range_attached_anew_registered() {
         let page = PAGE_SIZE as u64;
-        let (w, _dev) = plain_watched(&DeviceConfig {
+        let (w, _dev) = plain_space(&DeviceConfig {
             flush_latency: Duration::from_secs(1),
             ..DeviceConfig::default()
         });
@@ -1390,7 +1399,7 @@ mod tests {
     #[test]
     fn attach_over_a_retired_mirror_waits_for_no_detach() {
         let page = PAGE_SIZE as u64;
-        let (w, _dev) = plain_watched(&DeviceConfig::default());
+        let (w, _dev) = plain_space(&DeviceConfig::default());
         // Leaked, not unmapped, if an assertion fails (see above).
         let keep = ManuallyDrop::new(memmap2::MmapMut::map_anon(4 * PAGE_SIZE).unwrap());
         let other = w.attach(keep.as_ptr() as u64, 4 * page).unwrap();
