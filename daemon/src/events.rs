@@ -20,9 +20,9 @@ use crate::workers::{Key, Submitter};
 
 /// Events read from one uffd at most per batch.
 pub const BATCH: usize = 64;
-/// How soon the reader retries un-protects of write faults that met `EAGAIN`, and looks
-/// again at fences waiting to be lifted (ms).
-const WAKE_RETRY_MS: u16 = 1;
+/// How soon the reader comes back to a client that needs it with no event to wake it
+/// ([`AddressSpace::needs_revisit`]: un-protects of write faults to retry, fences to lift), ms.
+const REVISIT_MS: u16 = 1;
 const STOP: u64 = u64::MAX;
 
 /// Errors of the event source.
@@ -200,8 +200,8 @@ fn reader_loop(
     let mut buf = userfaultfd::EventBuffer::new(BATCH);
     let mut scratch = Vec::with_capacity(BATCH);
     let mut last_beat = std::time::Instant::now();
-    // Clients with write faults whose un-protect must be retried (uffd-wp tracking).
-    let mut waking: HashSet<u64> = HashSet::new();
+    // Clients to come back to soon ([`AddressSpace::needs_revisit`]).
+    let mut revisit: HashSet<u64> = HashSet::new();
     loop {
         let mut timeout = match &mut heartbeat {
             None => EpollTimeout::NONE,
@@ -215,8 +215,8 @@ fn reader_loop(
                     .unwrap_or(EpollTimeout::MAX)
             }
         };
-        if !waking.is_empty() {
-            timeout = EpollTimeout::from(WAKE_RETRY_MS);
+        if !revisit.is_empty() {
+            timeout = EpollTimeout::from(REVISIT_MS);
         }
         let n = match epoll.wait(&mut events, timeout) {
             Ok(n) => n,
@@ -251,8 +251,8 @@ fn reader_loop(
             }
             let mut out = Deferred::default();
             match w.read_events(&mut buf, &mut scratch, &mut out) {
-                Ok(_) if w.has_pending_wakes() || w.has_pending_fences() => {
-                    waking.insert(id);
+                Ok(_) if w.needs_revisit() => {
+                    revisit.insert(id);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -275,27 +275,24 @@ fn reader_loop(
                 jobs.submit(key, Box::new(move || w2.detach_device_mirrors(&devs)));
             }
         }
-        if !waking.is_empty() {
+        if !revisit.is_empty() {
             let clients: Vec<_> = {
                 let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
-                waking
+                revisit
                     .drain()
                     .filter_map(|id| Some((id, reg.get(&id)?.clone())))
                     .collect()
             };
             let mut out = Deferred::default();
             for (id, (w, key)) in clients {
-                let mut again = w.has_pending_wakes() && w.retry_wakes(&mut out);
-                if w.has_pending_fences() {
-                    again = true;
+                let visit = w.revisit(&mut out);
+                if visit.settle {
                     // Settling may wait for the client's mmap lock: never on this thread.
-                    if w.claim_settling() {
-                        let w2 = Arc::clone(&w);
-                        jobs.submit(key, Box::new(move || w2.settle_fences()));
-                    }
+                    let w2 = Arc::clone(&w);
+                    jobs.submit(key, Box::new(move || w2.settle_fences()));
                 }
-                if again {
-                    waking.insert(id);
+                if visit.again {
+                    revisit.insert(id);
                 }
             }
             if !out.finishes.is_empty() {

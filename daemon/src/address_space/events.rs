@@ -43,6 +43,16 @@ impl EventCounters {
     }
 }
 
+/// What [`AddressSpace::revisit`] asks of the event reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revisit {
+    /// Come back soon: something still waits.
+    pub again: bool,
+    /// Fences wait to be lifted and this visit claimed their settling: run
+    /// [`AddressSpace::settle_fences`] on a worker (it may wait for the client's mmap lock).
+    pub settle: bool,
+}
+
 /// What [`AddressSpace::read_events`] hands back for the caller to do off the reader's path.
 #[derive(Debug, Default)]
 pub struct Deferred {
@@ -85,6 +95,44 @@ impl AddressSpace {
         Ok(n)
     }
 
+    /// True while the event reader must come back to this client soon, with no event to
+    /// wake it: un-protects of write faults to retry, fences to lift.
+    pub fn needs_revisit(&self) -> bool {
+        self.has_pending_wakes() || self.has_pending_fences()
+    }
+
+    /// The event reader's return visit: retries the un-protects of write faults that met
+    /// `EAGAIN` (finishes go to `out`), and claims the settling of fences still up.
+    pub fn revisit(&self, out: &mut Deferred) -> Revisit {
+        let mut again = self.has_pending_wakes() && self.retry_wakes(out);
+        let fenced = self.has_pending_fences();
+        again |= fenced;
+        Revisit {
+            again,
+            settle: fenced && self.claim_settling(),
+        }
+    }
+
+    /// True while un-protects of write faults wait for a retry ([`Wakes`](crate::dirty::uffd_wp::Wakes)).
+    pub fn has_pending_wakes(&self) -> bool {
+        self.wakes.has_pending()
+    }
+
+    /// Retries the un-protects that met `EAGAIN`, taking the access lock; finishes go to
+    /// `out`. True if some are still pending ([`Wakes::retry`](crate::dirty::uffd_wp::Wakes::retry)).
+    pub fn retry_wakes(&self, out: &mut Deferred) -> bool {
+        let guard = self.device.lock_access();
+        self.retry_wakes_locked(&guard, out)
+    }
+
+    /// [`AddressSpace::retry_wakes`] under the access lock `guard`: a page un-protected is
+    /// invalidated again (`SoftDirty`) before its writer is woken.
+    fn retry_wakes_locked(&self, guard: &AccessGuard<'_>, out: &mut Deferred) -> bool {
+        self.wakes.retry(&self.uffd, &self.dirty, |r| {
+            self.invalidate(guard, r, Event::SoftDirty, out);
+        })
+    }
+
     fn apply(&self, guard: &AccessGuard<'_>, ev: UffdEvent, out: &mut Deferred) {
         match ev {
             UffdEvent::Unmap { start, end } => {
@@ -121,21 +169,15 @@ impl AddressSpace {
                 );
             }
             UffdEvent::WriteFault { addr } if self.dirty.is(Backend::UffdWp) => {
-                // A write to a page the device may hold (uffd-wp tracking): invalidate it
-                // before the write can complete, then let the writer go. The page is armed
-                // again when the device next faults it in.
                 self.counters.faults.fetch_add(1, Relaxed);
-                self.dirty.wp_fault();
-                let page = addr & !(PAGE_SIZE as u64 - 1);
-                if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
+                self.wakes.write_fault(&self.uffd, &self.dirty, addr, |r| {
                     self.invalidate(guard, r, Event::SoftDirty, out);
-                }
-                self.unprotect_and_wake(page);
+                });
             }
             UffdEvent::WriteFault { addr } | UffdEvent::OtherFault { addr } => {
                 self.counters.faults.fetch_add(1, Relaxed);
                 tracing::debug!(addr, "unexpected userfaultfd fault resolved");
-                self.unprotect_and_wake(addr & !(PAGE_SIZE as u64 - 1));
+                self.wakes.resolve(&self.uffd, &self.dirty, addr);
             }
         }
     }

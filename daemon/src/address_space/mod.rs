@@ -12,12 +12,11 @@ mod events;
 mod fences;
 mod sync;
 mod table;
-mod wakes;
 
 #[cfg(test)]
 mod tests;
 
-pub use events::{Deferred, EventCounters};
+pub use events::{Deferred, EventCounters, Revisit};
 pub use sync::SyncStats;
 pub use table::Attached;
 
@@ -27,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use crate::device::{DeviceClient, DeviceError};
+use crate::dirty::uffd_wp::Wakes;
 use crate::dirty::{ClientDirty, DirtyError};
 use crate::lock;
 use crate::notifier::InvalidateError;
@@ -136,13 +136,8 @@ pub struct AddressSpace {
     settling: AtomicBool,
     counters: EventCounters,
     dirty: Arc<ClientDirty>,
-    /// Write-protect faults whose un-protect met `EAGAIN` (events unread): retried after
-    /// the next read of events, so the faulting thread is always woken.
-    pending_wake: Mutex<Vec<u64>>,
-    /// Tests: the next this many un-protects of write faults act as if they met `EAGAIN`
-    /// (the kernel's window for that is a race between two client threads).
-    #[cfg(test)]
-    defer_wakes: std::sync::atomic::AtomicU32,
+    /// Writers of write-protect faults still to be woken.
+    wakes: Wakes,
 }
 
 impl AddressSpace {
@@ -187,9 +182,7 @@ impl AddressSpace {
             settling: AtomicBool::new(false),
             counters: EventCounters::default(),
             dirty,
-            pending_wake: Mutex::new(Vec::new()),
-            #[cfg(test)]
-            defer_wakes: std::sync::atomic::AtomicU32::new(0),
+            wakes: Wakes::default(),
         }
     }
 

@@ -146,7 +146,7 @@ fn a_deferred_wake_invalidates_a_page_mirrored_again_before_the_write() {
     assert_eq!(w.read(id, 0, 8).unwrap(), vec![1; 8], "mirrored and armed");
 
     // The fault's own un-protect and the retry at the end of that read of events.
-    w.defer_wakes.store(2, Relaxed);
+    w.wakes.defer.store(2, Relaxed);
     let writer = write_in_thread(map, 0, 2);
     // The reader's part: read the write fault, invalidate the page, defer the wake.
     let mut buf = userfaultfd::EventBuffer::new(8);

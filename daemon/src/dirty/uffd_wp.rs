@@ -1,10 +1,17 @@
 //! The `uffd-wp` back end (docs/design.md §6), the universal fallback (Linux 5.7+; 6.4+ for
-//! `WP_UNPOPULATED`): a page is write-protected ("armed") just before the device copies it
-//! ([`ArmingSource`]), so a later write by the client raises a synchronous write-protect
-//! fault; the event reader invalidates the page (event `SoftDirty`, start pass under the
-//! access lock), then un-protects it and wakes the writer (`watched.rs`). The page is armed
-//! again when the device next faults it in. Nothing has to be scanned, and only pages the
-//! device mirrors cost the client a fault when written.
+//! `WP_UNPOPULATED`), whole in this module:
+//!
+//! * **Arming.** A page is write-protected ("armed") just before the device copies it
+//!   ([`ArmingSource`]), so a later write by the client raises a synchronous write-protect
+//!   fault. The page is armed again when the device next faults it in. Nothing has to be
+//!   scanned, and only pages the device mirrors cost the client a fault when written.
+//! * **Faults and wakes** ([`Wakes`]). The event reader reads the fault, invalidates the page
+//!   (event `SoftDirty`, start pass under the access lock), then un-protects it and wakes the
+//!   writer. An un-protect that meets `EAGAIN` (an address-space event of the client is
+//!   unread) is retried after the next read of events, the page invalidated again before the
+//!   writer goes (see [`Wakes::retry`]); the reader comes back soon while one waits. Other
+//!   faults (never requested) are resolved the same way, without the invalidation.
+//! * **Probe.** [`probe`] tries all of it on scratch pages of the daemon's own.
 //!
 //! Only on a uffd created without `UFFD_USER_MODE_ONLY`: on a user-mode-only uffd a *kernel*
 //! write to a protected page (e.g. `read(2)` into it) fails with `EFAULT` instead of waiting.
@@ -14,12 +21,13 @@
 
 use crate::lock;
 use std::io::IoSliceMut;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Backend, ClientDirty};
+use crate::notifier::Range;
 use crate::source::{MemorySource, SourceError};
-use crate::sys::uffd::{features, SharedUffd, UffdEvent};
+use crate::sys::uffd::{features, SharedUffd, Uffd, UffdError, UffdEvent};
 use crate::sys::PAGE_SIZE;
 
 /// How long arming waits for the event reader to drain address-space events (the kernel
@@ -111,6 +119,149 @@ impl MemorySource for ArmingSource {
 
     fn alive(&self) -> bool {
         self.inner.alive()
+    }
+}
+
+/// The writers of a client's write-protect faults still to be woken: pages whose un-protect
+/// met `EAGAIN` because an address-space event of the client was unread. The unread event
+/// wakes the event reader again; it then retries them ([`Wakes::retry`]), so every faulting
+/// thread is woken in the end (G6).
+#[derive(Debug, Default)]
+pub struct Wakes {
+    pending: Mutex<Vec<u64>>,
+    /// Tests: the next this many un-protects act as if they met `EAGAIN` (the kernel's
+    /// window for that is a race between two client threads).
+    #[cfg(test)]
+    pub(crate) defer: std::sync::atomic::AtomicU32,
+}
+
+impl Wakes {
+    /// A write fault at `addr` under `uffd-wp` tracking, read by the event reader: counts it,
+    /// has `invalidate` run the start pass of the page's invalidation (the device may hold
+    /// it) before the write can complete, then lets the writer go. The page is armed again
+    /// when the device next faults it in.
+    pub fn write_fault(
+        &self,
+        uffd: &SharedUffd,
+        dirty: &ClientDirty,
+        addr: u64,
+        invalidate: impl FnOnce(Range),
+    ) {
+        dirty.wp_fault();
+        let page = page_of(addr);
+        if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
+            invalidate(r);
+        }
+        self.resolve(uffd, dirty, page);
+    }
+
+    /// Un-protects and wakes the page of a fault at `addr`; on `EAGAIN` (events unread)
+    /// remembers it for after the next read of events (the unread event is what wakes the
+    /// reader again). Also resolves faults nobody asked for.
+    pub fn resolve(&self, uffd: &SharedUffd, dirty: &ClientDirty, addr: u64) {
+        let page = page_of(addr);
+        if self.forced_eagain() {
+            lock(&self.pending).push(page);
+            return;
+        }
+        let r = with_uffd(uffd, |u| u.unprotect(page, PAGE_SIZE as u64, true));
+        match r {
+            Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
+                dirty.bump(|c| &c.wake_retries, 1);
+                lock(&self.pending).push(page);
+            }
+            Some(Err(e)) => wake_anyway(uffd, page, &e),
+            _ => {}
+        }
+    }
+
+    /// True while un-protects of write faults wait for a retry.
+    pub fn has_pending(&self) -> bool {
+        !lock(&self.pending).is_empty()
+    }
+
+    /// Retries the un-protects that met `EAGAIN`; call under the client's access lock. True
+    /// if some are still pending: the event reader calls it again soon while that is so (the
+    /// unread event that caused `EAGAIN` is only counted done once the client thread that
+    /// raised it ran again, after the read).
+    ///
+    /// The fault's own invalidation has ended by now, so the device may have faulted the
+    /// page in again meanwhile: arming it changed nothing (it was still protected) and the
+    /// copy holds the bytes from before the blocked write. So the page is un-protected
+    /// *without* waking, invalidated again through `invalidate` (`uffd-wp` tracking only),
+    /// and only then is the writer woken: no copy taken before the write survives it, and
+    /// none taken after it lacks protection.
+    pub fn retry(
+        &self,
+        uffd: &SharedUffd,
+        dirty: &ClientDirty,
+        mut invalidate: impl FnMut(Range),
+    ) -> bool {
+        let pages = std::mem::take(&mut *lock(&self.pending));
+        let mut still = Vec::new();
+        for page in pages {
+            if self.forced_eagain() {
+                still.push(page);
+                continue;
+            }
+            // `None`: released; closing the uffd woke every waiter.
+            match with_uffd(uffd, |u| u.unprotect(page, PAGE_SIZE as u64, false)) {
+                None => {}
+                Some(Err(e)) if e.errno() == Some(nix::Error::EAGAIN) => {
+                    dirty.bump(|c| &c.wake_retries, 1);
+                    still.push(page);
+                }
+                Some(Err(e)) => wake_anyway(uffd, page, &e),
+                Some(Ok(())) => {
+                    if dirty.is(Backend::UffdWp) {
+                        if let Ok(r) = Range::new(page, PAGE_SIZE as u64) {
+                            invalidate(r);
+                        }
+                    }
+                    if let Some(Err(e)) = with_uffd(uffd, |u| u.wake(page, PAGE_SIZE as u64)) {
+                        tracing::warn!(addr = page, error = %e, "could not wake a writer");
+                    }
+                }
+            }
+        }
+        let mut pending = lock(&self.pending);
+        pending.extend(still);
+        !pending.is_empty()
+    }
+
+    /// Tests: whether this un-protect is to act as if it met `EAGAIN`.
+    fn forced_eagain(&self) -> bool {
+        #[cfg(test)]
+        return self
+            .defer
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        #[cfg(not(test))]
+        false
+    }
+}
+
+/// The page that contains `addr`.
+fn page_of(addr: u64) -> u64 {
+    addr & !(PAGE_SIZE as u64 - 1)
+}
+
+/// Runs `f` on the uffd unless the client was released.
+fn with_uffd<R>(uffd: &SharedUffd, f: impl FnOnce(&Uffd) -> R) -> Option<R> {
+    lock(uffd).as_ref().map(f)
+}
+
+/// A write fault whose page cannot be un-protected (typically `ENOENT`: another client
+/// thread unmapped it meanwhile) still has a writer waiting: wake it, or it would wait
+/// until the client is released (G6). It then faults on whatever is there now.
+fn wake_anyway(uffd: &SharedUffd, page: u64, e: &UffdError) {
+    tracing::debug!(addr = page, error = %e, "write-protect fault on a page gone; waking the writer");
+    if let Some(Err(e)) = with_uffd(uffd, |u| u.wake(page, PAGE_SIZE as u64)) {
+        tracing::warn!(addr = page, error = %e, "could not wake a writer");
     }
 }
 
