@@ -3,7 +3,7 @@
 
 use super::attach::ARM_CHUNK;
 use super::{not_mirrored, AddressSpace, WatchError};
-use crate::config::DirtyPolicy;
+use crate::dirty::DirtyPolicy;
 use crate::lock;
 use crate::notifier::Range;
 use crate::sys::PAGE_SIZE;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::table::{Attached, Table};
 use super::{AddressSpace, WatchError, USER_ADDR_END};
-use crate::config::DirtyPolicy;
 use crate::device::DeviceError;
+use crate::dirty::DirtyPolicy;
 use crate::lock;
 use crate::sys::uffd::{Uffd, UffdError};
 use crate::sys::PAGE_SIZE;

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::{AddressSpace, WatchError};
-use crate::config::DirtyPolicy;
+use crate::dirty::DirtyPolicy;
 use crate::dirty::{Backend, Collected};
 use crate::lock;
 use crate::notifier::{Event, InvalidateArgs, InvalidateError, Range};

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{AddressSpace, WatchError};
-use crate::config::DirtyPolicy;
+use crate::dirty::DirtyPolicy;
 use crate::lock;
 
 /// One attached range as the client knows it.

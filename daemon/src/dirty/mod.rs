@@ -17,11 +17,18 @@
 //!
 //! Which written pages are collected when is the attach's policy ([`DirtyPolicy`]): on
 //! `Sync`, before each device read (`strict`) or on one daemon-wide timer ([`periodic`]).
+//!
+//! The module knows neither the wire format nor the configuration file: the back end, the
+//! daemon's choice ([`DirtyTracking`]) and the policy are its own types, which the config
+//! parses into and the server converts to and from the protocol's (`server/convert.rs`).
 
 pub mod pagemap_scan;
 pub mod periodic;
+mod policy;
 pub mod soft_dirty;
 pub mod uffd_wp;
+
+pub use policy::DirtyPolicy;
 
 use crate::lock;
 use std::fs::File;
@@ -29,9 +36,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use memshadow_proto::DirtyBackend;
-
-use crate::config::{DirtyPolicy, DirtyTracking};
 use crate::sys::pagemap::PageRegion;
 use crate::sys::uffd::{features, Uffd};
 
@@ -50,27 +54,12 @@ impl Backend {
     /// Every back end, in the order `auto` prefers them (fastest first).
     pub const ALL: [Backend; 3] = [Backend::PagemapScan, Backend::SoftDirty, Backend::UffdWp];
 
-    /// The name used by `--dirty-tracking` and `status`.
+    /// The name used by `--dirty-tracking`, `status` and `sync`.
     pub fn as_str(self) -> &'static str {
-        self.wire().as_str()
-    }
-
-    /// The wire value.
-    pub fn wire(self) -> DirtyBackend {
         match self {
-            Backend::PagemapScan => DirtyBackend::PagemapScan,
-            Backend::SoftDirty => DirtyBackend::SoftDirty,
-            Backend::UffdWp => DirtyBackend::UffdWp,
-        }
-    }
-
-    /// The back end a `--dirty-tracking` value forces, if any.
-    pub fn forced_by(t: DirtyTracking) -> Option<Backend> {
-        match t {
-            DirtyTracking::PagemapScan => Some(Backend::PagemapScan),
-            DirtyTracking::SoftDirty => Some(Backend::SoftDirty),
-            DirtyTracking::UffdWp => Some(Backend::UffdWp),
-            DirtyTracking::Auto | DirtyTracking::Off => None,
+            Backend::PagemapScan => "pagemap-scan",
+            Backend::SoftDirty => "soft-dirty",
+            Backend::UffdWp => "uffd-wp",
         }
     }
 
@@ -109,6 +98,44 @@ impl Backend {
             )
         })?;
         Ok((uffd, granted))
+    }
+}
+
+/// Which dirty-tracking back end the daemon is asked to use (`dirty.tracking`,
+/// `--dirty-tracking`); `Auto` takes the fastest one the start-up probe finds working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// The fastest back end that works here.
+    #[default]
+    Auto,
+    /// This back end, or the daemon does not start.
+    Forced(Backend),
+    /// No dirty tracking: the shadow follows the mappings, not the contents.
+    Off,
+}
+
+impl DirtyTracking {
+    /// Every choice, in the order `auto` tries the back ends (after `Auto` itself).
+    pub const ALL: [DirtyTracking; 5] = [
+        DirtyTracking::Auto,
+        DirtyTracking::Forced(Backend::PagemapScan),
+        DirtyTracking::Forced(Backend::SoftDirty),
+        DirtyTracking::Forced(Backend::UffdWp),
+        DirtyTracking::Off,
+    ];
+
+    /// The name used by flags, the config file and `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyTracking::Auto => "auto",
+            DirtyTracking::Forced(b) => b.as_str(),
+            DirtyTracking::Off => "off",
+        }
+    }
+
+    /// Parses one of the names of [`DirtyTracking::as_str`].
+    pub fn parse(s: &str) -> Option<DirtyTracking> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 }
 
@@ -223,10 +250,7 @@ impl Selection {
         let chosen = match requested {
             DirtyTracking::Off => None,
             DirtyTracking::Auto => Backend::ALL.into_iter().find(|b| works(*b)),
-            forced => {
-                let b = Backend::forced_by(forced).ok_or_else(|| {
-                    DirtyError::NotTracked(format!("{} names no back end", forced.as_str()))
-                })?;
+            DirtyTracking::Forced(b) => {
                 if let Some((_, Err(reason))) = probes.iter().find(|(p, _)| *p == b) {
                     return Err(DirtyError::Unavailable {
                         backend: b.as_str(),
@@ -488,19 +512,6 @@ impl ClientDirty {
     }
 }
 
-/// The policy of an attach, from its flags and the daemon's default.
-pub fn policy_of(flags: memshadow_proto::AttachPolicy, default: DirtyPolicy) -> DirtyPolicy {
-    use memshadow_proto::AttachPolicy as A;
-    match flags {
-        A::Default => default,
-        A::Manual => DirtyPolicy::Manual,
-        A::Strict => DirtyPolicy::Strict,
-        A::Periodic { period_ms } => {
-            DirtyPolicy::Periodic(std::time::Duration::from_millis(u64::from(period_ms)))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,14 +560,20 @@ mod tests {
 
     #[test]
     fn a_forced_back_end_that_does_not_work_is_an_error() {
-        let e = Selection::from_probes(DirtyTracking::SoftDirty, probes(true, false, true))
-            .expect_err("soft-dirty does not work");
+        let e = Selection::from_probes(
+            DirtyTracking::Forced(Backend::SoftDirty),
+            probes(true, false, true),
+        )
+        .expect_err("soft-dirty does not work");
         assert_eq!(
             e.to_string(),
             "--dirty-tracking soft-dirty is unavailable here: bit 55 never sets"
         );
-        let s = Selection::from_probes(DirtyTracking::UffdWp, probes(true, false, true))
-            .expect("uffd-wp works");
+        let s = Selection::from_probes(
+            DirtyTracking::Forced(Backend::UffdWp),
+            probes(true, false, true),
+        )
+        .expect("uffd-wp works");
         assert_eq!(s.chosen(), Some(Backend::UffdWp));
         assert_eq!(
             line(&s, "dirty.refused.pagemap-scan").as_deref(),
@@ -579,8 +596,11 @@ mod tests {
         assert_eq!(auto.for_client(false, true), Ok(Backend::UffdWp));
         let e = auto.for_client(false, false).expect_err("neither");
         assert!(e.contains("pagemap") && e.contains("USER_MODE_ONLY"), "{e}");
-        let wp = Selection::from_probes(DirtyTracking::UffdWp, probes(true, false, true))
-            .expect("uffd-wp");
+        let wp = Selection::from_probes(
+            DirtyTracking::Forced(Backend::UffdWp),
+            probes(true, false, true),
+        )
+        .expect("uffd-wp");
         assert_eq!(wp.for_client(true, true), Ok(Backend::UffdWp));
         assert!(wp.for_client(true, false).is_err());
         let off =

@@ -13,15 +13,15 @@ use memshadow_proto::{
     VERSION,
 };
 
+use super::convert;
 use super::session::{Binding, Hello, Session};
 use super::stream::{event_of, report_of, Subscriber};
 use super::{error_chain, Core};
 use crate::address_space::{AddressSpace, SyncStats, WatchError};
-use crate::config::DirtyPolicy;
 use crate::device::{DeviceError, ShadowError};
 use crate::dirty::periodic::MIN_PERIOD;
 use crate::dirty::uffd_wp::ArmingSource;
-use crate::dirty::{policy_of, Backend, ClientDirty};
+use crate::dirty::{Backend, ClientDirty, DirtyPolicy};
 use crate::handover::Handover;
 use crate::source::{MemFileSource, MemorySource};
 use crate::sys::maps::Maps;
@@ -172,7 +172,7 @@ pub fn handle(
 fn synced(d: &SyncStats) -> Response {
     Response::Synced {
         report: SyncReport {
-            backend: d.backend.wire(),
+            backend: d.backend.into(),
             mirrors: d.mirrors,
             pages_scanned: d.collected.pages_scanned,
             pages_dirty: d.collected.pages_dirty,
@@ -200,7 +200,7 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, requested: AttachPolicy
             format!("mirror quota of {max} ranges reached"),
         );
     }
-    let mut policy = policy_of(requested, core.cfg.dirty.policy);
+    let mut policy = convert::attach_policy(requested, core.cfg.dirty.policy);
     if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
         policy = DirtyPolicy::Manual;
     }
