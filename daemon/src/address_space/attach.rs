@@ -52,7 +52,7 @@ impl AddressSpace {
         }
         if policy != DirtyPolicy::Manual {
             if let Err(why) = self.dirty.backend() {
-                return Err(WatchError::NotTracked(why.to_owned()));
+                return Err(WatchError::NotTracked(why.clone()));
             }
         }
         // Wait until every event of an address-space change already under way has been read

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::device::{DeviceClient, DeviceError};
 use crate::dirty::uffd_wp::Wakes;
-use crate::dirty::{ClientDirty, DirtyError};
+use crate::dirty::{ClientDirty, DirtyError, Untracked};
 use crate::lock;
 use crate::notifier::InvalidateError;
 use crate::sys::maps::Maps;
@@ -110,7 +110,7 @@ pub enum WatchError {
     Released,
     /// The client has no dirty tracking (why), so it cannot sync or ask for a policy.
     #[error("no dirty tracking for this client: {0}")]
-    NotTracked(String),
+    NotTracked(Untracked),
     /// Collecting written pages failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
@@ -153,7 +153,7 @@ impl AddressSpace {
             device,
             pagemap,
             max_mirrors,
-            Arc::new(ClientDirty::off("not set up")),
+            Arc::new(ClientDirty::off(Untracked::NotSetUp)),
         )
     }
 

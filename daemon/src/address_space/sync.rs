@@ -34,7 +34,7 @@ impl AddressSpace {
     /// them.
     pub fn sync(&self, id: Option<u64>) -> Result<SyncStats, WatchError> {
         if let Err(why) = self.dirty.backend() {
-            return Err(WatchError::NotTracked(why.to_owned()));
+            return Err(WatchError::NotTracked(why.clone()));
         }
         self.after_events_read();
         let ranges: Vec<(u64, u64)> = {
@@ -62,7 +62,7 @@ impl AddressSpace {
         let backend = self
             .dirty
             .backend()
-            .map_err(|why| WatchError::NotTracked(why.to_owned()))?;
+            .map_err(|why| WatchError::NotTracked(why.clone()))?;
         self.dirty.bump(|c| &c.syncs, 1);
         let mut found = Vec::new();
         let mut guard = self.dirty.lock();

@@ -30,7 +30,7 @@ pub mod soft_dirty;
 pub mod uffd_wp;
 
 pub use policy::DirtyPolicy;
-pub use selection::{Backend, DirtyTracking, Selection};
+pub use selection::{Backend, DirtyTracking, ProbeError, Selection, Untracked};
 
 use crate::lock;
 use std::fs::File;
@@ -49,11 +49,11 @@ pub enum DirtyError {
         /// The back end.
         backend: &'static str,
         /// What the probe found.
-        reason: String,
+        reason: ProbeError,
     },
     /// This client has no back end it can use.
     #[error("no dirty tracking for this client: {0}")]
-    NotTracked(String),
+    NotTracked(Untracked),
     /// `PAGEMAP_SCAN` failed.
     #[error("PAGEMAP_SCAN of {start:#x}..{end:#x} failed")]
     Scan {
@@ -132,7 +132,7 @@ pub struct Collected {
 /// collection's invalidations), and its counters.
 #[derive(Debug)]
 pub struct ClientDirty {
-    backend: Result<Backend, String>,
+    backend: Result<Backend, Untracked>,
     clear_refs: Option<File>,
     scan: Mutex<Vec<PageRegion>>,
     counters: DirtyCounters,
@@ -151,7 +151,7 @@ impl ClientDirty {
     /// Tracking with `backend` (or none, and why), counting into `global` too. `clear_refs`
     /// is the client's `/proc/PID/clear_refs`, opened for writing (`soft-dirty` only).
     pub fn new(
-        backend: Result<Backend, String>,
+        backend: Result<Backend, Untracked>,
         clear_refs: Option<File>,
         global: Arc<DirtyCounters>,
     ) -> ClientDirty {
@@ -166,13 +166,13 @@ impl ClientDirty {
     }
 
     /// No tracking, because `why`.
-    pub fn off(why: impl Into<String>) -> ClientDirty {
-        ClientDirty::new(Err(why.into()), None, Arc::default())
+    pub fn off(why: Untracked) -> ClientDirty {
+        ClientDirty::new(Err(why), None, Arc::default())
     }
 
     /// The client's back end, or why it has none.
-    pub fn backend(&self) -> Result<Backend, &str> {
-        self.backend.as_ref().copied().map_err(String::as_str)
+    pub fn backend(&self) -> Result<Backend, &Untracked> {
+        self.backend.as_ref().copied()
     }
 
     /// True if `b` is the client's back end.
@@ -225,8 +225,8 @@ impl ClientDirty {
         let before = out.len();
         let backend = self
             .backend()
-            .map_err(|e| DirtyError::NotTracked(e.to_owned()))?;
-        let no_pagemap = || DirtyError::NotTracked("no pagemap fd".into());
+            .map_err(|e| DirtyError::NotTracked(e.clone()))?;
+        let no_pagemap = || DirtyError::NotTracked(Untracked::NoPagemapFd);
         let mut c = Collected::default();
         match backend {
             Backend::PagemapScan => {
@@ -241,7 +241,7 @@ impl ClientDirty {
                 let clear = self
                     .clear_refs
                     .as_ref()
-                    .ok_or_else(|| DirtyError::NotTracked("no clear_refs file".into()))?;
+                    .ok_or(DirtyError::NotTracked(Untracked::NoClearRefs))?;
                 c.pages_scanned = soft_dirty::collect(pm, clear, ranges, out)?;
             }
             Backend::UffdWp => {

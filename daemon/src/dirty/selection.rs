@@ -3,7 +3,112 @@
 //! each client ([`Selection`]).
 
 use super::{pagemap_scan, soft_dirty, uffd_wp, DirtyError};
-use crate::sys::uffd::{features, Uffd};
+use crate::sys::uffd::{features, Uffd, UffdError};
+
+/// Why a back end does not work on this machine: what its start-up probe found. The text is
+/// one line with its cause in it, as `status` shows it after "unavailable: ".
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The kernel lacks something the back end needs.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// No userfaultfd could be created.
+    #[error("cannot create a userfaultfd: {0}")]
+    CreateUffd(UffdError),
+    /// `UFFDIO_API` refused the back end's features.
+    #[error("UFFDIO_API refused {needs}: {}", errno_text(.error))]
+    Api {
+        /// The features, and the kernel that has them.
+        needs: &'static str,
+        /// The refusal.
+        error: UffdError,
+    },
+    /// A userfaultfd operation of the probe failed.
+    #[error("{what} failed: {error}")]
+    Uffd {
+        /// The operation.
+        what: &'static str,
+        /// Its error.
+        error: UffdError,
+    },
+    /// A file or memory operation of the probe failed.
+    #[error("{what}: {error}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// Its error.
+        error: std::io::Error,
+    },
+    /// Collecting written pages of the probe's mapping failed.
+    #[error("{}", chain(&**.0))]
+    Collect(Box<DirtyError>),
+    /// The back end ran, but did not report what the probe's writes should have made it
+    /// report (what it reported instead).
+    #[error("{0}")]
+    Wrong(String),
+}
+
+impl ProbeError {
+    /// A file or memory operation `what` failed with `error`.
+    pub(super) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ProbeError {
+        move |error| ProbeError::Io { what, error }
+    }
+
+    /// A userfaultfd operation `what` failed with `error`.
+    pub(super) fn uffd(what: &'static str) -> impl FnOnce(UffdError) -> ProbeError {
+        move |error| ProbeError::Uffd { what, error }
+    }
+}
+
+/// The kernel's description of the error number behind `e`, else `e`'s own text.
+fn errno_text(e: &UffdError) -> String {
+    e.errno()
+        .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
+}
+
+/// `e` and its causes, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Why a client gets no dirty tracking (`sync` and `stats` say it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untracked {
+    /// The back end reads the client's pagemap, which it did not hand over.
+    #[error("{} needs the client's /proc/self/pagemap fd, which it did not hand over", .0.as_str())]
+    NoPagemap(Backend),
+    /// `uffd-wp` on a user-mode-only userfaultfd.
+    #[error(
+        "uffd-wp needs a userfaultfd created without UFFD_USER_MODE_ONLY (kernel accesses to \
+         write-protected pages would fail with EFAULT)"
+    )]
+    UserModeOnly,
+    /// The daemon runs with `--dirty-tracking off`.
+    #[error("dirty tracking is off (--dirty-tracking off)")]
+    Off,
+    /// No back end works on this machine (`auto`).
+    #[error("no dirty-tracking back end works on this machine")]
+    NoneWorks,
+    /// Every back end that works here is unusable for this client, for these reasons.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Unusable(Vec<Untracked>),
+    /// The client was made without dirty tracking (tests, benchmarks).
+    #[error("not set up")]
+    NotSetUp,
+    /// A collection found the client's pagemap fd missing.
+    #[error("no pagemap fd")]
+    NoPagemapFd,
+    /// A `soft-dirty` collection found the client's `clear_refs` fd missing.
+    #[error("no clear_refs file")]
+    NoClearRefs,
+}
 
 /// A dirty-tracking back end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,7 +136,7 @@ impl Backend {
 
     /// Tries the back end on a scratch mapping of this process; `Err` says why it does not
     /// work here.
-    pub fn probe(self) -> Result<(), String> {
+    pub fn probe(self) -> Result<(), ProbeError> {
         match self {
             Backend::PagemapScan => pagemap_scan::probe(),
             Backend::SoftDirty => soft_dirty::probe(),
@@ -54,15 +159,11 @@ impl Backend {
 
     /// A userfaultfd of this process with this back end's features, for its start-up
     /// probe, and the features the kernel granted; a refusal says it needs `needs`.
-    pub(super) fn probe_uffd(self, needs: &str) -> Result<(Uffd, u64), String> {
-        let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
-        let granted = uffd.api(self.uffd_features()).map_err(|e| {
-            format!(
-                "UFFDIO_API refused {needs}: {}",
-                e.errno()
-                    .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
-            )
-        })?;
+    pub(super) fn probe_uffd(self, needs: &'static str) -> Result<(Uffd, u64), ProbeError> {
+        let (uffd, _) = Uffd::create().map_err(ProbeError::CreateUffd)?;
+        let granted = uffd
+            .api(self.uffd_features())
+            .map_err(|error| ProbeError::Api { needs, error })?;
         Ok((uffd, granted))
     }
 }
@@ -106,11 +207,11 @@ impl DirtyTracking {
 }
 
 /// What probing found and which back end the daemon uses.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Selection {
     requested: DirtyTracking,
     chosen: Option<Backend>,
-    probes: Vec<(Backend, Result<(), String>)>,
+    probes: Vec<(Backend, Result<(), ProbeError>)>,
 }
 
 impl Selection {
@@ -136,18 +237,21 @@ impl Selection {
     /// Chooses from probe results (the pure half of [`Selection::probe`]).
     pub fn from_probes(
         requested: DirtyTracking,
-        probes: Vec<(Backend, Result<(), String>)>,
+        mut probes: Vec<(Backend, Result<(), ProbeError>)>,
     ) -> Result<Selection, DirtyError> {
         let works = |b: Backend| probes.iter().any(|(p, r)| *p == b && r.is_ok());
         let chosen = match requested {
             DirtyTracking::Off => None,
             DirtyTracking::Auto => Backend::ALL.into_iter().find(|b| works(*b)),
             DirtyTracking::Forced(b) => {
-                if let Some((_, Err(reason))) = probes.iter().find(|(p, _)| *p == b) {
-                    return Err(DirtyError::Unavailable {
-                        backend: b.as_str(),
-                        reason: reason.clone(),
-                    });
+                if let Some(i) = probes.iter().position(|(p, r)| *p == b && r.is_err()) {
+                    let (_, r) = probes.swap_remove(i);
+                    if let Err(reason) = r {
+                        return Err(DirtyError::Unavailable {
+                            backend: b.as_str(),
+                            reason,
+                        });
+                    }
                 }
                 Some(b)
             }
@@ -213,41 +317,35 @@ impl Selection {
     /// The back end a client gets: the daemon's, if the client can use it; with `auto`, the
     /// first working one it can use. A client needs its pagemap fd for `pagemap-scan` and
     /// `soft-dirty`, and a privileged uffd for `uffd-wp`.
-    pub fn for_client(&self, has_pagemap: bool, privileged_uffd: bool) -> Result<Backend, String> {
-        let usable = |b: Backend| -> Result<(), String> {
-            match b {
-                Backend::PagemapScan | Backend::SoftDirty if !has_pagemap => Err(format!(
-                    "{} needs the client's /proc/self/pagemap fd, which it did not hand over",
-                    b.as_str()
-                )),
-                Backend::UffdWp if !privileged_uffd => Err(
-                    "uffd-wp needs a userfaultfd created without UFFD_USER_MODE_ONLY (kernel \
-                     accesses to write-protected pages would fail with EFAULT)"
-                        .to_owned(),
-                ),
-                _ => Ok(()),
+    pub fn for_client(
+        &self,
+        has_pagemap: bool,
+        privileged_uffd: bool,
+    ) -> Result<Backend, Untracked> {
+        let usable = |b: Backend| match b {
+            Backend::PagemapScan | Backend::SoftDirty if !has_pagemap => {
+                Err(Untracked::NoPagemap(b))
             }
+            Backend::UffdWp if !privileged_uffd => Err(Untracked::UserModeOnly),
+            _ => Ok(b),
         };
         match self.requested {
-            DirtyTracking::Off => Err("dirty tracking is off (--dirty-tracking off)".into()),
+            DirtyTracking::Off => Err(Untracked::Off),
+            DirtyTracking::Forced(b) => usable(b),
             DirtyTracking::Auto => {
                 let mut why = Vec::new();
                 for b in Backend::ALL.into_iter().filter(|b| self.works(*b)) {
                     match usable(b) {
-                        Ok(()) => return Ok(b),
+                        Ok(b) => return Ok(b),
                         Err(e) => why.push(e),
                     }
                 }
-                Err(if why.is_empty() {
-                    "no dirty-tracking back end works on this machine".to_owned()
-                } else {
-                    why.join("; ")
+                Err(match why.len() {
+                    0 => Untracked::NoneWorks,
+                    1 => why.remove(0),
+                    _ => Untracked::Unusable(why),
                 })
             }
-            _ => match self.chosen {
-                Some(b) => usable(b).map(|()| b),
-                None => Err("dirty tracking is off".into()),
-            },
         }
     }
 }
@@ -256,8 +354,14 @@ impl Selection {
 mod tests {
     use super::*;
 
-    fn probes(pm: bool, sd: bool, wp: bool) -> Vec<(Backend, Result<(), String>)> {
-        let r = |ok: bool, why: &str| if ok { Ok(()) } else { Err(why.to_owned()) };
+    fn probes(pm: bool, sd: bool, wp: bool) -> Vec<(Backend, Result<(), ProbeError>)> {
+        let r = |ok: bool, why: &'static str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ProbeError::Unsupported(why))
+            }
+        };
         vec![
             (Backend::PagemapScan, r(pm, "no PAGEMAP_SCAN")),
             (Backend::SoftDirty, r(sd, "bit 55 never sets")),
@@ -334,7 +438,10 @@ mod tests {
             Selection::from_probes(DirtyTracking::Auto, probes(true, false, true)).expect("auto");
         assert_eq!(auto.for_client(true, false), Ok(Backend::PagemapScan));
         assert_eq!(auto.for_client(false, true), Ok(Backend::UffdWp));
-        let e = auto.for_client(false, false).expect_err("neither");
+        let e = auto
+            .for_client(false, false)
+            .expect_err("neither")
+            .to_string();
         assert!(e.contains("pagemap") && e.contains("USER_MODE_ONLY"), "{e}");
         let wp = Selection::from_probes(
             DirtyTracking::Forced(Backend::UffdWp),

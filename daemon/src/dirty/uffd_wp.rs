@@ -24,7 +24,7 @@ use std::io::IoSliceMut;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Backend, ClientDirty};
+use super::{Backend, ClientDirty, ProbeError};
 use crate::notifier::Range;
 use crate::source::{MemorySource, SourceError};
 use crate::sys::uffd::{features, SharedUffd, Uffd, UffdError, UffdEvent};
@@ -268,21 +268,24 @@ fn wake_anyway(uffd: &SharedUffd, page: u64, e: &UffdError) {
 /// Tries the back end on two scratch pages of this process, one populated and one not:
 /// arm both, read the second (the zero page), then write both from another thread; each
 /// write must raise a write-protect fault, which this thread resolves.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), ProbeError> {
     let (uffd, granted) = Backend::UffdWp.probe_uffd("UFFD_FEATURE_WP_UNPOPULATED (Linux 6.4+)")?;
     if granted & features::PAGEFAULT_FLAG_WP == 0 {
-        return Err("the kernel does not offer write-protect faults (Linux 5.7+)".into());
+        return Err(ProbeError::Unsupported(
+            "the kernel does not offer write-protect faults (Linux 5.7+)",
+        ));
     }
-    uffd.set_nonblocking().map_err(|e| e.to_string())?;
+    uffd.set_nonblocking().map_err(ProbeError::uffd(
+        "making the probe's userfaultfd non-blocking",
+    ))?;
     let page = PAGE_SIZE as u64;
-    let mut map = memmap2::MmapMut::map_anon(2 * PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+    let mut map = memmap2::MmapMut::map_anon(2 * PAGE_SIZE).map_err(ProbeError::io("mmap"))?;
     map[..PAGE_SIZE].fill(1);
     let start = map.as_ptr() as u64;
     uffd.register_wp(start, 2 * page)
-        .map_err(|e| format!("UFFDIO_REGISTER (write-protect mode) failed: {e}"))?;
-    if let Err(e) = uffd.write_protect(start, 2 * page) {
-        return Err(format!("UFFDIO_WRITEPROTECT failed: {e}"));
-    }
+        .map_err(ProbeError::uffd("UFFDIO_REGISTER (write-protect mode)"))?;
+    uffd.write_protect(start, 2 * page)
+        .map_err(ProbeError::uffd("UFFDIO_WRITEPROTECT"))?;
     // A read fault on the armed, unpopulated page maps the zero page; WP_UNPOPULATED keeps
     // it protected.
     std::hint::black_box(map[PAGE_SIZE]);
@@ -293,7 +296,37 @@ pub fn probe() -> Result<(), String> {
             map[PAGE_SIZE] = 9;
             map
         })
-        .map_err(|e| format!("cannot start the probe's writer: {e}"))?;
+        .map_err(ProbeError::io("cannot start the probe's writer"))?;
+    let seen = resolve_probe_faults(&uffd, &writer, start);
+    // Closing the uffd releases the writer if a fault was missed.
+    drop(uffd);
+    let map = writer
+        .join()
+        .map_err(|_| ProbeError::Wrong("the probe's writer panicked".into()))?;
+    let mut seen = seen?;
+    seen.dedup();
+    if seen != [0, 1] {
+        return Err(ProbeError::Wrong(format!(
+            "writes to the armed pages (populated, then zero page) raised faults on pages \
+             {seen:?}, expected [0, 1]"
+        )));
+    }
+    if map[0] != 7 || map[PAGE_SIZE] != 9 {
+        return Err(ProbeError::Wrong(
+            "a write resolved through a write-protect fault was lost".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The probe's fault handler: resolves the write-protect faults of `writer` (for up to 2 s)
+/// and returns the pages, counted from `start`, that faulted.
+fn resolve_probe_faults<T>(
+    uffd: &Uffd,
+    writer: &std::thread::JoinHandle<T>,
+    start: u64,
+) -> Result<Vec<u64>, ProbeError> {
+    let page = PAGE_SIZE as u64;
     let mut seen = Vec::new();
     let mut buf = userfaultfd::EventBuffer::new(4);
     let mut events = Vec::new();
@@ -303,34 +336,18 @@ pub fn probe() -> Result<(), String> {
         match uffd.read_events(&mut buf, &mut events) {
             Ok(0) => std::thread::sleep(Duration::from_micros(100)),
             Ok(_) => {}
-            Err(e) => return Err(format!("reading the probe's userfaultfd failed: {e}")),
+            Err(e) => return Err(ProbeError::uffd("reading the probe's userfaultfd")(e)),
         }
         for ev in events.drain(..) {
             if let UffdEvent::WriteFault { addr } = ev {
-                let p = addr & !(page - 1);
+                let p = page_of(addr);
                 seen.push((p - start) / page);
-                if let Err(e) = uffd.unprotect(p, page, true) {
-                    return Err(format!("un-protecting a faulted page failed: {e}"));
-                }
+                uffd.unprotect(p, page, true)
+                    .map_err(ProbeError::uffd("un-protecting a faulted page"))?;
             }
         }
     }
-    // Closing the uffd releases the writer if a fault was missed.
-    drop(uffd);
-    let map = writer
-        .join()
-        .map_err(|_| "the probe's writer panicked".to_owned())?;
-    seen.dedup();
-    if seen != [0, 1] {
-        return Err(format!(
-            "writes to the armed pages (populated, then zero page) raised faults on pages \
-             {seen:?}, expected [0, 1]"
-        ));
-    }
-    if map[0] != 7 || map[PAGE_SIZE] != 9 {
-        return Err("a write resolved through a write-protect fault was lost".into());
-    }
-    Ok(())
+    Ok(seen)
 }
 
 #[cfg(test)]
@@ -339,6 +356,8 @@ mod tests {
 
     #[test]
     fn the_probe_passes_on_this_kernel() {
-        assert_eq!(probe(), Ok(()));
+        if let Err(e) = probe() {
+            panic!("the uffd-wp probe failed: {e}");
+        }
     }
 }
