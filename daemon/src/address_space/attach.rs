@@ -3,6 +3,7 @@
 //! so no event of the range slips in between (G1).
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use super::table::{Attached, Table};
@@ -55,34 +56,7 @@ impl AddressSpace {
                 return Err(WatchError::NotTracked(why.clone()));
             }
         }
-        // Wait until every event of an address-space change already under way has been read
-        // and applied (under the access lock, which we then keep): otherwise an unmap of an
-        // old mapping at this address, delivered late, would retire the new mirror, or an
-        // old mirror not yet retired would look like an overlap. Arming meets the same
-        // condition (`EAGAIN`): undo and wait again.
-        let mut backoff = Duration::from_micros(20);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let (guard, mut t, dev) = loop {
-            let guard = self.device.lock_access();
-            let pending = match &*lock(&self.uffd) {
-                Some(u) => u.events_pending(addr, len),
-                None => return Err(WatchError::Released),
-            };
-            if !pending {
-                let t = lock(&self.table);
-                match self.attach_locked(&t, addr, len)? {
-                    Attempt::Attached(dev) => break (guard, t, dev),
-                    Attempt::Again => drop(t),
-                }
-            }
-            drop(guard);
-            if Instant::now() > deadline {
-                return Err(WatchError::Busy);
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(5));
-        };
-        drop(guard);
+        let (mut t, dev) = self.attach_settled(addr, len)?;
         let id = t.next;
         t.next += 1;
         t.by_id.insert(
@@ -104,36 +78,52 @@ impl AddressSpace {
         Ok(id)
     }
 
+    /// Registers, arms and mirrors `addr..addr+len` ([`AddressSpace::attach_locked`]) once no
+    /// address-space change of the client is under way, and returns the device mirror with
+    /// the table still locked, for the caller to enter it.
+    ///
+    /// It first waits until every event of a change already under way has been read and
+    /// applied (under the access lock, which it then keeps): otherwise an unmap of an old
+    /// mapping at this address, delivered late, would retire the new mirror, or an old
+    /// mirror not yet retired would look like an overlap. Arming meets the same condition
+    /// (`EAGAIN`): undo and wait again, for up to 2 s.
+    fn attach_settled(
+        &self,
+        addr: u64,
+        len: u64,
+    ) -> Result<(MutexGuard<'_, Table>, u64), WatchError> {
+        let mut backoff = Duration::from_micros(20);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let guard = self.device.lock_access();
+            let pending = match &*lock(&self.uffd) {
+                Some(u) => u.events_pending(addr, len),
+                None => return Err(WatchError::Released),
+            };
+            if !pending {
+                let t = lock(&self.table);
+                match self.attach_locked(&t, addr, len)? {
+                    Attempt::Attached(dev) => {
+                        drop(guard);
+                        return Ok((t, dev));
+                    }
+                    Attempt::Again => drop(t),
+                }
+            }
+            drop(guard);
+            if Instant::now() > deadline {
+                return Err(WatchError::Busy);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(5));
+        }
+    }
+
     /// The part of an attach done under the access and table locks: checks, registration,
     /// arming and the device mirror. Anything but [`Attempt::Attached`] was undone.
     fn attach_locked(&self, t: &Table, addr: u64, len: u64) -> Result<Attempt, WatchError> {
         let end = addr + len;
-        if t.by_id.len() >= self.max_mirrors as usize {
-            return Err(WatchError::TooManyMirrors(self.max_mirrors));
-        }
-        let attached: u64 = t
-            .by_id
-            .values()
-            .filter(|m| m.dev.is_some())
-            .map(|m| m.len)
-            .sum();
-        let quota = self.attach_quota.load(Relaxed);
-        if attached.saturating_add(len) > quota {
-            return Err(WatchError::TooMuchAttached {
-                len,
-                attached,
-                quota,
-            });
-        }
-        if let Some(hole) = self
-            .maps
-            .as_ref()
-            .map(|m| m.first_hole(addr, end))
-            .transpose()?
-            .flatten()
-        {
-            return Err(WatchError::Hole { addr, len, hole });
-        }
+        self.check_quotas(t, addr, len)?;
         let uffd = lock(&self.uffd);
         let uffd = uffd.as_ref().ok_or(WatchError::Released)?;
         if let Err(e) = uffd.register_wp(addr, len) {
@@ -170,6 +160,38 @@ impl AddressSpace {
                 Err(e.into())
             }
         }
+    }
+
+    /// Refuses an attach of `addr..addr+len` beyond the mirror or address-space quota of the
+    /// table `t`, or over a hole in the client's mappings.
+    fn check_quotas(&self, t: &Table, addr: u64, len: u64) -> Result<(), WatchError> {
+        if t.by_id.len() >= self.max_mirrors as usize {
+            return Err(WatchError::TooManyMirrors(self.max_mirrors));
+        }
+        let attached: u64 = t
+            .by_id
+            .values()
+            .filter(|m| m.dev.is_some())
+            .map(|m| m.len)
+            .sum();
+        let quota = self.attach_quota.load(Relaxed);
+        if attached.saturating_add(len) > quota {
+            return Err(WatchError::TooMuchAttached {
+                len,
+                attached,
+                quota,
+            });
+        }
+        if let Some(hole) = self
+            .maps
+            .as_ref()
+            .map(|m| m.first_hole(addr, addr + len))
+            .transpose()?
+            .flatten()
+        {
+            return Err(WatchError::Hole { addr, len, hole });
+        }
+        Ok(())
     }
 
     /// The error of a refused registration, named plainly when the client's mappings say

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::table::Attached;
 use super::AddressSpace;
 use super::WatchError;
 use crate::device::AccessGuard;
@@ -223,43 +224,33 @@ impl AddressSpace {
             let inside = start <= ls && le <= end && !m.holes;
             match moved_to {
                 Some(to) if inside => {
-                    let new = to + (ls - start);
                     if !out.detach.contains(&dev) {
                         out.detach.push(dev);
                     }
-                    match self.device.attach(new, le - ls) {
-                        Ok(d) => {
-                            tracing::debug!(
-                                mirror = m.id,
-                                from = ls,
-                                to = new,
-                                "mirror follows mremap"
-                            );
-                            m.addr = m.addr.wrapping_add(new.wrapping_sub(ls));
-                            m.live_start = new;
-                            m.live_end = new + (le - ls);
-                            m.dev = Some(d);
-                        }
-                        Err(e) => {
-                            tracing::warn!(mirror = m.id, error = %e, "mirror cannot follow mremap");
-                            m.dev = None;
-                        }
-                    }
+                    self.follow(m, to + (ls - start));
                 }
                 _ if inside => m.dev = None,
                 // Partly gone: the device refuses the retired part, the rest stays mirrored.
-                _ => {
-                    if start <= ls {
-                        m.live_start = end.min(le);
-                    } else if end >= le {
-                        m.live_end = start.max(ls);
-                    } else {
-                        m.holes = true;
-                    }
-                    if m.live_start >= m.live_end {
-                        m.dev = None;
-                    }
-                }
+                _ => m.cut(start, end),
+            }
+        }
+    }
+
+    /// Mirror `m`, moved whole by an mremap, follows its range to `new`: a new device mirror
+    /// there, the same mirror id for the client (none if the device refuses).
+    fn follow(&self, m: &mut Attached, new: u64) {
+        let (ls, le) = (m.live_start, m.live_end);
+        match self.device.attach(new, le - ls) {
+            Ok(d) => {
+                tracing::debug!(mirror = m.id, from = ls, to = new, "mirror follows mremap");
+                m.addr = m.addr.wrapping_add(new.wrapping_sub(ls));
+                m.live_start = new;
+                m.live_end = new + (le - ls);
+                m.dev = Some(d);
+            }
+            Err(e) => {
+                tracing::warn!(mirror = m.id, error = %e, "mirror cannot follow mremap");
+                m.dev = None;
             }
         }
     }

@@ -56,6 +56,24 @@ impl Attached {
         }
         s
     }
+
+    /// `start..end`, which overlaps what is left of the range, stopped being the mapping
+    /// attached, and the mirror does not follow it: the head or tail shrinks, or a hole is
+    /// noted (the rest stays mirrored but no longer follows mremap). Nothing left: the
+    /// mirror is gone.
+    pub(super) fn cut(&mut self, start: u64, end: u64) {
+        let (ls, le) = (self.live_start, self.live_end);
+        if start <= ls {
+            self.live_start = end.min(le);
+        } else if end >= le {
+            self.live_end = start.max(ls);
+        } else {
+            self.holes = true;
+        }
+        if self.live_start >= self.live_end {
+            self.dev = None;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
