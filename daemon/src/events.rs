@@ -9,20 +9,22 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::address_space::{AddressSpace, Deferred};
 use crate::notifier::Invalidation;
-use crate::watched::{Deferred, Watched};
+use crate::sys::uffd::UffdEvent;
 use crate::workers::{Key, Submitter};
 
 /// Events read from one uffd at most per batch.
 pub const BATCH: usize = 64;
-/// How soon the reader retries un-protects of write faults that met `EAGAIN`, and looks
-/// again at fences waiting to be lifted (ms).
-const WAKE_RETRY_MS: u16 = 1;
+/// How soon the reader comes back to a client that needs it with no event to wake it
+/// ([`AddressSpace::needs_revisit`]: un-protects of write faults to retry, fences to lift), ms.
+const REVISIT_MS: u16 = 1;
 const STOP: u64 = u64::MAX;
 
 /// Errors of the event source.
@@ -40,7 +42,7 @@ pub enum EventError {
 }
 
 /// The watched clients by id, with the worker key their background work is queued under.
-type Registry = Arc<RwLock<HashMap<u64, (Arc<Watched>, Key)>>>;
+type Registry = Arc<RwLock<HashMap<u64, (Arc<AddressSpace>, Key)>>>;
 
 /// The reader and finisher threads and the set of watched clients.
 #[derive(Debug)]
@@ -122,7 +124,7 @@ impl EventReader {
 
     /// Starts reading the events of client `id`; its background work goes to the workers
     /// under `key`.
-    pub fn watch(&self, id: u64, w: Arc<Watched>, key: Key) -> Result<(), EventError> {
+    pub fn watch(&self, id: u64, w: Arc<AddressSpace>, key: Key) -> Result<(), EventError> {
         let added = w.with_uffd(|u| {
             self.epoll
                 .add(u.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -139,7 +141,7 @@ impl EventReader {
     }
 
     /// Stops watching client `id` (after its release closed the uffd, or before).
-    pub fn unwatch(&self, id: u64) -> Option<Arc<Watched>> {
+    pub fn unwatch(&self, id: u64) -> Option<Arc<AddressSpace>> {
         let w = self
             .registry
             .write()
@@ -188,6 +190,9 @@ impl Drop for EventReader {
     }
 }
 
+/// The reader thread's loop: waits on every client's uffd, serves the ones with events, and
+/// comes back to the clients that need it (un-protects to retry, fences to lift) every
+/// [`REVISIT_MS`] while they do. Calls `heartbeat` while it turns.
 fn reader_loop(
     epoll: &Epoll,
     registry: &Registry,
@@ -196,27 +201,22 @@ fn reader_loop(
     hangup: &Hangup,
     mut heartbeat: Option<Heartbeat>,
 ) {
+    let mut reader = Reader {
+        epoll,
+        registry,
+        finisher,
+        jobs,
+        hangup,
+        buf: userfaultfd::EventBuffer::new(BATCH),
+        scratch: Vec::with_capacity(BATCH),
+        revisit: HashSet::new(),
+    };
     let mut events = vec![EpollEvent::empty(); 64];
-    let mut buf = userfaultfd::EventBuffer::new(BATCH);
-    let mut scratch = Vec::with_capacity(BATCH);
-    let mut last_beat = std::time::Instant::now();
-    // Clients with write faults whose un-protect must be retried (uffd-wp tracking).
-    let mut waking: HashSet<u64> = HashSet::new();
+    let mut last_beat = Instant::now();
     loop {
-        let mut timeout = match &mut heartbeat {
-            None => EpollTimeout::NONE,
-            Some(hb) => {
-                if last_beat.elapsed() >= hb.every {
-                    (hb.beat)();
-                    last_beat = std::time::Instant::now();
-                }
-                let left = hb.every.saturating_sub(last_beat.elapsed());
-                EpollTimeout::try_from(left.as_millis().saturating_add(1))
-                    .unwrap_or(EpollTimeout::MAX)
-            }
-        };
-        if !waking.is_empty() {
-            timeout = EpollTimeout::from(WAKE_RETRY_MS);
+        let mut timeout = beat(heartbeat.as_mut(), &mut last_beat);
+        if !reader.revisit.is_empty() {
+            timeout = EpollTimeout::from(REVISIT_MS);
         }
         let n = match epoll.wait(&mut events, timeout) {
             Ok(n) => n,
@@ -227,82 +227,130 @@ fn reader_loop(
             }
         };
         for ev in &events[..n] {
-            let id = ev.data();
-            if id == STOP {
+            if ev.data() == STOP {
                 return;
             }
-            let Some((w, key)) = registry
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&id)
-                .cloned()
-            else {
-                continue;
-            };
-            if ev
-                .events()
-                .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
-            {
-                w.with_uffd(|u| {
-                    let _ = epoll.delete(u.as_fd());
-                });
-                hangup(id);
-                continue;
+            reader.serve(ev);
+        }
+        if !reader.revisit.is_empty() {
+            reader.revisit_clients();
+        }
+    }
+}
+
+/// Calls the heartbeat if it is due, and returns how long the reader may wait for events
+/// before the next one is (forever without a heartbeat).
+fn beat(heartbeat: Option<&mut Heartbeat>, last_beat: &mut Instant) -> EpollTimeout {
+    let Some(hb) = heartbeat else {
+        return EpollTimeout::NONE;
+    };
+    if last_beat.elapsed() >= hb.every {
+        (hb.beat)();
+        *last_beat = Instant::now();
+    }
+    let left = hb.every.saturating_sub(last_beat.elapsed());
+    EpollTimeout::try_from(left.as_millis().saturating_add(1)).unwrap_or(EpollTimeout::MAX)
+}
+
+/// What the reader thread works with: the threads and tables it shares with the
+/// [`EventReader`], its buffers, and the clients to come back to.
+struct Reader<'a> {
+    epoll: &'a Epoll,
+    registry: &'a Registry,
+    finisher: &'a Sender<Vec<Invalidation>>,
+    jobs: &'a Submitter,
+    hangup: &'a Hangup,
+    buf: userfaultfd::EventBuffer,
+    scratch: Vec<UffdEvent>,
+    /// Clients to come back to soon ([`AddressSpace::needs_revisit`]).
+    revisit: HashSet<u64>,
+}
+
+impl Reader<'_> {
+    /// Serves the client whose uffd `ev` reports: reads a batch of its events and runs their
+    /// start passes (G1), hands the rest off the reader's path, and releases a client whose
+    /// uffd hung up or failed.
+    fn serve(&mut self, ev: &EpollEvent) {
+        let id = ev.data();
+        let Some((w, key)) = self.client(id) else {
+            return;
+        };
+        if ev
+            .events()
+            .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
+        {
+            self.drop_client(id, &w);
+            return;
+        }
+        let mut out = Deferred::default();
+        match w.read_events(&mut self.buf, &mut self.scratch, &mut out) {
+            Ok(_) if w.needs_revisit() => {
+                self.revisit.insert(id);
             }
-            let mut out = Deferred::default();
-            match w.read_events(&mut buf, &mut scratch, &mut out) {
-                Ok(_) if w.has_pending_wakes() || w.has_pending_fences() => {
-                    waking.insert(id);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(client = id, error = %e, "reading userfaultfd events failed; releasing the client");
-                    w.with_uffd(|u| {
-                        let _ = epoll.delete(u.as_fd());
-                    });
-                    hangup(id);
-                }
-            }
-            if !out.finishes.is_empty() {
-                // If the finisher is gone (shutdown), finishing here keeps G3.
-                if let Err(crossbeam_channel::SendError(batch)) = finisher.send(out.finishes) {
-                    drop(batch);
-                }
-            }
-            if !out.detach.is_empty() {
-                let devs = out.detach;
-                let w2 = Arc::clone(&w);
-                jobs.submit(key, Box::new(move || w2.detach_device_mirrors(&devs)));
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(client = id, error = %e, "reading userfaultfd events failed; releasing the client");
+                self.drop_client(id, &w);
             }
         }
-        if !waking.is_empty() {
-            let clients: Vec<_> = {
-                let reg = registry.read().unwrap_or_else(PoisonError::into_inner);
-                waking
-                    .drain()
-                    .filter_map(|id| Some((id, reg.get(&id)?.clone())))
-                    .collect()
-            };
-            let mut out = Deferred::default();
-            for (id, (w, key)) in clients {
-                let mut again = w.has_pending_wakes() && w.retry_wakes(&mut out);
-                if w.has_pending_fences() {
-                    again = true;
-                    // Settling may wait for the client's mmap lock: never on this thread.
-                    if w.claim_settling() {
-                        let w2 = Arc::clone(&w);
-                        jobs.submit(key, Box::new(move || w2.settle_fences()));
-                    }
-                }
-                if again {
-                    waking.insert(id);
-                }
+        self.finish_later(out.finishes);
+        if !out.detach.is_empty() {
+            let devs = out.detach;
+            self.jobs
+                .submit(key, Box::new(move || w.detach_device_mirrors(&devs)));
+        }
+    }
+
+    /// Comes back to the clients that asked for it: retries their un-protects, and has a
+    /// worker settle their fences (settling may wait for the client's mmap lock: never on
+    /// this thread).
+    fn revisit_clients(&mut self) {
+        let clients: Vec<_> = {
+            let reg = self.registry.read().unwrap_or_else(PoisonError::into_inner);
+            self.revisit
+                .drain()
+                .filter_map(|id| Some((id, reg.get(&id)?.clone())))
+                .collect()
+        };
+        let mut out = Deferred::default();
+        for (id, (w, key)) in clients {
+            let visit = w.revisit(&mut out);
+            if visit.settle {
+                let w2 = Arc::clone(&w);
+                self.jobs.submit(key, Box::new(move || w2.settle_fences()));
             }
-            if !out.finishes.is_empty() {
-                if let Err(crossbeam_channel::SendError(batch)) = finisher.send(out.finishes) {
-                    drop(batch);
-                }
+            if visit.again {
+                self.revisit.insert(id);
             }
+        }
+        self.finish_later(out.finishes);
+    }
+
+    /// The client `id` and its workers' key, if it is still watched.
+    fn client(&self, id: u64) -> Option<(Arc<AddressSpace>, Key)> {
+        self.registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    /// Stops polling client `id`'s uffd and tells `hangup`, which releases the client.
+    fn drop_client(&self, id: u64, w: &AddressSpace) {
+        w.with_uffd(|u| {
+            let _ = self.epoll.delete(u.as_fd());
+        });
+        (self.hangup)(id);
+    }
+
+    /// Sends finish passes to the finisher thread, in order. If the finisher is gone
+    /// (shutdown), dropping the batch here finishes them on this thread, which keeps G3.
+    fn finish_later(&self, finishes: Vec<Invalidation>) {
+        if finishes.is_empty() {
+            return;
+        }
+        if let Err(crossbeam_channel::SendError(batch)) = self.finisher.send(finishes) {
+            drop(batch);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! memshadowd's library: the notifier core, the device model, event sources and the server.
 
+pub mod address_space;
 pub mod config;
 pub mod device;
 pub mod dirty;
@@ -11,7 +12,6 @@ pub mod service;
 pub mod source;
 pub mod sys;
 pub mod trace;
-pub mod watched;
 pub mod workers;
 
 /// Locks `m`, taking the data over from a holder that panicked: every daemon mutex guards

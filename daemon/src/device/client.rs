@@ -814,52 +814,14 @@ impl DeviceClient {
             if mirror.retired_overlaps(&run) {
                 return Err(DeviceError::NotMirrored { addr });
             }
-            self.reserve_pages(n as u64)?;
-            let keep = if self.core.account.privileged_user() {
-                0
-            } else {
-                self.dev.reserved_slots.load(Ordering::Relaxed)
+            self.alloc_run(n, &mut slots)?;
+            let copied = self.copy_run(addr, &slots)?;
+            let Some(unused) = self.install_run(mirror, seq, first_vpn, &slots, copied) else {
+                bump(&self.dev.counters.fault_retries, 1);
+                self.dev.free_slots(&self.core, &slots);
+                slots.clear();
+                continue;
             };
-            if let Err(e) = self.dev.shadow.alloc_keeping(n, keep, &mut slots) {
-                self.core.uncharge(n as u64);
-                return Err(e.into());
-            }
-            let copied = {
-                let mut iov: Vec<IoSliceMut<'_>> = slots
-                    .iter()
-                    // SAFETY: these slots were just allocated to us and are in no page table
-                    // yet, so this is the only reference to their memory.
-                    .map(|s| IoSliceMut::new(unsafe { self.dev.shadow.slot_mut(s.slot) }))
-                    .collect();
-                self.core.source.read_pages(addr, &mut iov)
-            };
-            let copied = match copied {
-                Ok(c) => c / PAGE_SIZE,
-                Err(e) => {
-                    self.dev.free_slots(&self.core, &slots);
-                    return Err(e.into());
-                }
-            };
-            let mut unused: Vec<SlotRef> = Vec::new();
-            {
-                let mut pt = self.core.pt();
-                if mirror.handle.read_retry(seq) {
-                    drop(pt);
-                    bump(&self.dev.counters.fault_retries, 1);
-                    self.dev.free_slots(&self.core, &slots);
-                    slots.clear();
-                    continue;
-                }
-                for (k, s) in slots.iter().enumerate() {
-                    let pte = Pte {
-                        slot: *s,
-                        mirror: mirror.idx,
-                    };
-                    if k >= copied || !pt.install(first_vpn + k as u64, pte) {
-                        unused.push(*s);
-                    }
-                }
-            }
             let installed = n - unused.len();
             bump(&self.dev.counters.pages_mirrored, installed as u64);
             bump(
@@ -872,6 +834,72 @@ impl DeviceClient {
             }
             return Ok(());
         }
+    }
+
+    /// Charges `n` pages and allocates their slots into `slots`, leaving the reserve to
+    /// root and the daemon's user.
+    fn alloc_run(&self, n: usize, slots: &mut Vec<SlotRef>) -> Result<(), DeviceError> {
+        self.reserve_pages(n as u64)?;
+        let keep = if self.core.account.privileged_user() {
+            0
+        } else {
+            self.dev.reserved_slots.load(Ordering::Relaxed)
+        };
+        if let Err(e) = self.dev.shadow.alloc_keeping(n, keep, slots) {
+            self.core.uncharge(n as u64);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Copies the client's pages from `addr` into the fresh `slots`, with no lock held;
+    /// returns how many whole pages came (the slots are freed on an error).
+    fn copy_run(&self, addr: u64, slots: &[SlotRef]) -> Result<usize, DeviceError> {
+        let copied = {
+            let mut iov: Vec<IoSliceMut<'_>> = slots
+                .iter()
+                // SAFETY: these slots were just allocated to us and are in no page table
+                // yet, so this is the only reference to their memory.
+                .map(|s| IoSliceMut::new(unsafe { self.dev.shadow.slot_mut(s.slot) }))
+                .collect();
+            self.core.source.read_pages(addr, &mut iov)
+        };
+        match copied {
+            Ok(c) => Ok(c / PAGE_SIZE),
+            Err(e) => {
+                self.dev.free_slots(&self.core, slots);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Under the device lock: `None` if an invalidation touched the mirror since the
+    /// `read_begin` that returned `seq` (the copy must be dropped), else installs the first
+    /// `copied` slots from `first_vpn` and returns the slots not installed (not copied, or
+    /// the page already had an entry).
+    fn install_run(
+        &self,
+        mirror: &Mirror,
+        seq: u64,
+        first_vpn: u64,
+        slots: &[SlotRef],
+        copied: usize,
+    ) -> Option<Vec<SlotRef>> {
+        let mut pt = self.core.pt();
+        if mirror.handle.read_retry(seq) {
+            return None;
+        }
+        let mut unused = Vec::new();
+        for (k, s) in slots.iter().enumerate() {
+            let pte = Pte {
+                slot: *s,
+                mirror: mirror.idx,
+            };
+            if k >= copied || !pt.install(first_vpn + k as u64, pte) {
+                unused.push(*s);
+            }
+        }
+        Some(unused)
     }
 
     /// Charges `n` pages to the client's quota, then to its user's share.

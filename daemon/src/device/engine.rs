@@ -383,10 +383,55 @@ impl Engine {
         }
     }
 
+    /// The translation of page `vpn` of `client`: from the TLB, else from the client's page
+    /// table (under its device lock), which it then caches in the TLB and marks as cached
+    /// by this engine; `None` if the page has no entry (a device fault).
+    fn translate(
+        &self,
+        st: &mut EngineState,
+        client: &Arc<ClientCore>,
+        vpn: u64,
+    ) -> Option<TlbEntry> {
+        let id = client.id();
+        if let Some(e) = st.tlb.get(id, vpn) {
+            bump(&self.counters.tlb_hits, 1);
+            return Some(e);
+        }
+        bump(&self.counters.tlb_misses, 1);
+        let mut pt = client.pt();
+        let pte = pt.get(vpn)?;
+        pt.mark_cached(pte.mirror, self.id);
+        drop(pt);
+        let e = TlbEntry {
+            slot: pte.slot,
+            mirror: pte.mirror,
+        };
+        st.tlb.insert(id, vpn, e);
+        Some(e)
+    }
+
+    /// Copies `dst.len()` bytes from `offset` of the slot that translation `e` names, under
+    /// this engine's lock, after checking that the slot still holds the allocation
+    /// translated to (G2; a reuse is counted and logged).
+    fn copy_slot(&self, e: TlbEntry, offset: usize, dst: &mut [u8]) {
+        if self.shadow.generation(e.slot.slot) != e.slot.gen {
+            bump(&self.counters.g2_violations, 1);
+            tracing::error!(
+                engine = self.id,
+                slot = e.slot.slot,
+                mirror = e.mirror,
+                "slot reused under a live translation (G2)"
+            );
+        }
+        // SAFETY: the slot is reachable through our TLB, under our engine lock (the caller
+        // holds it): a flush removing it cannot be issued meanwhile, and its slot is freed
+        // only after such a flush completes (G2), so nobody writes it while we copy.
+        unsafe { self.shadow.copy_out(e.slot.slot, offset, dst) };
+    }
+
     /// Serves a device read: TLB, then page table (device lock), else a fault listing every
     /// missing page of the read.
     fn read(&self, job: ReadJob) {
-        let client = job.client.id();
         let mut out = vec![0u8; job.len];
         let mut missing = Vec::new();
         let mut done = 0usize;
@@ -396,48 +441,9 @@ impl Engine {
             let vpn = addr / PAGE_SIZE as u64;
             let in_page = (addr % PAGE_SIZE as u64) as usize;
             let n = (PAGE_SIZE - in_page).min(job.len - done);
-            let entry = match st.tlb.get(client, vpn) {
-                Some(e) => {
-                    bump(&self.counters.tlb_hits, 1);
-                    Some(e)
-                }
-                None => {
-                    bump(&self.counters.tlb_misses, 1);
-                    let mut pt = job.client.pt();
-                    match pt.get(vpn) {
-                        Some(pte) => {
-                            pt.mark_cached(pte.mirror, self.id);
-                            drop(pt);
-                            let e = TlbEntry {
-                                slot: pte.slot,
-                                mirror: pte.mirror,
-                            };
-                            st.tlb.insert(client, vpn, e);
-                            Some(e)
-                        }
-                        None => None,
-                    }
-                }
-            };
-            match entry {
+            match self.translate(&mut st, &job.client, vpn) {
                 Some(e) if missing.is_empty() => {
-                    // G2 self-check: the slot must still hold the allocation we translated to.
-                    if self.shadow.generation(e.slot.slot) != e.slot.gen {
-                        bump(&self.counters.g2_violations, 1);
-                        tracing::error!(
-                            engine = self.id,
-                            slot = e.slot.slot,
-                            mirror = e.mirror,
-                            "slot reused under a live translation (G2)"
-                        );
-                    }
-                    // SAFETY: the slot is reachable through our TLB, under our engine lock: a
-                    // flush removing it cannot be issued meanwhile, and its slot is freed only
-                    // after such a flush completes (G2), so nobody writes it while we copy.
-                    unsafe {
-                        self.shadow
-                            .copy_out(e.slot.slot, in_page, &mut out[done..done + n])
-                    };
+                    self.copy_slot(e, in_page, &mut out[done..done + n]);
                 }
                 Some(_) => {}
                 None => missing.push(vpn),

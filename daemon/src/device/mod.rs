@@ -1,7 +1,7 @@
 //! The device model (docs/design.md §4): a shadow buffer cut into slots, a device page table per
 //! client, K engines with TLBs, the shadow notifier that invalidates in one or two passes,
 //! and the fault path. It knows nothing of sockets or uffd: client memory comes through a
-//! [`MemorySource`](crate::source::MemorySource).
+//! [`MemorySource`].
 
 pub mod account;
 mod client;

@@ -17,11 +17,20 @@
 //!
 //! Which written pages are collected when is the attach's policy ([`DirtyPolicy`]): on
 //! `Sync`, before each device read (`strict`) or on one daemon-wide timer ([`periodic`]).
+//!
+//! The module knows neither the wire format nor the configuration file: the back end, the
+//! daemon's choice ([`DirtyTracking`]) and the policy are its own types, which the config
+//! parses into and the server converts to and from the protocol's (`server/convert.rs`).
 
 pub mod pagemap_scan;
 pub mod periodic;
+mod policy;
+mod selection;
 pub mod soft_dirty;
 pub mod uffd_wp;
+
+pub use policy::DirtyPolicy;
+pub use selection::{Backend, DirtyTracking, ProbeError, Selection, Untracked};
 
 use crate::lock;
 use std::fs::File;
@@ -29,88 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use memshadow_proto::DirtyBackend;
-
-use crate::config::{DirtyPolicy, DirtyTracking};
 use crate::sys::pagemap::PageRegion;
-use crate::sys::uffd::{features, Uffd};
-
-/// A dirty-tracking back end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backend {
-    /// `UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`.
-    PagemapScan,
-    /// `clear_refs` "4" + pagemap bit 55.
-    SoftDirty,
-    /// Synchronous uffd write-protect faults.
-    UffdWp,
-}
-
-impl Backend {
-    /// Every back end, in the order `auto` prefers them (fastest first).
-    pub const ALL: [Backend; 3] = [Backend::PagemapScan, Backend::SoftDirty, Backend::UffdWp];
-
-    /// The name used by `--dirty-tracking` and `status`.
-    pub fn as_str(self) -> &'static str {
-        self.wire().as_str()
-    }
-
-    /// The wire value.
-    pub fn wire(self) -> DirtyBackend {
-        match self {
-            Backend::PagemapScan => DirtyBackend::PagemapScan,
-            Backend::SoftDirty => DirtyBackend::SoftDirty,
-            Backend::UffdWp => DirtyBackend::UffdWp,
-        }
-    }
-
-    /// The back end a `--dirty-tracking` value forces, if any.
-    pub fn forced_by(t: DirtyTracking) -> Option<Backend> {
-        match t {
-            DirtyTracking::PagemapScan => Some(Backend::PagemapScan),
-            DirtyTracking::SoftDirty => Some(Backend::SoftDirty),
-            DirtyTracking::UffdWp => Some(Backend::UffdWp),
-            DirtyTracking::Auto | DirtyTracking::Off => None,
-        }
-    }
-
-    /// Tries the back end on a scratch mapping of this process; `Err` says why it does not
-    /// work here.
-    pub fn probe(self) -> Result<(), String> {
-        match self {
-            Backend::PagemapScan => pagemap_scan::probe(),
-            Backend::SoftDirty => soft_dirty::probe(),
-            Backend::UffdWp => uffd_wp::probe(),
-        }
-    }
-
-    /// The `UFFDIO_API` features a client's uffd needs for it. `WP_ASYNC` is per uffd: it
-    /// turns every write-protect fault of that uffd into one the kernel resolves itself, so
-    /// `pagemap-scan` and `uffd-wp` exclude each other on one uffd. `WP_UNPOPULATED` makes
-    /// write protection stick to pages not populated yet (without it a zero page the device
-    /// read would be written without a trace).
-    pub fn uffd_features(self) -> u64 {
-        match self {
-            Backend::PagemapScan => features::WP_ASYNC | features::WP_UNPOPULATED,
-            Backend::UffdWp => features::WP_UNPOPULATED,
-            Backend::SoftDirty => 0,
-        }
-    }
-
-    /// A userfaultfd of this process with this back end's features, for its start-up
-    /// probe, and the features the kernel granted; a refusal says it needs `needs`.
-    fn probe_uffd(self, needs: &str) -> Result<(Uffd, u64), String> {
-        let (uffd, _) = Uffd::create().map_err(|e| format!("cannot create a userfaultfd: {e}"))?;
-        let granted = uffd.api(self.uffd_features()).map_err(|e| {
-            format!(
-                "UFFDIO_API refused {needs}: {}",
-                e.errno()
-                    .map_or_else(|| e.to_string(), |n| n.desc().to_owned())
-            )
-        })?;
-        Ok((uffd, granted))
-    }
-}
 
 /// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +49,11 @@ pub enum DirtyError {
         /// The back end.
         backend: &'static str,
         /// What the probe found.
-        reason: String,
+        reason: ProbeError,
     },
     /// This client has no back end it can use.
     #[error("no dirty tracking for this client: {0}")]
-    NotTracked(String),
+    NotTracked(Untracked),
     /// `PAGEMAP_SCAN` failed.
     #[error("PAGEMAP_SCAN of {start:#x}..{end:#x} failed")]
     Scan {
@@ -186,156 +114,6 @@ impl DirtyCounters {
     }
 }
 
-/// What probing found and which back end the daemon uses.
-#[derive(Debug, Clone)]
-pub struct Selection {
-    requested: DirtyTracking,
-    chosen: Option<Backend>,
-    probes: Vec<(Backend, Result<(), String>)>,
-}
-
-impl Selection {
-    /// Probes every back end on this machine and chooses as `requested` says; a forced back
-    /// end that does not work is an error.
-    pub fn probe(requested: DirtyTracking) -> Result<Selection, DirtyError> {
-        let probes = Backend::ALL
-            .into_iter()
-            .map(|b| {
-                let r = b.probe();
-                match &r {
-                    Ok(()) => tracing::debug!(backend = b.as_str(), "dirty back end works"),
-                    Err(why) => {
-                        tracing::debug!(backend = b.as_str(), reason = %why, "dirty back end unavailable")
-                    }
-                }
-                (b, r)
-            })
-            .collect();
-        Selection::from_probes(requested, probes)
-    }
-
-    /// Chooses from probe results (the pure half of [`Selection::probe`]).
-    pub fn from_probes(
-        requested: DirtyTracking,
-        probes: Vec<(Backend, Result<(), String>)>,
-    ) -> Result<Selection, DirtyError> {
-        let works = |b: Backend| probes.iter().any(|(p, r)| *p == b && r.is_ok());
-        let chosen = match requested {
-            DirtyTracking::Off => None,
-            DirtyTracking::Auto => Backend::ALL.into_iter().find(|b| works(*b)),
-            forced => {
-                let b = Backend::forced_by(forced).ok_or_else(|| {
-                    DirtyError::NotTracked(format!("{} names no back end", forced.as_str()))
-                })?;
-                if let Some((_, Err(reason))) = probes.iter().find(|(p, _)| *p == b) {
-                    return Err(DirtyError::Unavailable {
-                        backend: b.as_str(),
-                        reason: reason.clone(),
-                    });
-                }
-                Some(b)
-            }
-        };
-        Ok(Selection {
-            requested,
-            chosen,
-            probes,
-        })
-    }
-
-    /// The daemon's back end (`None`: tracking off).
-    pub fn chosen(&self) -> Option<Backend> {
-        self.chosen
-    }
-
-    /// True if the probe found `b` working.
-    pub fn works(&self, b: Backend) -> bool {
-        self.probes.iter().any(|(p, r)| *p == b && r.is_ok())
-    }
-
-    /// The `status` lines: `dirty.backend`, `dirty.requested`, and `dirty.refused.<name>`
-    /// with the reason for every back end not chosen (and for `off` when one was).
-    pub fn status_lines(&self) -> Vec<(String, String)> {
-        let mut v = vec![
-            (
-                "dirty.backend".to_owned(),
-                self.chosen.map_or("off", Backend::as_str).to_owned(),
-            ),
-            (
-                "dirty.requested".to_owned(),
-                self.requested.as_str().to_owned(),
-            ),
-        ];
-        for (b, r) in &self.probes {
-            if Some(*b) == self.chosen {
-                continue;
-            }
-            let why = match (r, self.requested) {
-                (Err(e), _) => format!("unavailable: {e}"),
-                (Ok(()), DirtyTracking::Auto) => format!(
-                    "works, but {} is preferred",
-                    self.chosen.map_or("off", Backend::as_str)
-                ),
-                (Ok(()), forced) => {
-                    format!("works, not chosen (--dirty-tracking {})", forced.as_str())
-                }
-            };
-            v.push((format!("dirty.refused.{}", b.as_str()), why));
-        }
-        if self.chosen.is_some() {
-            v.push((
-                "dirty.refused.off".to_owned(),
-                match self.requested {
-                    DirtyTracking::Auto => "not chosen: a back end works".to_owned(),
-                    forced => format!("not chosen (--dirty-tracking {})", forced.as_str()),
-                },
-            ));
-        }
-        v
-    }
-
-    /// The back end a client gets: the daemon's, if the client can use it; with `auto`, the
-    /// first working one it can use. A client needs its pagemap fd for `pagemap-scan` and
-    /// `soft-dirty`, and a privileged uffd for `uffd-wp`.
-    pub fn for_client(&self, has_pagemap: bool, privileged_uffd: bool) -> Result<Backend, String> {
-        let usable = |b: Backend| -> Result<(), String> {
-            match b {
-                Backend::PagemapScan | Backend::SoftDirty if !has_pagemap => Err(format!(
-                    "{} needs the client's /proc/self/pagemap fd, which it did not hand over",
-                    b.as_str()
-                )),
-                Backend::UffdWp if !privileged_uffd => Err(
-                    "uffd-wp needs a userfaultfd created without UFFD_USER_MODE_ONLY (kernel \
-                     accesses to write-protected pages would fail with EFAULT)"
-                        .to_owned(),
-                ),
-                _ => Ok(()),
-            }
-        };
-        match self.requested {
-            DirtyTracking::Off => Err("dirty tracking is off (--dirty-tracking off)".into()),
-            DirtyTracking::Auto => {
-                let mut why = Vec::new();
-                for b in Backend::ALL.into_iter().filter(|b| self.works(*b)) {
-                    match usable(b) {
-                        Ok(()) => return Ok(b),
-                        Err(e) => why.push(e),
-                    }
-                }
-                Err(if why.is_empty() {
-                    "no dirty-tracking back end works on this machine".to_owned()
-                } else {
-                    why.join("; ")
-                })
-            }
-            _ => match self.chosen {
-                Some(b) => usable(b).map(|()| b),
-                None => Err("dirty tracking is off".into()),
-            },
-        }
-    }
-}
-
 /// What one collection found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Collected {
@@ -354,7 +132,7 @@ pub struct Collected {
 /// collection's invalidations), and its counters.
 #[derive(Debug)]
 pub struct ClientDirty {
-    backend: Result<Backend, String>,
+    backend: Result<Backend, Untracked>,
     clear_refs: Option<File>,
     scan: Mutex<Vec<PageRegion>>,
     counters: DirtyCounters,
@@ -373,7 +151,7 @@ impl ClientDirty {
     /// Tracking with `backend` (or none, and why), counting into `global` too. `clear_refs`
     /// is the client's `/proc/PID/clear_refs`, opened for writing (`soft-dirty` only).
     pub fn new(
-        backend: Result<Backend, String>,
+        backend: Result<Backend, Untracked>,
         clear_refs: Option<File>,
         global: Arc<DirtyCounters>,
     ) -> ClientDirty {
@@ -388,13 +166,13 @@ impl ClientDirty {
     }
 
     /// No tracking, because `why`.
-    pub fn off(why: impl Into<String>) -> ClientDirty {
-        ClientDirty::new(Err(why.into()), None, Arc::default())
+    pub fn off(why: Untracked) -> ClientDirty {
+        ClientDirty::new(Err(why), None, Arc::default())
     }
 
     /// The client's back end, or why it has none.
-    pub fn backend(&self) -> Result<Backend, &str> {
-        self.backend.as_ref().copied().map_err(String::as_str)
+    pub fn backend(&self) -> Result<Backend, &Untracked> {
+        self.backend.as_ref().copied()
     }
 
     /// True if `b` is the client's back end.
@@ -447,8 +225,8 @@ impl ClientDirty {
         let before = out.len();
         let backend = self
             .backend()
-            .map_err(|e| DirtyError::NotTracked(e.to_owned()))?;
-        let no_pagemap = || DirtyError::NotTracked("no pagemap fd".into());
+            .map_err(|e| DirtyError::NotTracked(e.clone()))?;
+        let no_pagemap = || DirtyError::NotTracked(Untracked::NoPagemapFd);
         let mut c = Collected::default();
         match backend {
             Backend::PagemapScan => {
@@ -463,7 +241,7 @@ impl ClientDirty {
                 let clear = self
                     .clear_refs
                     .as_ref()
-                    .ok_or_else(|| DirtyError::NotTracked("no clear_refs file".into()))?;
+                    .ok_or(DirtyError::NotTracked(Untracked::NoClearRefs))?;
                 c.pages_scanned = soft_dirty::collect(pm, clear, ranges, out)?;
             }
             Backend::UffdWp => {
@@ -485,116 +263,5 @@ impl ClientDirty {
             self.bump(|k| &k.scan_ns, c.scan_ns);
         }
         Ok(c)
-    }
-}
-
-/// The policy of an attach, from its flags and the daemon's default.
-pub fn policy_of(flags: memshadow_proto::AttachPolicy, default: DirtyPolicy) -> DirtyPolicy {
-    use memshadow_proto::AttachPolicy as A;
-    match flags {
-        A::Default => default,
-        A::Manual => DirtyPolicy::Manual,
-        A::Strict => DirtyPolicy::Strict,
-        A::Periodic { period_ms } => {
-            DirtyPolicy::Periodic(std::time::Duration::from_millis(u64::from(period_ms)))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn probes(pm: bool, sd: bool, wp: bool) -> Vec<(Backend, Result<(), String>)> {
-        let r = |ok: bool, why: &str| if ok { Ok(()) } else { Err(why.to_owned()) };
-        vec![
-            (Backend::PagemapScan, r(pm, "no PAGEMAP_SCAN")),
-            (Backend::SoftDirty, r(sd, "bit 55 never sets")),
-            (Backend::UffdWp, r(wp, "no WP")),
-        ]
-    }
-
-    fn line(s: &Selection, k: &str) -> Option<String> {
-        s.status_lines()
-            .into_iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v)
-    }
-
-    #[test]
-    fn auto_takes_the_first_working_back_end_and_says_why_not_the_others() {
-        let s = Selection::from_probes(DirtyTracking::Auto, probes(true, false, true))
-            .expect("auto never fails");
-        assert_eq!(s.chosen(), Some(Backend::PagemapScan));
-        assert_eq!(line(&s, "dirty.backend").as_deref(), Some("pagemap-scan"));
-        assert_eq!(
-            line(&s, "dirty.refused.soft-dirty").as_deref(),
-            Some("unavailable: bit 55 never sets")
-        );
-        assert_eq!(
-            line(&s, "dirty.refused.uffd-wp").as_deref(),
-            Some("works, but pagemap-scan is preferred")
-        );
-        assert!(line(&s, "dirty.refused.pagemap-scan").as_deref().is_none());
-        assert!(line(&s, "dirty.refused.off").as_deref().is_some());
-        let s =
-            Selection::from_probes(DirtyTracking::Auto, probes(false, false, true)).expect("auto");
-        assert_eq!(s.chosen(), Some(Backend::UffdWp));
-        let s =
-            Selection::from_probes(DirtyTracking::Auto, probes(false, false, false)).expect("auto");
-        assert_eq!(s.chosen(), None);
-        assert_eq!(line(&s, "dirty.backend").as_deref(), Some("off"));
-        assert!(line(&s, "dirty.refused.off").as_deref().is_none());
-    }
-
-    #[test]
-    fn a_forced_back_end_that_does_not_work_is_an_error() {
-        let e = Selection::from_probes(DirtyTracking::SoftDirty, probes(true, false, true))
-            .expect_err("soft-dirty does not work");
-        assert_eq!(
-            e.to_string(),
-            "--dirty-tracking soft-dirty is unavailable here: bit 55 never sets"
-        );
-        let s = Selection::from_probes(DirtyTracking::UffdWp, probes(true, false, true))
-            .expect("uffd-wp works");
-        assert_eq!(s.chosen(), Some(Backend::UffdWp));
-        assert_eq!(
-            line(&s, "dirty.refused.pagemap-scan").as_deref(),
-            Some("works, not chosen (--dirty-tracking uffd-wp)")
-        );
-        let s = Selection::from_probes(DirtyTracking::Off, probes(true, false, true))
-            .expect("off always works");
-        assert_eq!(s.chosen(), None);
-        assert_eq!(
-            line(&s, "dirty.refused.pagemap-scan").as_deref(),
-            Some("works, not chosen (--dirty-tracking off)")
-        );
-    }
-
-    #[test]
-    fn each_client_gets_a_back_end_it_can_use() {
-        let auto =
-            Selection::from_probes(DirtyTracking::Auto, probes(true, false, true)).expect("auto");
-        assert_eq!(auto.for_client(true, false), Ok(Backend::PagemapScan));
-        assert_eq!(auto.for_client(false, true), Ok(Backend::UffdWp));
-        let e = auto.for_client(false, false).expect_err("neither");
-        assert!(e.contains("pagemap") && e.contains("USER_MODE_ONLY"), "{e}");
-        let wp = Selection::from_probes(DirtyTracking::UffdWp, probes(true, false, true))
-            .expect("uffd-wp");
-        assert_eq!(wp.for_client(true, true), Ok(Backend::UffdWp));
-        assert!(wp.for_client(true, false).is_err());
-        let off =
-            Selection::from_probes(DirtyTracking::Off, probes(true, false, true)).expect("off");
-        assert!(off.for_client(true, true).is_err());
-    }
-
-    #[test]
-    fn features_keep_wp_async_and_sync_wp_apart() {
-        assert_ne!(Backend::PagemapScan.uffd_features() & features::WP_ASYNC, 0);
-        assert_eq!(Backend::UffdWp.uffd_features() & features::WP_ASYNC, 0);
-        assert_ne!(
-            Backend::UffdWp.uffd_features() & features::WP_UNPOPULATED,
-            0
-        );
     }
 }

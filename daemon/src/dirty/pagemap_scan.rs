@@ -14,7 +14,7 @@ use std::fs::File;
 
 use nix::errno::Errno;
 
-use super::{Backend, DirtyError};
+use super::{Backend, DirtyError, ProbeError};
 use crate::sys::pagemap::{self, category, PageRegion, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
 use crate::sys::uffd::features;
 use crate::sys::PAGE_SIZE;
@@ -80,66 +80,25 @@ pub fn collect(
 
 /// Tries the back end on a scratch mapping: arm it, write some pages, and check that one
 /// scan reports exactly those and a second one nothing (they were re-armed).
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), ProbeError> {
     let pages = 16usize;
     let len = (pages * PAGE_SIZE) as u64;
     let (uffd, granted) =
         Backend::PagemapScan.probe_uffd("UFFD_FEATURE_WP_ASYNC|WP_UNPOPULATED (Linux 6.7+)")?;
     if granted & features::WP_ASYNC == 0 {
-        return Err("the kernel does not offer UFFD_FEATURE_WP_ASYNC (Linux 6.7+)".into());
+        return Err(ProbeError::Unsupported(
+            "the kernel does not offer UFFD_FEATURE_WP_ASYNC (Linux 6.7+)",
+        ));
     }
-    let mut map =
-        memmap2::MmapMut::map_anon(pages * PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+    let mut map = memmap2::MmapMut::map_anon(pages * PAGE_SIZE).map_err(ProbeError::io("mmap"))?;
     map.fill(1);
     let start = map.as_ptr() as u64;
-    let end = start + len;
     uffd.register_wp(start, len)
-        .map_err(|e| format!("UFFDIO_REGISTER (write-protect mode) failed: {e}"))?;
-    let result = (|| {
-        uffd.write_protect(start, len)
-            .map_err(|e| format!("UFFDIO_WRITEPROTECT failed: {e}"))?;
-        let pm = File::open("/proc/self/pagemap")
-            .map_err(|e| format!("cannot open /proc/self/pagemap: {e}"))?;
-        let mut buf = Vec::new();
-        let mut found = Vec::new();
-        let scan = |found: &mut Vec<(u64, u64)>, buf: &mut Vec<PageRegion>| {
-            found.clear();
-            collect(&pm, start, end, buf, found).map_err(|e| match e {
-                DirtyError::Scan {
-                    source: Errno::ENOTTY | Errno::EINVAL,
-                    ..
-                } => "the PAGEMAP_SCAN ioctl is not supported (Linux 6.7+)".to_owned(),
-                e => memshadow_proto::error_chain(&e),
-            })
-        };
-        scan(&mut found, &mut buf)?;
-        if !found.is_empty() {
-            return Err(format!("freshly armed pages read as written: {found:x?}"));
-        }
-        map[3 * PAGE_SIZE] = 2;
-        map[7 * PAGE_SIZE..10 * PAGE_SIZE].fill(3);
-        std::hint::black_box(&mut map);
-        scan(&mut found, &mut buf)?;
-        let p = |i: u64| start + i * PAGE_SIZE as u64;
-        let want = vec![(p(3), p(4)), (p(7), p(10))];
-        if found != want {
-            return Err(format!(
-                "after writing pages 3 and 7..10 the scan reported {:?}",
-                found
-                    .iter()
-                    .map(|(s, e)| (
-                        (s - start) / PAGE_SIZE as u64,
-                        (e - start) / PAGE_SIZE as u64
-                    ))
-                    .collect::<Vec<_>>()
-            ));
-        }
-        scan(&mut found, &mut buf)?;
-        if !found.is_empty() {
-            return Err("PM_SCAN_WP_MATCHING did not re-arm the written pages".into());
-        }
-        Ok(())
-    })();
+        .map_err(ProbeError::uffd("UFFDIO_REGISTER (write-protect mode)"))?;
+    let result = uffd
+        .write_protect(start, len)
+        .map_err(ProbeError::uffd("UFFDIO_WRITEPROTECT"))
+        .and_then(|()| write_and_scan(&mut map));
     if let Err(e) = uffd.unregister(start, len) {
         tracing::debug!(error = %e, "unregister after the pagemap-scan probe");
     }
@@ -148,13 +107,67 @@ pub fn probe() -> Result<(), String> {
     result
 }
 
+/// The probe's checks on its armed mapping `map`: nothing written at first, then exactly
+/// the pages written, then nothing again (the scan re-armed them).
+fn write_and_scan(map: &mut memmap2::MmapMut) -> Result<(), ProbeError> {
+    let start = map.as_ptr() as u64;
+    let end = start + map.len() as u64;
+    let pm = File::open("/proc/self/pagemap")
+        .map_err(ProbeError::io("cannot open /proc/self/pagemap"))?;
+    let mut buf = Vec::new();
+    let mut found = Vec::new();
+    let mut scan = |found: &mut Vec<(u64, u64)>| {
+        found.clear();
+        collect(&pm, start, end, &mut buf, found).map_err(|e| match e {
+            DirtyError::Scan {
+                source: Errno::ENOTTY | Errno::EINVAL,
+                ..
+            } => ProbeError::Unsupported("the PAGEMAP_SCAN ioctl is not supported (Linux 6.7+)"),
+            e => ProbeError::Collect(Box::new(e)),
+        })
+    };
+    scan(&mut found)?;
+    if !found.is_empty() {
+        return Err(ProbeError::Wrong(format!(
+            "freshly armed pages read as written: {found:x?}"
+        )));
+    }
+    map[3 * PAGE_SIZE] = 2;
+    map[7 * PAGE_SIZE..10 * PAGE_SIZE].fill(3);
+    std::hint::black_box(&mut *map);
+    scan(&mut found)?;
+    let page = |a: u64| (a - start) / PAGE_SIZE as u64;
+    if found
+        .iter()
+        .map(|&(s, e)| (page(s), page(e)))
+        .ne([(3, 4), (7, 10)])
+    {
+        return Err(ProbeError::Wrong(format!(
+            "after writing pages 3 and 7..10 the scan reported {:?}",
+            found
+                .iter()
+                .map(|&(s, e)| (page(s), page(e)))
+                .collect::<Vec<_>>()
+        )));
+    }
+    scan(&mut found)?;
+    if !found.is_empty() {
+        return Err(ProbeError::Wrong(
+            "PM_SCAN_WP_MATCHING did not re-arm the written pages".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_probe_passes_on_this_kernel() {
-        assert_eq!(probe(), Ok(()));
+        if let Err(e) = probe() {
+            panic!("the pagemap-scan probe failed: {e}");
+        }
     }
 
     /// Many scattered written pages: more runs than one call's vector holds, so the loop

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::workers::{Job, Key, Submitter};
 
@@ -37,6 +37,77 @@ struct Entry {
     gone: Arc<AtomicBool>,
 }
 
+/// The timer thread's state: the next beat of every entry, earliest first.
+#[derive(Default)]
+struct Timer {
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    entries: HashMap<u64, Entry>,
+    next_key: u64,
+}
+
+impl Timer {
+    /// Takes new entries from `rx` and submits the due collections to `jobs`, until the
+    /// [`Periodic`] is stopped (or dropped).
+    fn run(mut self, rx: &Receiver<Entry>, jobs: &Submitter) {
+        loop {
+            let wait = self
+                .due
+                .peek()
+                .map_or(Duration::from_secs(3600), |Reverse((t, _))| {
+                    t.saturating_duration_since(Instant::now())
+                });
+            match rx.recv_timeout(wait) {
+                Ok(e) => {
+                    self.due
+                        .push(Reverse((Instant::now() + e.period, self.next_key)));
+                    self.entries.insert(self.next_key, e);
+                    self.next_key += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.fire(jobs);
+        }
+    }
+
+    /// Submits a collection for every entry due now, unless its previous one still runs
+    /// (it skips a beat), and forgets the entries whose target or mirror is gone.
+    fn fire(&mut self, jobs: &Submitter) {
+        let now = Instant::now();
+        while let Some(&Reverse((t, key))) = self.due.peek() {
+            if t > now {
+                break;
+            }
+            self.due.pop();
+            let Some(e) = self.entries.get(&key) else {
+                continue;
+            };
+            let Some(target) = e.target.upgrade() else {
+                self.entries.remove(&key);
+                continue;
+            };
+            // A job sets `gone` before it clears `busy`: once `busy` is ours, `gone` is
+            // final.
+            if !e.busy.swap(true, SeqCst) {
+                if e.gone.load(SeqCst) {
+                    self.entries.remove(&key);
+                    continue;
+                }
+                let (busy, gone, mirror) = (Arc::clone(&e.busy), Arc::clone(&e.gone), e.mirror);
+                let job: Job = Box::new(move || {
+                    if !target.periodic_sync(mirror) {
+                        gone.store(true, SeqCst);
+                    }
+                    busy.store(false, SeqCst);
+                });
+                jobs.submit(e.key, job);
+            }
+            // The next beat counts from now if this one came late.
+            self.due.push(Reverse(((t + e.period).max(now), key)));
+        }
+    }
+}
+
 /// The timer.
 pub struct Periodic {
     tx: Mutex<Option<Sender<Entry>>>,
@@ -55,58 +126,7 @@ impl Periodic {
         let (tx, rx) = crossbeam_channel::unbounded::<Entry>();
         let thread = std::thread::Builder::new()
             .name("dirty-timer".into())
-            .spawn(move || {
-                let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-                let mut entries: HashMap<u64, Entry> = HashMap::new();
-                let mut next_key = 0u64;
-                loop {
-                    let wait = due
-                        .peek()
-                        .map_or(Duration::from_secs(3600), |Reverse((t, _))| {
-                            t.saturating_duration_since(Instant::now())
-                        });
-                    match rx.recv_timeout(wait) {
-                        Ok(e) => {
-                            due.push(Reverse((Instant::now() + e.period, next_key)));
-                            entries.insert(next_key, e);
-                            next_key += 1;
-                        }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                    let now = Instant::now();
-                    while let Some(&Reverse((t, key))) = due.peek() {
-                        if t > now {
-                            break;
-                        }
-                        due.pop();
-                        let Some(e) = entries.get(&key) else { continue };
-                        let Some(target) = e.target.upgrade() else {
-                            entries.remove(&key);
-                            continue;
-                        };
-                        // A job sets `gone` before it clears `busy`: once `busy` is ours,
-                        // `gone` is final.
-                        if !e.busy.swap(true, SeqCst) {
-                            if e.gone.load(SeqCst) {
-                                entries.remove(&key);
-                                continue;
-                            }
-                            let (busy, gone, mirror, key) =
-                                (Arc::clone(&e.busy), Arc::clone(&e.gone), e.mirror, e.key);
-                            let job: Job = Box::new(move || {
-                                if !target.periodic_sync(mirror) {
-                                    gone.store(true, SeqCst);
-                                }
-                                busy.store(false, SeqCst);
-                            });
-                            jobs.submit(key, job);
-                        }
-                        // The next beat counts from now if this one came late.
-                        due.push(Reverse(((t + e.period).max(now), key)));
-                    }
-                }
-            })?;
+            .spawn(move || Timer::default().run(&rx, &jobs))?;
         Ok(Periodic {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),

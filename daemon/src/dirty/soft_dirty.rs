@@ -13,7 +13,7 @@
 
 use std::fs::File;
 
-use super::DirtyError;
+use super::{DirtyError, ProbeError};
 use crate::sys::pagemap::{self, word};
 use crate::sys::PAGE_SIZE;
 
@@ -70,33 +70,34 @@ pub fn collect(
 
 /// Tries the back end on a scratch page of this process: after a clear its bit must be 0,
 /// after a write 1.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), ProbeError> {
     let clear = std::fs::OpenOptions::new()
         .write(true)
         .open("/proc/self/clear_refs")
-        .map_err(|e| format!("cannot open /proc/self/clear_refs: {e}"))?;
+        .map_err(ProbeError::io("cannot open /proc/self/clear_refs"))?;
     let pm = File::open("/proc/self/pagemap")
-        .map_err(|e| format!("cannot open /proc/self/pagemap: {e}"))?;
-    let mut map = memmap2::MmapMut::map_anon(PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+        .map_err(ProbeError::io("cannot open /proc/self/pagemap"))?;
+    let mut map = memmap2::MmapMut::map_anon(PAGE_SIZE).map_err(ProbeError::io("mmap"))?;
     map.fill(1);
     let addr = map.as_ptr() as u64;
-    let bit = |pm: &File| -> Result<bool, String> {
-        let w = pagemap::read_words(pm, addr, 1).map_err(|e| format!("reading pagemap: {e}"))?;
+    let bit = |pm: &File| -> Result<bool, ProbeError> {
+        let w = pagemap::read_words(pm, addr, 1).map_err(ProbeError::io("reading pagemap"))?;
         Ok(w.first().is_some_and(|w| is_soft_dirty(*w)))
     };
     pagemap::clear_soft_dirty(&clear)
-        .map_err(|e| format!("/proc/self/clear_refs refused \"4\": {e}"))?;
+        .map_err(ProbeError::io("/proc/self/clear_refs refused \"4\""))?;
     if bit(&pm)? {
-        return Err("clear_refs \"4\" left pagemap bit 55 set".into());
+        return Err(ProbeError::Wrong(
+            "clear_refs \"4\" left pagemap bit 55 set".into(),
+        ));
     }
     map[0] = 2;
     std::hint::black_box(&mut map);
     if !bit(&pm)? {
-        return Err(
+        return Err(ProbeError::Unsupported(
             "clear_refs accepts \"4\" but pagemap bit 55 never sets after a write (kernel without \
-             CONFIG_MEM_SOFT_DIRTY)"
-                .into(),
-        );
+             CONFIG_MEM_SOFT_DIRTY)",
+        ));
     }
     Ok(())
 }
@@ -185,7 +186,7 @@ mod tests {
     #[test]
     fn the_probe_explains_itself() {
         // Available or not, depending on the kernel; unavailable must say why.
-        if let Err(why) = probe() {
+        if let Err(why) = probe().map_err(|e| e.to_string()) {
             assert!(
                 why.contains("bit 55") || why.contains("clear_refs"),
                 "{why}"

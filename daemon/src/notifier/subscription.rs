@@ -6,6 +6,10 @@
 //! active count, takes a snapshot `Arc` of the tree and walks it without the mutex: the tree
 //! is only ever changed while no invalidation is active (changes requested meanwhile are
 //! deferred, rule 4), so the snapshot is the live tree and `Arc::make_mut` never copies.
+//!
+//! The states of the sequence, how a reader and an invalidation interleave, and why the
+//! order of their steps makes a stale install impossible are written out in the module
+//! docs of [`crate::notifier`].
 
 use crate::lock;
 use std::cell::Cell;
@@ -14,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::callbacks::{Callbacks, Event, Invalidate, InvalidateArgs, Kind};
+use super::callbacks::{Callbacks, Event, Invalidate, InvalidateArgs, Kind, WouldBlock};
 use super::range::Range;
 use super::tree::IntervalTree;
 
@@ -112,6 +116,13 @@ struct Pending {
     token: u32,
 }
 
+/// What [`Inner::enter`] hands a new invalidation.
+struct Entered {
+    tree: Arc<IntervalTree<Arc<Node>>>,
+    pending: Vec<Pending>,
+    seq: u64,
+}
+
 struct Inner {
     state: Mutex<State>,
     cond: Condvar,
@@ -194,6 +205,32 @@ impl Inner {
         self.cond
             .wait(guard)
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one more invalidation active and hands it the tree to walk (a snapshot that is
+    /// the live tree as long as it is active, rule 4), a finish list from the pool, and the
+    /// sequence as it is now. Refused once released, except for the release's own.
+    fn enter(&self, release: bool) -> Result<Entered, InvalidateError> {
+        let mut st = self.lock();
+        if st.released && !release {
+            return Err(InvalidateError::Released);
+        }
+        st.active += 1;
+        Ok(Entered {
+            tree: Arc::clone(&st.tree),
+            pending: st.pool.pop().unwrap_or_default(),
+            seq: st.seq,
+        })
+    }
+
+    /// The first notifier hit of a walk makes the sequence odd (rule 1) and returns it. No
+    /// tree change and no end can happen while the walk's invalidation is active, so doing
+    /// it here rather than with a second lookup under the lock is equivalent: every
+    /// concurrent invalidation that hits sees the same odd value.
+    fn first_hit(&self) -> u64 {
+        let mut st = self.lock();
+        st.seq |= 1;
+        st.seq
     }
 
     /// Ends one invalidation, returning its (emptied) finish list for reuse: the last one
@@ -323,99 +360,15 @@ impl Subscription {
         self.inner.observer.set(observer).is_ok()
     }
 
+    /// Begins an invalidation (`release`: the one of [`Subscription::release`], allowed
+    /// after the release flag is set): counts it active, runs the start pass over a snapshot
+    /// of the tree, and returns it with the finish pass still to run, or refused (rule 7)
+    /// after finishing what started.
     fn begin(&self, args: InvalidateArgs, release: bool) -> Result<Invalidation, InvalidateError> {
         let t0 = Instant::now();
-        let (tree, pending, mut seq) = {
-            let mut st = self.inner.lock();
-            if st.released && !release {
-                return Err(InvalidateError::Released);
-            }
-            st.active += 1;
-            (
-                Arc::clone(&st.tree),
-                st.pool.pop().unwrap_or_default(),
-                st.seq,
-            )
-        };
-        let span = tracing::debug_span!(
-            "invalidate",
-            start = args.range.start(),
-            last = args.range.last(),
-            event = args.event.as_str(),
-            seq = tracing::field::Empty,
-        );
-        let mark = self.inner.observer.get().and_then(|o| o.began(&args));
-        let mut inv = Invalidation {
-            inner: Arc::clone(&self.inner),
-            pending,
-            summary: Summary::default(),
-            span,
-            ended: false,
-            args,
-            mark,
-        };
-        let refused = {
-            let _enter = inv.span.enter();
-            let _scope = CallbackScope::enter();
-            let summary = &mut inv.summary;
-            let pending = &mut inv.pending;
-            let inner = &self.inner;
-            let mut first = true;
-            tree.for_each_overlap(args.range, |node| {
-                if first {
-                    // The first overlap makes the sequence odd (rule 1). No tree change and no
-                    // end can happen while this invalidation is active, so doing it here
-                    // rather than with a second lookup under the lock is equivalent: every
-                    // concurrent invalidation that hits sees the same odd value.
-                    first = false;
-                    let mut st = inner.lock();
-                    st.seq |= 1;
-                    seq = st.seq;
-                }
-                let ctx = Invalidate {
-                    args: &args,
-                    seq,
-                    notifier_seq: &node.seq,
-                    notifier_range: node.range,
-                    notifier_id: node.id,
-                };
-                let accepted = match &node.callbacks {
-                    Kind::OnePass(cb) => cb.invalidate(&ctx).map(|()| {
-                        summary.one_pass += 1;
-                    }),
-                    Kind::TwoPass(cb) => cb.start(&ctx).map(|token| {
-                        if let Some(token) = token {
-                            summary.started += 1;
-                            pending.push(Pending {
-                                node: Arc::clone(node),
-                                token,
-                            });
-                        }
-                    }),
-                };
-                match accepted {
-                    Ok(()) => {
-                        summary.hits += 1;
-                        let recorded = node.seq.load(Ordering::Acquire);
-                        if recorded != seq {
-                            tracing::error!(
-                                notifier = node.id,
-                                seq,
-                                recorded,
-                                "callback did not set_seq"
-                            );
-                            debug_assert_eq!(
-                                recorded, seq,
-                                "notifier callback must call set_seq (rule 3)"
-                            );
-                        }
-                        ControlFlow::Continue(())
-                    }
-                    Err(_) => ControlFlow::Break(()),
-                }
-            })
-            .is_break()
-        };
+        let Entered { tree, pending, seq } = self.inner.enter(release)?;
+        let mut inv = Invalidation::open(Arc::clone(&self.inner), args, pending);
+        let (seq, refused) = inv.walk(&tree, seq);
         drop(tree);
         inv.summary.seq = seq;
         inv.summary.start_time = t0.elapsed();
@@ -495,6 +448,47 @@ impl Subscription {
     }
 }
 
+/// Runs `node`'s one-pass callback or two-pass start for `ctx`, counting it in `summary`
+/// and queuing a two-pass finish in `pending`; checks that an accepting callback recorded
+/// the sequence (rule 3).
+fn call_start(
+    node: &Arc<Node>,
+    ctx: &Invalidate<'_>,
+    summary: &mut Summary,
+    pending: &mut Vec<Pending>,
+) -> Result<(), WouldBlock> {
+    match &node.callbacks {
+        Kind::OnePass(cb) => {
+            cb.invalidate(ctx)?;
+            summary.one_pass += 1;
+        }
+        Kind::TwoPass(cb) => {
+            if let Some(token) = cb.start(ctx)? {
+                summary.started += 1;
+                pending.push(Pending {
+                    node: Arc::clone(node),
+                    token,
+                });
+            }
+        }
+    }
+    summary.hits += 1;
+    let recorded = node.seq.load(Ordering::Acquire);
+    if recorded != ctx.seq {
+        tracing::error!(
+            notifier = node.id,
+            seq = ctx.seq,
+            recorded,
+            "callback did not set_seq"
+        );
+        debug_assert_eq!(
+            recorded, ctx.seq,
+            "notifier callback must call set_seq (rule 3)"
+        );
+    }
+    Ok(())
+}
+
 /// An invalidation whose start pass has run and whose finish pass has not: the
 /// subscription's sequence stays odd and `read_begin` of the notifiers it hit waits until it
 /// (and every other concurrent invalidation) has ended.
@@ -535,6 +529,58 @@ impl Drop for EndGuard<'_> {
 }
 
 impl Invalidation {
+    /// An invalidation of `args` just counted active, with the finish list `pending`: its
+    /// span, and the observer told it began.
+    fn open(inner: Arc<Inner>, args: InvalidateArgs, pending: Vec<Pending>) -> Invalidation {
+        let span = tracing::debug_span!(
+            "invalidate",
+            start = args.range.start(),
+            last = args.range.last(),
+            event = args.event.as_str(),
+            seq = tracing::field::Empty,
+        );
+        let mark = inner.observer.get().and_then(|o| o.began(&args));
+        Invalidation {
+            inner,
+            pending,
+            summary: Summary::default(),
+            span,
+            ended: false,
+            args,
+            mark,
+        }
+    }
+
+    /// The start pass: calls every notifier of `tree` that overlaps the range, in start
+    /// order, with the sequence (made odd at the first hit). Returns the sequence the
+    /// callbacks saw (`seq`, unchanged, if none was hit) and whether one refused, which
+    /// stops the walk (rule 7).
+    fn walk(&mut self, tree: &IntervalTree<Arc<Node>>, mut seq: u64) -> (u64, bool) {
+        let _enter = self.span.enter();
+        let _scope = CallbackScope::enter();
+        let mut first = true;
+        let refused = tree
+            .for_each_overlap(self.args.range, |node| {
+                if first {
+                    first = false;
+                    seq = self.inner.first_hit();
+                }
+                let ctx = Invalidate {
+                    args: &self.args,
+                    seq,
+                    notifier_seq: &node.seq,
+                    notifier_range: node.range,
+                    notifier_id: node.id,
+                };
+                match call_start(node, &ctx, &mut self.summary, &mut self.pending) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            })
+            .is_break();
+        (seq, refused)
+    }
+
     /// What the start pass did so far.
     pub fn summary(&self) -> Summary {
         self.summary

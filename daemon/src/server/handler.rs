@@ -13,20 +13,20 @@ use memshadow_proto::{
     VERSION,
 };
 
+use super::convert;
 use super::session::{Binding, Hello, Session};
 use super::stream::{event_of, report_of, Subscriber};
 use super::{error_chain, Core};
-use crate::config::DirtyPolicy;
+use crate::address_space::{AddressSpace, SyncStats, WatchError};
 use crate::device::{DeviceError, ShadowError};
 use crate::dirty::periodic::MIN_PERIOD;
 use crate::dirty::uffd_wp::ArmingSource;
-use crate::dirty::{policy_of, Backend, ClientDirty};
+use crate::dirty::{Backend, ClientDirty, DirtyPolicy};
 use crate::handover::Handover;
 use crate::source::{MemFileSource, MemorySource};
 use crate::sys::maps::Maps;
 use crate::sys::uffd::{features, UffdError};
 use crate::sys::{self, PAGE_SIZE};
-use crate::watched::{SyncStats, WatchError, Watched};
 
 /// True for requests that may block (memory reads, uffd registration that takes the client's
 /// mmap lock, waits for flushes): they run on a worker, the rest inline.
@@ -172,7 +172,7 @@ pub fn handle(
 fn synced(d: &SyncStats) -> Response {
     Response::Synced {
         report: SyncReport {
-            backend: d.backend.wire(),
+            backend: d.backend.into(),
             mirrors: d.mirrors,
             pages_scanned: d.collected.pages_scanned,
             pages_dirty: d.collected.pages_dirty,
@@ -192,7 +192,7 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, requested: AttachPolicy
     };
     let w = &b.watched;
     // The quota in force now (a reload may have lowered it below the bind-time one that
-    // `Watched` enforces).
+    // `AddressSpace` enforces).
     let max = core.limits().quotas.mirrors;
     if w.len() >= max as usize {
         return err(
@@ -200,7 +200,7 @@ fn attach(core: &Core, s: &Session, addr: u64, len: u64, requested: AttachPolicy
             format!("mirror quota of {max} ranges reached"),
         );
     }
-    let mut policy = policy_of(requested, core.cfg.dirty.policy);
+    let mut policy = convert::attach_policy(requested, core.cfg.dirty.policy);
     if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
         policy = DirtyPolicy::Manual;
     }
@@ -251,7 +251,7 @@ fn another_session_of(core: &Core, s: &Session) -> bool {
         .any(|o| o.id != s.id && o.peer.pid == s.peer.pid && o.watched().is_some())
 }
 
-fn mirror_infos(pid: i32, w: &Watched) -> Vec<MirrorInfo> {
+fn mirror_infos(pid: i32, w: &AddressSpace) -> Vec<MirrorInfo> {
     w.list()
         .into_iter()
         .map(|m| MirrorInfo {
@@ -418,7 +418,10 @@ pub fn escape_controls(text: &str) -> String {
         .collect()
 }
 
-fn with_bound(s: &Session, f: impl FnOnce(&Watched) -> Result<Response, Response>) -> Response {
+fn with_bound(
+    s: &Session,
+    f: impl FnOnce(&AddressSpace) -> Result<Response, Response>,
+) -> Response {
     match s.watched() {
         None => err(ErrorCode::OutOfOrder, "bind first"),
         Some(w) => f(w).unwrap_or_else(|e| e),
@@ -564,8 +567,9 @@ fn bind_inner(
         .device
         .client_of(source, quotas.shadow_bytes, core.account(s.peer.uid));
     device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
-    let watched =
-        Arc::new(Watched::with_dirty(uffd, device, pagemap, quotas.mirrors, dirty).with_maps(maps));
+    let watched = Arc::new(
+        AddressSpace::with_dirty(uffd, device, pagemap, quotas.mirrors, dirty).with_maps(maps),
+    );
     Ok(Binding {
         watched,
         access: AccessPath::MemFd,

@@ -7,6 +7,7 @@
 //! the event reader and finisher, and the device's engines and reclaimer.
 
 pub mod abuse;
+pub mod convert;
 pub mod handler;
 pub mod listen;
 pub mod outbox;

@@ -1,5 +1,5 @@
 //! One client connection: its identity (SO_PEERCRED, pinned by a pidfd), its protocol state
-//! and, once bound, its [`Watched`] client.
+//! and, once bound, its [`AddressSpace`].
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -10,8 +10,8 @@ use memshadow_proto::AccessPath;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::outbox::Outbox;
+use crate::address_space::AddressSpace;
 use crate::sys;
-use crate::watched::Watched;
 
 /// `SO_PEERPIDFD` (Linux 6.5): a pidfd of the peer as of `connect`, free of pid-reuse races.
 const SO_PEERPIDFD: libc::c_int = 77;
@@ -110,7 +110,7 @@ pub struct Hello {
 #[derive(Debug)]
 pub struct Binding {
     /// The client as the event source and device see it.
-    pub watched: Arc<Watched>,
+    pub watched: Arc<AddressSpace>,
     /// How its memory is read.
     pub access: AccessPath,
     /// Features its uffd was given.
@@ -181,7 +181,7 @@ impl Session {
     }
 
     /// The bound client, if bound.
-    pub fn watched(&self) -> Option<&Arc<Watched>> {
+    pub fn watched(&self) -> Option<&Arc<AddressSpace>> {
         self.binding.get().map(|b| &b.watched)
     }
 

@@ -30,7 +30,7 @@ use std::io::IoSliceMut;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::Watched;
+use super::AddressSpace;
 use crate::lock;
 use crate::notifier::Range;
 use crate::sys::pagemap::{read_words, word};
@@ -113,7 +113,7 @@ enum Verdict {
     TimedOut,
 }
 
-impl Watched {
+impl AddressSpace {
     /// Fences `range` for an event that announces a change not made yet; call under the
     /// access lock, before the range's invalidation.
     pub(super) fn fence(&self, guard: &crate::device::AccessGuard<'_>, range: Range) {
@@ -149,12 +149,12 @@ impl Watched {
     }
 
     /// Lifts the fences whose change is seen made (see the module). Blocks while the
-    /// client holds its mmap lock: run it on a worker, after [`Watched::claim_settling`].
-    /// The event reader looks again later while [`Watched::has_pending_fences`].
+    /// client holds its mmap lock: run it on a worker, after [`AddressSpace::claim_settling`].
+    /// The event reader looks again later while [`AddressSpace::has_pending_fences`].
     pub fn settle_fences(&self) {
         // Looked at on a copy (a look may wait for the client's mmap lock), and left in the
         // list until lifted in the device too: whoever waits for the list to empty
-        // ([`Watched::settle_over`]) then finds the pages installable.
+        // ([`AddressSpace::settle_over`]) then finds the pages installable.
         let pending: Vec<PendingFence> = lock(&self.fences).clone();
         for f in pending {
             let timed_out = match self.look_at(&f) {

@@ -1,0 +1,54 @@
+//! Device accesses on behalf of the client: reads (collecting written pages first under the
+//! `strict` policy) and populate (faulting a range in ahead of reads).
+
+use super::attach::ARM_CHUNK;
+use super::{not_mirrored, AddressSpace, WatchError};
+use crate::dirty::DirtyPolicy;
+use crate::lock;
+use crate::notifier::Range;
+use crate::sys::PAGE_SIZE;
+
+impl AddressSpace {
+    /// A device read of `len` bytes at `offset` of mirror `id`; under the `strict` policy
+    /// the pages read are collected first, so the read returns what the client wrote.
+    pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, WatchError> {
+        let addr = self.resolve(id, offset, len as u64)?;
+        let strict = lock(&self.table)
+            .by_id
+            .get(&id)
+            .is_some_and(|m| m.policy == DirtyPolicy::Strict);
+        if strict && len > 0 {
+            let page = PAGE_SIZE as u64;
+            let start = addr - addr % page;
+            let end = (addr + len as u64).next_multiple_of(page);
+            self.sync_ranges(&[(start, end)], 1)?;
+        }
+        if let Ok(r) = Range::new(addr, len as u64) {
+            self.observe_fences(r);
+        }
+        self.device.read(addr, len).map_err(not_mirrored)
+    }
+
+    /// Faults `offset..offset+len` of mirror `id` into the shadow; returns the pages the
+    /// mirror then has.
+    pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
+        let addr = self.resolve(id, offset, len)?;
+        // Nothing is installed in a fenced range: wait for its fences to lift first.
+        if let Ok(r) = Range::new(addr, len) {
+            self.settle_over(r);
+        }
+        let end = addr + len;
+        let mut at = addr;
+        while at < end {
+            self.cancelled()?;
+            let n = ARM_CHUNK.min(end - at);
+            self.device.populate(at, n).map_err(not_mirrored)?;
+            at += n;
+        }
+        Ok(self
+            .list()
+            .iter()
+            .find(|m| m.id == id)
+            .map_or(0, |m| m.pages))
+    }
+}
