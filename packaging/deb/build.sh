@@ -4,14 +4,14 @@
 #
 #   packaging/deb/build.sh [--no-build] [--output DIR]
 #
-# 1. `cargo build --release --workspace`, the same build the main job and
-#    systemd/install.sh use (--no-build: package what the target directory has).
-# 2. Stages the files with `systemd/install.sh --destdir`, so that the package and the
+# 1. Stages the files with `systemd/install.sh --destdir`, so that the package and the
 #    script install the same files made the same way (the service's ExecStart=, the
 #    pkg-config file's paths, the SONAME links): prefix /usr, the library in the multiarch
 #    directory (/usr/lib/x86_64-linux-gnu on amd64), units in /usr/lib/systemd/system, the
-#    configuration in /etc/memshadow (a conffile). Debug info is stripped, the static
-#    library left out.
+#    configuration in /etc/memshadow (a conffile). The script first runs its build, the
+#    README's main-job build, so after the main job nothing is built again (--no-build:
+#    package what the target directory has).
+# 2. Strips debug info and leaves out the static library.
 # 3. `cargo deb --no-build` packs the stage with the maintainer scripts next to this file.
 #
 # --output DIR    where the .deb goes (default: TARGET_DIR/debian); its path is printed last
@@ -45,18 +45,16 @@ TARGET=$(cargo metadata --format-version 1 --no-deps \
 [ -n "$TARGET" ] || die "cargo metadata did not name the target directory"
 OUTPUT=${OUTPUT:-$TARGET/debian}
 
-if [ "$BUILD" = 1 ]; then
-  echo "building: cargo build --release --workspace"
-  cargo build --release --workspace
-fi
-
 # cargo-deb reads the stage through its `target/release/` asset prefix, so it lives there.
 STAGE=$TARGET/release/deb-root
 MULTIARCH=$(dpkg-architecture -qDEB_HOST_MULTIARCH)
 rm -rf "$STAGE"
+build=()
+[ "$BUILD" = 1 ] || build=(--no-build)
+# Its build's progress goes to stderr; the list of what it staged to the log.
 LIBDIR=/usr/lib/$MULTIARCH UNITDIR=/usr/lib/systemd/system \
-  systemd/install.sh --no-build --no-group --from "$TARGET/release" --destdir "$STAGE" --prefix /usr \
-  > "$TARGET/release/deb-root.log" \
+  systemd/install.sh "${build[@]}" --no-group --from "$TARGET/release" --destdir "$STAGE" \
+  --prefix /usr > "$TARGET/release/deb-root.log" \
   || { cat "$TARGET/release/deb-root.log" >&2; die "systemd/install.sh --destdir failed"; }
 
 lib=$STAGE/usr/lib/$MULTIARCH
