@@ -1,5 +1,6 @@
 //! memshadowd's library: the notifier core, the device model, event sources and the server.
 
+pub mod bind;
 pub mod config;
 pub mod device;
 pub mod dirty;
