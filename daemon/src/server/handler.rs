@@ -104,7 +104,7 @@ pub enum Denied {
 
 /// A request names a pid that is not a bound client (or no longer is one).
 #[derive(Debug, thiserror::Error)]
-#[error("no bound client with pid {0}")]
+#[error("pid {0} is not a bound client")]
 pub struct NoSuchClient(pub i32);
 
 /// `Read` and `Peek` refusals of their own.
@@ -510,15 +510,25 @@ fn require(allowed: bool, denied: Denied) -> Result<(), Denied> {
     }
 }
 
-/// A bound session of the client with pid `pid`.
+/// True while `c` serves a client: bound, not closing, its process and the address space
+/// it bound alive.
+fn serves(c: &Session) -> bool {
+    !c.closing.load(Relaxed)
+        && c.watched().is_some_and(|w| w.alive())
+        && sys::pidfd_alive(c.pidfd.as_fd())
+}
+
+/// A session that serves the client with pid `pid`.
 fn bound_client(core: &Core, pid: i32) -> Result<Arc<Session>, NoSuchClient> {
     core.sessions()
         .into_iter()
-        .find(|c| c.peer.pid == pid && c.watched().is_some())
+        .find(|c| c.peer.pid == pid && serves(c))
         .ok_or(NoSuchClient(pid))
 }
 
-/// Runs `op` on the bound client with pid `pid`.
+/// Runs `op` on the bound client with pid `pid`. If it fails because that client went away
+/// meanwhile (it exited, its session closed), the answer is that there is no such client,
+/// whatever `op` met on the way (a mirror gone, say).
 fn on_client(
     core: &Core,
     pid: i32,
@@ -526,7 +536,13 @@ fn on_client(
 ) -> Result<Response, WireError> {
     let c = bound_client(core, pid)?;
     let w = c.watched().ok_or(NoSuchClient(pid))?;
-    op(w)
+    op(w).map_err(|e| {
+        if core.stopping.load(Relaxed) || serves(&c) {
+            e
+        } else {
+            NoSuchClient(pid).into()
+        }
+    })
 }
 
 /// `ListMirrors`: this session's (pid 0), one client's, or every client's (-1).
@@ -540,6 +556,9 @@ fn list_mirrors(core: &Core, s: &Session, pid: i32) -> Result<Response, WireErro
         privileged(core, s) || pid == s.peer.pid,
         Denied::ListMirrors,
     )?;
+    if pid != -1 {
+        bound_client(core, pid)?;
+    }
     let mut mirrors: Vec<MirrorInfo> = core
         .sessions()
         .iter()
@@ -648,13 +667,14 @@ fn trace(
 }
 
 /// Whose invalidations a `Trace` of `pid` streams: every client's (pid 0, privileged), or
-/// those of the client `pid` (its own, or privileged).
+/// those of the bound client `pid` (its own, or privileged).
 fn trace_target(core: &Core, s: &Session, pid: i32) -> Result<Option<i32>, WireError> {
     if pid == 0 {
         require(privileged(core, s), Denied::TraceAll)?;
         return Ok(None);
     }
     require(pid == s.peer.pid || privileged(core, s), Denied::Trace(pid))?;
+    bound_client(core, pid)?;
     Ok(Some(pid))
 }
 

@@ -227,7 +227,7 @@ mod tests {
             wire(NoSuchClient(42)),
             (
                 ErrorCode::NoSuchClient,
-                "no bound client with pid 42".into()
+                "pid 42 is not a bound client".into()
             )
         );
     }
