@@ -10,6 +10,7 @@ pub mod notifier;
 pub mod server;
 pub mod service;
 pub mod source;
+pub mod startup;
 pub mod sys;
 pub mod trace;
 pub mod watched;
