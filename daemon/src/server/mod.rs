@@ -34,7 +34,7 @@ use crate::config::{Config, Limits};
 use crate::device::{Account, Device, DeviceError};
 use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
-use crate::events::{EventError, EventReader, Heartbeat};
+use crate::events::{EventError, EventReader, Hangup, Heartbeat};
 use crate::lock;
 use crate::sys::PAGE_SIZE;
 use crate::workers::{Job, Submitter, Workers};
@@ -600,13 +600,7 @@ impl Server {
         let submitter = || workers.submitter().ok_or(ServerError::Stopped);
         let fds = LoopFds::new(&listener)?;
         let to_close: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let hangup = {
-            let (to_close, wake) = (Arc::clone(&to_close), Arc::clone(&fds.wake));
-            Box::new(move |id| {
-                lock(&to_close).push(id);
-                let _ = wake.write(1);
-            })
-        };
+        let hangup = close_on_hangup(&to_close, &fds.wake);
         let events = EventReader::start_with(submitter()?, hangup, heartbeat)?;
         let dirty = DirtyState {
             selection,
@@ -1133,6 +1127,16 @@ impl LoopFds {
             housekeep,
         })
     }
+}
+
+/// What the event reader calls when a client's uffd hangs up: the session loop is asked
+/// to close that session.
+fn close_on_hangup(to_close: &Arc<Mutex<Vec<u64>>>, wake: &Arc<EventFd>) -> Hangup {
+    let (to_close, wake) = (Arc::clone(to_close), Arc::clone(wake));
+    Box::new(move |id| {
+        lock(&to_close).push(id);
+        let _ = wake.write(1);
+    })
 }
 
 fn log_listening(listener: &Listener, device: &Device, selection: &Selection) {
