@@ -15,7 +15,7 @@ pub mod stream;
 pub mod wire_error;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -26,7 +26,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{accept4, SockFlag};
+use nix::sys::socket::SockFlag;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
@@ -36,7 +36,7 @@ use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
 use crate::events::{EventError, EventReader, Hangup, Heartbeat};
 use crate::lock;
-use crate::sys::PAGE_SIZE;
+use crate::sys::{self, PAGE_SIZE};
 use crate::workers::{Job, Submitter, Workers};
 use abuse::Abuse;
 pub use listen::{ListenError, Listener};
@@ -541,6 +541,9 @@ fn outbox_for(l: &Limits) -> Outbox {
 /// Requests read from one session per wake-up (so one client cannot starve the others).
 const READS_PER_TURN: usize = 16;
 
+/// The flags of an accepted connection's fd.
+const ACCEPT_FLAGS: SockFlag = SockFlag::SOCK_CLOEXEC.union(SockFlag::SOCK_NONBLOCK);
+
 /// Connections accepted per wake-up of the session loop.
 const ACCEPTS_PER_TURN: usize = 16;
 
@@ -743,8 +746,8 @@ impl Server {
         let Some(l) = &self.listener else { return };
         let listen_fd = l.as_fd().as_raw_fd();
         for _ in 0..ACCEPTS_PER_TURN {
-            let fd = match accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-                Ok(fd) => fd,
+            let sock = match sys::socket::accept(listen_fd, ACCEPT_FLAGS) {
+                Ok(sock) => sock,
                 Err(nix::Error::EAGAIN) => return,
                 Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
                 Err(e @ (nix::Error::EMFILE | nix::Error::ENFILE)) => {
@@ -756,8 +759,6 @@ impl Server {
                     return;
                 }
             };
-            // SAFETY: accept4 returned a new fd that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
             self.admit(sock);
         }
     }
@@ -768,9 +769,7 @@ impl Server {
     fn refuse_for_lack_of_fds(&mut self, listen_fd: RawFd, e: nix::Error) {
         tracing::warn!(error = %e, "out of file descriptors: refusing a connection (raise LimitNOFILE, or lower max_clients)");
         drop(self.spare_fd.take());
-        if let Ok(fd) = accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-            // SAFETY: accept4 returned a new fd that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Ok(sock) = sys::socket::accept(listen_fd, ACCEPT_FLAGS) {
             self.core.refuse(&sock, Refusal::NoFds);
         } else {
             self.core.counters.refused.fetch_add(1, Relaxed);
