@@ -201,6 +201,51 @@ fn peek_reads_the_shadow_in_every_format() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
 
+/// A pid that is not a bound client, because it went away or never bound, is named as
+/// such by every request about a client (`NoSuchClient`), never as a missing mirror or an
+/// empty list; a trace of it does not wait for records that cannot come.
+#[test]
+fn a_gone_or_unbound_pid_is_no_such_client() {
+    let d = Daemon::start(&[]);
+    let (mut c, addr) = client_with_map(&d, 2, 1);
+    let gone = c.pid().to_string();
+    c.kill();
+    let a = format!("{addr:#x}");
+    // The daemon's own pid: a process, but no client.
+    let unbound = d.pid().to_string();
+    for pid in [&gone, &unbound] {
+        for args in [
+            vec!["peek", "--pid", pid, &a, "16"],
+            vec!["mirrors", "--pid", pid],
+            vec!["invalidate", "--pid", pid, &a, "4096"],
+            vec!["sync", "--pid", pid],
+            vec!["trace", "--pid", pid],
+        ] {
+            let mut child = ctl_cmd(&d, &args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("memshadowctl {args:?} did not exit");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let o = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert_eq!(
+                err.trim_end(),
+                format!("memshadowctl: no such client: pid {pid} is not a bound client"),
+                "{args:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn invalidate_reports_what_it_did_and_eagain() {
     let d = Daemon::start(&[]);

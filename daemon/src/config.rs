@@ -146,16 +146,90 @@ pub enum ConfigError {
         hint: String,
     },
     /// A value of the wrong type or out of range.
-    #[error("{at}: bad value for {key}: {msg}")]
+    #[error("{at}: bad value for {key}: {why}")]
     BadValue {
         /// File (and line when known), or "command line".
         at: String,
         /// The dotted key (in backquotes) or the flag.
         key: String,
         /// What is wrong.
-        msg: String,
+        why: ValueError,
     },
 }
+
+/// What is wrong with one value (where it came from and its key are in
+/// [`ConfigError::BadValue`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    /// Not of the type the key takes (the TOML reader's words).
+    #[error("{0}")]
+    Type(String),
+    /// A number outside the range the key allows.
+    #[error("{value} is outside {lo}..={hi}")]
+    OutOfRange {
+        /// The value.
+        value: u64,
+        /// The lowest allowed.
+        lo: u64,
+        /// The highest allowed.
+        hi: u64,
+    },
+    /// A name that is not one of the key's choices.
+    #[error("{value:?} is not one of {choices}")]
+    NotOneOf {
+        /// The value.
+        value: String,
+        /// The choices, as the error names them.
+        choices: &'static str,
+    },
+    /// An empty socket path.
+    #[error("empty path")]
+    EmptyPath,
+    /// A socket path longer than `sun_path` holds.
+    #[error("{0} bytes is too long for a Unix socket path (at most {MAX_SOCKET_PATH})")]
+    PathTooLong(usize),
+    /// An empty log filter.
+    #[error("empty (use a level: off, error, warn, info, debug, trace)")]
+    EmptyLogLevel,
+    /// A directive of a log filter whose level is not a level.
+    #[error("{0:?} is not a level (off, error, warn, info, debug, trace) or target=level")]
+    NotALevel(String),
+    /// A log filter the logger refuses.
+    #[error("{0}")]
+    LogFilter(#[from] tracing_subscriber::filter::ParseError),
+    /// The retired `access = "process-vm"`.
+    #[error(
+        "process-vm was removed: a pid may name another program after the client execs (a \
+         setuid one, say), so memshadowd reads a client's memory only through the \
+         /proc/self/mem the client handed over; drop the setting"
+    )]
+    ProcessVmRemoved,
+    /// Any other `access` value.
+    #[error("{0:?} is not mem-fd (the only access path; the setting can be dropped)")]
+    NotMemFd(String),
+    /// `quotas.reserved_shadow_mib` takes the whole shadow.
+    #[error(
+        "{reserved_mib} MiB leaves nothing of the {shadow_mib} MiB shadow (device.shadow_mib) \
+         to other users; lower it with the shadow"
+    )]
+    ReservesAllShadow {
+        /// The reserve.
+        reserved_mib: u64,
+        /// The shadow.
+        shadow_mib: u64,
+    },
+    /// `reserved_clients` takes every connection.
+    #[error("{reserved} leaves none of the {max} connections (max_clients) to other users")]
+    ReservesAllClients {
+        /// The reserve.
+        reserved: u32,
+        /// `max_clients`.
+        max: u32,
+    },
+}
+
+/// The longest socket path (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// The configuration file used when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/memshadow/memshadowd.toml";
@@ -363,7 +437,7 @@ impl Layer {
                 None => ConfigError::BadValue {
                     at,
                     key: format!("`{key}`"),
-                    msg: msg.to_owned(),
+                    why: ValueError::Type(msg.to_owned()),
                 },
             }
         })
@@ -433,55 +507,107 @@ impl Sources {
 
 /// Checks a log filter: comma-separated levels or `target=level` directives (a bare word
 /// that is not a level would silently select a target and hide everything else).
-pub fn check_log_level(s: &str) -> Result<(), String> {
+pub fn check_log_level(s: &str) -> Result<(), ValueError> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     if s.trim().is_empty() {
-        return Err("empty (use a level: off, error, warn, info, debug, trace)".into());
+        return Err(ValueError::EmptyLogLevel);
     }
     for d in s.split(',') {
         let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
         if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "{d:?} is not a level (off, error, warn, info, debug, trace) or target=level"
-            ));
+            return Err(ValueError::NotALevel(d.to_owned()));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(s)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    tracing_subscriber::EnvFilter::try_new(s).map(drop)?;
+    Ok(())
 }
 
 /// The retired `access` setting: only the value that is now the one way is accepted.
-fn check_access(v: &str) -> Result<(), String> {
+fn check_access(v: &str) -> Result<(), ValueError> {
     match v {
         "mem-fd" | "auto" => Ok(()),
-        "process-vm" => Err(
-            "process-vm was removed: a pid may name another program after the \
-             client execs (a setuid one, say), so memshadowd reads a client's memory only \
-             through the /proc/self/mem the client handed over; drop the setting"
-                .into(),
-        ),
-        _ => Err(format!(
-            "{v:?} is not mem-fd (the only access path; the setting can be dropped)"
-        )),
+        "process-vm" => Err(ValueError::ProcessVmRemoved),
+        _ => Err(ValueError::NotMemFd(v.to_owned())),
     }
 }
 
-fn parse_mode(s: &str) -> Option<InvalidationMode> {
-    [
+/// A socket path a Unix socket can take.
+fn check_socket_path(p: &Path) -> Result<(), ValueError> {
+    match p.as_os_str().len() {
+        0 => Err(ValueError::EmptyPath),
+        n if n > MAX_SOCKET_PATH => Err(ValueError::PathTooLong(n)),
+        _ => Ok(()),
+    }
+}
+
+/// `v` if it is within `lo..=hi`.
+fn in_range<T: PartialOrd + Into<u64> + Copy>(v: T, lo: T, hi: T) -> Result<T, ValueError> {
+    if v < lo || v > hi {
+        Err(ValueError::OutOfRange {
+            value: v.into(),
+            lo: lo.into(),
+            hi: hi.into(),
+        })
+    } else {
+        Ok(v)
+    }
+}
+
+/// `Some(v)` as a value of `choices`, named in the error if it is none of them.
+fn one_of<T>(v: &str, parsed: Option<T>, choices: &'static str) -> Result<T, ValueError> {
+    parsed.ok_or_else(|| ValueError::NotOneOf {
+        value: v.to_owned(),
+        choices,
+    })
+}
+
+fn parse_mode(s: &str) -> Result<InvalidationMode, ValueError> {
+    let mode = [
         InvalidationMode::OnePass,
         InvalidationMode::TwoPass,
         InvalidationMode::TwoPassBatched,
     ]
     .into_iter()
-    .find(|m| m.as_str() == s)
+    .find(|m| m.as_str() == s);
+    one_of(s, mode, "one-pass, two-pass, two-pass-batched")
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display + Copy>(v: T, lo: T, hi: T) -> Result<T, String> {
-    if v < lo || v > hi {
-        Err(format!("{v} is outside {lo}..={hi}"))
-    } else {
-        Ok(v)
+fn parse_tracking(s: &str) -> Result<DirtyTracking, ValueError> {
+    one_of(
+        s,
+        DirtyTracking::parse(s),
+        "auto, pagemap-scan, soft-dirty, uffd-wp, off",
+    )
+}
+
+fn parse_policy(s: &str) -> Result<DirtyPolicy, ValueError> {
+    one_of(
+        s,
+        DirtyPolicy::parse(s),
+        "manual, strict, periodic=MS (MS >= 1)",
+    )
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Names the key and the layer in an error about one of its values.
+struct Checker<'a> {
+    src: &'a Source,
+}
+
+impl Checker<'_> {
+    /// `r`'s value, or the error naming `key` and where it came from.
+    fn check<T>(&self, key: &'static str, r: Result<T, ValueError>) -> Result<T, ConfigError> {
+        r.map_err(|why| ConfigError::BadValue {
+            at: self.src.at(),
+            key: self.src.key_name(key),
+            why,
+        })
+    }
+
+    /// `v` MiB in bytes, if `v` is within `lo..=hi`.
+    fn mib(&self, key: &'static str, v: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+        Ok(self.check(key, in_range(v, lo, hi))? * MIB)
     }
 }
 
@@ -499,141 +625,125 @@ impl Config {
     /// Checks the settings that bound each other; `src` is named in the error (the top
     /// layer, where such a mistake is usually fixed).
     fn check_together(&self, src: &Source) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, msg: String| ConfigError::BadValue {
-            at: src.at(),
-            key: src.key_name(key),
-            msg,
-        };
+        let c = Checker { src };
         let (lim, q) = (&self.limits, &self.limits.quotas);
         if q.reserved_shadow_bytes >= self.device.shadow_capacity {
-            return Err(bad(
-                "quotas.reserved_shadow_mib",
-                format!(
-                    "{} MiB leaves nothing of the {} MiB shadow (device.shadow_mib) to other \
-                     users; lower it with the shadow",
-                    q.reserved_shadow_bytes >> 20,
-                    self.device.shadow_capacity >> 20
-                ),
-            ));
+            let why = ValueError::ReservesAllShadow {
+                reserved_mib: q.reserved_shadow_bytes >> 20,
+                shadow_mib: self.device.shadow_capacity >> 20,
+            };
+            return c.check("quotas.reserved_shadow_mib", Err(why));
         }
         if lim.reserved_clients >= lim.max_clients {
-            return Err(bad(
-                "reserved_clients",
-                format!(
-                    "{} leaves none of the {} connections (max_clients) to other users",
-                    lim.reserved_clients, lim.max_clients
-                ),
-            ));
+            let why = ValueError::ReservesAllClients {
+                reserved: lim.reserved_clients,
+                max: lim.max_clients,
+            };
+            return c.check("reserved_clients", Err(why));
         }
         Ok(())
     }
 
+    /// Applies layer `l`, which came from `src`, key by key: the top-level keys, then the
+    /// `[device]`, `[quotas]` and `[dirty]` tables.
     fn apply(&mut self, l: &Layer, src: &Source) -> Result<(), ConfigError> {
-        let bad = |key: &'static str| {
-            move |msg: String| ConfigError::BadValue {
-                at: src.at(),
-                key: src.key_name(key),
-                msg,
-            }
-        };
-        const MIB: u64 = 1 << 20;
+        let c = Checker { src };
+        self.apply_top(l, &c)?;
+        self.apply_clients(l, &c)?;
+        self.apply_device(&l.device, &c)?;
+        self.apply_quotas(&l.quotas, &c)?;
+        self.apply_dirty(&l.dirty, &c)
+    }
+
+    fn apply_top(&mut self, l: &Layer, c: &Checker<'_>) -> Result<(), ConfigError> {
         if let Some(p) = &l.socket {
-            let n = p.as_os_str().len();
-            if n == 0 {
-                return Err(bad("socket")("empty path".into()));
-            }
-            if n > 107 {
-                return Err(bad("socket")(format!(
-                    "{n} bytes is too long for a Unix socket path (at most 107)"
-                )));
-            }
+            c.check("socket", check_socket_path(p))?;
             self.socket = Some(p.clone());
         }
         if let Some(v) = &l.log_level {
-            check_log_level(v).map_err(bad("log_level"))?;
+            c.check("log_level", check_log_level(v))?;
             self.log_level = v.clone();
         }
         if let Some(v) = l.workers {
-            self.workers = in_range(v, 1, 256).map_err(bad("workers"))? as usize;
+            self.workers = c.check("workers", in_range(v, 1, 256))? as usize;
         }
         if let Some(v) = &l.access {
-            check_access(v).map_err(bad("access"))?;
+            c.check("access", check_access(v))?;
         }
+        Ok(())
+    }
+
+    /// Who may connect, and for how long without saying anything.
+    fn apply_clients(&mut self, l: &Layer, c: &Checker<'_>) -> Result<(), ConfigError> {
         let lim = &mut self.limits;
         if let Some(v) = l.max_clients {
-            lim.max_clients = in_range(v, 1, 1 << 20).map_err(bad("max_clients"))?;
+            lim.max_clients = c.check("max_clients", in_range(v, 1, 1 << 20))?;
         }
         if let Some(v) = l.clients_per_uid {
-            lim.clients_per_uid = in_range(v, 1, 1 << 20).map_err(bad("clients_per_uid"))?;
+            lim.clients_per_uid = c.check("clients_per_uid", in_range(v, 1, 1 << 20))?;
         }
         if let Some(v) = l.reserved_clients {
-            lim.reserved_clients = in_range(v, 0, 1 << 20).map_err(bad("reserved_clients"))?;
+            lim.reserved_clients = c.check("reserved_clients", in_range(v, 0, 1 << 20))?;
         }
         if let Some(v) = l.handshake_timeout_ms {
-            let ms = in_range(v, 10, 3_600_000).map_err(bad("handshake_timeout_ms"))?;
+            let ms = c.check("handshake_timeout_ms", in_range(v, 10, 3_600_000))?;
             lim.handshake_timeout = Duration::from_millis(ms);
         }
         if let Some(v) = l.idle_timeout_s {
-            let s = in_range(v, 1, 30 * 86_400).map_err(bad("idle_timeout_s"))?;
+            let s = c.check("idle_timeout_s", in_range(v, 1, 30 * 86_400))?;
             lim.idle_timeout = Duration::from_secs(s);
         }
-        let d = &l.device;
+        Ok(())
+    }
+
+    fn apply_device(&mut self, d: &DeviceLayer, c: &Checker<'_>) -> Result<(), ConfigError> {
         if let Some(v) = d.engines {
-            self.device.engines =
-                in_range(v, 1, MAX_ENGINES as u64).map_err(bad("device.engines"))? as usize;
+            let n = c.check("device.engines", in_range(v, 1, MAX_ENGINES as u64))?;
+            self.device.engines = n as usize;
         }
         if let Some(v) = d.flush_latency_us {
-            let us = in_range(v, 0, 10_000_000).map_err(bad("device.flush_latency_us"))?;
+            let us = c.check("device.flush_latency_us", in_range(v, 0, 10_000_000))?;
             self.device.flush_latency = Duration::from_micros(us);
         }
         if let Some(v) = &d.mode {
-            self.device.mode = parse_mode(v).ok_or_else(|| {
-                bad("device.mode")(format!(
-                    "{v:?} is not one of one-pass, two-pass, two-pass-batched"
-                ))
-            })?;
+            self.device.mode = c.check("device.mode", parse_mode(v))?;
         }
         if let Some(v) = d.shadow_mib {
-            self.device.shadow_capacity =
-                in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("device.shadow_mib"))? * MIB;
+            self.device.shadow_capacity = c.mib("device.shadow_mib", v, 1, MAX_CAPACITY / MIB)?;
         }
-        let q = &l.quotas;
+        Ok(())
+    }
+
+    fn apply_quotas(&mut self, q: &QuotasLayer, c: &Checker<'_>) -> Result<(), ConfigError> {
         let lq = &mut self.limits.quotas;
-        let mib = |v: u64, key: &'static str| -> Result<u64, ConfigError> {
-            Ok(in_range(v, 0, MAX_CAPACITY / MIB).map_err(bad(key))? * MIB)
-        };
+        let max_mib = MAX_CAPACITY / MIB;
         if let Some(v) = q.shadow_mib {
-            lq.shadow_bytes =
-                in_range(v, 1, MAX_CAPACITY / MIB).map_err(bad("quotas.shadow_mib"))? * MIB;
+            lq.shadow_bytes = c.mib("quotas.shadow_mib", v, 1, max_mib)?;
         }
         if let Some(v) = q.shadow_mib_per_uid {
-            lq.shadow_bytes_per_uid = mib(v, "quotas.shadow_mib_per_uid")?;
+            lq.shadow_bytes_per_uid = c.mib("quotas.shadow_mib_per_uid", v, 0, max_mib)?;
         }
         if let Some(v) = q.reserved_shadow_mib {
-            lq.reserved_shadow_bytes = mib(v, "quotas.reserved_shadow_mib")?;
+            lq.reserved_shadow_bytes = c.mib("quotas.reserved_shadow_mib", v, 0, max_mib)?;
         }
         if let Some(v) = q.attached_mib {
-            lq.attached_bytes = in_range(v, 1, 1 << 27).map_err(bad("quotas.attached_mib"))? * MIB;
+            lq.attached_bytes = c.mib("quotas.attached_mib", v, 1, 1 << 27)?;
         }
         if let Some(v) = q.mirrors {
-            lq.mirrors = in_range(v, 1, 1 << 20).map_err(bad("quotas.mirrors"))?;
+            lq.mirrors = c.check("quotas.mirrors", in_range(v, 1, 1 << 20))?;
         }
         if let Some(v) = q.inflight {
-            lq.inflight = in_range(v, 1, 4096).map_err(bad("quotas.inflight"))?;
+            lq.inflight = c.check("quotas.inflight", in_range(v, 1, 4096))?;
         }
-        if let Some(v) = &l.dirty.tracking {
-            self.dirty.tracking = DirtyTracking::parse(v).ok_or_else(|| {
-                bad("dirty.tracking")(format!(
-                    "{v:?} is not one of auto, pagemap-scan, soft-dirty, uffd-wp, off"
-                ))
-            })?;
+        Ok(())
+    }
+
+    fn apply_dirty(&mut self, d: &DirtyLayer, c: &Checker<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = &d.tracking {
+            self.dirty.tracking = c.check("dirty.tracking", parse_tracking(v))?;
         }
-        if let Some(v) = &l.dirty.policy {
-            self.dirty.policy = DirtyPolicy::parse(v).ok_or_else(|| {
-                bad("dirty.policy")(format!(
-                    "{v:?} is not one of manual, strict, periodic=MS (MS >= 1)"
-                ))
-            })?;
+        if let Some(v) = &d.policy {
+            self.dirty.policy = c.check("dirty.policy", parse_policy(v))?;
         }
         Ok(())
     }
@@ -833,6 +943,63 @@ mod tests {
             m,
             "command line: bad value for --engines: 0 is outside 1..=16"
         );
+    }
+
+    /// Each check says what is wrong with a typed error, which `BadValue` names the key and
+    /// the layer of.
+    #[test]
+    fn value_errors_are_typed() {
+        let why = |l: Layer| match Config::from_layers(&[(&l, &Source::Flags)]) {
+            Err(ConfigError::BadValue { why, .. }) => why,
+            r => panic!("{r:?}"),
+        };
+        let top = |f: fn(&mut Layer)| {
+            let mut l = Layer::default();
+            f(&mut l);
+            why(l)
+        };
+        assert!(matches!(
+            top(|l| l.workers = Some(0)),
+            ValueError::OutOfRange {
+                value: 0,
+                lo: 1,
+                hi: 256
+            }
+        ));
+        assert!(matches!(
+            top(|l| l.socket = Some(PathBuf::new())),
+            ValueError::EmptyPath
+        ));
+        assert_eq!(
+            top(|l| l.socket = Some("s".repeat(108).into())).to_string(),
+            "108 bytes is too long for a Unix socket path (at most 107)"
+        );
+        assert!(matches!(
+            top(|l| l.access = Some("process-vm".into())),
+            ValueError::ProcessVmRemoved
+        ));
+        assert!(matches!(
+            top(|l| l.log_level = Some(" ".into())),
+            ValueError::EmptyLogLevel
+        ));
+        assert!(matches!(
+            top(|l| l.log_level = Some("info,loud".into())),
+            ValueError::NotALevel(d) if d == "loud"
+        ));
+        assert!(matches!(
+            top(|l| l.dirty.policy = Some("periodic=0".into())),
+            ValueError::NotOneOf { value, .. } if value == "periodic=0"
+        ));
+        assert!(matches!(
+            top(|l| {
+                l.max_clients = Some(4);
+                l.reserved_clients = Some(4);
+            }),
+            ValueError::ReservesAllClients {
+                reserved: 4,
+                max: 4
+            }
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! memshadowd's library: the notifier core, the device model, event sources and the server.
 
 pub mod address_space;
+pub mod bind;
 pub mod config;
 pub mod device;
 pub mod dirty;
@@ -10,6 +11,7 @@ pub mod notifier;
 pub mod server;
 pub mod service;
 pub mod source;
+pub mod startup;
 pub mod sys;
 pub mod trace;
 pub mod workers;

@@ -9,12 +9,17 @@ use std::time::Duration;
 
 use clap::Parser;
 use memshadow_daemon::config::{
-    default_socket_path, DeviceLayer, DirtyLayer, Layer, QuotasLayer, Sources, DEFAULT_CONFIG_PATH,
+    default_socket_path, Config, ConfigError, DeviceLayer, DirtyLayer, Layer, QuotasLayer, Sources,
+    DEFAULT_CONFIG_PATH,
 };
-use memshadow_daemon::server::{error_chain, handled_signals, Listener, Server};
-use memshadow_daemon::service::activation::inherited_listener;
+use memshadow_daemon::server::{
+    error_chain, handled_signals, ListenError, Listener, Server, ServerError,
+};
+use memshadow_daemon::service::activation::{inherited_listener, ActivationError};
+use memshadow_daemon::service::logging::{self, Logging};
 use memshadow_daemon::service::notify::{watchdog_period, Notifier};
-use memshadow_daemon::service::{logging, Reloader, Service, Stall};
+use memshadow_daemon::service::{Reloader, Service, Stall};
+use memshadow_daemon::startup::{self, PageSizeError};
 
 /// Keeps a device-like shadow of client memory coherent through interval notifiers.
 ///
@@ -146,16 +151,57 @@ impl Args {
     }
 }
 
-/// `--print-config`: the effective configuration on stdout.
-#[allow(clippy::print_stdout)]
-fn print_config(sources: &Sources) -> ExitCode {
-    let (mut cfg, file) = match sources.resolve() {
-        Ok(x) => x,
+/// Why memshadowd stops: reported once, by [`main`], which then exits with 1.
+#[derive(Debug, thiserror::Error)]
+enum DaemonError {
+    /// The configuration (file, environment or flags) is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The test-only stall hook is set to something unknown.
+    #[error("{0}")]
+    Stall(String),
+    /// The kernel's pages are not the daemon's.
+    #[error("cannot start")]
+    PageSize(#[source] PageSizeError),
+    /// The signals the session loop handles could not be blocked.
+    #[error("cannot block the handled signals")]
+    Signals(#[source] nix::Error),
+    /// The socket passed by the service manager cannot be served.
+    #[error("cannot start")]
+    Activation(#[source] ActivationError),
+    /// The socket could not be created.
+    #[error("cannot start")]
+    Listen(#[source] ListenError),
+    /// The server could not start.
+    #[error("cannot start")]
+    Start(#[source] ServerError),
+    /// The server stopped on an error.
+    #[error(transparent)]
+    Run(ServerError),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // The level is set from the configuration once it is read.
+    let logging = logging::init("info");
+    let result = if args.print_config {
+        print_config(&args.sources())
+    } else {
+        run(&args, logging)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
+    }
+}
+
+/// `--print-config`: the effective configuration on stdout.
+#[allow(clippy::print_stdout)]
+fn print_config(sources: &Sources) -> Result<(), DaemonError> {
+    let (mut cfg, file) = sources.resolve()?;
     let mut notes = vec![format!(
         "# memshadowd effective configuration: built-in defaults < {} < MEMSHADOW_LOG < flags",
         file.map_or_else(
@@ -174,30 +220,42 @@ fn print_config(sources: &Sources) -> ExitCode {
     }
     notes.push("# a socket passed by the service manager (LISTEN_FDS) replaces `socket`".into());
     print!("{}\n{}", notes.join("\n"), cfg.to_toml());
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// The daemon: its configuration, the checks and settings of the process, the socket, then
+/// the server until it stops.
+fn run(args: &Args, logging: Logging) -> Result<(), DaemonError> {
     let sources = args.sources();
-    // The level is set from the configuration once it is read.
-    let logging = logging::init("info");
-    if args.print_config {
-        return print_config(&sources);
-    }
-    let (cfg, file) = match sources.resolve() {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::error!("{}", error_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
+    let (cfg, file) = sources.resolve()?;
     if let Err(e) = (logging.set_level)(&cfg.log_level) {
         tracing::error!(error = %e, "cannot set the log level");
     }
     if let Some(e) = &logging.journal_error {
         tracing::warn!(error = %e, "JOURNAL_STREAM names stderr but the journal socket cannot be used; logging to stderr");
     }
+    let stall = prepare_process()?;
+    let listener = listener(&cfg)?;
+    tracing::debug!(
+        file = %file.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        journal = logging.to_journal,
+        "configuration read"
+    );
+    let notifier = Arc::new(Notifier::from_env());
+    let reloader = Reloader::new(sources, cfg.clone(), logging.set_level);
+    let mut service = Service::new(Arc::clone(&notifier), watchdog_period(), stall, reloader);
+    let server = Server::start(cfg, listener, service.heartbeat()).map_err(DaemonError::Start)?;
+    let result = server.run_with(&mut service);
+    // STOPPING=1 and the last STATUS= reach the service manager before the exit.
+    notifier.flush(Duration::from_secs(1));
+    result.map_err(DaemonError::Run)
+}
+
+/// What the process needs before any thread exists: pages of the size it is built for,
+/// all the open files the service manager allows, the test stall hook if set, and the
+/// signals the session loop handles blocked (so it gets them through its signalfd).
+fn prepare_process() -> Result<Option<Stall>, DaemonError> {
+    startup::check_kernel_page_size().map_err(DaemonError::PageSize)?;
     // Every client holds fds here: use all the room the service manager allows.
     match memshadow_daemon::sys::rlimit::raise_nofile() {
         Ok(l) => tracing::info!(
@@ -207,81 +265,32 @@ fn main() -> ExitCode {
         ),
         Err(e) => tracing::warn!("{}", error_chain(&e)),
     }
-    let stall = match Stall::from_env() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let stall = Stall::from_env().map_err(DaemonError::Stall)?;
     if let Some(s) = stall {
         tracing::warn!(hook = ?s, "test-only stall hook enabled");
     }
-    // Before any thread exists, so the session loop gets these through its signalfd.
-    if let Err(e) = handled_signals().thread_block() {
-        tracing::error!(error = %e, "cannot block the handled signals");
-        return ExitCode::FAILURE;
+    handled_signals()
+        .thread_block()
+        .map_err(DaemonError::Signals)?;
+    Ok(stall)
+}
+
+/// The socket passed by the service manager, else one bound at the configured path (or
+/// the path rules').
+fn listener(cfg: &Config) -> Result<Listener, DaemonError> {
+    if let Some(l) = inherited_listener().map_err(DaemonError::Activation)? {
+        if let Some(p) = cfg.socket.as_deref().filter(|p| *p != l.path()) {
+            tracing::warn!(
+                configured = %p.display(),
+                passed = %l.path().display(),
+                "socket: serving on the socket passed by the service manager, not the configured path"
+            );
+        }
+        return Ok(l);
     }
-    let listener = match inherited_listener() {
-        Ok(Some(l)) => {
-            if let Some(p) = cfg.socket.as_deref().filter(|p| *p != l.path()) {
-                tracing::warn!(
-                    configured = %p.display(),
-                    passed = %l.path().display(),
-                    "socket: serving on the socket passed by the service manager, not the configured path"
-                );
-            }
-            l
-        }
-        Ok(None) => {
-            let path = match cfg
-                .socket
-                .clone()
-                .map(Ok)
-                .unwrap_or_else(default_socket_path)
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!("{}", error_chain(&e));
-                    return ExitCode::FAILURE;
-                }
-            };
-            match Listener::bind(&path) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!("cannot start: {}", error_chain(&e));
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        Err(e) => {
-            tracing::error!("cannot start: {}", error_chain(&e));
-            return ExitCode::FAILURE;
-        }
+    let path = match &cfg.socket {
+        Some(p) => p.clone(),
+        None => default_socket_path()?,
     };
-    tracing::debug!(
-        file = %file.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
-        journal = logging.to_journal,
-        "configuration read"
-    );
-    let notifier = Arc::new(Notifier::from_env());
-    let reloader = Reloader::new(sources, cfg.clone(), logging.set_level);
-    let mut service = Service::new(Arc::clone(&notifier), watchdog_period(), stall, reloader);
-    let server = match Server::start(cfg, listener, service.heartbeat()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot start: {}", error_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = server.run_with(&mut service);
-    // STOPPING=1 and the last STATUS= reach the service manager before the exit.
-    notifier.flush(Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{}", error_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
+    Listener::bind(&path).map_err(DaemonError::Listen)
 }

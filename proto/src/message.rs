@@ -984,6 +984,11 @@ impl Response {
                 pieces(mirrors, |mirrors| Response::Mirrors { mirrors })
             }
             Response::StatusReport { info, counters } => {
+                // Only a report longer than one message goes in pieces.
+                let len = 8 + items_len(&info) + items_len(&counters);
+                if len <= MAX_PAYLOAD && info.len() <= MAX_LIST && counters.len() <= MAX_LIST {
+                    return vec![Response::StatusReport { info, counters }];
+                }
                 let mut v = pieces(info, |info| Response::StatusReport {
                     info,
                     counters: Vec::new(),
@@ -1021,6 +1026,15 @@ impl Response {
         }
         true
     }
+}
+
+/// The encoded length of `items`, without the count.
+fn items_len<T: Item>(items: &[T]) -> usize {
+    let mut w = Writer::new();
+    for item in items {
+        item.put_item(&mut w);
+    }
+    w.into_bytes().len()
 }
 
 /// `items` cut into lists that each fit one message, wrapped by `wrap`; at least one (an
@@ -1447,6 +1461,15 @@ mod tests {
             let payload = resp.encode_payload();
             assert!(payload.len() <= MAX_PAYLOAD, "{resp:?} is too big");
             assert_eq!(Response::decode(resp.msg_type(), &payload, 0), Ok(resp));
+        }
+    }
+
+    /// A list answer that fits one message is sent as one (docs/protocol.md, "Answers in
+    /// pieces"): a peer that does not put pieces together still reads it whole.
+    #[test]
+    fn an_answer_that_fits_is_one_piece() {
+        for resp in responses() {
+            assert_eq!(resp.clone().into_pieces(), vec![resp]);
         }
     }
 

@@ -1,14 +1,19 @@
 //! Turns one decoded request of one session into its response: the protocol state machine
-//! (Hello → Bind → the rest), the checks of G7 (who may read what, handed-over fds, ranges,
-//! quotas) and the mapping of typed errors onto wire error codes.
+//! (Hello → Bind → the rest), the checks of G7 (who may act on whom, ranges, quotas), and
+//! the calls into the domain (`AddressSpace`, [`crate::bind`]). Every refusal is a typed error;
+//! [`super::wire_error`] gives each its wire code, in one place.
+//!
+//! [`handle`] reads as the table of contents: [`admit`] (the session's state), then one
+//! function per request.
 
 use crate::lock;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use memshadow_proto::{
-    AccessPath, AttachPolicy, BindFlags, ClientInfo, ErrorCode, EventKind, InvalidateFlags, Limits,
+    AccessPath, AttachPolicy, BindFlags, ClientInfo, EventKind, InvalidateFlags, Limits,
     MirrorInfo, Request, Response, SyncReport, MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION,
     VERSION,
 };
@@ -16,16 +21,14 @@ use memshadow_proto::{
 use super::convert;
 use super::session::{Binding, Hello, Session};
 use super::stream::{event_of, report_of, Subscriber};
-use super::{error_chain, Core};
+use super::wire_error::WireError;
+use super::Core;
 use crate::address_space::{AddressSpace, SyncStats, WatchError};
-use crate::device::{DeviceError, ShadowError};
+use crate::bind::{BindRequest, Binder};
 use crate::dirty::periodic::MIN_PERIOD;
-use crate::dirty::uffd_wp::ArmingSource;
-use crate::dirty::{Backend, ClientDirty, DirtyPolicy};
-use crate::handover::Handover;
-use crate::source::{MemFileSource, MemorySource};
-use crate::sys::maps::Maps;
-use crate::sys::uffd::{features, UffdError};
+use crate::dirty::Backend;
+use crate::dirty::DirtyPolicy;
+use crate::sys::uffd::UffdError;
 use crate::sys::{self, PAGE_SIZE};
 
 /// True for requests that may block (memory reads, uffd registration that takes the client's
@@ -44,16 +47,127 @@ pub fn is_slow(req: &Request) -> bool {
     )
 }
 
-/// Root and the daemon's own uid may look at and act on every client (G7).
-fn privileged(core: &Core, s: &Session) -> bool {
-    core.privileged(s.peer.uid)
-}
-
 /// Trace streams one session may receive.
 const MAX_STREAMS: u32 = 1;
 
-fn err(code: ErrorCode, msg: impl Into<String>) -> Response {
-    Response::error(code, msg)
+/// A request refused for the state of the daemon or of the session.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// Anything but `Hello` first.
+    #[error("{0} before hello")]
+    BeforeHello(&'static str),
+    /// A second `Hello`.
+    #[error("second hello")]
+    SecondHello,
+    /// A request about mirrors on a session that is not bound.
+    #[error("bind first")]
+    NotBound,
+    /// A second `Bind`.
+    #[error("already bound")]
+    AlreadyBound,
+    /// The address space the session bound is gone: the session ends.
+    #[error("the client's address space is gone (it exec'd or exited); the session ends")]
+    ClientGone,
+}
+
+/// `Hello` with no version in common.
+#[derive(Debug, thiserror::Error)]
+#[error("client speaks {min}..={max}, daemon speaks {MIN_VERSION}..={VERSION}")]
+pub struct NoCommonVersion {
+    /// The lowest version the client speaks.
+    pub min: u16,
+    /// The highest.
+    pub max: u16,
+}
+
+/// What only root and the daemon's owner may do (G7).
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    /// `ListClients`.
+    #[error("listing clients is for root or the daemon's owner")]
+    ListClients,
+    /// `ListMirrors` of another pid, or of every client.
+    #[error("listing another client's mirrors is for root or the daemon's owner")]
+    ListMirrors,
+    /// `Trace` of every client.
+    #[error("tracing every client is for root or the daemon's owner (trace your own pid)")]
+    TraceAll,
+    /// `Trace` of another pid.
+    #[error("tracing pid {0} is for root or the daemon's owner")]
+    Trace(i32),
+    /// `Peek`, `Invalidate` or `SyncPid` of (for `Peek`, any) pid.
+    #[error("acting on pid {0} is for root or the daemon's owner")]
+    ActOn(i32),
+}
+
+/// A request names a pid that is not a bound client (or no longer is one).
+#[derive(Debug, thiserror::Error)]
+#[error("pid {0} is not a bound client")]
+pub struct NoSuchClient(pub i32);
+
+/// `Read` and `Peek` refusals of their own.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Longer than one answer carries.
+    #[error("read of {0} bytes exceeds the limit of {MAX_READ}")]
+    TooLong(u32),
+    /// `Peek` of an address outside the client's mirrors.
+    #[error("{addr:#x} is not in a mirror of pid {pid}")]
+    NotMirrored {
+        /// The address.
+        addr: u64,
+        /// The client.
+        pid: i32,
+    },
+}
+
+/// `Attach` refusals of its own (the rest come from [`AddressSpace::attach_with`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The mirror quota in force now (a reload may have lowered it below the bind-time one
+    /// that `AddressSpace` enforces).
+    #[error("mirror quota of {0} ranges reached")]
+    MirrorQuota(u32),
+    /// A `periodic` policy faster than the daemon allows.
+    #[error(
+        "a collection period of {} ms is below the daemon's minimum of {} ms",
+        .period.as_millis(),
+        .min.as_millis()
+    )]
+    PeriodTooShort {
+        /// The period asked for.
+        period: Duration,
+        /// The daemon's minimum.
+        min: Duration,
+    },
+    /// Another session of the same process watches the range already.
+    #[error(
+        "range {addr:#x}+{len:#x} is already attached through another memshadow session of \
+         this process (pid {pid}); the kernel lets one userfaultfd watch a range, so attach \
+         it through that session (clone its Client): mirrors of one session may overlap"
+    )]
+    OtherSession {
+        /// First byte.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The process.
+        pid: i32,
+    },
+}
+
+/// `Trace` refusals of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// Bits of the event mask that name no event kind.
+    #[error("unknown event bits in {0:#x}")]
+    UnknownEvents(u32),
+    /// The session has its stream already.
+    #[error("a session may have {MAX_STREAMS} trace stream; open another connection")]
+    TooManyStreams,
 }
 
 /// Answers request `rid` of session `s`, `req`, which came with `fds`.
@@ -64,77 +178,74 @@ pub fn handle(
     req: Request,
     fds: Vec<OwnedFd>,
 ) -> Response {
+    admit(core, s, &req)
+        .map_err(WireError::from)
+        .and_then(|()| dispatch(core, s, rid, req, fds))
+        .unwrap_or_else(Response::from)
+}
+
+/// The refusals every request meets first, in this order: the daemon stopping; anything
+/// but `Hello` before `Hello`; a session whose client's address space is gone; a second
+/// `Hello`.
+fn admit(core: &Core, s: &Session, req: &Request) -> Result<(), StateError> {
     if core.stopping.load(Relaxed) {
-        return err(ErrorCode::ShuttingDown, "the daemon is shutting down");
+        return Err(StateError::ShuttingDown);
     }
-    let Some(hello) = s.hello.get() else {
-        return match req {
-            Request::Hello {
-                min_version,
-                max_version,
-                name,
-            } => hello(core, s, min_version, max_version, name),
-            other => err(
-                ErrorCode::OutOfOrder,
-                format!("{} before hello", other.name()),
-            ),
+    let is_hello = matches!(req, Request::Hello { .. });
+    if s.hello.get().is_none() {
+        return if is_hello {
+            Ok(())
+        } else {
+            Err(StateError::BeforeHello(req.name()))
         };
-    };
-    let _ = hello;
-    if let Some(w) = s.watched() {
-        if !w.alive() {
-            // The client `exec`ed (or exited) and another process speaks for it: nothing of
-            // the address space it bound is left to serve (docs/threat-model.md).
-            core.note_gone(s);
-            return err(
-                ErrorCode::AccessFailed,
-                "the client's address space is gone (it exec'd or exited); the session ends",
-            );
-        }
     }
+    if s.watched().is_some_and(|w| !w.alive()) {
+        // The client `exec`ed (or exited) and another process speaks for it: nothing of
+        // the address space it bound is left to serve (docs/threat-model.md).
+        core.note_gone(s);
+        return Err(StateError::ClientGone);
+    }
+    if is_hello {
+        return Err(StateError::SecondHello);
+    }
+    Ok(())
+}
+
+/// The request's own work, once [`admit`] let it through.
+fn dispatch(
+    core: &Core,
+    s: &Arc<Session>,
+    rid: u64,
+    req: Request,
+    fds: Vec<OwnedFd>,
+) -> Result<Response, WireError> {
     match req {
-        Request::Hello { .. } => err(ErrorCode::OutOfOrder, "second hello"),
+        Request::Hello {
+            min_version,
+            max_version,
+            name,
+        } => Ok(hello(core, s, min_version, max_version, name)?),
         Request::Bind { flags } => bind(core, s, flags, fds),
-        Request::Status => Response::StatusReport {
+        Request::Status => Ok(Response::StatusReport {
             info: status_info(core, s),
             counters: status(core),
-        },
-        Request::ClientStats => Response::Counters {
-            entries: client_stats(s),
-        },
-        Request::ListClients => list_clients(core, s),
-        Request::Attach { addr, len, policy } => attach(core, s, addr, len, policy),
-        Request::Detach { mirror_id } => with_bound(s, |w| {
-            w.detach(mirror_id).map_err(watch_err)?;
-            Ok(Response::Detached)
         }),
+        Request::ClientStats => Ok(Response::Counters {
+            entries: client_stats(s),
+        }),
+        Request::ListClients => Ok(list_clients(core, s)?),
+        Request::Attach { addr, len, policy } => attach(core, s, addr, len, policy),
+        Request::Detach { mirror_id } => detach(s, mirror_id),
         Request::Read {
             mirror_id,
             offset,
             len,
-        } => with_bound(s, |w| {
-            if len as usize > MAX_READ {
-                return Err(err(
-                    ErrorCode::BadRange,
-                    format!("read of {len} bytes exceeds the limit of {MAX_READ}"),
-                ));
-            }
-            let bytes = w.read(mirror_id, offset, len as usize).map_err(watch_err)?;
-            Ok(Response::Data { bytes })
-        }),
+        } => read(s, mirror_id, offset, len),
         Request::Populate {
             mirror_id,
             offset,
             len,
-        } => with_bound(s, |w| {
-            let pages = w.populate(mirror_id, offset, len).map_err(watch_err)?;
-            Ok(Response::Populated { pages })
-        }),
-        Request::ListMirrors { pid: 0 } => with_bound(s, |w| {
-            Ok(Response::Mirrors {
-                mirrors: mirror_infos(s.peer.pid, w),
-            })
-        }),
+        } => populate(s, mirror_id, offset, len),
         Request::ListMirrors { pid } => list_mirrors(core, s, pid),
         Request::Peek { pid, addr, len } => peek(core, s, pid, addr, len),
         Request::Invalidate {
@@ -143,30 +254,231 @@ pub fn handle(
             len,
             event,
             flags,
-        } => invalidate(core, s, pid, addr, len, event, flags),
+        } => invalidate(core, s, pid, (addr, len), event, flags),
         Request::Trace { pid, events } => trace(core, s, rid, pid, events),
-        Request::Sync { mirror_id } => with_bound(s, |w| {
-            let id = (mirror_id != 0).then_some(mirror_id);
-            let done = w.sync(id).map_err(watch_err)?;
-            Ok(synced(&done))
-        }),
-        Request::SyncPid { pid } => {
-            let c = match target(core, s, pid, true) {
-                Ok(c) => c,
-                Err(r) => return r,
-            };
-            with_bound(&c, |w| {
-                let done = w.sync(None).map_err(watch_err)?;
-                tracing::debug!(
-                    pid,
-                    by = s.peer.pid,
-                    pages_dirty = done.collected.pages_dirty,
-                    "sync of a client"
-                );
-                Ok(synced(&done))
-            })
-        }
+        Request::Sync { mirror_id } => sync(s, mirror_id),
+        Request::SyncPid { pid } => sync_pid(core, s, pid),
     }
+}
+
+// ---- Hello and Bind ----
+
+fn hello(
+    core: &Core,
+    s: &Session,
+    min: u16,
+    max: u16,
+    name: String,
+) -> Result<Response, NoCommonVersion> {
+    let lo = min.max(MIN_VERSION);
+    let hi = max.min(VERSION);
+    if min > max || lo > hi {
+        return Err(NoCommonVersion { min, max });
+    }
+    let limits = core.limits();
+    let q = limits.quotas;
+    // The name is for logs and listings: never let a client write control characters there.
+    let name = escape_controls(&name);
+    tracing::debug!(client = s.id, pid = s.peer.pid, name = %name, version = hi, "hello");
+    let _ = s.hello.set(Hello { version: hi, name });
+    Ok(Response::HelloAck {
+        version: hi,
+        daemon_version: env!("CARGO_PKG_VERSION").into(),
+        page_size: PAGE_SIZE as u32,
+        limits: Limits {
+            max_payload: MAX_PAYLOAD as u32,
+            max_fds: MAX_FDS as u16,
+            max_read: MAX_READ as u32,
+            shadow_bytes: q.shadow_bytes,
+            mirrors: q.mirrors,
+            inflight: q.inflight,
+            clients_per_uid: limits.clients_per_uid,
+        },
+    })
+}
+
+/// `text` with control characters written as escapes (`\u{1b}`), so that what a client
+/// chose (its name, its process name) cannot forge a log line or drive a terminal.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let esc = c.is_control().then(|| c.escape_default());
+            esc.into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
+}
+
+/// `Bind`: the domain builds the client ([`Binder::bind`]); the session keeps it and the
+/// event reader starts watching its uffd.
+fn bind(
+    core: &Core,
+    s: &Session,
+    flags: BindFlags,
+    fds: Vec<OwnedFd>,
+) -> Result<Response, WireError> {
+    let _g = lock(&s.bind_lock);
+    if s.binding.get().is_some() {
+        return Err(StateError::AlreadyBound.into());
+    }
+    let bound = binder(core, s).bind(BindRequest {
+        fds,
+        pid: s.peer.pid,
+        version: s.hello.get().map_or(1, |h| h.version),
+        privileged_uffd: flags.contains(BindFlags::UFFD_PRIVILEGED),
+    })?;
+    log_bound(s, &bound.watched);
+    let binding = Binding {
+        watched: Arc::clone(&bound.watched),
+        access: AccessPath::MemFd,
+        uffd_features: bound.uffd_features,
+    };
+    let resp = Response::Bound {
+        access: binding.access,
+        uffd_features: binding.uffd_features,
+    };
+    let _ = s.binding.set(binding);
+    core.events.watch(s.id, bound.watched, s.peer.uid)?;
+    Ok(resp)
+}
+
+/// What a client of `s`'s user is built with, under the quotas in force now.
+fn binder<'a>(core: &'a Core, s: &Session) -> Binder<'a> {
+    let quotas = core.limits().quotas;
+    Binder {
+        device: &core.device,
+        dirty: &core.dirty.selection,
+        dirty_counters: &core.dirty.counters,
+        shadow_quota: quotas.shadow_bytes,
+        mirrors_quota: quotas.mirrors,
+        account: core.account(s.peer.uid),
+    }
+}
+
+fn log_bound(s: &Session, w: &AddressSpace) {
+    if let Err(why) = w.dirty().backend() {
+        tracing::debug!(client = s.id, pid = s.peer.pid, reason = %why, "client without dirty tracking");
+    }
+    tracing::info!(
+        client = s.id,
+        pid = s.peer.pid,
+        uid = s.peer.uid,
+        access = AccessPath::MemFd.as_str(),
+        dirty = w.dirty().backend().map_or("off", Backend::as_str),
+        "client bound"
+    );
+}
+
+// ---- Requests of a bound client about its own mirrors ----
+
+/// The session's bound client.
+fn bound(s: &Session) -> Result<&Arc<AddressSpace>, StateError> {
+    s.watched().ok_or(StateError::NotBound)
+}
+
+/// `Attach`, with its collection policy ([`attach_policy`]).
+fn attach(
+    core: &Core,
+    s: &Session,
+    addr: u64,
+    len: u64,
+    requested: AttachPolicy,
+) -> Result<Response, WireError> {
+    let w = bound(s)?;
+    let max = core.limits().quotas.mirrors;
+    if w.len() >= max as usize {
+        return Err(AttachError::MirrorQuota(max).into());
+    }
+    let policy = attach_policy(core, w, requested)?;
+    w.set_attach_quota(core.limits().quotas.attached_bytes);
+    let id = w
+        .attach_with(addr, len, policy)
+        .map_err(|e| attach_refusal(core, s, addr, len, e))?;
+    if let DirtyPolicy::Periodic(period) = policy {
+        let target: Arc<dyn crate::dirty::periodic::PeriodicTarget> = Arc::clone(w) as _;
+        core.dirty
+            .periodic
+            .add(Arc::downgrade(&target), id, period, s.peer.uid);
+    }
+    tracing::debug!(client = s.id, mirror = id, addr, len, policy = %policy, "attached");
+    Ok(Response::Attached { mirror_id: id })
+}
+
+/// The flags' choice of policy, else the daemon's default (which falls back to `manual`
+/// for a client without dirty tracking; an explicit policy other than `manual` is refused
+/// to such a client, by `AddressSpace`).
+fn attach_policy(
+    core: &Core,
+    w: &AddressSpace,
+    requested: AttachPolicy,
+) -> Result<DirtyPolicy, AttachError> {
+    let policy = if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
+        DirtyPolicy::Manual
+    } else {
+        convert::attach_policy(requested, core.cfg.dirty.policy)
+    };
+    match policy {
+        DirtyPolicy::Periodic(period) if period < MIN_PERIOD => Err(AttachError::PeriodTooShort {
+            period,
+            min: MIN_PERIOD,
+        }),
+        p => Ok(p),
+    }
+}
+
+/// An attach the kernel refused because another uffd watches the range is named as such
+/// when that uffd is another session of the same process.
+fn attach_refusal(core: &Core, s: &Session, addr: u64, len: u64, e: WatchError) -> WireError {
+    match e {
+        WatchError::Uffd(UffdError::Busy { .. }) if another_session_of(core, s) => {
+            AttachError::OtherSession {
+                addr,
+                len,
+                pid: s.peer.pid,
+            }
+            .into()
+        }
+        e => e.into(),
+    }
+}
+
+/// True if the peer of `s` has another bound session (with another userfaultfd of the same
+/// address space).
+fn another_session_of(core: &Core, s: &Session) -> bool {
+    core.sessions()
+        .iter()
+        .any(|o| o.id != s.id && o.peer.pid == s.peer.pid && o.watched().is_some())
+}
+
+fn detach(s: &Session, mirror_id: u64) -> Result<Response, WireError> {
+    bound(s)?.detach(mirror_id)?;
+    Ok(Response::Detached)
+}
+
+fn read(s: &Session, mirror_id: u64, offset: u64, len: u32) -> Result<Response, WireError> {
+    let w = bound(s)?;
+    let bytes = w.read(mirror_id, offset, read_len(len)?)?;
+    Ok(Response::Data { bytes })
+}
+
+/// The length of a device read, at most what one answer carries.
+fn read_len(len: u32) -> Result<usize, ReadError> {
+    match len as usize {
+        n if n > MAX_READ => Err(ReadError::TooLong(len)),
+        n => Ok(n),
+    }
+}
+
+fn populate(s: &Session, mirror_id: u64, offset: u64, len: u64) -> Result<Response, WireError> {
+    let pages = bound(s)?.populate(mirror_id, offset, len)?;
+    Ok(Response::Populated { pages })
+}
+
+fn sync(s: &Session, mirror_id: u64) -> Result<Response, WireError> {
+    let id = (mirror_id != 0).then_some(mirror_id);
+    let done = bound(s)?.sync(id)?;
+    Ok(synced(&done))
 }
 
 fn synced(d: &SyncStats) -> Response {
@@ -183,72 +495,80 @@ fn synced(d: &SyncStats) -> Response {
     }
 }
 
-/// `Attach`, with its collection policy: the flags' choice, else the daemon's default (which
-/// falls back to `manual` for a client without dirty tracking; an explicit policy other than
-/// `manual` is refused to such a client).
-fn attach(core: &Core, s: &Session, addr: u64, len: u64, requested: AttachPolicy) -> Response {
-    let Some(b) = s.binding.get() else {
-        return err(ErrorCode::OutOfOrder, "bind first");
-    };
-    let w = &b.watched;
-    // The quota in force now (a reload may have lowered it below the bind-time one that
-    // `AddressSpace` enforces).
-    let max = core.limits().quotas.mirrors;
-    if w.len() >= max as usize {
-        return err(
-            ErrorCode::QuotaExceeded,
-            format!("mirror quota of {max} ranges reached"),
-        );
-    }
-    let mut policy = convert::attach_policy(requested, core.cfg.dirty.policy);
-    if requested == AttachPolicy::Default && w.dirty().backend().is_err() {
-        policy = DirtyPolicy::Manual;
-    }
-    if let DirtyPolicy::Periodic(p) = policy {
-        if p < MIN_PERIOD {
-            return err(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "a collection period of {} ms is below the daemon's minimum of {} ms",
-                    p.as_millis(),
-                    MIN_PERIOD.as_millis()
-                ),
-            );
-        }
-    }
-    w.set_attach_quota(core.limits().quotas.attached_bytes);
-    let id = match w.attach_with(addr, len, policy) {
-        Ok(id) => id,
-        Err(WatchError::Uffd(UffdError::Busy { .. })) if another_session_of(core, s) => {
-            return err(
-                ErrorCode::AlreadyWatched,
-                format!(
-                    "range {addr:#x}+{len:#x} is already attached through another memshadow \
-                     session of this process (pid {}); the kernel lets one userfaultfd watch \
-                     a range, so attach it through that session (clone its Client): mirrors \
-                     of one session may overlap",
-                    s.peer.pid
-                ),
-            )
-        }
-        Err(e) => return watch_err(e),
-    };
-    if let DirtyPolicy::Periodic(period) = policy {
-        let target: Arc<dyn crate::dirty::periodic::PeriodicTarget> = Arc::clone(w) as _;
-        core.dirty
-            .periodic
-            .add(Arc::downgrade(&target), id, period, s.peer.uid);
-    }
-    tracing::debug!(client = s.id, mirror = id, addr, len, policy = %policy, "attached");
-    Response::Attached { mirror_id: id }
+// ---- Requests about a client named by its pid (G7) ----
+
+/// Root and the daemon's own uid may look at and act on every client (G7).
+fn privileged(core: &Core, s: &Session) -> bool {
+    core.privileged(s.peer.uid)
 }
 
-/// True if the peer of `s` has another bound session (with another userfaultfd of the same
-/// address space).
-fn another_session_of(core: &Core, s: &Session) -> bool {
+/// `Err(denied)` unless `allowed`.
+fn require(allowed: bool, denied: Denied) -> Result<(), Denied> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(denied)
+    }
+}
+
+/// True while `c` serves a client: bound, not closing, its process and the address space
+/// it bound alive.
+fn serves(c: &Session) -> bool {
+    !c.closing.load(Relaxed)
+        && c.watched().is_some_and(|w| w.alive())
+        && sys::pidfd_alive(c.pidfd.as_fd())
+}
+
+/// A session that serves the client with pid `pid`.
+fn bound_client(core: &Core, pid: i32) -> Result<Arc<Session>, NoSuchClient> {
     core.sessions()
+        .into_iter()
+        .find(|c| c.peer.pid == pid && serves(c))
+        .ok_or(NoSuchClient(pid))
+}
+
+/// Runs `op` on the bound client with pid `pid`. If it fails because that client went away
+/// meanwhile (it exited, its session closed), the answer is that there is no such client,
+/// whatever `op` met on the way (a mirror gone, say).
+fn on_client(
+    core: &Core,
+    pid: i32,
+    op: impl FnOnce(&AddressSpace) -> Result<Response, WireError>,
+) -> Result<Response, WireError> {
+    let c = bound_client(core, pid)?;
+    let w = c.watched().ok_or(NoSuchClient(pid))?;
+    op(w).map_err(|e| {
+        if core.stopping.load(Relaxed) || serves(&c) {
+            e
+        } else {
+            NoSuchClient(pid).into()
+        }
+    })
+}
+
+/// `ListMirrors`: this session's (pid 0), one client's, or every client's (-1).
+fn list_mirrors(core: &Core, s: &Session, pid: i32) -> Result<Response, WireError> {
+    if pid == 0 {
+        return Ok(Response::Mirrors {
+            mirrors: mirror_infos(s.peer.pid, bound(s)?),
+        });
+    }
+    require(
+        privileged(core, s) || pid == s.peer.pid,
+        Denied::ListMirrors,
+    )?;
+    if pid != -1 {
+        bound_client(core, pid)?;
+    }
+    let mut mirrors: Vec<MirrorInfo> = core
+        .sessions()
         .iter()
-        .any(|o| o.id != s.id && o.peer.pid == s.peer.pid && o.watched().is_some())
+        .filter(|c| pid == -1 || c.peer.pid == pid)
+        .filter_map(|c| c.watched().map(|w| mirror_infos(c.peer.pid, w)))
+        .flatten()
+        .collect();
+    mirrors.sort_by_key(|m| (m.pid, m.addr));
+    Ok(Response::Mirrors { mirrors })
 }
 
 fn mirror_infos(pid: i32, w: &AddressSpace) -> Vec<MirrorInfo> {
@@ -266,89 +586,30 @@ fn mirror_infos(pid: i32, w: &AddressSpace) -> Vec<MirrorInfo> {
         .collect()
 }
 
-/// The bound client with pid `pid`, for a request that acts on another client: refused to
-/// anyone but root, the daemon's owner, or (if `self_ok`) that client itself.
-fn target(core: &Core, s: &Session, pid: i32, self_ok: bool) -> Result<Arc<Session>, Response> {
-    let allowed = privileged(core, s) || (self_ok && pid == s.peer.pid);
-    if !allowed {
-        return Err(err(
-            ErrorCode::PermissionDenied,
-            format!("acting on pid {pid} is for root or the daemon's owner"),
-        ));
-    }
-    core.sessions()
-        .into_iter()
-        .find(|c| c.peer.pid == pid && c.watched().is_some())
-        .ok_or_else(|| {
-            err(
-                ErrorCode::NoSuchClient,
-                format!("no bound client with pid {pid}"),
-            )
-        })
-}
-
-fn list_mirrors(core: &Core, s: &Session, pid: i32) -> Response {
-    if !privileged(core, s) && pid != s.peer.pid {
-        return err(
-            ErrorCode::PermissionDenied,
-            "listing another client's mirrors is for root or the daemon's owner",
-        );
-    }
-    let mut mirrors: Vec<MirrorInfo> = core
-        .sessions()
-        .iter()
-        .filter(|c| pid == -1 || c.peer.pid == pid)
-        .filter_map(|c| c.watched().map(|w| mirror_infos(c.peer.pid, w)))
-        .flatten()
-        .collect();
-    mirrors.sort_by_key(|m| (m.pid, m.addr));
-    Response::Mirrors { mirrors }
-}
-
-fn peek(core: &Core, s: &Session, pid: i32, addr: u64, len: u32) -> Response {
-    let c = match target(core, s, pid, false) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    with_bound(&c, |w| {
-        if len as usize > MAX_READ {
-            return Err(err(
-                ErrorCode::BadRange,
-                format!("read of {len} bytes exceeds the limit of {MAX_READ}"),
-            ));
-        }
-        let m = w.find(addr).ok_or_else(|| {
-            err(
-                ErrorCode::NotMirrored,
-                format!("{addr:#x} is not in a mirror of pid {pid}"),
-            )
-        })?;
-        let bytes = w
-            .read(m.id, addr - m.addr, len as usize)
-            .map_err(watch_err)?;
+/// `Peek`: a device read of another client's shadow, at its address.
+fn peek(core: &Core, s: &Session, pid: i32, addr: u64, len: u32) -> Result<Response, WireError> {
+    require(privileged(core, s), Denied::ActOn(pid))?;
+    on_client(core, pid, |w| {
+        let len = read_len(len)?;
+        let m = w.find(addr).ok_or(ReadError::NotMirrored { addr, pid })?;
+        let bytes = w.read(m.id, addr - m.addr, len)?;
         Ok(Response::Data { bytes })
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `Invalidate`: an invalidation of `addr..addr+len` injected into a client's shadow.
 fn invalidate(
     core: &Core,
     s: &Session,
     pid: i32,
-    addr: u64,
-    len: u64,
+    (addr, len): (u64, u64),
     event: EventKind,
     flags: InvalidateFlags,
-) -> Response {
-    let c = match target(core, s, pid, true) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    with_bound(&c, |w| {
+) -> Result<Response, WireError> {
+    require(privileged(core, s) || pid == s.peer.pid, Denied::ActOn(pid))?;
+    on_client(core, pid, |w| {
         let blockable = !flags.contains(InvalidateFlags::NON_BLOCKING);
-        let done = w
-            .inject(addr, len, event_of(event), blockable)
-            .map_err(watch_err)?;
+        let done = w.inject(addr, len, event_of(event), blockable)?;
         tracing::info!(
             pid,
             start = done.range.start(),
@@ -364,35 +625,36 @@ fn invalidate(
     })
 }
 
-fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Response {
-    let pid = match pid {
-        0 if privileged(core, s) => None,
-        0 => {
-            return err(
-                ErrorCode::PermissionDenied,
-                "tracing every client is for root or the daemon's owner (trace your own pid)",
-            )
-        }
-        p if p == s.peer.pid || privileged(core, s) => Some(p),
-        p => {
-            return err(
-                ErrorCode::PermissionDenied,
-                format!("tracing pid {p} is for root or the daemon's owner"),
-            )
-        }
-    };
-    if events >> EventKind::ALL.len() != 0 {
-        return err(
-            ErrorCode::BadMessage,
-            format!("unknown event bits in {events:#x}"),
+/// `SyncPid`: collects the written pages of every mirror of a client.
+fn sync_pid(core: &Core, s: &Session, pid: i32) -> Result<Response, WireError> {
+    require(privileged(core, s) || pid == s.peer.pid, Denied::ActOn(pid))?;
+    on_client(core, pid, |w| {
+        let done = w.sync(None)?;
+        tracing::debug!(
+            pid,
+            by = s.peer.pid,
+            pages_dirty = done.collected.pages_dirty,
+            "sync of a client"
         );
+        Ok(synced(&done))
+    })
+}
+
+/// `Trace`: a stream of the invalidations of one client, or of every client.
+fn trace(
+    core: &Core,
+    s: &Arc<Session>,
+    rid: u64,
+    pid: i32,
+    events: u32,
+) -> Result<Response, WireError> {
+    let pid = trace_target(core, s, pid)?;
+    if events >> EventKind::ALL.len() != 0 {
+        return Err(TraceError::UnknownEvents(events).into());
     }
     if s.streams.fetch_add(1, Relaxed) >= MAX_STREAMS {
         s.streams.fetch_sub(1, Relaxed);
-        return err(
-            ErrorCode::QuotaExceeded,
-            format!("a session may have {MAX_STREAMS} trace stream; open another connection"),
-        );
+        return Err(TraceError::TooManyStreams.into());
     }
     core.streams.add(Subscriber {
         session: Arc::downgrade(s),
@@ -402,217 +664,22 @@ fn trace(core: &Core, s: &Arc<Session>, rid: u64, pid: i32, events: u32) -> Resp
         dropped: 0,
     });
     tracing::debug!(client = s.id, ?pid, events, "trace stream started");
-    Response::TraceStarted
+    Ok(Response::TraceStarted)
 }
 
-/// `text` with control characters written as escapes (`\u{1b}`), so that what a client
-/// chose (its name, its process name) cannot forge a log line or drive a terminal.
-pub fn escape_controls(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            let esc = c.is_control().then(|| c.escape_default());
-            esc.into_iter()
-                .flatten()
-                .chain((!c.is_control()).then_some(c))
-        })
-        .collect()
+/// Whose invalidations a `Trace` of `pid` streams: every client's (pid 0, privileged), or
+/// those of the bound client `pid` (its own, or privileged).
+fn trace_target(core: &Core, s: &Session, pid: i32) -> Result<Option<i32>, WireError> {
+    if pid == 0 {
+        require(privileged(core, s), Denied::TraceAll)?;
+        return Ok(None);
+    }
+    require(pid == s.peer.pid || privileged(core, s), Denied::Trace(pid))?;
+    bound_client(core, pid)?;
+    Ok(Some(pid))
 }
 
-fn with_bound(
-    s: &Session,
-    f: impl FnOnce(&AddressSpace) -> Result<Response, Response>,
-) -> Response {
-    match s.watched() {
-        None => err(ErrorCode::OutOfOrder, "bind first"),
-        Some(w) => f(w).unwrap_or_else(|e| e),
-    }
-}
-
-fn hello(core: &Core, s: &Session, min: u16, max: u16, name: String) -> Response {
-    let lo = min.max(MIN_VERSION);
-    let hi = max.min(VERSION);
-    if min > max || lo > hi {
-        return err(
-            ErrorCode::ProtocolVersion,
-            format!("client speaks {min}..={max}, daemon speaks {MIN_VERSION}..={VERSION}"),
-        );
-    }
-    let limits = core.limits();
-    let q = limits.quotas;
-    // The name is for logs and listings: never let a client write control characters there.
-    let name = escape_controls(&name);
-    let _ = s.hello.set(Hello {
-        version: hi,
-        name: name.clone(),
-    });
-    tracing::debug!(client = s.id, pid = s.peer.pid, name = %name, version = hi, "hello");
-    Response::HelloAck {
-        version: hi,
-        daemon_version: env!("CARGO_PKG_VERSION").into(),
-        page_size: PAGE_SIZE as u32,
-        limits: Limits {
-            max_payload: MAX_PAYLOAD as u32,
-            max_fds: MAX_FDS as u16,
-            max_read: MAX_READ as u32,
-            shadow_bytes: q.shadow_bytes,
-            mirrors: q.mirrors,
-            inflight: q.inflight,
-            clients_per_uid: limits.clients_per_uid,
-        },
-    }
-}
-
-fn bind(core: &Core, s: &Session, flags: BindFlags, fds: Vec<OwnedFd>) -> Response {
-    let _g = lock(&s.bind_lock);
-    if s.binding.get().is_some() {
-        return err(ErrorCode::OutOfOrder, "already bound");
-    }
-    match bind_inner(core, s, flags.contains(BindFlags::UFFD_PRIVILEGED), fds) {
-        Ok(b) => {
-            let resp = Response::Bound {
-                access: b.access,
-                uffd_features: b.uffd_features,
-            };
-            tracing::info!(
-                client = s.id,
-                pid = s.peer.pid,
-                uid = s.peer.uid,
-                access = b.access.as_str(),
-                dirty = b.watched.dirty().backend().map_or("off", Backend::as_str),
-                "client bound"
-            );
-            let w = Arc::clone(&b.watched);
-            let _ = s.binding.set(b);
-            if let Err(e) = core.events.watch(s.id, w, s.peer.uid) {
-                return err(ErrorCode::Internal, error_chain(&e));
-            }
-            resp
-        }
-        Err(r) => r,
-    }
-}
-
-fn bind_inner(
-    core: &Core,
-    s: &Session,
-    privileged_uffd: bool,
-    fds: Vec<OwnedFd>,
-) -> Result<Binding, Response> {
-    let pid = s.peer.pid;
-    let version = s.hello.get().map_or(1, |h| h.version);
-    let Handover {
-        uffd,
-        mem,
-        maps,
-        pagemap,
-        clear_refs,
-    } = Handover::check(fds, pid, version).map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?;
-    let maps = maps.map(|f| Arc::new(Maps::new(f)));
-    // The dirty back end decides features of the uffd (WP_ASYNC or not), so it is chosen now.
-    let backend = core
-        .dirty
-        .selection
-        .for_client(pagemap.is_some(), privileged_uffd);
-    let clear_refs = match (&backend, clear_refs) {
-        (Ok(Backend::SoftDirty), Some(f)) => Some(f),
-        (Ok(Backend::SoftDirty), None) => {
-            return Err(err(
-                ErrorCode::BadFd,
-                "the soft-dirty back end needs the client's /proc/self/clear_refs (the last fd of Bind)",
-            ))
-        }
-        _ => None,
-    };
-    if let Err(why) = &backend {
-        tracing::debug!(client = s.id, pid, reason = %why, "client without dirty tracking");
-    }
-    let dirty_features = backend.as_ref().map_or(0, |b| b.uffd_features());
-    let wanted =
-        features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP | dirty_features;
-    // Fork events need CAP_SYS_PTRACE; without it, ask for the rest. UFFDIO_API answers
-    // with every feature the kernel offers; what is enabled is what was asked for.
-    let granted = match uffd.api(wanted | features::EVENT_FORK) {
-        Ok(f) => f & (wanted | features::EVENT_FORK),
-        Err(UffdError::Api(nix::Error::EPERM)) => {
-            uffd.api(wanted)
-                .map_err(|e| err(ErrorCode::BadFd, error_chain(&e)))?
-                & wanted
-        }
-        Err(e) => {
-            return Err(err(
-                ErrorCode::BadFd,
-                format!("{} (was UFFDIO_API already done on it?)", error_chain(&e)),
-            ))
-        }
-    };
-    // The one way into the client's memory: the file it opened itself (docs/threat-model.md).
-    let source: Arc<dyn MemorySource> = Arc::new(MemFileSource::new(mem, maps.clone()));
-    let dirty = Arc::new(ClientDirty::new(
-        backend,
-        clear_refs,
-        Arc::clone(&core.dirty.counters),
-    ));
-    let uffd = Arc::new(std::sync::Mutex::new(Some(uffd)));
-    let source: Arc<dyn MemorySource> = if dirty.is(Backend::UffdWp) {
-        Arc::new(ArmingSource::new(
-            source,
-            Arc::clone(&uffd),
-            Arc::clone(&dirty),
-        ))
-    } else {
-        source
-    };
-    let quotas = core.limits().quotas;
-    let device = core
-        .device
-        .client_of(source, quotas.shadow_bytes, core.account(s.peer.uid));
-    device.set_trace_tag(u64::try_from(s.peer.pid).unwrap_or(0));
-    let watched = Arc::new(
-        AddressSpace::with_dirty(uffd, device, pagemap, quotas.mirrors, dirty).with_maps(maps),
-    );
-    Ok(Binding {
-        watched,
-        access: AccessPath::MemFd,
-        uffd_features: granted,
-    })
-}
-
-fn watch_err(e: WatchError) -> Response {
-    let code = match &e {
-        WatchError::BadRange { .. } | WatchError::Hole { .. } | WatchError::DiskFile { .. } => {
-            ErrorCode::BadRange
-        }
-        WatchError::Maps(crate::sys::maps::MapsError::Gone) => ErrorCode::AccessFailed,
-        WatchError::Maps(_) => ErrorCode::Internal,
-        WatchError::TooManyMirrors(_)
-        | WatchError::TooMuchAttached { .. }
-        | WatchError::Device(
-            DeviceError::QuotaExceeded { .. }
-            | DeviceError::UserQuotaExceeded { .. }
-            | DeviceError::TooManyMirrors,
-        ) => ErrorCode::QuotaExceeded,
-        WatchError::Device(DeviceError::Shadow(ShadowError::Full { .. })) => ErrorCode::ShadowFull,
-        WatchError::NoSuchMirror(_) | WatchError::Device(DeviceError::NoSuchMirror(_)) => {
-            ErrorCode::NoSuchMirror
-        }
-        WatchError::NotMirrored(_)
-        | WatchError::Device(DeviceError::NotMirrored { .. } | DeviceError::NotMapped { .. }) => {
-            ErrorCode::NotMirrored
-        }
-        WatchError::Uffd(UffdError::Busy { .. }) => ErrorCode::AlreadyWatched,
-        WatchError::Uffd(UffdError::Invalid { .. })
-        | WatchError::Device(DeviceError::Unaligned { .. } | DeviceError::Range(_)) => {
-            ErrorCode::BadRange
-        }
-        WatchError::Device(DeviceError::Source(_)) => ErrorCode::AccessFailed,
-        WatchError::Released | WatchError::Device(DeviceError::Stopped) => ErrorCode::ShuttingDown,
-        WatchError::Busy => ErrorCode::Internal,
-        WatchError::NotTracked(_) => ErrorCode::Unsupported,
-        WatchError::Dirty(_) => ErrorCode::Internal,
-        WatchError::Uffd(_) | WatchError::Device(_) => ErrorCode::Internal,
-    };
-    err(code, error_chain(&e))
-}
+// ---- Status and listings ----
 
 fn client_stats(s: &Session) -> Vec<(String, u64)> {
     let mut v = vec![(
@@ -736,9 +803,14 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     // `dirty.backend`, `dirty.requested`, `dirty.refused.<name>`: the probe's findings.
     v.extend(core.dirty.selection.status_lines());
-    // Who the connections are (the counter `server.clients` counts them all): bound clients
-    // (they mirror their memory), sessions that stream a trace, other control sessions (the
-    // one asking included), and connections that have not said hello yet.
+    v.extend(session_kinds(core));
+    v
+}
+
+/// Who the connections are (the counter `server.clients` counts them all): bound clients
+/// (they mirror their memory), sessions that stream a trace, other control sessions (the
+/// one asking included), and connections that have not said hello yet.
+fn session_kinds(core: &Core) -> Vec<(String, String)> {
     let (mut bound, mut tracing, mut control, mut handshake) = (0u32, 0u32, 0u32, 0u32);
     for c in core.sessions() {
         if c.binding.get().is_some() {
@@ -751,15 +823,15 @@ fn status_info(core: &Core, s: &Session) -> Vec<(String, String)> {
             control += 1;
         }
     }
-    for (k, n) in [
+    [
         ("sessions.bound", bound),
         ("sessions.tracing", tracing),
         ("sessions.control", control),
         ("sessions.handshake", handshake),
-    ] {
-        v.push((k.to_owned(), n.to_string()));
-    }
-    v
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n.to_string()))
+    .collect()
 }
 
 /// The command name of session `c`'s process, or "" if it is gone (its pid may be reused,
@@ -774,13 +846,8 @@ fn comm_of(c: &Session) -> String {
     }
 }
 
-fn list_clients(core: &Core, s: &Session) -> Response {
-    if !privileged(core, s) {
-        return err(
-            ErrorCode::PermissionDenied,
-            "listing clients is for root or the daemon's owner",
-        );
-    }
+fn list_clients(core: &Core, s: &Session) -> Result<Response, Denied> {
+    require(privileged(core, s), Denied::ListClients)?;
     let clients = core
         .sessions()
         .iter()
@@ -802,5 +869,5 @@ fn list_clients(core: &Core, s: &Session) -> Response {
             }
         })
         .collect();
-    Response::Clients { clients }
+    Ok(Response::Clients { clients })
 }

@@ -13,20 +13,21 @@ pub mod listen;
 pub mod outbox;
 pub mod session;
 pub mod stream;
+pub mod wire_error;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use memshadow_proto::{self as proto, ErrorCode, Frame, Request, Response, SocketError};
+use memshadow_proto::{self as proto, DecodeError, Frame, Request, Response, SocketError};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{accept4, SockFlag};
+use nix::sys::socket::SockFlag;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
@@ -34,14 +35,15 @@ use crate::config::{Config, Limits};
 use crate::device::{Account, Device, DeviceError};
 use crate::dirty::periodic::Periodic;
 use crate::dirty::{DirtyCounters, DirtyError, Selection};
-use crate::events::{EventError, EventReader, Heartbeat};
+use crate::events::{EventError, EventReader, Hangup, Heartbeat};
 use crate::lock;
-use crate::sys::PAGE_SIZE;
+use crate::sys::{self, PAGE_SIZE};
 use crate::workers::{Job, Submitter, Workers};
 use abuse::Abuse;
 pub use listen::{ListenError, Listener};
 use outbox::{Flushed, OutFrame, Outbox, Pushed};
 use session::{Peer, PeerError, Session};
+use wire_error::WireError;
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,52 @@ pub enum ServerError {
     /// The worker pool stopped while starting.
     #[error("the worker pool stopped")]
     Stopped,
+}
+
+/// Why a connection is refused before it becomes a session (answered with request id 0,
+/// which the peer can read before the close).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The peer's user sent too many malformed messages lately ([`abuse`]).
+    #[error(
+        "this user sent too many malformed messages: its connections are refused for a few \
+         seconds"
+    )]
+    Barred,
+    /// The peer could not be identified.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The daemon serves as many clients as it may (for this peer: the last
+    /// `reserved_clients` are kept for root and the daemon's user).
+    #[error("the daemon serves its maximum of {0} clients")]
+    Full(usize),
+    /// The peer's (unprivileged) user has as many clients as it may.
+    #[error("uid {uid} has its maximum of {max} clients")]
+    UserFull {
+        /// The user.
+        uid: u32,
+        /// Its maximum.
+        max: u32,
+    },
+    /// The daemon is out of file descriptors.
+    #[error("memshadowd is out of file descriptors; try again later")]
+    NoFds,
+}
+
+/// A request beyond the session's quota of requests in flight.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {0} requests in flight")]
+pub struct TooManyInFlight(pub u32);
+
+/// A message that could not be received whole, or not decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Receiving failed (header, sizes, fds).
+    #[error(transparent)]
+    Receive(SocketError),
+    /// The payload is not a request.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
 }
 
 /// Dirty tracking as the daemon runs it (docs/design.md §6): what the start-up probe found, the
@@ -348,6 +396,14 @@ impl Core {
         }
     }
 
+    /// Refuses connection `sock` for `why`, with one answer (request id 0) that it can read
+    /// before the close.
+    fn refuse(&self, sock: &OwnedFd, why: Refusal) {
+        self.counters.refused.fetch_add(1, Relaxed);
+        let r = Response::from(WireError::from(why));
+        let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
+    }
+
     /// Sends `resp` to request `request_id` of `s` now, or queues it for the session loop to
     /// send when the socket has room. Never waits: a client whose queue is full does not
     /// read its answers, and loses its session.
@@ -486,6 +542,9 @@ fn outbox_for(l: &Limits) -> Outbox {
 /// Requests read from one session per wake-up (so one client cannot starve the others).
 const READS_PER_TURN: usize = 16;
 
+/// The flags of an accepted connection's fd.
+const ACCEPT_FLAGS: SockFlag = SockFlag::SOCK_CLOEXEC.union(SockFlag::SOCK_NONBLOCK);
+
 /// Connections accepted per wake-up of the session loop.
 const ACCEPTS_PER_TURN: usize = 16;
 
@@ -543,82 +602,44 @@ impl Server {
         device.set_reserved_bytes(cfg.limits.quotas.reserved_shadow_bytes);
         let workers = Workers::start("worker", cfg.workers).map_err(ServerError::Spawn)?;
         let submitter = || workers.submitter().ok_or(ServerError::Stopped);
-        let loop_err = |what| move |e| ServerError::Loop(what, e);
-        let wake = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(loop_err("eventfd"))?,
-        );
+        let fds = LoopFds::new(&listener)?;
         let to_close: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let hangup = {
-            let (to_close, wake) = (Arc::clone(&to_close), Arc::clone(&wake));
-            Box::new(move |id| {
-                lock(&to_close).push(id);
-                let _ = wake.write(1);
-            })
-        };
+        let hangup = close_on_hangup(&to_close, &fds.wake);
         let events = EventReader::start_with(submitter()?, hangup, heartbeat)?;
-        let periodic = Periodic::start(submitter()?).map_err(ServerError::Spawn)?;
+        let dirty = DirtyState {
+            selection,
+            counters: Arc::default(),
+            periodic: Periodic::start(submitter()?).map_err(ServerError::Spawn)?,
+        };
         let streams =
             stream::Streams::start(Arc::clone(device.trace())).map_err(ServerError::Spawn)?;
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(loop_err("epoll"))?;
-        let housekeep = TimerFd::new(
-            ClockId::CLOCK_MONOTONIC,
-            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
-        )
-        .map_err(loop_err("timerfd"))?;
-        housekeep
-            .set(
-                Expiration::Interval(TimeSpec::from_duration(HOUSEKEEP_EVERY)),
-                TimerSetTimeFlags::empty(),
-            )
-            .map_err(loop_err("timerfd_settime"))?;
-        for (fd, token) in [
-            (listener.as_fd(), LISTEN),
-            (wake.as_fd(), WAKE),
-            (housekeep.as_fd(), HOUSEKEEP),
-        ] {
-            epoll
-                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
-                .map_err(loop_err("epoll_ctl"))?;
-        }
-        tracing::info!(
-            socket = %listener.path().display(),
-            activated = !listener.owns_file(),
-            engines = device.engine_count(),
-            mode = device.mode().as_str(),
-            flush_latency_us = device.flush_latency().as_micros() as u64,
-            dirty = selection.chosen().map_or("off", |b| b.as_str()),
-            "memshadowd listening"
-        );
+        log_listening(&listener, &device, &dirty.selection);
+        let core = Core {
+            jobs: Mutex::new(Some(submitter()?)),
+            limits: RwLock::new(cfg.limits()),
+            cfg,
+            device,
+            events,
+            sessions: Mutex::default(),
+            users: Mutex::default(),
+            epoll: fds.epoll,
+            to_close,
+            wake: fds.wake,
+            next_id: AtomicU64::new(1),
+            owner: nix::unistd::geteuid().as_raw(),
+            socket: listener.path().to_owned(),
+            streams,
+            dirty,
+            started: Instant::now(),
+            stopping: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+            counters: ServerCounters::default(),
+        };
         Ok(Server {
-            core: Arc::new(Core {
-                jobs: Mutex::new(Some(submitter()?)),
-                limits: RwLock::new(cfg.limits()),
-                cfg,
-                device,
-                events,
-                sessions: Mutex::default(),
-                users: Mutex::default(),
-                epoll,
-                to_close,
-                wake,
-                next_id: AtomicU64::new(1),
-                owner: nix::unistd::geteuid().as_raw(),
-                socket: listener.path().to_owned(),
-                streams,
-                dirty: DirtyState {
-                    selection,
-                    counters: Arc::default(),
-                    periodic,
-                },
-                started: Instant::now(),
-                stopping: AtomicBool::new(false),
-                stop_requested: AtomicBool::new(false),
-                counters: ServerCounters::default(),
-            }),
+            core: Arc::new(core),
             listener: Some(listener),
             workers,
-            housekeep,
+            housekeep: fds.housekeep,
             spare_fd: spare_fd(),
             abuse: Abuse::default(),
         })
@@ -726,8 +747,8 @@ impl Server {
         let Some(l) = &self.listener else { return };
         let listen_fd = l.as_fd().as_raw_fd();
         for _ in 0..ACCEPTS_PER_TURN {
-            let fd = match accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-                Ok(fd) => fd,
+            let sock = match sys::socket::accept(listen_fd, ACCEPT_FLAGS) {
+                Ok(sock) => sock,
                 Err(nix::Error::EAGAIN) => return,
                 Err(nix::Error::EINTR | nix::Error::ECONNABORTED) => continue,
                 Err(e @ (nix::Error::EMFILE | nix::Error::ENFILE)) => {
@@ -739,8 +760,6 @@ impl Server {
                     return;
                 }
             };
-            // SAFETY: accept4 returned a new fd that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
             self.admit(sock);
         }
     }
@@ -749,17 +768,12 @@ impl Server {
     /// it why it is refused, and takes the spare again (else the listener would stay
     /// readable and the loop spin).
     fn refuse_for_lack_of_fds(&mut self, listen_fd: RawFd, e: nix::Error) {
-        self.core.counters.refused.fetch_add(1, Relaxed);
         tracing::warn!(error = %e, "out of file descriptors: refusing a connection (raise LimitNOFILE, or lower max_clients)");
         drop(self.spare_fd.take());
-        if let Ok(fd) = accept4(listen_fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
-            // SAFETY: accept4 returned a new fd that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-            let r = Response::error(
-                ErrorCode::OutOfResources,
-                "memshadowd is out of file descriptors; try again later",
-            );
-            let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
+        if let Ok(sock) = sys::socket::accept(listen_fd, ACCEPT_FLAGS) {
+            self.core.refuse(&sock, Refusal::NoFds);
+        } else {
+            self.core.counters.refused.fetch_add(1, Relaxed);
         }
         self.spare_fd = spare_fd();
     }
@@ -767,39 +781,38 @@ impl Server {
     /// Identifies the peer of a new connection and admits it as a session, or refuses it
     /// with an answer it can read.
     fn admit(&mut self, sock: OwnedFd) {
-        let core = &self.core;
-        let refuse = |code: ErrorCode, why: String| {
-            core.counters.refused.fetch_add(1, Relaxed);
-            let r = Response::error(code, why);
-            let _ = proto::send(sock.as_fd(), r.msg_type(), 0, 0, &r.encode_payload(), &[]);
-        };
-        let pinned = session::credentials(sock.as_fd()).and_then(|peer| {
-            if self.abuse.barred(peer.uid, Instant::now()) && !core.privileged(peer.uid) {
-                return Ok(None);
+        match self.identify(&sock) {
+            Ok((peer, pidfd)) => self.add_session(sock, peer, pidfd),
+            Err(why) => {
+                if let Refusal::Peer(e) = &why {
+                    tracing::warn!(error = %error_chain(e), "connection refused");
+                }
+                self.core.refuse(&sock, why);
             }
-            session::pin(sock.as_fd(), &peer).map(|pidfd| Some((peer, pidfd)))
-        });
-        let (peer, pidfd) = match pinned {
-            Ok(Some(p)) => p,
-            // Barred for a flood of malformed messages: told so, before any other work.
-            Ok(None) => {
-                return refuse(
-                    ErrorCode::TooManyClients,
-                    "this user sent too many malformed messages: its connections are \
-                     refused for a few seconds"
-                        .into(),
-                )
-            }
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "connection refused");
-                return refuse(ErrorCode::PermissionDenied, error_chain(&e));
-            }
-        };
-        let privileged = core.privileged(peer.uid);
-        if let Some(why) = self.over_limits(&peer, privileged) {
-            tracing::warn!(pid = peer.pid, uid = peer.uid, reason = %why, "client refused");
-            return refuse(ErrorCode::TooManyClients, why);
         }
+    }
+
+    /// The peer of a new connection, pinned by its pidfd, if it may be served: not barred
+    /// for a flood of malformed messages (checked before any other work), still alive, and
+    /// within the limits.
+    fn identify(&self, sock: &OwnedFd) -> Result<(Peer, OwnedFd), Refusal> {
+        let core = &self.core;
+        let peer = session::credentials(sock.as_fd())?;
+        let privileged = core.privileged(peer.uid);
+        if self.abuse.barred(peer.uid, Instant::now()) && !privileged {
+            return Err(Refusal::Barred);
+        }
+        let pidfd = session::pin(sock.as_fd(), &peer)?;
+        self.check_limits(&peer, privileged).map_err(|why| {
+            tracing::warn!(pid = peer.pid, uid = peer.uid, reason = %why, "client refused");
+            why
+        })?;
+        Ok((peer, pidfd))
+    }
+
+    /// Makes a session of an admitted connection and watches its socket and pidfd.
+    fn add_session(&mut self, sock: OwnedFd, peer: Peer, pidfd: OwnedFd) {
+        let core = &self.core;
         let id = core.next_id.fetch_add(1, Relaxed);
         let out = outbox_for(&core.limits());
         let s = Arc::new(Session::new(id, peer, pidfd, sock, out, core.uptime()));
@@ -828,10 +841,10 @@ impl Server {
         );
     }
 
-    /// Why a new connection of `peer` may not be served, if it may not: the daemon is full
-    /// (the last `reserved_clients` connections are kept for root and the daemon's user),
-    /// or its (unprivileged) user has its maximum.
-    fn over_limits(&self, peer: &Peer, privileged: bool) -> Option<String> {
+    /// Refuses a new connection of `peer` if it may not be served: the daemon is full (the
+    /// last `reserved_clients` connections are kept for root and the daemon's user), or
+    /// its (unprivileged) user has its maximum.
+    fn check_limits(&self, peer: &Peer, privileged: bool) -> Result<(), Refusal> {
         let l = self.core.limits();
         let sessions = lock(&self.core.sessions).len();
         let of_user = lock(&self.core.users)
@@ -839,22 +852,20 @@ impl Server {
             .map_or(0, |u| u.sessions);
         let open_to_all = l.max_clients.saturating_sub(l.reserved_clients) as usize;
         if sessions >= l.max_clients as usize || (!privileged && sessions >= open_to_all) {
-            Some(format!(
-                "the daemon serves its maximum of {} clients",
-                if privileged {
-                    l.max_clients as usize
-                } else {
-                    open_to_all
-                }
-            ))
-        } else if !privileged && of_user >= l.clients_per_uid {
-            Some(format!(
-                "uid {} has its maximum of {} clients",
-                peer.uid, l.clients_per_uid
-            ))
-        } else {
-            None
+            let max = if privileged {
+                l.max_clients as usize
+            } else {
+                open_to_all
+            };
+            return Err(Refusal::Full(max));
         }
+        if !privileged && of_user >= l.clients_per_uid {
+            return Err(Refusal::UserFull {
+                uid: peer.uid,
+                max: l.clients_per_uid,
+            });
+        }
+        Ok(())
     }
 
     fn serve_socket(&mut self, id: u64, ev: EpollFlags, buf: &mut Vec<u8>) {
@@ -881,7 +892,7 @@ impl Server {
                     return;
                 }
                 Err(e) => {
-                    if !self.refuse_message(&s, &e) {
+                    if !self.refuse_message(&s, e) {
                         return;
                     }
                 }
@@ -896,30 +907,31 @@ impl Server {
     /// (out of file descriptors: not the client's fault), the request is answered so and
     /// the session goes on; anything else ends the session, after one answer saying why
     /// (best effort).
-    fn refuse_message(&mut self, s: &Session, e: &SocketError) -> bool {
-        if let SocketError::FdsExhausted { request_id } = e {
-            self.core.counters.fds_exhausted.fetch_add(1, Relaxed);
-            tracing::warn!(client = s.id, "{}", error_chain(e));
-            let r = Response::error(ErrorCode::OutOfResources, error_chain(e));
-            self.core.reply(s, request_id.unwrap_or(0), r);
-            if request_id.is_some() {
-                return true;
-            }
-            self.close(s.id, "out of file descriptors");
+    fn refuse_message(&mut self, s: &Session, e: SocketError) -> bool {
+        let SocketError::FdsExhausted { request_id } = e else {
+            self.malformed(s, 0, MessageError::Receive(e));
             return false;
+        };
+        self.core.counters.fds_exhausted.fetch_add(1, Relaxed);
+        let why = WireError::from(MessageError::Receive(e));
+        tracing::warn!(client = s.id, "{}", why.message);
+        self.core.reply(s, request_id.unwrap_or(0), why.into());
+        if request_id.is_some() {
+            return true;
         }
-        self.malformed(s, 0, &error_chain(e));
+        self.close(s.id, "out of file descriptors");
         false
     }
 
     /// Answers a malformed message of `s` (request `rid`, 0 if unknown) and closes the
     /// session; logs it unless its user sent too many lately, and bars that user's new
     /// connections for a while if it keeps on ([`abuse`]).
-    fn malformed(&mut self, s: &Session, rid: u64, why: &str) {
+    fn malformed(&mut self, s: &Session, rid: u64, e: MessageError) {
         self.core.counters.bad_messages.fetch_add(1, Relaxed);
+        let why = WireError::from(e);
         let noted = self.abuse.bad_message(s.peer.uid, Instant::now());
         if noted.log {
-            tracing::warn!(client = s.id, uid = s.peer.uid, error = %why, "malformed message; closing the session");
+            tracing::warn!(client = s.id, uid = s.peer.uid, error = %why.message, "malformed message; closing the session");
         }
         if noted.barred_now && !self.core.privileged(s.peer.uid) {
             tracing::warn!(
@@ -930,12 +942,12 @@ impl Server {
                 2 * abuse::WINDOW
             );
         }
-        self.core
-            .reply(s, rid, Response::error(ErrorCode::BadMessage, why));
+        self.core.reply(s, rid, why.into());
         self.close(s.id, "malformed message");
     }
 
-    /// Decodes and answers (or hands to a worker) one request; false if the session closed.
+    /// Decodes one request and answers it, or hands it to a worker; false if the session
+    /// closed.
     fn dispatch(&mut self, s: &Arc<Session>, frame: Frame) -> bool {
         let Frame {
             header,
@@ -947,24 +959,28 @@ impl Server {
         let req = match Request::decode(header.msg_type, &payload, fds.len()) {
             Ok(r) => r,
             Err(e) => {
-                self.malformed(s, rid, &error_chain(&e));
+                self.malformed(s, rid, e.into());
                 return false;
             }
         };
-        if !handler::is_slow(&req) {
+        if handler::is_slow(&req) {
+            self.submit_request(s, rid, req, fds);
+        } else {
             let resp = handler::handle(&self.core, s, rid, req, fds);
             self.core.reply(s, rid, resp);
-            return true;
         }
+        true
+    }
+
+    /// Hands a request that may block to the workers, within the session's quota of
+    /// requests in flight.
+    fn submit_request(&mut self, s: &Arc<Session>, rid: u64, req: Request, fds: Vec<OwnedFd>) {
         let limit = self.core.limits().quotas.inflight;
         if s.inflight.fetch_add(1, Relaxed) >= limit {
             s.inflight.fetch_sub(1, Relaxed);
-            let r = Response::error(
-                ErrorCode::QuotaExceeded,
-                format!("more than {limit} requests in flight"),
-            );
-            self.core.reply(s, rid, r);
-            return true;
+            let why = WireError::from(TooManyInFlight(limit));
+            self.core.reply(s, rid, why.into());
+            return;
         }
         let (core, s2) = (Arc::clone(&self.core), Arc::clone(s));
         let job: Job = Box::new(move || {
@@ -975,13 +991,9 @@ impl Server {
         });
         if !self.core.submit(s, job) {
             s.inflight.fetch_sub(1, Relaxed);
-            self.core.reply(
-                s,
-                rid,
-                Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
-            );
+            let why = WireError::from(handler::StateError::ShuttingDown);
+            self.core.reply(s, rid, why.into());
         }
-        true
     }
 
     /// Ends the sessions that must end: no `Hello` within the handshake timeout; mirroring
@@ -1070,6 +1082,73 @@ impl Server {
         self.core.device.shutdown();
         tracing::info!(clients_released = n, "memshadowd stopped");
     }
+}
+
+/// What the session loop waits on besides the client sockets, pidfds and the signalfd:
+/// one epoll over the listener, a wake-up eventfd and the housekeeping timer.
+#[derive(Debug)]
+struct LoopFds {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    housekeep: TimerFd,
+}
+
+impl LoopFds {
+    fn new(listener: &Listener) -> Result<LoopFds, ServerError> {
+        let loop_err = |what| move |e| ServerError::Loop(what, e);
+        let wake = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(loop_err("eventfd"))?,
+        );
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(loop_err("epoll"))?;
+        let housekeep = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )
+        .map_err(loop_err("timerfd"))?;
+        housekeep
+            .set(
+                Expiration::Interval(TimeSpec::from_duration(HOUSEKEEP_EVERY)),
+                TimerSetTimeFlags::empty(),
+            )
+            .map_err(loop_err("timerfd_settime"))?;
+        for (fd, token) in [
+            (listener.as_fd(), LISTEN),
+            (wake.as_fd(), WAKE),
+            (housekeep.as_fd(), HOUSEKEEP),
+        ] {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .map_err(loop_err("epoll_ctl"))?;
+        }
+        Ok(LoopFds {
+            epoll,
+            wake,
+            housekeep,
+        })
+    }
+}
+
+/// What the event reader calls when a client's uffd hangs up: the session loop is asked
+/// to close that session.
+fn close_on_hangup(to_close: &Arc<Mutex<Vec<u64>>>, wake: &Arc<EventFd>) -> Hangup {
+    let (to_close, wake) = (Arc::clone(to_close), Arc::clone(wake));
+    Box::new(move |id| {
+        lock(&to_close).push(id);
+        let _ = wake.write(1);
+    })
+}
+
+fn log_listening(listener: &Listener, device: &Device, selection: &Selection) {
+    tracing::info!(
+        socket = %listener.path().display(),
+        activated = !listener.owns_file(),
+        engines = device.engine_count(),
+        mode = device.mode().as_str(),
+        flush_latency_us = device.flush_latency().as_micros() as u64,
+        dirty = selection.chosen().map_or("off", |b| b.as_str()),
+        "memshadowd listening"
+    );
 }
 
 /// An fd kept in reserve for [`Server::refuse_for_lack_of_fds`].

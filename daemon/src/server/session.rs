@@ -1,7 +1,7 @@
 //! One client connection: its identity (SO_PEERCRED, pinned by a pidfd), its protocol state
 //! and, once bound, its [`AddressSpace`].
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -12,9 +12,6 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use super::outbox::Outbox;
 use crate::address_space::AddressSpace;
 use crate::sys;
-
-/// `SO_PEERPIDFD` (Linux 6.5): a pidfd of the peer as of `connect`, free of pid-reuse races.
-const SO_PEERPIDFD: libc::c_int = 77;
 
 /// Who is on the other end of a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,32 +66,13 @@ pub fn pin(sock: BorrowedFd<'_>, peer: &Peer) -> Result<OwnedFd, PeerError> {
     Ok(pidfd)
 }
 
-/// `SO_PEERPIDFD`.
+/// `SO_PEERPIDFD` (a test can make it fail, as on a kernel without it).
 fn peer_pidfd(sock: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
     #[cfg(test)]
     if tests::NO_PEERPIDFD.with(std::cell::Cell::get) {
         return Err(nix::Error::ENOPROTOOPT);
     }
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` and `len` are valid for writes of the sizes given, for the whole call.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            (&raw mut fd).cast(),
-            &raw mut len,
-        )
-    };
-    if r != 0 {
-        return Err(nix::Error::last());
-    }
-    if fd < 0 {
-        return Err(nix::Error::EBADF);
-    }
-    // SAFETY: the kernel just created `fd` for us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::socket::peer_pidfd(sock)
 }
 
 /// What `Hello` settled.
@@ -224,6 +202,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
     use nix::sys::socket::{
         accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
         UnixAddr,

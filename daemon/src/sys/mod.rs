@@ -8,6 +8,7 @@ pub mod maps;
 pub mod pagemap;
 pub mod procfd;
 pub mod rlimit;
+pub mod socket;
 pub mod uffd;
 
 use std::fs::File;
