@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitCode};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use memshadow::{Client, InvalidationReport, Target};
+use memshadow::{Client, InvalidationReport, Mirror, Target};
 
 const PAGE: usize = 4096;
 const LEN: usize = 1 << 20;
@@ -164,15 +164,55 @@ fn memshadow_error_chain(e: &(dyn Error + 'static)) -> String {
     }
 }
 
-fn run(source: Source) -> Result<(), Box<dyn Error>> {
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// The tour: a daemon, a client, a traced stream of what the daemon does, then a mirror
+/// that is read, discarded in part and unmapped in part, and the daemon's status.
+fn run(source: Source) -> Res<()> {
     let ctl_bin = sibling("memshadowctl")?;
-    let (socket, mut daemon) = match source {
+    let (socket, mut daemon) = daemon_for(source)?;
+    let client = connect(&socket, daemon.is_some())?;
+    let trace = watch_trace(&client)?;
+    let daemon_did = |what: &str| -> Res<()> {
+        let r = trace
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| format!("no invalidation traced after {what}"))?;
+        println!("   daemon: {}", describe(&r));
+        Ok(())
+    };
+    let mut map = memmap2::MmapMut::map_anon(LEN)?;
+    for (i, b) in map.iter_mut().enumerate() {
+        *b = (i / PAGE) as u8;
+    }
+    let mirror = attach_and_read(&client, &map)?;
+    discard_pages(&mut map)?;
+    daemon_did("madvise")?;
+    let mut buf = [0u8; 4];
+    mirror.read(8 * PAGE as u64, &mut buf)?;
+    println!("device read of page 8 -> {buf:?} (re-faulted: the kernel's zero page, as the process sees it)");
+    unmap_half(map)?;
+    daemon_did("munmap")?;
+    after_unmap(&client, &mirror)?;
+    mirror.detach()?;
+    show_status(&ctl_bin, &socket)?;
+    drop(client);
+    if let Some(daemon) = daemon.as_mut() {
+        println!("== stopping memshadowd (SIGTERM)");
+        let how = daemon.stop()?;
+        println!("memshadowd stopped: {how}");
+    }
+    Ok(())
+}
+
+/// The socket to use, and the daemon this demo started on it, if it started one.
+fn daemon_for(source: Source) -> Res<(PathBuf, Option<Daemon>)> {
+    match source {
         Source::Running(socket, from) => {
             println!(
                 "== using the memshadowd at {} (from {from}); it keeps running",
                 socket.display()
             );
-            (socket, None)
+            Ok((socket, None))
         }
         Source::Own => {
             let daemon_bin = sibling("memshadowd")?;
@@ -183,29 +223,34 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
                 "== starting memshadowd on {} (built-in defaults: --no-config)",
                 socket.display()
             );
-            let daemon = Daemon {
-                child: Some(
-                    Command::new(&daemon_bin)
-                        .arg("--no-config")
-                        .arg("--socket")
-                        .arg(&socket)
-                        .env("MEMSHADOW_LOG", "warn")
-                        .spawn()?,
-                ),
-                dir,
-            };
-            (socket, Some(daemon))
+            let child = Command::new(&daemon_bin)
+                .arg("--no-config")
+                .arg("--socket")
+                .arg(&socket)
+                .env("MEMSHADOW_LOG", "warn")
+                .spawn()?;
+            Ok((
+                socket,
+                Some(Daemon {
+                    child: Some(child),
+                    dir,
+                }),
+            ))
         }
-    };
-    // A daemon of our own may still be starting; a running one answers at once.
-    let wait = if daemon.is_some() {
+    }
+}
+
+/// Connects, giving a daemon of our own (`starting`) time to come up; a running one
+/// answers at once.
+fn connect(socket: &Path, starting: bool) -> Res<Client> {
+    let wait = if starting {
         Duration::from_secs(10)
     } else {
         Duration::ZERO
     };
     let t = Instant::now();
     let client = loop {
-        match Client::connect_to(&socket) {
+        match Client::connect_to(socket) {
             Ok(c) => break c,
             Err(_) if t.elapsed() < wait => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.into()),
@@ -217,9 +262,12 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
         client.protocol_version(),
         client.access_path().map_or("?", |a| a.as_str())
     );
+    Ok(client)
+}
 
-    // What the daemon does, as it tells any `memshadowctl trace`. The stream has a
-    // connection of its own: the thread blocked on it holds up none of the calls below.
+/// What the daemon does, as it tells any `memshadowctl trace`. The stream has a
+/// connection of its own: the thread blocked on it holds up none of the client's calls.
+fn watch_trace(client: &Client) -> Res<mpsc::Receiver<InvalidationReport>> {
     let (tx, trace) = mpsc::channel();
     let mut stream = client.control().trace(Target::Me, 0)?;
     std::thread::spawn(move || {
@@ -229,20 +277,13 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
             }
         }
     });
-    let daemon_did = |what: &str| -> Result<(), Box<dyn Error>> {
-        let r = trace
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| format!("no invalidation traced after {what}"))?;
-        println!("   daemon: {}", describe(&r));
-        Ok(())
-    };
+    Ok(trace)
+}
 
-    let mut map = memmap2::MmapMut::map_anon(LEN)?;
-    for (i, b) in map.iter_mut().enumerate() {
-        *b = (i / PAGE) as u8;
-    }
+/// Attaches `map`, reads one page through the device and populates the rest.
+fn attach_and_read(client: &Client, map: &memmap2::MmapMut) -> Res<Mirror> {
     let base = map.as_ptr() as u64;
-    let mirror = client.attach_mmap(&map)?;
+    let mirror = client.attach_mmap(map)?;
     println!(
         "== attached 1 MiB at {base:#x} as mirror {} (page n holds the byte n)",
         mirror.id()
@@ -251,11 +292,15 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
     mirror.read(5 * PAGE as u64, &mut buf)?;
     println!(
         "device read of page 5 -> {buf:?} (the shadow faulted it in: {} fault(s))",
-        counter(&client, "client.faults")?
+        counter(client, "client.faults")?
     );
     let pages = mirror.populate(0, LEN as u64)?;
     println!("populated the whole range: {pages} pages now live in the shadow");
+    Ok(mirror)
+}
 
+/// `madvise(MADV_DONTNEED)` of pages 8..16.
+fn discard_pages(map: &mut memmap2::MmapMut) -> Res<()> {
     println!("== madvise(MADV_DONTNEED) of pages 8..16");
     // SAFETY: pages 8..16 of our own mapping; afterwards they read as zeros, which is what
     // the rest of this program expects.
@@ -269,19 +314,27 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
     if r != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    daemon_did("madvise")?;
-    mirror.read(8 * PAGE as u64, &mut buf)?;
-    println!("device read of page 8 -> {buf:?} (re-faulted: the kernel's zero page, as the process sees it)");
+    Ok(())
+}
 
+/// `munmap` of the second half of `map`; the first half stays mapped for the rest of the
+/// process (the `MmapMut` is forgotten, never touched or unmapped again).
+fn unmap_half(mut map: memmap2::MmapMut) -> Res<()> {
     println!("== munmap of the second half");
     let half = map.as_mut_ptr().wrapping_add(LEN / 2);
-    // SAFETY: unmaps the second half of our own mapping, which nothing else uses; the
-    // `MmapMut` is forgotten below so it is never touched or unmapped again.
+    std::mem::forget(map);
+    // SAFETY: unmaps the second half of our own mapping, which nothing else uses: the
+    // `MmapMut` that owned it was forgotten above.
     let r = unsafe { libc::munmap(half.cast(), LEN / 2) };
     if r != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    daemon_did("munmap")?;
+    Ok(())
+}
+
+/// The unmapped half is refused, the rest still read; this client's counters.
+fn after_unmap(client: &Client, mirror: &Mirror) -> Res<()> {
+    let mut buf = [0u8; 4];
     match mirror.read((LEN / 2 + PAGE) as u64, &mut buf) {
         Err(e) => println!("device read of the unmapped half is refused: {e}"),
         Ok(()) => return Err("a read of the unmapped half succeeded".into()),
@@ -290,27 +343,23 @@ fn run(source: Source) -> Result<(), Box<dyn Error>> {
     println!("device read of page 1 still works -> {buf:?}");
     println!(
         "this client: {} uffd events, {} invalidations, {} device faults",
-        counter(&client, "events.unmap")? + counter(&client, "events.remove")?,
-        counter(&client, "client.invalidations")?,
-        counter(&client, "client.faults")?
+        counter(client, "events.unmap")? + counter(client, "events.remove")?,
+        counter(client, "client.invalidations")?,
+        counter(client, "client.faults")?
     );
-    mirror.detach()?;
-    std::mem::forget(map);
+    Ok(())
+}
 
+/// `memshadowctl status` against the daemon used.
+fn show_status(ctl_bin: &Path, socket: &Path) -> Res<()> {
     println!("== memshadowctl status");
-    let st = Command::new(&ctl_bin)
+    let st = Command::new(ctl_bin)
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .arg("status")
         .status()?;
     if !st.success() {
         return Err(format!("memshadowctl status failed: {st}").into());
-    }
-    drop(client);
-    if let Some(daemon) = daemon.as_mut() {
-        println!("== stopping memshadowd (SIGTERM)");
-        let how = daemon.stop()?;
-        println!("memshadowd stopped: {how}");
     }
     Ok(())
 }

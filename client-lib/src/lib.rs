@@ -341,25 +341,38 @@ impl Inner {
             let Conn { sock, buf, .. } = &mut *c;
             return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e)));
         }
-        let mut partial: Option<Response> = None;
-        let mut pieces = 0usize;
-        loop {
-            let Conn { sock, buf, .. } = &mut *c;
-            let frame = match proto::recv(sock.as_fd(), buf) {
-                Ok(f) => f,
-                // A refusal may still wait behind the reset that the daemon's close caused.
-                Err(e) => return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e))),
-            };
-            let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            if frame.header.request_id == id {
-                let more = frame.header.flags & proto::FLAG_MORE != 0;
-                let whole = match (partial.take(), resp) {
-                    (_, Response::Error { code, message }) => {
-                        return Err(Error::from_response(code, message))
-                    }
-                    (None, r) => r,
-                    (Some(mut first), r) => {
+        let Conn { sock, buf, .. } = &mut *c;
+        receive_answer(sock.as_fd(), buf, id).map(|r| (r, id))
+    }
+}
+
+/// Receives the answer to request `id` on `sock`: a long list comes in pieces, every one
+/// but the last with `FLAG_MORE`, put back together here; a trace's first answer is sent
+/// with `FLAG_MORE` too, and is returned at once (it starts a stream). Answers to other
+/// requests (whose callers gave up on them) are skipped; an unsolicited error (request id
+/// 0) ends the session.
+fn receive_answer(sock: BorrowedFd<'_>, buf: &mut Vec<u8>, id: u64) -> Result<Response, Error> {
+    let mut partial: Option<Response> = None;
+    let mut pieces = 0usize;
+    loop {
+        let frame = match proto::recv(sock, buf) {
+            Ok(f) => f,
+            // A refusal may still wait behind the reset that the daemon's close caused.
+            Err(e) => return Err(refusal(sock, buf).unwrap_or_else(|| sock_err(e))),
+        };
+        let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        match (frame.header.request_id, resp) {
+            (_, Response::Error { code, message }) if frame.header.request_id == id => {
+                return Err(Error::from_response(code, message))
+            }
+            (0, Response::Error { code, message }) => {
+                return Err(Error::from_response(code, message))
+            }
+            (rid, r) if rid == id => {
+                let whole = match partial.take() {
+                    None => r,
+                    Some(mut first) => {
                         pieces += 1;
                         if pieces > MAX_PIECES || !first.absorb(r) {
                             return Err(Error::Protocol(
@@ -369,19 +382,13 @@ impl Inner {
                         first
                     }
                 };
-                // A long list comes in pieces, every one but the last with FLAG_MORE.
-                // A trace's first answer is the exception: it starts a stream.
+                let more = frame.header.flags & proto::FLAG_MORE != 0;
                 if !more || matches!(whole, Response::TraceStarted) {
-                    return Ok((whole, id));
+                    return Ok(whole);
                 }
                 partial = Some(whole);
-                continue;
             }
-            // An unsolicited error (request id 0) ends the session; an answer to another
-            // request (one whose caller gave up on it) is not this call's.
-            if let (0, Response::Error { code, message }) = (frame.header.request_id, resp) {
-                return Err(Error::from_response(code, message));
-            }
+            _ => {}
         }
     }
 }
@@ -563,48 +570,55 @@ fn open_session(
         r => return Err(unexpected(r)),
     }
     if bind {
-        let (uffd, privileged) = create_uffd_kind()?;
-        let mem = open_proc("/proc/self/mem")?;
-        // Protocol 2: the maps, third (which addresses are mapped, and readable).
-        let maps = if inner.version >= 2 {
-            Some(open_proc("/proc/self/maps")?)
-        } else {
-            None
-        };
-        // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
-        // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
-        let pagemap = open_proc("/proc/self/pagemap").ok();
-        let clear_refs = pagemap
-            .as_ref()
-            .filter(|_| inner.version >= 2)
-            .and_then(|_| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open("/proc/self/clear_refs")
-                    .ok()
-            });
-        let mut fds = vec![uffd.as_fd(), mem.as_fd()];
-        fds.extend(maps.as_ref().map(AsFd::as_fd));
-        fds.extend(pagemap.as_ref().map(AsFd::as_fd));
-        fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
-        let flags = if privileged {
-            BindFlags::UFFD_PRIVILEGED
-        } else {
-            BindFlags::empty()
-        };
-        let sent = inner.call(&Request::Bind { flags }, &fds);
-        // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
-        drop(fds);
-        drop((uffd, mem, maps, pagemap, clear_refs));
-        match sent? {
-            Response::Bound {
-                access,
-                uffd_features,
-            } => inner.bound = Some((access, uffd_features)),
-            r => return Err(unexpected(r)),
-        }
+        inner.bound = Some(bind_this_process(&inner)?);
     }
     Ok(inner)
+}
+
+/// Hands the daemon this process's userfaultfd, with the files it needs to read this
+/// process's memory (mem, maps) and to track writes (pagemap, clear_refs), keeping no copy
+/// (G6); returns what the daemon bound.
+fn bind_this_process(inner: &Inner) -> Result<(AccessPath, u64), Error> {
+    let (uffd, privileged) = create_uffd_kind()?;
+    let mem = open_proc("/proc/self/mem")?;
+    // Protocol 2: the maps, third (which addresses are mapped, and readable).
+    let maps = if inner.version >= 2 {
+        Some(open_proc("/proc/self/maps")?)
+    } else {
+        None
+    };
+    // For dirty tracking, if the daemon uses it: pagemap for reading, clear_refs
+    // (soft-dirty) for writing; in this order, and clear_refs only after pagemap.
+    let pagemap = open_proc("/proc/self/pagemap").ok();
+    let clear_refs = pagemap
+        .as_ref()
+        .filter(|_| inner.version >= 2)
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/self/clear_refs")
+                .ok()
+        });
+    let mut fds = vec![uffd.as_fd(), mem.as_fd()];
+    fds.extend(maps.as_ref().map(AsFd::as_fd));
+    fds.extend(pagemap.as_ref().map(AsFd::as_fd));
+    fds.extend(clear_refs.as_ref().map(AsFd::as_fd));
+    let flags = if privileged {
+        BindFlags::UFFD_PRIVILEGED
+    } else {
+        BindFlags::empty()
+    };
+    let sent = inner.call(&Request::Bind { flags }, &fds);
+    // G6: keep no copy of the uffd (nor the rest) once the daemon has it.
+    drop(fds);
+    drop((uffd, mem, maps, pagemap, clear_refs));
+    match sent? {
+        Response::Bound {
+            access,
+            uffd_features,
+        } => Ok((access, uffd_features)),
+        r => Err(unexpected(r)),
+    }
 }
 
 /// A session with memshadowd that mirrors this process's memory. Cheap to clone; usable

@@ -265,121 +265,32 @@ fn out_json(v: &Value) {
     let _ = o.write_all(json_out(v).as_bytes());
 }
 
+/// Prints `json()` (with `--json`) or `text()`.
+fn show(json: bool, as_json: impl FnOnce() -> Value, as_text: impl FnOnce() -> String) {
+    if json {
+        out_json(&as_json());
+    } else {
+        out(&as_text());
+    }
+}
+
+/// Runs the subcommand: one function per command, each asks the daemon and prints.
 fn run(c: &Control, cli: &Cli) -> Result<(), Error> {
+    let json = cli.json;
     match &cli.cmd {
-        Cmd::Status => {
-            let st = c.status()?;
-            if cli.json {
-                out_json(&status_json(&st));
-            } else {
-                out(&status_text(&st, c.page_size() as u64));
-            }
-        }
-        Cmd::Clients => {
-            let list = c.list_clients()?;
-            if cli.json {
-                let v: Vec<Value> = list.iter().map(client_json).collect();
-                out_json(&Value::Array(v));
-            } else {
-                out(&clients_text(&list));
-            }
-        }
-        Cmd::Mirrors { pid } => {
-            let list = c.list_mirrors(pid.map_or(Target::All, Target::Pid))?;
-            if cli.json {
-                let v: Vec<Value> = list.iter().map(mirror_json).collect();
-                out_json(&Value::Array(v));
-            } else {
-                out(&mirrors_text(&list));
-            }
-        }
-        Cmd::Stats => {
-            let mut counters = c.status()?.counters;
-            counters.sort();
-            if cli.json {
-                let m: serde_json::Map<String, Value> =
-                    counters.into_iter().map(|(k, v)| (k, json!(v))).collect();
-                out_json(&Value::Object(m));
-            } else {
-                out(&stats_text(&counters));
-            }
-        }
-        Cmd::Trace { pid, events, count } => {
-            let mask = events.iter().fold(0, |m, k| m | event_bit(*k));
-            let mut trace = c.trace(pid.map_or(Target::All, Target::Pid), mask)?;
-            if !cli.json {
-                out(&format!(
-                    "{:<15} {:>7} {:<10} {:<31} {:>5} {:>10} {:>10} {:>7}\n",
-                    "TIME", "PID", "EVENT", "RANGE", "NOTIF", "START", "FINISH", "FLUSHES"
-                ));
-            }
-            let mut seen = 0u64;
-            while count.is_none_or(|n| seen < n) {
-                let rec = trace.next_record()?;
-                seen += 1;
-                let line = if cli.json {
-                    let mut v = report_json(&rec.report);
-                    v["dropped"] = json!(rec.dropped);
-                    v["time"] = json!(unix_now());
-                    json_out(&v)
-                } else {
-                    let mut l = trace_text(&rec.report);
-                    if rec.dropped > 0 {
-                        l.push_str(&format!("  ({} lost before this)", rec.dropped));
-                    }
-                    l.push('\n');
-                    text_out(&l).into_owned()
-                };
-                let mut o = std::io::stdout().lock();
-                if o.write_all(line.as_bytes())
-                    .and_then(|()| o.flush())
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        }
+        Cmd::Status => status(c, json),
+        Cmd::Clients => clients(c, json),
+        Cmd::Mirrors { pid } => mirrors(c, *pid, json),
+        Cmd::Stats => stats(c, json),
+        Cmd::Trace { pid, events, count } => trace(c, *pid, events, *count, json),
         Cmd::Peek {
             pid,
             addr,
             len,
             hex: _,
             raw,
-        } => {
-            let bytes = c.peek(*pid, *addr, *len)?;
-            if *raw {
-                let mut o = std::io::stdout().lock();
-                let _ = o.write_all(&bytes).and_then(|()| o.flush());
-            } else if cli.json {
-                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                out_json(&json!({"pid": pid, "addr": addr, "len": bytes.len(), "hex": hex}));
-            } else {
-                out(&hexdump(*addr, &bytes));
-            }
-        }
-        Cmd::Sync { pid } => {
-            let r = c.sync_pid(*pid)?;
-            if cli.json {
-                out_json(&json!({
-                    "pid": pid, "backend": r.backend.as_str(), "mirrors": r.mirrors,
-                    "pages_scanned": r.pages_scanned, "pages_dirty": r.pages_dirty,
-                    "regions": r.regions, "scan_ns": r.scan_ns,
-                    "invalidate_ns": r.invalidate_ns,
-                }));
-            } else {
-                out(&format!(
-                    "synced pid {pid} ({}): {} mirror(s), {} page(s) scanned, {} written in {} \
-                     run(s) invalidated; scan {}, invalidation {}\n",
-                    r.backend.as_str(),
-                    r.mirrors,
-                    r.pages_scanned,
-                    r.pages_dirty,
-                    r.regions,
-                    micros(r.scan_ns),
-                    micros(r.invalidate_ns)
-                ));
-            }
-        }
+        } => peek(c, *pid, *addr, *len, *raw, json),
+        Cmd::Sync { pid } => sync(c, *pid, json),
         Cmd::Invalidate {
             pid,
             addr,
@@ -388,13 +299,156 @@ fn run(c: &Control, cli: &Cli) -> Result<(), Error> {
             non_blocking,
         } => {
             let r = c.invalidate(*pid, *addr, *len, *event, *non_blocking)?;
-            if cli.json {
-                out_json(&report_json(&r));
-            } else {
-                out(&invalidate_text(&r, *non_blocking));
-            }
+            show(
+                json,
+                || report_json(&r),
+                || invalidate_text(&r, *non_blocking),
+            );
+            Ok(())
         }
     }
+}
+
+fn status(c: &Control, json: bool) -> Result<(), Error> {
+    let st = c.status()?;
+    show(
+        json,
+        || status_json(&st),
+        || status_text(&st, c.page_size() as u64),
+    );
+    Ok(())
+}
+
+fn clients(c: &Control, json: bool) -> Result<(), Error> {
+    let list = c.list_clients()?;
+    show(
+        json,
+        || Value::Array(list.iter().map(client_json).collect()),
+        || clients_text(&list),
+    );
+    Ok(())
+}
+
+fn mirrors(c: &Control, pid: Option<i32>, json: bool) -> Result<(), Error> {
+    let list = c.list_mirrors(pid.map_or(Target::All, Target::Pid))?;
+    show(
+        json,
+        || Value::Array(list.iter().map(mirror_json).collect()),
+        || mirrors_text(&list),
+    );
+    Ok(())
+}
+
+fn stats(c: &Control, json: bool) -> Result<(), Error> {
+    let mut counters = c.status()?.counters;
+    counters.sort();
+    show(
+        json,
+        || {
+            Value::Object(
+                counters
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect(),
+            )
+        },
+        || stats_text(&counters),
+    );
+    Ok(())
+}
+
+/// Streams trace records until `count` were printed or stdout is closed.
+fn trace(
+    c: &Control,
+    pid: Option<i32>,
+    events: &[EventKind],
+    count: Option<u64>,
+    json: bool,
+) -> Result<(), Error> {
+    let mask = events.iter().fold(0, |m, k| m | event_bit(*k));
+    let mut trace = c.trace(pid.map_or(Target::All, Target::Pid), mask)?;
+    if !json {
+        out(&format!(
+            "{:<15} {:>7} {:<10} {:<31} {:>5} {:>10} {:>10} {:>7}\n",
+            "TIME", "PID", "EVENT", "RANGE", "NOTIF", "START", "FINISH", "FLUSHES"
+        ));
+    }
+    let mut seen = 0u64;
+    while count.is_none_or(|n| seen < n) {
+        let rec = trace.next_record()?;
+        seen += 1;
+        let line = trace_line(&rec, json);
+        let mut o = std::io::stdout().lock();
+        if o.write_all(line.as_bytes())
+            .and_then(|()| o.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One trace record as a line of JSON or of the table.
+fn trace_line(rec: &memshadow::TraceRecord, json: bool) -> String {
+    if json {
+        let mut v = report_json(&rec.report);
+        v["dropped"] = json!(rec.dropped);
+        v["time"] = json!(unix_now());
+        return json_out(&v);
+    }
+    let mut l = trace_text(&rec.report);
+    if rec.dropped > 0 {
+        l.push_str(&format!("  ({} lost before this)", rec.dropped));
+    }
+    l.push('\n');
+    text_out(&l).into_owned()
+}
+
+fn peek(c: &Control, pid: i32, addr: u64, len: u64, raw: bool, json: bool) -> Result<(), Error> {
+    let bytes = c.peek(pid, addr, len)?;
+    if raw {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(&bytes).and_then(|()| o.flush());
+        return Ok(());
+    }
+    show(
+        json,
+        || {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            json!({"pid": pid, "addr": addr, "len": bytes.len(), "hex": hex})
+        },
+        || hexdump(addr, &bytes),
+    );
+    Ok(())
+}
+
+fn sync(c: &Control, pid: i32, json: bool) -> Result<(), Error> {
+    let r = c.sync_pid(pid)?;
+    show(
+        json,
+        || {
+            json!({
+                "pid": pid, "backend": r.backend.as_str(), "mirrors": r.mirrors,
+                "pages_scanned": r.pages_scanned, "pages_dirty": r.pages_dirty,
+                "regions": r.regions, "scan_ns": r.scan_ns,
+                "invalidate_ns": r.invalidate_ns,
+            })
+        },
+        || {
+            format!(
+                "synced pid {pid} ({}): {} mirror(s), {} page(s) scanned, {} written in {} \
+                 run(s) invalidated; scan {}, invalidation {}\n",
+                r.backend.as_str(),
+                r.mirrors,
+                r.pages_scanned,
+                r.pages_dirty,
+                r.regions,
+                micros(r.scan_ns),
+                micros(r.invalidate_ns)
+            )
+        },
+    );
     Ok(())
 }
 
@@ -443,17 +497,29 @@ fn micros(ns: u64) -> String {
     format!("{:.1}us", ns as f64 / 1000.0)
 }
 
+/// `memshadowctl status` as a table: who the daemon is, its device, how it reads and
+/// tracks memory, who is connected, what it has done.
 fn status_text(st: &Status, page: u64) -> String {
-    // Daemon text, escaped.
-    let i = |k: &str| esc(st.info(k).unwrap_or("?")).into_owned();
-    let n = |k: &str| st.counter(k).unwrap_or(0);
-    let inv: u64 = st
-        .counters
-        .iter()
-        .filter(|(k, _)| k.starts_with("device.inv_"))
-        .map(|(_, v)| v)
-        .sum();
-    let mut rows = vec![
+    let mut rows = identity_rows(st);
+    rows.extend(device_rows(st, page));
+    rows.extend(dirty_rows(st));
+    rows.push(("clients", clients_row(st)));
+    rows.extend(totals_rows(st));
+    let mut s = String::new();
+    for (k, v) in rows {
+        s.push_str(&format!("{k:<15} {v}\n"));
+    }
+    s
+}
+
+/// Daemon text of the status, escaped.
+fn info(st: &Status, k: &str) -> String {
+    esc(st.info(k).unwrap_or("?")).into_owned()
+}
+
+fn identity_rows(st: &Status) -> Vec<(&'static str, String)> {
+    let i = |k: &str| info(st, k);
+    vec![
         (
             "daemon",
             format!(
@@ -473,9 +539,17 @@ fn status_text(st: &Status, page: u64) -> String {
         ),
         (
             "uptime",
-            duration(Duration::from_millis(n("server.uptime_ms"))),
+            duration(Duration::from_millis(
+                st.counter("server.uptime_ms").unwrap_or(0),
+            )),
         ),
         ("socket", i("socket")),
+    ]
+}
+
+fn device_rows(st: &Status, page: u64) -> Vec<(&'static str, String)> {
+    let i = |k: &str| info(st, k);
+    vec![
         (
             "device",
             format!(
@@ -489,38 +563,43 @@ fn status_text(st: &Status, page: u64) -> String {
             "shadow",
             format!(
                 "{} in use of {} MiB",
-                bytes(n("shadow.slots_in_use") * page),
+                bytes(st.counter("shadow.slots_in_use").unwrap_or(0) * page),
                 i("device.shadow_mib")
             ),
         ),
         ("memory access", memory_access(st.info("access.path"))),
-    ];
-    rows.extend(dirty_rows(st));
-    rows.push(("clients", clients_row(st)));
-    rows.push((
-        "totals",
-        format!(
-            "{} uffd events, {} invalidations, {} faults, {} device reads",
-            n("events.total"),
-            inv,
-            n("device.faults"),
-            n("device.reads")
+    ]
+}
+
+fn totals_rows(st: &Status) -> Vec<(&'static str, String)> {
+    let n = |k: &str| st.counter(k).unwrap_or(0);
+    let inv: u64 = st
+        .counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("device.inv_"))
+        .map(|(_, v)| v)
+        .sum();
+    vec![
+        (
+            "totals",
+            format!(
+                "{} uffd events, {} invalidations, {} faults, {} device reads",
+                n("events.total"),
+                inv,
+                n("device.faults"),
+                n("device.reads")
+            ),
         ),
-    ));
-    rows.push((
-        "",
-        format!(
-            "{} TLB flushes queued, {} coalesced, {} executed",
-            n("device.flushes_queued"),
-            n("device.flushes_coalesced"),
-            n("device.flushes_executed")
+        (
+            "",
+            format!(
+                "{} TLB flushes queued, {} coalesced, {} executed",
+                n("device.flushes_queued"),
+                n("device.flushes_coalesced"),
+                n("device.flushes_executed")
+            ),
         ),
-    ));
-    let mut s = String::new();
-    for (k, v) in rows {
-        s.push_str(&format!("{k:<15} {v}\n"));
-    }
-    s
+    ]
 }
 
 /// How the daemon reads client memory (`access.path`).
