@@ -1574,6 +1574,9 @@ struct Conn {
     opened: Option<Instant>,
     /// Frames received on it (a refusal can only be the first).
     frames: u64,
+    /// Answers that came in pieces so far, by request id (a list answer too long for one
+    /// message: every piece but the last has `FLAG_MORE`).
+    pieces: Vec<(u64, Response)>,
     buf: Vec<u8>,
 }
 
@@ -2604,6 +2607,33 @@ fn on_frame(
         }
         return Ok(());
     }
+    // A list answer in pieces: put together, then checked as one answer. (Answers to other
+    // requests of the session may come between the pieces: workers answer slow requests.)
+    let more = frame.header.flags & FLAG_MORE != 0 && !matches!(resp, Response::TraceStarted);
+    let resp = match conn.pieces.iter().position(|(r, _)| *r == rid) {
+        Some(i) => {
+            let (_, mut whole) = conn.pieces.swap_remove(i);
+            let piece = short(&resp);
+            if !whole.absorb(resp) {
+                return Err(format!(
+                    "{piece} after a piece of {} for request id {rid}",
+                    short(&whole)
+                ));
+            }
+            whole
+        }
+        None => resp,
+    };
+    if more {
+        if !conn.pending.iter().any(|p| p.rid == rid) {
+            return Err(format!(
+                "a piece of {} for request id {rid}, which was not sent",
+                short(&resp)
+            ));
+        }
+        conn.pieces.push((rid, resp));
+        return Ok(());
+    }
     // A refusal is the only thing sent on a connection the daemon will not serve, and only
     // `accept` refuses with `TooManyClients`. The other codes of a refusal may answer a
     // request of id 0; two of them may also end a session (out of fds, shutting down).
@@ -2770,7 +2800,7 @@ fn check_answer(
         Err(format!("mirror {id} was never attached by this session"))
     };
     let me = ctx.me;
-    if ctx.uid != 0 {
+    if !ctx.privileged {
         let other = match req {
             Request::ListClients | Request::Peek { .. } => true,
             Request::Invalidate { pid, .. }
