@@ -10,6 +10,8 @@ pub mod server;
 pub mod service;
 pub mod source;
 pub mod sys;
+#[cfg(test)]
+mod test_support;
 pub mod trace;
 pub mod watched;
 pub mod workers;
