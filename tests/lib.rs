@@ -24,7 +24,7 @@ use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -629,6 +629,7 @@ impl DaemonBuilder {
             child: Some(child),
             socket: self.socket,
             log,
+            log_shown: AtomicBool::new(false),
             dir: self.dir,
         }
     }
@@ -674,6 +675,8 @@ pub struct Daemon {
     pid: i32,
     socket: PathBuf,
     log: PathBuf,
+    /// A panic showed the log already (drop need not).
+    log_shown: AtomicBool,
     dir: TempDir,
 }
 
@@ -739,6 +742,7 @@ impl Daemon {
     /// Panics with `msg` and the log's tail.
     pub fn fail(&self, msg: &str) -> ! {
         let state = if alive(self.pid) { "running" } else { "exited" };
+        self.log_shown.store(true, Ordering::Relaxed);
         panic!("{msg} (memshadowd {state})\n{}", self.log_tail(40))
     }
 
@@ -845,7 +849,7 @@ impl Drop for Daemon {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
             let _ = c.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.log_shown.load(Ordering::Relaxed) {
             eprintln!("{}", self.log_tail(40));
         }
     }
