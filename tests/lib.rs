@@ -170,10 +170,6 @@ impl Deadline {
     pub fn passed(&self) -> bool {
         Instant::now() >= self.0
     }
-    /// What is left of it (zero once passed).
-    pub fn left(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
-    }
 }
 
 // =======================================================================================
