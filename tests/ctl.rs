@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use memshadow_tests::{binary, fields, Daemon, TestClient};
+use memshadow_tests::{binary, fields, needs_root, tool, Daemon, TestClient, HANG_GUARD};
 use serde_json::Value;
 
 const P: u64 = 4096;
@@ -226,14 +226,10 @@ fn a_gone_or_unbound_pid_is_no_such_client() {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    panic!("memshadowctl {args:?} did not exit");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // A trace of a gone pid must end, not wait for records that cannot come.
+            d.wait_until(format!("memshadowctl {args:?} to exit"), HANG_GUARD, || {
+                child.try_wait().unwrap().is_some()
+            });
             let o = child.wait_with_output().unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
@@ -304,14 +300,9 @@ fn invalidate_reports_what_it_did_and_eagain() {
 
 /// Waits until the daemon counts `n` trace listeners.
 fn wait_listeners(d: &Daemon, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while d.counter("trace.listeners") != n {
-        assert!(
-            Instant::now() < deadline,
-            "trace listeners never reached {n}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    d.wait_until(format!("{n} trace listeners"), HANG_GUARD, || {
+        d.counter("trace.listeners") == n
+    });
 }
 
 #[test]
@@ -404,34 +395,39 @@ fn unreachable_daemon_and_usage_errors_have_their_exit_codes() {
     assert_eq!(o.status.code(), Some(2));
 }
 
-/// Runs memshadowctl as `nobody` (neither root nor the daemon's owner).
-fn as_nobody(d: &Daemon, args: &[&str]) -> Output {
-    let o = Command::new("runuser")
+/// Runs memshadowctl as `nobody` (neither root nor the daemon's owner) with `runuser`.
+fn as_nobody(runuser: &Path, d: &Daemon, args: &[&str]) -> Output {
+    let o = Command::new(runuser)
         .args(["-u", "nobody", "--"])
         .arg(binary("memshadowctl"))
         .arg("--socket")
         .arg(d.socket())
         .args(args)
         .output()
-        .expect("runuser (util-linux) is needed for the permission tests");
+        .expect("run runuser");
     o
 }
 
 #[test]
 fn other_clients_are_refused_to_an_unprivileged_user() {
+    if !needs_root("runs memshadowctl as nobody") {
+        return;
+    }
+    let Some(runuser) = tool("runuser", "util-linux") else {
+        return;
+    };
     let d = Daemon::start(&[]);
     // The socket's directory must be reachable by nobody.
-    let dir = d.socket().parent().unwrap();
-    Command::new("chmod")
-        .arg("755")
-        .arg(dir)
-        .status()
-        .expect("chmod");
+    std::fs::set_permissions(
+        d.dir().path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let (c, addr) = client_with_map(&d, 2, 1);
     let pid = c.pid().to_string();
     let a = format!("{addr:#x}");
     // Anyone may ask for the daemon's status.
-    let o = as_nobody(&d, &["status"]);
+    let o = as_nobody(&runuser, &d, &["status"]);
     assert!(
         o.status.success(),
         "status as nobody: {}",
@@ -447,7 +443,7 @@ fn other_clients_are_refused_to_an_unprivileged_user() {
         vec!["trace", "--pid", &pid],
         vec!["trace"],
     ] {
-        let o = as_nobody(&d, &args);
+        let o = as_nobody(&runuser, &d, &args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(4), "{args:?} as nobody: {err}");
         assert!(err.contains("permission denied"), "{args:?}: {err}");

@@ -2,7 +2,7 @@
 //! table of docs/operations.md, the `[default: …]` of every flag in `memshadowd --help`, the
 //! numbers of the "Limits" section and the flush latency docs/design.md gives, against what
 //! `memshadowd --no-config --print-config` prints (the built-in defaults, as the code has
-//! them). `tests/service.rs` checks `systemd/memshadowd.toml` the same way.
+//! them). `tests/service/config.rs` checks `systemd/memshadowd.toml` the same way.
 
 #![allow(clippy::unwrap_used)]
 

@@ -5,11 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+use memshadow_tests::{fields, needs_full_userfaultfd, needs_root, Daemon, TestClient, HANG_GUARD};
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use memshadow_tests::{binary, fields, Daemon, TempDir, TestClient};
 
 const P: u64 = 4096;
 /// Pages of a PMD-mapped transparent huge page.
@@ -20,8 +17,19 @@ const HUGE_PAGES: u64 = 512;
 const WORKING: [&str; 2] = ["pagemap-scan", "uffd-wp"];
 
 fn info(d: &Daemon) -> HashMap<String, String> {
-    let c = memshadow::Client::connect_control(Some(d.socket())).unwrap();
-    c.status().unwrap().info.into_iter().collect()
+    d.info()
+}
+
+/// The back ends of [`WORKING`] a client of this user gets: uffd-wp needs a userfaultfd
+/// that reports the kernel's faults too (root); without one its part is skipped, saying so.
+fn working_here() -> Vec<&'static str> {
+    WORKING
+        .into_iter()
+        .filter(|b| {
+            *b != "uffd-wp"
+                || needs_full_userfaultfd("the uffd-wp part (a client gets uffd-wp only then)")
+        })
+        .collect()
 }
 
 fn n(f: &HashMap<String, String>, k: &str) -> u64 {
@@ -66,7 +74,7 @@ fn check_pages(c: &mut TestClient, map: &str, pages: u64, expect: impl Fn(u64) -
 /// `strict` collects before each read without any `sync`.
 #[test]
 fn writes_reach_the_device_after_sync_for_each_backend() {
-    for backend in WORKING {
+    for backend in working_here() {
         let d = Daemon::start(&["--dirty-tracking", backend]);
         assert_eq!(info(&d)["dirty.backend"], backend);
         let mut c = TestClient::start(d.socket());
@@ -189,7 +197,7 @@ fn thp_backed_memory_stays_coherent_and_huge_extents_are_covered() {
     let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .unwrap_or_else(|_| "absent".into());
     println!("transparent_hugepage/enabled: {}", enabled.trim());
-    for backend in WORKING {
+    for backend in working_here() {
         let d = Daemon::start(&["--dirty-tracking", backend]);
         let mut c = TestClient::start(d.socket());
         let pages = 2 * HUGE_PAGES;
@@ -265,6 +273,9 @@ fn thp_backed_memory_stays_coherent_and_huge_extents_are_covered() {
 /// and says why, and the kernel write still works.
 #[test]
 fn pagemap_scan_serves_an_unprivileged_client() {
+    if !needs_root("runs a client as nobody beside a root client") {
+        return;
+    }
     let d = Daemon::start(&[]);
     assert_eq!(info(&d)["dirty.backend"], "pagemap-scan");
     let mut root = TestClient::start(d.socket());
@@ -323,11 +334,11 @@ fn periodic_policy_collects_on_the_daemons_timer() {
     assert_eq!(uniform(&mut c, "m", 0, 8 * P), "1");
     c.expect_ok(&format!("write p {P} {P} 2"));
     c.expect_ok(&format!("write m {P} {P} 2"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while uniform(&mut c, "p", P, P) != "2" {
-        assert!(Instant::now() < deadline, "the timer never collected");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_until(
+        "the periodic timer to collect the write",
+        HANG_GUARD,
+        || uniform(&mut c, "p", P, P) == "2",
+    );
     assert_eq!(uniform(&mut c, "m", P, P), "1", "manual: not collected");
     let st = c.expect_ok("mirror-pages p");
     assert!(st.contains("periodic=20"), "{st}");
@@ -367,29 +378,12 @@ fn the_probe_result_is_what_status_shows_and_forcing_a_broken_backend_fails() {
     drop(d);
 
     // Forcing it: a clear one-line error with the same reason, exit non-zero, no socket.
-    let dir = TempDir::new("dirty-probe");
-    let socket = dir.path().join("d.sock");
-    let mut child = Command::new(binary("memshadowd"))
-        .arg("--socket")
-        .arg(&socket)
+    let mut forced = Daemon::builder()
         .args(["--dirty-tracking", "soft-dirty"])
         .env("MEMSHADOW_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("memshadowd --dirty-tracking soft-dirty did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        .spawn();
+    let status = forced.wait();
+    let err = forced.log();
     println!("stderr: {err}");
     assert!(!status.success(), "{status:?}");
     let line = err
@@ -400,7 +394,7 @@ fn the_probe_result_is_what_status_shows_and_forcing_a_broken_backend_fails() {
         line.contains("--dirty-tracking soft-dirty is unavailable here") && line.contains(why),
         "{line}"
     );
-    assert!(!socket.exists(), "it never listened");
+    assert!(!forced.socket().exists(), "it never listened");
 
     // Forcing a working one: chosen, and the preferred one is refused as not chosen.
     let d = Daemon::start(&["--dirty-tracking", "uffd-wp"]);
@@ -419,6 +413,9 @@ fn the_probe_result_is_what_status_shows_and_forcing_a_broken_backend_fails() {
 /// no other mirror covers).
 #[test]
 fn an_overlapping_attach_and_detach_leave_the_pages_armed() {
+    if !needs_full_userfaultfd("a client with uffd-wp tracking") {
+        return;
+    }
     let d = Daemon::start(&["--dirty-tracking", "uffd-wp"]);
     let mut c = TestClient::start(d.socket());
     let addr = fields(&c.expect_ok("map a 16 anon"))["addr"].clone();
@@ -438,6 +435,9 @@ fn an_overlapping_attach_and_detach_leave_the_pages_armed() {
 /// events); every round still reads the right bytes and no writer is left blocked.
 #[test]
 fn uffd_wp_survives_address_space_churn() {
+    if !needs_full_userfaultfd("a client with uffd-wp tracking") {
+        return;
+    }
     let d = Daemon::start(&["--dirty-tracking", "uffd-wp", "--flush-latency-us", "50"]);
     let mut c = TestClient::start(d.socket());
     let r = fields(&c.expect_ok("stress 4 300"));

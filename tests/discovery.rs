@@ -9,8 +9,8 @@
 //! (`unshare --mount`, a tmpfs on `/run`): nothing outside the test sees it, and a system
 //! daemon, if one runs here, is not disturbed. The group and the two users are created for
 //! the test and removed after it. Needs root; without root, or without `unshare`,
-//! `runuser`, `setpriv`, `useradd` or `cc`, it says so loudly and passes, unless
-//! `MEMSHADOW_REQUIRE_SYSTEM_TOOLS=1` (`.ci/run`) makes that a failure.
+//! `runuser`, `setpriv`, `useradd` or `cc`, it says so (into the tests' skip list) and passes,
+//! unless `MEMSHADOW_TESTS_REQUIRE_ALL=1` (`.ci/run`) makes that a failure.
 
 #![allow(clippy::unwrap_used)]
 
@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use memshadow_tests::{binary, TempDir};
+use memshadow_tests::{binary, skip, tool, TempDir};
 
 const SYSTEM_SOCKET: &str = "/run/memshadow/memshadowd.sock";
 
@@ -27,30 +27,6 @@ fn root_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned()
-}
-
-/// Says loudly that the test did not run, or fails if CI requires it to.
-fn skip(why: &str) {
-    assert!(
-        std::env::var_os("MEMSHADOW_REQUIRE_SYSTEM_TOOLS").is_none(),
-        "{why} (MEMSHADOW_REQUIRE_SYSTEM_TOOLS is set)"
-    );
-    eprintln!("\n*** SKIPPED: {why}; this test did not run ***\n");
-}
-
-/// A system tool where the distribution puts it (`/usr/sbin` is off a plain user's PATH).
-fn tool(name: &str, package: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        skip(&format!(
-            "{name} is not installed (Debian package {package})"
-        ));
-    }
-    found
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -2,17 +2,16 @@
 //! still connect and bind afterwards (the "fd leak to permanent lock-out" finding: each such
 //! message used to leave 6 fds open in the daemon until it reached its `RLIMIT_NOFILE`).
 //!
-//! One test only: it changes this process's soft fd limit for a moment to see the daemon
-//! raise its own.
+//! The daemon starts with a soft fd limit of 1024 (at most its hard limit), to see it raise
+//! its own.
 
 #![allow(clippy::unwrap_used)]
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::{Duration, Instant};
 
 use memshadow_proto::{self as proto, ErrorCode, Header, Request, Response, MAX_FDS, VERSION};
-use memshadow_tests::{seqpacket_connect, Daemon, TestClient};
+use memshadow_tests::{nofile_of, seqpacket_connect, Daemon, TestClient, HANG_GUARD};
 use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags};
 use nix::sys::time::TimeVal;
 
@@ -29,38 +28,13 @@ const HEADROOM: u64 = 512;
 /// harness still closing, a worker's transient fd).
 const MARGIN: usize = 8;
 
-/// Polls `cond` until it holds or `limit` passes.
-fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if t.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count()
 }
 
-/// `(soft, hard)` "Max open files" of process `pid` (`/proc/PID`, e.g. `self`).
-fn nofile_of(pid: &str) -> (u64, u64) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let w: Vec<&str> = line.split_whitespace().collect();
-    (w[3].parse().unwrap(), w[4].parse().unwrap())
-}
-
-/// Sets `RLIMIT_NOFILE` of process `pid` (0: this one) to `soft`/`hard`.
+/// Sets `RLIMIT_NOFILE` of process `pid` to `soft`/`hard`.
 fn set_nofile(pid: i32, soft: u64, hard: u64) {
     let r = libc::rlimit {
         rlim_cur: soft,
@@ -102,18 +76,18 @@ fn send_hello_with_fds(s: &OwnedFd, request_id: u64, fd: &impl AsRawFd) {
 #[test]
 fn a_flood_of_surplus_fds_leaks_nothing_and_locks_nobody_out() {
     // The daemon raises its soft fd limit to the hard one at start-up.
-    let (soft, hard) = nofile_of("self");
-    let low = hard.min(1024);
-    set_nofile(0, low, hard);
+    let (_, hard) = nofile_of("self");
     // The flood's hundreds of "bad message" warnings are expected: unless asked for a log
     // level, the daemon logs only errors.
     let quiet = std::env::var_os("MEMSHADOW_LOG").is_none();
-    let d = Daemon::start(if quiet {
-        &["--log-level", "error"]
-    } else {
-        &[]
-    });
-    set_nofile(0, soft, hard);
+    let d = Daemon::builder()
+        .args(if quiet {
+            &["--log-level", "error"][..]
+        } else {
+            &[]
+        })
+        .nofile_soft(1024)
+        .start();
     assert_eq!(
         nofile_of(&d.pid().to_string()),
         (hard, hard),
@@ -167,14 +141,20 @@ fn a_flood_of_surplus_fds_leaks_nothing_and_locks_nobody_out() {
     }
 
     // Every session is closed and every fd the flood brought is gone.
-    let back = within(Duration::from_secs(30), || {
-        open_fds(d.pid()) <= baseline + MARGIN
-    });
-    assert!(
-        back,
-        "the daemon holds {} fds after {CONNECTIONS} messages with {FDS_PER_MESSAGE} fds each, \
-         {baseline} before",
-        open_fds(d.pid())
+    d.wait_until(
+        format!(
+            "the daemon's fds to come back to {baseline} (+{MARGIN}) after {CONNECTIONS} \
+             messages with {FDS_PER_MESSAGE} fds each"
+        ),
+        HANG_GUARD,
+        || {
+            let n = open_fds(d.pid());
+            if n <= baseline + MARGIN {
+                Ok(())
+            } else {
+                Err(format!("{n} fds"))
+            }
+        },
     );
 
     // And a client still connects, binds and attaches.

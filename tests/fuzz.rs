@@ -71,7 +71,10 @@ use memshadow_proto::{
     self as proto, ErrorCode, Header, Request, Response, SocketError, FLAG_MORE, HEADER_LEN,
     MAX_FDS, MAX_PAYLOAD, MAX_READ,
 };
-use memshadow_tests::{bin_dir, fields, Daemon, TestClient};
+use memshadow_tests::{
+    alive, bin_dir, fields, repeat_for, try_wait_until, try_wait_until_every, wait_until, Daemon,
+    Deadline, TestClient, HANG_GUARD,
+};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
@@ -1574,6 +1577,9 @@ struct Conn {
     opened: Option<Instant>,
     /// Frames received on it (a refusal can only be the first).
     frames: u64,
+    /// Answers that came in pieces so far, by request id (a list answer too long for one
+    /// message: every piece but the last has `FLAG_MORE`).
+    pieces: Vec<(u64, Response)>,
     buf: Vec<u8>,
 }
 
@@ -1686,24 +1692,26 @@ impl Outcome {
 
 /// A non-blocking `SOCK_SEQPACKET` connection, retried while the backlog is full.
 fn connect(path: &Path) -> Result<OwnedFd, String> {
-    let deadline = Instant::now() + ANSWER_DEADLINE;
-    loop {
-        let s = nix::sys::socket::socket(
+    let addr = UnixAddr::new(path).map_err(|e| e.to_string())?;
+    // `None`: the backlog is full, try again.
+    let attempt = || -> Option<Result<OwnedFd, String>> {
+        let s = match nix::sys::socket::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
-        )
-        .map_err(|e| format!("socket: {e}"))?;
-        let addr = UnixAddr::new(path).map_err(|e| e.to_string())?;
+        ) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(format!("socket: {e}"))),
+        };
         match nix::sys::socket::connect(s.as_raw_fd(), &addr) {
-            Ok(()) => return Ok(s),
-            Err(Errno::EAGAIN | Errno::EINTR) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(format!("connect: {e}")),
+            Ok(()) => Some(Ok(s)),
+            Err(Errno::EAGAIN | Errno::EINTR) => None,
+            Err(e) => Some(Err(format!("connect: {e}"))),
         }
-    }
+    };
+    try_wait_until(ANSWER_DEADLINE, attempt)
+        .map_err(|t| format!("connect: the daemon's backlog stayed full: {t}"))?
 }
 
 /// Opens `path` with `flags`, or `/dev/null` if that is not allowed.
@@ -1922,26 +1930,23 @@ fn wait_out_bar(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) {
             .push(format!("the hello script does not parse: {hello:?}"));
         return;
     };
-    loop {
+    // `None`: still refused.
+    let served = || -> Option<Result<(), String>> {
         let mut probe = Conn::default();
         let mut o = Outcome::default();
         if let Err(e) = run_step(ctx, scratch, &mut probe, hello, Duration::ZERO, &mut o) {
-            out.violations
-                .push(format!("while waiting for the abuse bar to lift: {e}"));
-            break;
+            return Some(Err(format!("while waiting for the abuse bar to lift: {e}")));
         }
-        if probe.hello && o.refused == 0 {
-            break;
-        }
-        if t.elapsed() > BAR_LIFT_DEADLINE {
-            out.violations.push(format!(
-                "uid {} was still refused {BAR_LIFT_DEADLINE:?} after it met the abuse bar \
-                 (which lasts 2 s): the bar does not lift",
-                ctx.uid
-            ));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        (probe.hello && o.refused == 0).then_some(Ok(()))
+    };
+    match try_wait_until_every(BAR_LIFT_DEADLINE, Duration::from_millis(100), served) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => out.violations.push(e),
+        Err(_) => out.violations.push(format!(
+            "uid {} was still refused {BAR_LIFT_DEADLINE:?} after it met the abuse bar \
+             (which lasts 2 s): the bar does not lift",
+            ctx.uid
+        )),
     }
     out.bar_wait_ms += t.elapsed().as_millis() as u64;
 }
@@ -2065,42 +2070,41 @@ fn exiting_client(ctx: &Ctx, scratch: &Scratch, out: &mut Outcome) -> Result<(),
     }
     drop(why_w);
     let pid = nix::unistd::Pid::from_raw(pid);
-    let deadline = Instant::now() + ANSWER_DEADLINE;
-    loop {
-        let code = match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+    // `None`: still running.
+    let exited = || -> Option<Result<i32, String>> {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => None,
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
-            Ok(st) => return Err(format!("the exiting client ended with {st:?}")),
-            Err(e) => return Err(format!("waitpid: {e}")),
-        };
-        out.connects += u64::from(code.is_some());
-        match code {
-            None => {}
-            Some(EXIT_IN_FLIGHT) => {
-                out.sent += 5;
-                out.closes += 1;
-                return Ok(());
-            }
-            Some(EXIT_BARRED) => return note_refusal(ctx, Refused::Bar, BAR_MESSAGE, out),
-            Some(EXIT_REFUSED) => return note_refusal(ctx, Refused::Limit, "", out),
-            Some(code) => {
-                let mut why = [0u8; 4096];
-                let n = nix::unistd::read(&why_r, &mut why).unwrap_or(0);
-                return Err(format!(
-                    "the exiting client ended with exit code {code}: {}",
-                    String::from_utf8_lossy(&why[..n])
-                ));
-            }
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(Ok(code)),
+            Ok(st) => Some(Err(format!("the exiting client ended with {st:?}"))),
+            Err(e) => Some(Err(format!("waitpid: {e}"))),
         }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            return Err(format!(
-                "a client process did not get through hello, bind and attach within \
-                 {ANSWER_DEADLINE:?}"
-            ));
+    };
+    let Ok(code) = try_wait_until(ANSWER_DEADLINE, exited) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(format!(
+            "a client process did not get through hello, bind and attach within \
+             {ANSWER_DEADLINE:?}"
+        ));
+    };
+    let code = code?;
+    out.connects += 1;
+    match code {
+        EXIT_IN_FLIGHT => {
+            out.sent += 5;
+            out.closes += 1;
+            Ok(())
         }
-        std::thread::sleep(Duration::from_millis(2));
+        EXIT_BARRED => note_refusal(ctx, Refused::Bar, BAR_MESSAGE, out),
+        EXIT_REFUSED => note_refusal(ctx, Refused::Limit, "", out),
+        code => {
+            let mut why = [0u8; 4096];
+            let n = nix::unistd::read(&why_r, &mut why).unwrap_or(0);
+            Err(format!(
+                "the exiting client ended with exit code {code}: {}",
+                String::from_utf8_lossy(&why[..n])
+            ))
+        }
     }
 }
 
@@ -2139,26 +2143,19 @@ fn exiting_child(ctx: &Ctx, scratch: &Scratch, why: OwnedFd) -> ! {
 
 /// Waits until `sock`'s peer hangs up (true) or `limit` passes (false), reading nothing.
 fn wait_hangup(sock: BorrowedFd<'_>, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
+    // Each try blocks in poll(2) for up to 100 ms.
+    let hung_up = || {
         // No events asked for: poll reports a hang-up (and errors) anyway, and queued
         // answers (a client that does not read has plenty) do not wake it.
         let mut p = [PollFd::new(sock, PollFlags::empty())];
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        if let Ok(n) = poll(&mut p, PollTimeout::from(ms)) {
-            if n > 0
+        poll(&mut p, PollTimeout::from(100u16)).is_ok_and(|n| {
+            n > 0
                 && p[0]
                     .revents()
                     .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
-            {
-                return true;
-            }
-        }
-    }
+        })
+    };
+    try_wait_until_every(limit, Duration::ZERO, hung_up).is_ok()
 }
 
 /// The `never-read` generator: floods `status` requests without reading the answers,
@@ -2179,21 +2176,21 @@ fn no_read(
     // Flood until the daemon stops reading this session: its answers fill our socket, so
     // it is stuck sending one (or has given up on us).
     let status = Request::Status;
-    let flood_end = Instant::now() + ANSWER_DEADLINE;
     let mut id = 0u64;
-    while Instant::now() < flood_end {
+    repeat_for(ANSWER_DEADLINE, || {
         id += 1;
         match proto::send(sock.as_fd(), status.msg_type(), 0, id, &[], &[]) {
-            Ok(()) => out.sent += 1,
+            Ok(()) => {
+                out.sent += 1;
+                true
+            }
             Err(SocketError::WouldBlock) => {
                 let mut p = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
-                if poll(&mut p, PollTimeout::from(500u16)).unwrap_or(0) == 0 {
-                    break;
-                }
+                poll(&mut p, PollTimeout::from(500u16)).unwrap_or(0) > 0
             }
-            Err(_) => break,
+            Err(_) => false,
         }
-    }
+    });
     // The session loop must still serve others while that session's answers are stuck: a
     // probe connection gets its answers promptly (or, its user barred, its refusal: the
     // session loop sends that too).
@@ -2245,22 +2242,22 @@ fn recv_within(
     buf: &mut Vec<u8>,
     limit: Duration,
 ) -> Result<Option<proto::Frame>, String> {
-    let deadline = Instant::now() + limit;
-    loop {
+    // `None`: nothing yet (each try waits in poll(2) for up to 100 ms first).
+    let mut waited = false;
+    let received = || -> Option<Result<Option<proto::Frame>, String>> {
+        if std::mem::replace(&mut waited, true) {
+            let mut p = [PollFd::new(sock, PollFlags::POLLIN)];
+            let _ = poll(&mut p, PollTimeout::from(100u16));
+        }
         match proto::recv(sock, buf) {
-            Ok(f) => return Ok(Some(f)),
-            Err(SocketError::WouldBlock) => {}
-            Err(SocketError::Closed) => return Ok(None),
-            Err(e) => return Err(format!("bad frame from the daemon: {e}")),
+            Ok(f) => Some(Ok(Some(f))),
+            Err(SocketError::WouldBlock) => None,
+            Err(SocketError::Closed) => Some(Ok(None)),
+            Err(e) => Some(Err(format!("bad frame from the daemon: {e}"))),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no answer within {limit:?}"));
-        }
-        let mut p = [PollFd::new(sock, PollFlags::POLLIN)];
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let _ = poll(&mut p, PollTimeout::from(ms));
-    }
+    };
+    try_wait_until_every(limit, Duration::ZERO, received)
+        .map_err(|_| format!("no answer within {limit:?}"))?
 }
 
 /// What the daemon left on a connection it closed, read without waiting: the frames it
@@ -2477,8 +2474,13 @@ fn send_frame(
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
     let iov = [std::io::IoSlice::new(&rec)];
-    let deadline = Instant::now() + ANSWER_DEADLINE;
-    loop {
+    // `None`: no room yet (each try after the first waits in poll(2) for up to 100 ms).
+    let mut waited = false;
+    let sent = || -> Option<Result<(), Errno>> {
+        if std::mem::replace(&mut waited, true) {
+            let mut p = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+            let _ = poll(&mut p, PollTimeout::from(100u16));
+        }
         match sendmsg::<()>(
             sock.as_raw_fd(),
             &iov,
@@ -2486,24 +2488,24 @@ fn send_frame(
             MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             None,
         ) {
-            Ok(_) => break,
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "the daemon read nothing from this session for {ANSWER_DEADLINE:?}"
-                    ));
-                }
-                let mut p = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
-                let _ = poll(&mut p, PollTimeout::from(100u16));
-            }
-            Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
-                // The daemon closed the session already: it must have had a reason, which
-                // (a refusal, an answer) may still wait to be read.
-                return closed(ctx, scratch, conn, out);
-            }
-            Err(Errno::EMSGSIZE) => return Ok(()),
-            Err(e) => return Err(format!("sendmsg: {e}")),
+            Ok(_) => Some(Ok(())),
+            Err(Errno::EINTR | Errno::EAGAIN) => None,
+            Err(e) => Some(Err(e)),
+        }
+    };
+    match try_wait_until_every(ANSWER_DEADLINE, Duration::ZERO, sent) {
+        Ok(Ok(())) => {}
+        Ok(Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN)) => {
+            // The daemon closed the session already: it must have had a reason, which
+            // (a refusal, an answer) may still wait to be read.
+            return closed(ctx, scratch, conn, out);
+        }
+        Ok(Err(Errno::EMSGSIZE)) => return Ok(()),
+        Ok(Err(e)) => return Err(format!("sendmsg: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "the daemon read nothing from this session for {ANSWER_DEADLINE:?}"
+            ))
         }
     }
     drop(owned);
@@ -2602,6 +2604,33 @@ fn on_frame(
         if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
             return Err(format!("trace event for request {rid}, not a stream"));
         }
+        return Ok(());
+    }
+    // A list answer in pieces: put together, then checked as one answer. (Answers to other
+    // requests of the session may come between the pieces: workers answer slow requests.)
+    let more = frame.header.flags & FLAG_MORE != 0 && !matches!(resp, Response::TraceStarted);
+    let resp = match conn.pieces.iter().position(|(r, _)| *r == rid) {
+        Some(i) => {
+            let (_, mut whole) = conn.pieces.swap_remove(i);
+            let piece = short(&resp);
+            if !whole.absorb(resp) {
+                return Err(format!(
+                    "{piece} after a piece of {} for request id {rid}",
+                    short(&whole)
+                ));
+            }
+            whole
+        }
+        None => resp,
+    };
+    if more {
+        if !conn.pending.iter().any(|p| p.rid == rid) {
+            return Err(format!(
+                "a piece of {} for request id {rid}, which was not sent",
+                short(&resp)
+            ));
+        }
+        conn.pieces.push((rid, resp));
         return Ok(());
     }
     // A refusal is the only thing sent on a connection the daemon will not serve, and only
@@ -2770,7 +2799,7 @@ fn check_answer(
         Err(format!("mirror {id} was never attached by this session"))
     };
     let me = ctx.me;
-    if ctx.uid != 0 {
+    if !ctx.privileged {
         let other = match req {
             Request::ListClients | Request::Peek { .. } => true,
             Request::Invalidate { pid, .. }
@@ -3064,28 +3093,25 @@ impl Worker {
 
     /// The next `@@` line within `limit`.
     fn read_line(&mut self, limit: Duration) -> Result<String, String> {
-        let deadline = Instant::now() + limit;
-        loop {
+        // `None`: no `@@` line yet (each try waits in poll(2) for up to 100 ms for input).
+        let line = || -> Option<Result<String, String>> {
             if !self.stdout.buffer().contains(&b'\n') {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(format!("no answer within {limit:?}"));
-                }
                 let fd = self.stdout.get_ref().as_fd();
                 let mut p = [PollFd::new(fd, PollFlags::POLLIN)];
-                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-                if poll(&mut p, PollTimeout::from(ms)).unwrap_or(0) == 0 {
-                    continue;
+                if poll(&mut p, PollTimeout::from(100u16)).unwrap_or(0) == 0 {
+                    return None;
                 }
             }
             let mut line = String::new();
             match self.stdout.read_line(&mut line) {
-                Ok(0) => return Err("the worker exited".into()),
-                Ok(_) if line.starts_with("@@") => return Ok(line.trim_end().to_owned()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
+                Ok(0) => Some(Err("the worker exited".into())),
+                Ok(_) if line.starts_with("@@") => Some(Ok(line.trim_end().to_owned())),
+                Ok(_) => None,
+                Err(e) => Some(Err(e.to_string())),
             }
-        }
+        };
+        try_wait_until_every(limit, Duration::ZERO, line)
+            .map_err(|_| format!("no answer within {limit:?}"))?
     }
 
     /// Runs `script` on this worker; `other` is another client's pid.
@@ -3135,13 +3161,6 @@ fn fd_targets(pid: i32) -> Vec<String> {
     v
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-        .is_some_and(|st| st != 'Z' && st != 'X')
-}
-
 /// `status` of the daemon through the client library, within [`STATUS_DEADLINE`] (the
 /// library has no timeouts, so it runs on a thread that may be abandoned).
 fn timed_status(socket: &Path) -> Result<(BTreeMap<String, u64>, Duration), String> {
@@ -3172,23 +3191,27 @@ struct Rest {
 /// Waits (polling) until the daemon is back at `base`: no more fds and threads, no shadow
 /// slot in use, no client but the one asking.
 fn settle(d: &Daemon, base: &Rest) -> Result<Rest, String> {
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    loop {
+    // `Err`: not yet, and what was seen; `Ok(Err)`: it never will (the daemon died, or
+    // does not answer).
+    let at_rest = || -> Result<Result<Rest, String>, String> {
         if !alive(d.pid()) {
-            return Err("the daemon died".into());
+            return Ok(Err("the daemon died".into()));
         }
         let fds = fd_targets(d.pid());
         let threads = d.threads();
-        let (c, _) = timed_status(d.socket())?;
+        let c = match timed_status(d.socket()) {
+            Ok((c, _)) => c,
+            Err(e) => return Ok(Err(e)),
+        };
         let slots = c.get("shadow.slots_in_use").copied().unwrap_or(u64::MAX);
         // The status connection itself is a client.
         let clients = c.get("server.clients").copied().unwrap_or(u64::MAX);
         let now = Rest { fds, threads };
         if now.fds.len() <= base.fds.len() && threads <= base.threads && slots == 0 && clients <= 1
         {
-            return Ok(now);
+            return Ok(Ok(now));
         }
-        if Instant::now() > deadline {
+        {
             let mut extra = now.fds.clone();
             for f in &base.fds {
                 if let Some(i) = extra.iter().position(|x| x == f) {
@@ -3206,36 +3229,37 @@ fn settle(d: &Daemon, base: &Rest) -> Result<Rest, String> {
                 };
                 *by.entry(key).or_default() += 1;
             }
-            return Err(format!(
-                "after every session closed, the daemon did not come back to its baseline \
-                 within {SETTLE_DEADLINE:?}: fds {} (baseline {}; extra {by:?}), threads {} \
-                 (baseline {}), shadow.slots_in_use {slots}, server.clients {clients} (1 is the \
-                 status connection)",
+            Err(format!(
+                "fds {} (baseline {}; extra {by:?}), threads {} (baseline {}), \
+                 shadow.slots_in_use {slots}, server.clients {clients} (1 is the status \
+                 connection)",
                 now.fds.len(),
                 base.fds.len(),
                 threads,
                 base.threads
-            ));
+            ))
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    try_wait_until_every(SETTLE_DEADLINE, Duration::from_millis(20), at_rest).map_err(|t| {
+        format!(
+            "after every session closed, the daemon did not come back to its baseline \
+             within {SETTLE_DEADLINE:?}: {}",
+            t.last.unwrap_or_default()
+        )
+    })?
 }
 
 /// The daemon at rest before fuzzing: once no client but the asking one is left and no
 /// shadow slot is in use, the fewest fds and threads seen over a few samples.
 fn baseline(d: &Daemon) -> Rest {
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    loop {
+    d.wait_until("the daemon to come to rest", SETTLE_DEADLINE, || {
         let (c, _) = timed_status(d.socket()).expect("status before fuzzing");
         if c.get("server.clients") <= Some(&1) && c.get("shadow.slots_in_use") == Some(&0) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never came to rest: {c:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
     let mut best: Option<Rest> = None;
     for _ in 0..5 {
         let now = Rest {
@@ -3631,7 +3655,7 @@ fn fuzz_the_daemon() {
     let budget: Mutex<Budget> = Mutex::default();
     let mut fatal: Option<String> = None;
     let t0 = Instant::now();
-    let end = t0 + Duration::from_secs(secs);
+    let end = Deadline::after(Duration::from_secs(secs));
 
     // One script on one worker, with its outcome recorded.
     let run_one = |w: &mut Worker, k: u64, s: &Script, why_prefix: &str| -> Option<String> {
@@ -3694,8 +3718,8 @@ fn fuzz_the_daemon() {
         // Epochs: all workers run scripts until the epoch ends; then, with every session
         // closed, the daemon must come back to its baseline.
         let mut epoch = 0u64;
-        while Instant::now() < end && fatal.is_none() {
-            let epoch_end = (Instant::now() + EPOCH).min(end);
+        while !end.passed() && fatal.is_none() {
+            let epoch_end = Deadline::after(EPOCH).min(end);
             let ran: Mutex<Vec<(usize, u64, Script)>> = Mutex::default();
             let stop = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|sc| {
@@ -3704,7 +3728,7 @@ fn fuzz_the_daemon() {
                         (&corpus, &enabled, &ran, &totals, &stop, &budget);
                     let run_one = &run_one;
                     sc.spawn(move || {
-                        while Instant::now() < epoch_end
+                        while !epoch_end.passed()
                             && !stop.load(std::sync::atomic::Ordering::Relaxed)
                             && totals.lock().unwrap().sessions < max_sessions
                         {
@@ -3719,12 +3743,17 @@ fn fuzz_the_daemon() {
                             if w.user == User::Nobody {
                                 let first_pass = corpus_for(w.user, corpus, enabled).len();
                                 let n = malformed_frames(&s);
-                                while !budget.lock().unwrap().take(w.user, n) {
+                                let fits = || budget.lock().unwrap().take(w.user, n);
+                                if !fits() {
                                     if (k as usize) >= first_pass {
                                         s.clean = true;
-                                        break;
+                                    } else {
+                                        wait_until(
+                                            "room in the malformed-frame budget",
+                                            HANG_GUARD,
+                                            fits,
+                                        );
                                     }
-                                    std::thread::sleep(Duration::from_millis(20));
                                 }
                             }
                             ran.lock().unwrap().push((w.index, k, s.clone()));
@@ -3736,8 +3765,7 @@ fn fuzz_the_daemon() {
                     });
                 }
                 // Meanwhile: the daemon lives and answers.
-                while Instant::now() < epoch_end && !stop.load(std::sync::atomic::Ordering::Relaxed)
-                {
+                while !epoch_end.passed() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if !alive(d.pid()) {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
@@ -3898,32 +3926,29 @@ fn isolate_leak(
     seed: u64,
     run_one: &dyn Fn(&mut Worker, u64, &Script, &str) -> Option<String>,
 ) -> Option<PathBuf> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let budget = Deadline::after(Duration::from_secs(20));
     let mut rest = Rest {
         fds: fd_targets(d.pid()),
         threads: d.threads(),
     };
     for (wi, k, s) in ran {
-        if Instant::now() > deadline {
+        if budget.passed() {
             break;
         }
         let w = workers.iter_mut().find(|w| w.index == *wi && !w.dead)?;
         if run_one(w, *k, s, "isolating a leak: ").is_some() {
             return None;
         }
-        // Settle briefly: the script's sessions are closed; their release may lag.
-        let t = Instant::now();
-        let mut now = Rest {
+        // Settle briefly (2 s at most): the script's sessions are closed; their release
+        // may lag.
+        let sample = || Rest {
             fds: fd_targets(d.pid()),
             threads: d.threads(),
         };
-        while now.fds.len() > rest.fds.len() && t.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(20));
-            now = Rest {
-                fds: fd_targets(d.pid()),
-                threads: d.threads(),
-            };
-        }
+        let _ = try_wait_until_every(Duration::from_secs(2), Duration::from_millis(20), || {
+            sample().fds.len() <= rest.fds.len()
+        });
+        let now = sample();
         if now.fds.len() > rest.fds.len() || now.threads > rest.threads {
             let why = format!(
                 "this script alone left the daemon with {} more fds and {} more threads \

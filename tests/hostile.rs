@@ -12,20 +12,19 @@ use std::time::{Duration, Instant};
 use std::os::fd::AsFd;
 
 use memshadow_proto::{self as proto, ErrorCode, Request, Response, MIN_VERSION, VERSION};
-use memshadow_tests::{binary, fields, Daemon, TempDir, TestClient};
+use memshadow_tests::{binary, fields, needs_root, tool, Daemon, TempDir, TestClient, HANG_GUARD};
 use nix::sys::signal::Signal;
 
 const NOBODY: &str = "65534";
 /// Another unprivileged user (needs no passwd entry).
 const SOMEBODY: &str = "65533";
-const DEADLINE: Duration = Duration::from_secs(20);
+/// How long 30 sessions that never read may take to end: each used to cost the session
+/// loop a 2 s wait (a minute in all); now they end at once.
+const NON_READERS_END: Duration = Duration::from_secs(20);
 
-fn is_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: needs root (a root daemon attacked by an unprivileged user)");
-    false
+/// True if this process is root; else the test is skipped, saying why.
+fn is_root() -> bool {
+    needs_root("a root daemon attacked by an unprivileged user")
 }
 
 /// The secret keeper: a setuid-root program that maps its secret at the attacker's
@@ -51,13 +50,13 @@ int main(void) {
 }
 "#;
 
-/// Builds the setuid-root secret keeper in `dir` (reachable by nobody).
-fn secret_keeper(dir: &Path) -> PathBuf {
+/// Builds the setuid-root secret keeper in `dir` (reachable by nobody) with `cc`.
+fn secret_keeper(cc: &Path, dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let src = dir.join("secret.c");
     let exe = dir.join("secret");
     std::fs::write(&src, SECRET_C).unwrap();
-    let out = Command::new("cc")
+    let out = Command::new(cc)
         .arg("-O1")
         .arg("-o")
         .arg(&exe)
@@ -104,26 +103,26 @@ fn verdict(child: &mut Child) -> String {
 /// the setuid program, and the mem fd the client handed over died with the exec.
 #[test]
 fn a_setuid_program_the_client_execs_is_never_read() {
-    if !is_root("a_setuid_program_the_client_execs_is_never_read") {
+    if !is_root() {
         return;
     }
+    let Some(cc) = tool("cc", "gcc") else {
+        return;
+    };
     let d = Daemon::start(&[]);
     let dir = TempDir::new("setuid");
-    let prog = secret_keeper(dir.path());
+    let prog = secret_keeper(&cc, dir.path());
     let mut a = attacker(NOBODY, "exec-read", d.socket(), &[prog.to_str().unwrap()]);
     let v = verdict(&mut a);
     assert!(v.starts_with("refused"), "{v}");
     assert!(!v.contains("SECRET"), "{v}");
     assert!(v.contains("address space is gone"), "{v}");
     // The session ends: its client's address space is gone.
-    let t = Instant::now();
-    while d.counter("server.gone") == 0 {
-        assert!(
-            t.elapsed() < DEADLINE,
-            "the session of an exec'd client never ended"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_until(
+        "the session of the exec'd client to end",
+        HANG_GUARD,
+        || d.counter("server.gone") > 0,
+    );
 }
 
 /// The variant: the session binds only after the exec, with the attacker's own uffd and an
@@ -131,12 +130,15 @@ fn a_setuid_program_the_client_execs_is_never_read() {
 /// permission). The bind is refused.
 #[test]
 fn an_o_path_mem_fd_of_a_setuid_program_is_refused() {
-    if !is_root("an_o_path_mem_fd_of_a_setuid_program_is_refused") {
+    if !is_root() {
         return;
     }
+    let Some(cc) = tool("cc", "gcc") else {
+        return;
+    };
     let d = Daemon::start(&[]);
     let dir = TempDir::new("opath");
-    let prog = secret_keeper(dir.path());
+    let prog = secret_keeper(&cc, dir.path());
     let mut a = attacker(NOBODY, "opath-bind", d.socket(), &[prog.to_str().unwrap()]);
     let v = verdict(&mut a);
     assert!(v.starts_with("refused BadFd"), "{v}");
@@ -147,7 +149,7 @@ fn an_o_path_mem_fd_of_a_setuid_program_is_refused() {
 /// looked up by its pid, which another process may hold by now.
 #[test]
 fn a_peer_gone_before_the_accept_is_refused() {
-    if !is_root("a_peer_gone_before_the_accept_is_refused") {
+    if !is_root() {
         return;
     }
     let d = Daemon::start(&[]);
@@ -169,7 +171,7 @@ fn a_peer_gone_before_the_accept_is_refused() {
 /// are answered. (Before, each cost the shared session loop a 2 s wait.)
 #[test]
 fn clients_that_never_read_lose_their_sessions_and_stall_nobody() {
-    if !is_root("clients_that_never_read_lose_their_sessions_and_stall_nobody") {
+    if !is_root() {
         return;
     }
     let d = Daemon::start(&[]);
@@ -192,7 +194,7 @@ fn clients_that_never_read_lose_their_sessions_and_stall_nobody() {
     let took = t.elapsed();
     eprintln!("30 non-reading sessions ended in {took:?}");
     assert!(
-        took < DEADLINE,
+        took < NON_READERS_END,
         "30 non-reading sessions took {took:?} to end (the session loop waited on them)"
     );
     assert!(d.counter("server.not_reading") >= 30);
@@ -204,7 +206,7 @@ fn clients_that_never_read_lose_their_sessions_and_stall_nobody() {
 /// use ("shadow full", typed); root still has its reserve.
 #[test]
 fn one_user_cannot_take_the_shadow_and_root_keeps_its_reserve() {
-    if !is_root("one_user_cannot_take_the_shadow_and_root_keeps_its_reserve") {
+    if !is_root() {
         return;
     }
     // 64 MiB shadow, 16 MiB reserved: 48 MiB for other users, 32 MiB per user.
@@ -244,9 +246,12 @@ fn one_user_cannot_take_the_shadow_and_root_keeps_its_reserve() {
 /// and its next connection is told why it is refused (not "daemon gone").
 #[test]
 fn silent_connections_time_out_and_root_keeps_its_connections() {
-    if !is_root("silent_connections_time_out_and_root_keeps_its_connections") {
+    if !is_root() {
         return;
     }
+    let Some(setpriv) = tool("setpriv", "util-linux") else {
+        return;
+    };
     let d = Daemon::start(&[
         "--max-clients",
         "12",
@@ -266,34 +271,28 @@ fn silent_connections_time_out_and_root_keeps_its_connections() {
             .find(|(k, _)| k == "server.clients")
             .map_or(0, |(_, v)| *v as usize)
     };
-    let t = Instant::now();
-    while clients() != 1 {
-        assert!(
-            t.elapsed() < DEADLINE,
-            "the harness's connections never left"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.wait_until("the harness's connections to leave", HANG_GUARD, || {
+        clients() == 1
+    });
     // Silent connections of nobody, one at a time, until the daemon refuses one (it
     // answers and hangs up, so the attacker exits): every slot open to all is taken.
     let mut silent: Vec<Child> = Vec::new();
     loop {
         assert!(silent.len() <= 12, "the daemon never refused a connection");
         let mut c = attacker(NOBODY, "silent", d.socket(), &[]);
-        let t = Instant::now();
-        let refused = loop {
-            if c.try_wait().unwrap().is_some() {
-                break true;
-            }
-            if clients() == silent.len() + 2 {
-                break false;
-            }
-            assert!(
-                t.elapsed() < DEADLINE,
-                "a silent connection was neither served nor refused"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let refused = d.wait_until(
+            "a silent connection to be served or refused",
+            HANG_GUARD,
+            || {
+                if c.try_wait().unwrap().is_some() {
+                    Some(true)
+                } else if clients() == silent.len() + 2 {
+                    Some(false)
+                } else {
+                    None
+                }
+            },
+        );
         if refused {
             break;
         }
@@ -301,7 +300,7 @@ fn silent_connections_time_out_and_root_keeps_its_connections() {
     }
     assert_eq!(silent.len(), 7, "8 slots open to all, one of them root's");
     let ctl = |uid: Option<&str>| {
-        let mut c = Command::new("setpriv");
+        let mut c = Command::new(&setpriv);
         if let Some(u) = uid {
             c.args(["--reuid", u, "--regid", u, "--clear-groups"]);
         }
@@ -339,7 +338,7 @@ fn silent_connections_time_out_and_root_keeps_its_connections() {
 /// refused at once.
 #[test]
 fn unbounded_work_is_refused() {
-    if !is_root("unbounded_work_is_refused") {
+    if !is_root() {
         return;
     }
     let d = Daemon::start(&["--quota-attached-mib", "64"]);

@@ -28,12 +28,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::Write;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use memshadow_tests::{bin_dir, binary, fields, TestClient};
+use memshadow_tests::{bin_dir, binary, fields, skip, wait_until, TestClient};
 use serde_json::Value;
 
 const SOCKET: &str = "/run/memshadow/memshadowd.sock";
@@ -63,54 +63,6 @@ fn root() -> PathBuf {
 
 fn recipe(script: &str) -> PathBuf {
     root().join("tests/systemd-ns").join(script)
-}
-
-/// Says why the test did not run, where a plain `cargo test` shows it, and records it in
-/// the skip list (a line of `TARGET/memshadow-skips/PID.skip`; `MEMSHADOW_SKIP_DIR` names
-/// another directory); or fails if every test must run (`MEMSHADOW_TESTS_REQUIRE_ALL` set,
-/// not empty and not 0).
-fn skip(reason: &str) {
-    // One line, whatever the tools printed.
-    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-    let line = format!("real_systemd units_under_a_real_systemd: {reason}");
-    let required =
-        std::env::var("MEMSHADOW_TESTS_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0");
-    assert!(
-        !required,
-        "{line} (MEMSHADOW_TESTS_REQUIRE_ALL is set: every test must run)"
-    );
-    // The stderr handle itself: the harness captures eprintln!, not this.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {line} (the test passes without having run)"
-    );
-    let dir = std::env::var_os("MEMSHADOW_SKIP_DIR").map_or_else(
-        || bin_dir().parent().unwrap().join("memshadow-skips"),
-        PathBuf::from,
-    );
-    let recorded = std::fs::create_dir_all(&dir).and_then(|()| {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}.skip", std::process::id())))?;
-        writeln!(f, "{line}")
-    });
-    if let Err(e) = recorded {
-        let _ = writeln!(
-            std::io::stderr(),
-            "(could not add it to the skip list in {}: {e})",
-            dir.display()
-        );
-    }
-}
-
-/// Polls `done` until it holds, or fails saying `what`.
-fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < deadline, "{what}: not after {deadline:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -289,7 +241,9 @@ fn units_under_a_real_systemd() {
     let steps = Steps(Instant::now());
     let ns = match Namespace::boot(&binds) {
         Ok(ns) => ns,
-        Err(Boot::Unavailable(why)) => return skip(&why),
+        Err(Boot::Unavailable(why)) => {
+            return skip(why.split_whitespace().collect::<Vec<_>>().join(" "))
+        }
         Err(Boot::Failed(why)) => panic!("{why}"),
     };
     steps.step(&format!(

@@ -13,6 +13,8 @@ pub mod service;
 pub mod source;
 pub mod startup;
 pub mod sys;
+#[cfg(test)]
+mod test_support;
 pub mod trace;
 pub mod workers;
 

@@ -673,10 +673,10 @@ fn run() -> Result<(), String> {
                 "churn-stop" => {
                     let c = churn.take().ok_or("no churn")?;
                     c.stop.store(true, Relaxed);
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while !c.done.load(Relaxed) && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    // A thread still in madvise after 5 s is stuck (the answer says so).
+                    let _ = memshadow_tests::try_wait_until(Duration::from_secs(5), || {
+                        c.done.load(Relaxed)
+                    });
                     format!(
                         "iterations={} max_us={} stuck={}",
                         c.iterations.load(Relaxed),

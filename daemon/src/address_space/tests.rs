@@ -135,6 +135,7 @@ fn read_some_events(
 /// wakes.
 #[test]
 fn a_deferred_wake_invalidates_a_page_mirrored_again_before_the_write() {
+    crate::test_support::needs_full_userfaultfd!();
     let page = PAGE_SIZE as u64;
     let (w, _dev) = uffd_wp_space();
     // Unmapping a registered range blocks until its event is read: if an assertion

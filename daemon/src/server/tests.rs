@@ -187,6 +187,7 @@ fn map(pages: usize, byte: u8) -> *mut u8 {
 
 #[test]
 fn munmap_madvise_and_mremap_reach_the_shadow() {
+    crate::test_support::needs_full_userfaultfd!();
     let d = Daemon::start();
     let mut c = Raw::connect(&d.path);
     assert_eq!(
@@ -276,6 +277,7 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
+    crate::test_support::needs_full_userfaultfd!();
     let d = Daemon::start();
     let mut c = Raw::connect(&d.path);
     assert_eq!(
@@ -560,6 +562,7 @@ proptest! {
 /// watch for room off left that answer unsent until the client's next request.)
 #[test]
 fn every_answer_of_a_bursty_reader_arrives() {
+    crate::test_support::needs_full_userfaultfd!();
     let d = Daemon::start();
     let mut c = Raw::connect(&d.path);
     c.hello();

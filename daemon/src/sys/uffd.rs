@@ -391,6 +391,7 @@ mod tests {
 
     #[test]
     fn handshake_register_and_remove_event() {
+        crate::test_support::needs_full_userfaultfd!();
         let u = Uffd::from_fd(raw_uffd()).expect("a uffd");
         let f = u
             .api(features::EVENT_UNMAP | features::EVENT_REMOVE | features::EVENT_REMAP)
@@ -428,6 +429,7 @@ mod tests {
     /// The events-pending probe sees an unread event, and un-protects nothing.
     #[test]
     fn events_pending_sees_unread_events_and_changes_no_protection() {
+        crate::test_support::needs_full_userfaultfd!();
         let u = Uffd::from_fd(raw_uffd()).expect("a uffd");
         u.api(features::EVENT_REMOVE | features::WP_ASYNC)
             .expect("api");
