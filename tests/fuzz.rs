@@ -2599,6 +2599,13 @@ fn on_frame(
     let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
         .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
     let rid = frame.header.request_id;
+    // The pieces of one answer go out together: nothing else comes between them.
+    if let Some((other, _)) = conn.pieces.iter().find(|(r, _)| *r != rid) {
+        return Err(format!(
+            "{} for request id {rid} between the pieces of the answer to request id {other}",
+            short(&resp)
+        ));
+    }
     if frame.header.msg_type == TRACE_EVENT {
         out.events += 1;
         if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
@@ -2606,8 +2613,7 @@ fn on_frame(
         }
         return Ok(());
     }
-    // A list answer in pieces: put together, then checked as one answer. (Answers to other
-    // requests of the session may come between the pieces: workers answer slow requests.)
+    // A list answer in pieces: put together, then checked as one answer.
     let more = frame.header.flags & FLAG_MORE != 0 && !matches!(resp, Response::TraceStarted);
     let resp = match conn.pieces.iter().position(|(r, _)| *r == rid) {
         Some(i) => {

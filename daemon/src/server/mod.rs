@@ -417,25 +417,26 @@ impl Core {
         let stream = matches!(resp, Response::TraceStarted);
         let pieces = resp.into_pieces();
         let last = pieces.len() - 1;
-        for (i, piece) in pieces.into_iter().enumerate() {
-            let more = stream || i < last;
-            self.send(
-                s,
-                OutFrame {
-                    msg_type: piece.msg_type(),
-                    flags: if more { proto::FLAG_MORE } else { 0 },
-                    request_id,
-                    payload: piece.encode_payload(),
-                },
-            );
-        }
+        let frames = pieces.into_iter().enumerate().map(|(i, piece)| OutFrame {
+            msg_type: piece.msg_type(),
+            flags: if stream || i < last {
+                proto::FLAG_MORE
+            } else {
+                0
+            },
+            request_id,
+            payload: piece.encode_payload(),
+        });
+        self.send(s, frames);
         if s.gone.load(Relaxed) {
             self.end(s, End::Gone);
         }
     }
 
-    /// Sends or queues `f` for `s` ([`Core::reply`]).
-    fn send(&self, s: &Session, f: OutFrame) {
+    /// Sends or queues the frames of one answer for `s` ([`Core::reply`]), all under one
+    /// hold of its queue's lock: the pieces of a long answer go out together, with no other
+    /// answer (a worker's, a trace record) between them.
+    fn send(&self, s: &Session, frames: impl Iterator<Item = OutFrame>) {
         if s.closing.load(Relaxed) {
             return;
         }
@@ -443,16 +444,18 @@ impl Core {
         // the queue: a flush that empties the queue and a send that fills it again cannot
         // leave the last word to the flush (and a queued answer unwatched).
         let mut out = lock(&s.out);
-        match out.push(s.sock(), f) {
-            Pushed::Sent | Pushed::Queued { arm: false } => {}
-            Pushed::Queued { arm: true } => self.watch_for_room(s, true),
-            Pushed::Full => {
-                drop(out);
-                self.end(s, End::NotReading);
-            }
-            Pushed::Closed => {
-                drop(out);
-                self.end(s, End::SocketGone);
+        for f in frames {
+            match out.push(s.sock(), f) {
+                Pushed::Sent | Pushed::Queued { arm: false } => {}
+                Pushed::Queued { arm: true } => self.watch_for_room(s, true),
+                Pushed::Full => {
+                    drop(out);
+                    return self.end(s, End::NotReading);
+                }
+                Pushed::Closed => {
+                    drop(out);
+                    return self.end(s, End::SocketGone);
+                }
             }
         }
     }
