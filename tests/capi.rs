@@ -363,28 +363,11 @@ fn build_library_copy(dir: &Path, target: &Path, version: &str) -> PathBuf {
         ),
     )
     .unwrap();
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cargo = memshadow_tests::cargo_command();
     cargo
         .args(["build", "--offline", "-p", "memshadow-capi", "--lib"])
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", target);
-    // What cargo set for this test process describes the outer build, not this one.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-            || k == "CARGO_PRIMARY_PACKAGE"
-            || k == "CARGO_TARGET_TMPDIR"
-        {
-            cargo.env_remove(&*k);
-        }
-    }
     let o = cargo.output().expect("run cargo");
     assert!(
         o.status.success(),

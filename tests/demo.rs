@@ -18,7 +18,7 @@ fn demo() -> PathBuf {
         return p;
     }
     let profile = bin_dir();
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cargo = memshadow_tests::cargo_command();
     cargo
         .args([
             "build",
@@ -30,23 +30,6 @@ fn demo() -> PathBuf {
         ])
         .arg(profile.parent().unwrap())
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap());
-    // What cargo set for this test process describes the outer build, not this one.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-            || k == "CARGO_PRIMARY_PACKAGE"
-            || k == "CARGO_TARGET_TMPDIR"
-        {
-            cargo.env_remove(&*k);
-        }
-    }
     if profile.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }

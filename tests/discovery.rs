@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use memshadow_tests::{binary, skip, tool, TempDir};
@@ -23,10 +23,7 @@ use memshadow_tests::{binary, skip, tool, TempDir};
 const SYSTEM_SOCKET: &str = "/run/memshadow/memshadowd.sock";
 
 fn root_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    memshadow_tests::repo_root()
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -24,10 +24,7 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    memshadow_tests::repo_root()
 }
 
 /// Source files whose comments are read, by extension.

@@ -328,6 +328,29 @@ pub fn seqpacket_connect(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {
     Ok(s)
 }
 
+/// A `cargo` command for a build of its own inside a test, with the variables cargo set for
+/// the test process (which describe the outer build, not this one) removed.
+pub fn cargo_command() -> Command {
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let outer = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || k == "CARGO_PRIMARY_PACKAGE"
+            || k == "CARGO_TARGET_TMPDIR";
+        if outer {
+            cargo.env_remove(&*k);
+        }
+    }
+    cargo
+}
+
 /// `target/<profile>/`, where cargo put the binaries of the workspace.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

@@ -11,16 +11,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The README's own markers: `.ci/run` extracts the blocks after them.
 const RUN_MARKERS: [&str; 3] = ["prereq-command", "main-command", "test-command"];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    memshadow_tests::repo_root()
 }
 
 /// README.md and every Markdown page of docs/, as (path relative to the root, text).

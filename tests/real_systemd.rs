@@ -53,12 +53,8 @@ const DEADLINE: Duration = Duration::from_secs(15);
 /// The unit's WatchdogSec= (20 s) after the last ping, the restart (RestartSec=1s), slack.
 const WATCHDOG_DEADLINE: Duration = Duration::from_secs(40);
 
-/// The repository root.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    memshadow_tests::repo_root()
 }
 
 fn recipe(script: &str) -> PathBuf {

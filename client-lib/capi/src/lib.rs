@@ -379,6 +379,21 @@ pub unsafe extern "C" fn memshadow_connect_to(
     })
 }
 
+/// Frees a handle made with `Box::into_raw`; NULL is ignored. Never unwinds.
+///
+/// # Safety
+/// `handle` is NULL or a handle from `Box::into_raw` not freed yet, and no other thread
+/// uses it any more.
+unsafe fn free_handle<T>(handle: *mut T) {
+    guard(|| {
+        if !handle.is_null() {
+            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
+            drop(unsafe { Box::from_raw(handle) });
+        }
+        Ok(())
+    });
+}
+
 /// Closes the session and frees the handle. Mirrors still attached keep the connection
 /// open until they are freed too. NULL is ignored.
 ///
@@ -387,13 +402,8 @@ pub unsafe extern "C" fn memshadow_connect_to(
 /// thread uses it any more.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_client_free(client: *mut FfiClient) {
-    guard(|| {
-        if !client.is_null() {
-            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
-            drop(unsafe { Box::from_raw(client) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract is `free_handle`'s.
+    unsafe { free_handle(client) }
 }
 
 /// The protocol version of the session (0 if `client` is NULL).
@@ -709,13 +719,8 @@ pub unsafe extern "C" fn memshadow_mirror_detach(mirror: *const FfiMirror) -> St
 /// uses it any more.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_mirror_free(mirror: *mut FfiMirror) {
-    guard(|| {
-        if !mirror.is_null() {
-            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
-            drop(unsafe { Box::from_raw(mirror) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract is `free_handle`'s.
+    unsafe { free_handle(mirror) }
 }
 
 fn new_stats(entries: Vec<(String, u64)>) -> *mut FfiStats {
@@ -859,13 +864,8 @@ pub unsafe extern "C" fn memshadow_stats_get(
 /// `stats` is NULL or a handle from `memshadow_*_stats` not freed yet.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memshadow_stats_free(stats: *mut FfiStats) {
-    guard(|| {
-        if !stats.is_null() {
-            // SAFETY: a handle from `Box::into_raw`, freed once (the caller's contract).
-            drop(unsafe { Box::from_raw(stats) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract is `free_handle`'s.
+    unsafe { free_handle(stats) }
 }
 
 /// The message of the last failed call on this thread ("" if the last call succeeded).
