@@ -45,6 +45,10 @@ use serde_json::{json, Value};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
+#[path = "bench_daemon.rs"]
+mod bench_daemon;
+use bench_daemon::Daemon;
+
 /// The goal: hostile p99 / alone p99.
 const GOAL: f64 = 2.0;
 /// The attached range, of the well-behaved client and of each non-reading session.
@@ -103,110 +107,46 @@ fn stats(mut v: Vec<f64>) -> Stats {
 // ---------------------------------------------------------------------------------------
 // The daemon.
 
-/// A running `memshadowd`, stopped with SIGTERM (and reaped) on drop; killed by the kernel
-/// if this process dies first.
-#[derive(Debug)]
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
+/// Starts the daemon under test: root's, `--no-config`, with room for every hostile
+/// session, logging at the shipped level to `log`; it dies with the benchmark.
+fn start_daemon(bin: &Path, socket: PathBuf, log: &Path) -> Res<Daemon> {
+    let log_file = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--no-config")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--max-clients", &MAX_CLIENTS.to_string()])
+        .args(["--clients-per-uid", &CLIENTS_PER_UID.to_string()])
+        // The shipped log level: what a deployment would pay for.
+        .env("MEMSHADOW_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    // SAFETY: the closure runs in the forked child before exec and makes one prctl
+    // system call (async-signal-safe); it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        })
+    };
+    Daemon::start("hostile", cmd, socket, &format!(" (see {})", log.display()))
 }
 
-impl Daemon {
-    fn start(bin: &Path, socket: PathBuf, log: &Path) -> Res<Daemon> {
-        let log_file = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--no-config")
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--max-clients", &MAX_CLIENTS.to_string()])
-            .args(["--clients-per-uid", &CLIENTS_PER_UID.to_string()])
-            // The shipped log level: what a deployment would pay for.
-            .env("MEMSHADOW_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        // SAFETY: the closure runs in the forked child before exec and makes one prctl
-        // system call (async-signal-safe); it touches no memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            })
-        };
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut d = Daemon { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = d.child.try_wait()? {
-                return Err(
-                    format!("memshadowd exited early: {st} (see {})", log.display()).into(),
-                );
-            }
-            match Client::connect_control(Some(&d.socket)) {
-                Ok(_) => return Ok(d),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "memshadowd not connectable at {} after 10 s: {e}",
-                        d.socket.display()
-                    )
-                    .into())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
-    /// File descriptors the daemon has open.
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |d| d.count())
-    }
-
-    /// Threads of the daemon whose name starts with `prefix`.
-    fn threads_named(&self, prefix: &str) -> usize {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
-            return 0;
-        };
-        dir.filter_map(Result::ok)
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-            })
-            .count()
-    }
-
-    fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = i32::try_from(self.child.id()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match self.child.try_wait() {
-                    Ok(Some(st)) => {
-                        if !st.success() {
-                            eprintln!("hostile: memshadowd exited with {st}");
-                        }
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        eprintln!("hostile: memshadowd ignored SIGTERM; killing it");
-                        let _ = self.child.kill();
-                        let _ = self.child.wait();
-                        break;
-                    }
-                }
-            }
-        }
-    }
+/// File descriptors the daemon has open.
+fn open_fds(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid())).map_or(0, |d| d.count())
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Threads of the daemon whose name starts with `prefix`.
+fn threads_named(d: &Daemon, prefix: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", d.pid())) else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -880,7 +820,7 @@ fn main() -> Res<()> {
     std::fs::create_dir_all(&out_dir)?;
     let log = out_dir.join("hostile-memshadowd.log");
     let dir = memshadow_tests::TempDir::new("hostile");
-    let daemon = Daemon::start(&daemon_bin, dir.path().join("d.sock"), &log)?;
+    let daemon = start_daemon(&daemon_bin, dir.path().join("d.sock"), &log)?;
 
     let setting = format!(
         "memshadowd as root, --max-clients {MAX_CLIENTS} --clients-per-uid {CLIENTS_PER_UID} \
@@ -905,7 +845,7 @@ fn main() -> Res<()> {
             .into());
         }
     }
-    let workers = daemon.threads_named("worker-");
+    let workers = threads_named(&daemon, "worker-");
     eprintln!(
         "hostile: well-behaved ops every {} ms for {} s alone, then {} s with the hostile \
          sessions; in-flight quota {quota}, {workers} worker threads",
@@ -926,7 +866,7 @@ fn main() -> Res<()> {
     // With the hostile sessions.
     let mut hostiles = Hostiles::default();
     let before = counters(&snap)?;
-    let fds_before = daemon.open_fds();
+    let fds_before = open_fds(&daemon);
     let t_spawn = Instant::now();
     for &(kind, n) in &mix {
         hostiles.spawn(&exe, &daemon.socket, kind, n)?;
@@ -954,12 +894,12 @@ fn main() -> Res<()> {
     let t_stop = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let during = counters(&snap);
-    let fds_during = daemon.open_fds();
+    let fds_during = open_fds(&daemon);
     let exited = hostiles.exited();
     hostiles.kill_all();
     let with = collect(&rx, t_stop)?;
     let after = counters(&snap)?;
-    let fds_after = daemon.open_fds();
+    let fds_after = open_fds(&daemon);
     let during = during?;
     let phase = t_stop.duration_since(t_start).as_secs_f64();
     let d = |k: &str| {

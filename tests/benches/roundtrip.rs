@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,6 +22,10 @@ use memshadow::{Client, Mirror};
 use serde_json::{json, Value};
 
 type Res<T> = Result<T, Box<dyn Error>>;
+
+#[path = "bench_daemon.rs"]
+mod bench_daemon;
+use bench_daemon::Daemon;
 
 const RANGE: usize = 64 << 10;
 const WARMUP: usize = 50;
@@ -173,82 +177,17 @@ impl Drop for TempDir {
     }
 }
 
-/// A running `memshadowd`, stopped with SIGTERM (and reaped) on drop.
-#[derive(Debug)]
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(bin: &Path, socket: PathBuf, extra: &[&str]) -> Res<Daemon> {
-        let child = Command::new(bin)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--flush-latency-us", &FLUSH_LATENCY_US.to_string()])
-            .args(extra)
-            .env("MEMSHADOW_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut d = Daemon { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = d.child.try_wait()? {
-                return Err(format!("memshadowd exited early: {st}").into());
-            }
-            match Client::connect_control(Some(&d.socket)) {
-                Ok(_) => return Ok(d),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "memshadowd not connectable at {} after 10 s: {e}",
-                        d.socket.display()
-                    )
-                    .into())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = i32::try_from(self.child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match self.child.try_wait() {
-                    Ok(Some(st)) => {
-                        if !st.success() {
-                            eprintln!("roundtrip: memshadowd exited with {st}");
-                        }
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        eprintln!("roundtrip: memshadowd ignored SIGTERM; killing it");
-                        let _ = self.child.kill();
-                        let _ = self.child.wait();
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Starts the daemon the latency and bandwidth rows measure, at `socket`.
+fn start_daemon(bin: &Path, socket: PathBuf) -> Res<Daemon> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .args(["--flush-latency-us", &FLUSH_LATENCY_US.to_string()])
+        .env("MEMSHADOW_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Daemon::start("roundtrip", cmd, socket, " (its log is above)")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -666,7 +605,7 @@ fn main() -> Res<()> {
     let mut lat = Vec::new();
     let bare = BareUffd::new()?;
     {
-        let daemon = Daemon::start(&daemon_bin, dir.0.join("lat.sock"), &[])?;
+        let daemon = start_daemon(&daemon_bin, dir.0.join("lat.sock"))?;
         let client = Client::connect_to(&daemon.socket)?;
         for op in [Op::MadviseDontneed, Op::Munmap] {
             let no_uffd = measure(NoUffd, op, iters, page)?;
@@ -715,7 +654,7 @@ fn main() -> Res<()> {
         // The daemon reads a client only through the client's /proc/self/mem (a pid may name
         // another program after an exec): its populate against a bare pread of that file,
         // and against the faster process_vm_readv it no longer uses (what safety costs).
-        let daemon = Daemon::start(&daemon_bin, dir.0.join("bw.sock"), &[])?;
+        let daemon = start_daemon(&daemon_bin, dir.0.join("bw.sock"))?;
         let client = Client::connect_to(&daemon.socket)?;
         eprintln!("roundtrip: client bound with {:?}", client.access_path());
         let memshadow = populate_bw(&client, src, bw_len)?;
