@@ -5,14 +5,14 @@ use crate::lock;
 use std::collections::BTreeMap;
 use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::account::Account;
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, ReadJob, ReadOutcome};
 use super::mirror::{Doorbell, ShadowNotifier};
 use super::pagetable::{MirrorIdx, PageTable, Pte};
-use super::shadow::SlotRef;
+use super::shadow::{Shadow, ShadowError, ShadowPool, SlotRef};
 use super::{DeviceError, DeviceShared, InvalidationMode};
 use crate::notifier::{
     Callbacks, InvalidateArgs, InvalidateError, Invalidation, NotifierHandle, Observer, Range,
@@ -51,6 +51,8 @@ pub struct ClientCore {
     /// The share of the client's user, charged beside `counters.pages`.
     account: Arc<Account>,
     counters: ClientCounters,
+    /// The client's shadow memory, made at its first fault.
+    shadow: OnceLock<Arc<Shadow>>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -92,6 +94,21 @@ impl ClientCore {
     /// Per-client counters.
     pub fn counters(&self) -> &ClientCounters {
         &self.counters
+    }
+
+    /// The client's shadow memory, if it ever faulted (every slot of the client is in it).
+    pub fn shadow(&self) -> Option<&Arc<Shadow>> {
+        self.shadow.get()
+    }
+
+    /// The client's shadow memory, made from `pool` if it has none yet.
+    pub(super) fn shadow_in(&self, pool: &Arc<ShadowPool>) -> Result<&Arc<Shadow>, ShadowError> {
+        if let Some(s) = self.shadow.get() {
+            return Ok(s);
+        }
+        let made = pool.shadow()?;
+        // Two first faults may race: one shadow wins, the other is dropped unused.
+        Ok(self.shadow.get_or_init(|| made))
     }
 
     /// Returns `n` pages to the client's quota and its user's share.
@@ -390,6 +407,7 @@ impl DeviceClient {
                 quota_pages: AtomicU64::new(quota_bytes / PAGE_SIZE as u64),
                 account,
                 counters: ClientCounters::default(),
+                shadow: OnceLock::new(),
             }),
             dev,
             sub,
@@ -845,7 +863,11 @@ impl DeviceClient {
         } else {
             self.dev.reserved_slots.load(Ordering::Relaxed)
         };
-        if let Err(e) = self.dev.shadow.alloc_keeping(n, keep, slots) {
+        let allocated = self
+            .core
+            .shadow_in(&self.dev.pool)
+            .and_then(|s| s.alloc_keeping(n, keep, slots));
+        if let Err(e) = allocated {
             self.core.uncharge(n as u64);
             return Err(e.into());
         }
@@ -855,12 +877,15 @@ impl DeviceClient {
     /// Copies the client's pages from `addr` into the fresh `slots`, with no lock held;
     /// returns how many whole pages came (the slots are freed on an error).
     fn copy_run(&self, addr: u64, slots: &[SlotRef]) -> Result<usize, DeviceError> {
+        let Some(shadow) = self.core.shadow() else {
+            return Ok(0); // no slots were ever allocated, so `slots` is empty
+        };
         let copied = {
             let mut iov: Vec<IoSliceMut<'_>> = slots
                 .iter()
                 // SAFETY: these slots were just allocated to us and are in no page table
                 // yet, so this is the only reference to their memory.
-                .map(|s| IoSliceMut::new(unsafe { self.dev.shadow.slot_mut(s.slot) }))
+                .map(|s| IoSliceMut::new(unsafe { shadow.slot_mut(s.slot) }))
                 .collect();
             self.core.source.read_pages(addr, &mut iov)
         };

@@ -34,7 +34,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::client::ClientCore;
 use super::counters::{bump, DeviceCounters, Histogram};
 use super::pagetable::MirrorIdx;
-use super::shadow::{Shadow, SlotRef};
+use super::shadow::SlotRef;
 use crate::sys::{self, PAGE_SIZE};
 
 /// Most engines a device may have (fence sets and engine masks are fixed-size).
@@ -247,7 +247,6 @@ struct Engine {
     submit: Mutex<u64>,
     latency_ns: Arc<AtomicU64>,
     counters: Arc<DeviceCounters>,
-    shadow: Arc<Shadow>,
     thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
@@ -413,8 +412,17 @@ impl Engine {
     /// Copies `dst.len()` bytes from `offset` of the slot that translation `e` names, under
     /// this engine's lock, after checking that the slot still holds the allocation
     /// translated to (G2; a reuse is counted and logged).
-    fn copy_slot(&self, e: TlbEntry, offset: usize, dst: &mut [u8]) {
-        if self.shadow.generation(e.slot.slot) != e.slot.gen {
+    fn copy_slot(&self, client: &ClientCore, e: TlbEntry, offset: usize, dst: &mut [u8]) {
+        let Some(shadow) = client.shadow() else {
+            // A translation names a slot, and a slot exists only in a client's shadow.
+            tracing::error!(
+                engine = self.id,
+                client = client.id(),
+                "translation of a client with no shadow"
+            );
+            return;
+        };
+        if shadow.generation(e.slot.slot) != e.slot.gen {
             bump(&self.counters.g2_violations, 1);
             tracing::error!(
                 engine = self.id,
@@ -426,7 +434,7 @@ impl Engine {
         // SAFETY: the slot is reachable through our TLB, under our engine lock (the caller
         // holds it): a flush removing it cannot be issued meanwhile, and its slot is freed
         // only after such a flush completes (G2), so nobody writes it while we copy.
-        unsafe { self.shadow.copy_out(e.slot.slot, offset, dst) };
+        unsafe { shadow.copy_out(e.slot.slot, offset, dst) };
     }
 
     /// Serves a device read: TLB, then page table (device lock), else a fault listing every
@@ -443,7 +451,7 @@ impl Engine {
             let n = (PAGE_SIZE - in_page).min(job.len - done);
             match self.translate(&mut st, &job.client, vpn) {
                 Some(e) if missing.is_empty() => {
-                    self.copy_slot(e, in_page, &mut out[done..done + n]);
+                    self.copy_slot(&job.client, e, in_page, &mut out[done..done + n]);
                 }
                 Some(_) => {}
                 None => missing.push(vpn),
@@ -519,7 +527,6 @@ impl Engines {
         count: usize,
         latency_ns: u64,
         tlb_entries: usize,
-        shadow: Arc<Shadow>,
         counters: Arc<DeviceCounters>,
     ) -> Result<Engines, EngineError> {
         if count == 0 || count > MAX_ENGINES {
@@ -546,7 +553,6 @@ impl Engines {
                 submit: Mutex::new(0),
                 latency_ns: Arc::clone(&latency),
                 counters: Arc::clone(&counters),
-                shadow: Arc::clone(&shadow),
                 thread: std::sync::OnceLock::new(),
             });
             let worker = Arc::clone(&engine);

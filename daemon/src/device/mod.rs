@@ -22,7 +22,7 @@ pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo, Unlinked
 pub use counters::{DeviceCounters, Histogram};
 pub use engine::{EngineError, Engines, MAX_ENGINES};
 pub use pagetable::Pte;
-pub use shadow::{Shadow, ShadowError, SlotRef, MAX_CAPACITY};
+pub use shadow::{Shadow, ShadowError, ShadowPool, SlotRef, MAX_CAPACITY};
 
 use crate::notifier::{InvalidateError, NotifierError, RangeError};
 use crate::source::{MemorySource, SourceError};
@@ -158,7 +158,7 @@ pub enum DeviceError {
 
 /// What every client, engine and notifier shares.
 pub(crate) struct DeviceShared {
-    pub(crate) shadow: Arc<Shadow>,
+    pub(crate) pool: Arc<ShadowPool>,
     pub(crate) engines: Engines,
     pub(crate) counters: Arc<DeviceCounters>,
     pub(crate) mode: InvalidationMode,
@@ -179,7 +179,13 @@ impl DeviceShared {
         if slots.is_empty() {
             return;
         }
-        self.shadow.free(slots);
+        match client.shadow() {
+            Some(shadow) => shadow.free(slots),
+            None => tracing::error!(
+                client = client.id(),
+                "slots freed of a client with no shadow"
+            ),
+        }
         client.uncharge(slots.len() as u64);
         counters::bump(&self.counters.slots_freed, slots.len() as u64);
     }
@@ -201,7 +207,7 @@ impl std::fmt::Debug for Device {
         f.debug_struct("Device")
             .field("mode", &self.shared.mode)
             .field("engines", &self.shared.engines)
-            .field("shadow", &self.shared.shadow)
+            .field("shadow", &self.shared.pool)
             .finish()
     }
 }
@@ -209,19 +215,13 @@ impl std::fmt::Debug for Device {
 impl Device {
     /// Creates the shadow buffer and starts the engines.
     pub fn new(cfg: &DeviceConfig) -> Result<Device, DeviceError> {
-        let shadow = Arc::new(Shadow::new(cfg.shadow_capacity)?);
+        let pool = Arc::new(ShadowPool::new(cfg.shadow_capacity)?);
         let counters = Arc::new(DeviceCounters::default());
         let latency = u64::try_from(cfg.flush_latency.as_nanos()).unwrap_or(u64::MAX);
-        let engines = Engines::start(
-            cfg.engines,
-            latency,
-            cfg.tlb_entries,
-            Arc::clone(&shadow),
-            Arc::clone(&counters),
-        )?;
+        let engines = Engines::start(cfg.engines, latency, cfg.tlb_entries, Arc::clone(&counters))?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let reclaim_interval = cfg.reclaim_interval;
-        let trimmed = Arc::clone(&shadow);
+        let trimmed = Arc::clone(&pool);
         let reclaimer = std::thread::Builder::new()
             .name("shadow-reclaim".into())
             .spawn(move || loop {
@@ -239,7 +239,7 @@ impl Device {
         Ok(Device {
             reclaimer: Mutex::new(Some((stop_tx, reclaimer))),
             shared: Arc::new(DeviceShared {
-                shadow,
+                pool,
                 engines,
                 counters,
                 mode: cfg.mode,
@@ -313,9 +313,9 @@ impl Device {
         &self.shared.counters
     }
 
-    /// The shadow buffer.
-    pub fn shadow(&self) -> &Shadow {
-        &self.shared.shadow
+    /// The shadow memory of every client.
+    pub fn shadow(&self) -> &ShadowPool {
+        &self.shared.pool
     }
 
     /// Every counter of the device as `(name, value)`, including slot usage and achieved
@@ -323,7 +323,7 @@ impl Device {
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         let mut v = Vec::new();
         self.shared.counters.snapshot(&mut v, "device.");
-        let s = &self.shared.shadow;
+        let s = &self.shared.pool;
         v.push(("shadow.slots_total".into(), u64::from(s.capacity())));
         v.push(("shadow.slots_in_use".into(), s.in_use()));
         v.push(("shadow.slots_warm".into(), s.warm() as u64));

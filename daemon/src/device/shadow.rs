@@ -1,20 +1,24 @@
-//! The shadow buffer (docs/design.md §4): one memfd-backed mapping cut into page-sized slots, with
-//! a free-slot allocator and a generation per slot so reuse can be detected (G2).
+//! Shadow memory (docs/design.md §4): per client, one memfd-backed mapping cut into page-sized
+//! slots, with a free-slot allocator and a generation per slot so reuse can be detected (G2).
+//! One memfd per client, so that the client's external engines can map exactly that client's
+//! pages and nobody else's (G7, docs/engines.md). The [`ShadowPool`] keeps what is global:
+//! the capacity every client's slots count against, and the reclaimer's list of shadows.
 //!
 //! Freed slots go to a *warm* list first: their memory is still resident, so reusing them
 //! costs no page fault (on a VM, clearing a fresh page costs more than copying one) and
-//! freeing costs no system call on the invalidation path. [`Shadow::trim`], run by the
+//! freeing costs no system call on the invalidation path. [`ShadowPool::trim`], run by the
 //! device's reclaimer every 100 ms, releases the memory of the slots that stayed free for a
 //! whole period with a hole punch and moves them to the *cold* list, so the daemon's RSS
-//! follows the number of slots in use within 200 ms (G5). Cold slots are populated in bulk (`MADV_POPULATE_WRITE`)
-//! when allocated, instead of taking one page fault each during the copy.
+//! follows the number of slots in use within 200 ms (G5). Cold slots are populated in bulk
+//! (`MADV_POPULATE_WRITE`) when allocated, instead of taking one page fault each during the
+//! copy. Never-used slots cost nothing: the memfd and the generation array are sparse.
 
 use crate::lock;
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
 
 use crate::sys::{self, PAGE_SIZE};
 
@@ -50,19 +54,30 @@ pub struct SlotRef {
 }
 
 /// Free slots: `warm` ones still have resident memory (freed since the last trim), `aging`
-/// ones too (freed before it; the next trim releases them), `cold` ones do not.
+/// ones too (freed before it; the next trim releases them), `cold` ones do not, and the
+/// `fresh` ones below `fresh` were never used.
 #[derive(Debug, Default)]
 struct FreeLists {
     warm: Vec<u32>,
     aging: Vec<u32>,
     cold: Vec<u32>,
+    /// Slots `0..fresh` were never allocated (handed out from the top down).
+    fresh: u32,
     /// Slots being released by a trim (in no list meanwhile); they come back as cold.
     releasing: usize,
 }
 
 impl FreeLists {
     fn len(&self) -> usize {
-        self.warm.len() + self.aging.len() + self.cold.len()
+        self.warm.len() + self.aging.len() + self.cold.len() + self.fresh as usize
+    }
+
+    /// Takes up to `n` never-used slots, in ascending order.
+    fn take_fresh(&mut self, n: usize, f: impl FnMut(u32)) -> usize {
+        let k = n.min(self.fresh as usize) as u32;
+        self.fresh -= k;
+        (self.fresh..self.fresh + k).for_each(f);
+        k as usize
     }
 
     /// Takes up to `n` slots from the back of `list` (the most recently freed), in the
@@ -76,7 +91,110 @@ impl FreeLists {
     }
 }
 
-/// The shadow buffer.
+/// What every client's shadow shares: the capacity their slots count against, and the
+/// shadows the reclaimer trims.
+#[derive(Debug)]
+pub struct ShadowPool {
+    slots: u32,
+    in_use: AtomicU64,
+    punched: AtomicU64,
+    shadows: Mutex<Vec<Weak<Shadow>>>,
+}
+
+impl ShadowPool {
+    /// A pool of `capacity` bytes (a multiple of the page size).
+    pub fn new(capacity: u64) -> Result<ShadowPool, ShadowError> {
+        if capacity == 0 || capacity % PAGE_SIZE as u64 != 0 || capacity > MAX_CAPACITY {
+            return Err(ShadowError::BadCapacity(capacity));
+        }
+        let slots = u32::try_from(capacity / PAGE_SIZE as u64)
+            .map_err(|_| ShadowError::BadCapacity(capacity))?;
+        Ok(ShadowPool {
+            slots,
+            in_use: AtomicU64::new(0),
+            punched: AtomicU64::new(0),
+            shadows: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A new client's shadow: its own memfd, as large as the whole pool (sparse), so the
+    /// client can use any share of the capacity the quotas leave it.
+    pub fn shadow(self: &Arc<Self>) -> Result<Arc<Shadow>, ShadowError> {
+        let s = Arc::new(Shadow::new(Arc::clone(self))?);
+        let mut all = lock(&self.shadows);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&s));
+        Ok(s)
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> u32 {
+        self.slots
+    }
+
+    /// Slots currently allocated, over every client.
+    pub fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Pages released with a hole punch so far.
+    pub fn punched(&self) -> u64 {
+        self.punched.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` slots as allocated unless fewer than `n + keep` are free.
+    fn take(&self, n: usize, keep: usize) -> Result<(), ShadowError> {
+        let cap = u64::from(self.slots);
+        let want = (n as u64).saturating_add(keep as u64);
+        let mut cur = self.in_use.load(Ordering::Relaxed);
+        loop {
+            if cur.saturating_add(want) > cap {
+                return Err(ShadowError::Full {
+                    wanted: n,
+                    free: usize::try_from(cap.saturating_sub(cur).saturating_sub(keep as u64))
+                        .unwrap_or(usize::MAX),
+                });
+            }
+            match self.in_use.compare_exchange_weak(
+                cur,
+                cur + n as u64,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    fn give_back(&self, n: u64) {
+        self.in_use.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn live(&self) -> Vec<Arc<Shadow>> {
+        lock(&self.shadows)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Trims every client's shadow ([`Shadow::trim`]); returns the slots released.
+    pub fn trim(&self) -> usize {
+        self.live().iter().map(|s| s.trim()).sum()
+    }
+
+    /// Releases the memory of every free slot of every client that still has some.
+    pub fn trim_all(&self) -> usize {
+        self.live().iter().map(|s| s.trim_all()).sum()
+    }
+
+    /// Free slots whose memory is still resident, over every client.
+    pub fn warm(&self) -> usize {
+        self.live().iter().map(|s| s.warm()).sum()
+    }
+}
+
+/// One client's shadow memory.
 pub struct Shadow {
     file: File,
     map: MmapRaw,
@@ -84,9 +202,10 @@ pub struct Shadow {
     free: Mutex<FreeLists>,
     /// Signalled when a trim returns released slots.
     released: std::sync::Condvar,
-    gens: Box<[AtomicU32]>,
+    /// One `AtomicU32` per slot, in anonymous memory that is resident only where touched.
+    gens: MmapMut,
     in_use: AtomicU64,
-    punched: AtomicU64,
+    pool: Arc<ShadowPool>,
 }
 
 impl std::fmt::Debug for Shadow {
@@ -98,37 +217,65 @@ impl std::fmt::Debug for Shadow {
     }
 }
 
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        // Slots still allocated when the client goes (a release that failed) go back to the
+        // pool with the memory, which closing the memfd frees.
+        self.pool.give_back(self.in_use());
+    }
+}
+
 impl Shadow {
-    /// A shadow buffer of `capacity` bytes (a multiple of the page size).
-    pub fn new(capacity: u64) -> Result<Shadow, ShadowError> {
-        if capacity == 0 || capacity % PAGE_SIZE as u64 != 0 || capacity > MAX_CAPACITY {
-            return Err(ShadowError::BadCapacity(capacity));
-        }
-        let slots = u32::try_from(capacity / PAGE_SIZE as u64)
-            .map_err(|_| ShadowError::BadCapacity(capacity))?;
+    fn new(pool: Arc<ShadowPool>) -> Result<Shadow, ShadowError> {
+        let slots = pool.slots;
+        let capacity = u64::from(slots) * PAGE_SIZE as u64;
         let file =
             sys::memfd("memshadow-shadow", capacity).map_err(|e| ShadowError::Create(e.into()))?;
         let map = MmapOptions::new()
             .len(capacity as usize)
             .map_raw(&file)
             .map_err(ShadowError::Create)?;
+        let gens = MmapOptions::new()
+            .len(slots as usize * std::mem::size_of::<AtomicU32>())
+            .map_anon()
+            .map_err(ShadowError::Create)?;
         Ok(Shadow {
             file,
             map,
             slots,
-            // Taken from the back: a fresh buffer fills from its end, in address order within
-            // each allocation.
             free: Mutex::new(FreeLists {
-                warm: Vec::new(),
-                aging: Vec::new(),
-                cold: (0..slots).collect(),
-                releasing: 0,
+                fresh: slots,
+                ..FreeLists::default()
             }),
             released: std::sync::Condvar::new(),
-            gens: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+            gens,
             in_use: AtomicU64::new(0),
-            punched: AtomicU64::new(0),
+            pool,
         })
+    }
+
+    /// The memory file (the engines' read-only view is opened from it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes of the memory file.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.slots) * PAGE_SIZE as u64
+    }
+
+    fn gen(&self, slot: u32) -> &AtomicU32 {
+        assert!(slot < self.slots, "slot {slot} out of range");
+        // SAFETY: the anonymous mapping holds `slots` properly aligned (page-aligned base,
+        // 4-byte stride) `AtomicU32`s; zero-filled memory is a valid `AtomicU32`; the mapping
+        // lives as long as `self`, and every access to it is atomic.
+        let ptr = self
+            .gens
+            .as_ptr()
+            .cast::<AtomicU32>()
+            .wrapping_add(slot as usize);
+        // SAFETY: see above; `ptr` is in bounds since `slot < slots`.
+        unsafe { &*ptr }
     }
 
     /// Number of slots.
@@ -136,19 +283,14 @@ impl Shadow {
         self.slots
     }
 
-    /// Slots currently allocated.
+    /// Slots of this client currently allocated.
     pub fn in_use(&self) -> u64 {
         self.in_use.load(Ordering::Relaxed)
     }
 
-    /// Pages released with a hole punch so far.
-    pub fn punched(&self) -> u64 {
-        self.punched.load(Ordering::Relaxed)
-    }
-
     /// Current generation of `slot` (moves on at every allocation).
     pub fn generation(&self, slot: u32) -> u32 {
-        self.gens[slot as usize].load(Ordering::Acquire)
+        self.gen(slot).load(Ordering::Acquire)
     }
 
     /// Allocates `n` slots (all or none), appending them to `out`: recently freed (warm)
@@ -157,28 +299,32 @@ impl Shadow {
         self.alloc_keeping(n, 0, out)
     }
 
-    /// [`Shadow::alloc`], refusing unless `keep` slots stay free afterwards (the reserve of
-    /// privileged users, which others may not take).
+    /// [`Shadow::alloc`], refusing unless `keep` slots of the pool stay free afterwards
+    /// (the reserve of privileged users, which others may not take).
     pub fn alloc_keeping(
         &self,
         n: usize,
         keep: usize,
         out: &mut Vec<SlotRef>,
     ) -> Result<(), ShadowError> {
-        let want = n.saturating_add(keep);
+        self.pool.take(n, keep)?;
         let first_cold = {
             let mut free = lock(&self.free);
-            // Slots a trim is releasing come back shortly: wait for them rather than fail.
-            while free.len() < want && free.releasing > 0 {
+            // The pool counted these slots, so this client's own space (as large as the
+            // pool) has them, though a trim may be releasing some: wait for them.
+            while free.len() < n && free.releasing > 0 {
                 free = self
                     .released
                     .wait(free)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            if free.len() < want {
+            if free.len() < n {
+                let left = free.len();
+                drop(free);
+                self.pool.give_back(n as u64);
                 return Err(ShadowError::Full {
                     wanted: n,
-                    free: free.len().saturating_sub(keep),
+                    free: left,
                 });
             }
             out.reserve(n);
@@ -189,7 +335,8 @@ impl Shadow {
             left -= FreeLists::take(warm, left, |s| out.push(self.next_gen(s)));
             left -= FreeLists::take(aging, left, |s| out.push(self.next_gen(s)));
             let first_cold = out.len();
-            FreeLists::take(cold, left, |s| out.push(self.next_gen(s)));
+            left -= FreeLists::take(cold, left, |s| out.push(self.next_gen(s)));
+            free.take_fresh(left, |s| out.push(self.next_gen(s)));
             first_cold
         };
         self.in_use.fetch_add(n as u64, Ordering::Relaxed);
@@ -198,7 +345,8 @@ impl Shadow {
     }
 
     fn next_gen(&self, slot: u32) -> SlotRef {
-        let gen = self.gens[slot as usize]
+        let gen = self
+            .gen(slot)
             .fetch_add(1, Ordering::AcqRel)
             .wrapping_add(1);
         SlotRef { slot, gen }
@@ -232,6 +380,7 @@ impl Shadow {
         free.warm.extend(slots.iter().map(|s| s.slot));
         drop(free);
         self.in_use.fetch_sub(slots.len() as u64, Ordering::Relaxed);
+        self.pool.give_back(slots.len() as u64);
     }
 
     /// Releases the memory of the slots that have been free since before the previous
@@ -272,7 +421,9 @@ impl Shadow {
             if let Err(e) = sys::punch_hole(&self.file, off, len) {
                 tracing::warn!(error = %e, off, len, "cannot release shadow pages");
             } else {
-                self.punched.fetch_add(u64::from(count), Ordering::Relaxed);
+                self.pool
+                    .punched
+                    .fetch_add(u64::from(count), Ordering::Relaxed);
             }
         });
         let n = warm.len();
@@ -352,7 +503,8 @@ mod tests {
 
     #[test]
     fn alloc_free_generations_and_exhaustion() {
-        let s = Shadow::new(4 * PAGE_SIZE as u64).expect("shadow");
+        let pool = Arc::new(ShadowPool::new(4 * PAGE_SIZE as u64).expect("pool"));
+        let s = pool.shadow().expect("shadow");
         let mut v = Vec::new();
         s.alloc(3, &mut v).expect("alloc");
         assert_eq!(
@@ -366,6 +518,7 @@ mod tests {
             Err(ShadowError::Full { wanted: 2, free: 1 })
         ));
         assert_eq!(s.in_use(), 3);
+        assert_eq!(pool.in_use(), 3);
         s.free(&v[1..2]);
         let mut w = Vec::new();
         s.alloc(1, &mut w).expect("realloc");
@@ -376,14 +529,15 @@ mod tests {
         );
         assert_eq!(s.generation(2), 2);
         assert!(matches!(
-            Shadow::new(100),
+            ShadowPool::new(100),
             Err(ShadowError::BadCapacity(100))
         ));
     }
 
     #[test]
     fn freed_slots_are_zeroed_by_the_hole_punch() {
-        let s = Shadow::new(2 * PAGE_SIZE as u64).expect("shadow");
+        let pool = Arc::new(ShadowPool::new(2 * PAGE_SIZE as u64).expect("pool"));
+        let s = pool.shadow().expect("shadow");
         let mut v = Vec::new();
         s.alloc(1, &mut v).expect("alloc");
         // SAFETY: just allocated, unpublished.
@@ -393,15 +547,38 @@ mod tests {
         unsafe { s.copy_out(v[0].slot, 100, &mut out) };
         assert_eq!(out, [0xab; 16]);
         s.free(&v);
-        assert_eq!(s.punched(), 0, "free is lazy");
-        assert_eq!(s.warm(), 1);
-        assert_eq!(s.trim(), 0, "freed since the last trim: kept one period");
-        assert_eq!(s.warm(), 1);
-        assert_eq!(s.trim(), 1);
-        assert_eq!(s.punched(), 1);
-        assert_eq!(s.warm(), 0);
+        assert_eq!(pool.punched(), 0, "free is lazy");
+        assert_eq!(pool.warm(), 1);
+        assert_eq!(pool.trim(), 0, "freed since the last trim: kept one period");
+        assert_eq!(pool.warm(), 1);
+        assert_eq!(pool.trim(), 1);
+        assert_eq!(pool.punched(), 1);
+        assert_eq!(pool.warm(), 0);
         // SAFETY: freed and not reallocated: no writer.
         unsafe { s.copy_out(v[0].slot, 0, &mut out) };
         assert_eq!(out, [0; 16]);
+    }
+
+    #[test]
+    fn clients_have_their_own_memory_and_share_the_capacity() {
+        let pool = Arc::new(ShadowPool::new(3 * PAGE_SIZE as u64).expect("pool"));
+        let (a, b) = (pool.shadow().expect("a"), pool.shadow().expect("b"));
+        let (mut va, mut vb) = (Vec::new(), Vec::new());
+        a.alloc(2, &mut va).expect("a alloc");
+        b.alloc(1, &mut vb).expect("b alloc");
+        assert!(matches!(b.alloc(1, &mut vb), Err(ShadowError::Full { .. })));
+        // SAFETY: just allocated, unpublished.
+        unsafe { a.slot_mut(va[0].slot) }.fill(0x5a);
+        let mut out = [0u8; 8];
+        // SAFETY: nobody writes b's slot meanwhile.
+        unsafe { b.copy_out(vb[0].slot, 0, &mut out) };
+        assert_eq!(out, [0; 8], "b's memory is not a's");
+        assert!(matches!(
+            b.alloc_keeping(0, 1, &mut vb),
+            Err(ShadowError::Full { .. })
+        ));
+        drop(a);
+        assert_eq!(pool.in_use(), 1, "a client's slots go back with its shadow");
+        b.alloc(2, &mut vb).expect("b takes what a had");
     }
 }
