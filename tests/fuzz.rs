@@ -2935,6 +2935,10 @@ fn variant(r: &Response) -> &'static str {
         Response::TraceStarted => "TraceStarted",
         Response::TraceEvent { .. } => "TraceEvent",
         Response::Synced { .. } => "Synced",
+        Response::Granted { .. } => "Granted",
+        Response::EngineAttached { .. } => "EngineAttached",
+        Response::Written { .. } => "Written",
+        Response::Engines { .. } => "Engines",
         Response::Error { .. } => "Error",
     }
 }

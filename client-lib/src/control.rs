@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use memshadow_proto::{
-    self as proto, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request,
-    Response, FLAG_MORE, MAX_READ,
+    self as proto, EngineInfo, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo,
+    Request, Response, FLAG_MORE, MAX_READ,
 };
 
 use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner, SyncReport};
@@ -205,6 +205,20 @@ impl Control {
         }
     }
 
+    /// External engines (protocol 3): of every client ([`Target::All`], root or the
+    /// daemon's owner), or of one client ([`Target::Pid`]: that client itself may ask).
+    pub fn engines(&self, target: Target) -> Result<Vec<EngineInfo>, Error> {
+        let pid = match target {
+            Target::All => 0,
+            Target::Pid(p) => Target::pid(p)?,
+            Target::Me => std::process::id() as i32,
+        };
+        match self.inner.call(&Request::ListEngines { pid }, &[])? {
+            Response::Engines { engines } => Ok(engines),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// A device read of `len` bytes of client `pid`'s shadow at its address `addr` (root or
     /// the daemon's owner only). Pages not yet mirrored are faulted in.
     pub fn peek(&self, pid: i32, addr: u64, len: u64) -> Result<Vec<u8>, Error> {
@@ -283,7 +297,7 @@ impl Control {
             )
         })?;
         let sock = crate::connect_socket(&path)?;
-        let inner = crate::open_session(sock, Some(path), self.inner.name.clone(), false)?;
+        let inner = crate::open_session(sock, Some(path), self.inner.name.clone(), None)?;
         let (resp, id) = inner.call_with_id(&Request::Trace { pid, events }, &[])?;
         match resp {
             Response::TraceStarted => Ok(Trace { inner, id }),

@@ -24,6 +24,17 @@ pub fn spawn(
     limits: Limits,
     mut answer: impl FnMut(&Request, &[OwnedFd]) -> Option<Response> + Send + 'static,
 ) -> (OwnedFd, JoinHandle<()>) {
+    spawn_with_fds(limits, move |req, fds| {
+        answer(req, fds).map(|r| (r, Vec::new()))
+    })
+}
+
+/// [`spawn`], whose `answer` may also give fds to send with the answer (with its last
+/// piece), as `EngineAttached` brings them.
+pub fn spawn_with_fds(
+    limits: Limits,
+    mut answer: impl FnMut(&Request, &[OwnedFd]) -> Option<(Response, Vec<OwnedFd>)> + Send + 'static,
+) -> (OwnedFd, JoinHandle<()>) {
     let (client, daemon) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -36,19 +47,25 @@ pub fn spawn(
         while let Ok(f) = proto::recv(daemon.as_fd(), &mut buf) {
             let req = Request::decode(f.header.msg_type, &f.payload, f.fds.len()).unwrap();
             let fds = f.fds;
-            let resp = match req {
-                Request::Hello { .. } => Response::HelloAck {
-                    version: VERSION,
-                    daemon_version: FAKE_VERSION.into(),
-                    page_size: 4096,
-                    limits,
-                },
-                ref r => answer(r, &fds).unwrap_or_else(|| match r {
-                    Request::Bind { .. } => Response::Bound {
-                        access: AccessPath::MemFd,
-                        uffd_features: 0,
+            let (resp, answer_fds) = match req {
+                Request::Hello { .. } => (
+                    Response::HelloAck {
+                        version: VERSION,
+                        daemon_version: FAKE_VERSION.into(),
+                        page_size: 4096,
+                        limits,
                     },
-                    _ => Response::error(ErrorCode::Internal, "unexpected request"),
+                    Vec::new(),
+                ),
+                ref r => answer(r, &fds).unwrap_or_else(|| {
+                    let resp = match r {
+                        Request::Bind { .. } => Response::Bound {
+                            access: AccessPath::MemFd,
+                            uffd_features: 0,
+                        },
+                        _ => Response::error(ErrorCode::Internal, "unexpected request"),
+                    };
+                    (resp, Vec::new())
                 }),
             };
             // Like the daemon, close what was passed before answering: the client may count
@@ -59,13 +76,18 @@ pub fn spawn(
             let last = pieces.len() - 1;
             for (i, piece) in pieces.into_iter().enumerate() {
                 let flags = if i < last { proto::FLAG_MORE } else { 0 };
+                let with: Vec<_> = if i == last {
+                    answer_fds.iter().map(AsFd::as_fd).collect()
+                } else {
+                    Vec::new()
+                };
                 let sent = proto::send(
                     daemon.as_fd(),
                     piece.msg_type(),
                     flags,
                     f.header.request_id,
                     &piece.encode_payload(),
-                    &[],
+                    &with,
                 );
                 if sent.is_err() {
                     return;

@@ -37,13 +37,16 @@ use memshadow_proto::{
     VERSION,
 };
 pub use memshadow_proto::{
-    error_chain, AccessPath, ClientInfo, DirtyBackend, ErrorCode, EventKind, InvalidationReport,
-    Limits, MirrorInfo, SyncReport,
+    error_chain, AccessPath, ClientInfo, DirtyBackend, EngineInfo, ErrorCode, EventKind,
+    InvalidationReport, Limits, MirrorInfo, SyncReport,
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
 mod control;
 mod discover;
+pub mod engine;
+
+pub use engine::{Engine, EngineStats};
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -142,6 +145,14 @@ pub enum Error {
     /// than the protocol carries, say).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// No grant with that token: wrong, revoked (the mirror was detached or its client
+    /// exited), or given to another user ([`Engine::attach`]).
+    #[error("no such grant: {0}")]
+    NoSuchGrant(String),
+    /// This engine was evicted: it did not acknowledge a flush in time, so the daemon no
+    /// longer waits for it ([`Engine`]).
+    #[error("engine evicted: {0}")]
+    Evicted(String),
     /// Any other refusal.
     #[error("memshadowd refused ({code:?}): {message}")]
     Daemon {
@@ -198,6 +209,8 @@ impl Error {
                 Error::Protocol(message)
             }
             ErrorCode::ShuttingDown => Error::DaemonGone,
+            ErrorCode::NoSuchGrant => Error::NoSuchGrant(message),
+            ErrorCode::Evicted => Error::Evicted(message),
             code => Error::Daemon { code, message },
         }
     }
@@ -309,9 +322,20 @@ struct Inner {
 }
 
 impl Inner {
-    /// One lock-step exchange.
+    /// One lock-step exchange. An answer that brings fds is refused ([`Error::Protocol`]) and
+    /// its fds closed: only [`Inner::call_fds`] takes them.
     fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Response, Error> {
         self.call_with_id(req, fds).map(|(r, _)| r)
+    }
+
+    /// One lock-step exchange whose answer may bring fds (`EngineAttached`): returns them
+    /// with it, in the order they were sent. How many a message type may carry is checked by
+    /// its decoding; the caller checks what they are.
+    fn call_fds(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), Error> {
+        let mut c = self.lock_conn();
+        let id = c.send(req, &[])?;
+        let Conn { sock, buf, .. } = &mut *c;
+        receive_answer_fds(sock.as_fd(), buf, id)
     }
 
     fn lock_conn(&self) -> std::sync::MutexGuard<'_, Conn> {
@@ -325,24 +349,31 @@ impl Inner {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, u64), Error> {
         let mut c = self.lock_conn();
-        c.next_id += 1;
-        let id = c.next_id;
+        let id = c.send(req, fds)?;
+        let Conn { sock, buf, .. } = &mut *c;
+        receive_answer(sock.as_fd(), buf, id).map(|r| (r, id))
+    }
+}
+
+impl Conn {
+    /// Sends `req` with `fds` under a new request id, which it returns.
+    fn send(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<u64, Error> {
+        self.next_id += 1;
+        let id = self.next_id;
         let sent = proto::send(
-            c.sock.as_fd(),
+            self.sock.as_fd(),
             req.msg_type(),
             0,
             id,
             &req.encode_payload(),
             fds,
         );
-        if let Err(e) = sent {
+        match sent {
+            Ok(()) => Ok(id),
             // A daemon that refused the connection (too many clients, say) sent why before
             // it closed: that answer is still there to read, and says more than "gone".
-            let Conn { sock, buf, .. } = &mut *c;
-            return Err(refusal(sock.as_fd(), buf).unwrap_or_else(|| sock_err(e)));
+            Err(e) => Err(refusal(self.sock.as_fd(), &mut self.buf).unwrap_or_else(|| sock_err(e))),
         }
-        let Conn { sock, buf, .. } = &mut *c;
-        receive_answer(sock.as_fd(), buf, id).map(|r| (r, id))
     }
 }
 
@@ -350,8 +381,28 @@ impl Inner {
 /// but the last with `FLAG_MORE`, put back together here; a trace's first answer is sent
 /// with `FLAG_MORE` too, and is returned at once (it starts a stream). Answers to other
 /// requests (whose callers gave up on them) are skipped; an unsolicited error (request id
-/// 0) ends the session.
+/// 0) ends the session. An answer with fds is refused (they are closed): see
+/// [`receive_answer_fds`].
 fn receive_answer(sock: BorrowedFd<'_>, buf: &mut Vec<u8>, id: u64) -> Result<Response, Error> {
+    let (resp, fds) = receive_answer_fds(sock, buf, id)?;
+    if !fds.is_empty() {
+        // Dropping them closes them.
+        return Err(Error::Protocol(format!(
+            "{} unexpected fds with answer {resp:?}",
+            fds.len()
+        )));
+    }
+    Ok(resp)
+}
+
+/// [`receive_answer`], also returning the fds that came with the answer. Only a whole answer
+/// (one message) may bring fds: a piece of a list with fds is refused. Fds of skipped answers
+/// and of refused messages are closed.
+fn receive_answer_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    id: u64,
+) -> Result<(Response, Vec<OwnedFd>), Error> {
     let mut partial: Option<Response> = None;
     let mut pieces = 0usize;
     loop {
@@ -384,7 +435,13 @@ fn receive_answer(sock: BorrowedFd<'_>, buf: &mut Vec<u8>, id: u64) -> Result<Re
                 };
                 let more = frame.header.flags & proto::FLAG_MORE != 0;
                 if !more || matches!(whole, Response::TraceStarted) {
-                    return Ok(whole);
+                    if pieces > 0 && !frame.fds.is_empty() {
+                        return Err(Error::Protocol("fds with a piece of a list answer".into()));
+                    }
+                    return Ok((whole, frame.fds));
+                }
+                if !frame.fds.is_empty() {
+                    return Err(Error::Protocol("fds with a piece of a list answer".into()));
                 }
                 partial = Some(whole);
             }
@@ -437,6 +494,7 @@ pub struct Builder {
     path: Option<PathBuf>,
     sock: Option<OwnedFd>,
     name: Option<String>,
+    device_writes: bool,
 }
 
 impl Builder {
@@ -460,6 +518,14 @@ impl Builder {
     /// ([`Error::InvalidArgument`]) rather than cut.
     pub fn name(mut self, name: impl Into<String>) -> Builder {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Lets external engines this process grants write its memory (device writes,
+    /// [`Engine::write`]), where its own mappings are writable: the `/proc/self/mem` it
+    /// hands over is then opened for writing too. Off by default.
+    pub fn device_writes(mut self, allow: bool) -> Builder {
+        self.device_writes = allow;
         self
     }
 
@@ -500,7 +566,10 @@ impl Builder {
                 (connect_socket(&path)?, Some(path))
             }
         };
-        open_session(sock, path, name, bind)
+        let binding = bind.then_some(Binding {
+            device_writes: self.device_writes,
+        });
+        open_session(sock, path, name, binding)
     }
 }
 
@@ -529,12 +598,19 @@ fn connect_socket(path: &Path) -> Result<OwnedFd, Error> {
     Ok(sock)
 }
 
-/// The handshake on `sock` and, if `bind`, the bind of this process.
+/// How a session binds this process.
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    /// Hand over `/proc/self/mem` for writing too.
+    device_writes: bool,
+}
+
+/// The handshake on `sock` and, with `bind`, the bind of this process.
 fn open_session(
     sock: OwnedFd,
     path: Option<PathBuf>,
     name: String,
-    bind: bool,
+    bind: Option<Binding>,
 ) -> Result<Inner, Error> {
     let mut inner = Inner {
         conn: Mutex::new(Conn {
@@ -569,8 +645,8 @@ fn open_session(
         }
         r => return Err(unexpected(r)),
     }
-    if bind {
-        inner.bound = Some(bind_this_process(&inner)?);
+    if let Some(b) = bind {
+        inner.bound = Some(bind_this_process(&inner, b.device_writes)?);
     }
     Ok(inner)
 }
@@ -578,9 +654,17 @@ fn open_session(
 /// Hands the daemon this process's userfaultfd, with the files it needs to read this
 /// process's memory (mem, maps) and to track writes (pagemap, clear_refs), keeping no copy
 /// (G6); returns what the daemon bound.
-fn bind_this_process(inner: &Inner) -> Result<(AccessPath, u64), Error> {
+fn bind_this_process(inner: &Inner, writes: bool) -> Result<(AccessPath, u64), Error> {
     let (uffd, privileged) = create_uffd_kind()?;
-    let mem = open_proc("/proc/self/mem")?;
+    let mem = if writes {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|e| Error::Proc("/proc/self/mem", e))?
+    } else {
+        open_proc("/proc/self/mem")?
+    };
     // Protocol 2: the maps, third (which addresses are mapped, and readable).
     let maps = if inner.version >= 2 {
         Some(open_proc("/proc/self/maps")?)
@@ -893,6 +977,22 @@ impl Mirror {
         sync_call(&self.inner, Request::Sync { mirror_id: self.id })
     }
 
+    /// A grant for an external engine to attach to this mirror (protocol 3): an unguessable
+    /// token (never 0) to hand to the engine by any means, which it passes to
+    /// [`Engine::attach`]. Detaching the mirror, or this process's exit, revokes it.
+    /// `Error::Unsupported` if the daemon does not speak protocol 3.
+    pub fn grant(&self) -> Result<u128, Error> {
+        engine::need_engines(&self.inner)?;
+        match self
+            .inner
+            .call(&Request::Grant { mirror_id: self.id }, &[])?
+        {
+            Response::Granted { token } if token != 0 => Ok(token),
+            Response::Granted { .. } => Err(Error::Protocol("a grant of token 0".into())),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Stops mirroring. Dropping the mirror detaches it too, ignoring errors.
     pub fn detach(self) -> Result<(), Error> {
         self.detach_shared()
@@ -930,6 +1030,9 @@ const _: () = {
     send_sync::<Trace>();
     send_sync::<Builder>();
     send_sync::<Error>();
+    // An engine is handed to one thread at a time (its TLB is its own).
+    const fn send<T: Send>() {}
+    send::<Engine>();
 };
 
 #[cfg(test)]

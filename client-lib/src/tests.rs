@@ -48,6 +48,65 @@ fn error_codes_map_to_variants() {
     assert!(matches!(m(ErrorCode::ShuttingDown), Error::DaemonGone));
     assert!(matches!(m(ErrorCode::BadFd), Error::Protocol(_)));
     assert!(matches!(m(ErrorCode::Other(77)), Error::Daemon { .. }));
+    assert!(matches!(m(ErrorCode::NoSuchGrant), Error::NoSuchGrant(_)));
+    assert!(matches!(m(ErrorCode::Evicted), Error::Evicted(_)));
+    assert_eq!(m(ErrorCode::Evicted).raw_os_error(), None);
+}
+
+/// `Mirror::grant` sends `Grant` and returns the token; an ordinary call whose answer brings
+/// fds refuses it and keeps none of them open.
+#[test]
+fn a_grant_is_a_token_and_an_answer_with_fds_is_refused() {
+    let _uffds = uffd_test();
+    const LEAK: &str = "memshadow-test-grant-fds";
+    let grants = Arc::new(AtomicUsize::new(0));
+    let (a, daemon) = fake_daemon::spawn_with_fds(Limits::default(), {
+        let grants = Arc::clone(&grants);
+        move |req, _| match *req {
+            Request::Attach { .. } => Some((Response::Attached { mirror_id: 9 }, vec![])),
+            Request::Grant { mirror_id: 9 } if grants.fetch_add(1, Ordering::SeqCst) == 0 => {
+                Some((
+                    Response::Granted {
+                        token: 1 << 100 | 5,
+                    },
+                    vec![],
+                ))
+            }
+            Request::Grant { .. } => {
+                let fds = (0..5)
+                    .map(|_| {
+                        nix::sys::memfd::memfd_create(LEAK, nix::sys::memfd::MFdFlags::empty())
+                            .unwrap()
+                    })
+                    .collect();
+                Some((
+                    Response::EngineAttached {
+                        engine_id: 1,
+                        mirror_id: 9,
+                        addr: 0,
+                        len: 4096,
+                        shadow_bytes: 4096,
+                        page_size: 4096,
+                    },
+                    fds,
+                ))
+            }
+            Request::Detach { .. } => Some((Response::Detached, vec![])),
+            _ => None,
+        }
+    });
+    let c = Client::builder().socket_fd(a).connect().unwrap();
+    let m = c.attach(0x10000 as *const u8, 4096).unwrap();
+    assert_eq!(m.grant().unwrap(), 1 << 100 | 5);
+    assert!(matches!(m.grant(), Err(Error::Protocol(_))));
+    drop((m, c));
+    daemon.join().unwrap();
+    let open = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains(LEAK))
+        .count();
+    assert_eq!(open, 0, "the refused answer's fds are closed");
 }
 
 fn uffds_held() -> usize {

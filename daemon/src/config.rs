@@ -294,6 +294,11 @@ pub const KEYS: &[Key] = &[
     key("idle_timeout_s", "--idle-timeout-s", true),
     key("device.engines", "--engines", false),
     key("device.flush_latency_us", "--flush-latency-us", true),
+    key(
+        "device.engine_ack_timeout_ms",
+        "--engine-ack-timeout-ms",
+        true,
+    ),
     key("device.mode", "--mode", false),
     key("device.shadow_mib", "--shadow-mib", false),
     key("quotas.shadow_mib", "--quota-shadow-mib", true),
@@ -361,6 +366,8 @@ pub struct DeviceLayer {
     pub engines: Option<u64>,
     /// Modelled TLB-flush round trip in µs.
     pub flush_latency_us: Option<u64>,
+    /// How long a flush waits for an external engine before evicting it, ms.
+    pub engine_ack_timeout_ms: Option<u64>,
     /// Invalidation mode.
     pub mode: Option<String>,
     /// Shadow buffer size in MiB.
@@ -705,6 +712,10 @@ impl Config {
             let us = c.check("device.flush_latency_us", in_range(v, 0, 10_000_000))?;
             self.device.flush_latency = Duration::from_micros(us);
         }
+        if let Some(v) = d.engine_ack_timeout_ms {
+            let ms = c.check("device.engine_ack_timeout_ms", in_range(v, 1, 60_000))?;
+            self.device.engine_ack_timeout = Duration::from_millis(ms);
+        }
         if let Some(v) = &d.mode {
             self.device.mode = c.check("device.mode", parse_mode(v))?;
         }
@@ -777,6 +788,10 @@ impl Config {
                 "device.flush_latency_us",
                 self.device.flush_latency.as_micros().to_string(),
             ),
+            (
+                "device.engine_ack_timeout_ms",
+                self.device.engine_ack_timeout.as_millis().to_string(),
+            ),
             ("device.mode", s(self.device.mode.as_str())),
             (
                 "device.shadow_mib",
@@ -840,6 +855,7 @@ impl Config {
         c.log_level = new.log_level.clone();
         c.limits = new.limits;
         c.device.flush_latency = new.device.flush_latency;
+        c.device.engine_ack_timeout = new.device.engine_ack_timeout;
         c
     }
 }

@@ -52,6 +52,10 @@ struct Args {
     /// Modelled TLB-flush round trip, in microseconds [default: 50]
     #[arg(long, value_name = "US")]
     flush_latency_us: Option<u64>,
+    /// How long a flush waits for an external engine's acknowledgement before evicting it,
+    /// in milliseconds [default: 1000]
+    #[arg(long, value_name = "MS")]
+    engine_ack_timeout_ms: Option<u64>,
     /// Invalidation mode: one-pass, two-pass or two-pass-batched [default: two-pass-batched]
     #[arg(long)]
     mode: Option<String>,
@@ -121,6 +125,7 @@ impl Args {
             device: DeviceLayer {
                 engines: self.engines,
                 flush_latency_us: self.flush_latency_us,
+                engine_ack_timeout_ms: self.engine_ack_timeout_ms,
                 mode: self.mode.clone(),
                 shadow_mib: self.shadow_mib,
             },

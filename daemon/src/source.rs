@@ -33,8 +33,15 @@ pub enum SourceError {
         /// The address.
         addr: u64,
     },
+    /// A device write where the client's mapping is not writable, or to a client that did
+    /// not hand over a writable `/proc/self/mem`.
+    #[error("address {addr:#x} is not writable by the device (read-only mapping, or the client did not allow device writes)")]
+    NotWritable {
+        /// The address.
+        addr: u64,
+    },
     /// The system call failed.
-    #[error("cannot read client memory at {addr:#x} via {via}")]
+    #[error("cannot access client memory at {addr:#x} via {via}")]
     Io {
         /// First address of the failed read.
         addr: u64,
@@ -57,6 +64,13 @@ pub trait MemorySource: Send + Sync {
     /// shadow (a source that prepares pages it copies for the shadow skips that).
     fn read_uncached(&self, addr: u64, dst: &mut [IoSliceMut<'_>]) -> Result<usize, SourceError> {
         self.read_pages(addr, dst)
+    }
+
+    /// Writes `src` into the client's memory at `addr` (a device write), only where the
+    /// client's mappings allow writing. Returns the bytes written (short where a mapping
+    /// stops being writable).
+    fn write_bytes(&self, addr: u64, _src: &[u8]) -> Result<usize, SourceError> {
+        Err(SourceError::NotWritable { addr })
     }
 
     /// Short name of the access path, for logs and status.
@@ -129,12 +143,20 @@ impl MemorySource for ProcessVmSource {
 pub struct MemFileSource {
     file: File,
     maps: Option<Arc<Maps>>,
+    /// The client opened the file for writing too (it allows device writes).
+    writable: bool,
 }
 
 impl MemFileSource {
     /// Reads through `file`, an open `/proc/PID/mem`, checking protections in `maps`.
     pub fn new(file: File, maps: Option<Arc<Maps>>) -> Self {
-        MemFileSource { file, maps }
+        use std::os::fd::AsFd;
+        let writable = sys::procfd::opened_for_writing(file.as_fd());
+        MemFileSource {
+            file,
+            maps,
+            writable,
+        }
     }
 
     /// The bytes of `want` from `addr` that may be read: all, without a maps file.
@@ -174,6 +196,33 @@ impl MemorySource for MemFileSource {
             return self.read_all(addr, &mut dst[..keep]);
         }
         self.read_all(addr, dst)
+    }
+
+    fn write_bytes(&self, addr: u64, src: &[u8]) -> Result<usize, SourceError> {
+        // The file writes with FOLL_FORCE, through any protection: check the mappings (a
+        // device write needs them, and the client's consent, a writable mem file).
+        let Some(maps) = self.maps.as_ref().filter(|_| self.writable) else {
+            return Err(SourceError::NotWritable { addr });
+        };
+        let n = maps
+            .writable_prefix(addr, src.len() as u64)
+            .map_err(|e| match e {
+                MapsError::Gone => SourceError::Gone,
+                MapsError::Io(source) => SourceError::Io {
+                    addr,
+                    via: "/proc/PID/maps",
+                    source,
+                },
+            })?;
+        if n == 0 {
+            return Err(SourceError::NotWritable { addr });
+        }
+        let n = usize::try_from(n).unwrap_or(src.len()).min(src.len());
+        match nix::sys::uio::pwrite(&self.file, &src[..n], addr as i64) {
+            Ok(w) => Ok(w),
+            Err(nix::Error::ESRCH) => Err(SourceError::Gone),
+            Err(e) => Err(io_err(addr, "/proc/PID/mem", e)),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -283,6 +332,26 @@ impl MemorySource for SimMemory {
                 a += n as u64;
                 done += n;
             }
+        }
+        Ok(done)
+    }
+
+    fn write_bytes(&self, addr: u64, src: &[u8]) -> Result<usize, SourceError> {
+        let mut done = 0;
+        while done < src.len() {
+            let at = addr + done as u64;
+            let page = at - at % PAGE_SIZE as u64;
+            let Some(i) = self.index(page) else { break };
+            if self.mapped[i].load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let off = (at - page) as usize;
+            let n = (PAGE_SIZE - off).min(src.len() - done);
+            lock(&self.pages[i])[off..off + n].copy_from_slice(&src[done..done + n]);
+            done += n;
+        }
+        if done == 0 {
+            return Err(SourceError::NotWritable { addr });
         }
         Ok(done)
     }

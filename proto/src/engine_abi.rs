@@ -143,6 +143,10 @@ pub const fn pt_bytes(pages: u64) -> u64 {
 
 impl RingEntry {
     /// Reads entry for sequence `seq`: `Some((first, last))` if it holds that request.
+    ///
+    /// A seqlock read: a daemon overwrites an entry only after the engine acknowledged the
+    /// request in it, so a changed `seq` means the engine acknowledged too early; it gets
+    /// nothing rather than a mix (and should flush everything).
     pub fn read(&self, seq: u64) -> Option<(u64, u64)> {
         if self.seq.load(Ordering::Acquire) != seq {
             return None;
@@ -151,14 +155,14 @@ impl RingEntry {
             self.first.load(Ordering::Relaxed),
             self.last.load(Ordering::Relaxed),
         );
-        // A daemon overwrites an entry only after the engine acknowledged the request in
-        // it, so a changed seq here means a lying ack; report nothing rather than a mix.
-        (self.seq.load(Ordering::Acquire) == seq).then_some(r)
+        std::sync::atomic::fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == seq).then_some(r)
     }
 
-    /// Daemon: writes request `seq` into the entry.
+    /// Daemon: writes request `seq` into the entry (`seq` is 0 while it is written).
     pub fn write(&self, seq: u64, first: u64, last: u64) {
         self.seq.store(0, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
         self.first.store(first, Ordering::Relaxed);
         self.last.store(last, Ordering::Relaxed);
         self.seq.store(seq, Ordering::Release);

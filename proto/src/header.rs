@@ -6,8 +6,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MSHD");
 /// `/proc/self/maps` third (then pagemap and, new, `clear_refs`: up to 5 fds), and it adds
 /// error codes 18 (`ShadowFull`) and 19 (`OutOfResources`). A version 1 peer sends 2 to 4
 /// fds (a fourth is taken as `clear_refs`) and may also receive codes 18 and 19, which an
-/// older library reads as `Other(n)`.
-pub const VERSION: u16 = 2;
+/// older library reads as `Other(n)`. Version 3 adds external engines (`Grant`,
+/// `EngineAttach`, `EngineFault`, `EngineWrite`, `ListEngines`, answers `Granted`,
+/// `EngineAttached`, `Written` and `Engines`) and error codes 20
+/// (`NoSuchGrant`) and 21 (`Evicted`); it encodes every message as before.
+pub const VERSION: u16 = 3;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 /// What this build writes in the header's version field: the version whose encoding its

@@ -7,6 +7,7 @@
 //! §5 G7). There is no daemon logic here.
 
 pub mod codec;
+pub mod engine_abi;
 pub mod header;
 pub mod message;
 pub mod path;
@@ -18,9 +19,9 @@ pub use header::{
     MIN_VERSION, VERSION,
 };
 pub use message::{
-    AccessPath, AttachPolicy, BindFlags, ClientInfo, DecodeError, DirtyBackend, ErrorCode,
-    EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request, Response,
-    SyncReport, ATTACH_PERIOD_SHIFT, ATTACH_POLICY_MASK, MAX_LIST, MAX_MESSAGE, MAX_NAME,
+    AccessPath, AttachPolicy, BindFlags, ClientInfo, DecodeError, DirtyBackend, EngineInfo,
+    ErrorCode, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request,
+    Response, SyncReport, ATTACH_PERIOD_SHIFT, ATTACH_POLICY_MASK, MAX_LIST, MAX_MESSAGE, MAX_NAME,
     MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
 };
 pub use path::{socket_path, SOCKET_ENV};

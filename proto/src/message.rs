@@ -294,6 +294,37 @@ pub struct MirrorInfo {
     pub state: String,
 }
 
+/// An external engine, as `ListEngines` reports it (protocol 3).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EngineInfo {
+    /// The engine's id.
+    pub id: u32,
+    /// The engine's process.
+    pub pid: i32,
+    /// The client it reads.
+    pub client_pid: i32,
+    /// The mirror it attached to.
+    pub mirror_id: u64,
+    /// Flush requests queued to it.
+    pub flushes: u64,
+    /// Flush requests not acknowledged yet (ring depth).
+    pub depth: u64,
+    /// Acknowledgements waited for.
+    pub acks: u64,
+    /// Acknowledgement wait, p50, µs.
+    pub ack_p50_us: u32,
+    /// Acknowledgement wait, p99, µs.
+    pub ack_p99_us: u32,
+    /// Times the ring was full and a flush-all was queued instead.
+    pub overflows: u64,
+    /// Device faults it raised.
+    pub faults: u64,
+    /// Device writes it made.
+    pub writes: u64,
+    /// `attached`, `evicted` or `gone`.
+    pub state: String,
+}
+
 /// An invalidation kind on the wire (the notifier core's events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -652,6 +683,42 @@ impl Item for MirrorInfo {
     }
 }
 
+impl Item for EngineInfo {
+    const MIN_LEN: usize = 4 + 4 + 4 + 8 * 4 + 4 + 4 + 8 * 3 + 2;
+    fn put_item(&self, w: &mut Writer) {
+        w.u32(self.id)
+            .i32(self.pid)
+            .i32(self.client_pid)
+            .u64(self.mirror_id)
+            .u64(self.flushes)
+            .u64(self.depth)
+            .u64(self.acks)
+            .u32(self.ack_p50_us)
+            .u32(self.ack_p99_us)
+            .u64(self.overflows)
+            .u64(self.faults)
+            .u64(self.writes)
+            .str(&self.state, MAX_NAME);
+    }
+    fn get_item(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+        Ok(EngineInfo {
+            id: r.u32("id")?,
+            pid: r.i32("pid")?,
+            client_pid: r.i32("client_pid")?,
+            mirror_id: r.u64("mirror_id")?,
+            flushes: r.u64("flushes")?,
+            depth: r.u64("depth")?,
+            acks: r.u64("acks")?,
+            ack_p50_us: r.u32("ack_p50_us")?,
+            ack_p99_us: r.u32("ack_p99_us")?,
+            overflows: r.u64("overflows")?,
+            faults: r.u64("faults")?,
+            writes: r.u64("writes")?,
+            state: r.str("state", MAX_NAME)?,
+        })
+    }
+}
+
 /// A list: a u32 count, then the entries. A list longer than [`MAX_LIST`], or one that
 /// does not fit a message, is sent in pieces ([`Response::into_pieces`]); it is never cut.
 impl<T: Item> Field for Vec<T> {
@@ -783,6 +850,48 @@ messages! {
             /// The client.
             pid: i32,
         },
+        /// Protocol 3. A grant for an external engine to attach to one of this session's
+        /// mirrors: an unguessable token the client hands to the engine by its own means.
+        /// The mirror's detach, or the client's exit, revokes it.
+        0x0030 "grant" => Grant {
+            /// Which mirror.
+            mirror_id: u64,
+        },
+        /// Protocol 3. Makes this session an external engine of a mirror: by `token` (from
+        /// `Grant`), or, with `token` 0, by the client's `pid` and `mirror_id` (root and the
+        /// daemon's owner only). Answered by `EngineAttached` with the engine's five fds
+        /// (see `engine_abi`). A session is at most one engine.
+        0x0031 "engine-attach" => EngineAttach {
+            /// The grant (0: attach by pid).
+            token: u128,
+            /// The client, when attaching by pid.
+            pid: i32,
+            /// The mirror, when attaching by pid.
+            mirror_id: u64,
+        },
+        /// Protocol 3. A device (DMA) write of this session's engine into its client's
+        /// memory at `offset` into its mirror, keeping the shadow coherent (answered by
+        /// `Written`).
+        0x0033 "engine-write" => EngineWrite {
+            /// Byte offset into the mirror.
+            offset: u64,
+            /// The bytes, at most [`MAX_READ`].
+            bytes: Vec<u8>,
+        },
+        /// Protocol 3. Every external engine (root and the daemon's owner), or those
+        /// reading the client with that pid (that client too).
+        0x0034 "list-engines" => ListEngines {
+            /// Whose (0: every client's).
+            pid: i32,
+        },
+        /// Protocol 3. A device fault of this session's engine: faults
+        /// `offset..offset+len` of its mirror into the shadow (answered by `Populated`).
+        0x0032 "engine-fault" => EngineFault {
+            /// Byte offset into the mirror.
+            offset: u64,
+            /// Bytes.
+            len: u64,
+        },
     }
 }
 
@@ -866,6 +975,37 @@ messages! {
         0x8020 "synced" => Synced {
             /// What the collection did.
             report: SyncReport,
+        },
+        /// Answer to `Grant`.
+        0x8030 "granted" => Granted {
+            /// The token (never 0).
+            token: u128,
+        },
+        /// Answer to `EngineWrite`.
+        0x8033 "written" => Written {
+            /// Bytes written.
+            len: u32,
+        },
+        /// Answer to `ListEngines`.
+        0x8034 "engines" => Engines {
+            /// The engines.
+            engines: Vec<EngineInfo>,
+        },
+        /// Answer to `EngineAttach`, with the engine's five fds in the order
+        /// `engine_abi` gives.
+        0x8031 "engine-attached" fds 5..=5 "5" => EngineAttached {
+            /// The engine's id (unique in the daemon's run).
+            engine_id: u32,
+            /// The mirror's id within its client.
+            mirror_id: u64,
+            /// Client virtual address of the mirror's first byte.
+            addr: u64,
+            /// The mirror's length in bytes.
+            len: u64,
+            /// Bytes of the shadow mapping.
+            shadow_bytes: u64,
+            /// The daemon's page size.
+            page_size: u32,
         },
         /// A refused request.
         0x80ff "error" => Error {
@@ -983,6 +1123,9 @@ impl Response {
             Response::Mirrors { mirrors } => {
                 pieces(mirrors, |mirrors| Response::Mirrors { mirrors })
             }
+            Response::Engines { engines } => {
+                pieces(engines, |engines| Response::Engines { engines })
+            }
             Response::StatusReport { info, counters } => {
                 // Only a report longer than one message goes in pieces.
                 let len = 8 + items_len(&info) + items_len(&counters);
@@ -1012,6 +1155,7 @@ impl Response {
             }
             (Response::Clients { clients }, Response::Clients { clients: m }) => clients.extend(m),
             (Response::Mirrors { mirrors }, Response::Mirrors { mirrors: m }) => mirrors.extend(m),
+            (Response::Engines { engines }, Response::Engines { engines: m }) => engines.extend(m),
             (
                 Response::StatusReport { info, counters },
                 Response::StatusReport {
@@ -1107,6 +1251,10 @@ pub enum ErrorCode {
     /// The daemon ran out of a system resource (file descriptors, memory) serving the
     /// request; trying again later may work.
     OutOfResources,
+    /// Protocol 3: no grant with that token (wrong, revoked, or given to another user).
+    NoSuchGrant,
+    /// Protocol 3: this engine was evicted (it did not acknowledge a flush in time).
+    Evicted,
     /// A code this version does not know.
     Other(u16),
 }
@@ -1134,13 +1282,15 @@ impl ErrorCode {
             ErrorCode::Unsupported => 17,
             ErrorCode::ShadowFull => 18,
             ErrorCode::OutOfResources => 19,
+            ErrorCode::NoSuchGrant => 20,
+            ErrorCode::Evicted => 21,
             ErrorCode::Other(c) => c,
         }
     }
 
     /// From the wire value.
     pub fn from_code(c: u16) -> ErrorCode {
-        const KNOWN: [ErrorCode; 19] = [
+        const KNOWN: [ErrorCode; 21] = [
             ErrorCode::BadMessage,
             ErrorCode::ProtocolVersion,
             ErrorCode::OutOfOrder,
@@ -1160,6 +1310,8 @@ impl ErrorCode {
             ErrorCode::Unsupported,
             ErrorCode::ShadowFull,
             ErrorCode::OutOfResources,
+            ErrorCode::NoSuchGrant,
+            ErrorCode::Evicted,
         ];
         KNOWN
             .into_iter()

@@ -28,6 +28,18 @@ macro_rules! plain_field {
 
 plain_field!(u8 => u8, u16 => u16, u32 => u32, u64 => u64, i32 => i32);
 
+impl Field for u128 {
+    fn put(&self, w: &mut Writer) {
+        w.u64(*self as u64);
+        w.u64((*self >> 64) as u64);
+    }
+    fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
+        let lo = r.u64(name)?;
+        let hi = r.u64(name)?;
+        Ok(u128::from(hi) << 64 | u128::from(lo))
+    }
+}
+
 impl Field for bool {
     fn put(&self, w: &mut Writer) {
         w.u8(u8::from(*self));

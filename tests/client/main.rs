@@ -321,7 +321,16 @@ fn run() -> Result<(), String> {
             .ok_or("--uid takes a number")?;
         become_uid(uid)?;
     }
-    let mut client = Client::connect_to(socket.as_ref()).map_err(|e| format!("connect: {e}"))?;
+    if let Some(i) = args.iter().position(|a| a == "--engine") {
+        let how = args.get(i + 1).ok_or("--engine takes a token")?;
+        return engine_main(&socket, how);
+    }
+    let device_writes = args.iter().any(|a| a == "--device-writes");
+    let mut client = Client::builder()
+        .socket(&socket)
+        .device_writes(device_writes)
+        .connect()
+        .map_err(|e| format!("connect: {e}"))?;
     let mut maps: HashMap<String, (Map, Option<Mirror>)> = HashMap::new();
     // More mirrors of parts of the maps, by name (overlapping the maps' own mirrors).
     let mut subs: HashMap<String, Mirror> = HashMap::new();
@@ -461,6 +470,26 @@ fn run() -> Result<(), String> {
                         Err(Error::NotMirrored(_)) => return Err("NotMirrored".into()),
                         Err(e) => return Err(e.to_string()),
                     }
+                }
+                "grant" => {
+                    let (_, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let t = mirror
+                        .as_ref()
+                        .ok_or("not attached")?
+                        .grant()
+                        .map_err(|e| e.to_string())?;
+                    format!("token={t:032x}")
+                }
+                "byte" => {
+                    // A byte of this process's own memory (what the CPU sees).
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let off = num(2)? as usize;
+                    if off >= m.len {
+                        return Err("outside the map".into());
+                    }
+                    // SAFETY: a byte inside our own mapping.
+                    let b = unsafe { std::ptr::read_volatile((m.addr + off) as *const u8) };
+                    format!("byte={b}")
                 }
                 "detach" => {
                     let (_, mirror) = maps.get_mut(arg(1)?).ok_or("no such map")?;
@@ -977,6 +1006,70 @@ fn multi(socket: &str, n: usize, rounds: u64) -> Result<String, String> {
             .map_err(|_| "a session thread panicked".to_string())??;
     }
     Ok(format!("sessions={n} changes={total}"))
+}
+
+/// An external engine of another client's mirror (`test-client SOCKET --engine TOKEN`,
+/// token in hex, or `--engine pid:PID:MIRROR`), driven by lines on stdin:
+/// `ping` (answers `engine=ID`), `read OFF LEN` (answers `uniform=B`, `bytes=B0,B1,…` for a mixed read, or the error),
+/// `write OFF LEN BYTE`, `poll`, `stats`, `exit`.
+fn engine_main(socket: &str, how: &str) -> Result<(), String> {
+    let path = std::path::Path::new(socket);
+    let mut e = match how.strip_prefix("pid:") {
+        Some(rest) => {
+            let (pid, mirror) = rest.split_once(':').ok_or("pid:PID:MIRROR")?;
+            let pid = pid.parse().map_err(|e| format!("{e}"))?;
+            let mirror = mirror.parse().map_err(|e| format!("{e}"))?;
+            memshadow::Engine::attach_pid(Some(path), pid, mirror)
+        }
+        None => {
+            let t = u128::from_str_radix(how, 16).map_err(|e| format!("token: {e}"))?;
+            memshadow::Engine::attach(Some(path), t)
+        }
+    }
+    .map_err(|e| format!("attach: {e}"))?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> Result<u64, String> {
+            w.get(i)
+                .ok_or(format!("missing argument {i}"))?
+                .parse::<u64>()
+                .map_err(|e| e.to_string())
+        };
+        let answer: Result<String, String> = (|| match w.first().copied() {
+            Some("ping") => Ok(format!("engine={}", e.engine_id())),
+            Some("read") => {
+                let mut buf = vec![0u8; num(2)? as usize];
+                e.read(num(1)?, &mut buf).map_err(|e| e.to_string())?;
+                Ok(if buf.iter().all(|b| *b == buf[0]) {
+                    format!("uniform={}", buf.first().copied().unwrap_or(0))
+                } else {
+                    let v: Vec<String> = buf.iter().map(u8::to_string).collect();
+                    format!("bytes={}", v.join(","))
+                })
+            }
+            Some("write") => {
+                let buf = vec![num(3)? as u8; num(2)? as usize];
+                let n = e.write(num(1)?, &buf).map_err(|e| e.to_string())?;
+                Ok(format!("written={n}"))
+            }
+            Some("poll") => e.poll().map(|_| String::new()).map_err(|e| e.to_string()),
+            Some("stats") => {
+                let s = e.stats();
+                Ok(format!(
+                    "tlb_hits={} tlb_misses={} faults={} flushes={} retries={}",
+                    s.tlb_hits, s.tlb_misses, s.faults, s.flushes_processed, s.retries
+                ))
+            }
+            Some("exit") => std::process::exit(0),
+            _ => Err(format!("unknown engine command {line:?}")),
+        })();
+        match answer {
+            Ok(a) => println!("ok {a}"),
+            Err(e) => println!("err {e}"),
+        }
+    }
+    Ok(())
 }
 
 fn main() {

@@ -3,6 +3,7 @@
 
 use super::attach::ARM_CHUNK;
 use super::{not_mirrored, AddressSpace, WatchError};
+use crate::device::EngineAttachment;
 use crate::dirty::DirtyPolicy;
 use crate::lock;
 use crate::notifier::Range;
@@ -50,5 +51,30 @@ impl AddressSpace {
             .iter()
             .find(|m| m.id == id)
             .map_or(0, |m| m.pages))
+    }
+
+    /// Attaches external engine `engine_id` of process `pid` to mirror `id`.
+    pub fn attach_engine(
+        &self,
+        id: u64,
+        engine_id: u32,
+        pid: i32,
+    ) -> Result<EngineAttachment, WatchError> {
+        self.after_events_read();
+        let dev = {
+            let t = lock(&self.table);
+            let m = t.by_id.get(&id).ok_or(WatchError::NoSuchMirror(id))?;
+            m.dev.ok_or(WatchError::NotMirrored(m.addr))?
+        };
+        Ok(self.device.attach_engine(dev, id, engine_id, pid)?)
+    }
+
+    /// A device write of `bytes` at `offset` of mirror `id` into the client's memory.
+    pub fn device_write(&self, id: u64, offset: u64, bytes: &[u8]) -> Result<usize, WatchError> {
+        let addr = self.resolve(id, offset, bytes.len() as u64)?;
+        if let Ok(r) = Range::new(addr, bytes.len() as u64) {
+            self.settle_over(r);
+        }
+        self.device.device_write(addr, bytes).map_err(not_mirrored)
     }
 }

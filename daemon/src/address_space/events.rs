@@ -63,6 +63,15 @@ pub struct Deferred {
     pub detach: Vec<u64>,
 }
 
+/// Makes the epoch even again when the batch is done, however it ends.
+struct EndEventRead<'a>(&'a crate::device::DeviceClient);
+
+impl Drop for EndEventRead<'_> {
+    fn drop(&mut self) {
+        self.0.end_event_read();
+    }
+}
+
 impl AddressSpace {
     /// Reads one batch of pending events and runs their start passes, all under the access
     /// lock (G1): when this returns, every device access of the client issued after the
@@ -77,6 +86,10 @@ impl AddressSpace {
     ) -> Result<usize, WatchError> {
         let guard = self.device.lock_access();
         scratch.clear();
+        // Odd from before the read() that lets the client's call return until every start
+        // pass of the batch has cleared its page-table words (docs/engines.md, G1).
+        self.device.begin_event_read();
+        let _even = EndEventRead(&self.device);
         let n = {
             let uffd = lock(&self.uffd);
             let Some(uffd) = uffd.as_ref() else {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use super::account::Account;
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, ReadJob, ReadOutcome};
+use super::external::{self, EpochPage, ExternalEngine, ExternalError, ExternalFences, SharedPt};
 use super::mirror::{Doorbell, ShadowNotifier};
 use super::pagetable::{MirrorIdx, PageTable, Pte};
 use super::shadow::{Shadow, ShadowError, ShadowPool, SlotRef};
@@ -53,6 +54,8 @@ pub struct ClientCore {
     counters: ClientCounters,
     /// The client's shadow memory, made at its first fault.
     shadow: OnceLock<Arc<Shadow>>,
+    /// The event-read epoch, made when the first external engine attaches.
+    epoch: OnceLock<EpochPage>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -148,6 +151,48 @@ impl Unlinked {
     /// The parts of the mirror's range never retired, in address order.
     pub fn live(&self) -> &[Range] {
         &self.live
+    }
+}
+
+/// What an external engine maps: the fds in `engine_abi` order and the mirror's range.
+#[derive(Debug)]
+pub struct EngineAttachment {
+    /// Epoch page, page table, shadow (read-only), ring (read-write), doorbell.
+    pub fds: [std::os::fd::OwnedFd; 5],
+    /// The mirror's range.
+    pub range: Range,
+    /// Bytes of the shadow file.
+    pub shadow_bytes: u64,
+    /// The engine.
+    pub engine: Arc<ExternalEngine>,
+}
+
+impl EngineAttachment {
+    fn new(
+        epoch: Option<&EpochPage>,
+        pt: &SharedPt,
+        shadow: &Shadow,
+        engine: &Arc<ExternalEngine>,
+        range: Range,
+    ) -> Result<EngineAttachment, ExternalError> {
+        let epoch =
+            epoch.ok_or_else(|| ExternalError::Create(std::io::ErrorKind::NotFound.into()))?;
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(ExternalError::Create)
+        };
+        use std::os::fd::AsFd;
+        Ok(EngineAttachment {
+            fds: [
+                external::read_only(epoch.file())?,
+                external::read_only(pt.file())?,
+                external::read_only(shadow.file())?,
+                dup(engine.ring_file().as_fd())?,
+                dup(engine.doorbell())?,
+            ],
+            range,
+            shadow_bytes: shadow.bytes(),
+            engine: Arc::clone(engine),
+        })
     }
 }
 
@@ -408,6 +453,7 @@ impl DeviceClient {
                 account,
                 counters: ClientCounters::default(),
                 shadow: OnceLock::new(),
+                epoch: OnceLock::new(),
             }),
             dev,
             sub,
@@ -601,11 +647,18 @@ impl DeviceClient {
     fn zap_mirror_pages(&self, idx: MirrorIdx, range: Range) {
         let mut slots = Vec::new();
         let mut fences = Fences::default();
+        let mut ext = ExternalFences::new();
         {
             let mut pt = self.core.pt();
             let first = range.start() / PAGE_SIZE as u64;
             let last = range.last() / PAGE_SIZE as u64;
+            // The mirror's own engines lose their grant with it (revoked: told so, as if
+            // evicted); others that may cache its pages are flushed.
+            for e in pt.remove_external(|_, m| m == idx) {
+                e.evict();
+            }
             pt.zap(first, last, idx, &mut slots);
+            pt.flush_external(first, last, &mut ext);
             let mask = pt.remove_mirror(idx);
             if mask != 0 {
                 let req = FlushReq {
@@ -616,6 +669,7 @@ impl DeviceClient {
             }
         }
         self.dev.engines.wait(&fences);
+        self.dev.wait_external(&ext);
         self.dev.free_slots(&self.core, &slots);
     }
 
@@ -770,6 +824,103 @@ impl DeviceClient {
     }
 
     pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
+        self.populate_range(addr, len)
+    }
+
+    /// Makes the client's epoch odd before its events are read (no-op without engines).
+    pub fn begin_event_read(&self) {
+        if let Some(e) = self.core.epoch.get() {
+            e.begin_read();
+        }
+    }
+
+    /// Makes the epoch even once the start passes of the events read are done.
+    pub fn end_event_read(&self) {
+        if let Some(e) = self.core.epoch.get() {
+            e.end_read();
+        }
+    }
+
+    /// Attaches external engine `id` of process `pid` to mirror `mirror_id`: makes the
+    /// client's epoch, shadow and the engine's page table and ring, all under the access
+    /// lock (so no event batch is half read) and the device lock (so the table starts equal
+    /// to the entries). Returns what the engine maps.
+    pub fn attach_engine(
+        &self,
+        mirror_id: u64,
+        shown_id: u64,
+        id: u32,
+        pid: i32,
+    ) -> Result<EngineAttachment, DeviceError> {
+        let g = self.lock_access();
+        let mirror = self
+            .mirrors()
+            .by_start
+            .values()
+            .find(|m| m.id == mirror_id)
+            .cloned()
+            .ok_or(DeviceError::NoSuchMirror(mirror_id))?;
+        let r = mirror.range;
+        let made = (|| -> Result<_, ExternalError> {
+            if self.core.epoch.get().is_none() {
+                let _ = self.core.epoch.set(EpochPage::new()?);
+            }
+            let pt = Arc::new(SharedPt::new(r.start(), r.len())?);
+            let engine = Arc::new(ExternalEngine::new(id, pid, shown_id, pt.vpns())?);
+            Ok((pt, engine))
+        })();
+        let (pt, engine) = made?;
+        let shadow = self.core.shadow_in(&self.dev.pool)?;
+        let a = EngineAttachment::new(self.core.epoch.get(), &pt, shadow, &engine, r)?;
+        self.core
+            .pt()
+            .add_external(Arc::clone(&engine), pt, mirror.idx);
+        drop(g);
+        Ok(a)
+    }
+
+    /// Detaches an external engine (its session ended): it counts as having acknowledged
+    /// everything from now on.
+    pub fn detach_engine(&self, id: u32) {
+        for e in self.core.pt().remove_external(|e, _| e.id() == id) {
+            e.leave();
+        }
+    }
+
+    /// The client's external engines.
+    pub fn external_engines(&self) -> Vec<Arc<ExternalEngine>> {
+        self.core.pt().external_engines().cloned().collect()
+    }
+
+    /// A device (DMA) write of `bytes` at client address `addr`, which must lie in one
+    /// mirror: written into the client's memory (where its mappings are writable), then the
+    /// pages written are invalidated (event `SoftDirty`, as written pages are), so that no
+    /// engine and no later fault keeps the old bytes. Returns the bytes written.
+    pub fn device_write(&self, addr: u64, bytes: &[u8]) -> Result<usize, DeviceError> {
+        let len = bytes.len() as u64;
+        let range = Range::new(addr, len.max(1))?;
+        if !self
+            .mirrors()
+            .by_start
+            .values()
+            .any(|m| m.range.contains(range.start()) && m.range.contains(range.last()))
+        {
+            return Err(DeviceError::NotMirrored { addr });
+        }
+        let n = self.core.source.write_bytes(addr, bytes)?;
+        let first = addr - addr % PAGE_SIZE as u64;
+        let end = (addr + n as u64).next_multiple_of(PAGE_SIZE as u64);
+        if n > 0 {
+            let pages = Range::new(first, end - first)?;
+            self.invalidate(InvalidateArgs::new(
+                pages,
+                crate::notifier::Event::SoftDirty,
+            ))?;
+        }
+        Ok(n)
+    }
+
+    fn populate_range(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
         let r = Range::new(addr, len)?;
         let first = r.start() / PAGE_SIZE as u64;
         let last = r.last() / PAGE_SIZE as u64;

@@ -21,6 +21,7 @@ use std::time::Instant;
 use super::client::ClientCore;
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, MAX_ENGINES};
+use super::external::ExternalFences;
 use super::pagetable::MirrorIdx;
 use super::shadow::SlotRef;
 use super::DeviceShared;
@@ -45,7 +46,8 @@ pub struct ShadowFinish {
 
 #[derive(Default)]
 struct Batches {
-    live: VecDeque<(u64, Vec<SlotRef>)>,
+    /// Parked slots of started invalidations, with the external engines' fences.
+    live: VecDeque<(u64, Vec<SlotRef>, ExternalFences)>,
     spare: Vec<Vec<SlotRef>>,
     next: u64,
 }
@@ -103,6 +105,7 @@ impl ShadowNotifier {
         let last = a.last() / PAGE_SIZE as u64;
         let whole = a == self.range;
         let mut slots = self.batches().spare.pop().unwrap_or_default();
+        let mut ext = ExternalFences::new();
         let finish = {
             let mut pt = self.client.pt();
             inv.set_seq();
@@ -111,12 +114,15 @@ impl ShadowNotifier {
             let mask = if n == 0 {
                 0
             } else {
+                pt.flush_external(first, last, &mut ext);
                 pt.engine_mask(self.mirror, whole)
             };
-            if n == 0 || mask == 0 {
+            if n == 0 || (mask == 0 && ext.is_empty()) {
                 // Nothing mapped, or mapped but never cached: no TLB can hold a translation
                 // to these slots, so they can go at once.
                 None
+            } else if mask == 0 {
+                Some(FinishFences::Direct(Fences::default()))
             } else if self.batched {
                 let ticket = self.client.doorbell_add(mask, first, last);
                 Some(FinishFences::Ticket(ticket))
@@ -142,7 +148,7 @@ impl ShadowNotifier {
                 let mut b = self.batches();
                 let batch = b.next;
                 b.next += 1;
-                b.live.push_back((batch, slots));
+                b.live.push_back((batch, slots, ext));
                 Some(ShadowFinish { fences, batch })
             }
         };
@@ -157,13 +163,14 @@ impl ShadowNotifier {
             FinishFences::Ticket(ticket) => self.client.doorbell_fences(ticket, &self.dev),
         };
         self.dev.engines.wait(&fences);
-        let slots = {
+        let parked = {
             let mut b = self.batches();
-            let pos = b.live.iter().position(|(id, _)| *id == f.batch);
-            pos.and_then(|p| b.live.remove(p)).map(|(_, s)| s)
+            let pos = b.live.iter().position(|(id, _, _)| *id == f.batch);
+            pos.and_then(|p| b.live.remove(p))
         };
-        match slots {
-            Some(mut slots) => {
+        match parked {
+            Some((_, mut slots, ext)) => {
+                self.dev.wait_external(&ext);
                 self.dev.free_slots(&self.client, &slots);
                 slots.clear();
                 self.batches().spare.push(slots);

@@ -7,6 +7,7 @@ pub mod account;
 mod client;
 pub mod counters;
 mod engine;
+pub mod external;
 mod mirror;
 mod pagetable;
 mod shadow;
@@ -18,7 +19,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use account::Account;
-pub use client::{AccessGuard, ClientCounters, DeviceClient, MirrorInfo, Unlinked};
+pub use client::{
+    AccessGuard, ClientCounters, DeviceClient, EngineAttachment, MirrorInfo, Unlinked,
+};
 pub use counters::{DeviceCounters, Histogram};
 pub use engine::{EngineError, Engines, MAX_ENGINES};
 pub use pagetable::Pte;
@@ -59,6 +62,8 @@ pub struct DeviceConfig {
     pub flush_latency: Duration,
     /// How notifiers invalidate.
     pub mode: InvalidationMode,
+    /// How long a finish waits for an external engine's acknowledgement before evicting it.
+    pub engine_ack_timeout: Duration,
     /// Shadow buffer size in bytes (page multiple).
     pub shadow_capacity: u64,
     /// Entries per engine TLB.
@@ -76,6 +81,7 @@ impl Default for DeviceConfig {
             engines: 2,
             flush_latency: Duration::from_micros(50),
             mode: InvalidationMode::TwoPassBatched,
+            engine_ack_timeout: Duration::from_secs(1),
             shadow_capacity: 1 << 30,
             tlb_entries: 512,
             batch_threshold: 16,
@@ -93,6 +99,9 @@ pub enum DeviceError {
     /// The engines could not be started.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// An external engine's shared memory could not be made.
+    #[error(transparent)]
+    External(#[from] external::ExternalError),
     /// A range is empty or overflows.
     #[error(transparent)]
     Range(#[from] RangeError),
@@ -166,10 +175,26 @@ pub(crate) struct DeviceShared {
     pub(crate) trace: Arc<TraceHub>,
     /// Slots only privileged users' clients may take (reloadable).
     pub(crate) reserved_slots: AtomicUsize,
+    /// How long a finish waits for an external engine's acknowledgement before it evicts
+    /// the engine, ns (reloadable).
+    pub(crate) ack_timeout_ns: AtomicU64,
+    /// External engines evicted so far.
+    pub(crate) evictions: AtomicU64,
     rr: AtomicUsize,
 }
 
 impl DeviceShared {
+    /// Waits for external engines' acknowledgements (G2), evicting those that miss
+    /// `engine_ack_timeout`.
+    pub(crate) fn wait_external(&self, fences: &external::ExternalFences) {
+        if fences.is_empty() {
+            return;
+        }
+        let timeout = Duration::from_nanos(self.ack_timeout_ns.load(Ordering::Relaxed));
+        let evicted = external::wait_all(fences, timeout);
+        counters::bump(&self.evictions, evicted as u64);
+    }
+
     fn next_engine(&self) -> usize {
         self.rr.fetch_add(1, Ordering::Relaxed) % self.engines.count()
     }
@@ -246,6 +271,10 @@ impl Device {
                 batch_threshold: cfg.batch_threshold,
                 trace: Arc::new(TraceHub::default()),
                 reserved_slots: AtomicUsize::new(0),
+                ack_timeout_ns: AtomicU64::new(
+                    u64::try_from(cfg.engine_ack_timeout.as_nanos()).unwrap_or(u64::MAX),
+                ),
+                evictions: AtomicU64::new(0),
                 rr: AtomicUsize::new(0),
             }),
             next_client: AtomicU64::new(1),
@@ -274,6 +303,17 @@ impl Device {
     pub fn set_reserved_bytes(&self, bytes: u64) {
         let slots = usize::try_from(bytes / crate::sys::PAGE_SIZE as u64).unwrap_or(usize::MAX);
         self.shared.reserved_slots.store(slots, Ordering::Relaxed);
+    }
+
+    /// How long a flush waits for an external engine before evicting it (reloadable).
+    pub fn set_engine_ack_timeout(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.ack_timeout_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// External engines evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.shared.evictions.load(Ordering::Relaxed)
     }
 
     /// The bus every client's invalidations are traced on.
@@ -328,6 +368,10 @@ impl Device {
         v.push(("shadow.slots_in_use".into(), s.in_use()));
         v.push(("shadow.slots_warm".into(), s.warm() as u64));
         v.push(("shadow.pages_punched".into(), s.punched()));
+        v.push((
+            "device.engine_evictions".into(),
+            self.shared.evictions.load(Ordering::Relaxed),
+        ));
         let h = self.flush_latency_histogram();
         v.push((
             "engine.flush_latency_target_ns".into(),

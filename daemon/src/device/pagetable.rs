@@ -6,7 +6,9 @@
 //! its bit under the same lock when it fills its TLB), so invalidations flush only them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
+use super::external::{ExternalEngine, ExternalFences, SharedPt};
 use super::shadow::SlotRef;
 
 /// Index of a mirror inside its client.
@@ -41,6 +43,17 @@ pub struct PageTable {
     next_fence: u64,
     /// Scratch for `zap`, kept to avoid an allocation per invalidation.
     keys: Vec<u64>,
+    /// External engines of the client, each with its view of the table (kept equal to
+    /// the entries of its mirror's pages under this lock).
+    external: Vec<ExternalView>,
+}
+
+/// An external engine and the page table it reads.
+#[derive(Debug)]
+struct ExternalView {
+    engine: Arc<ExternalEngine>,
+    pt: Arc<SharedPt>,
+    mirror: MirrorIdx,
 }
 
 impl PageTable {
@@ -96,6 +109,9 @@ impl PageTable {
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert(pte);
                 m.pages += 1;
+                for x in &self.external {
+                    x.pt.set(vpn, pte.slot.slot, pte.slot.gen);
+                }
                 true
             }
         }
@@ -146,10 +162,59 @@ impl PageTable {
                 if let Some(m) = self.mirrors.get_mut(&pte.mirror) {
                     m.pages -= 1;
                 }
+                for x in &self.external {
+                    x.pt.clear(*k);
+                }
                 out.push(pte.slot);
             }
         }
         self.keys.len()
+    }
+
+    /// Adds an external engine of `mirror` reading `pt`, which is first filled with the
+    /// entries of its pages.
+    pub fn add_external(
+        &mut self,
+        engine: Arc<ExternalEngine>,
+        pt: Arc<SharedPt>,
+        mirror: MirrorIdx,
+    ) {
+        let (first, last) = pt.vpns();
+        for (vpn, pte) in self.ptes.range(first..=last) {
+            pt.set(*vpn, pte.slot.slot, pte.slot.gen);
+        }
+        self.external.push(ExternalView { engine, pt, mirror });
+    }
+
+    /// Removes the external engines that `which` selects, returning them.
+    pub fn remove_external(
+        &mut self,
+        mut which: impl FnMut(&ExternalEngine, MirrorIdx) -> bool,
+    ) -> Vec<Arc<ExternalEngine>> {
+        let mut out = Vec::new();
+        self.external.retain(|x| {
+            let go = which(&x.engine, x.mirror);
+            if go {
+                out.push(Arc::clone(&x.engine));
+            }
+            !go
+        });
+        out
+    }
+
+    /// Queues a flush of virtual pages `first..=last` on every external engine that may
+    /// cache them, appending what to wait for to `out`.
+    pub fn flush_external(&self, first: u64, last: u64, out: &mut ExternalFences) {
+        for x in &self.external {
+            if x.engine.overlaps(first, last) && !x.engine.is_gone() {
+                out.push((Arc::clone(&x.engine), x.engine.push(first, last)));
+            }
+        }
+    }
+
+    /// The external engines of the client.
+    pub fn external_engines(&self) -> impl Iterator<Item = &Arc<ExternalEngine>> + '_ {
+        self.external.iter().map(|x| &x.engine)
     }
 
     /// Pages present for `mirror`.

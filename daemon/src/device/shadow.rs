@@ -229,8 +229,8 @@ impl Shadow {
     fn new(pool: Arc<ShadowPool>) -> Result<Shadow, ShadowError> {
         let slots = pool.slots;
         let capacity = u64::from(slots) * PAGE_SIZE as u64;
-        let file =
-            sys::memfd("memshadow-shadow", capacity).map_err(|e| ShadowError::Create(e.into()))?;
+        let file = sys::memfd_sealed("memshadow-shadow", capacity)
+            .map_err(|e| ShadowError::Create(e.into()))?;
         let map = MmapOptions::new()
             .len(capacity as usize)
             .map_raw(&file)

@@ -98,6 +98,9 @@ pub enum Denied {
     /// `Trace` of another pid.
     #[error("tracing pid {0} is for root or the daemon's owner")]
     Trace(i32),
+    /// `ListEngines` of every client, or of another client.
+    #[error("listing other clients' engines is for root or the daemon's owner")]
+    ListEngines,
     /// `Peek`, `Invalidate` or `SyncPid` of (for `Peek`, any) pid.
     #[error("acting on pid {0} is for root or the daemon's owner")]
     ActOn(i32),
@@ -235,7 +238,7 @@ fn dispatch(
         }),
         Request::ListClients => Ok(list_clients(core, s)?),
         Request::Attach { addr, len, policy } => attach(core, s, addr, len, policy),
-        Request::Detach { mirror_id } => detach(s, mirror_id),
+        Request::Detach { mirror_id } => detach(core, s, mirror_id),
         Request::Read {
             mirror_id,
             offset,
@@ -258,6 +261,15 @@ fn dispatch(
         Request::Trace { pid, events } => trace(core, s, rid, pid, events),
         Request::Sync { mirror_id } => sync(s, mirror_id),
         Request::SyncPid { pid } => sync_pid(core, s, pid),
+        Request::Grant { mirror_id } => super::engines::grant(core, s, mirror_id),
+        Request::EngineAttach {
+            token,
+            pid,
+            mirror_id,
+        } => super::engines::attach(core, s, token, pid, mirror_id),
+        Request::EngineFault { offset, len } => super::engines::fault(s, offset, len),
+        Request::EngineWrite { offset, bytes } => super::engines::write(s, offset, &bytes),
+        Request::ListEngines { pid } => super::engines::list(core, s, pid),
     }
 }
 
@@ -373,7 +385,7 @@ fn log_bound(s: &Session, w: &AddressSpace) {
 // ---- Requests of a bound client about its own mirrors ----
 
 /// The session's bound client.
-fn bound(s: &Session) -> Result<&Arc<AddressSpace>, StateError> {
+pub(super) fn bound(s: &Session) -> Result<&Arc<AddressSpace>, StateError> {
     s.watched().ok_or(StateError::NotBound)
 }
 
@@ -451,7 +463,8 @@ fn another_session_of(core: &Core, s: &Session) -> bool {
         .any(|o| o.id != s.id && o.peer.pid == s.peer.pid && o.watched().is_some())
 }
 
-fn detach(s: &Session, mirror_id: u64) -> Result<Response, WireError> {
+fn detach(core: &Core, s: &Session, mirror_id: u64) -> Result<Response, WireError> {
+    core.grants.revoke_mirror(s.id, mirror_id);
     bound(s)?.detach(mirror_id)?;
     Ok(Response::Detached)
 }
@@ -498,12 +511,12 @@ fn synced(d: &SyncStats) -> Response {
 // ---- Requests about a client named by its pid (G7) ----
 
 /// Root and the daemon's own uid may look at and act on every client (G7).
-fn privileged(core: &Core, s: &Session) -> bool {
+pub(super) fn privileged(core: &Core, s: &Session) -> bool {
     core.privileged(s.peer.uid)
 }
 
 /// `Err(denied)` unless `allowed`.
-fn require(allowed: bool, denied: Denied) -> Result<(), Denied> {
+pub(super) fn require(allowed: bool, denied: Denied) -> Result<(), Denied> {
     if allowed {
         Ok(())
     } else {
@@ -520,7 +533,7 @@ fn serves(c: &Session) -> bool {
 }
 
 /// A session that serves the client with pid `pid`.
-fn bound_client(core: &Core, pid: i32) -> Result<Arc<Session>, NoSuchClient> {
+pub(super) fn bound_client(core: &Core, pid: i32) -> Result<Arc<Session>, NoSuchClient> {
     core.sessions()
         .into_iter()
         .find(|c| c.peer.pid == pid && serves(c))

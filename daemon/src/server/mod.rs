@@ -8,6 +8,7 @@
 
 pub mod abuse;
 pub mod convert;
+pub mod engines;
 pub mod handler;
 pub mod listen;
 pub mod outbox;
@@ -252,6 +253,10 @@ pub struct Core {
     stopping: AtomicBool,
     stop_requested: AtomicBool,
     counters: ServerCounters,
+    /// Live grants for external engines.
+    grants: engines::Grants,
+    /// External engine ids.
+    engine_ids: crate::device::external::EngineIds,
 }
 
 impl Core {
@@ -415,6 +420,11 @@ impl Core {
         // A stream's first answer says more follow; so does every piece of a long list but
         // its last.
         let stream = matches!(resp, Response::TraceStarted);
+        // An attached engine's fds go with the answer that says so.
+        let fds = match resp {
+            Response::EngineAttached { .. } => s.engine_fds(),
+            _ => Vec::new(),
+        };
         let pieces = resp.into_pieces();
         let last = pieces.len() - 1;
         let frames = pieces.into_iter().enumerate().map(|(i, piece)| OutFrame {
@@ -426,6 +436,7 @@ impl Core {
             },
             request_id,
             payload: piece.encode_payload(),
+            fds: if i == last { fds.clone() } else { Vec::new() },
         });
         self.send(s, frames);
         if s.gone.load(Relaxed) {
@@ -637,6 +648,8 @@ impl Server {
             stopping: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
             counters: ServerCounters::default(),
+            grants: engines::Grants::default(),
+            engine_ids: Default::default(),
         };
         Ok(Server {
             core: Arc::new(core),
@@ -1000,7 +1013,7 @@ impl Server {
     }
 
     /// Ends the sessions that must end: no `Hello` within the handshake timeout; mirroring
-    /// and streaming nothing for the idle timeout; a client whose address space is gone
+    /// and streaming nothing, and no external engine, for the idle timeout; a client whose address space is gone
     /// (it `exec`ed or exited while another process kept the session open).
     fn housekeep(&mut self) {
         for (uid, n) in self.abuse.sweep(Instant::now()) {
@@ -1017,6 +1030,7 @@ impl Server {
                     self.core.end(&s, End::Gone);
                 }
             } else if s.streams.load(Relaxed) == 0
+                && s.engine.get().is_none()
                 && now.saturating_sub(s.last_active()) > l.idle_timeout
             {
                 self.core.end(&s, End::Idle);
@@ -1049,6 +1063,7 @@ impl Server {
             reason = why,
             "session closed"
         );
+        engines::session_closed(&self.core, &s);
         if let Some(w) = s.watched() {
             w.cancel();
             let core = Arc::clone(&self.core);
@@ -1179,6 +1194,11 @@ impl Core {
     /// Every session (for status and listing).
     fn sessions(&self) -> Vec<Arc<Session>> {
         lock(&self.sessions).values().cloned().collect()
+    }
+
+    /// Session `id`, if open.
+    fn session(&self, id: u64) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(&id).cloned()
     }
 
     /// Time since the daemon started (the clock of session time stamps).

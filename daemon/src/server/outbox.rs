@@ -8,8 +8,8 @@ use std::os::fd::BorrowedFd;
 
 use memshadow_proto::{self as proto, SocketError};
 
-/// One message to send (answers carry no fds).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One message to send.
+#[derive(Debug, Clone)]
 pub struct OutFrame {
     /// Message type.
     pub msg_type: u16,
@@ -19,6 +19,8 @@ pub struct OutFrame {
     pub request_id: u64,
     /// Encoded payload.
     pub payload: Vec<u8>,
+    /// The fds it carries (only `EngineAttached` has any), closed once it is sent.
+    pub fds: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// What became of a message handed to [`Outbox::push`].
@@ -59,7 +61,9 @@ pub struct Outbox {
 }
 
 fn send(sock: BorrowedFd<'_>, f: &OutFrame) -> Result<(), SocketError> {
-    proto::send(sock, f.msg_type, f.flags, f.request_id, &f.payload, &[])
+    use std::os::fd::AsFd;
+    let fds: Vec<BorrowedFd<'_>> = f.fds.iter().map(|fd| fd.as_fd()).collect();
+    proto::send(sock, f.msg_type, f.flags, f.request_id, &f.payload, &fds)
 }
 
 impl Outbox {
@@ -154,6 +158,7 @@ mod tests {
             flags: 0,
             request_id: id,
             payload: vec![7; len],
+            fds: Vec::new(),
         }
     }
 

@@ -11,6 +11,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use super::outbox::Outbox;
 use crate::address_space::AddressSpace;
+use crate::device::external::ExternalEngine;
 use crate::sys;
 
 /// Who is on the other end of a socket.
@@ -127,6 +128,23 @@ pub struct Session {
     pub connected: Duration,
     /// When it last sent a request (daemon uptime, ms).
     last_active_ms: AtomicU64,
+    /// Set by `EngineAttach`: the session is an external engine.
+    pub engine: OnceLock<EngineLink>,
+}
+
+/// An external engine's session: whose mirror it reads.
+#[derive(Debug)]
+pub struct EngineLink {
+    /// The client it reads.
+    pub client: Arc<AddressSpace>,
+    /// The client's pid.
+    pub client_pid: i32,
+    /// The mirror's id within the client.
+    pub mirror_id: u64,
+    /// The engine.
+    pub engine: Arc<ExternalEngine>,
+    /// Its fds until the `EngineAttached` answer takes them.
+    pub fds: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
 impl Session {
@@ -155,7 +173,16 @@ impl Session {
             out: Mutex::new(out),
             connected: now,
             last_active_ms: AtomicU64::new(millis(now)),
+            engine: OnceLock::new(),
         }
+    }
+
+    /// The fds of the engine this session just attached, once.
+    pub fn engine_fds(&self) -> Vec<Arc<OwnedFd>> {
+        self.engine
+            .get()
+            .map(|l| std::mem::take(&mut *crate::lock(&l.fds)))
+            .unwrap_or_default()
     }
 
     /// The bound client, if bound.

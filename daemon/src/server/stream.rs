@@ -169,6 +169,7 @@ impl Streams {
                 flags: proto::FLAG_MORE,
                 request_id: sub.request_id,
                 payload: resp.encode_payload(),
+                fds: Vec::new(),
             };
             // Lossy: a record goes out only if nothing waits before it and the socket has
             // room now; the subscriber learns how many it lost with the next one.

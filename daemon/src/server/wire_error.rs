@@ -12,6 +12,7 @@
 
 use memshadow_proto::{error_chain, ErrorCode, Response, SocketError};
 
+use super::engines::EngineRequestError;
 use super::handler::{
     AttachError, Denied, NoCommonVersion, NoSuchClient, ReadError, StateError, TraceError,
 };
@@ -62,6 +63,20 @@ impl WireCode for StateError {
             | StateError::NotBound
             | StateError::AlreadyBound => ErrorCode::OutOfOrder,
             StateError::ClientGone => ErrorCode::AccessFailed,
+        }
+    }
+}
+
+impl WireCode for EngineRequestError {
+    fn wire_code(&self) -> ErrorCode {
+        match self {
+            EngineRequestError::NoSuchGrant => ErrorCode::NoSuchGrant,
+            EngineRequestError::AlreadyEngine | EngineRequestError::NotEngine => {
+                ErrorCode::OutOfOrder
+            }
+            EngineRequestError::Evicted(_) => ErrorCode::Evicted,
+            EngineRequestError::TooManyGrants => ErrorCode::QuotaExceeded,
+            EngineRequestError::Random(_) => ErrorCode::Internal,
         }
     }
 }
@@ -175,6 +190,7 @@ fn device_code(e: &DeviceError) -> ErrorCode {
         DeviceError::Unaligned { .. } | DeviceError::Range(_) => ErrorCode::BadRange,
         DeviceError::Source(_) => ErrorCode::AccessFailed,
         DeviceError::Stopped => ErrorCode::ShuttingDown,
+        DeviceError::External(_) => ErrorCode::OutOfResources,
         DeviceError::Shadow(_)
         | DeviceError::Engine(_)
         | DeviceError::Notifier(_)

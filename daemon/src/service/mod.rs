@@ -152,6 +152,10 @@ impl Reloader {
                 );
             }
         }
+        if applied.device.engine_ack_timeout != self.running.device.engine_ack_timeout {
+            core.device()
+                .set_engine_ack_timeout(applied.device.engine_ack_timeout);
+        }
         if applied.device.flush_latency != self.running.device.flush_latency {
             core.device()
                 .set_flush_latency(applied.device.flush_latency);

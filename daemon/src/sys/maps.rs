@@ -21,6 +21,8 @@ pub struct Vma {
     pub end: u64,
     /// Readable (not `PROT_NONE`, not write-only).
     pub readable: bool,
+    /// Writable (`PROT_WRITE`).
+    pub writable: bool,
     /// Shared (`MAP_SHARED`).
     pub shared: bool,
     /// Backed by a file (memfd and shmem included).
@@ -68,6 +70,7 @@ nix::ioctl_readwrite!(procmap_query, b'f', 17, ProcmapQuery);
 const _: () = assert!(nix::request_code_readwrite!(b'f', 17, 104) == 0xc068_6611);
 
 const VMA_READABLE: u64 = 0x01;
+const VMA_WRITABLE: u64 = 0x02;
 const VMA_SHARED: u64 = 0x08;
 const COVERING_OR_NEXT_VMA: u64 = 0x10;
 
@@ -105,6 +108,7 @@ impl Maps {
                 start: q.vma_start,
                 end: q.vma_end,
                 readable: q.vma_flags & VMA_READABLE != 0,
+                writable: q.vma_flags & VMA_WRITABLE != 0,
                 shared: q.vma_flags & VMA_SHARED != 0,
                 file: q.inode != 0 || q.dev_major != 0 || q.dev_minor != 0,
                 disk_file: q.inode != 0 && q.dev_major != 0,
@@ -161,6 +165,7 @@ fn parse_line(line: &str) -> Option<Vma> {
         start: u64::from_str_radix(s, 16).ok()?,
         end: u64::from_str_radix(e, 16).ok()?,
         readable: p.first() == Some(&b'r'),
+        writable: p.get(1) == Some(&b'w'),
         shared: p.get(3) == Some(&b's'),
         file: inode != "0" || dev != "00:00",
         disk_file: inode != "0" && !dev.starts_with("00:"),
@@ -195,6 +200,19 @@ impl Maps {
             }
         }
         Ok(None)
+    }
+
+    /// How many bytes from `start` (at most `len`) are mapped and writable.
+    pub fn writable_prefix(&self, start: u64, len: u64) -> Result<u64, MapsError> {
+        let end = start.saturating_add(len);
+        let mut at = start;
+        while at < end {
+            match self.at_or_after(at)? {
+                Some(v) if v.start <= at && v.writable => at = v.end,
+                _ => break,
+            }
+        }
+        Ok(at.min(end) - start)
     }
 
     /// How many bytes from `start` (at most `len`) are mapped and readable.

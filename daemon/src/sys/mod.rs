@@ -14,7 +14,8 @@ pub mod uffd;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -45,6 +46,63 @@ pub fn memfd(name: &str, len: u64) -> nix::Result<File> {
     let file = File::from(fd);
     file.set_len(len)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(file)
+}
+
+/// Opens the file behind `fd` again, read-only (through `/proc/self/fd`): a new open file
+/// description whose mappings cannot be made writable.
+pub fn reopen_read_only(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let f = std::fs::OpenOptions::new().read(true).open(path)?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Sleeps while the low 32 bits of `word` (in memory shared with another process) equal
+/// `expected`, at most `timeout`, or until a [`futex_wake_shared`] on it. Spurious wake-ups
+/// and interruptions just return; the caller re-checks.
+pub fn futex_wait_shared(word: &AtomicU64, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `word` is a live, aligned AtomicU64 whose low half (little-endian, checked in
+    // engine_abi) is the futex word; FUTEX_WAIT only reads it; `ts` outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr().cast::<u32>(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes every waiter on `word` ([`futex_wait_shared`]), in any process.
+pub fn futex_wake_shared(word: &AtomicU64) {
+    // SAFETY: `word` is a live, aligned AtomicU64; FUTEX_WAKE does not access its memory
+    // beyond using the address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr().cast::<u32>(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+        );
+    }
+}
+
+/// [`memfd`], sealed against changing size (and further seals), for memory shared with
+/// other processes: a mapping of it can never fault past a shrunk end (`SIGBUS`).
+pub fn memfd_sealed(name: &str, len: u64) -> nix::Result<File> {
+    let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let file = File::from(fd);
+    file.set_len(len)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let seals = nix::fcntl::SealFlag::F_SEAL_SHRINK
+        | nix::fcntl::SealFlag::F_SEAL_GROW
+        | nix::fcntl::SealFlag::F_SEAL_SEAL;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
     Ok(file)
 }
 

@@ -88,6 +88,14 @@ impl Access {
     }
 }
 
+/// True if `fd` was opened for writing (`O_RDWR` or `O_WRONLY`).
+pub fn opened_for_writing(fd: BorrowedFd<'_>) -> bool {
+    fcntl(fd, FcntlArg::F_GETFL).is_ok_and(|f| {
+        let mode = OFlag::from_bits_retain(f) & OFlag::O_ACCMODE;
+        mode == OFlag::O_RDWR || mode == OFlag::O_WRONLY
+    })
+}
+
 /// Checks that `fd` is `/proc/<pid>/<what>` on procfs, opened (not `O_PATH`) for `access`.
 pub fn check(
     fd: BorrowedFd<'_>,
