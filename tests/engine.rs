@@ -3,10 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use memshadow::{Engine, Error};
 use memshadow_tests::{fields, Daemon, TestClient};
+use nix::sys::signal::Signal;
 
 const P: u64 = 4096;
 
@@ -67,4 +69,272 @@ fn an_engine_in_this_process_reads_at_memory_speed_without_a_round_trip() {
         e.read(128, &mut buf).unwrap();
     }
     assert_eq!(e.stats().faults, faults, "hits make no request");
+}
+
+/// One G1 round of `kind` with an engine in this process and the client in another: the
+/// engine reads the client's stamp, the client changes the mapping and says so, the
+/// engine reads at once. Returns what that read gave, if it broke G1.
+fn g1_round(d: &Daemon, c: &mut TestClient, kind: &str, round: u64) -> Option<String> {
+    let stamp = (round % 250) as u8 + 1;
+    let name = format!("r{round}");
+    c.expect_ok(&format!("map {name} 4"));
+    c.expect_ok(&format!("fill {name} {stamp}"));
+    c.expect_ok(&format!("attach {name}"));
+    let mut e = Engine::attach(Some(d.socket()), grant(c, &name)).unwrap();
+    let mut buf = vec![0u8; (4 * P) as usize];
+    e.read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == stamp), "first read");
+    // The client's call has returned once its answer is here: any read from now on is
+    // issued after it (the causality the epoch relies on).
+    match kind {
+        "munmap" => c.expect_ok(&format!("munmap {name}")),
+        "dontneed" => c.expect_ok(&format!("madvise {name} dontneed")),
+        k => panic!("kind {k}"),
+    };
+    let mut after = vec![0u8; 64];
+    let got = e.read(P, &mut after);
+    if kind == "dontneed" {
+        c.expect_ok(&format!("munmap {name}"));
+    }
+    match (kind, got) {
+        ("munmap", Err(Error::NotMirrored(_) | Error::Evicted(_))) => None,
+        ("dontneed", Ok(())) if after.iter().all(|b| *b == 0) => None,
+        (_, got) => Some(format!("{kind} round {round}: {got:?} {:?}", &after[..8])),
+    }
+}
+
+/// G1 for an engine outside the daemon: a read issued after the client's `munmap` or
+/// `madvise(DONTNEED)` returned never sees the old bytes, even with the daemon's start
+/// passes held back 2 ms after it read the events (the window the event-read epoch
+/// closes: without it, nearly every round reads the old stamp).
+#[test]
+fn g1_engine_reads_after_munmap_and_madvise_never_see_old_bytes() {
+    // Unmapped mirrors count against the quota until detached, and the client forgets them.
+    let d = Daemon::builder()
+        .env("MEMSHADOW_TEST_EVENT_DELAY_US", "2000")
+        .args(["--quota-mirrors", "4096"])
+        .start();
+    let mut c = TestClient::start(d.socket());
+    let mut bad = Vec::new();
+    for round in 0..300 {
+        let kind = if round % 2 == 0 { "dontneed" } else { "munmap" };
+        bad.extend(g1_round(&d, &mut c, kind, round));
+    }
+    assert!(
+        bad.is_empty(),
+        "{} stale reads: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+/// What the daemon's engine list says of engine `id` (empty if it is not listed).
+fn engine_state(d: &Daemon, id: &str) -> HashMap<String, String> {
+    let ctl = memshadow::Client::connect_control(Some(d.socket())).unwrap();
+    let list = ctl.engines(memshadow::Target::All).unwrap();
+    let e = list.iter().find(|e| e.id.to_string() == id);
+    let mut m = HashMap::new();
+    if let Some(e) = e {
+        m.insert("state".to_owned(), e.state.clone());
+        m.insert("overflows".to_owned(), e.overflows.to_string());
+        m.insert("depth".to_owned(), e.depth.to_string());
+    }
+    m
+}
+
+fn kill(pid: i32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+/// G2 with an engine that does not acknowledge: the slots it may read stay allocated
+/// (not reused) until it is evicted after `engine_ack_timeout_ms`; the client is not held
+/// up meanwhile, and the engine's calls then fail with `Evicted`.
+#[test]
+fn g2_slots_wait_for_a_stopped_engine_until_it_is_evicted() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "1500"]);
+    let (mut c, token) = client_with_grant(&d, 64, 3, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    let id = fields(&e.expect_ok("ping"))["engine"].clone();
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 64 * P))), 3);
+    let used = d.counter("shadow.slots_in_use");
+    assert!(used >= 64, "{used}");
+    kill(e.pid(), Signal::SIGSTOP);
+    let t = Instant::now();
+    c.expect_ok("madvise m dontneed");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "the client waits for nobody"
+    );
+    // The start pass zapped the pages; their slots may not be reused before the engine
+    // acknowledged or was evicted.
+    let mut seen_held = false;
+    while d.counter("device.engine_evictions") == 0 {
+        if d.counter("shadow.slots_in_use") >= 64 {
+            seen_held = true;
+        } else {
+            panic!("slots freed before the engine acknowledged or was evicted");
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never evicted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen_held);
+    d.wait_until("the slots to be freed", Duration::from_secs(30), || {
+        d.counter("shadow.slots_in_use") < 64
+    });
+    assert_eq!(engine_state(&d, &id)["state"], "evicted");
+    kill(e.pid(), Signal::SIGCONT);
+    let a = e.cmd("read 0 64");
+    assert!(a.contains("evicted"), "{a}");
+    // The client goes on.
+    c.expect_ok("fill m 5");
+    c.expect_ok("sync m");
+}
+
+/// An engine SIGKILLed while a finish waits for it counts as having acknowledged
+/// everything: the finish ends long before the (long) timeout.
+#[test]
+fn a_killed_engine_releases_the_finish_waiting_for_it() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "60000"]);
+    let (mut c, token) = client_with_grant(&d, 16, 4, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 16 * P))), 4);
+    kill(e.pid(), Signal::SIGSTOP);
+    c.expect_ok("madvise m dontneed");
+    // The finish waits (slots held) …
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.counter("shadow.slots_in_use") >= 16);
+    let t = Instant::now();
+    e.kill();
+    d.wait_until("the slots to be freed", Duration::from_secs(30), || {
+        d.counter("shadow.slots_in_use") < 16
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?} after the kill",
+        t.elapsed()
+    );
+    assert_eq!(d.counter("device.engine_evictions"), 0);
+}
+
+/// A ring the engine does not drain fills up; the daemon then queues one "flush all"
+/// instead of waiting, and the engine, once it runs again, drops everything and reads the
+/// current bytes.
+#[test]
+fn a_full_ring_becomes_one_flush_all() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "60000"]);
+    let (mut c, token) = client_with_grant(&d, 400, 6, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    let id = fields(&e.expect_ok("ping"))["engine"].clone();
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 400 * P))), 6);
+    kill(e.pid(), Signal::SIGSTOP);
+    for page in 0..300 {
+        c.expect_ok(&format!("madvise-range m {} {P}", page * P));
+    }
+    d.wait_until("the ring to overflow", Duration::from_secs(30), || {
+        engine_state(&d, &id)
+            .get("overflows")
+            .is_some_and(|o| o != "0")
+    });
+    kill(e.pid(), Signal::SIGCONT);
+    e.expect_ok("poll");
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 300 * P))), 0);
+    assert_eq!(
+        uniform(&e.expect_ok(&format!("read {} {}", 300 * P, 100 * P))),
+        6
+    );
+    d.wait_until("the ring to drain", Duration::from_secs(30), || {
+        engine_state(&d, &id).get("depth").is_some_and(|x| x == "0")
+    });
+}
+
+/// A device write of one engine reaches the client's memory and every other engine.
+#[test]
+fn device_writes_are_seen_by_the_client_and_other_engines() {
+    let d = Daemon::start(&[]);
+    let (mut c, token) = client_with_grant(&d, 8, 1, &["--device-writes"]);
+    let mut a = engine_process(&d, token, &[]);
+    let mut b = engine_process(&d, token, &[]);
+    assert_eq!(uniform(&b.expect_ok(&format!("read 0 {}", 8 * P))), 1);
+    assert_eq!(
+        fields(&a.expect_ok(&format!("write {} 100 42", 2 * P + 10)))["written"],
+        "100"
+    );
+    assert_eq!(
+        fields(&c.expect_ok(&format!("byte m {}", 2 * P + 10)))["byte"],
+        "42"
+    );
+    assert_eq!(
+        fields(&c.expect_ok(&format!("byte m {}", 2 * P + 109)))["byte"],
+        "42"
+    );
+    assert_eq!(
+        fields(&c.expect_ok(&format!("byte m {}", 2 * P + 110)))["byte"],
+        "1"
+    );
+    assert_eq!(
+        uniform(&b.expect_ok(&format!("read {} 100", 2 * P + 10))),
+        42
+    );
+    assert_eq!(uniform(&b.expect_ok(&format!("read {} 10", 2 * P))), 1);
+}
+
+/// Without the client's consent (a writable `/proc/self/mem`), device writes are refused.
+#[test]
+fn device_writes_need_the_clients_consent() {
+    let d = Daemon::start(&[]);
+    let (mut c, token) = client_with_grant(&d, 2, 1, &[]);
+    let mut e = Engine::attach(Some(d.socket()), token).unwrap();
+    let err = e.write(0, &[9; 16]).unwrap_err();
+    assert!(err.to_string().contains("not writable"), "{err}");
+    assert_eq!(fields(&c.expect_ok("byte m 0"))["byte"], "1");
+}
+
+/// Grants: a wrong token, a revoked one (its mirror detached) and a token after the
+/// client's exit are refused with `NoSuchGrant`.
+#[test]
+fn wrong_and_revoked_grants_are_refused() {
+    let d = Daemon::start(&[]);
+    let (mut c, token) = client_with_grant(&d, 2, 1, &[]);
+    let wrong = Engine::attach(Some(d.socket()), token ^ 1).unwrap_err();
+    assert!(matches!(wrong, Error::NoSuchGrant(_)), "{wrong:?}");
+    let mut e = Engine::attach(Some(d.socket()), token).unwrap();
+    c.expect_ok("detach m");
+    let revoked = Engine::attach(Some(d.socket()), token).unwrap_err();
+    assert!(matches!(revoked, Error::NoSuchGrant(_)), "{revoked:?}");
+    // The engine attached before the detach lost its mirror.
+    let mut buf = [0u8; 8];
+    let gone = e.read(0, &mut buf).unwrap_err();
+    assert!(matches!(gone, Error::Evicted(_)), "{gone:?}");
+    c.expect_ok("attach m");
+    let t2 = grant(&mut c, "m");
+    c.kill();
+    d.wait_until("the client to be released", Duration::from_secs(30), || {
+        matches!(
+            Engine::attach(Some(d.socket()), t2),
+            Err(Error::NoSuchGrant(_))
+        )
+    });
+}
+
+/// Another user may not use a grant, nor attach by pid.
+#[test]
+fn another_users_engine_is_refused() {
+    let d = Daemon::start(&[]);
+    let (c, token) = client_with_grant(&d, 2, 1, &[]);
+    let t = format!("{token:x}");
+    let out = std::process::Command::new(memshadow_tests::binary("test-client"))
+        .args([d.socket().as_os_str(), "--uid".as_ref(), "65534".as_ref()])
+        .args(["--engine", t.as_str()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no such grant"), "{text}");
+    let by_pid = format!("pid:{}:1", c.pid());
+    let out = std::process::Command::new(memshadow_tests::binary("test-client"))
+        .args([d.socket().as_os_str(), "--uid".as_ref(), "65534".as_ref()])
+        .args(["--engine", by_pid.as_str()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("root or the daemon's owner"), "{text}");
 }

@@ -1027,8 +1027,47 @@ fn engine_main(socket: &str, how: &str) -> Result<(), String> {
         }
     }
     .map_err(|e| format!("attach: {e}"))?;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| e.to_string())?;
+    // Lines come from a reader thread, so that between commands the engine serves its
+    // doorbell (acknowledges flushes) as an engine must, or it would be evicted.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (wake_r, wake_w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() || nix::unistd::write(&wake_w, b"x").is_err() {
+                break;
+            }
+        }
+        // stdin closed: wake the loop, which then exits.
+        drop(tx);
+        let _ = nix::unistd::write(&wake_w, b"x");
+    });
+    loop {
+        use std::os::fd::AsFd;
+        let mut fds = [
+            nix::poll::PollFd::new(e.fd(), nix::poll::PollFlags::POLLIN),
+            nix::poll::PollFd::new(wake_r.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let doorbell = fds[0].any().unwrap_or(false);
+        let woken = fds[1].any().unwrap_or(false);
+        if doorbell {
+            // An evicted engine keeps running: its next command says so.
+            let _ = e.poll();
+        }
+        if !woken {
+            continue;
+        }
+        let mut b = [0u8; 1];
+        let _ = nix::unistd::read(&wake_r, &mut b);
+        let line = match rx.try_recv() {
+            Ok(l) => l,
+            Err(std::sync::mpsc::TryRecvError::Empty) => continue,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(()),
+        };
         let w: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> Result<u64, String> {
             w.get(i)
@@ -1069,7 +1108,6 @@ fn engine_main(socket: &str, how: &str) -> Result<(), String> {
             Err(e) => println!("err {e}"),
         }
     }
-    Ok(())
 }
 
 fn main() {

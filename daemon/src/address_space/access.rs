@@ -70,11 +70,19 @@ impl AddressSpace {
     }
 
     /// A device write of `bytes` at `offset` of mirror `id` into the client's memory.
-    pub fn device_write(&self, id: u64, offset: u64, bytes: &[u8]) -> Result<usize, WatchError> {
+    pub fn device_write(
+        &self,
+        id: u64,
+        offset: u64,
+        bytes: &[u8],
+        engine: u32,
+    ) -> Result<usize, WatchError> {
         let addr = self.resolve(id, offset, bytes.len() as u64)?;
         if let Ok(r) = Range::new(addr, bytes.len() as u64) {
             self.settle_over(r);
         }
-        self.device.device_write(addr, bytes).map_err(not_mirrored)
+        self.device
+            .device_write(addr, bytes, engine)
+            .map_err(not_mirrored)
     }
 }

@@ -63,6 +63,19 @@ pub struct Deferred {
     pub detach: Vec<u64>,
 }
 
+/// Test hook: `MEMSHADOW_TEST_EVENT_DELAY_US` (read once) delays every batch's start passes
+/// after its events were read, by that many µs (at most 100 ms). Off unless set.
+fn test_event_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let us: u64 = std::env::var("MEMSHADOW_TEST_EVENT_DELAY_US")
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(std::time::Duration::from_micros(us.min(100_000)))
+    })
+}
+
 /// Makes the epoch even again when the batch is done, however it ends.
 struct EndEventRead<'a>(&'a crate::device::DeviceClient);
 
@@ -100,6 +113,11 @@ impl AddressSpace {
         if n == 0 {
             self.retry_wakes_locked(&guard, out);
             return Ok(0);
+        }
+        if let Some(d) = test_event_delay() {
+            // Widens the window between the client's call returning and its start pass, so
+            // that tests can show what the epoch closes (docs/testing.md).
+            std::thread::sleep(d);
         }
         self.counters.batches.fetch_add(1, Relaxed);
         for ev in scratch.drain(..) {

@@ -658,7 +658,7 @@ impl DeviceClient {
                 e.evict();
             }
             pt.zap(first, last, idx, &mut slots);
-            pt.flush_external(first, last, &mut ext);
+            pt.flush_external(first, last, None, &mut ext);
             let mask = pt.remove_mirror(idx);
             if mask != 0 {
                 let req = FlushReq {
@@ -896,7 +896,7 @@ impl DeviceClient {
     /// mirror: written into the client's memory (where its mappings are writable), then the
     /// pages written are invalidated (event `SoftDirty`, as written pages are), so that no
     /// engine and no later fault keeps the old bytes. Returns the bytes written.
-    pub fn device_write(&self, addr: u64, bytes: &[u8]) -> Result<usize, DeviceError> {
+    pub fn device_write(&self, addr: u64, bytes: &[u8], engine: u32) -> Result<usize, DeviceError> {
         let len = bytes.len() as u64;
         let range = Range::new(addr, len.max(1))?;
         if !self
@@ -912,10 +912,9 @@ impl DeviceClient {
         let end = (addr + n as u64).next_multiple_of(PAGE_SIZE as u64);
         if n > 0 {
             let pages = Range::new(first, end - first)?;
-            self.invalidate(InvalidateArgs::new(
-                pages,
-                crate::notifier::Event::SoftDirty,
-            ))?;
+            let args = InvalidateArgs::new(pages, crate::notifier::Event::SoftDirty)
+                .with_owner(external::owner(engine));
+            self.invalidate(args)?;
         }
         Ok(n)
     }

@@ -453,6 +453,19 @@ impl ExternalEngine {
     }
 }
 
+/// Owners of invalidations caused by an engine's own request carry this bit.
+const ENGINE_OWNER: u64 = 1 << 63;
+
+/// The owner of an invalidation that engine `id`'s own request (a device write) caused.
+pub fn owner(id: u32) -> crate::notifier::Owner {
+    crate::notifier::Owner(ENGINE_OWNER | u64::from(id))
+}
+
+/// The engine whose request caused an invalidation of `owner`, if one did.
+pub fn engine_of(owner: crate::notifier::Owner) -> Option<u32> {
+    (owner.0 & ENGINE_OWNER != 0).then_some(owner.0 as u32)
+}
+
 /// Engine ids, unique in the daemon's run.
 #[derive(Debug, Default)]
 pub struct EngineIds(AtomicU64);

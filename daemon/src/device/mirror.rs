@@ -21,7 +21,7 @@ use std::time::Instant;
 use super::client::ClientCore;
 use super::counters::bump;
 use super::engine::{Fences, FlushReq, FlushScope, MAX_ENGINES};
-use super::external::ExternalFences;
+use super::external::{self, ExternalFences};
 use super::pagetable::MirrorIdx;
 use super::shadow::SlotRef;
 use super::DeviceShared;
@@ -114,7 +114,8 @@ impl ShadowNotifier {
             let mask = if n == 0 {
                 0
             } else {
-                pt.flush_external(first, last, &mut ext);
+                let caller = inv.owner().and_then(external::engine_of);
+                pt.flush_external(first, last, caller, &mut ext);
                 pt.engine_mask(self.mirror, whole)
             };
             if n == 0 || (mask == 0 && ext.is_empty()) {

@@ -203,11 +203,23 @@ impl PageTable {
     }
 
     /// Queues a flush of virtual pages `first..=last` on every external engine that may
-    /// cache them, appending what to wait for to `out`.
-    pub fn flush_external(&self, first: u64, last: u64, out: &mut ExternalFences) {
+    /// cache them, appending what to wait for to `out`. Engine `caller`, whose own request
+    /// (a device write) caused the invalidation, gets the flush but is not waited for: it
+    /// is inside that request, so no access of it is running, and it drops the
+    /// translations before its next access.
+    pub fn flush_external(
+        &self,
+        first: u64,
+        last: u64,
+        caller: Option<u32>,
+        out: &mut ExternalFences,
+    ) {
         for x in &self.external {
             if x.engine.overlaps(first, last) && !x.engine.is_gone() {
-                out.push((Arc::clone(&x.engine), x.engine.push(first, last)));
+                let seq = x.engine.push(first, last);
+                if caller != Some(x.engine.id()) {
+                    out.push((Arc::clone(&x.engine), seq));
+                }
             }
         }
     }

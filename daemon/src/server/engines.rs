@@ -86,10 +86,19 @@ fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
 /// `Grant`: a token for one of this session's mirrors.
 pub fn grant(core: &Core, s: &Session, mirror_id: u64) -> Result<Response, WireError> {
     let w = bound(s)?;
-    if !w.list().iter().any(|m| m.id == mirror_id) {
+    // Only mirrors still mirroring something (not unmapped, not detached) are granted.
+    let live: Vec<u64> = w
+        .list()
+        .iter()
+        .filter(|m| m.dev.is_some())
+        .map(|m| m.id)
+        .collect();
+    if !live.contains(&mirror_id) {
         return Err(WatchError::Device(DeviceError::NoSuchMirror(mirror_id)).into());
     }
     let mut g = crate::lock(&core.grants.0);
+    // Grants of this session's mirrors that are gone (unmapped, detached) lapse here.
+    g.retain(|_, x| x.session != s.id || live.contains(&x.mirror_id));
     if g.values().filter(|x| x.session == s.id).count() >= MAX_GRANTS_PER_SESSION {
         return Err(EngineRequestError::TooManyGrants.into());
     }
@@ -174,7 +183,9 @@ pub fn fault(s: &Session, offset: u64, len: u64) -> Result<Response, WireError> 
 /// `EngineWrite`: a device write into the engine's client's memory.
 pub fn write(s: &Session, offset: u64, bytes: &[u8]) -> Result<Response, WireError> {
     let l = live_engine(s)?;
-    let n = l.client.device_write(l.mirror_id, offset, bytes)?;
+    let n = l
+        .client
+        .device_write(l.mirror_id, offset, bytes, l.engine.id())?;
     l.engine.counters().writes.fetch_add(1, Relaxed);
     Ok(Response::Written { len: n as u32 })
 }
