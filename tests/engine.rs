@@ -338,3 +338,38 @@ fn another_users_engine_is_refused() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("root or the daemon's owner"), "{text}");
 }
+
+/// A client's engine that does not acknowledge holds up that client's finishes only: the
+/// finishes of another user's client end at once.
+#[test]
+fn a_stopped_engine_holds_up_nobody_else() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "60000"]);
+    let (mut a, token) = client_with_grant(&d, 16, 4, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 16 * P))), 4);
+    kill(e.pid(), Signal::SIGSTOP);
+    a.expect_ok("madvise m dontneed");
+    let mut b = TestClient::start_with(d.socket(), &["--uid", "65534"]);
+    b.expect_ok("map n 16");
+    b.expect_ok("fill n 8");
+    b.expect_ok("attach n");
+    // Read through the built-in engines, so the finish of an invalidation has their flushes
+    // to wait for (and runs at all).
+    assert_eq!(uniform(&b.expect_ok(&format!("read n 0 {}", 15 * P))), 8);
+    let shadow = |b: &mut TestClient| -> u64 {
+        fields(&b.expect_ok("stats"))["client.shadow_bytes"]
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(shadow(&mut b), 15 * P);
+    let t = Instant::now();
+    b.expect_ok("madvise n dontneed");
+    while shadow(&mut b) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "another client's finish waited for a stopped engine it has nothing to do with"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    e.kill();
+}

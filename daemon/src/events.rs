@@ -293,7 +293,17 @@ impl Reader<'_> {
                 self.drop_client(id, &w);
             }
         }
-        self.finish_later(out.finishes);
+        if w.device().has_external_engines() {
+            // Those finishes may wait for other processes' acknowledgements (up to
+            // `engine_ack_timeout_ms`): on the client's key of the worker pool, where they
+            // hold up this user's work only, not the finisher every client shares.
+            let finishes = out.finishes;
+            if !finishes.is_empty() {
+                self.jobs.submit(key, Box::new(move || drop(finishes)));
+            }
+        } else {
+            self.finish_later(out.finishes);
+        }
         if !out.detach.is_empty() {
             let devs = out.detach;
             self.jobs

@@ -887,6 +887,11 @@ impl DeviceClient {
         }
     }
 
+    /// True if the client has an external engine (its finishes may wait for one).
+    pub fn has_external_engines(&self) -> bool {
+        self.core.pt().external_engines().next().is_some()
+    }
+
     /// The client's external engines.
     pub fn external_engines(&self) -> Vec<Arc<ExternalEngine>> {
         self.core.pt().external_engines().cloned().collect()
