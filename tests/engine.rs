@@ -373,3 +373,23 @@ fn a_stopped_engine_holds_up_nobody_else() {
     }
     e.kill();
 }
+
+/// A client has at most 32 external engines; one more is refused, not queued.
+#[test]
+fn a_client_has_a_bounded_number_of_engines() {
+    let d = Daemon::start(&[]);
+    let (_c, token) = client_with_grant(&d, 2, 1, &[]);
+    let engines: Vec<Engine> = (0..32)
+        .map(|_| Engine::attach(Some(d.socket()), token).unwrap())
+        .collect();
+    let more = Engine::attach(Some(d.socket()), token).unwrap_err();
+    assert!(
+        more.to_string().contains("too many external engines"),
+        "{more}"
+    );
+    drop(engines);
+    // Their sessions' ends make room again.
+    d.wait_until("room for an engine", Duration::from_secs(30), || {
+        Engine::attach(Some(d.socket()), token).is_ok()
+    });
+}

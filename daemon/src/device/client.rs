@@ -861,6 +861,9 @@ impl DeviceClient {
             .cloned()
             .ok_or(DeviceError::NoSuchMirror(mirror_id))?;
         let r = mirror.range;
+        if self.core.pt().external_engines().count() >= super::MAX_EXTERNAL_ENGINES {
+            return Err(DeviceError::TooManyEngines);
+        }
         let made = (|| -> Result<_, ExternalError> {
             if self.core.epoch.get().is_none() {
                 let _ = self.core.epoch.set(EpochPage::new()?);

@@ -31,6 +31,10 @@ use crate::notifier::{InvalidateError, NotifierError, RangeError};
 use crate::source::{MemorySource, SourceError};
 use crate::trace::TraceHub;
 
+/// Most external engines one client may have (each one's page-table view is written at
+/// every install and zap of its pages, under the client's device lock).
+pub const MAX_EXTERNAL_ENGINES: usize = 32;
+
 /// How shadow notifiers invalidate (docs/design.md §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum InvalidationMode {
@@ -116,6 +120,9 @@ pub enum DeviceError {
     /// The client has used every mirror index.
     #[error("too many mirrors")]
     TooManyMirrors,
+    /// The client already has [`MAX_EXTERNAL_ENGINES`] external engines.
+    #[error("too many external engines for this client (at most {MAX_EXTERNAL_ENGINES})")]
+    TooManyEngines,
     /// No mirror with that id.
     #[error("no mirror {0}")]
     NoSuchMirror(u64),

@@ -122,6 +122,9 @@ pub fn attach(
     pid: i32,
     mirror_id: u64,
 ) -> Result<Response, WireError> {
+    // The bind lock orders this against a Bind of the same session: a session is a
+    // client or an engine, never both.
+    let _g = crate::lock(&s.bind_lock);
     if s.engine.get().is_some() || s.watched().is_some() {
         return Err(EngineRequestError::AlreadyEngine.into());
     }

@@ -65,8 +65,8 @@ pub enum StateError {
     /// A request about mirrors on a session that is not bound.
     #[error("bind first")]
     NotBound,
-    /// A second `Bind`.
-    #[error("already bound")]
+    /// A second `Bind`, or a `Bind` of an engine's session.
+    #[error("already bound (or an external engine: a session is a client or an engine)")]
     AlreadyBound,
     /// The address space the session bound is gone: the session ends.
     #[error("the client's address space is gone (it exec'd or exited); the session ends")]
@@ -331,7 +331,7 @@ fn bind(
     fds: Vec<OwnedFd>,
 ) -> Result<Response, WireError> {
     let _g = lock(&s.bind_lock);
-    if s.binding.get().is_some() {
+    if s.binding.get().is_some() || s.engine.get().is_some() {
         return Err(StateError::AlreadyBound.into());
     }
     let bound = binder(core, s).bind(BindRequest {

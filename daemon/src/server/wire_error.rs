@@ -183,7 +183,8 @@ fn device_code(e: &DeviceError) -> ErrorCode {
     match e {
         DeviceError::QuotaExceeded { .. }
         | DeviceError::UserQuotaExceeded { .. }
-        | DeviceError::TooManyMirrors => ErrorCode::QuotaExceeded,
+        | DeviceError::TooManyMirrors
+        | DeviceError::TooManyEngines => ErrorCode::QuotaExceeded,
         DeviceError::Shadow(ShadowError::Full { .. }) => ErrorCode::ShadowFull,
         DeviceError::NoSuchMirror(_) => ErrorCode::NoSuchMirror,
         DeviceError::NotMirrored { .. } | DeviceError::NotMapped { .. } => ErrorCode::NotMirrored,
