@@ -389,6 +389,8 @@ impl Engine {
                 }
             }
             if !self.runs.is_empty() {
+                let valid = self.tlb.valid as u64;
+                self.maps.ring_header().tlb.store(valid, Ordering::Relaxed);
                 fault_passes += 1;
                 if fault_passes > MAX_FAULT_PASSES {
                     return Err(Error::Protocol(format!(
@@ -474,6 +476,7 @@ impl Engine {
         }
         self.stats.flushes_processed = self.stats.flushes_processed.saturating_add(new);
         self.acked = head;
+        ring.tlb.store(self.tlb.valid as u64, Ordering::Relaxed);
         ring.ack.store(head, Ordering::Release);
         futex_wake(&ring.ack);
         Ok(())

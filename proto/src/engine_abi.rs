@@ -99,7 +99,10 @@ pub struct RingHeader {
     pub flush_all: AtomicU64,
     /// Daemon: 1 once the engine was evicted (its flushes no longer waited for).
     pub evicted: AtomicU64,
-    _pad: [u64; 3],
+    /// Engine: the translations its TLB holds, as of its last acknowledgement or fault
+    /// (informational: `memshadowctl engines` shows it; the daemon trusts nothing of it).
+    pub tlb: AtomicU64,
+    _pad: [u64; 2],
     /// Engine: the last sequence number acknowledged (futex on its low half).
     pub ack: AtomicU64,
 }
@@ -124,6 +127,7 @@ const _: () = {
     assert!(std::mem::offset_of!(RingHeader, head) == 16);
     assert!(std::mem::offset_of!(RingHeader, flush_all) == 24);
     assert!(std::mem::offset_of!(RingHeader, evicted) == 32);
+    assert!(std::mem::offset_of!(RingHeader, tlb) == 40);
     assert!(std::mem::offset_of!(RingHeader, ack) == 64);
     assert!(std::mem::size_of::<RingEntry>() == 32);
     assert!(RING_ENTRIES.is_power_of_two());

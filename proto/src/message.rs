@@ -309,6 +309,8 @@ pub struct EngineInfo {
     pub flushes: u64,
     /// Flush requests not acknowledged yet (ring depth).
     pub depth: u64,
+    /// Translations the engine says its TLB holds (as of its last acknowledgement).
+    pub tlb_entries: u64,
     /// Acknowledgements waited for.
     pub acks: u64,
     /// Acknowledgement wait, p50, µs.
@@ -684,7 +686,7 @@ impl Item for MirrorInfo {
 }
 
 impl Item for EngineInfo {
-    const MIN_LEN: usize = 4 + 4 + 4 + 8 * 4 + 4 + 4 + 8 * 3 + 2;
+    const MIN_LEN: usize = 4 + 4 + 4 + 8 * 5 + 4 + 4 + 8 * 3 + 2;
     fn put_item(&self, w: &mut Writer) {
         w.u32(self.id)
             .i32(self.pid)
@@ -692,6 +694,7 @@ impl Item for EngineInfo {
             .u64(self.mirror_id)
             .u64(self.flushes)
             .u64(self.depth)
+            .u64(self.tlb_entries)
             .u64(self.acks)
             .u32(self.ack_p50_us)
             .u32(self.ack_p99_us)
@@ -708,6 +711,7 @@ impl Item for EngineInfo {
             mirror_id: r.u64("mirror_id")?,
             flushes: r.u64("flushes")?,
             depth: r.u64("depth")?,
+            tlb_entries: r.u64("tlb_entries")?,
             acks: r.u64("acks")?,
             ack_p50_us: r.u32("ack_p50_us")?,
             ack_p99_us: r.u32("ack_p99_us")?,

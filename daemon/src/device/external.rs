@@ -357,6 +357,11 @@ impl ExternalEngine {
         self.header().ack.load(Ordering::Acquire)
     }
 
+    /// Translations the engine says its TLB holds (its own word: informational only).
+    pub fn tlb_entries(&self) -> u64 {
+        self.header().tlb.load(Ordering::Relaxed)
+    }
+
     /// Requests queued and not acknowledged.
     pub fn depth(&self) -> u64 {
         self.seq

@@ -228,6 +228,7 @@ fn engine_info(l: &EngineLink) -> EngineInfo {
         mirror_id: l.mirror_id,
         flushes: c.flushes.load(Relaxed),
         depth: e.depth(),
+        tlb_entries: e.tlb_entries(),
         acks: c.acks.load(Relaxed),
         ack_p50_us: p50,
         ack_p99_us: p99,
