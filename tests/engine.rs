@@ -71,44 +71,60 @@ fn an_engine_in_this_process_reads_at_memory_speed_without_a_round_trip() {
     assert_eq!(e.stats().faults, faults, "hits make no request");
 }
 
+/// The byte the test client's `stamp` writes in page `page` in round `k`.
+fn stamp_byte(page: u64, k: u64) -> u8 {
+    (page * 32 + 1 + k % 31) as u8
+}
+
 /// One G1 round of `kind` with an engine in this process and the client in another: the
-/// engine reads the client's stamp, the client changes the mapping and says so, the
-/// engine reads at once. Returns what that read gave, if it broke G1.
+/// engine reads the client's per-page stamps, the client changes the mapping and says so,
+/// the engine reads at once. Returns what that read gave, if it broke G1.
 fn g1_round(d: &Daemon, c: &mut TestClient, kind: &str, round: u64) -> Option<String> {
-    let stamp = (round % 250) as u8 + 1;
     let name = format!("r{round}");
     c.expect_ok(&format!("map {name} 4"));
-    c.expect_ok(&format!("fill {name} {stamp}"));
+    c.expect_ok(&format!("stamp {name} {round}"));
     c.expect_ok(&format!("attach {name}"));
     let mut e = Engine::attach(Some(d.socket()), grant(c, &name)).unwrap();
     let mut buf = vec![0u8; (4 * P) as usize];
     e.read(0, &mut buf).unwrap();
-    assert!(buf.iter().all(|b| *b == stamp), "first read");
+    for (i, page) in buf.chunks(P as usize).enumerate() {
+        assert!(
+            page.iter().all(|b| *b == stamp_byte(i as u64, round)),
+            "first read"
+        );
+    }
     // The client's call has returned once its answer is here: any read from now on is
     // issued after it (the causality the epoch relies on).
     match kind {
         "munmap" => c.expect_ok(&format!("munmap {name}")),
         "dontneed" => c.expect_ok(&format!("madvise {name} dontneed")),
+        "mremap" => c.expect_ok(&format!("remap {name}")),
         k => panic!("kind {k}"),
     };
+    let page = 1 + round % 3;
     let mut after = vec![0u8; 64];
-    let got = e.read(P, &mut after);
-    if kind == "dontneed" {
+    let got = e.read(page * P, &mut after);
+    if kind != "munmap" {
         c.expect_ok(&format!("munmap {name}"));
     }
+    let old = stamp_byte(page, round);
     match (kind, got) {
-        ("munmap", Err(Error::NotMirrored(_) | Error::Evicted(_))) => None,
+        // The range is gone (munmap, or moved away): no bytes at all.
+        ("munmap" | "mremap", Err(Error::NotMirrored(_) | Error::Evicted(_))) => None,
         ("dontneed", Ok(())) if after.iter().all(|b| *b == 0) => None,
-        (_, got) => Some(format!("{kind} round {round}: {got:?} {:?}", &after[..8])),
+        (_, got) => Some(format!(
+            "{kind} round {round}: {got:?} {:?} (old stamp {old})",
+            &after[..8]
+        )),
     }
 }
 
-/// G1 for an engine outside the daemon: a read issued after the client's `munmap` or
-/// `madvise(DONTNEED)` returned never sees the old bytes, even with the daemon's start
-/// passes held back 2 ms after it read the events (the window the event-read epoch
-/// closes: without it, nearly every round reads the old stamp).
+/// G1 for an engine outside the daemon: a read issued after the client's `munmap`,
+/// `madvise(DONTNEED)` or `mremap` returned never sees the old bytes, even with the
+/// daemon's start passes held back 2 ms after it read the events (the window the event-read
+/// epoch closes: without it, nearly every round reads the old stamp).
 #[test]
-fn g1_engine_reads_after_munmap_and_madvise_never_see_old_bytes() {
+fn g1_engine_reads_after_munmap_madvise_and_mremap_never_see_old_bytes() {
     // Unmapped mirrors count against the quota until detached, and the client forgets them.
     let d = Daemon::builder()
         .env("MEMSHADOW_TEST_EVENT_DELAY_US", "2000")
@@ -116,8 +132,8 @@ fn g1_engine_reads_after_munmap_and_madvise_never_see_old_bytes() {
         .start();
     let mut c = TestClient::start(d.socket());
     let mut bad = Vec::new();
-    for round in 0..300 {
-        let kind = if round % 2 == 0 { "dontneed" } else { "munmap" };
+    for round in 0..900 {
+        let kind = ["dontneed", "munmap", "mremap"][round as usize % 3];
         bad.extend(g1_round(&d, &mut c, kind, round));
     }
     assert!(
@@ -392,4 +408,42 @@ fn a_client_has_a_bounded_number_of_engines() {
     d.wait_until("room for an engine", Duration::from_secs(30), || {
         Engine::attach(Some(d.socket()), token).is_ok()
     });
+}
+
+/// G2 with an engine that acknowledges 10 ms after its doorbell rings, reading in its own
+/// process while the client keeps invalidating and rewriting: no read ever shows another
+/// page's bytes (a reused slot), and the finishes did wait for its acknowledgements.
+#[test]
+fn g2_a_slow_engine_never_reads_a_reused_slot_and_reuse_waits_for_it() {
+    let d = Daemon::start(&[]);
+    let mut c = TestClient::start(d.socket());
+    c.expect_ok("map m 8");
+    c.expect_ok("stamp m 0");
+    c.expect_ok("attach m");
+    let token = grant(&mut c, "m");
+    let mut e = engine_process(&d, token, &["--ack-delay-ms", "10"]);
+    let id = fields(&e.expect_ok("ping"))["engine"].clone();
+    let mut reader = engine_process(&d, token, &[]);
+    // The slow engine caches every page, then both churn: the client zaps and rewrites,
+    // the fast engine re-faults (so slots are reused), the slow one reads.
+    e.expect_ok("verify 8 1");
+    let mut foreign = 0;
+    for k in 1..=40 {
+        c.expect_ok("madvise m dontneed");
+        c.expect_ok(&format!("stamp m {k}"));
+        reader.expect_ok("verify 8 1");
+        let v = fields(&e.expect_ok("verify 8 2"));
+        foreign += v["foreign"].parse::<u64>().unwrap();
+    }
+    assert_eq!(foreign, 0, "reads of reused slots");
+    assert_eq!(d.counter("device.g2_violations"), 0);
+    let ctl = memshadow::Client::connect_control(Some(d.socket())).unwrap();
+    let list = ctl.engines(memshadow::Target::All).unwrap();
+    let slow = list.iter().find(|x| x.id.to_string() == id).unwrap();
+    assert!(slow.acks >= 10, "{slow:?}");
+    assert!(
+        slow.ack_p50_us >= 9_000,
+        "finishes did not wait for the slow engine: {slow:?}"
+    );
+    assert_eq!(slow.state, "attached", "{slow:?}");
 }

@@ -323,7 +323,13 @@ fn run() -> Result<(), String> {
     }
     if let Some(i) = args.iter().position(|a| a == "--engine") {
         let how = args.get(i + 1).ok_or("--engine takes a token")?;
-        return engine_main(&socket, how);
+        let ack_delay = args
+            .iter()
+            .position(|a| a == "--ack-delay-ms")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        return engine_main(&socket, how, ack_delay);
     }
     let device_writes = args.iter().any(|a| a == "--device-writes");
     let mut client = Client::builder()
@@ -470,6 +476,20 @@ fn run() -> Result<(), String> {
                         Err(Error::NotMirrored(_)) => return Err("NotMirrored".into()),
                         Err(e) => return Err(e.to_string()),
                     }
+                }
+                "stamp" => {
+                    // Page i of the map gets byte i*32 + 1 + K%31: a page's bytes name it.
+                    let (m, _) = maps.get(arg(1)?).ok_or("no such map")?;
+                    let k = num(2)?;
+                    for i in 0..m.len / P {
+                        m.write(i * P, P, stamp_byte(i as u64, k))?;
+                    }
+                    String::new()
+                }
+                "remap" => {
+                    let (m, _) = maps.get_mut(arg(1)?).ok_or("no such map")?;
+                    m.remap()?;
+                    format!("addr={:#x}", m.addr)
                 }
                 "grant" => {
                     let (_, mirror) = maps.get(arg(1)?).ok_or("no such map")?;
@@ -1008,11 +1028,17 @@ fn multi(socket: &str, n: usize, rounds: u64) -> Result<String, String> {
     Ok(format!("sessions={n} changes={total}"))
 }
 
+/// The byte `stamp` writes in page `page` in round `k` (`page` < 8): its top three bits
+/// name the page, so a page showing another page's byte came from a reused slot (G2).
+fn stamp_byte(page: u64, k: u64) -> u8 {
+    (page * 32 + 1 + k % 31) as u8
+}
+
 /// An external engine of another client's mirror (`test-client SOCKET --engine TOKEN`,
 /// token in hex, or `--engine pid:PID:MIRROR`), driven by lines on stdin:
 /// `ping` (answers `engine=ID`), `read OFF LEN` (answers `uniform=B`, `bytes=B0,B1,…` for a mixed read, or the error),
 /// `write OFF LEN BYTE`, `poll`, `stats`, `exit`.
-fn engine_main(socket: &str, how: &str) -> Result<(), String> {
+fn engine_main(socket: &str, how: &str, ack_delay: Option<Duration>) -> Result<(), String> {
     let path = std::path::Path::new(socket);
     let mut e = match how.strip_prefix("pid:") {
         Some(rest) => {
@@ -1055,6 +1081,10 @@ fn engine_main(socket: &str, how: &str) -> Result<(), String> {
         let doorbell = fds[0].any().unwrap_or(false);
         let woken = fds[1].any().unwrap_or(false);
         if doorbell {
+            // A slow engine: it acknowledges only `--ack-delay-ms` after the doorbell rang.
+            if let Some(d) = ack_delay {
+                std::thread::sleep(d);
+            }
             // An evicted engine keeps running: its next command says so.
             let _ = e.poll();
         }
@@ -1093,6 +1123,25 @@ fn engine_main(socket: &str, how: &str) -> Result<(), String> {
                 Ok(format!("written={n}"))
             }
             Some("poll") => e.poll().map(|_| String::new()).map_err(|e| e.to_string()),
+            Some("verify") => {
+                // Reads pages 0..N, ROUNDS times: a page shows 0 or its own stamp, never
+                // another page's (a reused slot read through a stale translation).
+                let (pages, rounds) = (num(1)?, num(2)?);
+                let mut page = vec![0u8; P];
+                let (mut bad, mut reads) = (0u64, 0u64);
+                for _ in 0..rounds {
+                    for i in 0..pages {
+                        if e.read(i * P as u64, &mut page).is_err() {
+                            continue;
+                        }
+                        reads += 1;
+                        if page.iter().any(|b| *b != 0 && u64::from(*b) / 32 != i) {
+                            bad += 1;
+                        }
+                    }
+                }
+                Ok(format!("reads={reads} foreign={bad}"))
+            }
             Some("stats") => {
                 let s = e.stats();
                 Ok(format!(
