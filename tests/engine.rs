@@ -447,3 +447,56 @@ fn g2_a_slow_engine_never_reads_a_reused_slot_and_reuse_waits_for_it() {
     );
     assert_eq!(slow.state, "attached", "{slow:?}");
 }
+
+/// An engine that faults while the client keeps discarding its pages: a fault may wait for
+/// an invalidation whose finish waits for this very engine, so the engine acknowledges
+/// flushes while its fault is served, and is never evicted for it.
+#[test]
+fn an_engine_faulting_under_churn_is_not_evicted() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "5000"]);
+    let (mut c, token) = client_with_grant(&d, 64, 2, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    let id = fields(&e.expect_ok("ping"))["engine"].clone();
+    c.expect_ok("churn-start m");
+    let v = fields(&e.expect_ok("verify 64 20"));
+    c.expect_ok("churn-stop");
+    assert_eq!(
+        v["reads"],
+        (64 * 20).to_string(),
+        "every read succeeded: {v:?}"
+    );
+    assert_eq!(d.counter("device.engine_evictions"), 0);
+    assert_eq!(engine_state(&d, &id)["state"], "attached");
+}
+
+/// The same while the client's writes are collected (`sync`): those invalidations are not
+/// fenced, so the engine's faults wait for them to end, and their finishes wait for the
+/// engine, which must acknowledge while its fault is served.
+#[test]
+fn an_engine_faulting_while_writes_are_collected_is_not_evicted() {
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "5000"]);
+    let (mut c, token) = client_with_grant(&d, 64, 2, &[]);
+    let mut e = engine_process(&d, token, &[]);
+    let id = fields(&e.expect_ok("ping"))["engine"].clone();
+    let reader = std::thread::spawn(move || {
+        let v = fields(&e.expect_ok("verify 64 30"));
+        (e, v)
+    });
+    for k in 0..300u64 {
+        c.expect_ok(&format!(
+            "write m {} {} {}",
+            (k % 62) * P,
+            2 * P,
+            k % 200 + 1
+        ));
+        c.expect_ok("sync m");
+    }
+    let (_e, v) = reader.join().unwrap();
+    assert_eq!(
+        v["reads"],
+        (64 * 30).to_string(),
+        "every read succeeded: {v:?}"
+    );
+    assert_eq!(d.counter("device.engine_evictions"), 0);
+    assert_eq!(engine_state(&d, &id)["state"], "attached");
+}

@@ -65,6 +65,9 @@ use crate::{unexpected, Builder, Client, Error, Inner};
 /// The protocol version that brought external engines.
 const ENGINE_PROTOCOL: u16 = 3;
 /// Entries of an engine's TLB (direct-mapped; a power of two).
+/// The slot of a page whose bytes a read already has (fetched over the session).
+const FETCHED: u32 = u32::MAX - 1;
+
 pub const TLB_ENTRIES: usize = 512;
 /// Bytes of the epoch page mapping.
 const EPOCH_BYTES: usize = 4096;
@@ -101,6 +104,9 @@ pub struct EngineStats {
     pub flushes_processed: u64,
     /// Times a read started again (after faults, or because the epoch moved).
     pub retries: u64,
+    /// Pieces of reads served over the session (`EngineRead`): pages the daemon could not
+    /// install in the shadow yet (discarded by the client, not zapped yet).
+    pub fetches: u64,
 }
 
 /// An external engine of one mirror: reads the client's mirrored memory straight from the
@@ -388,6 +394,12 @@ impl Engine {
                     }
                 }
             }
+            if !self.runs.is_empty() && fault_passes > 0 {
+                // Faulted, and still missing: pages the daemon may not install now (their
+                // client discarded them, and the kernel has not zapped them yet as far as
+                // it can tell). Their bytes come over the session, from the client's memory.
+                self.fetch_runs(offset, end, buf)?;
+            }
             if !self.runs.is_empty() {
                 let valid = self.tlb.valid as u64;
                 self.maps.ring_header().tlb.store(valid, Ordering::Relaxed);
@@ -404,7 +416,20 @@ impl Engine {
                         offset: start << shift,
                         len: pages << shift,
                     };
-                    match self.session.call(&req, &[])? {
+                    // The fault may wait for an invalidation of the mirror to end, whose
+                    // finish waits for this engine: acknowledge flushes meanwhile. No copy
+                    // is under way, and the read translates again after the fault.
+                    let answer = self.session.call_serving(&req, self.doorbell.as_fd(), || {
+                        drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
+                        RingState {
+                            tlb: &mut self.tlb,
+                            acked: &mut self.acked,
+                            flush_all_seen: &mut self.flush_all_seen,
+                            stats: &mut self.stats,
+                        }
+                        .process(&self.maps)
+                    })?;
+                    match answer {
                         Response::Populated { .. } => {}
                         r => return Err(unexpected(r)),
                     }
@@ -421,6 +446,10 @@ impl Engine {
                 let from = offset.max(page_start);
                 let to = end.min(page_start + page_size);
                 let n = (to - from) as usize;
+                if slot == FETCHED {
+                    done += n;
+                    continue;
+                }
                 let at = u64::from(slot) * page_size + (from - page_start);
                 let src = shadow.wrapping_add(at as usize);
                 let dst = buf[done..done + n].as_mut_ptr();
@@ -444,62 +473,70 @@ impl Engine {
         }
     }
 
-    /// The ring: drop what it names, acknowledge, wake the daemon.
-    fn process_flushes(&mut self) -> Result<(), Error> {
-        let ring = self.maps.ring_header();
-        if ring.evicted.load(Ordering::Acquire) != 0 {
-            return Err(evicted());
-        }
-        let head = ring.head.load(Ordering::Acquire);
-        let flush_all = ring.flush_all.load(Ordering::Acquire);
-        if flush_all > self.flush_all_seen {
-            self.tlb.clear();
-            self.flush_all_seen = flush_all;
-        }
-        if head <= self.acked {
-            // Nothing new (a head below the ack would be a daemon's lie: nothing to do).
-            return Ok(());
-        }
-        let new = head - self.acked;
-        if new > u64::from(RING_ENTRIES) {
-            // More than the ring holds: some were overwritten (or the head lies).
-            self.tlb.clear();
-        } else {
-            let entries = self.maps.ring_entries();
-            for seq in self.acked + 1..=head {
-                match entries[(seq % u64::from(RING_ENTRIES)) as usize].read(seq) {
-                    Some((first, last)) => self.tlb.drop_range(first, last),
-                    // A "flush all" sequence number, or an overwritten entry: drop all.
-                    None => self.tlb.clear(),
-                }
+    /// Reads the bytes of the missing runs of a read of `offset..end` over the session
+    /// (`EngineRead`, served from the client's memory), into their place in `buf`; marks
+    /// their pages [`FETCHED`] and empties the runs.
+    fn fetch_runs(&mut self, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let shift = self.page_shift;
+        let first_page = offset >> shift;
+        for &(start, pages) in &self.runs {
+            let from = offset.max(start << shift);
+            let to = end.min((start + pages) << shift);
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(memshadow_proto::MAX_READ as u64);
+                let req = Request::EngineRead {
+                    offset: at,
+                    len: n as u32,
+                };
+                // Served like a fault (it may fault): acknowledge flushes meanwhile.
+                let answer = self.session.call_serving(&req, self.doorbell.as_fd(), || {
+                    drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
+                    RingState {
+                        tlb: &mut self.tlb,
+                        acked: &mut self.acked,
+                        flush_all_seen: &mut self.flush_all_seen,
+                        stats: &mut self.stats,
+                    }
+                    .process(&self.maps)
+                })?;
+                let bytes = match answer {
+                    Response::Data { bytes } if bytes.len() as u64 == n => bytes,
+                    Response::Data { bytes } => {
+                        return Err(Error::Protocol(format!(
+                            "{} bytes for a read of {n}",
+                            bytes.len()
+                        )))
+                    }
+                    r => return Err(unexpected(r)),
+                };
+                let i = (at - offset) as usize;
+                buf[i..i + bytes.len()].copy_from_slice(&bytes);
+                self.stats.fetches += 1;
+                at += n;
+            }
+            for page in start..start + pages {
+                self.slots[(page - first_page) as usize] = FETCHED;
             }
         }
-        self.stats.flushes_processed = self.stats.flushes_processed.saturating_add(new);
-        self.acked = head;
-        ring.tlb.store(self.tlb.valid as u64, Ordering::Relaxed);
-        ring.ack.store(head, Ordering::Release);
-        futex_wake(&ring.ack);
+        self.runs.clear();
         Ok(())
     }
 
-    /// Empties the doorbell's counter, without blocking; a failure is ignored (the ring, not
-    /// the doorbell, says what to do).
+    /// The ring: drop what it names, acknowledge, wake the daemon.
+    fn process_flushes(&mut self) -> Result<(), Error> {
+        let mut state = RingState {
+            tlb: &mut self.tlb,
+            acked: &mut self.acked,
+            flush_all_seen: &mut self.flush_all_seen,
+            stats: &mut self.stats,
+        };
+        state.process(&self.maps)
+    }
+
+    /// Empties the doorbell's counter, without blocking.
     fn drain_doorbell(&self) {
-        if !self.doorbell_nonblocking {
-            let mut fds = [nix::poll::PollFd::new(
-                self.doorbell.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            if !matches!(
-                nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
-                Ok(1)
-            ) {
-                return;
-            }
-        }
-        let mut count = [0u8; 8];
-        // EAGAIN: nothing rang.
-        let _ = nix::unistd::read(&self.doorbell, &mut count);
+        drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
     }
 
     #[cfg(test)]
@@ -510,6 +547,76 @@ impl Engine {
     #[cfg(test)]
     fn tlb_len(&self) -> usize {
         self.tlb.valid
+    }
+}
+
+/// Empties a doorbell's counter, without blocking (a doorbell whose file is not
+/// `O_NONBLOCK` is polled first); a failure is ignored (the ring, not the doorbell, says
+/// what to do).
+fn drain(doorbell: BorrowedFd<'_>, nonblocking: bool) {
+    if !nonblocking {
+        let mut fds = [nix::poll::PollFd::new(
+            doorbell,
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if !matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(1)
+        ) {
+            return;
+        }
+    }
+    let mut count = [0u8; 8];
+    // EAGAIN: nothing rang.
+    let _ = nix::unistd::read(doorbell, &mut count);
+}
+
+/// What handling the flush ring changes of an engine, borrowed apart from its session so
+/// that flushes can be acknowledged while a request on the session waits for its answer.
+struct RingState<'a> {
+    tlb: &'a mut Tlb,
+    acked: &'a mut u64,
+    flush_all_seen: &'a mut u64,
+    stats: &'a mut EngineStats,
+}
+
+impl RingState<'_> {
+    /// The ring: drop what it names, acknowledge, wake the daemon.
+    fn process(&mut self, maps: &Maps) -> Result<(), Error> {
+        let ring = maps.ring_header();
+        if ring.evicted.load(Ordering::Acquire) != 0 {
+            return Err(evicted());
+        }
+        let head = ring.head.load(Ordering::Acquire);
+        let flush_all = ring.flush_all.load(Ordering::Acquire);
+        if flush_all > *self.flush_all_seen {
+            self.tlb.clear();
+            *self.flush_all_seen = flush_all;
+        }
+        if head <= *self.acked {
+            // Nothing new (a head below the ack would be a daemon's lie: nothing to do).
+            return Ok(());
+        }
+        let new = head - *self.acked;
+        if new > u64::from(RING_ENTRIES) {
+            // More than the ring holds: some were overwritten (or the head lies).
+            self.tlb.clear();
+        } else {
+            let entries = maps.ring_entries();
+            for seq in *self.acked + 1..=head {
+                match entries[(seq % u64::from(RING_ENTRIES)) as usize].read(seq) {
+                    Some((first, last)) => self.tlb.drop_range(first, last),
+                    // A "flush all" sequence number, or an overwritten entry: drop all.
+                    None => self.tlb.clear(),
+                }
+            }
+        }
+        self.stats.flushes_processed = self.stats.flushes_processed.saturating_add(new);
+        *self.acked = head;
+        ring.tlb.store(self.tlb.valid as u64, Ordering::Relaxed);
+        ring.ack.store(head, Ordering::Release);
+        futex_wake(&ring.ack);
+        Ok(())
     }
 }
 

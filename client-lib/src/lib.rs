@@ -355,6 +355,42 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// A lock-step exchange that, while the answer has not come, calls `serve` whenever
+    /// `other` is readable (an engine acknowledging flushes while its fault is served:
+    /// the fault may wait for an invalidation that waits for that engine).
+    pub(crate) fn call_serving(
+        &self,
+        req: &Request,
+        other: BorrowedFd<'_>,
+        mut serve: impl FnMut() -> Result<(), Error>,
+    ) -> Result<Response, Error> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut c = self.lock_conn();
+        let id = c.send(req, &[])?;
+        loop {
+            let mut fds = [
+                PollFd::new(c.sock.as_fd(), PollFlags::POLLIN),
+                PollFd::new(other, PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(sock_err(SocketError::Io(e))),
+            }
+            let answered = fds[0].revents().is_some_and(|r| !r.is_empty());
+            let rang = fds[1].revents().is_some_and(|r| !r.is_empty());
+            if rang {
+                serve()?;
+            }
+            if answered {
+                break;
+            }
+        }
+        let Conn { sock, buf, .. } = &mut *c;
+        receive_answer(sock.as_fd(), buf, id)
+    }
+}
+
 impl Conn {
     /// Sends `req` with `fds` under a new request id, which it returns.
     fn send(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<u64, Error> {

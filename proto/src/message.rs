@@ -873,6 +873,14 @@ messages! {
             /// The mirror, when attaching by pid.
             mirror_id: u64,
         },
+        /// Protocol 3. A read of this session's engine served over the session, from the
+        /// client's memory where the shadow cannot hold the pages yet (answered by `Data`).
+        0x0035 "engine-read" => EngineRead {
+            /// Byte offset into the mirror.
+            offset: u64,
+            /// Bytes, at most [`MAX_READ`].
+            len: u32,
+        },
         /// Protocol 3. A device (DMA) write of this session's engine into its client's
         /// memory at `offset` into its mirror, keeping the shadow coherent (answered by
         /// `Written`).

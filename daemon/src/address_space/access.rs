@@ -33,10 +33,28 @@ impl AddressSpace {
     /// Faults `offset..offset+len` of mirror `id` into the shadow; returns the pages the
     /// mirror then has.
     pub fn populate(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
+        self.populate_with(id, offset, len, true)
+    }
+
+    /// [`AddressSpace::populate`] for an external engine's fault: fenced pages are left out
+    /// at once rather than waited for (the engine reads them over its session instead),
+    /// since a fence under a client that keeps discarding the range may never lift.
+    pub fn engine_fault(&self, id: u64, offset: u64, len: u64) -> Result<u64, WatchError> {
+        self.populate_with(id, offset, len, false)
+    }
+
+    fn populate_with(
+        &self,
+        id: u64,
+        offset: u64,
+        len: u64,
+        wait_fences: bool,
+    ) -> Result<u64, WatchError> {
         let addr = self.resolve(id, offset, len)?;
         // Nothing is installed in a fenced range: wait for its fences to lift first.
-        if let Ok(r) = Range::new(addr, len) {
-            self.settle_over(r);
+        match Range::new(addr, len) {
+            Ok(r) if wait_fences => self.settle_over(r),
+            _ => {}
         }
         let end = addr + len;
         let mut at = addr;

@@ -57,6 +57,9 @@ pub struct PendingFence {
     /// A sentinel was seen not present (the fenced reads themselves look before they read:
     /// a read maps the page again).
     pub zap_seen: bool,
+    /// Bumped when a newer change of the same range takes the fence over (see
+    /// [`AddressSpace::fence`]): a settle job that looked at an older one lifts nothing.
+    pub generation: u64,
 }
 
 impl PendingFence {
@@ -71,6 +74,7 @@ impl PendingFence {
             // zapped before this look; or nothing was mapped): nothing is left to zap.
             zap_seen: sentinels.as_ref().is_some_and(Vec::is_empty),
             sentinels: sentinels.unwrap_or_default(),
+            generation: 0,
         }
     }
 }
@@ -116,10 +120,24 @@ enum Verdict {
 impl AddressSpace {
     /// Fences `range` for an event that announces a change not made yet; call under the
     /// access lock, before the range's invalidation.
+    ///
+    /// A change of a range that already has a fence up takes that fence over (a client that
+    /// discards one buffer in a loop keeps one fence, not one per call): the fence is then
+    /// lifted only once the newer change is seen made, and the conditions for that, checked
+    /// after the newer event was read, cover the older change too (its thread has run, or a
+    /// change would still be in flight; the barrier ends a zap in progress).
     pub(super) fn fence(&self, guard: &crate::device::AccessGuard<'_>, range: Range) {
+        let mut fences = lock(&self.fences);
+        if let Some(f) = fences.iter_mut().find(|f| f.range == range) {
+            let generation = f.generation + 1;
+            *f = PendingFence {
+                generation,
+                ..PendingFence::new(f.token, range, self.pagemap.as_ref())
+            };
+            return;
+        }
         let token = guard.fence(range);
-        let f = PendingFence::new(token, range, self.pagemap.as_ref());
-        lock(&self.fences).push(f);
+        fences.push(PendingFence::new(token, range, self.pagemap.as_ref()));
     }
 
     /// Before a device read of `range`: notes, for the fences over it, whether their zap has
@@ -156,14 +174,28 @@ impl AddressSpace {
         // list until lifted in the device too: whoever waits for the list to empty
         // ([`AddressSpace::settle_over`]) then finds the pages installable.
         let pending: Vec<PendingFence> = lock(&self.fences).clone();
+        let mut lifted = Vec::new();
         for f in pending {
-            let timed_out = match self.look_at(&f) {
+            match self.look_at(&f) {
                 Verdict::Wait => continue,
-                Verdict::Done => false,
-                Verdict::TimedOut => true,
-            };
-            self.device.unfence(f.token, timed_out);
-            lock(&self.fences).retain(|p| p.token != f.token);
+                Verdict::Done => lifted.push((f.token, f.generation, false)),
+                Verdict::TimedOut => lifted.push((f.token, f.generation, true)),
+            }
+        }
+        if !lifted.is_empty() {
+            // One pass over the list, and over the device's fences, however many lift. A
+            // fence taken over by a newer change meanwhile (another generation) stays.
+            let mut fences = lock(&self.fences);
+            let now: std::collections::HashMap<u64, u64> =
+                fences.iter().map(|p| (p.token, p.generation)).collect();
+            let gone: Vec<(u64, bool)> = lifted
+                .iter()
+                .filter(|(t, g, _)| now.get(t) == Some(g))
+                .map(|(t, _, timed_out)| (*t, *timed_out))
+                .collect();
+            let tokens: std::collections::HashSet<u64> = gone.iter().map(|g| g.0).collect();
+            fences.retain(|p| !tokens.contains(&p.token));
+            self.device.unfence_all(&gone);
         }
         self.settling.store(false, Relaxed);
     }

@@ -473,19 +473,15 @@ impl DeviceClient {
         &self.core.counters
     }
 
-    /// Lifts fence `token` ([`AccessGuard::fence`]); `timed_out` if the change it waited
-    /// for was not seen made (counted apart).
-    pub fn unfence(&self, token: u64, timed_out: bool) {
-        self.core.pt().unfence(token);
+    /// Lifts the fences `(token, timed_out)` ([`AccessGuard::fence`]) in one pass;
+    /// `timed_out` if the change a fence waited for was not seen made (counted apart).
+    pub fn unfence_all(&self, fences: &[(u64, bool)]) {
+        let tokens: std::collections::HashSet<u64> = fences.iter().map(|f| f.0).collect();
+        self.core.pt().unfence_all(&tokens);
+        let timed_out = fences.iter().filter(|f| f.1).count() as u64;
         let c = &self.dev.counters;
-        bump(
-            if timed_out {
-                &c.fences_timed_out
-            } else {
-                &c.fences_lifted
-            },
-            1,
-        );
+        bump(&c.fences_timed_out, timed_out);
+        bump(&c.fences_lifted, fences.len() as u64 - timed_out);
     }
 
     /// Runs `(first, last)` (inclusive virtual page numbers) of the pages of

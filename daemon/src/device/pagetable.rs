@@ -90,6 +90,11 @@ impl PageTable {
         self.fences.retain(|f| f.2 != token);
     }
 
+    /// Lifts every fence of `tokens`, in one pass.
+    pub fn unfence_all(&mut self, tokens: &std::collections::HashSet<u64>) {
+        self.fences.retain(|f| !tokens.contains(&f.2));
+    }
+
     /// True if any of virtual pages `first..=last` is fenced.
     pub fn fenced(&self, first: u64, last: u64) -> bool {
         self.fences.iter().any(|&(f, l, _)| f <= last && first <= l)

@@ -179,8 +179,17 @@ pub fn attach(
 pub fn fault(s: &Session, offset: u64, len: u64) -> Result<Response, WireError> {
     let l = live_engine(s)?;
     l.engine.counters().faults.fetch_add(1, Relaxed);
-    let pages = l.client.populate(l.mirror_id, offset, len)?;
+    let pages = l.client.engine_fault(l.mirror_id, offset, len)?;
     Ok(Response::Populated { pages })
+}
+
+/// `EngineRead`: bytes of the engine's mirror over the session (pages the shadow cannot
+/// hold yet), as a client's own `Read` is served.
+pub fn read(s: &Session, offset: u64, len: u32) -> Result<Response, WireError> {
+    let l = live_engine(s)?;
+    let len = super::handler::read_len(len)?;
+    let bytes = l.client.read(l.mirror_id, offset, len)?;
+    Ok(Response::Data { bytes })
 }
 
 /// `EngineWrite`: a device write into the engine's client's memory.

@@ -44,6 +44,10 @@ pub fn is_slow(req: &Request) -> bool {
             | Request::Invalidate { .. }
             | Request::Sync { .. }
             | Request::SyncPid { .. }
+            | Request::EngineAttach { .. }
+            | Request::EngineFault { .. }
+            | Request::EngineWrite { .. }
+            | Request::EngineRead { .. }
     )
 }
 
@@ -269,6 +273,7 @@ fn dispatch(
         } => super::engines::attach(core, s, token, pid, mirror_id),
         Request::EngineFault { offset, len } => super::engines::fault(s, offset, len),
         Request::EngineWrite { offset, bytes } => super::engines::write(s, offset, &bytes),
+        Request::EngineRead { offset, len } => super::engines::read(s, offset, len),
         Request::ListEngines { pid } => super::engines::list(core, s, pid),
     }
 }
@@ -476,7 +481,7 @@ fn read(s: &Session, mirror_id: u64, offset: u64, len: u32) -> Result<Response, 
 }
 
 /// The length of a device read, at most what one answer carries.
-fn read_len(len: u32) -> Result<usize, ReadError> {
+pub(super) fn read_len(len: u32) -> Result<usize, ReadError> {
     match len as usize {
         n if n > MAX_READ => Err(ReadError::TooLong(len)),
         n => Ok(n),
