@@ -3,16 +3,20 @@
 //! `memshadow.pc` made from `client-lib/memshadow.pc.in`, and run against a real memshadowd;
 //! the shared library's SONAME and exported symbols are checked, and a demo built against it
 //! runs with a rebuilt library of a later patch version found through the SONAME link.
+//! The examples of external engines, `grant.c` (a client that grants its buffer) and
+//! `engine.c`, are built the same way and run against each other, and the functions added
+//! after 0.1 are checked to be in the version script's node of their minor version.
 //! Needs `cc`, `pkg-config`, `readelf` and `nm` (fails, does not skip, without them;
 //! `.ci/run` installs them).
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 
-use memshadow_tests::{bin_dir, Daemon, TempDir};
+use memshadow_tests::{bin_dir, fields, skip, Daemon, TempDir};
 
 /// What programs load: `libmemshadow.so.MAJOR`, the SONAME `client-lib/capi/build.rs` gives.
 const SONAME: &str = concat!("libmemshadow.so.", env!("CARGO_PKG_VERSION_MAJOR"));
@@ -422,4 +426,443 @@ fn a_program_built_against_the_library_runs_with_a_rebuilt_one() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "ran without {SONAME}");
     assert!(stderr.contains(SONAME), "{stderr}");
+}
+
+/// Builds the C examples of external engines, `client-lib/examples/c/grant.c` (a client that
+/// grants) and `engine.c`, into `$OUT` against libmemshadow.so, as the demo is built.
+const BUILD_ENGINE_EXAMPLES: &str = r#"
+for prog in grant engine; do
+  cc -std=c99 -Wall -Wextra -pedantic -Werror -o "$OUT/$prog" "client-lib/examples/c/$prog.c" $(pkg-config --cflags --libs memshadow)
+done
+"#;
+
+/// Page size of the daemon (it refuses to start on another).
+const PAGE: usize = 4096;
+
+/// The examples of external engines, built into a temporary directory.
+struct EngineExamples {
+    out: TempDir,
+    libdir: PathBuf,
+}
+
+impl EngineExamples {
+    fn build() -> EngineExamples {
+        require_tools();
+        let out = TempDir::new("capi-engine");
+        let libdir = link_libdir(out.path());
+        sh(
+            &[WRITE_PC, BUILD_ENGINE_EXAMPLES].concat(),
+            &[("LIBDIR", &libdir), ("OUT", out.path())],
+        );
+        EngineExamples { out, libdir }
+    }
+
+    /// A command running example `prog` against the daemon `d`.
+    fn command(&self, prog: &str, d: &Daemon, args: &[&str]) -> Command {
+        let mut c = Command::new(self.out.path().join(prog));
+        c.env("LD_LIBRARY_PATH", &self.libdir)
+            .arg("--socket")
+            .arg(d.socket())
+            .args(args);
+        c
+    }
+
+    /// Starts `grant` (a client that mirrors a buffer and grants it) and reads its first
+    /// line.
+    fn granter(&self, d: &Daemon, args: &[&str]) -> Granter {
+        let mut child = self
+            .command("grant", d, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run the grant example");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("grant's stdout"));
+        let mut g = Granter {
+            child: Killed(child),
+            stdin,
+            stdout,
+            first: HashMap::new(),
+        };
+        let first = g.line();
+        g.first = fields(&first);
+        for key in ["token", "pid", "mirror", "bytes"] {
+            assert!(g.first.contains_key(key), "grant's first line: {first:?}");
+        }
+        assert_eq!(g.first["token"].len(), 32, "{first}");
+        g
+    }
+
+    /// Runs `engine` to its end; `--seconds 60` bounds its run (its passes or flushes
+    /// target, if given, ends it first).
+    fn engine(&self, d: &Daemon, args: &[&str]) -> Output {
+        self.command("engine", d, args)
+            .args(["--seconds", "60"])
+            .output()
+            .expect("run the engine example")
+    }
+}
+
+/// A child process killed (and reaped) when dropped, if it still runs.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The grant example, running: a client whose buffer (page i filled with i % 251 + 1) is
+/// granted; it answers commands on its stdin.
+struct Granter {
+    child: Killed,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// `token`, `pid`, `mirror`, `bytes`, of its first line.
+    first: HashMap<String, String>,
+}
+
+impl Granter {
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("read grant's stdout");
+        assert!(
+            n > 0,
+            "the grant example ended early (see its stderr above)"
+        );
+        line.trim_end().to_owned()
+    }
+
+    /// Sends one command and returns its answer.
+    fn ask(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("grant's stdin");
+        writeln!(stdin, "{command}").expect("write to grant");
+        stdin.flush().expect("write to grant");
+        self.line()
+    }
+
+    fn token(&self) -> &str {
+        &self.first["token"]
+    }
+
+    /// The bytes of its buffer as it filled it.
+    fn pattern(&self) -> Vec<u8> {
+        let bytes: usize = self.first["bytes"].parse().unwrap();
+        (0..bytes).map(|i| (i / PAGE % 251 + 1) as u8).collect()
+    }
+
+    /// Ends its input: it detaches (revoking its grants) and exits 0.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        assert_eq!(self.line(), "detached");
+        let status = self.child.0.wait().expect("wait for grant");
+        assert!(status.success(), "grant exited with {status}");
+    }
+}
+
+/// The checksum of engine.c: FNV-1a, 64 bits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The stdout of a successful run of the engine example, and the fields of its `done:` line.
+fn engine_done(o: &Output) -> (String, HashMap<String, String>) {
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "the engine example failed ({}):\n{stdout}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let done = stdout
+        .lines()
+        .find(|l| l.starts_with("done: "))
+        .unwrap_or_else(|| panic!("no done: line in\n{stdout}"));
+    let f = fields(done);
+    (stdout, f)
+}
+
+/// The stderr of a run of the engine example that failed with exit code 1.
+fn engine_failed(o: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{stderr}{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    stderr
+}
+
+/// The C engine example attaches with the token the C client example granted (and, for
+/// the daemon's own user, by pid and mirror id) and reads what the client wrote; a wrong
+/// token, and the right one after the client detached, are `MEMSHADOW_ERR_NO_SUCH_GRANT`.
+#[test]
+fn a_c_engine_reads_what_a_c_client_granted() {
+    let ex = EngineExamples::build();
+    let d = Daemon::start(&[]);
+    let client = ex.granter(&d, &["--pages", "16"]);
+    let token = client.token().to_owned();
+    let want = format!("{:016x}", fnv1a(&client.pattern()));
+
+    let (stdout, done) = engine_done(&ex.engine(&d, &[&token, "--passes", "2"]));
+    let attached = format!(
+        " attached to mirror {}: {} bytes at 0x",
+        client.first["mirror"], client.first["bytes"]
+    );
+    assert!(stdout.contains(&attached), "{stdout}");
+    assert!(
+        stdout.contains(&format!("first pass: checksum {want}, ")),
+        "{stdout}"
+    );
+    assert_eq!(done["passes"], "2");
+    assert_eq!(done["checksum"], want, "{stdout}");
+    let bytes: usize = client.first["bytes"].parse().unwrap();
+    assert_eq!(done["bytes"], (2 * bytes).to_string());
+
+    let (pid, mirror) = (&client.first["pid"], &client.first["mirror"]);
+    let by_pid = [
+        "--pid",
+        pid.as_str(),
+        "--mirror",
+        mirror.as_str(),
+        "--passes",
+        "1",
+    ];
+    let (_, done) = engine_done(&ex.engine(&d, &by_pid));
+    assert_eq!(done["checksum"], want, "attached by pid");
+
+    let wrong = u128::from_str_radix(&token, 16).unwrap() ^ 1;
+    let stderr = engine_failed(&ex.engine(&d, &[&format!("{wrong:032x}")]));
+    assert!(
+        stderr.contains(
+            "memshadow_engine_attach failed: MEMSHADOW_ERR_NO_SUCH_GRANT: no such grant: "
+        ),
+        "{stderr}"
+    );
+    let stderr = engine_failed(&ex.engine(&d, &["not-a-token"]));
+    assert!(
+        stderr.contains("memshadow_token_from_hex failed: MEMSHADOW_ERR_INVALID_ARGUMENT: "),
+        "{stderr}"
+    );
+
+    client.finish();
+    let stderr = engine_failed(&ex.engine(&d, &[&token, "--passes", "1"]));
+    assert!(
+        stderr.contains("MEMSHADOW_ERR_NO_SUCH_GRANT"),
+        "the grant is revoked with the detach: {stderr}"
+    );
+}
+
+/// A device write of the C engine lands in the memory of a client that connected with
+/// `MEMSHADOW_CONNECT_DEVICE_WRITES`, and the engine's next read sees it; a client that did
+/// not allow it keeps its byte, and the write fails.
+#[test]
+fn a_c_engine_writes_into_a_client_that_allows_device_writes() {
+    let ex = EngineExamples::build();
+    let d = Daemon::start(&[]);
+    let mut client = ex.granter(&d, &["--pages", "4", "--device-writes"]);
+    let mut want = client.pattern();
+    want[5000] = 171;
+    let o = ex.engine(
+        &d,
+        &[client.token(), "--write", "5000", "171", "--passes", "1"],
+    );
+    let (stdout, done) = engine_done(&o);
+    assert!(
+        stdout.contains("wrote 1 byte(s) at offset 5000"),
+        "{stdout}"
+    );
+    assert_eq!(
+        done["checksum"],
+        format!("{:016x}", fnv1a(&want)),
+        "{stdout}"
+    );
+    assert_eq!(client.ask("peek 5000"), "peek 5000 171");
+    client.finish();
+
+    let mut other = ex.granter(&d, &["--pages", "4"]);
+    let o = ex.engine(
+        &d,
+        &[other.token(), "--write", "5000", "171", "--passes", "1"],
+    );
+    let stderr = engine_failed(&o);
+    assert!(
+        stderr.contains("memshadow_engine_write failed: MEMSHADOW_ERR_"),
+        "{stderr}"
+    );
+    assert_eq!(other.ask("peek 5000"), "peek 5000 2", "page 1 holds 2s");
+    other.finish();
+}
+
+/// The C engine, idle between passes on its doorbell (`memshadow_engine_fd`, poll(2)),
+/// acknowledges the flush of a page the client wrote and collected, and its next pass reads
+/// the new bytes. Ordered by the engine's "first pass" line and the client's answer, not by
+/// time.
+#[test]
+fn a_c_engine_waiting_on_its_doorbell_sees_the_flush_and_the_new_bytes() {
+    let ex = EngineExamples::build();
+    let d = Daemon::start(&[]);
+    let mut client = ex.granter(&d, &["--pages", "16"]);
+    let mut engine = Killed(
+        ex.command(
+            "engine",
+            &d,
+            &[
+                client.token(),
+                "--interval",
+                "20",
+                "--until-flushes",
+                "1",
+                "--seconds",
+                "60",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the engine example"),
+    );
+    let mut lines = BufReader::new(engine.0.stdout.take().expect("engine's stdout"));
+    let mut seen = String::new();
+    while !seen.lines().any(|l| l.starts_with("first pass: ")) {
+        let n = lines.read_line(&mut seen).expect("read engine's stdout");
+        assert!(n > 0, "the engine ended before its first pass:\n{seen}");
+    }
+    let want = fnv1a(&client.pattern());
+    assert!(
+        seen.contains(&format!("first pass: checksum {want:016x}")),
+        "{seen}"
+    );
+
+    let answer = client.ask("write 3 200");
+    if answer.starts_with("write 3: MEMSHADOW_ERR_UNSUPPORTED") {
+        skip(format!(
+            "no dirty tracking here, so no flush to see ({answer})"
+        ));
+        return;
+    }
+    assert!(answer.starts_with("wrote 3: "), "{answer}");
+    lines
+        .read_to_string(&mut seen)
+        .expect("read engine's stdout");
+    let mut stderr = Vec::new();
+    if let Some(mut e) = engine.0.stderr.take() {
+        e.read_to_end(&mut stderr).expect("read engine's stderr");
+    }
+    let status = engine.0.wait().expect("wait for the engine");
+    let o = Output {
+        status,
+        stdout: seen.into_bytes(),
+        stderr,
+    };
+    let (stdout, done) = engine_done(&o);
+    let flushes: u64 = done["flushes"].parse().unwrap();
+    assert!(flushes >= 1, "{stdout}");
+    let mut written = client.pattern();
+    written[3 * PAGE..4 * PAGE].fill(200);
+    assert_eq!(
+        done["checksum"],
+        format!("{:016x}", fnv1a(&written)),
+        "{stdout}"
+    );
+    client.finish();
+}
+
+/// The functions the header documents as added in a minor version ("Since 0.y."), by
+/// version, and the others.
+fn functions_by_version() -> (BTreeSet<String>, HashMap<String, BTreeSet<String>>) {
+    let header = std::fs::read_to_string(workspace().join("client-lib/include/memshadow.h"))
+        .expect("read client-lib/include/memshadow.h");
+    let (mut base, mut since) = (BTreeSet::new(), HashMap::<String, BTreeSet<String>>::new());
+    for block in header.split("/**").skip(1) {
+        let Some((doc, rest)) = block.split_once("*/") else {
+            continue;
+        };
+        let decl = rest.split(';').next().unwrap_or_default();
+        let Some(name) = decl
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .find(|w| w.starts_with("memshadow_") && decl.contains(&format!("{w}(")))
+        else {
+            continue;
+        };
+        let version = doc
+            .split("Since ")
+            .nth(1)
+            .map(|v| v.split(|c: char| !(c.is_ascii_digit() || c == '.')).next());
+        match version.flatten() {
+            Some(v) => since
+                .entry(v.trim_end_matches('.').to_owned())
+                .or_default()
+                .insert(name.to_owned()),
+            None => base.insert(name.to_owned()),
+        };
+    }
+    (base, since)
+}
+
+/// The names a version node of `client-lib/capi/memshadow.map` lists, and the node it
+/// inherits.
+fn version_node(map: &str, node: &str) -> (BTreeSet<String>, Option<String>) {
+    let start = map
+        .find(&format!("\n{node} {{"))
+        .unwrap_or_else(|| panic!("memshadow.map has no node {node}"));
+    let body = &map[start..];
+    let end = body.find('}').expect("the node's end");
+    let names = body[..end]
+        .split(|c: char| c == ';' || c.is_whitespace())
+        .filter(|w| w.starts_with("memshadow_"))
+        .map(str::to_owned)
+        .collect();
+    let parent = body[end + 1..]
+        .split(';')
+        .next()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    (names, parent)
+}
+
+/// What the header says each minor version added ("Since 0.2.") is what the version script
+/// lists in that version's node, `MEMSHADOW_0.2`, which inherits `MEMSHADOW_0` (whose pattern
+/// covers the functions of 0.1).
+#[test]
+fn the_version_script_has_a_node_for_each_minor_version_with_what_it_added() {
+    let map = std::fs::read_to_string(workspace().join("client-lib/capi/memshadow.map"))
+        .expect("read client-lib/capi/memshadow.map");
+    let (base, since) = functions_by_version();
+    assert!(base.contains("memshadow_connect"), "{base:?}");
+    let added = since.get("0.2").cloned().unwrap_or_default();
+    for f in [
+        "memshadow_mirror_grant",
+        "memshadow_engine_attach",
+        "memshadow_engine_read",
+        "memshadow_connect_with",
+    ] {
+        assert!(
+            added.contains(f),
+            "{f} does not say \"Since 0.2.\": {added:?}"
+        );
+    }
+    assert_eq!(
+        since.keys().collect::<Vec<_>>(),
+        ["0.2"],
+        "a node per minor version"
+    );
+    let (listed, parent) = version_node(&map, "MEMSHADOW_0.2");
+    assert_eq!(
+        listed, added,
+        "MEMSHADOW_0.2 against the header's \"Since 0.2.\""
+    );
+    assert_eq!(parent.as_deref(), Some("MEMSHADOW_0"));
+    let (_, parent) = version_node(&map, "MEMSHADOW_0");
+    assert_eq!(parent, None);
 }

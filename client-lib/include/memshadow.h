@@ -4,13 +4,17 @@
  * Link with `pkg-config --cflags --libs memshadow` (libmemshadow.so or, with --static,
  * libmemshadow.a). Every function returns a memshadow_status (or a value) and never
  * aborts on bad input; memshadow_last_error() says what went wrong on this thread.
- * Handles may be used from several threads at once, except that a handle must not be
- * freed while another thread still uses it.
+ * Client, mirror and stats handles may be used from several threads at once, except that
+ * a handle must not be freed while another thread still uses it; an engine handle
+ * (memshadow_engine) is used by one thread at a time.
  *
  * Versions: the library is libmemshadow.so.MAJOR (its SONAME). Within a major version
  * functions, codes and struct fields are only added, never changed or removed, so a
  * program built against 0.x runs with any later 0.y; MEMSHADOW_VERSION_* below is the
  * version of this header, memshadow_version() the one of the library loaded at run time.
+ * What was added after 0.1 says "Since 0.2" (grants, external engines, connect flags and
+ * their codes): a program that uses it needs a library of 0.2 or later. The library's
+ * version script (memshadow.map) lists those functions in the node MEMSHADOW_0.2.
  */
 
 #ifndef MEMSHADOW_H
@@ -25,6 +29,13 @@
 #define MEMSHADOW_VERSION_MAJOR 0
 #define MEMSHADOW_VERSION_MINOR 1
 #define MEMSHADOW_VERSION_PATCH 0
+
+/**
+ * `memshadow_connect_with`: let the external engines this process grants its mirrors to
+ * write its memory (`memshadow_engine_write`), where its own mappings are writable. The
+ * library then hands the daemon `/proc/self/mem` opened for writing too. Since 0.2.
+ */
+#define MEMSHADOW_CONNECT_DEVICE_WRITES 1
 
 /**
  * `memshadow_attach_with`: the daemon's default policy (its `--dirty-policy`), as
@@ -47,6 +58,11 @@
  * `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
  */
 #define MEMSHADOW_POLICY_PERIODIC 3
+
+/**
+ * The size of the buffer `memshadow_token_to_hex` needs: 32 hex digits and a NUL.
+ */
+#define MEMSHADOW_TOKEN_HEX_SIZE 33
 
 /**
  * Result codes of the C API: `MEMSHADOW_OK` (0) or a negative error, one per error kind
@@ -159,6 +175,16 @@ enum memshadow_status
      * The daemon ran out of a system resource (file descriptors, memory); try again later.
      */
     MEMSHADOW_ERR_OUT_OF_RESOURCES = -24,
+    /**
+     * No grant with that token: wrong, revoked (its mirror was detached or its client
+     * exited), or another user's (`memshadow_engine_attach`). Since 0.2.
+     */
+    MEMSHADOW_ERR_NO_SUCH_GRANT = -25,
+    /**
+     * This engine was evicted: it did not acknowledge a flush in time, so the daemon no
+     * longer waits for it; what it reads can no longer be trusted. Free it. Since 0.2.
+     */
+    MEMSHADOW_ERR_EVICTED = -26,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -172,6 +198,35 @@ typedef int32_t memshadow_status;
  * A client handle (`struct memshadow_client`): a session with memshadowd.
  */
 typedef struct memshadow_client memshadow_client;
+
+/**
+ * An external engine handle (`struct memshadow_engine`, since 0.2): an engine of one
+ * mirror of another process (the client), reading the client's mirrored memory straight
+ * from the daemon's shadow, shared with it, at memory speed, through a TLB of its own, and
+ * acknowledging the daemon's TLB flushes itself (docs/engines.md). The client grants the
+ * mirror (`memshadow_mirror_grant`); the engine attaches with the token
+ * (`memshadow_engine_attach`) on a session of its own; it need not be a client itself.
+ *
+ * The contract the library keeps for an engine:
+ * - G1: a `memshadow_engine_read` that begins after the client's `munmap`, `madvise` or
+ *   `mremap` of the range returned never sees the old bytes.
+ * - G2: the engine acknowledges flushes only inside `memshadow_engine_poll` and
+ *   `memshadow_engine_read` (before it translates anything), so between its accesses,
+ *   never during a copy; the daemon reuses a shadow slot only after every engine
+ *   acknowledged the flush that unmapped it, so no slot is reused under a read.
+ * - An engine must keep acknowledging: wait for `memshadow_engine_fd` to be readable
+ *   (poll, epoll) and call `memshadow_engine_poll`, or read. One that leaves a flush
+ *   unacknowledged longer than the daemon's `device.engine_ack_timeout_ms` (default
+ *   1000) is evicted: poll, read and write then fail with `MEMSHADOW_ERR_EVICTED`. Its
+ *   mappings stay, so a read that raced the eviction may have returned stale bytes, or
+ *   bytes of a slot reused for another page, of the same client only (never another
+ *   client's memory). An evicted engine can only be freed.
+ *
+ * Threads: an engine handle is used by one thread at a time (every call on it, the
+ * getters too); it may be handed to another thread between calls. Different engines may
+ * be used by different threads at once.
+ */
+typedef struct memshadow_engine memshadow_engine;
 
 /**
  * A mirror handle (`struct memshadow_mirror`): an attached range.
@@ -209,6 +264,47 @@ typedef struct memshadow_sync_report {
     uint64_t invalidate_ns;
 } memshadow_sync_report;
 
+/**
+ * A grant's token (since 0.2): the unguessable 128-bit number `memshadow_mirror_grant`
+ * gives and `memshadow_engine_attach` takes, never 0. `bytes` holds it least significant
+ * byte first (little-endian), as the Rust library's `u128` `to_le_bytes`. To pass it to
+ * another process as text, use `memshadow_token_to_hex` and `memshadow_token_from_hex`.
+ */
+typedef struct memshadow_token {
+    /**
+     * The token, little-endian.
+     */
+    uint8_t bytes[16];
+} memshadow_token;
+
+/**
+ * What an engine counted since it attached (`memshadow_engine_stats`, since 0.2).
+ */
+typedef struct memshadow_engine_counters {
+    /**
+     * Page translations found in the engine's TLB.
+     */
+    uint64_t tlb_hits;
+    /**
+     * Page translations not in the TLB (looked up in the shared page table).
+     */
+    uint64_t tlb_misses;
+    /**
+     * Fault requests sent to the daemon (one per missing run of pages of a read).
+     */
+    uint64_t faults;
+    /**
+     * Flush requests of the daemon handled and acknowledged (each an invalidation that
+     * touched this engine's mirror, or a "flush all").
+     */
+    uint64_t flushes_processed;
+    /**
+     * Times a read started again (after faults, or because the client's memory changed
+     * during the copy).
+     */
+    uint64_t retries;
+} memshadow_engine_counters;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -236,6 +332,21 @@ memshadow_status memshadow_connect(struct memshadow_client **out);
  * `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a pointer.
  */
 memshadow_status memshadow_connect_to(const char *path, struct memshadow_client **out);
+
+/**
+ * `memshadow_connect` (`path` NULL) or `memshadow_connect_to` (`path` a NUL-terminated
+ * file name) with options: `flags` is 0 or `MEMSHADOW_CONNECT_DEVICE_WRITES`, which lets
+ * the engines this process grants write its memory. Unknown flag bits are
+ * `MEMSHADOW_ERR_INVALID_ARGUMENT`. The Rust library's `Client::builder()`. On success
+ * `*out` is a new client handle (free it with `memshadow_client_free`); on failure `*out`
+ * is NULL. Since 0.2.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a pointer.
+ */
+memshadow_status memshadow_connect_with(const char *path,
+                                        uint32_t flags,
+                                        struct memshadow_client **out);
 
 /**
  * Closes the session and frees the handle. Mirrors still attached keep the connection
@@ -353,6 +464,53 @@ memshadow_status memshadow_mirror_sync(const struct memshadow_mirror *mirror,
                                        struct memshadow_sync_report *report_out);
 
 /**
+ * Grants an external engine access to this mirror: `*token_out` receives a new
+ * unguessable token (never 0) to hand to the engine by any means (a pipe, a file, the
+ * command line as `memshadow_token_to_hex` writes it); the engine passes it to
+ * `memshadow_engine_attach`. An engine of another user is refused (unless it is root or
+ * the daemon's user). Detaching the mirror, or this process's exit, revokes every grant of
+ * the mirror and evicts its engines. To let engines write this process's memory, connect
+ * with `memshadow_connect_with(..., MEMSHADOW_CONNECT_DEVICE_WRITES, ...)`.
+ * `MEMSHADOW_ERR_UNSUPPORTED` if the daemon has no external engines (protocol 3),
+ * `MEMSHADOW_ERR_NO_SUCH_MIRROR` after a detach. On failure `*token_out` is all zeros.
+ * The Rust library's `Mirror::grant`. Since 0.2.
+ *
+ * # Safety
+ * `mirror` is NULL or a live mirror handle; `token_out` is NULL or valid for writing a
+ * `memshadow_token`.
+ */
+memshadow_status memshadow_mirror_grant(const struct memshadow_mirror *mirror,
+                                        struct memshadow_token *token_out);
+
+/**
+ * Writes `*token` into `buf` as text: 32 lowercase hex digits, most significant first (the
+ * token as one 128-bit number, as Rust's `format!("{token:032x}")`), and a NUL.
+ * `size` is the size of `buf`, at least `MEMSHADOW_TOKEN_HEX_SIZE`; a smaller one is
+ * `MEMSHADOW_ERR_INVALID_ARGUMENT` (and `buf`, if it has room for it, gets "").
+ * Since 0.2.
+ *
+ * # Safety
+ * `token` is NULL or points to a `memshadow_token`; `buf` is NULL or valid for writing
+ * `size` bytes.
+ */
+memshadow_status memshadow_token_to_hex(const struct memshadow_token *token,
+                                        char *buf,
+                                        size_t size);
+
+/**
+ * A token from text: 1 to 32 hex digits (either case), most significant first, and
+ * nothing else (no `0x`, no spaces or newline), as `memshadow_token_to_hex` writes it or
+ * Rust's `{:x}` formats a `u128`. Anything else is `MEMSHADOW_ERR_INVALID_ARGUMENT` and
+ * leaves `*out` all zeros. All zeros (a token is never 0) is accepted here and refused by
+ * `memshadow_engine_attach`. Since 0.2.
+ *
+ * # Safety
+ * `hex` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a
+ * `memshadow_token`.
+ */
+memshadow_status memshadow_token_from_hex(const char *hex, struct memshadow_token *out);
+
+/**
  * The mirror's id (0 if `mirror` is NULL).
  *
  * # Safety
@@ -449,6 +607,178 @@ memshadow_status memshadow_stats_get(const struct memshadow_stats *stats,
  * `stats` is NULL or a handle from `memshadow_*_stats` not freed yet.
  */
 void memshadow_stats_free(struct memshadow_stats *stats);
+
+/**
+ * Attaches as an external engine to the mirror `*token` grants (`memshadow_mirror_grant`
+ * in the client), on a session of its own with the daemon at `socket` (a NUL-terminated
+ * path), or, with `socket` NULL, at the socket `memshadow_connect` would find. The
+ * process need not be a client. On success `*out` is a new engine handle (free it with
+ * `memshadow_engine_free`); on failure `*out` is NULL.
+ * Errors: `MEMSHADOW_ERR_NO_SUCH_GRANT` when the token is wrong, revoked (its mirror was
+ * detached or its client exited) or given to another user; `MEMSHADOW_ERR_INVALID_ARGUMENT`
+ * for a token of 0; `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no external engines;
+ * the connection errors of `memshadow_connect`. Since 0.2.
+ *
+ * # Safety
+ * `socket` is NULL or a NUL-terminated string; `token` is NULL or points to a
+ * `memshadow_token`; `out` is NULL or valid for writing a pointer.
+ */
+memshadow_status memshadow_engine_attach(const char *socket,
+                                         const struct memshadow_token *token,
+                                         struct memshadow_engine **out);
+
+/**
+ * Attaches as an external engine to mirror `mirror_id` (the client's
+ * `memshadow_mirror_id`) of the client with process id `pid`, without a grant: only root
+ * and the daemon's own user may (`MEMSHADOW_ERR_PERMISSION_DENIED` otherwise).
+ * `MEMSHADOW_ERR_NO_SUCH_CLIENT` when no client has that pid (any pid <= 0),
+ * `MEMSHADOW_ERR_NO_SUCH_MIRROR` when it has no such mirror. Otherwise as
+ * `memshadow_engine_attach`. Since 0.2.
+ *
+ * # Safety
+ * `socket` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a
+ * pointer.
+ */
+memshadow_status memshadow_engine_attach_pid(const char *socket,
+                                             int32_t pid,
+                                             uint64_t mirror_id,
+                                             struct memshadow_engine **out);
+
+/**
+ * A read of the engine's mirror: copies `len` bytes at `offset` into `buf` from the
+ * shared shadow. It first handles the flushes the daemon queued (as `memshadow_engine_poll`
+ * does, without the doorbell's system call), then translates each page through the
+ * engine's TLB, else the shared page table, asking the daemon to fault in missing pages
+ * (one request per missing run), copies, and starts again if the client's memory changed
+ * meanwhile. No system call when every page is in the shadow and nothing changed. G1: the
+ * bytes are never older than a `munmap`, `madvise` or `mremap` of the client that returned
+ * before the call began.
+ * Errors: `MEMSHADOW_ERR_BAD_RANGE` outside the mirror, `MEMSHADOW_ERR_NOT_MIRRORED` where
+ * the client unmapped the range, `MEMSHADOW_ERR_EVICTED`, `MEMSHADOW_ERR_DAEMON_GONE`,
+ * `MEMSHADOW_ERR_PROTOCOL` when the daemon seems stuck; `buf` may be partly written then.
+ * Not thread-safe: one thread at a time per engine. Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile; `buf` is NULL
+ * or valid for writing `len` bytes.
+ */
+memshadow_status memshadow_engine_read(struct memshadow_engine *engine,
+                                       size_t offset,
+                                       void *buf,
+                                       size_t len);
+
+/**
+ * A device (DMA) write: the daemon writes the `len` bytes at `buf` into the client's
+ * memory at `offset` into the mirror, where the client's mappings are writable, then
+ * invalidates the pages written, so this engine's next read, the other engines and the
+ * client all see the new bytes. The client must have allowed it (it connected with
+ * `MEMSHADOW_CONNECT_DEVICE_WRITES`). A long write goes in pieces of 60 KiB, each written
+ * and invalidated in turn. If `written` is not NULL it receives the bytes written: fewer
+ * than `len` where the client's mapping stops being writable part of the way, and on
+ * failure those the pieces before the failing one wrote.
+ * Errors: `MEMSHADOW_ERR_DAEMON` when nothing could be written at `offset` (the client did
+ * not allow device writes, or its mapping there is read-only; the message says so),
+ * `MEMSHADOW_ERR_BAD_RANGE` outside the mirror, `MEMSHADOW_ERR_NOT_MIRRORED`,
+ * `MEMSHADOW_ERR_EVICTED`, `MEMSHADOW_ERR_DAEMON_GONE`. One thread at a time per engine.
+ * Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile; `buf` is NULL
+ * or valid for reading `len` bytes; `written` is NULL or valid for writing a `size_t`.
+ */
+memshadow_status memshadow_engine_write(struct memshadow_engine *engine,
+                                        size_t offset,
+                                        const void *buf,
+                                        size_t len,
+                                        size_t *written);
+
+/**
+ * Handles the flushes the daemon queued for this engine: drops the translations they name
+ * and acknowledges them (waking the daemon, which may be waiting to reuse the slots), and
+ * drains the doorbell. Call it whenever `memshadow_engine_fd` is readable, between
+ * accesses; cheap when there is nothing to do (no system call but the doorbell's read).
+ * `MEMSHADOW_ERR_EVICTED` once evicted. One thread at a time per engine. Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+memshadow_status memshadow_engine_poll(struct memshadow_engine *engine);
+
+/**
+ * The engine's doorbell, a file descriptor (an eventfd) that becomes readable when the
+ * daemon queued flushes for it: wait for `POLLIN`/`EPOLLIN` with poll or epoll, then call
+ * `memshadow_engine_poll`. Do not read, write or close it; it stays valid until
+ * `memshadow_engine_free`. -1 if `engine` is NULL. Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+int memshadow_engine_fd(const struct memshadow_engine *engine);
+
+/**
+ * Stores what the engine counted since it attached in `*out`. Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile; `out` is NULL
+ * or valid for writing a `memshadow_engine_counters`.
+ */
+memshadow_status memshadow_engine_stats(const struct memshadow_engine *engine,
+                                        struct memshadow_engine_counters *out);
+
+/**
+ * The engine's id, unique in the daemon's run (0 if `engine` is NULL). Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+uint64_t memshadow_engine_id(const struct memshadow_engine *engine);
+
+/**
+ * The id of the engine's mirror within its client, the client's `memshadow_mirror_id`
+ * (0 if `engine` is NULL). Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+uint64_t memshadow_engine_mirror_id(const struct memshadow_engine *engine);
+
+/**
+ * The address of the mirror's first byte in the client's address space (not this
+ * process's: offsets, not addresses, are what reads take), as it was when the engine
+ * attached (0 if `engine` is NULL). Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+uint64_t memshadow_engine_addr(const struct memshadow_engine *engine);
+
+/**
+ * The mirror's length in bytes (0 if `engine` is NULL). Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+size_t memshadow_engine_len(const struct memshadow_engine *engine);
+
+/**
+ * The daemon's page size in bytes (0 if `engine` is NULL). Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine handle no other thread uses meanwhile.
+ */
+size_t memshadow_engine_page_size(const struct memshadow_engine *engine);
+
+/**
+ * Detaches the engine and frees the handle: closes its session (the daemon then counts it
+ * as having acknowledged everything, so nothing waits for it) and unmaps the shadow. The
+ * doorbell fd is closed. Never fails. NULL is ignored. The Rust library's
+ * `Engine::detach`. Since 0.2.
+ *
+ * # Safety
+ * `engine` is NULL or a handle from `memshadow_engine_attach*` not freed yet, and no other
+ * thread uses it any more.
+ */
+void memshadow_engine_free(struct memshadow_engine *engine);
 
 /**
  * The message of the last failed call on this thread ("" if the last call succeeded).

@@ -2,16 +2,21 @@
 //! generated from this file by cbindgen; `tests/header.rs` fails when it is stale), over
 //! the Rust library, the `memshadow` crate.
 //!
-//! It mirrors the Rust API: [`Client`] and [`Mirror`] behind opaque handles, every
-//! [`Error`] variant as one [`Status`] code, the message in [`memshadow_last_error`] and
-//! the errno behind it in [`memshadow_last_errno`]. Every byte length, offset into a mirror
-//! and count is a `size_t`; ids, counter values and times are `uint64_t`.
+//! It mirrors the Rust API: [`Client`], [`Mirror`] and [`memshadow::Engine`] behind opaque
+//! handles, every [`Error`] variant as one [`Status`] code, the message in
+//! [`memshadow_last_error`] and the errno behind it in [`memshadow_last_errno`]. Every byte
+//! length, offset into a mirror and count is a `size_t`; ids, counter values and times are
+//! `uint64_t`. Client, mirror and stats handles may be shared between threads; an engine
+//! handle is used by one thread at a time (the Rust `Engine` is `Send`, not `Sync`).
 //!
 //! Versioning (README "Using the C library"): the SONAME is `libmemshadow.so.MAJOR`
 //! (`build.rs`); within a major version entry points and codes are only added, never
 //! changed or removed, so a program built against 0.x runs with any later 0.y.
 //! `MEMSHADOW_VERSION_MAJOR/MINOR/PATCH` in the header are the version it was built
-//! against, [`memshadow_version`] the one loaded at run time.
+//! against, [`memshadow_version`] the one loaded at run time. What a minor version added
+//! says "Since 0.y" in its documentation (so in the header), and its functions are listed
+//! in the version node `MEMSHADOW_0.y` of `memshadow.map` (`tests/capi.rs` checks both
+//! agree); everything after 0.1 is 0.2.
 //! Nothing unwinds across the boundary (every entry point runs under `catch_unwind` and
 //! turns a panic into `MEMSHADOW_ERR_INTERNAL`), and every pointer argument is checked for
 //! NULL (`MEMSHADOW_ERR_INVALID_ARGUMENT`).
@@ -21,6 +26,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -85,6 +91,12 @@ pub enum Status {
     MEMSHADOW_ERR_SHADOW_FULL = -23,
     /// The daemon ran out of a system resource (file descriptors, memory); try again later.
     MEMSHADOW_ERR_OUT_OF_RESOURCES = -24,
+    /// No grant with that token: wrong, revoked (its mirror was detached or its client
+    /// exited), or another user's (`memshadow_engine_attach`). Since 0.2.
+    MEMSHADOW_ERR_NO_SUCH_GRANT = -25,
+    /// This engine was evicted: it did not acknowledge a flush in time, so the daemon no
+    /// longer waits for it; what it reads can no longer be trusted. Free it. Since 0.2.
+    MEMSHADOW_ERR_EVICTED = -26,
 }
 
 impl Status {
@@ -120,6 +132,8 @@ impl Status {
             Error::Unsupported(_) => Status::MEMSHADOW_ERR_UNSUPPORTED,
             Error::ShadowFull(_) => Status::MEMSHADOW_ERR_SHADOW_FULL,
             Error::OutOfResources(_) => Status::MEMSHADOW_ERR_OUT_OF_RESOURCES,
+            Error::NoSuchGrant(_) => Status::MEMSHADOW_ERR_NO_SUCH_GRANT,
+            Error::Evicted(_) => Status::MEMSHADOW_ERR_EVICTED,
             _ => Status::MEMSHADOW_ERR_INTERNAL,
         }
     }
@@ -152,11 +166,13 @@ impl Status {
             Status::MEMSHADOW_ERR_UNSUPPORTED => c"MEMSHADOW_ERR_UNSUPPORTED",
             Status::MEMSHADOW_ERR_SHADOW_FULL => c"MEMSHADOW_ERR_SHADOW_FULL",
             Status::MEMSHADOW_ERR_OUT_OF_RESOURCES => c"MEMSHADOW_ERR_OUT_OF_RESOURCES",
+            Status::MEMSHADOW_ERR_NO_SUCH_GRANT => c"MEMSHADOW_ERR_NO_SUCH_GRANT",
+            Status::MEMSHADOW_ERR_EVICTED => c"MEMSHADOW_ERR_EVICTED",
         }
     }
 
     /// Every code, for [`memshadow_status_name`] and the tests.
-    const ALL: [Status; 25] = [
+    const ALL: [Status; 27] = [
         Status::MEMSHADOW_OK,
         Status::MEMSHADOW_ERR_INVALID_ARGUMENT,
         Status::MEMSHADOW_ERR_INTERNAL,
@@ -182,6 +198,8 @@ impl Status {
         Status::MEMSHADOW_ERR_UNSUPPORTED,
         Status::MEMSHADOW_ERR_SHADOW_FULL,
         Status::MEMSHADOW_ERR_OUT_OF_RESOURCES,
+        Status::MEMSHADOW_ERR_NO_SUCH_GRANT,
+        Status::MEMSHADOW_ERR_EVICTED,
     ];
 }
 
@@ -373,6 +391,70 @@ pub unsafe extern "C" fn memshadow_connect_to(
         let path = unsafe { CStr::from_ptr(path) };
         let path = Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
         let client = Client::connect_to(path)?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put(out, new_client(client)) };
+        Ok(())
+    })
+}
+
+/// `memshadow_connect_with`: let the external engines this process grants its mirrors to
+/// write its memory (`memshadow_engine_write`), where its own mappings are writable. The
+/// library then hands the daemon `/proc/self/mem` opened for writing too. Since 0.2.
+pub const MEMSHADOW_CONNECT_DEVICE_WRITES: u32 = 1;
+
+/// Every flag `memshadow_connect_with` knows.
+const CONNECT_FLAGS: u32 = MEMSHADOW_CONNECT_DEVICE_WRITES;
+
+/// The socket a C caller named: NULL for the default rules of `memshadow_connect`.
+///
+/// # Safety
+/// `socket` is NULL or a NUL-terminated string that outlives `'a`.
+unsafe fn socket_arg<'a>(socket: *const c_char) -> Option<&'a Path> {
+    if socket.is_null() {
+        return None;
+    }
+    // SAFETY: not NULL, and NUL-terminated by the caller's contract.
+    let s = unsafe { CStr::from_ptr(socket) };
+    Some(Path::new(std::ffi::OsStr::from_bytes(s.to_bytes())))
+}
+
+/// The Rust library's builder for a socket (NULL: the default rules) and connect flags.
+fn client_builder(socket: Option<&Path>, flags: u32) -> Result<memshadow::Builder, Failure> {
+    if flags & !CONNECT_FLAGS != 0 {
+        return Err(invalid(format!(
+            "flags {flags:#x} has unknown bits {:#x} (MEMSHADOW_CONNECT_DEVICE_WRITES is {:#x})",
+            flags & !CONNECT_FLAGS,
+            MEMSHADOW_CONNECT_DEVICE_WRITES
+        )));
+    }
+    let b = match socket {
+        Some(p) => Client::builder().socket(p),
+        None => Client::builder(),
+    };
+    Ok(b.device_writes(flags & MEMSHADOW_CONNECT_DEVICE_WRITES != 0))
+}
+
+/// `memshadow_connect` (`path` NULL) or `memshadow_connect_to` (`path` a NUL-terminated
+/// file name) with options: `flags` is 0 or `MEMSHADOW_CONNECT_DEVICE_WRITES`, which lets
+/// the engines this process grants write its memory. Unknown flag bits are
+/// `MEMSHADOW_ERR_INVALID_ARGUMENT`. The Rust library's `Client::builder()`. On success
+/// `*out` is a new client handle (free it with `memshadow_client_free`); on failure `*out`
+/// is NULL. Since 0.2.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_connect_with(
+    path: *const c_char,
+    flags: u32,
+    out: *mut *mut FfiClient,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { socket_arg(path) };
+        let client = client_builder(path, flags)?.connect()?;
         // SAFETY: checked by `out_ptr`.
         unsafe { put(out, new_client(client)) };
         Ok(())
@@ -680,6 +762,151 @@ pub unsafe extern "C" fn memshadow_mirror_sync(
     })
 }
 
+/// A grant's token (since 0.2): the unguessable 128-bit number `memshadow_mirror_grant`
+/// gives and `memshadow_engine_attach` takes, never 0. `bytes` holds it least significant
+/// byte first (little-endian), as the Rust library's `u128` `to_le_bytes`. To pass it to
+/// another process as text, use `memshadow_token_to_hex` and `memshadow_token_from_hex`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct memshadow_token {
+    /// The token, little-endian.
+    pub bytes: [u8; 16],
+}
+
+impl memshadow_token {
+    fn of(token: u128) -> memshadow_token {
+        memshadow_token {
+            bytes: token.to_le_bytes(),
+        }
+    }
+
+    fn value(&self) -> u128 {
+        u128::from_le_bytes(self.bytes)
+    }
+}
+
+/// Grants an external engine access to this mirror: `*token_out` receives a new
+/// unguessable token (never 0) to hand to the engine by any means (a pipe, a file, the
+/// command line as `memshadow_token_to_hex` writes it); the engine passes it to
+/// `memshadow_engine_attach`. An engine of another user is refused (unless it is root or
+/// the daemon's user). Detaching the mirror, or this process's exit, revokes every grant of
+/// the mirror and evicts its engines. To let engines write this process's memory, connect
+/// with `memshadow_connect_with(..., MEMSHADOW_CONNECT_DEVICE_WRITES, ...)`.
+/// `MEMSHADOW_ERR_UNSUPPORTED` if the daemon has no external engines (protocol 3),
+/// `MEMSHADOW_ERR_NO_SUCH_MIRROR` after a detach. On failure `*token_out` is all zeros.
+/// The Rust library's `Mirror::grant`. Since 0.2.
+///
+/// # Safety
+/// `mirror` is NULL or a live mirror handle; `token_out` is NULL or valid for writing a
+/// `memshadow_token`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_mirror_grant(
+    mirror: *const FfiMirror,
+    token_out: *mut memshadow_token,
+) -> Status {
+    guard(|| {
+        if token_out.is_null() {
+            return Err(invalid("token_out is NULL"));
+        }
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(token_out, memshadow_token::default()) };
+        // SAFETY: the caller's contract.
+        let token = unsafe { on_mirror(mirror, Mirror::grant) }?;
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(token_out, memshadow_token::of(token)) };
+        Ok(())
+    })
+}
+
+/// The size of the buffer `memshadow_token_to_hex` needs: 32 hex digits and a NUL.
+pub const MEMSHADOW_TOKEN_HEX_SIZE: usize = 33;
+
+/// Writes `*token` into `buf` as text: 32 lowercase hex digits, most significant first (the
+/// token as one 128-bit number, as Rust's `format!("{token:032x}")`), and a NUL.
+/// `size` is the size of `buf`, at least `MEMSHADOW_TOKEN_HEX_SIZE`; a smaller one is
+/// `MEMSHADOW_ERR_INVALID_ARGUMENT` (and `buf`, if it has room for it, gets "").
+/// Since 0.2.
+///
+/// # Safety
+/// `token` is NULL or points to a `memshadow_token`; `buf` is NULL or valid for writing
+/// `size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_token_to_hex(
+    token: *const memshadow_token,
+    buf: *mut c_char,
+    size: usize,
+) -> Status {
+    guard(|| {
+        if buf.is_null() {
+            return Err(invalid("buf is NULL"));
+        }
+        if size == 0 {
+            return Err(invalid("size is 0"));
+        }
+        // SAFETY: not NULL, `size` >= 1 bytes writable by the caller's contract.
+        unsafe { put(buf, 0) };
+        if size < MEMSHADOW_TOKEN_HEX_SIZE {
+            return Err(invalid(format!(
+                "size is {size}; a token needs {MEMSHADOW_TOKEN_HEX_SIZE} bytes \
+                 (MEMSHADOW_TOKEN_HEX_SIZE)"
+            )));
+        }
+        // SAFETY: the caller's contract.
+        let token = unsafe { handle(token, "token") }?;
+        let text = format!("{:032x}\0", token.value());
+        debug_assert_eq!(text.len(), MEMSHADOW_TOKEN_HEX_SIZE);
+        // SAFETY: `buf` is valid for `size` >= MEMSHADOW_TOKEN_HEX_SIZE = `text.len()` bytes
+        // by the caller's contract, and a fresh `String` cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len()) };
+        Ok(())
+    })
+}
+
+/// A token from text: 1 to 32 hex digits (either case), most significant first, and
+/// nothing else (no `0x`, no spaces or newline), as `memshadow_token_to_hex` writes it or
+/// Rust's `{:x}` formats a `u128`. Anything else is `MEMSHADOW_ERR_INVALID_ARGUMENT` and
+/// leaves `*out` all zeros. All zeros (a token is never 0) is accepted here and refused by
+/// `memshadow_engine_attach`. Since 0.2.
+///
+/// # Safety
+/// `hex` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a
+/// `memshadow_token`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_token_from_hex(
+    hex: *const c_char,
+    out: *mut memshadow_token,
+) -> Status {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(out, memshadow_token::default()) };
+        if hex.is_null() {
+            return Err(invalid("hex is NULL"));
+        }
+        // SAFETY: not NULL, and NUL-terminated by the caller's contract.
+        let text = unsafe { CStr::from_ptr(hex) }.to_bytes();
+        let token = parse_token(text).ok_or_else(|| {
+            invalid(format!(
+                "{:?} is no token: 1 to 32 hex digits expected",
+                String::from_utf8_lossy(text)
+            ))
+        })?;
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(out, memshadow_token::of(token)) };
+        Ok(())
+    })
+}
+
+/// 1 to 32 hex digits as a `u128`.
+fn parse_token(text: &[u8]) -> Option<u128> {
+    if text.is_empty() || text.len() > 32 || !text.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u128::from_str_radix(std::str::from_utf8(text).ok()?, 16).ok()
+}
+
 /// The mirror's id (0 if `mirror` is NULL).
 ///
 /// # Safety
@@ -866,6 +1093,402 @@ pub unsafe extern "C" fn memshadow_stats_get(
 pub unsafe extern "C" fn memshadow_stats_free(stats: *mut FfiStats) {
     // SAFETY: the caller's contract is `free_handle`'s.
     unsafe { free_handle(stats) }
+}
+
+/// An external engine handle (`struct memshadow_engine`, since 0.2): an engine of one
+/// mirror of another process (the client), reading the client's mirrored memory straight
+/// from the daemon's shadow, shared with it, at memory speed, through a TLB of its own, and
+/// acknowledging the daemon's TLB flushes itself (docs/engines.md). The client grants the
+/// mirror (`memshadow_mirror_grant`); the engine attaches with the token
+/// (`memshadow_engine_attach`) on a session of its own; it need not be a client itself.
+///
+/// The contract the library keeps for an engine:
+/// - G1: a `memshadow_engine_read` that begins after the client's `munmap`, `madvise` or
+///   `mremap` of the range returned never sees the old bytes.
+/// - G2: the engine acknowledges flushes only inside `memshadow_engine_poll` and
+///   `memshadow_engine_read` (before it translates anything), so between its accesses,
+///   never during a copy; the daemon reuses a shadow slot only after every engine
+///   acknowledged the flush that unmapped it, so no slot is reused under a read.
+/// - An engine must keep acknowledging: wait for `memshadow_engine_fd` to be readable
+///   (poll, epoll) and call `memshadow_engine_poll`, or read. One that leaves a flush
+///   unacknowledged longer than the daemon's `device.engine_ack_timeout_ms` (default
+///   1000) is evicted: poll, read and write then fail with `MEMSHADOW_ERR_EVICTED`. Its
+///   mappings stay, so a read that raced the eviction may have returned stale bytes, or
+///   bytes of a slot reused for another page, of the same client only (never another
+///   client's memory). An evicted engine can only be freed.
+///
+/// Threads: an engine handle is used by one thread at a time (every call on it, the
+/// getters too); it may be handed to another thread between calls. Different engines may
+/// be used by different threads at once.
+#[derive(Debug)]
+pub struct FfiEngine {
+    engine: memshadow::Engine,
+}
+
+/// What an engine counted since it attached (`memshadow_engine_stats`, since 0.2).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct memshadow_engine_counters {
+    /// Page translations found in the engine's TLB.
+    pub tlb_hits: u64,
+    /// Page translations not in the TLB (looked up in the shared page table).
+    pub tlb_misses: u64,
+    /// Fault requests sent to the daemon (one per missing run of pages of a read).
+    pub faults: u64,
+    /// Flush requests of the daemon handled and acknowledged (each an invalidation that
+    /// touched this engine's mirror, or a "flush all").
+    pub flushes_processed: u64,
+    /// Times a read started again (after faults, or because the client's memory changed
+    /// during the copy).
+    pub retries: u64,
+}
+
+/// The pieces a device write is cut into: the protocol's largest message payload
+/// (`memshadow_proto::MAX_READ`, checked by a test), what `Engine::write` takes per call.
+const WRITE_CHUNK: usize = 60 * 1024;
+
+/// Stores a new engine handle through `out` (checked by `out_ptr`).
+///
+/// # Safety
+/// `out` is valid for writing a pointer.
+unsafe fn put_engine(out: *mut *mut FfiEngine, engine: memshadow::Engine) {
+    let e = Box::into_raw(Box::new(FfiEngine { engine }));
+    // SAFETY: the caller's contract.
+    unsafe { put(out, e) };
+}
+
+/// Attaches as an external engine to the mirror `*token` grants (`memshadow_mirror_grant`
+/// in the client), on a session of its own with the daemon at `socket` (a NUL-terminated
+/// path), or, with `socket` NULL, at the socket `memshadow_connect` would find. The
+/// process need not be a client. On success `*out` is a new engine handle (free it with
+/// `memshadow_engine_free`); on failure `*out` is NULL.
+/// Errors: `MEMSHADOW_ERR_NO_SUCH_GRANT` when the token is wrong, revoked (its mirror was
+/// detached or its client exited) or given to another user; `MEMSHADOW_ERR_INVALID_ARGUMENT`
+/// for a token of 0; `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no external engines;
+/// the connection errors of `memshadow_connect`. Since 0.2.
+///
+/// # Safety
+/// `socket` is NULL or a NUL-terminated string; `token` is NULL or points to a
+/// `memshadow_token`; `out` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_attach(
+    socket: *const c_char,
+    token: *const memshadow_token,
+    out: *mut *mut FfiEngine,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let token = unsafe { handle(token, "token") }?.value();
+        // SAFETY: the caller's contract.
+        let socket = unsafe { socket_arg(socket) };
+        let engine = memshadow::Engine::attach(socket, token)?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put_engine(out, engine) };
+        Ok(())
+    })
+}
+
+/// Attaches as an external engine to mirror `mirror_id` (the client's
+/// `memshadow_mirror_id`) of the client with process id `pid`, without a grant: only root
+/// and the daemon's own user may (`MEMSHADOW_ERR_PERMISSION_DENIED` otherwise).
+/// `MEMSHADOW_ERR_NO_SUCH_CLIENT` when no client has that pid (any pid <= 0),
+/// `MEMSHADOW_ERR_NO_SUCH_MIRROR` when it has no such mirror. Otherwise as
+/// `memshadow_engine_attach`. Since 0.2.
+///
+/// # Safety
+/// `socket` is NULL or a NUL-terminated string; `out` is NULL or valid for writing a
+/// pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_attach_pid(
+    socket: *const c_char,
+    pid: i32,
+    mirror_id: u64,
+    out: *mut *mut FfiEngine,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let out = unsafe { out_ptr(out, "out") }?;
+        // SAFETY: the caller's contract.
+        let socket = unsafe { socket_arg(socket) };
+        let engine = memshadow::Engine::attach_pid(socket, pid, mirror_id)?;
+        // SAFETY: checked by `out_ptr`.
+        unsafe { put_engine(out, engine) };
+        Ok(())
+    })
+}
+
+/// Borrows the engine behind a handle, for a call that changes it.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle that no other thread uses during `'a`.
+unsafe fn engine_mut<'a>(engine: *mut FfiEngine) -> Result<&'a mut memshadow::Engine, Failure> {
+    // SAFETY: the caller's contract.
+    let e = unsafe { engine.as_mut() }.ok_or_else(|| invalid("engine is NULL"))?;
+    Ok(&mut e.engine)
+}
+
+/// Runs `f` on the engine behind a handle, for a getter.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle that no other thread uses meanwhile.
+unsafe fn on_engine<T>(
+    engine: *const FfiEngine,
+    f: impl FnOnce(&memshadow::Engine) -> T,
+) -> Result<T, Failure> {
+    // SAFETY: the caller's contract.
+    let e = unsafe { handle(engine, "engine") }?;
+    Ok(f(&e.engine))
+}
+
+/// A read of the engine's mirror: copies `len` bytes at `offset` into `buf` from the
+/// shared shadow. It first handles the flushes the daemon queued (as `memshadow_engine_poll`
+/// does, without the doorbell's system call), then translates each page through the
+/// engine's TLB, else the shared page table, asking the daemon to fault in missing pages
+/// (one request per missing run), copies, and starts again if the client's memory changed
+/// meanwhile. No system call when every page is in the shadow and nothing changed. G1: the
+/// bytes are never older than a `munmap`, `madvise` or `mremap` of the client that returned
+/// before the call began.
+/// Errors: `MEMSHADOW_ERR_BAD_RANGE` outside the mirror, `MEMSHADOW_ERR_NOT_MIRRORED` where
+/// the client unmapped the range, `MEMSHADOW_ERR_EVICTED`, `MEMSHADOW_ERR_DAEMON_GONE`,
+/// `MEMSHADOW_ERR_PROTOCOL` when the daemon seems stuck; `buf` may be partly written then.
+/// Not thread-safe: one thread at a time per engine. Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile; `buf` is NULL
+/// or valid for writing `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_read(
+    engine: *mut FfiEngine,
+    offset: usize,
+    buf: *mut c_void,
+    len: usize,
+) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let engine = unsafe { engine_mut(engine) }?;
+        if buf.is_null() {
+            return Err(invalid("buf is NULL"));
+        }
+        if len > isize::MAX as usize {
+            return Err(invalid("len is too large"));
+        }
+        // SAFETY: not NULL, `len` fits an allocation, and valid for writes of `len`
+        // bytes by the caller's contract; u8 needs no alignment.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        Ok(engine.read(offset as u64, buf)?)
+    })
+}
+
+/// A device (DMA) write: the daemon writes the `len` bytes at `buf` into the client's
+/// memory at `offset` into the mirror, where the client's mappings are writable, then
+/// invalidates the pages written, so this engine's next read, the other engines and the
+/// client all see the new bytes. The client must have allowed it (it connected with
+/// `MEMSHADOW_CONNECT_DEVICE_WRITES`). A long write goes in pieces of 60 KiB, each written
+/// and invalidated in turn. If `written` is not NULL it receives the bytes written: fewer
+/// than `len` where the client's mapping stops being writable part of the way, and on
+/// failure those the pieces before the failing one wrote.
+/// Errors: `MEMSHADOW_ERR_DAEMON` when nothing could be written at `offset` (the client did
+/// not allow device writes, or its mapping there is read-only; the message says so),
+/// `MEMSHADOW_ERR_BAD_RANGE` outside the mirror, `MEMSHADOW_ERR_NOT_MIRRORED`,
+/// `MEMSHADOW_ERR_EVICTED`, `MEMSHADOW_ERR_DAEMON_GONE`. One thread at a time per engine.
+/// Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile; `buf` is NULL
+/// or valid for reading `len` bytes; `written` is NULL or valid for writing a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_write(
+    engine: *mut FfiEngine,
+    offset: usize,
+    buf: *const c_void,
+    len: usize,
+    written: *mut usize,
+) -> Status {
+    guard(|| {
+        if !written.is_null() {
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(written, 0) };
+        }
+        // SAFETY: the caller's contract.
+        let engine = unsafe { engine_mut(engine) }?;
+        if buf.is_null() {
+            return Err(invalid("buf is NULL"));
+        }
+        if len > isize::MAX as usize {
+            return Err(invalid("len is too large"));
+        }
+        // SAFETY: not NULL, `len` fits an allocation, and valid for reads of `len` bytes
+        // by the caller's contract; u8 needs no alignment.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        let mut done = 0usize;
+        let outcome = write_pieces(engine, offset, bytes, &mut done);
+        if !written.is_null() {
+            // SAFETY: not NULL, and the caller's contract.
+            unsafe { put(written, done) };
+        }
+        outcome
+    })
+}
+
+/// Writes `bytes` at `offset` in pieces of at most [`WRITE_CHUNK`], counting what was
+/// written in `done`; stops after a short piece.
+fn write_pieces(
+    engine: &mut memshadow::Engine,
+    offset: usize,
+    bytes: &[u8],
+    done: &mut usize,
+) -> Result<(), Failure> {
+    if bytes.is_empty() {
+        // Still checked against the mirror, and the engine's state, by the library.
+        engine.write(offset as u64, bytes)?;
+        return Ok(());
+    }
+    for piece in bytes.chunks(WRITE_CHUNK) {
+        let at = offset
+            .checked_add(*done)
+            .ok_or_else(|| Failure::from(Error::BadRange(format!("offset {offset:#x}"))))?;
+        let n = engine.write(at as u64, piece)?;
+        *done += n.min(piece.len());
+        if n < piece.len() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Handles the flushes the daemon queued for this engine: drops the translations they name
+/// and acknowledges them (waking the daemon, which may be waiting to reuse the slots), and
+/// drains the doorbell. Call it whenever `memshadow_engine_fd` is readable, between
+/// accesses; cheap when there is nothing to do (no system call but the doorbell's read).
+/// `MEMSHADOW_ERR_EVICTED` once evicted. One thread at a time per engine. Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_poll(engine: *mut FfiEngine) -> Status {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        Ok(unsafe { engine_mut(engine) }?.poll()?)
+    })
+}
+
+/// The engine's doorbell, a file descriptor (an eventfd) that becomes readable when the
+/// daemon queued flushes for it: wait for `POLLIN`/`EPOLLIN` with poll or epoll, then call
+/// `memshadow_engine_poll`. Do not read, write or close it; it stays valid until
+/// `memshadow_engine_free`. -1 if `engine` is NULL. Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_fd(engine: *const FfiEngine) -> c_int {
+    // SAFETY: the caller's contract.
+    guard_value(-1, || unsafe { on_engine(engine, |e| e.fd().as_raw_fd()) }).0
+}
+
+/// Stores what the engine counted since it attached in `*out`. Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile; `out` is NULL
+/// or valid for writing a `memshadow_engine_counters`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_stats(
+    engine: *const FfiEngine,
+    out: *mut memshadow_engine_counters,
+) -> Status {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(out, memshadow_engine_counters::default()) };
+        // SAFETY: the caller's contract.
+        let s = unsafe { on_engine(engine, memshadow::Engine::stats) }?;
+        let counters = memshadow_engine_counters {
+            tlb_hits: s.tlb_hits,
+            tlb_misses: s.tlb_misses,
+            faults: s.faults,
+            flushes_processed: s.flushes_processed,
+            retries: s.retries,
+        };
+        // SAFETY: not NULL, and the caller's contract.
+        unsafe { put(out, counters) };
+        Ok(())
+    })
+}
+
+/// The engine's id, unique in the daemon's run (0 if `engine` is NULL). Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_id(engine: *const FfiEngine) -> u64 {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe {
+        on_engine(engine, |e| u64::from(e.engine_id()))
+    })
+    .0
+}
+
+/// The id of the engine's mirror within its client, the client's `memshadow_mirror_id`
+/// (0 if `engine` is NULL). Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_mirror_id(engine: *const FfiEngine) -> u64 {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe {
+        on_engine(engine, memshadow::Engine::mirror_id)
+    })
+    .0
+}
+
+/// The address of the mirror's first byte in the client's address space (not this
+/// process's: offsets, not addresses, are what reads take), as it was when the engine
+/// attached (0 if `engine` is NULL). Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_addr(engine: *const FfiEngine) -> u64 {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe { on_engine(engine, memshadow::Engine::addr) }).0
+}
+
+/// The mirror's length in bytes (0 if `engine` is NULL). Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_len(engine: *const FfiEngine) -> usize {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe { on_engine(engine, |e| size(e.len())) }).0
+}
+
+/// The daemon's page size in bytes (0 if `engine` is NULL). Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a live engine handle no other thread uses meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_page_size(engine: *const FfiEngine) -> usize {
+    // SAFETY: the caller's contract.
+    guard_value(0, || unsafe { on_engine(engine, |e| size(e.page_size())) }).0
+}
+
+/// Detaches the engine and frees the handle: closes its session (the daemon then counts it
+/// as having acknowledged everything, so nothing waits for it) and unmaps the shadow. The
+/// doorbell fd is closed. Never fails. NULL is ignored. The Rust library's
+/// `Engine::detach`. Since 0.2.
+///
+/// # Safety
+/// `engine` is NULL or a handle from `memshadow_engine_attach*` not freed yet, and no other
+/// thread uses it any more.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memshadow_engine_free(engine: *mut FfiEngine) {
+    // SAFETY: the caller's contract is `free_handle`'s.
+    unsafe { free_handle(engine) }
 }
 
 /// The message of the last failed call on this thread ("" if the last call succeeded).

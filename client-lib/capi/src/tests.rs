@@ -297,6 +297,8 @@ fn daemon_refusals_map_to_their_codes() {
         (ErrorCode::BadMessage, MEMSHADOW_ERR_PROTOCOL),
         (ErrorCode::ShuttingDown, MEMSHADOW_ERR_DAEMON_GONE),
         (ErrorCode::AccessFailed, MEMSHADOW_ERR_DAEMON),
+        (ErrorCode::NoSuchGrant, MEMSHADOW_ERR_NO_SUCH_GRANT),
+        (ErrorCode::Evicted, MEMSHADOW_ERR_EVICTED),
         (ErrorCode::Other(77), MEMSHADOW_ERR_DAEMON),
     ];
     let (tx, rx) = mpsc::channel::<ErrorCode>();
@@ -356,6 +358,8 @@ fn every_error_variant_has_a_distinct_code_and_name() {
             message: "i".into(),
         },
         Error::Socket(SocketError::Closed),
+        Error::NoSuchGrant("g".into()),
+        Error::Evicted("e".into()),
     ];
     let mut codes: Vec<Status> = errors.iter().map(Status::of).collect();
     codes.extend([
@@ -554,4 +558,387 @@ fn the_library_version_is_the_crate_version() {
     // SAFETY: a static C string.
     let v = unsafe { CStr::from_ptr(memshadow_version()) };
     assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+/// The two errors of external engines have codes of their own, appended after the codes of
+/// 0.1 (whose values never change), with the Rust library's message.
+#[test]
+fn the_engine_errors_have_codes_of_their_own() {
+    assert_eq!(
+        MEMSHADOW_ERR_OUT_OF_RESOURCES as i32, -24,
+        "0.1's last code"
+    );
+    assert_eq!(MEMSHADOW_ERR_NO_SUCH_GRANT as i32, -25);
+    assert_eq!(MEMSHADOW_ERR_EVICTED as i32, -26);
+    let f = Failure::from(Error::NoSuchGrant("wrong token".into()));
+    assert_eq!(
+        (f.status, f.message.as_str(), f.errno),
+        (MEMSHADOW_ERR_NO_SUCH_GRANT, "no such grant: wrong token", 0)
+    );
+    let f = Failure::from(Error::Evicted("too slow".into()));
+    assert_eq!(
+        (f.status, f.message.as_str(), f.errno),
+        (MEMSHADOW_ERR_EVICTED, "engine evicted: too slow", 0)
+    );
+    assert_eq!(
+        status_name(MEMSHADOW_ERR_NO_SUCH_GRANT),
+        "MEMSHADOW_ERR_NO_SUCH_GRANT"
+    );
+    assert_eq!(status_name(MEMSHADOW_ERR_EVICTED), "MEMSHADOW_ERR_EVICTED");
+}
+
+fn to_hex(token: &memshadow_token) -> (Status, String) {
+    let mut buf = [0x55 as c_char; MEMSHADOW_TOKEN_HEX_SIZE];
+    // SAFETY: a token and a buffer of its size.
+    let s = unsafe { memshadow_token_to_hex(token, buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: NUL-terminated after a success (checked below for failures).
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) };
+    (s, text.to_str().unwrap().to_owned())
+}
+
+fn from_hex(text: &CStr) -> (Status, memshadow_token) {
+    let mut t = memshadow_token { bytes: [0xAA; 16] };
+    // SAFETY: a C string and a writable token.
+    let s = unsafe { memshadow_token_from_hex(text.as_ptr(), &mut t) };
+    (s, t)
+}
+
+/// A token is 16 little-endian bytes in C and 32 hex digits of the number as text, the
+/// text the Rust library's `{:032x}` gives; the text goes back to the same token.
+#[test]
+fn tokens_go_to_hex_and_back() {
+    for v in [
+        1u128,
+        0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        u128::MAX,
+        1 << 127,
+    ] {
+        let t = memshadow_token::of(v);
+        assert_eq!(t.bytes, v.to_le_bytes());
+        assert_eq!(t.value(), v);
+        let (s, hex) = to_hex(&t);
+        assert_eq!(s, MEMSHADOW_OK);
+        assert_eq!(hex, format!("{v:032x}"));
+        let c = CString::new(hex).unwrap();
+        assert_eq!(from_hex(&c), (MEMSHADOW_OK, t));
+    }
+    let t = memshadow_token::of(0x1234_5678);
+    assert_eq!(
+        t.bytes[..4],
+        [0x78, 0x56, 0x34, 0x12],
+        "least significant byte first"
+    );
+    assert_eq!(to_hex(&t).1, "00000000000000000000000012345678");
+    // Short forms (Rust's `{:x}`) and upper case are read too.
+    assert_eq!(from_hex(c"12345678"), (MEMSHADOW_OK, t));
+    assert_eq!(
+        from_hex(c"ABCdef"),
+        (MEMSHADOW_OK, memshadow_token::of(0xabcdef))
+    );
+    assert_eq!(from_hex(c"0").1, memshadow_token::default());
+}
+
+#[test]
+fn a_token_that_is_no_hex_number_is_refused() {
+    for bad in [
+        c"",
+        c"0x12",
+        c" 12",
+        c"12\n",
+        c"12 ",
+        c"g",
+        c"-1",
+        c"+1",
+        c"123456789012345678901234567890123",
+    ] {
+        let (s, t) = from_hex(bad);
+        assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT, "{bad:?}");
+        assert_eq!(t, memshadow_token::default(), "{bad:?}: left all zeros");
+        assert!(last_error().contains("is no token"), "{}", last_error());
+    }
+    let mut t = memshadow_token { bytes: [1; 16] };
+    // SAFETY: NULL is checked; `t` is writable.
+    let s = unsafe { memshadow_token_from_hex(null(), &mut t) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "hex is NULL")
+    );
+    assert_eq!(t, memshadow_token::default());
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_token_from_hex(c"12".as_ptr(), null_mut()) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "out is NULL")
+    );
+}
+
+#[test]
+fn token_to_hex_needs_room_for_33_bytes() {
+    let t = memshadow_token::of(7);
+    let mut buf = [0x55 as c_char; MEMSHADOW_TOKEN_HEX_SIZE];
+    // SAFETY: `buf` has 32 bytes of room at least.
+    let s = unsafe { memshadow_token_to_hex(&t, buf.as_mut_ptr(), 32) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("MEMSHADOW_TOKEN_HEX_SIZE"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(buf[0], 0, "a buffer too small gets \"\"");
+    assert_eq!(buf[1], 0x55, "and nothing more");
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_token_to_hex(&t, null_mut(), 33) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "buf is NULL")
+    );
+    // SAFETY: a size of 0: nothing is written.
+    let s = unsafe { memshadow_token_to_hex(&t, buf.as_mut_ptr(), 0) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    // SAFETY: NULL token; `buf` is writable.
+    let s = unsafe { memshadow_token_to_hex(null(), buf.as_mut_ptr(), buf.len()) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "token is NULL")
+    );
+    assert_eq!(buf[0], 0);
+}
+
+/// `memshadow_mirror_grant` asks the daemon for a grant of the mirror and hands back its
+/// token as little-endian bytes; a refusal leaves the token all zeros.
+#[test]
+fn a_grant_through_the_c_api() {
+    const TOKEN: u128 = 0x00ff_0102_0304_0506_0708_090a_0b0c_0d0e;
+    let (tx, seen) = mpsc::channel::<u64>();
+    let tx = std::sync::Mutex::new(tx);
+    let c = fake_client(move |r| match r {
+        Request::Attach { .. } => Response::Attached { mirror_id: 4 },
+        Request::Grant { mirror_id } => {
+            tx.lock().unwrap().send(mirror_id).unwrap();
+            match mirror_id {
+                4 => Response::Granted { token: TOKEN },
+                _ => Response::error(ErrorCode::NoSuchMirror, "no mirror"),
+            }
+        }
+        Request::Detach { .. } => Response::Detached,
+        _ => Response::error(ErrorCode::Internal, "unexpected"),
+    });
+    let (s, m) = attach(c, 0x10000, 4096);
+    assert_eq!(s, MEMSHADOW_OK);
+    let mut t = memshadow_token { bytes: [9; 16] };
+    // SAFETY: a live mirror and a writable token.
+    let s = unsafe { memshadow_mirror_grant(m, &mut t) };
+    assert_eq!(s, MEMSHADOW_OK, "{}", last_error());
+    assert_eq!(seen.try_recv().unwrap(), 4);
+    assert_eq!(t.bytes, TOKEN.to_le_bytes());
+    assert_eq!(to_hex(&t).1, "00ff0102030405060708090a0b0c0d0e");
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_mirror_grant(m, null_mut()) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "token_out is NULL")
+    );
+    let mut t = memshadow_token { bytes: [9; 16] };
+    // SAFETY: NULL is checked; `t` is writable.
+    let s = unsafe { memshadow_mirror_grant(null(), &mut t) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "mirror is NULL")
+    );
+    assert_eq!(t, memshadow_token::default(), "cleared on failure");
+    // SAFETY: freed once.
+    unsafe { memshadow_mirror_free(m) };
+    // SAFETY: freed once.
+    unsafe { memshadow_client_free(c) };
+}
+
+/// A grant of token 0 would be a daemon's bug: refused, and the token left all zeros.
+#[test]
+fn a_grant_of_token_zero_is_a_protocol_error() {
+    let c = fake_client(|r| match r {
+        Request::Attach { .. } => Response::Attached { mirror_id: 1 },
+        Request::Grant { .. } => Response::Granted { token: 0 },
+        Request::Detach { .. } => Response::Detached,
+        _ => Response::error(ErrorCode::Internal, "unexpected"),
+    });
+    let (_, m) = attach(c, 0x10000, 4096);
+    let mut t = memshadow_token { bytes: [9; 16] };
+    // SAFETY: a live mirror and a writable token.
+    let s = unsafe { memshadow_mirror_grant(m, &mut t) };
+    assert_eq!(s, MEMSHADOW_ERR_PROTOCOL);
+    assert_eq!(t, memshadow_token::default());
+    // SAFETY: freed once.
+    unsafe { memshadow_mirror_free(m) };
+    // SAFETY: freed once.
+    unsafe { memshadow_client_free(c) };
+}
+
+/// Every engine call checks its pointers; getters of a NULL engine give 0 (the fd -1); a
+/// token of 0 and a pid of 0 are refused before any connection is made; freeing NULL is a
+/// no-op.
+#[test]
+fn engine_calls_check_their_arguments() {
+    let invalid = |s: Status, msg: &str| {
+        assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT, "{msg}");
+        assert_eq!(last_error(), msg);
+        assert_eq!(last_errno(), 0, "{msg}");
+    };
+    let token = memshadow_token::of(5);
+    let mut e = std::ptr::dangling_mut::<FfiEngine>();
+    // SAFETY: every pointer is NULL or valid (so in the calls below).
+    let s = unsafe { memshadow_engine_attach(null(), &token, null_mut()) };
+    invalid(s, "out is NULL");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_attach(null(), null(), &mut e) };
+    invalid(s, "token is NULL");
+    assert!(e.is_null(), "out pointers are cleared on failure");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_attach_pid(null(), 1, 1, null_mut()) };
+    invalid(s, "out is NULL");
+    let mut byte = 0u8;
+    let mut written = 7usize;
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_read(null_mut(), 0, (&raw mut byte).cast(), 1) };
+    invalid(s, "engine is NULL");
+    // SAFETY: as above.
+    let s =
+        unsafe { memshadow_engine_write(null_mut(), 0, (&raw const byte).cast(), 1, &mut written) };
+    invalid(s, "engine is NULL");
+    assert_eq!(written, 0, "nothing written");
+    // SAFETY: as above.
+    invalid(
+        unsafe { memshadow_engine_poll(null_mut()) },
+        "engine is NULL",
+    );
+    let mut counters = memshadow_engine_counters {
+        faults: 3,
+        ..Default::default()
+    };
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_stats(null(), &mut counters) };
+    invalid(s, "engine is NULL");
+    assert_eq!(counters.faults, 0, "cleared on failure");
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_stats(null(), null_mut()) };
+    invalid(s, "out is NULL");
+    // SAFETY: NULL handles.
+    unsafe {
+        assert_eq!(memshadow_engine_fd(null()), -1);
+    }
+    assert_eq!(last_error(), "engine is NULL");
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_engine_id(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_engine_mirror_id(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_engine_addr(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_engine_len(null()) }, 0);
+    // SAFETY: NULL handles.
+    assert_eq!(unsafe { memshadow_engine_page_size(null()) }, 0);
+    // SAFETY: a NULL handle is ignored.
+    unsafe { memshadow_engine_free(null_mut()) };
+    assert_eq!(last_error(), "");
+
+    // Refused before connecting: the socket path does not exist, and is not looked at.
+    let nowhere = c"/nonexistent/memshadowd.sock";
+    let zero = memshadow_token::default();
+    // SAFETY: a C string, a token and a writable out pointer.
+    let s = unsafe { memshadow_engine_attach(nowhere.as_ptr(), &zero, &mut e) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("never 0"), "{}", last_error());
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_attach_pid(nowhere.as_ptr(), 0, 1, &mut e) };
+    assert_eq!(s, MEMSHADOW_ERR_NO_SUCH_CLIENT);
+    assert!(e.is_null());
+}
+
+/// The engine's session is opened at the socket given (or found as for a client), with the
+/// errors of a client's connection.
+#[test]
+fn an_engine_attach_to_a_missing_socket_is_a_connect_error() {
+    let token = memshadow_token::of(5);
+    let mut e = std::ptr::dangling_mut::<FfiEngine>();
+    // SAFETY: a C string, a token and a writable out pointer.
+    let s = unsafe { memshadow_engine_attach(c"/nonexistent/e.sock".as_ptr(), &token, &mut e) };
+    assert_eq!(s, MEMSHADOW_ERR_CONNECT);
+    assert_eq!(last_errno(), libc::ENOENT);
+    assert!(
+        last_error().contains("/nonexistent/e.sock"),
+        "{}",
+        last_error()
+    );
+    assert!(e.is_null());
+    // SAFETY: as above.
+    let s = unsafe { memshadow_engine_attach_pid(c"/nonexistent/e.sock".as_ptr(), 1, 1, &mut e) };
+    assert_eq!((s, last_errno()), (MEMSHADOW_ERR_CONNECT, libc::ENOENT));
+}
+
+/// `memshadow_connect_with` refuses unknown flags before connecting, and connects where
+/// `path` says.
+#[test]
+fn connect_with_checks_its_flags_and_path() {
+    let mut c = std::ptr::dangling_mut::<FfiClient>();
+    let nowhere = c"/nonexistent/memshadow.sock";
+    // SAFETY: a C string and a writable out pointer.
+    let s = unsafe { memshadow_connect_with(nowhere.as_ptr(), 2, &mut c) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("unknown bits 0x2"),
+        "{}",
+        last_error()
+    );
+    assert!(c.is_null());
+    // SAFETY: as above.
+    let s = unsafe { memshadow_connect_with(nowhere.as_ptr(), u32::MAX, &mut c) };
+    assert_eq!(s, MEMSHADOW_ERR_INVALID_ARGUMENT);
+    for flags in [0, MEMSHADOW_CONNECT_DEVICE_WRITES] {
+        // SAFETY: as above.
+        let s = unsafe { memshadow_connect_with(nowhere.as_ptr(), flags, &mut c) };
+        assert_eq!((s, last_errno()), (MEMSHADOW_ERR_CONNECT, libc::ENOENT));
+        assert!(
+            last_error().contains("/nonexistent/memshadow.sock"),
+            "{}",
+            last_error()
+        );
+    }
+    // SAFETY: NULL is checked.
+    let s = unsafe { memshadow_connect_with(null(), 0, null_mut()) };
+    assert_eq!(
+        (s, last_error().as_str()),
+        (MEMSHADOW_ERR_INVALID_ARGUMENT, "out is NULL")
+    );
+}
+
+/// `MEMSHADOW_CONNECT_DEVICE_WRITES` hands the daemon `/proc/self/mem` opened for writing;
+/// without it, read-only.
+#[test]
+fn the_device_writes_flag_hands_over_a_writable_mem_file() {
+    for (flags, want) in [
+        (0, libc::O_RDONLY),
+        (MEMSHADOW_CONNECT_DEVICE_WRITES, libc::O_RDWR),
+    ] {
+        let (tx, mode) = mpsc::channel::<c_int>();
+        let tx = std::sync::Mutex::new(tx);
+        let (sock, _daemon) = fake_daemon::spawn(Limits::default(), move |r, fds| {
+            if let Request::Bind { .. } = r {
+                let fl = nix::fcntl::fcntl(&fds[1], nix::fcntl::FcntlArg::F_GETFL).unwrap();
+                tx.lock().unwrap().send(fl & libc::O_ACCMODE).unwrap();
+            }
+            None
+        });
+        let client = client_builder(None, flags)
+            .unwrap()
+            .socket_fd(sock)
+            .connect()
+            .unwrap();
+        assert_eq!(mode.try_recv().unwrap(), want, "flags {flags}");
+        drop(client);
+    }
+}
+
+/// A long device write goes in pieces no larger than a message may carry.
+#[test]
+fn device_writes_go_in_pieces_the_protocol_carries() {
+    assert_eq!(WRITE_CHUNK, memshadow_proto::MAX_READ);
 }
