@@ -454,3 +454,173 @@ fn other_clients_are_refused_to_an_unprivileged_user() {
         Some(2)
     );
 }
+
+/// Mirror `a` of client `c` granted to an engine in a process of its own (`test-client
+/// --engine TOKEN`), which has read it all once. Returns the engine and the mirror's id.
+fn engine_of(d: &Daemon, c: &mut TestClient, pages: u64, byte: u8) -> (TestClient, u64) {
+    let token = fields(&c.expect_ok("grant a"))["token"].clone();
+    let mut e = TestClient::start_with(d.socket(), &["--engine", &token]);
+    assert_eq!(
+        e.expect_ok(&format!("read 0 {}", pages * P)),
+        format!("uniform={byte}")
+    );
+    let m = json(d, &["mirrors", "--pid", &c.pid().to_string()]);
+    let id = m[0]["id"].as_u64().unwrap_or_else(|| panic!("{m}"));
+    (e, id)
+}
+
+/// The engine with id `id` in `memshadowctl --json engines [args]`.
+fn listed_engine(d: &Daemon, args: &[&str], id: u64) -> Option<Value> {
+    let mut a = vec!["engines"];
+    a.extend_from_slice(args);
+    let v = json(d, &a);
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .find(|x| x["id"].as_u64() == Some(id))
+        .cloned()
+}
+
+#[test]
+fn engines_lists_an_attached_engine_with_its_pids_and_mirror() {
+    // A generous acknowledgement timeout: this engine acknowledges only when the test asks.
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "30000"]);
+    let (other, _) = client_with_map(&d, 2, 2);
+    let (mut c, _) = client_with_map(&d, 4, 7);
+    let (mut e, mirror) = engine_of(&d, &mut c, 4, 7);
+    let id: u64 = fields(&e.expect_ok("ping"))["engine"].parse().unwrap();
+    let client_pid = c.pid().to_string();
+
+    // An invalidation of pages the engine caches: a flush on its ring, acknowledged by its
+    // next access (the read waits for the client's epoch, then handles the ring).
+    c.expect_ok("madvise a dontneed");
+    assert_eq!(e.expect_ok(&format!("read 0 {P}")), "uniform=0");
+    d.wait_until("the flush acknowledged", HANG_GUARD, || {
+        listed_engine(&d, &[], id)
+            .is_some_and(|x| x["acks"].as_u64() >= Some(1) && x["depth"].as_u64() == Some(0))
+    });
+
+    let x = listed_engine(&d, &[], id).unwrap();
+    assert_eq!(x["pid"].as_i64(), Some(e.pid().into()), "{x}");
+    assert_eq!(x["client_pid"].as_i64(), Some(c.pid().into()), "{x}");
+    assert_eq!(x["mirror_id"].as_u64(), Some(mirror), "{x}");
+    assert_eq!(x["state"].as_str(), Some("attached"), "{x}");
+    assert!(x["flushes"].as_u64().unwrap() >= 1, "{x}");
+    assert!(
+        x["faults"].as_u64().unwrap() >= 1,
+        "it faulted pages in: {x}"
+    );
+    assert_eq!(x["writes"].as_u64(), Some(0), "{x}");
+    assert_eq!(x["overflows"].as_u64(), Some(0), "{x}");
+    assert!(x["ack_p99_us"].as_u64() >= x["ack_p50_us"].as_u64(), "{x}");
+    // What the engine says its TLB holds (its own word, as of its last acknowledgement or
+    // fault): at most the mirror's 4 pages.
+    assert!(x["tlb_entries"].as_u64().unwrap() <= 4, "{x}");
+
+    // --pid: this client's engines only; another client has none.
+    let mine = json(&d, &["engines", "--pid", &client_pid]);
+    assert_eq!(mine.as_array().map(Vec::len), Some(1), "{mine}");
+    let theirs = json(&d, &["engines", "--pid", &other.pid().to_string()]);
+    assert_eq!(theirs, Value::Array(vec![]), "{theirs}");
+
+    // The table: a header and the engine's row.
+    let text = ok(&d, &["engines"]);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    for col in [
+        "ID", "PID", "CLIENT", "MIRROR", "DEPTH", "ACK P50", "ACK P99", "STATE",
+    ] {
+        assert!(header.contains(col), "{col} in {header}");
+    }
+    let row: Vec<&str> = lines
+        .find(|l| l.split_whitespace().next() == Some(id.to_string().as_str()))
+        .unwrap_or_else(|| panic!("engine {id} not listed: {text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[1], e.pid().to_string(), "{text}");
+    assert_eq!(row[2], client_pid, "{text}");
+    assert_eq!(row[3], mirror.to_string(), "{text}");
+    assert_eq!(row.last(), Some(&"attached"), "{text}");
+
+    // The engine's process exits: it is no longer listed (or shown gone).
+    e.kill();
+    d.wait_until("the engine to leave the list", HANG_GUARD, || {
+        listed_engine(&d, &[], id).is_none_or(|x| x["state"] == "gone")
+    });
+}
+
+/// An engine that does not acknowledge within `device.engine_ack_timeout_ms` (here: a
+/// stopped process) is evicted: `engines` says so, `stats` counts it, and the engine's next
+/// access, once it runs again, is refused.
+#[test]
+fn engines_shows_an_engine_evicted_for_a_missed_acknowledgement() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "50"]);
+    let (mut c, _) = client_with_map(&d, 4, 3);
+    let (mut e, _) = engine_of(&d, &mut c, 4, 3);
+    let id: u64 = fields(&e.expect_ok("ping"))["engine"].parse().unwrap();
+    assert_eq!(
+        json(&d, &["stats"])["device.engine_evictions"].as_u64(),
+        Some(0)
+    );
+    kill(Pid::from_raw(e.pid()), Signal::SIGSTOP).unwrap();
+    // A flush the stopped engine cannot acknowledge; the client's call is not held up.
+    c.expect_ok("madvise a dontneed");
+    d.wait_until("the engine to be evicted", HANG_GUARD, || {
+        listed_engine(&d, &[], id).is_some_and(|x| x["state"] == "evicted")
+    });
+    assert_eq!(
+        json(&d, &["stats"])["device.engine_evictions"].as_u64(),
+        Some(1)
+    );
+    let text = ok(&d, &["engines"]);
+    assert!(text.lines().any(|l| l.ends_with("  evicted")), "{text}");
+    kill(Pid::from_raw(e.pid()), Signal::SIGCONT).unwrap();
+    let a = e.cmd(&format!("read 0 {P}"));
+    assert!(a.starts_with("err engine evicted"), "{a}");
+}
+
+#[test]
+fn engines_are_refused_to_an_unprivileged_user() {
+    if !needs_root("runs memshadowctl as nobody") {
+        return;
+    }
+    let Some(runuser) = tool("runuser", "util-linux") else {
+        return;
+    };
+    let d = Daemon::start(&[]);
+    std::fs::set_permissions(
+        d.dir().path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (mut c, _) = client_with_map(&d, 2, 1);
+    let (e, _) = engine_of(&d, &mut c, 2, 1);
+    let pid = c.pid().to_string();
+    for args in [
+        vec!["engines"],
+        vec!["--json", "engines"],
+        vec!["engines", "--pid", &pid],
+    ] {
+        let o = as_nobody(&runuser, &d, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(4), "{args:?} as nobody: {err}");
+        assert_eq!(
+            err.trim_end(),
+            "memshadowctl: permission denied: listing other clients' engines is for root or the \
+             daemon's owner",
+            "{args:?}"
+        );
+        assert!(o.stdout.is_empty(), "nothing listed: {args:?}");
+    }
+    // Root still sees it.
+    let all = json(&d, &["engines"]);
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["pid"].as_i64() == Some(e.pid().into())),
+        "{all}"
+    );
+}

@@ -2,7 +2,9 @@
 //! exercises it, and that must exist — `.ci/run` (which extracts and runs the README's marked
 //! prerequisite, main-job and test commands, and must contain every other `ci` block
 //! verbatim) or a named test. And every Rust snippet in them must be one of the client
-//! library's documentation examples (which `cargo test` compiles), so none can rot.
+//! library's documentation examples (which `cargo test` compiles), or lines of code, in
+//! order, of one example program of `client-lib/examples/` (which `cargo build --examples`
+//! and `cargo test` build), so none can rot.
 //!
 //! Markers, on the line before a ```sh block:
 //! `<!-- prereq-command -->`, `<!-- main-command -->`, `<!-- test-command -->` (README.md
@@ -169,6 +171,46 @@ fn doc_examples(src: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// A line of Rust without its `//` comment, trimmed (a `//` inside a string cuts it too,
+/// which only makes a match less likely).
+fn code_of(line: &str) -> &str {
+    line.find("//").map_or(line, |i| &line[..i]).trim()
+}
+
+/// The lines of code of `src`: comments dropped, trimmed, blank ones left out.
+fn code_lines(src: &str) -> Vec<String> {
+    src.lines()
+        .map(code_of)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// True if every line of `want` is a line of `have`, in the same order.
+fn in_order(want: &[String], have: &[String]) -> bool {
+    let mut have = have.iter();
+    want.iter().all(|w| have.any(|h| h == w))
+}
+
+/// The Rust example programs of client-lib/examples/, as (path, code lines).
+fn example_programs() -> Vec<(String, Vec<String>)> {
+    let dir = root().join("client-lib/examples");
+    let mut out: Vec<(String, Vec<String>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .map(|p| {
+            let name = format!(
+                "client-lib/examples/{}",
+                p.file_name().unwrap().to_string_lossy()
+            );
+            (name, code_lines(&std::fs::read_to_string(&p).unwrap()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn rust_snippets_are_the_librarys_doc_examples() {
     let root = root();
@@ -178,19 +220,76 @@ fn rust_snippets_are_the_librarys_doc_examples() {
         examples.len() >= 2,
         "client-lib/src/lib.rs has its doc examples"
     );
+    let programs = example_programs();
+    assert!(
+        programs.iter().any(|(p, _)| p.ends_with("/engine.rs")),
+        "client-lib/examples/engine.rs is found"
+    );
     let mut seen = 0;
+    let mut from_programs = 0;
     for (page, text) in pages() {
         for (_, body) in blocks(&text, "rust") {
             seen += 1;
+            if examples.contains(&body) {
+                continue;
+            }
+            let code = code_lines(&body.join("\n"));
+            let found = !code.is_empty() && programs.iter().any(|(_, have)| in_order(&code, have));
             assert!(
-                examples.contains(&body),
-                "a Rust snippet of {page} is not a doc example of client-lib/src/lib.rs \
-                 (make it one, so that cargo test compiles it):\n{}",
+                found,
+                "a Rust snippet of {page} is neither a doc example of client-lib/src/lib.rs nor \
+                 lines of code, in order, of one program of client-lib/examples/ (make it one, \
+                 so that cargo compiles it):\n{}",
                 body.join("\n")
             );
+            from_programs += 1;
         }
     }
     assert!(seen >= 2, "the README and docs/usage.md show the library");
+    assert!(
+        from_programs >= 1,
+        "the README's external-engine snippet comes from an example program"
+    );
+}
+
+#[test]
+fn snippet_lines_are_matched_in_order_without_comments() {
+    let have =
+        code_lines("fn f() {\n    let a = 1; // one\n\n    // a comment\n    let b = a + 1;\n}\n");
+    assert_eq!(have, ["fn f() {", "let a = 1;", "let b = a + 1;", "}"]);
+    let want = code_lines("let a = 1;          // another comment\nlet b = a + 1;");
+    assert!(in_order(&want, &have));
+    let reversed: Vec<String> = want.iter().rev().cloned().collect();
+    assert!(!in_order(&reversed, &have), "order matters");
+    assert!(!in_order(&code_lines("let c = 2;"), &have));
+}
+
+/// The README's section on external engines says what an evicted engine can still see, and
+/// why that is the limit, and points to docs/engines.md.
+#[test]
+fn the_readme_says_what_an_evicted_engine_can_still_see() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let at = readme
+        .find("\n## External engines\n")
+        .expect("README.md has a section \"External engines\"");
+    let section = &readme[at + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |i| i + 1)];
+    let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "](docs/engines.md)",
+        "What an evicted engine can still see:",
+        "of that same client",
+        "nothing of any other client",
+        "the limit of what user space can enforce",
+        "device.engine_ack_timeout_ms",
+        "memshadowctl engines",
+        "client-lib/examples/engine.rs",
+    ] {
+        assert!(
+            flat.contains(want),
+            "{want:?} in README's External engines:\n{section}"
+        );
+    }
 }
 
 #[test]

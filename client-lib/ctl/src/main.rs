@@ -20,13 +20,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use memshadow::{
-    event_bit, ClientInfo, Control, Error, EventKind, InvalidationReport, MirrorInfo, Status,
-    Target,
+    event_bit, ClientInfo, Control, EngineInfo, Error, EventKind, InvalidationReport, MirrorInfo,
+    Status, Target,
 };
 use serde_json::{json, Value};
 
-/// Pokes memshadowd: status, clients, mirrors, counters, a live trace of invalidations,
-/// device reads of a client's shadow and injected invalidations.
+/// Pokes memshadowd: status, clients, mirrors, external engines, counters, a live trace of
+/// invalidations, device reads of a client's shadow and injected invalidations.
 ///
 /// Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable, 4 permission denied.
 #[derive(Debug, Parser)]
@@ -52,6 +52,13 @@ enum Cmd {
     /// Attached ranges and their notifiers (every client's, or one pid's).
     Mirrors {
         /// Only this client.
+        #[arg(long)]
+        pid: Option<i32>,
+    },
+    /// External engines: who reads which client's mirror, their flush rings and
+    /// acknowledgement times (root or the daemon's owner only).
+    Engines {
+        /// Only the engines of this client.
         #[arg(long)]
         pid: Option<i32>,
     },
@@ -281,6 +288,7 @@ fn run(c: &Control, cli: &Cli) -> Result<(), Error> {
         Cmd::Status => status(c, json),
         Cmd::Clients => clients(c, json),
         Cmd::Mirrors { pid } => mirrors(c, *pid, json),
+        Cmd::Engines { pid } => engines(c, *pid, json),
         Cmd::Stats => stats(c, json),
         Cmd::Trace { pid, events, count } => trace(c, *pid, events, *count, json),
         Cmd::Peek {
@@ -335,6 +343,16 @@ fn mirrors(c: &Control, pid: Option<i32>, json: bool) -> Result<(), Error> {
         json,
         || Value::Array(list.iter().map(mirror_json).collect()),
         || mirrors_text(&list),
+    );
+    Ok(())
+}
+
+fn engines(c: &Control, pid: Option<i32>, json: bool) -> Result<(), Error> {
+    let list = c.engines(pid.map_or(Target::All, Target::Pid))?;
+    show(
+        json,
+        || Value::Array(list.iter().map(engine_json).collect()),
+        || engines_text(&list),
     );
     Ok(())
 }
@@ -793,6 +811,65 @@ fn mirrors_text(list: &[MirrorInfo]) -> String {
     s
 }
 
+fn engine_json(e: &EngineInfo) -> Value {
+    json!({
+        "id": e.id, "pid": e.pid, "client_pid": e.client_pid, "mirror_id": e.mirror_id,
+        "flushes": e.flushes, "depth": e.depth, "tlb_entries": e.tlb_entries, "acks": e.acks,
+        "ack_p50_us": e.ack_p50_us, "ack_p99_us": e.ack_p99_us, "overflows": e.overflows,
+        "faults": e.faults, "writes": e.writes, "state": e.state,
+    })
+}
+
+/// One row per engine. `TLB` is what the engine says its TLB holds (a word of its ring it
+/// writes itself, as of its last acknowledgement or fault): informational, like its state.
+fn engines_text(list: &[EngineInfo]) -> String {
+    let row = |c: [&str; 14]| {
+        format!(
+            "{:>4} {:>7} {:>7} {:>6} {:>8} {:>5} {:>6} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}  {}\n",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13]
+        )
+    };
+    let mut s = row([
+        "ID",
+        "PID",
+        "CLIENT",
+        "MIRROR",
+        "FLUSHES",
+        "DEPTH",
+        "TLB",
+        "ACKS",
+        "ACK P50",
+        "ACK P99",
+        "OVERFLOWS",
+        "FAULTS",
+        "WRITES",
+        "STATE",
+    ]);
+    for e in list {
+        let n = [
+            e.id.to_string(),
+            e.pid.to_string(),
+            e.client_pid.to_string(),
+            e.mirror_id.to_string(),
+            e.flushes.to_string(),
+            e.depth.to_string(),
+            e.tlb_entries.to_string(),
+            e.acks.to_string(),
+            format!("{}us", e.ack_p50_us),
+            format!("{}us", e.ack_p99_us),
+            e.overflows.to_string(),
+            e.faults.to_string(),
+            e.writes.to_string(),
+        ];
+        let state = esc(&e.state);
+        s.push_str(&row([
+            &n[0], &n[1], &n[2], &n[3], &n[4], &n[5], &n[6], &n[7], &n[8], &n[9], &n[10], &n[11],
+            &n[12], &state,
+        ]));
+    }
+    s
+}
+
 fn report_json(r: &InvalidationReport) -> Value {
     json!({
         "pid": r.pid, "event": r.event.as_str(), "start": r.start, "end": r.end,
@@ -1023,6 +1100,78 @@ mod tests {
         // Names stay aligned on their escaped width.
         let w = esc(EVIL).chars().count();
         assert!(t.contains(&format!("{:<w$}  2\n", "server.clients")), "{t}");
+    }
+
+    fn engine(state: &str) -> EngineInfo {
+        EngineInfo {
+            id: 3,
+            pid: 5151,
+            client_pid: 4242,
+            mirror_id: 7,
+            flushes: 12,
+            depth: 1,
+            tlb_entries: 37,
+            acks: 11,
+            ack_p50_us: 4,
+            ack_p99_us: 250,
+            overflows: 0,
+            faults: 9,
+            writes: 2,
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn engines_table_has_a_row_per_engine_and_escapes_the_state() {
+        let t = engines_text(&[engine("attached"), engine(EVIL)]);
+        assert_eq!(raw_control(&t), None, "{t:?}");
+        assert_eq!(t.lines().count(), 3, "header and two rows: {t}");
+        let header: Vec<&str> = t.lines().next().unwrap_or("").split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "ID",
+                "PID",
+                "CLIENT",
+                "MIRROR",
+                "FLUSHES",
+                "DEPTH",
+                "TLB",
+                "ACKS",
+                "ACK",
+                "P50",
+                "ACK",
+                "P99",
+                "OVERFLOWS",
+                "FAULTS",
+                "WRITES",
+                "STATE"
+            ]
+        );
+        let row: Vec<&str> = t.lines().nth(1).unwrap_or("").split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "3", "5151", "4242", "7", "12", "1", "37", "11", "4us", "250us", "0", "9", "2",
+                "attached"
+            ]
+        );
+        assert!(t.contains("  x\\x1b[2J"), "{t}");
+        // Columns line up: every row is as wide as the header up to the state.
+        let at = |l: &str| l.find("  attached").or_else(|| l.find("  x\\x1b"));
+        assert_eq!(
+            at(t.lines().nth(1).unwrap_or("")),
+            t.lines().next().map(|h| h.len() - "  STATE".len())
+        );
+        let v = Value::Array(vec![engine_json(&engine(EVIL))]);
+        let line = json_out(&v);
+        assert_eq!(raw_control(&line), None, "{line:?}");
+        let back: Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(back[0]["state"].as_str(), Some(EVIL));
+        assert_eq!(back[0]["client_pid"].as_i64(), Some(4242));
+        assert_eq!(back[0]["mirror_id"].as_u64(), Some(7));
+        assert_eq!(back[0]["ack_p99_us"].as_u64(), Some(250));
+        assert_eq!(back[0]["tlb_entries"].as_u64(), Some(37));
     }
 
     /// `status` as the daemon of the demo answers it: each line says what it means.
