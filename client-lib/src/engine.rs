@@ -65,6 +65,14 @@ use crate::{unexpected, Builder, Client, Error, Inner};
 /// The protocol version that brought external engines.
 const ENGINE_PROTOCOL: u16 = 3;
 /// Entries of an engine's TLB (direct-mapped; a power of two).
+/// Bytes to copy from the shadow (`src`, a byte offset in it) into a read's buffer (`dst`).
+#[derive(Debug, Clone, Copy)]
+struct CopyRun {
+    src: usize,
+    dst: usize,
+    len: usize,
+}
+
 /// The slot of a page whose bytes a read already has (fetched over the session).
 const FETCHED: u32 = u32::MAX - 1;
 
@@ -438,31 +446,35 @@ impl Engine {
                 continue;
             }
 
-            // Copy, page by page.
-            let shadow = self.maps.shadow.as_ptr();
+            // Copy, one run of adjacent slots at a time (a fault fills adjacent slots).
             let mut done = 0usize;
+            let mut run: Option<CopyRun> = None;
             for (i, &slot) in self.slots.iter().enumerate() {
                 let page_start = (first_page + i as u64) << shift;
                 let from = offset.max(page_start);
                 let to = end.min(page_start + page_size);
                 let n = (to - from) as usize;
-                if slot == FETCHED {
-                    done += n;
-                    continue;
+                let at = (u64::from(slot) * page_size + (from - page_start)) as usize;
+                let next = match run {
+                    _ if slot == FETCHED => None,
+                    Some(r) if r.src + r.len == at => Some(CopyRun {
+                        len: r.len + n,
+                        ..r
+                    }),
+                    _ => Some(CopyRun {
+                        src: at,
+                        dst: done,
+                        len: n,
+                    }),
+                };
+                if let Some(r) = run.filter(|r| next.is_none_or(|x| x.dst != r.dst)) {
+                    self.copy_out(r, buf);
                 }
-                let at = u64::from(slot) * page_size + (from - page_start);
-                let src = shadow.wrapping_add(at as usize);
-                let dst = buf[done..done + n].as_mut_ptr();
-                // SAFETY: `src..src+n` is inside the shadow mapping (the slot was checked
-                // against the mapping's slots, and `from..to` lies in one page), which lives
-                // as long as `self`; `dst..dst+n` is inside `buf`, which we borrow mutably, so
-                // the two cannot overlap. The slot cannot be reused for another page until
-                // this engine acknowledges the flush that removes its translation, which it
-                // only does in `process_flushes`, between accesses (G2). The daemon may still
-                // write the slot meanwhile (another process); the bytes are plain `u8`s, any
-                // value is valid, and the epoch check below decides whether they are used.
-                unsafe { ptr::copy_nonoverlapping(src, dst, n) };
+                run = next;
                 done += n;
+            }
+            if let Some(r) = run {
+                self.copy_out(r, buf);
             }
             fence(Ordering::Acquire);
             if self.maps.epoch_page().epoch.load(Ordering::Relaxed) != e1 {
@@ -471,6 +483,21 @@ impl Engine {
             }
             return Ok(());
         }
+    }
+
+    /// Copies a run of shadow bytes into `buf`.
+    fn copy_out(&self, r: CopyRun, buf: &mut [u8]) {
+        assert!(r.src + r.len <= self.maps.shadow.len(), "beyond the shadow");
+        let src = self.maps.shadow.as_ptr().wrapping_add(r.src);
+        let dst = buf[r.dst..r.dst + r.len].as_mut_ptr();
+        // SAFETY: `src..src+len` is inside the shadow mapping (checked above), which lives as
+        // long as `self`; `dst..dst+len` is inside `buf`, which we borrow mutably, so the two
+        // cannot overlap. The slots cannot be reused for other pages until this engine
+        // acknowledges the flush that removes their translations, which it only does between
+        // accesses (G2). The daemon may still write a slot meanwhile (another process); the
+        // bytes are plain `u8`s, any value is valid, and the epoch check decides whether they
+        // are used.
+        unsafe { ptr::copy_nonoverlapping(src, dst, r.len) };
     }
 
     /// Reads the bytes of the missing runs of a read of `offset..end` over the session

@@ -90,8 +90,11 @@ impl ClientCore {
         self.doorbell().take_fences(ticket, self.id, dev)
     }
 
+    /// Rings the built-in engines' doorbell and the external engines' deferred ones: once
+    /// per tree walk.
     fn ring(&self, dev: &DeviceShared) {
         self.doorbell().ring(self.id, dev);
+        self.pt().ring_external();
     }
 
     /// Per-client counters.
@@ -654,7 +657,7 @@ impl DeviceClient {
                 e.evict();
             }
             pt.zap(first, last, idx, &mut slots);
-            pt.flush_external(first, last, None, &mut ext);
+            pt.flush_external(first, last, None, false, &mut ext);
             let mask = pt.remove_mirror(idx);
             if mask != 0 {
                 let req = FlushReq {

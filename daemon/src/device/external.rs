@@ -258,6 +258,8 @@ pub struct ExternalEngine {
     doorbell: EventFd,
     /// Last sequence number queued (the ring's `head`, kept here too).
     seq: AtomicU64,
+    /// Requests queued whose doorbell is not rung yet ([`ExternalEngine::push`] deferred).
+    unrung: AtomicBool,
     gone: AtomicBool,
     counters: EngineCounters,
     /// Acknowledgement latencies, µs, for p50/p99 (bounded ring of samples).
@@ -290,6 +292,7 @@ impl ExternalEngine {
             ring,
             doorbell,
             seq: AtomicU64::new(0),
+            unrung: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             counters: EngineCounters::default(),
             samples: std::sync::Mutex::new(Vec::with_capacity(SAMPLES)),
@@ -369,11 +372,13 @@ impl ExternalEngine {
             .saturating_sub(self.acked())
     }
 
-    /// Queues a flush of virtual pages `first..=last` and rings the doorbell; never blocks.
+    /// Queues a flush of virtual pages `first..=last` and rings the doorbell (or, with
+    /// `defer`, leaves that to [`ExternalEngine::ring`], once per tree walk, as the built-in
+    /// engines' doorbell batching does); never blocks.
     /// A full ring (the engine has not acknowledged the request `RING_ENTRIES` back) turns
     /// into one "flush everything of this client" request. Call under the client's device
     /// lock (which orders the sequence numbers). Returns the sequence number to wait for.
-    pub fn push(&self, first: u64, last: u64) -> u64 {
+    pub fn push(&self, first: u64, last: u64, defer: bool) -> u64 {
         let seq = self.seq.load(Ordering::Relaxed) + 1;
         let h = self.header();
         if seq - self.acked().min(seq) >= u64::from(RING_ENTRIES) {
@@ -385,10 +390,25 @@ impl ExternalEngine {
         self.seq.store(seq, Ordering::Release);
         h.head.store(seq, Ordering::Release);
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        if defer {
+            self.unrung.store(true, Ordering::Relaxed);
+        } else {
+            self.ring_now();
+        }
+        seq
+    }
+
+    /// Rings the doorbell if requests were queued with it deferred.
+    pub fn ring(&self) {
+        if self.unrung.swap(false, Ordering::Relaxed) {
+            self.ring_now();
+        }
+    }
+
+    fn ring_now(&self) {
         // A full eventfd counter (never, at one per flush) or a closed one changes nothing:
         // the engine reads the ring, not the count.
         let _ = self.doorbell.write(1);
-        seq
     }
 
     /// Waits until the engine acknowledged `seq`, it is gone, or `timeout` passed (then it
@@ -512,10 +532,10 @@ mod tests {
     fn the_ring_turns_into_flush_all_when_full_and_waits_end() {
         let e = ExternalEngine::new(1, 0, 1, (10, 20)).expect("engine");
         for i in 0..u64::from(RING_ENTRIES) - 1 {
-            assert_eq!(e.push(10, 11), i + 1);
+            assert_eq!(e.push(10, 11, false), i + 1);
         }
         assert_eq!(e.header().flush_all.load(Ordering::Relaxed), 0);
-        let s = e.push(12, 12);
+        let s = e.push(12, 12, false);
         assert_eq!(
             e.header().flush_all.load(Ordering::Relaxed),
             s,
@@ -525,7 +545,7 @@ mod tests {
         assert_eq!(e.depth(), s);
         e.header().ack.store(s, Ordering::Release);
         assert_eq!(e.wait(s, Duration::from_secs(5)), Acked::Yes);
-        let next = e.push(13, 13);
+        let next = e.push(13, 13, false);
         assert_eq!(e.entry(next).read(next), Some((13, 13)));
         assert_eq!(e.wait(next, Duration::from_millis(20)), Acked::Evicted);
         assert!(e.is_evicted() && e.is_gone());
@@ -535,7 +555,7 @@ mod tests {
     #[test]
     fn a_waiter_wakes_when_the_engine_acknowledges_from_another_thread() {
         let e = Arc::new(ExternalEngine::new(2, 0, 1, (0, 0)).expect("engine"));
-        let s = e.push(0, 0);
+        let s = e.push(0, 0, false);
         let acker = Arc::clone(&e);
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));

@@ -115,7 +115,7 @@ impl ShadowNotifier {
                 0
             } else {
                 let caller = inv.owner().and_then(external::engine_of);
-                pt.flush_external(first, last, caller, &mut ext);
+                pt.flush_external(first, last, caller, self.batched, &mut ext);
                 pt.engine_mask(self.mirror, whole)
             };
             if n == 0 || (mask == 0 && ext.is_empty()) {

@@ -217,15 +217,23 @@ impl PageTable {
         first: u64,
         last: u64,
         caller: Option<u32>,
+        defer: bool,
         out: &mut ExternalFences,
     ) {
         for x in &self.external {
             if x.engine.overlaps(first, last) && !x.engine.is_gone() {
-                let seq = x.engine.push(first, last);
+                let seq = x.engine.push(first, last, defer);
                 if caller != Some(x.engine.id()) {
                     out.push((Arc::clone(&x.engine), seq));
                 }
             }
+        }
+    }
+
+    /// Rings the doorbells of the external engines whose flushes were queued deferred.
+    pub fn ring_external(&self) {
+        for x in &self.external {
+            x.engine.ring();
         }
     }
 
