@@ -177,13 +177,24 @@ fn shows_the_engine_at_work(out: &str) {
         engine_ns > 0.0 && engine_ns < socket_us * 1000.0,
         "engine {engine_ns} ns vs socket {socket_us} us: {line}"
     );
-    // The `memshadowctl engines` table: the engine's row, attached, with both flushes.
+    // The `memshadowctl engines` table: the built-in engines, then the external engine's
+    // row, attached, with both flushes.
     let table = &out[out.find("== memshadowctl engines\n").unwrap()..];
     let mut rows = table.lines().skip(1);
     let header = rows.next().unwrap();
     assert!(header.trim_start().starts_with("ID "), "{table}");
-    let row: Vec<&str> = rows.next().unwrap().split_whitespace().collect();
-    assert_eq!(row.last(), Some(&"attached"), "{table}");
+    let rows: Vec<Vec<&str>> = rows
+        .take_while(|l| !l.starts_with("=="))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        rows.iter().any(|r| r.last() == Some(&"built-in")),
+        "the built-in engines are listed beside: {table}"
+    );
+    let row = rows
+        .iter()
+        .find(|r| r.last() == Some(&"attached"))
+        .unwrap_or_else(|| panic!("no attached engine: {table}"));
     let flushes: u64 = row[4].parse().unwrap();
     assert!(
         flushes >= 2,

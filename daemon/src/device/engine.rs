@@ -250,6 +250,17 @@ struct Engine {
     thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
+/// What [`Engines::snapshot`] tells of a built-in engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuiltinEngine {
+    /// Flush sequence numbers handed out (flushes queued).
+    pub queued: u64,
+    /// Flushes issued (applied to its TLB).
+    pub issued: u64,
+    /// Translations in its TLB.
+    pub tlb_entries: u64,
+}
+
 /// What [`Engine::drain`] stopped at.
 enum Drained {
     /// The queue is empty.
@@ -647,6 +658,22 @@ impl Engines {
         self.observed
             .record(u64::try_from(now - queued).unwrap_or(0));
         bump(&self.counters.fences_waited, u64::from(fences.len()));
+    }
+
+    /// Per built-in engine: flushes queued, flushes issued, translations in its TLB.
+    pub fn snapshot(&self) -> Vec<BuiltinEngine> {
+        self.engines
+            .iter()
+            .map(|e| {
+                let queued = *lock(&e.submit);
+                let st = e.lock();
+                BuiltinEngine {
+                    queued,
+                    issued: st.issued,
+                    tlb_entries: st.tlb.len as u64,
+                }
+            })
+            .collect()
     }
 
     /// Queues a device read on `engine` and wakes its worker.

@@ -491,14 +491,16 @@ pub fn engine_of(owner: crate::notifier::Owner) -> Option<u32> {
     (owner.0 & ENGINE_OWNER != 0).then_some(owner.0 as u32)
 }
 
-/// Engine ids, unique in the daemon's run.
+/// External engine ids, unique in the daemon's run, above the built-in engines' (which are
+/// their index, below [`super::MAX_ENGINES`]).
 #[derive(Debug, Default)]
 pub struct EngineIds(AtomicU64);
 
 impl EngineIds {
     /// The next id.
     pub fn next(&self) -> u32 {
-        (self.0.fetch_add(1, Ordering::Relaxed) + 1) as u32
+        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        u32::try_from(super::MAX_ENGINES as u64 + n).unwrap_or(u32::MAX)
     }
 }
 

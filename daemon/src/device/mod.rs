@@ -23,7 +23,7 @@ pub use client::{
     AccessGuard, ClientCounters, DeviceClient, EngineAttachment, MirrorInfo, Unlinked,
 };
 pub use counters::{DeviceCounters, Histogram};
-pub use engine::{EngineError, Engines, MAX_ENGINES};
+pub use engine::{BuiltinEngine, EngineError, Engines, MAX_ENGINES};
 pub use pagetable::Pte;
 pub use shadow::{Shadow, ShadowError, ShadowPool, SlotRef, MAX_CAPACITY};
 
@@ -331,6 +331,11 @@ impl Device {
     /// The invalidation mode.
     pub fn mode(&self) -> InvalidationMode {
         self.shared.mode
+    }
+
+    /// What each built-in engine did so far.
+    pub fn builtin_engines(&self) -> Vec<BuiltinEngine> {
+        self.shared.engines.snapshot()
     }
 
     /// Number of engines.

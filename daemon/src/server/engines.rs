@@ -209,14 +209,39 @@ pub fn list(core: &Core, s: &Session, pid: i32) -> Result<Response, WireError> {
         privileged(core, s) || (pid != 0 && pid == s.peer.pid),
         Denied::ListEngines,
     )?;
-    let engines = core
-        .sessions()
-        .iter()
-        .filter_map(|x| x.engine.get())
-        .filter(|l| pid == 0 || l.client_pid == pid)
-        .map(engine_info)
-        .collect();
+    // Every engine: the built-in ones first (they serve every client), then the external
+    // ones; one client's: its external engines.
+    let mut engines: Vec<EngineInfo> = if pid == 0 {
+        let b = core.device().builtin_engines();
+        b.iter()
+            .enumerate()
+            .map(|(i, b)| builtin_info(i, b))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    engines.extend(
+        core.sessions()
+            .iter()
+            .filter_map(|x| x.engine.get())
+            .filter(|l| pid == 0 || l.client_pid == pid)
+            .map(engine_info),
+    );
     Ok(Response::Engines { engines })
+}
+
+/// A built-in engine as `ListEngines` shows it: the daemon's pid, no client, no mirror, and
+/// the id of its index.
+fn builtin_info(index: usize, b: &crate::device::BuiltinEngine) -> EngineInfo {
+    EngineInfo {
+        id: index as u32,
+        pid: std::process::id() as i32,
+        flushes: b.queued,
+        depth: b.queued.saturating_sub(b.issued),
+        tlb_entries: b.tlb_entries,
+        state: "built-in".into(),
+        ..EngineInfo::default()
+    }
 }
 
 fn engine_info(l: &EngineLink) -> EngineInfo {
