@@ -313,6 +313,27 @@ pub fn path_with_system_dirs() -> OsString {
 // =======================================================================================
 // Files and binaries.
 
+/// A fresh private anonymous read-write mapping of `len` bytes (the benchmarks' and tests'
+/// buffers); the caller unmaps it.
+pub fn map_anon(len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it aliases
+    // nothing of the caller's.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
 /// A bare `SOCK_SEQPACKET` connection to the daemon socket at `path` (for tests that
 /// speak the protocol by hand, or only check that something listens).
 pub fn seqpacket_connect(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {

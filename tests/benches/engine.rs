@@ -121,22 +121,9 @@ struct Anon {
 
 impl Anon {
     fn new(len: usize) -> Res<Anon> {
-        // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it aliases
-        // nothing of ours.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()).into());
-        }
-        Ok(Anon { ptr: p.cast(), len })
+        let ptr =
+            memshadow_tests::map_anon(len).map_err(|e| format!("mmap of {len} bytes: {e}"))?;
+        Ok(Anon { ptr, len })
     }
 
     /// Writes `val` into one byte of every page (faulting the pages in).

@@ -444,22 +444,7 @@ fn non_reading_session(socket: &Path, ready: &mut bool) -> Res<()> {
 
 /// A fresh private anonymous mapping of `len` bytes, every page written.
 fn map_anon_touched(len: usize) -> Res<*mut u8> {
-    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it aliases
-    // nothing of ours.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
-    }
-    let p: *mut u8 = p.cast();
+    let p = memshadow_tests::map_anon(len).map_err(|e| format!("mmap: {e}"))?;
     for off in (0..len).step_by(4096) {
         // SAFETY: `p..p+len` is the live read-write mapping just made; no reference to it
         // exists.

@@ -76,22 +76,7 @@ fn page_size() -> usize {
 
 /// A fresh private anonymous mapping of `len` bytes.
 fn map_anon(len: usize) -> Res<*mut u8> {
-    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; it aliases
-    // nothing of ours.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()).into());
-    }
-    Ok(p.cast())
+    Ok(memshadow_tests::map_anon(len).map_err(|e| format!("mmap of {len} bytes: {e}"))?)
 }
 
 /// Writes one byte per page of `ptr..ptr+len` (a mapping this program made and still owns).
