@@ -35,6 +35,18 @@
 //! trace; a device read returns exactly the client's own bytes, and only for a mirror it
 //! attached and has not detached.
 //!
+//! External engines (protocol 3): scripts grant their mirrors, attach engines with their
+//! own grants, other workers' (published in a shared directory, [`TokenBook`]), earlier
+//! scripts' (revoked), random tokens and by pid; engines fault, write (only the bytes their
+//! client holds, so the read checks stay exact), list engines and scribble over their
+//! rings. Checked: `EngineAttached` comes only to a session neither bound nor an engine,
+//! with exactly five fds (three read-only and not mappable for writing, the ring
+//! read-write, an eventfd; every received fd is closed), never for a token no grant handed
+//! out or one revoked by a detach, and for an unprivileged session never by pid nor with
+//! another user's grant; an engine's session never binds; the engine requests of a session
+//! that is no engine are refused `OutOfOrder`; faults and writes stay inside the engine's
+//! mirror; an unprivileged session lists no other client's engines.
+//!
 //! Checked by the test, periodically and at the end: the daemon is alive and answers
 //! `status`; once every session has closed, its fd and thread counts come back to their
 //! baseline, `shadow.slots_in_use` to 0 and `server.clients` to the one asking; and a
@@ -46,8 +58,8 @@
 //! - `MEMSHADOW_FUZZ_SESSIONS`: stop after this many scripts (default: no limit).
 //! - `MEMSHADOW_FUZZ_REPLAY`: run only this script file (e.g. one written under
 //!   `target/memshadow-fuzz/` by a failing run) against a fresh daemon, then check.
-//! - `MEMSHADOW_FUZZ_ENABLE`: comma-separated generators of [`KNOWN_BUGS`] to switch on
-//!   (or `all`); they are off by default while the daemon fixes land.
+//! - `MEMSHADOW_FUZZ_ENABLE`: comma-separated generators (and checks) of [`KNOWN_BUGS`] to
+//!   switch on (or `all`); they are off by default while the daemon fixes land.
 //! - `MEMSHADOW_FUZZ_HANDSHAKE_SECS`: how long a silent connection may live (default 10).
 //! - `MEMSHADOW_FUZZ_DAEMON_ARGS`: more `memshadowd` arguments (e.g. `--mode one-pass`).
 //!
@@ -67,6 +79,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
+use memshadow_proto::engine_abi::{self as abi, ENGINE_FDS};
 use memshadow_proto::{
     self as proto, ErrorCode, Header, Request, Response, SocketError, FLAG_MORE, HEADER_LEN,
     MAX_FDS, MAX_PAYLOAD, MAX_READ,
@@ -85,10 +98,12 @@ use nix::sys::socket::{
 const P: u64 = 4096;
 /// Generators of bugs known on main and being fixed: off unless `MEMSHADOW_FUZZ_ENABLE`
 /// names them. Remove a name here once its fix has landed. (Fixed so far: `fd-overflow`,
-/// `never-read` and `silent`, all on by default.)
+/// `never-read` and `silent`, and the check `engine-reopen` (an unprivileged engine cannot
+/// open the read-only fds of `EngineAttached` again for writing through `/proc/self/fd/N`:
+/// the daemon's memory files are mode 0400), all on by default.)
 const KNOWN_BUGS: &[(&str, &str)] = &[];
 /// Every generator name [`KNOWN_BUGS`] may list (a fixed one is simply always on).
-const SWITCHABLE: &[&str] = &["fd-overflow", "never-read", "silent"];
+const SWITCHABLE: &[&str] = &["fd-overflow", "never-read", "silent", "engine-reopen"];
 
 /// How long one answer (or close) may take.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -153,8 +168,21 @@ const TYPES: &[(&str, u16)] = &[
     ("trace", 0x0012),
     ("sync", 0x0020),
     ("syncpid", 0x0021),
+    ("grant", 0x0030),
+    ("engine-attach", 0x0031),
+    ("engine-fault", 0x0032),
+    ("engine-write", 0x0033),
+    ("engines", 0x0034),
+    ("engine-read", 0x0035),
 ];
 const TRACE_EVENT: u16 = 0x8013;
+/// `EngineAttached`: the one answer that carries fds (exactly [`ENGINE_FDS`]).
+const ENGINE_ATTACHED: u16 = 0x8031;
+/// Tokens of its grants a worker publishes for the others (the newest ones).
+const PUBLISHED_TOKENS: usize = 16;
+/// How long an external engine may take to acknowledge a flush: the fuzzer's engines never
+/// do, so every change of a mirror of theirs waits this long for each (then evicts it).
+const ENGINE_ACK_TIMEOUT_MS: &str = "200";
 
 // =======================================================================================
 // The PRNG.
@@ -267,7 +295,31 @@ enum Tok {
     Pid(Who),
     /// u64: the id of the k-th mirror this connection attached (k + 1 if none).
     Mirror(u8),
+    /// u128 (two u64, low first): a grant's token, from where [`Grants`] says.
+    Token(Grants, u8),
+    /// An `EngineWrite` payload: u64 offset into the engine's mirror, then `n` bytes (u32
+    /// length first) that its client holds there already, so that the write changes
+    /// nothing; when the worker cannot know them (the engine's client is another process,
+    /// or the range is not its scratch memory), no bytes.
+    Write(u64, u32),
 }
+
+/// Where a [`Tok::Token`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grants {
+    /// The k-th grant this script's connections got (a random token if there is none).
+    Own,
+    /// A grant another worker published (maybe of another user, maybe revoked since).
+    Other,
+    /// A grant of an earlier script of this worker (revoked: its sessions closed).
+    Old,
+}
+
+const GRANTS: &[(&str, Grants)] = &[
+    ("own", Grants::Own),
+    ("other", Grants::Other),
+    ("old", Grants::Old),
+];
 
 /// A file descriptor to attach to a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +340,8 @@ enum Fd {
     MemOpath,
     /// `/proc/self/pagemap`.
     Pagemap,
+    /// `/proc/self/maps` (`Bind`'s third fd from protocol 2 on).
+    Maps,
     /// `/proc/self/task/TID/mem` (the same memory under another name).
     TaskMem,
     /// `O_PATH` of the test process's (root's) `/proc/PID/mem`.
@@ -317,6 +371,7 @@ const FDS: &[(&str, Fd)] = &[
     ("mem-ro", Fd::MemRo),
     ("mem-opath", Fd::MemOpath),
     ("pagemap", Fd::Pagemap),
+    ("maps", Fd::Maps),
     ("task-mem", Fd::TaskMem),
     ("parent-mem", Fd::ParentMem),
     ("daemon-mem", Fd::DaemonMem),
@@ -431,6 +486,8 @@ enum Step {
     Silent(u8),
     /// A child process of the client binds, attaches and exits with requests in flight.
     Exit(u8),
+    /// An engine connection writes garbage all over its flush ring (a no-op elsewhere).
+    Scribble(u8),
 }
 
 impl Step {
@@ -438,14 +495,14 @@ impl Step {
         match self {
             Step::Send(s) => s.conn,
             Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c,
-            Step::Silent(c) | Step::Exit(c) => *c,
+            Step::Silent(c) | Step::Exit(c) | Step::Scribble(c) => *c,
         }
     }
     fn set_conn(&mut self, n: u8) {
         match self {
             Step::Send(s) => s.conn = n,
             Step::Wait(c) | Step::Close(c) | Step::Shutdown(c) | Step::NoRead(c) => *c = n,
-            Step::Silent(c) | Step::Exit(c) => *c = n,
+            Step::Silent(c) | Step::Exit(c) | Step::Scribble(c) => *c = n,
         }
     }
 }
@@ -530,6 +587,11 @@ impl Tok {
                 WHO.iter().find(|(_, x)| x == w).map_or("?", |(n, _)| n)
             ),
             Tok::Mirror(k) => format!("mirror:{k}"),
+            Tok::Token(g, k) => format!(
+                "token:{}:{k}",
+                GRANTS.iter().find(|(_, x)| x == g).map_or("?", |(n, _)| n)
+            ),
+            Tok::Write(off, n) => format!("write:{off:#x}:{n}"),
         }
     }
 
@@ -557,6 +619,21 @@ impl Tok {
                     .ok_or(format!("unknown pid:{v}"))?,
             ),
             "mirror" => Tok::Mirror(num_as(v)?),
+            "token" => {
+                let (g, k) = v.split_once(':').ok_or("token:own|other|old:K")?;
+                Tok::Token(
+                    GRANTS
+                        .iter()
+                        .find(|(n, _)| *n == g)
+                        .map(|(_, x)| *x)
+                        .ok_or(format!("unknown token:{g}"))?,
+                    num_as(k)?,
+                )
+            }
+            "write" => {
+                let (off, n) = v.split_once(':').ok_or("write:OFF:N")?;
+                Tok::Write(num_as(off)?, num_as(n)?)
+            }
             _ => return Err(format!("unknown token {w:?}")),
         })
     }
@@ -615,6 +692,7 @@ impl Script {
                 Step::NoRead(_) => out.push_str("noread"),
                 Step::Silent(_) => out.push_str("silent"),
                 Step::Exit(_) => out.push_str("exit"),
+                Step::Scribble(_) => out.push_str("scribble"),
                 Step::Send(f) => {
                     if f.raw {
                         out.push_str("raw");
@@ -709,6 +787,7 @@ impl Script {
             "noread" => self.steps.push(Step::NoRead(conn)),
             "silent" => self.steps.push(Step::Silent(conn)),
             "exit" => self.steps.push(Step::Exit(conn)),
+            "scribble" => self.steps.push(Step::Scribble(conn)),
             "send" | "raw" => {
                 let mut f = Send::new(conn, 0, Vec::new());
                 let mut opts = rest;
@@ -1059,6 +1138,43 @@ fn gen_request(rng: &mut Rng, conn: u8, name: &str, enabled: &Enabled) -> Send {
                 extreme(rng, 4) as u32
             }),
         ],
+        "grant" => vec![gen_mirror(rng)],
+        "engine-attach" => {
+            let token = match rng.below(10) {
+                0..=3 => Tok::Token(Grants::Own, rng.below(3) as u8),
+                4 | 5 => Tok::Token(Grants::Other, rng.below(16) as u8),
+                6 => Tok::Token(Grants::Old, rng.below(16) as u8),
+                7 => Tok::Hex(rng.bytes(16)),
+                _ => Tok::Hex(vec![0; 16]),
+            };
+            // Token 0 attaches by pid and mirror id; the others carry them too, ignored.
+            let by_pid = token == Tok::Hex(vec![0; 16]);
+            let (pid, mirror) = if by_pid || rng.pct(20) {
+                (gen_pid(rng), gen_mirror(rng))
+            } else {
+                (Tok::I32(0), Tok::U64(0))
+            };
+            vec![token, pid, mirror]
+        }
+        "engine-fault" => vec![Tok::U64(gen_engine_offset(rng)), Tok::U64(gen_len(rng))],
+        "engine-write" => {
+            if rng.pct(85) {
+                let n = rng.pick(&[0, 1, 8, 16, P as u32 - 1, P as u32, P as u32 + 1]);
+                vec![Tok::Write(gen_engine_offset(rng), n)]
+            } else {
+                // No bytes, anywhere.
+                vec![Tok::U64(extreme(rng, 8)), Tok::U32(0)]
+            }
+        }
+        "engines" => vec![gen_pid(rng)],
+        "engine-read" => vec![
+            Tok::U64(gen_engine_offset(rng)),
+            Tok::U32(if rng.pct(80) {
+                rng.range(1, 2 * P) as u32
+            } else {
+                extreme(rng, 4) as u32
+            }),
+        ],
         _ => Vec::new(),
     };
     let mut f = Send::new(conn, t, payload);
@@ -1066,6 +1182,15 @@ fn gen_request(rng: &mut Rng, conn: u8, name: &str, enabled: &Enabled) -> Send {
         f.fds = gen_bind_fds(rng, enabled);
     }
     f
+}
+
+/// An offset into an engine's mirror: mostly inside a small one, sometimes extreme.
+fn gen_engine_offset(rng: &mut Rng) -> u64 {
+    if rng.pct(80) {
+        rng.below(8) * P + rng.pick(&[0, 0, 1, P - 8])
+    } else {
+        extreme(rng, 8)
+    }
 }
 
 /// A frame that is wrong as a whole: garbage, an unknown type, a response type, an
@@ -1083,12 +1208,14 @@ fn gen_garbage(rng: &mut Rng, conn: u8) -> Send {
         }
         1 => Send::new(
             conn,
-            rng.pick(&[0x0000, 0x000b, 0x000f, 0x0013, 0x0022, 0x0fff, 0x7fff]),
+            rng.pick(&[
+                0x0000, 0x000b, 0x000f, 0x0013, 0x0022, 0x0036, 0x0fff, 0x7fff,
+            ]),
             Vec::new(),
         ),
         2 => Send::new(
             conn,
-            rng.pick(&[0x8001, 0x8005, 0x8013, 0x80ff, 0x8000, 0xffff]),
+            rng.pick(&[0x8001, 0x8005, 0x8013, 0x8031, 0x80ff, 0x8000, 0xffff]),
             {
                 let n = rng.range(1, 16) as usize;
                 vec![Tok::Hex(rng.bytes(n))]
@@ -1132,6 +1259,8 @@ fn mutate_frame(rng: &mut Rng, f: &mut Send, enabled: &Enabled) {
             Tok::U64(_) | Tok::Addr(_) | Tok::Mirror(_) => 8,
             Tok::Str(b) => 2 + b.len(),
             Tok::Rep(n, b) => *n as usize * b.len(),
+            Tok::Token(..) => 16,
+            Tok::Write(_, n) => 12 + *n as usize,
         })
         .sum();
     let len = if f.raw { plen } else { HEADER_LEN + plen };
@@ -1218,11 +1347,37 @@ fn gen_frame(rng: &mut Rng, c: u8, st: &mut GenConn, enabled: &Enabled) -> Send 
     let mut f = if !st.hello && rng.pct(85) {
         st.hello = true;
         gen_request(rng, c, "hello", enabled)
-    } else if st.hello && !st.bind && rng.pct(65) {
-        st.bind = true;
-        gen_request(rng, c, "bind", enabled)
+    } else if st.hello && !st.bind && !st.engine && rng.pct(65) {
+        // A second connection of a script often becomes an engine (of the first one's
+        // mirror, with its grant), now and then the first one too.
+        if rng.pct(if c > 0 { 60 } else { 10 }) {
+            st.engine = true;
+            gen_request(rng, c, "engine-attach", enabled)
+        } else {
+            st.bind = true;
+            gen_request(rng, c, "bind", enabled)
+        }
     } else if rng.pct(8) {
         gen_garbage(rng, c)
+    } else if st.engine {
+        let names = [
+            "engine-fault",
+            "engine-fault",
+            "engine-fault",
+            "engine-write",
+            "engine-write",
+            "engine-read",
+            "engine-read",
+            "engines",
+            "engine-attach",
+            "grant",
+            "bind",
+            "stats",
+            "status",
+            "read",
+        ];
+        let name = rng.pick(&names);
+        gen_request(rng, c, name, enabled)
     } else {
         let names = [
             "attach",
@@ -1244,6 +1399,13 @@ fn gen_frame(rng: &mut Rng, c: u8, st: &mut GenConn, enabled: &Enabled) -> Send 
             "syncpid",
             "hello",
             "bind",
+            "grant",
+            "grant",
+            "engines",
+            "engine-attach",
+            "engine-fault",
+            "engine-write",
+            "engine-read",
         ];
         let name = rng.pick(&names);
         gen_request(rng, c, name, enabled)
@@ -1269,6 +1431,7 @@ fn gen_frame(rng: &mut Rng, c: u8, st: &mut GenConn, enabled: &Enabled) -> Send 
 struct GenConn {
     hello: bool,
     bind: bool,
+    engine: bool,
     nowait: u32,
 }
 
@@ -1300,6 +1463,7 @@ fn gen_script(rng: &mut Rng, user: User, enabled: &Enabled) -> Script {
                 Step::Wait(c)
             }
             5 => Step::Exit(c),
+            6 if st[c as usize].engine => Step::Scribble(c),
             _ => Step::Send(gen_frame(rng, c, &mut st[c as usize], enabled)),
         };
         let stop = matches!(step, Step::NoRead(_) | Step::Silent(_));
@@ -1329,6 +1493,7 @@ fn mutate_script(rng: &mut Rng, s: &mut Script, corpus: &[Script], enabled: &Ena
                 let mut st = GenConn {
                     hello: true,
                     bind: rng.pct(50),
+                    engine: false,
                     nowait: 0,
                 };
                 let f = gen_frame(rng, c, &mut st, enabled);
@@ -1380,6 +1545,12 @@ fn mutate_script(rng: &mut Rng, s: &mut Script, corpus: &[Script], enabled: &Ena
                             Tok::U64(_) | Tok::Mirror(_) => Tok::U64(extreme(rng, 8)),
                             Tok::Addr(_) => gen_addr(rng),
                             Tok::Str(_) => gen_name(rng),
+                            Tok::Token(..) => match rng.below(3) {
+                                0 => Tok::Hex(rng.bytes(16)),
+                                1 => Tok::Hex(vec![0; 16]),
+                                _ => Tok::Token(rng.pick(GRANTS).1, rng.below(16) as u8),
+                            },
+                            Tok::Write(_, n) => Tok::Write(extreme(rng, 8), *n),
                             t => t.clone(),
                         };
                     }
@@ -1485,6 +1656,147 @@ struct Ctx {
     /// A child that hands out userfaultfds it creates (foreign uffds), and its socket.
     sibling: i32,
     sibling_sock: OwnedFd,
+    /// The grants this worker got and saw (interior mutability: steps only borrow `Ctx`).
+    tokens: Mutex<TokenBook>,
+    /// Where the workers publish their grants for one another (`tokens-PID` files).
+    token_dir: Option<PathBuf>,
+    /// The known-bug generators and checks switched on.
+    enabled: Enabled,
+}
+
+/// The grant tokens a worker knows of.
+#[derive(Debug, Default)]
+struct TokenBook {
+    /// Grants of the running script's connections.
+    own: Vec<OwnGrant>,
+    /// Tokens of this worker's earlier scripts (revoked, or about to be: their sessions
+    /// closed), newest last.
+    old: VecDeque<u128>,
+    /// Tokens other workers published: token → the uid of the client that got it.
+    seen: BTreeMap<u128, u32>,
+    /// Grants of this worker's holder session (live through an epoch, see [`Holder`]).
+    held: Vec<u128>,
+}
+
+/// A grant of one of the running script's connections.
+#[derive(Debug, Clone, Copy)]
+struct OwnGrant {
+    token: u128,
+    /// The connection's [`Conn::serial`].
+    conn: u64,
+    mirror: u64,
+    /// Its mirror was detached (the `Detached` answer came): revoked for sure.
+    revoked: bool,
+}
+
+/// Who got a grant, as far as this worker knows.
+#[derive(Debug, Clone, Copy)]
+enum TokenOwner {
+    /// One of the running script's connections, for that mirror; revoked or not.
+    Script(u64, bool),
+    /// An earlier script of this worker.
+    Earlier,
+    /// This worker's holder session.
+    Held,
+    /// Another worker, of that uid.
+    Worker(u32),
+}
+
+impl TokenBook {
+    fn owner(&self, token: u128) -> Option<TokenOwner> {
+        if let Some(g) = self.own.iter().find(|g| g.token == token) {
+            return Some(TokenOwner::Script(g.mirror, g.revoked));
+        }
+        if self.old.contains(&token) {
+            return Some(TokenOwner::Earlier);
+        }
+        if self.held.contains(&token) {
+            return Some(TokenOwner::Held);
+        }
+        self.seen.get(&token).map(|uid| TokenOwner::Worker(*uid))
+    }
+}
+
+/// An engine a connection became (`EngineAttached`).
+#[derive(Debug, Clone, Copy)]
+struct EngineView {
+    /// The client address of the mirror's first byte, and its length.
+    addr: u64,
+    len: u64,
+    /// The mirror is this process's own (so the worker knows the bytes it holds).
+    own: bool,
+}
+
+/// A shared mapping of an engine's flush ring (for `scribble`), unmapped on drop.
+#[derive(Debug)]
+struct Ring(*mut libc::c_void);
+
+impl Ring {
+    fn map(fd: BorrowedFd<'_>) -> Option<Ring> {
+        // SAFETY: a new shared mapping of the ring file the daemon handed over, at an
+        // address the kernel chooses; nothing refers to that memory yet.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                abi::ring_bytes(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Ring(p))
+    }
+
+    /// Word `i` of the ring (any of them: the engine owns this memory as much as the
+    /// daemon does).
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        let i = i % (abi::ring_bytes() / 8);
+        let p = self
+            .0
+            .cast::<std::sync::atomic::AtomicU64>()
+            .wrapping_add(i);
+        // SAFETY: in bounds (reduced above) and aligned (the mapping is page aligned) for as
+        // long as `self` lives; any bits are a valid value, and it is only accessed
+        // atomically (the daemon, in another process, does the same).
+        unsafe { &*p }
+    }
+
+    /// Garbage all over the ring: every word once, then the acknowledgement far ahead,
+    /// then going back, with a futex wake each time.
+    fn scribble(&self, mut x: u64) {
+        let ack = std::mem::offset_of!(abi::RingHeader, ack) / 8;
+        for i in 0..abi::ring_bytes() / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.word(i).store(x, std::sync::atomic::Ordering::Relaxed);
+        }
+        for v in [u64::MAX, 0, x] {
+            self.word(ack)
+                .store(v, std::sync::atomic::Ordering::Release);
+            // SAFETY: FUTEX_WAKE only uses the address (a live, aligned word of a shared
+            // mapping) as a key; it reads and writes no memory.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.word(ack).as_ptr().cast::<u32>(),
+                    libc::FUTEX_WAKE,
+                    i32::MAX,
+                    std::ptr::null::<libc::timespec>(),
+                    std::ptr::null::<u32>(),
+                    0u32,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: unmaps our own mapping; nothing refers to it any more.
+        unsafe { libc::munmap(self.0, abi::ring_bytes()) };
+    }
 }
 
 /// The byte the scratch area holds at offset `i`.
@@ -1568,8 +1880,12 @@ struct Conn {
     mirrors: Vec<(u64, u64, u64)>,
     /// Ids of mirrors detached (ids are never reused).
     gone: Vec<u64>,
+    /// Of those, the ones detached before their `Attached` answer came.
+    detached_early: Vec<u64>,
     traces: Vec<u64>,
     hello: bool,
+    /// The protocol version `Hello` settled.
+    version: u16,
     bound: bool,
     /// Something was sent that makes the daemon close the session.
     doomed: bool,
@@ -1581,6 +1897,11 @@ struct Conn {
     /// message: every piece but the last has `FLAG_MORE`).
     pieces: Vec<(u64, Response)>,
     buf: Vec<u8>,
+    /// The engine this connection became (`EngineAttached`), and its ring.
+    engine: Option<EngineView>,
+    ring: Option<Ring>,
+    /// Unique in the worker's run (grants name the connection that got them).
+    serial: u64,
 }
 
 /// What a script did, and what it found.
@@ -1845,6 +2166,7 @@ impl Ctx {
             Fd::MemRo => open_or_null("/proc/self/mem", libc::O_RDONLY),
             Fd::MemOpath => open_or_null("/proc/self/mem", libc::O_PATH),
             Fd::Pagemap => open_or_null("/proc/self/pagemap", libc::O_RDONLY),
+            Fd::Maps => open_or_null("/proc/self/maps", libc::O_RDONLY),
             Fd::TaskMem => open_or_null(
                 &format!("/proc/self/task/{}/mem", nix::unistd::gettid()),
                 libc::O_RDONLY,
@@ -1886,10 +2208,197 @@ impl Ctx {
             Who::Sibling => self.sibling,
         }
     }
+
+    /// A new script begins: the grants of the last one are old (their sessions closed).
+    fn new_script(&self) {
+        let mut b = self.tokens.lock().unwrap();
+        let own = std::mem::take(&mut b.own);
+        b.old.extend(own.into_iter().map(|g| g.token));
+        while b.old.len() > PUBLISHED_TOKENS {
+            b.old.pop_front();
+        }
+    }
+
+    /// Records a grant of mirror `mirror` of connection `conn` (its serial), and publishes
+    /// this worker's newest tokens (`tokens-PID` in the token directory: `TOKEN UID` lines).
+    fn granted(&self, token: u128, conn: u64, mirror: u64) {
+        let mut b = self.tokens.lock().unwrap();
+        b.own.push(OwnGrant {
+            token,
+            conn,
+            mirror,
+            revoked: false,
+        });
+        self.publish(&b);
+    }
+
+    /// Publishes this worker's holder grants and newest other tokens.
+    fn publish(&self, b: &TokenBook) {
+        let Some(dir) = &self.token_dir else {
+            return;
+        };
+        let all: Vec<u128> = b
+            .old
+            .iter()
+            .copied()
+            .chain(b.own.iter().map(|g| g.token))
+            .collect();
+        let from = all.len().saturating_sub(PUBLISHED_TOKENS);
+        let text: String = b
+            .held
+            .iter()
+            .chain(&all[from..])
+            .map(|t| format!("{t:032x} {}\n", self.uid))
+            .collect();
+        let tmp = dir.join(format!(".tokens-{}", self.me));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join(format!("tokens-{}", self.me)));
+        }
+    }
+
+    /// Mirror `mirror` of connection `conn` was detached: its grants are revoked.
+    fn detached(&self, conn: u64, mirror: u64) {
+        let mut b = self.tokens.lock().unwrap();
+        for g in b.own.iter_mut() {
+            if g.conn == conn && g.mirror == mirror {
+                g.revoked = true;
+            }
+        }
+    }
+
+    /// The tokens other workers published, with their users (and notes them as seen).
+    fn others_tokens(&self, b: &mut TokenBook) -> Vec<u128> {
+        let Some(dir) = &self.token_dir else {
+            return Vec::new();
+        };
+        let mine = format!("tokens-{}", self.me);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            let n = n.to_string_lossy();
+                            n.starts_with("tokens-") && n != mine
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let mut v = Vec::new();
+        for f in files {
+            for line in std::fs::read_to_string(f).unwrap_or_default().lines() {
+                let mut w = line.split_whitespace();
+                let (Some(t), Some(u)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                if let (Ok(t), Ok(u)) = (u128::from_str_radix(t, 16), u.parse::<u32>()) {
+                    b.seen.insert(t, u);
+                    v.push(t);
+                }
+            }
+        }
+        v
+    }
+
+    /// The `k`-th token of `g` (a token no grant handed out if there is none).
+    fn token(&self, g: Grants, k: u8) -> u128 {
+        let mut b = self.tokens.lock().unwrap();
+        let v: Vec<u128> = match g {
+            Grants::Own => b.own.iter().map(|g| g.token).collect(),
+            Grants::Old => b.old.iter().copied().collect(),
+            Grants::Other => self.others_tokens(&mut b),
+        };
+        if v.is_empty() {
+            u128::from_le_bytes([0x5a ^ k; 16])
+        } else {
+            v[usize::from(k) % v.len()]
+        }
+    }
+}
+
+/// The `n` bytes at offset `off` of engine `e`'s mirror as its client holds them, if this
+/// worker knows them: the mirror is this process's and the range lies in the scratch
+/// memory (else none: a device write of them then writes nothing).
+fn known_bytes(ctx: &Ctx, scratch: &Scratch, e: Option<&EngineView>, off: u64, n: u32) -> Vec<u8> {
+    let n = u64::from(n);
+    let Some(e) = e.filter(|e| e.own) else {
+        return Vec::new();
+    };
+    let Some(start) = e.addr.checked_add(off) else {
+        return Vec::new();
+    };
+    if off.checked_add(n).is_none_or(|end| end > e.len) || !scratch.holds(start, n) {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| pattern(ctx.salt, start - scratch.rw + i))
+        .collect()
+}
+
+/// The fds of an `EngineAttached`: the epoch page, page table and shadow read-only (a
+/// writable shared mapping of them refused), the ring read-write, the doorbell an eventfd.
+/// With `engine-reopen` on, an unprivileged engine must not be able to open the read-only
+/// ones again for writing through `/proc/self/fd`.
+fn check_engine_fds(ctx: &Ctx, fds: &[OwnedFd]) -> Result<(), String> {
+    let names = ["epoch page", "page table", "shadow", "ring", "doorbell"];
+    for (i, f) in fds.iter().enumerate() {
+        let fl = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| format!("F_GETFL of the {}: {e}", names[i]))?;
+        let want = match i {
+            0..=2 => libc::O_RDONLY,
+            3 => libc::O_RDWR,
+            _ => fl & libc::O_ACCMODE,
+        };
+        if fl & libc::O_ACCMODE != want {
+            return Err(format!(
+                "the {} came with access mode {:#o}, not {want:#o}",
+                names[i],
+                fl & libc::O_ACCMODE
+            ));
+        }
+        if i < 3 {
+            // SAFETY: asks for a new shared mapping of a file we hold; if the kernel grants
+            // it (the finding), it is unmapped at once and nothing touches it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    P as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                // SAFETY: unmaps the mapping just made; nothing refers to it.
+                unsafe { libc::munmap(p, P as usize) };
+                return Err(format!("the {} could be mapped writable", names[i]));
+            }
+            if ctx.enabled.on("engine-reopen") && !ctx.privileged {
+                let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+                if std::fs::OpenOptions::new().write(true).open(path).is_ok() {
+                    return Err(format!(
+                        "uid {} opened the read-only {} again for writing (/proc/self/fd)",
+                        ctx.uid, names[i]
+                    ));
+                }
+            }
+        }
+    }
+    let bell = std::fs::read_link(format!("/proc/self/fd/{}", fds[4].as_raw_fd()))
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if bell != "anon_inode:[eventfd]" {
+        return Err(format!("the doorbell is {bell:?}, not an eventfd"));
+    }
+    Ok(())
 }
 
 /// Runs one script; everything it opened is closed when it returns.
 fn run_script(ctx: &Ctx, s: &Script, handshake: Duration) -> Outcome {
+    ctx.new_script();
     let scratch = Scratch::new(ctx.salt);
     let mut conns: Vec<Conn> = (0..4).map(|_| Conn::default()).collect();
     let mut out = Outcome::default();
@@ -1979,10 +2488,12 @@ fn ensure_connected(ctx: &Ctx, conn: &mut Conn, out: &mut Outcome) -> Result<(),
 impl Conn {
     /// A connection just made.
     fn open(sock: OwnedFd) -> Conn {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Conn {
             sock: Some(sock),
             next_id: 1,
             opened: Some(Instant::now()),
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Conn::default()
         }
     }
@@ -2025,6 +2536,12 @@ fn run_step(
         }
         Step::NoRead(_) => no_read(ctx, scratch, conn, handshake, out),
         Step::Exit(_) => exiting_client(ctx, scratch, out),
+        Step::Scribble(_) => {
+            if let Some(r) = &conn.ring {
+                r.scribble((u64::from(ctx.salt) << 32) ^ conn.frames ^ 0x9e37_79b9);
+            }
+            Ok(())
+        }
         Step::Send(f) => {
             // A client that keeps more answers unread than its socket holds is one that
             // does not read (the `never-read` generator): read them first.
@@ -2347,6 +2864,7 @@ fn note_refusal(ctx: &Ctx, kind: Refused, why: &str, out: &mut Outcome) -> Resul
 /// Renders a frame's record (header and payload, mutations applied).
 fn render(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, f: &Send) -> Vec<u8> {
     let mirrors = &conn.mirrors;
+    let engine = conn.engine;
     let value = |t: &Tok| match t {
         Tok::Addr(o) => scratch.rw.wrapping_add_signed(*o).to_le_bytes().to_vec(),
         Tok::Pid(w) => ctx.pid(*w).to_le_bytes().to_vec(),
@@ -2355,6 +2873,15 @@ fn render(ctx: &Ctx, scratch: &Scratch, conn: &mut Conn, f: &Send) -> Vec<u8> {
             .map_or(u64::from(*k) + 1, |m| m.0)
             .to_le_bytes()
             .to_vec(),
+        // Two u64, low first: the u128's little-endian bytes.
+        Tok::Token(g, k) => ctx.token(*g, *k).to_le_bytes().to_vec(),
+        Tok::Write(off, n) => {
+            let bytes = known_bytes(ctx, scratch, engine.as_ref(), *off, *n);
+            let mut v = off.to_le_bytes().to_vec();
+            v.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            v.extend_from_slice(&bytes);
+            v
+        }
         _ => Vec::new(),
     };
     render_with(f, &mut conn.next_id, &value)
@@ -2366,6 +2893,13 @@ fn malformed_frames(s: &Script) -> u64 {
     let mut ids = [1u64; 4];
     let zeros = |t: &Tok| match t {
         Tok::Pid(_) => vec![0; 4],
+        Tok::Token(..) => vec![0; 16],
+        Tok::Write(off, n) => {
+            let mut v = off.to_le_bytes().to_vec();
+            v.extend_from_slice(&n.to_le_bytes());
+            v.resize(v.len() + *n as usize, 0);
+            v
+        }
         _ => vec![0; 8],
     };
     let mut n = 0;
@@ -2400,7 +2934,9 @@ fn render_with(f: &Send, next_id: &mut u64, value: &dyn Fn(&Tok) -> Vec<u8>) -> 
                     p.extend_from_slice(b);
                 }
             }
-            Tok::Addr(_) | Tok::Pid(_) | Tok::Mirror(_) => p.extend_from_slice(&value(t)),
+            Tok::Addr(_) | Tok::Pid(_) | Tok::Mirror(_) | Tok::Token(..) | Tok::Write(..) => {
+                p.extend_from_slice(&value(t))
+            }
         }
     }
     let mut rec = if f.raw {
@@ -2463,6 +2999,21 @@ fn send_frame(
     if ctx.clean && !eof && req.is_none() {
         out.skipped += 1;
         return Ok(());
+    }
+    // A device write may write only what its client holds already (as `Tok::Write`
+    // renders it): anything else (a mutated frame, another process's memory, an engine
+    // not known yet) would change memory whose every read is checked. Not sent.
+    if let Some(Request::EngineWrite { offset, bytes }) = &req {
+        let attaching = conn
+            .pending
+            .iter()
+            .any(|p| matches!(p.req, Some(Request::EngineAttach { .. })));
+        let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        if !bytes.is_empty()
+            && (attaching || known_bytes(ctx, scratch, conn.engine.as_ref(), *offset, n) != *bytes)
+        {
+            return Ok(());
+        }
     }
     let sock = conn.sock.as_ref().unwrap();
     let owned: Vec<OwnedFd> = f
@@ -2593,12 +3144,34 @@ fn on_frame(
 ) -> Result<(), String> {
     let first = conn.frames == 0;
     conn.frames += 1;
-    if !frame.fds.is_empty() {
-        return Err(format!("the daemon sent {} fds", frame.fds.len()));
+    // The fds are closed when `fds` goes, whatever becomes of the answer.
+    let proto::Frame {
+        header,
+        payload,
+        fds,
+    } = frame;
+    // Only `EngineAttached` carries fds (exactly ENGINE_FDS; decoding checks the count).
+    if !fds.is_empty() && header.msg_type != ENGINE_ATTACHED {
+        return Err(format!(
+            "the daemon sent {} fds with a {:#06x}",
+            fds.len(),
+            header.msg_type
+        ));
     }
-    let resp = Response::decode(frame.header.msg_type, &frame.payload, 0)
-        .map_err(|e| format!("undecodable answer {:#06x}: {e}", frame.header.msg_type))?;
-    let rid = frame.header.request_id;
+    if header.msg_type == ENGINE_ATTACHED && fds.len() != ENGINE_FDS {
+        return Err(format!(
+            "EngineAttached came with {} fds, not {ENGINE_FDS}",
+            fds.len()
+        ));
+    }
+    let resp = Response::decode(header.msg_type, &payload, fds.len()).map_err(|e| {
+        format!(
+            "undecodable answer {:#06x} with {} fds: {e}",
+            header.msg_type,
+            fds.len()
+        )
+    })?;
+    let rid = header.request_id;
     // The pieces of one answer go out together: nothing else comes between them.
     if let Some((other, _)) = conn.pieces.iter().find(|(r, _)| *r != rid) {
         return Err(format!(
@@ -2606,15 +3179,15 @@ fn on_frame(
             short(&resp)
         ));
     }
-    if frame.header.msg_type == TRACE_EVENT {
+    if header.msg_type == TRACE_EVENT {
         out.events += 1;
-        if !conn.traces.contains(&rid) || frame.header.flags & FLAG_MORE == 0 {
+        if !conn.traces.contains(&rid) || header.flags & FLAG_MORE == 0 {
             return Err(format!("trace event for request {rid}, not a stream"));
         }
         return Ok(());
     }
     // A list answer in pieces: put together, then checked as one answer.
-    let more = frame.header.flags & FLAG_MORE != 0 && !matches!(resp, Response::TraceStarted);
+    let more = header.flags & FLAG_MORE != 0 && !matches!(resp, Response::TraceStarted);
     let resp = match conn.pieces.iter().position(|(r, _)| *r == rid) {
         Some(i) => {
             let (_, mut whole) = conn.pieces.swap_remove(i);
@@ -2697,7 +3270,7 @@ fn on_frame(
         ));
     };
     let p = conn.pending.remove(i).unwrap();
-    check_answer(ctx, scratch, conn, &p, &resp, out)
+    check_answer(ctx, scratch, conn, &p, &resp, &fds, out)
         .map_err(|e| format!("{e} (request: {})", p.desc))
 }
 
@@ -2716,6 +3289,7 @@ fn check_answer(
     conn: &mut Conn,
     p: &Pending,
     resp: &Response,
+    fds: &[OwnedFd],
     out: &mut Outcome,
 ) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{why}: answered {}", short(resp)));
@@ -2740,11 +3314,12 @@ fn check_answer(
     let hello_pending = pending(|r| matches!(r, Request::Hello { .. }));
     let bind_pending = pending(|r| matches!(r, Request::Bind { .. }));
     let attach_pending = pending(|r| matches!(r, Request::Attach { .. }));
-    if let (Request::Hello { .. }, Response::HelloAck { .. }) = (req, resp) {
+    if let (Request::Hello { .. }, Response::HelloAck { version, .. }) = (req, resp) {
         if conn.hello {
             return bad("a second hello accepted");
         }
         conn.hello = true;
+        conn.version = *version;
         return Ok(());
     }
     if !conn.hello && !hello_pending {
@@ -2753,6 +3328,43 @@ fn check_answer(
             Some(_) => Ok(()),
             None => bad("before hello"),
         };
+    }
+    // A session that is no engine (and is not becoming one: no `EngineAttach` unanswered;
+    // engine requests may run on the workers, in any order) has its engine requests refused
+    // as out of order (or first, if they run on a worker, for the in-flight quota).
+    let engine_attach_pending = pending(|r| matches!(r, Request::EngineAttach { .. }));
+    let maybe_engine = conn.engine.is_some() || engine_attach_pending;
+    if let (
+        Request::EngineFault { .. } | Request::EngineWrite { .. } | Request::EngineRead { .. },
+        Some(code),
+    ) = (req, err_code)
+    {
+        if !maybe_engine
+            && !matches!(
+                code,
+                ErrorCode::OutOfOrder | ErrorCode::QuotaExceeded | ErrorCode::ShuttingDown
+            )
+        {
+            return bad("an engine request of a session that is no engine, not refused OutOfOrder");
+        }
+    }
+    // A token no grant handed out, or one revoked by its mirror's detach, is no grant (unless
+    // the session's state or the in-flight quota refuses first).
+    if let (Request::EngineAttach { token, .. }, Some(code)) = (req, err_code) {
+        let owner = ctx.tokens.lock().unwrap().owner(*token);
+        let no_grant = matches!(owner, None | Some(TokenOwner::Script(_, true)));
+        if *token != 0
+            && no_grant
+            && !matches!(
+                code,
+                ErrorCode::NoSuchGrant
+                    | ErrorCode::OutOfOrder
+                    | ErrorCode::QuotaExceeded
+                    | ErrorCode::ShuttingDown
+            )
+        {
+            return bad("a token that is no (live) grant was not refused NoSuchGrant");
+        }
     }
     if err_code.is_some() {
         return Ok(());
@@ -2775,6 +3387,15 @@ fn check_answer(
                 Request::Sync { .. } | Request::SyncPid { .. },
                 Response::Synced { .. }
             )
+            | (Request::Grant { .. }, Response::Granted { .. })
+            | (
+                Request::EngineAttach { .. },
+                Response::EngineAttached { .. }
+            )
+            | (Request::EngineFault { .. }, Response::Populated { .. })
+            | (Request::EngineWrite { .. }, Response::Written { .. })
+            | (Request::ListEngines { .. }, Response::Engines { .. })
+            | (Request::EngineRead { .. }, Response::Data { .. })
     );
     if !matches {
         return bad("an answer of the wrong type");
@@ -2787,6 +3408,7 @@ fn check_answer(
             | Request::Populate { .. }
             | Request::Sync { .. }
             | Request::ListMirrors { pid: 0 }
+            | Request::Grant { .. }
     );
     if needs_bind && !conn.bound && !bind_pending {
         return bad("before bind");
@@ -2812,6 +3434,10 @@ fn check_answer(
             | Request::SyncPid { pid }
             | Request::Trace { pid, .. } => *pid != me,
             Request::ListMirrors { pid } => *pid != 0 && *pid != me,
+            // Of every client (0), or of another one.
+            Request::ListEngines { pid } => *pid != me,
+            // By pid: root's and the daemon's user's only, even of its own process.
+            Request::EngineAttach { token: 0, .. } => true,
             _ => false,
         };
         if other {
@@ -2820,6 +3446,15 @@ fn check_answer(
         if let Response::Mirrors { mirrors } = resp {
             if mirrors.iter().any(|m| m.pid != me) {
                 return bad("an unprivileged client saw another client's mirrors");
+            }
+        }
+        // The daemon's built-in engines (no client: they serve all) are listed to anyone.
+        if let Response::Engines { engines } = resp {
+            if engines
+                .iter()
+                .any(|e| e.client_pid != me && e.state != "built-in")
+            {
+                return bad("an unprivileged client saw another client's engines");
             }
         }
     }
@@ -2834,27 +3469,188 @@ fn check_answer(
             );
             // Opened for reading: an `O_PATH` fd proves nothing (the daemon says `BadFd`).
             let mem_ok = matches!(p.fds.get(1), Some(Fd::Mem | Fd::MemRo));
-            let pagemap_ok = matches!(p.fds.get(2), None | Some(Fd::Pagemap));
+            // Protocol 1: then pagemap, optionally; from protocol 2 on: maps, then pagemap
+            // optionally.
+            let pagemap_ok = if conn.version >= 2 {
+                matches!(p.fds.get(2), Some(Fd::Maps))
+                    && matches!(p.fds.get(3), None | Some(Fd::Pagemap))
+            } else {
+                matches!(p.fds.get(2), None | Some(Fd::Pagemap))
+            };
             if !(uffd_ok && mem_ok && pagemap_ok) {
                 return bad(
-                    "bind accepted fds that are not the client's own uffd, mem and pagemap",
+                    "bind accepted fds that are not the client's own uffd, mem, (maps) and \
+                     pagemap",
                 );
             }
             if matches!(p.fds.first(), Some(Fd::UffdForeign | Fd::UffdDead)) {
                 out.foreign_uffd_bound += 1;
             }
+            if conn.engine.is_some() {
+                return bad("an engine's session bound: it became a client too");
+            }
             conn.bound = true;
         }
+        (Request::Grant { mirror_id }, Response::Granted { token }) => {
+            if *token == 0 {
+                return bad("a grant of token 0 (which attaches by pid)");
+            }
+            known(conn, *mirror_id).map_err(|e| format!("grant: {e}: answered Granted"))?;
+            ctx.granted(*token, conn.serial, *mirror_id);
+        }
+        (
+            Request::EngineAttach {
+                token,
+                pid,
+                mirror_id,
+            },
+            Response::EngineAttached {
+                mirror_id: got,
+                addr,
+                len,
+                shadow_bytes,
+                page_size,
+                ..
+            },
+        ) => {
+            if conn.bound || conn.engine.is_some() {
+                return bad(if conn.bound {
+                    "a bound session became an engine too"
+                } else {
+                    "an engine's session attached a second time"
+                });
+            }
+            if u64::from(*page_size) != P
+                || *len == 0
+                || len % P != 0
+                || addr % P != 0
+                || addr.checked_add(*len).is_none()
+                || *shadow_bytes == 0
+                || shadow_bytes % P != 0
+            {
+                return bad("an engine's geometry that is not whole pages");
+            }
+            let own = if *token == 0 {
+                if got != mirror_id {
+                    return bad("attached by pid to another mirror than asked");
+                }
+                *pid == ctx.me
+            } else {
+                let owner = ctx.tokens.lock().unwrap().owner(*token);
+                match owner {
+                    None => return bad("a token no grant handed out was accepted"),
+                    Some(TokenOwner::Script(_, true)) => {
+                        return bad("a grant revoked by its mirror's detach was accepted");
+                    }
+                    Some(TokenOwner::Script(m, false)) => {
+                        if m != *got {
+                            return bad(&format!(
+                                "attached to another mirror than its grant's {m}"
+                            ));
+                        }
+                        true
+                    }
+                    Some(TokenOwner::Earlier | TokenOwner::Held) => false,
+                    Some(TokenOwner::Worker(uid)) => {
+                        if uid != ctx.uid && !ctx.privileged {
+                            return bad(&format!(
+                                "uid {} attached with a grant of uid {uid}",
+                                ctx.uid
+                            ));
+                        }
+                        false
+                    }
+                }
+            };
+            check_engine_fds(ctx, fds).map_err(|e| format!("{e}: answered {}", short(resp)))?;
+            conn.engine = Some(EngineView {
+                addr: *addr,
+                len: *len,
+                own,
+            });
+            conn.ring = fds.get(3).and_then(|f| Ring::map(f.as_fd()));
+        }
+        (Request::EngineFault { offset, len }, Response::Populated { pages }) => {
+            let Some(e) = conn.engine else {
+                if engine_attach_pending {
+                    return Ok(());
+                }
+                return bad("an engine fault of a session that is no engine");
+            };
+            if offset.checked_add(*len).is_none_or(|end| end > e.len) {
+                return bad("an engine fault outside the engine's mirror");
+            }
+            if *pages > e.len / P {
+                return bad("more pages populated than the engine's mirror has");
+            }
+        }
+        (Request::EngineRead { offset, len }, Response::Data { bytes }) => {
+            let Some(e) = conn.engine else {
+                if engine_attach_pending {
+                    return Ok(());
+                }
+                return bad("an engine read of a session that is no engine");
+            };
+            if bytes.len() != *len as usize {
+                return bad(&format!("an engine read of {len} bytes"));
+            }
+            if offset
+                .checked_add(u64::from(*len))
+                .is_none_or(|end| end > e.len)
+            {
+                return bad("an engine read outside the engine's mirror");
+            }
+            let start = e.addr.wrapping_add(*offset);
+            if e.own && scratch.holds(start, u64::from(*len)) {
+                let first = start - scratch.rw;
+                if let Some(i) =
+                    (0..bytes.len()).find(|i| bytes[*i] != pattern(ctx.salt, first + *i as u64))
+                {
+                    return bad(&format!(
+                        "an engine read returned bytes that are not its client's (offset {i})"
+                    ));
+                }
+            }
+        }
+        (Request::EngineWrite { offset, bytes }, Response::Written { len }) => {
+            let Some(e) = conn.engine else {
+                if engine_attach_pending {
+                    return Ok(());
+                }
+                return bad("a device write of a session that is no engine");
+            };
+            if *len as usize > bytes.len() {
+                return bad("more bytes written than sent");
+            }
+            if offset
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|end| end > e.len)
+            {
+                return bad("a device write outside the engine's mirror");
+            }
+        }
         (Request::Attach { addr, len, .. }, Response::Attached { mirror_id }) => {
+            // Detached already: a detach sent before this answer came ran after the attach
+            // on another worker, and was answered first.
+            if let Some(i) = conn.detached_early.iter().position(|m| m == mirror_id) {
+                conn.detached_early.swap_remove(i);
+                return Ok(());
+            }
             if conn.mirrors.iter().any(|m| m.0 == *mirror_id) || conn.gone.contains(mirror_id) {
                 return bad("a mirror id handed out twice");
             }
             conn.mirrors.push((*mirror_id, *addr, *len));
         }
         (Request::Detach { mirror_id }, Response::Detached) => {
-            known(conn, *mirror_id).map_err(|e| format!("detach: {e}: answered Detached"))?;
+            if known(conn, *mirror_id)
+                .map_err(|e| format!("detach: {e}: answered Detached"))?
+                .is_none()
+            {
+                conn.detached_early.push(*mirror_id);
+            }
             conn.mirrors.retain(|m| m.0 != *mirror_id);
             conn.gone.push(*mirror_id);
+            ctx.detached(conn.serial, *mirror_id);
         }
         (
             Request::Read {
@@ -2953,7 +3749,41 @@ fn short(r: &Response) -> String {
     s.chars().take(200).collect()
 }
 
-/// The worker process: reads `run K OTHER_PID HEX_SCRIPT` lines, answers `@@done K ...`.
+/// A session of the worker that lives through an epoch (`hold` to `release`): a client with
+/// a mirror of memory of its own and a few grants of it, published, so that the other
+/// workers' engines meet live grants of every user (a script's grants live only as long as
+/// the script, a few milliseconds). Its memory is never changed, so nothing waits for the
+/// engines that attach to it.
+struct Holder {
+    _mirror: memshadow::Mirror,
+    _client: memshadow::Client,
+}
+
+/// Memory a holder mirrors (the worker's for its whole life: a mirror must not outlive it).
+const HOLDER_PAGES: usize = 4;
+
+impl Holder {
+    fn open(ctx: &Ctx, mem: &mut [u8]) -> Result<Holder, String> {
+        let client = memshadow::Client::connect_to(&ctx.socket).map_err(|e| e.to_string())?;
+        let mirror = client
+            .attach(mem.as_ptr(), mem.len())
+            .map_err(|e| e.to_string())?;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(mirror.grant().map_err(|e| e.to_string())?);
+        }
+        let mut b = ctx.tokens.lock().unwrap();
+        b.held = held;
+        ctx.publish(&b);
+        Ok(Holder {
+            _mirror: mirror,
+            _client: client,
+        })
+    }
+}
+
+/// The worker process: reads `run K OTHER_PID HEX_SCRIPT` lines, answers `@@done K ...`;
+/// `hold` and `release` open and close its [`Holder`] (`@@held`, `@@released`).
 fn worker_main(socket: &str) {
     let env_i32 = |k: &str| -> i32 {
         std::env::var(k)
@@ -2989,13 +3819,38 @@ fn worker_main(socket: &str) {
         salt: env_i32("MEMSHADOW_FUZZ_SALT") as u8,
         sibling,
         sibling_sock,
+        tokens: Mutex::default(),
+        token_dir: std::env::var_os("MEMSHADOW_FUZZ_TOKENS").map(PathBuf::from),
+        enabled: Enabled::from_env(),
     };
     let stdout = std::io::stdout();
     println!("@@ready pid={} uid={}", ctx.me, ctx.uid);
     let _ = stdout.lock().flush();
+    let mut holder_mem = vec![0x4du8; HOLDER_PAGES * P as usize + P as usize];
+    let off = holder_mem.as_ptr().align_offset(P as usize);
+    let mut holder: Option<Holder> = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let w: Vec<&str> = line.split_whitespace().collect();
+        match w.first().copied() {
+            Some("hold") => {
+                let mem = &mut holder_mem[off..off + HOLDER_PAGES * P as usize];
+                let r = Holder::open(&ctx, mem).map(|h| holder = Some(h));
+                println!("@@held {}", r.err().unwrap_or_default());
+                let _ = stdout.lock().flush();
+                continue;
+            }
+            Some("release") => {
+                holder = None;
+                let mut b = ctx.tokens.lock().unwrap();
+                b.held.clear();
+                ctx.publish(&b);
+                println!("@@released");
+                let _ = stdout.lock().flush();
+                continue;
+            }
+            _ => {}
+        }
         if w.first() != Some(&"run") || w.len() != 4 {
             break;
         }
@@ -3062,6 +3917,7 @@ impl Worker {
             handshake_ms(daemon_args).to_string(),
         )
         .env("MEMSHADOW_FUZZ_SALT", (index * 37 + 11).to_string())
+        .env("MEMSHADOW_FUZZ_TOKENS", token_dir(d))
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
@@ -3124,6 +3980,14 @@ impl Worker {
             .map_err(|_| format!("no answer within {limit:?}"))?
     }
 
+    /// Opens (`hold`) or closes (`release`) the worker's holder session.
+    fn holder(&mut self, cmd: &str) -> Result<String, String> {
+        writeln!(self.stdin, "{cmd}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("the worker is gone: {e}"))?;
+        self.read_line(SCRIPT_DEADLINE)
+    }
+
     /// Runs `script` on this worker; `other` is another client's pid.
     fn run(&mut self, k: u64, other: i32, script: &Script) -> Result<Outcome, String> {
         let text = script.print();
@@ -3143,6 +4007,18 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where the workers publish their grants for one another: in the daemon's directory,
+/// writable by every worker's user (sticky, so each replaces only its own file).
+fn token_dir(d: &Daemon) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = d.dir().path().join("tokens");
+    if !dir.exists() {
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    dir
 }
 
 /// The daemon's handshake timeout with these arguments, ms.
@@ -3504,6 +4380,19 @@ fn type_names_match_the_protocol() {
         Request::Trace { pid: 0, events: 0 },
         Request::Sync { mirror_id: 0 },
         Request::SyncPid { pid: 0 },
+        Request::Grant { mirror_id: 0 },
+        Request::EngineAttach {
+            token: 0,
+            pid: 0,
+            mirror_id: 0,
+        },
+        Request::EngineFault { offset: 0, len: 0 },
+        Request::EngineWrite {
+            offset: 0,
+            bytes: Vec::new(),
+        },
+        Request::ListEngines { pid: 0 },
+        Request::EngineRead { offset: 0, len: 0 },
     ];
     assert_eq!(reqs.len(), TYPES.len());
     for (r, (_, t)) in reqs.iter().zip(TYPES) {
@@ -3525,6 +4414,35 @@ fn type_names_match_the_protocol() {
         },
     };
     assert_eq!(ev.msg_type(), TRACE_EVENT);
+    let attached = Response::EngineAttached {
+        engine_id: 0,
+        mirror_id: 0,
+        addr: 0,
+        len: 0,
+        shadow_bytes: 0,
+        page_size: 0,
+    };
+    assert_eq!(attached.msg_type(), ENGINE_ATTACHED);
+    // A token renders as the u128's little-endian bytes: two u64, low first.
+    let t: u128 = 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10;
+    let attach = Request::EngineAttach {
+        token: t,
+        pid: 7,
+        mirror_id: 9,
+    };
+    let mut want = t.to_le_bytes().to_vec();
+    want.extend_from_slice(&7i32.to_le_bytes());
+    want.extend_from_slice(&9u64.to_le_bytes());
+    assert_eq!(attach.encode_payload(), want);
+    // A `write:OFF:N` token renders as EngineWrite's payload.
+    let w = Request::EngineWrite {
+        offset: 5,
+        bytes: vec![1, 2],
+    };
+    let mut want = 5u64.to_le_bytes().to_vec();
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(&[1, 2]);
+    assert_eq!(w.encode_payload(), want);
 }
 
 /// The corpus parses, prints back to itself, and its scripts stay within their
@@ -3610,6 +4528,14 @@ fn fuzz_the_daemon() {
     if !daemon_args.iter().any(|a| a == "--handshake-timeout-ms") {
         daemon_args.extend(["--handshake-timeout-ms".to_owned(), "1000".to_owned()]);
     }
+    // The fuzzer's engines never acknowledge a flush: each change of a mirror they read
+    // waits this long for each of them (then evicts it).
+    if !daemon_args.iter().any(|a| a == "--engine-ack-timeout-ms") {
+        daemon_args.extend([
+            "--engine-ack-timeout-ms".to_owned(),
+            ENGINE_ACK_TIMEOUT_MS.to_owned(),
+        ]);
+    }
     if let Some(s) = replay_scripts.as_ref().and_then(|v| v.first()) {
         if !s.daemon.is_empty() {
             daemon_args = s.daemon.clone();
@@ -3621,7 +4547,7 @@ fn fuzz_the_daemon() {
         args.extend(["--log-level".to_owned(), "error".to_owned()]);
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = Daemon::start(&arg_refs);
+    let mut d = Daemon::start(&arg_refs);
     // Workers running as nobody must reach the socket.
     let _ = Command::new("chmod")
         .arg("755")
@@ -3730,6 +4656,15 @@ fn fuzz_the_daemon() {
         let mut epoch = 0u64;
         while !end.passed() && fatal.is_none() {
             let epoch_end = Deadline::after(EPOCH).min(end);
+            // Live grants of every worker for the epoch (a holder that cannot open is no
+            // finding: the daemon may refuse it, e.g. for the user's malformed frames).
+            for w in workers.iter_mut().filter(|w| !w.dead) {
+                match w.holder("hold") {
+                    Ok(l) if l == "@@held" => {}
+                    Ok(l) => println!("fuzz: worker {} could not hold grants: {l}", w.index),
+                    Err(e) => println!("fuzz: worker {} could not hold grants: {e}", w.index),
+                }
+            }
             let ran: Mutex<Vec<(usize, u64, Script)>> = Mutex::default();
             let stop = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|sc| {
@@ -3795,12 +4730,18 @@ fn fuzz_the_daemon() {
                 }
             });
             epoch += 1;
+            for w in workers.iter_mut().filter(|w| !w.dead) {
+                if let Err(e) = w.holder("release") {
+                    println!("fuzz: worker {} did not release its grants: {e}", w.index);
+                    w.dead = true;
+                }
+            }
             let ran = ran.into_inner().unwrap();
             if !alive(d.pid()) || workers.iter().any(|w| w.dead) || stop.into_inner() {
                 let why = if alive(d.pid()) {
                     "the daemon stopped answering (or a worker died) during this epoch".to_owned()
                 } else {
-                    "the daemon died during this epoch".to_owned()
+                    format!("the daemon died during this epoch ({})", d.wait())
                 };
                 let last: Vec<&Script> = ran.iter().rev().take(16).map(|r| &r.2).collect();
                 let p = write_finding(

@@ -432,6 +432,27 @@ impl Drop for TempDir {
     }
 }
 
+/// SIGSTOPs process `pid` and waits until every thread of it is stopped (a signal is
+/// delivered asynchronously: a thread may still run a moment after `kill` returns).
+pub fn stop_process(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
+    let state = |stat: String| -> Option<char> { stat.rsplit_once(") ")?.1.chars().next() };
+    wait_until(format!("process {pid} to stop"), HANG_GUARD, || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.filter_map(Result::ok).all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(state)
+                .is_some_and(|c| c == 'T' || c == 't')
+        })
+    });
+}
+
 /// Whether process `pid` exists and has not exited (a zombie has).
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

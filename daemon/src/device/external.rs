@@ -458,7 +458,8 @@ impl ExternalEngine {
             return (0, 0);
         }
         s.sort_unstable();
-        let at = |q: usize| s[(s.len() - 1) * q / 100];
+        // Nearest rank: the smallest sample with at least q% of the samples at or below it.
+        let at = |q: usize| s[(s.len() * q).div_ceil(100).max(1) - 1];
         (at(50), at(99))
     }
 

@@ -18,6 +18,7 @@ use super::handler::{bound, privileged, require, Denied};
 use super::session::{EngineLink, Session};
 use super::wire_error::WireError;
 use super::Core;
+use crate::address_space::AddressSpace;
 use crate::address_space::WatchError;
 use crate::device::DeviceError;
 use crate::sys::PAGE_SIZE;
@@ -148,7 +149,7 @@ pub fn attach(
     let a = w.attach_engine(mirror_id, id, s.peer.pid)?;
     let fds: Vec<Arc<OwnedFd>> = a.fds.into_iter().map(Arc::new).collect();
     let link = EngineLink {
-        client: Arc::clone(&w),
+        client: Arc::downgrade(&w),
         client_pid: client.peer.pid,
         mirror_id,
         engine: Arc::clone(&a.engine),
@@ -177,27 +178,25 @@ pub fn attach(
 
 /// `EngineFault`: faults a run of the engine's mirror into the shadow.
 pub fn fault(s: &Session, offset: u64, len: u64) -> Result<Response, WireError> {
-    let l = live_engine(s)?;
+    let (l, client) = live_engine(s)?;
     l.engine.counters().faults.fetch_add(1, Relaxed);
-    let pages = l.client.engine_fault(l.mirror_id, offset, len)?;
+    let pages = client.engine_fault(l.mirror_id, offset, len)?;
     Ok(Response::Populated { pages })
 }
 
 /// `EngineRead`: bytes of the engine's mirror over the session (pages the shadow cannot
 /// hold yet), as a client's own `Read` is served.
 pub fn read(s: &Session, offset: u64, len: u32) -> Result<Response, WireError> {
-    let l = live_engine(s)?;
+    let (l, client) = live_engine(s)?;
     let len = super::handler::read_len(len)?;
-    let bytes = l.client.read(l.mirror_id, offset, len)?;
+    let bytes = client.read(l.mirror_id, offset, len)?;
     Ok(Response::Data { bytes })
 }
 
 /// `EngineWrite`: a device write into the engine's client's memory.
 pub fn write(s: &Session, offset: u64, bytes: &[u8]) -> Result<Response, WireError> {
-    let l = live_engine(s)?;
-    let n = l
-        .client
-        .device_write(l.mirror_id, offset, bytes, l.engine.id())?;
+    let (l, client) = live_engine(s)?;
+    let n = client.device_write(l.mirror_id, offset, bytes, l.engine.id())?;
     l.engine.counters().writes.fetch_add(1, Relaxed);
     Ok(Response::Written { len: n as u32 })
 }
@@ -273,19 +272,24 @@ fn engine_info(l: &EngineLink) -> EngineInfo {
     }
 }
 
-fn live_engine(s: &Session) -> Result<&EngineLink, EngineRequestError> {
+/// The engine of session `s` and its client, unless it was evicted or its client is gone.
+fn live_engine(s: &Session) -> Result<(&EngineLink, Arc<AddressSpace>), EngineRequestError> {
     let l = s.engine.get().ok_or(EngineRequestError::NotEngine)?;
+    let evicted = EngineRequestError::Evicted(l.engine.id());
     if l.engine.is_gone() {
-        return Err(EngineRequestError::Evicted(l.engine.id()));
+        return Err(evicted);
     }
-    Ok(l)
+    let client = l.client.upgrade().ok_or(evicted)?;
+    Ok((l, client))
 }
 
 /// The session closed: if it was an engine, it counts as having acknowledged everything.
 pub fn session_closed(core: &Core, s: &Session) {
     core.grants.revoke_session(s.id);
     if let Some(l) = s.engine.get() {
-        l.client.device().detach_engine(l.engine.id());
+        if let Some(client) = l.client.upgrade() {
+            client.device().detach_engine(l.engine.id());
+        }
         tracing::info!(
             engine = l.engine.id(),
             pid = s.peer.pid,

@@ -1013,7 +1013,8 @@ impl Server {
     }
 
     /// Ends the sessions that must end: no `Hello` within the handshake timeout; mirroring
-    /// and streaming nothing, and no external engine, for the idle timeout; a client whose address space is gone
+    /// and streaming nothing, and no live external engine (an evicted one is idle), for the
+    /// idle timeout; a client whose address space is gone
     /// (it `exec`ed or exited while another process kept the session open).
     fn housekeep(&mut self) {
         for (uid, n) in self.abuse.sweep(Instant::now()) {
@@ -1030,7 +1031,7 @@ impl Server {
                     self.core.end(&s, End::Gone);
                 }
             } else if s.streams.load(Relaxed) == 0
-                && s.engine.get().is_none()
+                && s.engine.get().is_none_or(|l| l.engine.is_gone())
                 && now.saturating_sub(s.last_active()) > l.idle_timeout
             {
                 self.core.end(&s, End::Idle);

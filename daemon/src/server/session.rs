@@ -135,8 +135,9 @@ pub struct Session {
 /// An external engine's session: whose mirror it reads.
 #[derive(Debug)]
 pub struct EngineLink {
-    /// The client it reads.
-    pub client: Arc<AddressSpace>,
+    /// The client it reads, while it lives (an engine does not keep its client's files,
+    /// or its address space, after the client is gone).
+    pub client: std::sync::Weak<AddressSpace>,
     /// The client's pid.
     pub client_pid: i32,
     /// The mirror's id within the client.

@@ -93,9 +93,12 @@ pub fn futex_wake_shared(word: &AtomicU64) {
 }
 
 /// [`memfd`], sealed against changing size (and further seals), for memory shared with
-/// other processes: a mapping of it can never fault past a shrunk end (`SIGBUS`).
+/// other processes: a mapping of it can never fault past a shrunk end (`SIGBUS`). Its mode
+/// is 0400: a process given a read-only fd of it cannot open it again for writing through
+/// `/proc/self/fd` (a memfd is created 0777).
 pub fn memfd_sealed(name: &str, len: u64) -> nix::Result<File> {
     let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::S_IRUSR)?;
     let file = File::from(fd);
     file.set_len(len)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
