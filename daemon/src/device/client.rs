@@ -904,6 +904,9 @@ impl DeviceClient {
     /// pages written are invalidated (event `SoftDirty`, as written pages are), so that no
     /// engine and no later fault keeps the old bytes. Returns the bytes written.
     pub fn device_write(&self, addr: u64, bytes: &[u8], engine: u32) -> Result<usize, DeviceError> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
         let len = bytes.len() as u64;
         let range = Range::new(addr, len.max(1))?;
         if !self
