@@ -11,8 +11,10 @@
 //! 3. `invalidate_m16_k4`: one `madvise(MADV_DONTNEED)` of a client range that M = 16
 //!    notifiers cover and K = 4 external engines cache, each engine in a thread of its own that
 //!    sleeps in `poll()` on its doorbell and acknowledges with `Engine::poll`. Measured with
-//!    a `--mode two-pass` and a `--mode one-pass` daemon (both running at once, each its own
-//!    client and engines). Goals: two-pass >= 12.8x faster than one-pass (16 notifiers
+//!    a two-pass daemon in its default `--mode two-pass-batched` (the start passes queue every
+//!    engine's flushes and the walk rings each doorbell once) and a `--mode one-pass` daemon
+//!    (both running at once, each its own client and engines); "two-pass" below is the
+//!    batched mode. Goals: two-pass >= 12.8x faster than one-pass (16 notifiers
 //!    waited for one after the other, at 80% efficiency), and two-pass <= 1.25x the slowest
 //!    single acknowledgement + 20 µs (`invalidate_m16_k4_vs_one_ack`, the baseline being the
 //!    same invalidation with one notifier: one flush on each of the 4 engines, one wait). See
@@ -998,7 +1000,7 @@ struct ModeResult {
 /// the machine affects them alike).
 fn invalidate_rows(bin: &Path, dir: &Path, iters: usize, page: usize) -> Res<[ModeResult; 2]> {
     let rigs = [
-        Rig::new(bin, dir, "two-pass", page)?,
+        Rig::new(bin, dir, "two-pass-batched", page)?,
         Rig::new(bin, dir, "one-pass", page)?,
     ];
     // [mode][set][way]
@@ -1485,7 +1487,7 @@ fn main() -> Res<()> {
         Row {
             op: "invalidate_m16_k4_vs_one_ack",
             engine: two.daemon[0][p],
-            baseline: "slowest single ack (two-pass, M=1, K=4)",
+            baseline: "slowest single ack (two-pass-batched, M=1, K=4)",
             base: two.daemon[1][p],
             kind: RowKind::Bound {
                 factor: GOAL_ACK_FACTOR,
