@@ -131,8 +131,7 @@ pub fn attach(
     }
     let (client, mirror_id) = if token == 0 {
         require(privileged(core, s), Denied::ActOn(pid))?;
-        let c = super::handler::bound_client(core, pid)?;
-        (c, mirror_id)
+        (session_with_mirror(core, pid, mirror_id)?, mirror_id)
     } else {
         let g = crate::lock(&core.grants.0).get(&token).copied();
         let g = g
@@ -174,6 +173,25 @@ pub fn attach(
         shadow_bytes: a.shadow_bytes,
         page_size: PAGE_SIZE as u32,
     })
+}
+
+/// The bound session of process `pid` that has mirror `mirror_id` (mirror ids are per
+/// session, and a process may have more than one), or its first bound session (which then
+/// answers that it has no such mirror).
+fn session_with_mirror(core: &Core, pid: i32, mirror_id: u64) -> Result<Arc<Session>, WireError> {
+    let first = super::handler::bound_client(core, pid)?;
+    let has = |c: &Session| {
+        c.watched().is_some_and(|w| {
+            w.list()
+                .iter()
+                .any(|m| m.id == mirror_id && m.dev.is_some())
+        })
+    };
+    Ok(core
+        .sessions()
+        .into_iter()
+        .find(|c| c.peer.pid == pid && has(c))
+        .unwrap_or(first))
 }
 
 /// `EngineFault`: faults a run of the engine's mirror into the shadow.
