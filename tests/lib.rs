@@ -313,6 +313,34 @@ pub fn path_with_system_dirs() -> OsString {
 // =======================================================================================
 // Files and binaries.
 
+/// The median and 99th percentile of some samples, and how many there were.
+#[derive(Debug, Clone, Copy)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Samples.
+    pub n: usize,
+}
+
+/// Nearest-rank percentiles of `v` (NaN for no samples): the benchmarks' statistics.
+pub fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    };
+    Percentiles {
+        p50: at(50.0),
+        p99: at(99.0),
+        n: v.len(),
+    }
+}
+
 /// A fresh private anonymous read-write mapping of `len` bytes (the benchmarks' and tests'
 /// buffers); the caller unmaps it.
 pub fn map_anon(len: usize) -> std::io::Result<*mut u8> {

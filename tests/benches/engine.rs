@@ -71,6 +71,7 @@ impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
 use bench_daemon::Daemon;
+use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 /// Reads of one timed batch of `read_hit_64`.
 const READ_BATCH: usize = 1000;
@@ -212,30 +213,6 @@ impl Drop for Anon {
 
 // ---------------------------------------------------------------------------------------
 // Statistics.
-
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    p50: f64,
-    p99: f64,
-    n: usize,
-}
-
-/// Nearest-rank percentiles.
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    };
-    Stats {
-        p50: at(50.0),
-        p99: at(99.0),
-        n: v.len(),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Engines in threads of their own.

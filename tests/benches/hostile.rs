@@ -48,6 +48,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
 use bench_daemon::Daemon;
+use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 /// The goal: hostile p99 / alone p99.
 const GOAL: f64 = 2.0;
@@ -81,28 +82,6 @@ const MAX_CLIENTS: u32 = 1024;
 const CLIENTS_PER_UID: u32 = 512;
 /// How long the well-behaved ops may take to finish once the hostile sessions are killed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    p50: f64,
-    p99: f64,
-}
-
-/// Nearest-rank percentiles.
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    };
-    Stats {
-        p50: at(50.0),
-        p99: at(99.0),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The daemon.

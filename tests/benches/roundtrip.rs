@@ -26,6 +26,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
 use bench_daemon::Daemon;
+use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 const RANGE: usize = 64 << 10;
 const WARMUP: usize = 50;
@@ -112,28 +113,6 @@ fn timed(op: impl FnOnce() -> Res<()>) -> Res<f64> {
     let t = Instant::now();
     op()?;
     Ok(t.elapsed().as_secs_f64() * 1e6)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    p50: f64,
-    p99: f64,
-}
-
-/// Nearest-rank percentiles.
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(f64::total_cmp);
-    let at = |p: f64| {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    };
-    Stats {
-        p50: at(50.0),
-        p99: at(99.0),
-    }
 }
 
 /// Runs `WARMUP` unrecorded then `iters` recorded iterations of `one` (which returns the
