@@ -384,12 +384,8 @@ pub unsafe extern "C" fn memshadow_connect_to(
     guard(|| {
         // SAFETY: the caller's contract.
         let out = unsafe { out_ptr(out, "out") }?;
-        if path.is_null() {
-            return Err(invalid("path is NULL"));
-        }
-        // SAFETY: not NULL, and NUL-terminated by the caller's contract.
-        let path = unsafe { CStr::from_ptr(path) };
-        let path = Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
+        // SAFETY: the caller's contract.
+        let path = unsafe { socket_arg(path) }.ok_or_else(|| invalid("path is NULL"))?;
         let client = Client::connect_to(path)?;
         // SAFETY: checked by `out_ptr`.
         unsafe { put(out, new_client(client)) };
