@@ -418,26 +418,14 @@ impl Engine {
                          {MAX_FAULT_PASSES} faults that the daemon said it served"
                     )));
                 }
-                for &(start, pages) in &self.runs {
+                for i in 0..self.runs.len() {
+                    let (start, pages) = self.runs[i];
                     self.stats.faults += 1;
                     let req = Request::EngineFault {
                         offset: start << shift,
                         len: pages << shift,
                     };
-                    // The fault may wait for an invalidation of the mirror to end, whose
-                    // finish waits for this engine: acknowledge flushes meanwhile. No copy
-                    // is under way, and the read translates again after the fault.
-                    let answer = self.session.call_serving(&req, self.doorbell.as_fd(), || {
-                        drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
-                        RingState {
-                            tlb: &mut self.tlb,
-                            acked: &mut self.acked,
-                            flush_all_seen: &mut self.flush_all_seen,
-                            stats: &mut self.stats,
-                        }
-                        .process(&self.maps)
-                    })?;
-                    match answer {
+                    match self.call_acknowledging(&req)? {
                         Response::Populated { .. } => {}
                         r => return Err(unexpected(r)),
                     }
@@ -506,7 +494,8 @@ impl Engine {
     fn fetch_runs(&mut self, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), Error> {
         let shift = self.page_shift;
         let first_page = offset >> shift;
-        for &(start, pages) in &self.runs {
+        for i in 0..self.runs.len() {
+            let (start, pages) = self.runs[i];
             let from = offset.max(start << shift);
             let to = end.min((start + pages) << shift);
             let mut at = from;
@@ -516,18 +505,8 @@ impl Engine {
                     offset: at,
                     len: n as u32,
                 };
-                // Served like a fault (it may fault): acknowledge flushes meanwhile.
-                let answer = self.session.call_serving(&req, self.doorbell.as_fd(), || {
-                    drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
-                    RingState {
-                        tlb: &mut self.tlb,
-                        acked: &mut self.acked,
-                        flush_all_seen: &mut self.flush_all_seen,
-                        stats: &mut self.stats,
-                    }
-                    .process(&self.maps)
-                })?;
-                let bytes = match answer {
+                // Served like a fault (it may fault).
+                let bytes = match self.call_acknowledging(&req)? {
                     Response::Data { bytes } if bytes.len() as u64 == n => bytes,
                     Response::Data { bytes } => {
                         return Err(Error::Protocol(format!(
@@ -552,13 +531,40 @@ impl Engine {
 
     /// The ring: drop what it names, acknowledge, wake the daemon.
     fn process_flushes(&mut self) -> Result<(), Error> {
-        let mut state = RingState {
+        RingState {
             tlb: &mut self.tlb,
             acked: &mut self.acked,
             flush_all_seen: &mut self.flush_all_seen,
             stats: &mut self.stats,
-        };
-        state.process(&self.maps)
+        }
+        .process(&self.maps)
+    }
+
+    /// Sends `req` (a fault or a fetch) and acknowledges flushes until it is answered: it may
+    /// wait for an invalidation of the mirror to end, whose finish waits for this engine. No
+    /// copy is under way meanwhile, and the read translates again afterwards.
+    fn call_acknowledging(&mut self, req: &Request) -> Result<Response, Error> {
+        let Engine {
+            session,
+            doorbell,
+            doorbell_nonblocking,
+            maps,
+            tlb,
+            acked,
+            flush_all_seen,
+            stats,
+            ..
+        } = self;
+        session.call_serving(req, doorbell.as_fd(), || {
+            drain(doorbell.as_fd(), *doorbell_nonblocking);
+            RingState {
+                tlb: &mut *tlb,
+                acked: &mut *acked,
+                flush_all_seen: &mut *flush_all_seen,
+                stats: &mut *stats,
+            }
+            .process(maps)
+        })
     }
 
     /// Empties the doorbell's counter, without blocking.
