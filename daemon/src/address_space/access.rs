@@ -84,7 +84,7 @@ impl AddressSpace {
             let m = t.by_id.get(&id).ok_or(WatchError::NoSuchMirror(id))?;
             m.dev.ok_or(WatchError::NotMirrored(m.addr))?
         };
-        Ok(self.device.attach_engine(dev, id, engine_id, pid)?)
+        Ok(self.device.attach_engine(dev, engine_id, pid)?)
     }
 
     /// A device write of `bytes` at `offset` of mirror `id` into the client's memory.

@@ -188,14 +188,11 @@ impl AddressSpace {
             let mut fences = lock(&self.fences);
             let now: std::collections::HashMap<u64, u64> =
                 fences.iter().map(|p| (p.token, p.generation)).collect();
-            let gone: Vec<(u64, bool)> = lifted
-                .iter()
-                .filter(|(t, g, _)| now.get(t) == Some(g))
-                .map(|(t, _, timed_out)| (*t, *timed_out))
-                .collect();
-            let tokens: std::collections::HashSet<u64> = gone.iter().map(|g| g.0).collect();
+            let gone = lifted.iter().filter(|(t, g, _)| now.get(t) == Some(g));
+            let timed_out = gone.clone().filter(|(_, _, late)| *late).count() as u64;
+            let tokens: std::collections::HashSet<u64> = gone.map(|(t, _, _)| *t).collect();
             fences.retain(|p| !tokens.contains(&p.token));
-            self.device.unfence_all(&gone);
+            self.device.unfence_all(&tokens, timed_out);
         }
         self.settling.store(false, Relaxed);
     }

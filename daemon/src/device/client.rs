@@ -476,15 +476,13 @@ impl DeviceClient {
         &self.core.counters
     }
 
-    /// Lifts the fences `(token, timed_out)` ([`AccessGuard::fence`]) in one pass;
-    /// `timed_out` if the change a fence waited for was not seen made (counted apart).
-    pub fn unfence_all(&self, fences: &[(u64, bool)]) {
-        let tokens: std::collections::HashSet<u64> = fences.iter().map(|f| f.0).collect();
-        self.core.pt().unfence_all(&tokens);
-        let timed_out = fences.iter().filter(|f| f.1).count() as u64;
+    /// Lifts the fences `tokens` ([`AccessGuard::fence`]) in one pass; `timed_out` of them
+    /// were lifted without their change seen made (counted apart).
+    pub fn unfence_all(&self, tokens: &std::collections::HashSet<u64>, timed_out: u64) {
+        self.core.pt().unfence_all(tokens);
         let c = &self.dev.counters;
         bump(&c.fences_timed_out, timed_out);
-        bump(&c.fences_lifted, fences.len() as u64 - timed_out);
+        bump(&c.fences_lifted, tokens.len() as u64 - timed_out);
     }
 
     /// Runs `(first, last)` (inclusive virtual page numbers) of the pages of
@@ -755,13 +753,6 @@ impl DeviceClient {
         Err(DeviceError::FaultStorm { addr })
     }
 
-    /// Faults in every page of `addr..addr+len` that is not yet in the shadow, without a
-    /// device read (prefetch; also the mirror-bandwidth benchmark's path).
-    ///
-    /// G1: the page table is looked at under the access lock, like a read is queued, so an
-    /// invalidation whose event was read before this was called has zapped its pages first
-    /// (the client's munmap or madvise returns once the event is *read*, before its start
-    /// pass). The lock is not held across the fault, which may wait for the event reader.
     /// Why a read of the client's memory stopped at `addr`: that page is not readable (the
     /// source says so when asked for it alone), or not mapped.
     fn why_short(&self, addr: u64) -> DeviceError {
@@ -822,10 +813,6 @@ impl DeviceClient {
         Ok(buf)
     }
 
-    pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
-        self.populate_range(addr, len)
-    }
-
     /// Makes the client's epoch odd before its events are read (no-op without engines).
     pub fn begin_event_read(&self) {
         if let Some(e) = self.core.epoch.get() {
@@ -847,7 +834,6 @@ impl DeviceClient {
     pub fn attach_engine(
         &self,
         mirror_id: u64,
-        shown_id: u64,
         id: u32,
         pid: i32,
     ) -> Result<EngineAttachment, DeviceError> {
@@ -868,7 +854,7 @@ impl DeviceClient {
                 let _ = self.core.epoch.set(EpochPage::new()?);
             }
             let pt = Arc::new(SharedPt::new(r.start(), r.len())?);
-            let engine = Arc::new(ExternalEngine::new(id, pid, shown_id, pt.vpns())?);
+            let engine = Arc::new(ExternalEngine::new(id, pid, pt.vpns())?);
             Ok((pt, engine))
         })();
         let (pt, engine) = made?;
@@ -892,11 +878,6 @@ impl DeviceClient {
     /// True if the client has an external engine (its finishes may wait for one).
     pub fn has_external_engines(&self) -> bool {
         self.core.pt().external_engines().next().is_some()
-    }
-
-    /// The client's external engines.
-    pub fn external_engines(&self) -> Vec<Arc<ExternalEngine>> {
-        self.core.pt().external_engines().cloned().collect()
     }
 
     /// A device (DMA) write of `bytes` at client address `addr`, which must lie in one
@@ -929,7 +910,14 @@ impl DeviceClient {
         Ok(n)
     }
 
-    fn populate_range(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
+    /// Faults in every page of `addr..addr+len` that is not yet in the shadow, without a
+    /// device read (prefetch; also the mirror-bandwidth benchmark's path).
+    ///
+    /// G1: the page table is looked at under the access lock, like a read is queued, so an
+    /// invalidation whose event was read before this was called has zapped its pages first
+    /// (the client's munmap or madvise returns once the event is *read*, before its start
+    /// pass). The lock is not held across the fault, which may wait for the event reader.
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), DeviceError> {
         let r = Range::new(addr, len)?;
         let first = r.start() / PAGE_SIZE as u64;
         let last = r.last() / PAGE_SIZE as u64;

@@ -137,7 +137,7 @@ impl EpochPage {
         self.header().epoch.fetch_add(1, Ordering::Release);
     }
 
-    /// The current value (tests, status).
+    /// The current value (tests).
     pub fn value(&self) -> u64 {
         self.header().epoch.load(Ordering::Acquire)
     }
@@ -181,11 +181,6 @@ impl SharedPt {
     fn word(&self, vpn: u64) -> Option<&AtomicU64> {
         let i = vpn.checked_sub(self.first_vpn)?;
         (i < self.pages).then(|| self.mem.at(HEADER_BYTES + i as usize * 8))
-    }
-
-    /// True if the table covers virtual page `vpn`.
-    pub fn covers(&self, vpn: u64) -> bool {
-        self.word(vpn).is_some()
     }
 
     /// Publishes page `vpn` in `slot` (its copy is complete).
@@ -253,7 +248,6 @@ pub struct ExternalEngine {
     pid: i32,
     /// The client virtual pages of its mirror.
     vpns: (u64, u64),
-    mirror_id: u64,
     ring: SharedMem,
     doorbell: EventFd,
     /// Last sequence number queued (the ring's `head`, kept here too).
@@ -272,7 +266,7 @@ const SAMPLES: usize = 1024;
 
 impl ExternalEngine {
     /// A new engine `id` of process `pid` over a mirror's virtual pages `vpns`.
-    pub fn new(id: u32, pid: i32, mirror_id: u64, vpns: (u64, u64)) -> Result<Self, ExternalError> {
+    pub fn new(id: u32, pid: i32, vpns: (u64, u64)) -> Result<Self, ExternalError> {
         let ring = SharedMem::new("memshadow-ring", abi::ring_bytes() as u64)?;
         ring.put32(std::mem::offset_of!(RingHeader, magic), abi::RING_MAGIC);
         ring.put32(
@@ -288,7 +282,6 @@ impl ExternalEngine {
             id,
             pid,
             vpns,
-            mirror_id,
             ring,
             doorbell,
             seq: AtomicU64::new(0),
@@ -318,11 +311,6 @@ impl ExternalEngine {
     /// The engine's process.
     pub fn pid(&self) -> i32 {
         self.pid
-    }
-
-    /// The mirror it attached to.
-    pub fn mirror_id(&self) -> u64 {
-        self.mirror_id
     }
 
     /// Its counters.
@@ -533,7 +521,7 @@ mod tests {
 
     #[test]
     fn the_ring_turns_into_flush_all_when_full_and_waits_end() {
-        let e = ExternalEngine::new(1, 0, 1, (10, 20)).expect("engine");
+        let e = ExternalEngine::new(1, 0, (10, 20)).expect("engine");
         for i in 0..u64::from(RING_ENTRIES) - 1 {
             assert_eq!(e.push(10, 11, false), i + 1);
         }
@@ -557,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_waiter_wakes_when_the_engine_acknowledges_from_another_thread() {
-        let e = Arc::new(ExternalEngine::new(2, 0, 1, (0, 0)).expect("engine"));
+        let e = Arc::new(ExternalEngine::new(2, 0, (0, 0)).expect("engine"));
         let s = e.push(0, 0, false);
         let acker = Arc::clone(&e);
         let t = std::thread::spawn(move || {

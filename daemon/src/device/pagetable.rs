@@ -85,11 +85,6 @@ impl PageTable {
         self.next_fence
     }
 
-    /// Lifts the fence `token`.
-    pub fn unfence(&mut self, token: u64) {
-        self.fences.retain(|f| f.2 != token);
-    }
-
     /// Lifts every fence of `tokens`, in one pass.
     pub fn unfence_all(&mut self, tokens: &std::collections::HashSet<u64>) {
         self.fences.retain(|f| !tokens.contains(&f.2));
@@ -299,7 +294,7 @@ mod tests {
         let f = pt.fence(9, 10);
         assert!(pt.fenced(8, 9) && !pt.fenced(11, 20));
         assert!(!pt.install(10, pte(4, 7)), "fenced refused");
-        pt.unfence(f);
+        pt.unfence_all(&[f].into());
         assert!(pt.install(10, pte(4, 7)));
         let mut gone = Vec::new();
         assert_eq!(pt.zap(10, 10, 7, &mut gone), 1);
