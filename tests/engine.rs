@@ -513,3 +513,68 @@ fn an_engine_faulting_while_writes_are_collected_is_not_evicted() {
     assert_eq!(d.counter("device.engine_evictions"), 0);
     assert_eq!(engine_state(&d, &id)["state"], "attached");
 }
+
+/// `memshadowctl trace` shows each wait of a finish for an external engine: the engine, how
+/// long the finish waited and how it ended — acknowledged by a slow engine, then, once the
+/// engine is stopped, evicted after the whole `engine_ack_timeout`.
+#[test]
+fn trace_shows_each_engines_acknowledgement_and_eviction() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let d = Daemon::start(&["--engine-ack-timeout-ms", "1500"]);
+    let (mut c, token) = client_with_grant(&d, 8, 6, &[]);
+    let mut e = engine_process(&d, token, &["--ack-delay-ms", "10"]);
+    let id: u32 = fields(&e.expect_ok("ping"))["engine"].parse().unwrap();
+    let pid = c.pid().to_string();
+    let mut trace = Command::new(memshadow_tests::binary("memshadowctl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["--json", "trace", "--pid", &pid, "--event", "engine-ack"])
+        .args(["--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_until("a trace listener", memshadow_tests::HANG_GUARD, || {
+        d.counter("trace.listeners") == 1
+    });
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 8 * P))), 6);
+    c.expect_ok("madvise m dontneed");
+    assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 8 * P))), 0);
+    memshadow_tests::stop_process(e.pid());
+    c.expect_ok("madvise m dontneed");
+    // Read on a thread of its own, so a record that never comes fails the test, not hangs it.
+    let out = BufReader::new(trace.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        match rx.recv_timeout(memshadow_tests::HANG_GUARD) {
+            Ok(l) => lines.push(serde_json::from_str::<serde_json::Value>(&l).unwrap()),
+            Err(_) => {
+                let _ = trace.kill();
+                panic!("no acknowledgement record after {lines:?}");
+            }
+        }
+    }
+    assert!(trace.wait().unwrap().success());
+    for l in &lines {
+        assert_eq!(l["event"].as_str(), Some("engine-ack"), "{l}");
+        assert_eq!(l["pid"].as_i64(), Some(c.pid().into()), "{l}");
+        assert_eq!(l["engine_id"].as_u64(), Some(id.into()), "{l}");
+        assert_eq!(l["engine_pid"].as_i64(), Some(e.pid().into()), "{l}");
+    }
+    assert_eq!(lines[0]["outcome"].as_str(), Some("acknowledged"));
+    assert!(lines[0]["wait_ns"].as_u64().unwrap() > 0);
+    assert_eq!(lines[1]["outcome"].as_str(), Some("evicted"));
+    assert!(
+        lines[1]["wait_ns"].as_u64().unwrap() >= 1_500_000_000,
+        "an eviction waits the whole timeout: {}",
+        lines[1]
+    );
+    assert!(lines[1]["seq"].as_u64() > lines[0]["seq"].as_u64());
+    kill(e.pid(), Signal::SIGCONT);
+}

@@ -176,6 +176,8 @@ const TYPES: &[(&str, u16)] = &[
     ("engine-read", 0x0035),
 ];
 const TRACE_EVENT: u16 = 0x8013;
+/// Stream records of engine acknowledgements (protocol 3).
+const TRACE_ACK: u16 = 0x8014;
 /// `EngineAttached`: the one answer that carries fds (exactly [`ENGINE_FDS`]).
 const ENGINE_ATTACHED: u16 = 0x8031;
 /// Tokens of its grants a worker publishes for the others (the newest ones).
@@ -1132,10 +1134,11 @@ fn gen_request(rng: &mut Rng, conn: u8, name: &str, enabled: &Enabled) -> Send {
         ],
         "trace" => vec![
             gen_pid(rng),
-            Tok::U32(if rng.pct(80) {
-                rng.below(64) as u32
-            } else {
-                extreme(rng, 4) as u32
+            Tok::U32(match rng.below(10) {
+                0..=6 => rng.below(64) as u32,
+                // Engine acknowledgement records too (protocol 3).
+                7 => proto::TRACE_ENGINE_ACKS | rng.below(64) as u32,
+                _ => extreme(rng, 4) as u32,
             }),
         ],
         "grant" => vec![gen_mirror(rng)],
@@ -3179,7 +3182,7 @@ fn on_frame(
             short(&resp)
         ));
     }
-    if header.msg_type == TRACE_EVENT {
+    if header.msg_type == TRACE_EVENT || header.msg_type == TRACE_ACK {
         out.events += 1;
         if !conn.traces.contains(&rid) || header.flags & FLAG_MORE == 0 {
             return Err(format!("trace event for request {rid}, not a stream"));
@@ -3730,6 +3733,7 @@ fn variant(r: &Response) -> &'static str {
         Response::Invalidated { .. } => "Invalidated",
         Response::TraceStarted => "TraceStarted",
         Response::TraceEvent { .. } => "TraceEvent",
+        Response::TraceAck { .. } => "TraceAck",
         Response::Synced { .. } => "Synced",
         Response::Granted { .. } => "Granted",
         Response::EngineAttached { .. } => "EngineAttached",
@@ -4414,6 +4418,18 @@ fn type_names_match_the_protocol() {
         },
     };
     assert_eq!(ev.msg_type(), TRACE_EVENT);
+    let ack = Response::TraceAck {
+        dropped: 0,
+        ack: proto::AckReport {
+            pid: 0,
+            engine_id: 0,
+            engine_pid: 0,
+            seq: 0,
+            wait_ns: 0,
+            outcome: proto::AckOutcome::Gone,
+        },
+    };
+    assert_eq!(ack.msg_type(), TRACE_ACK);
     let attached = Response::EngineAttached {
         engine_id: 0,
         mirror_id: 0,

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use memshadow_proto::{
-    self as proto, EngineInfo, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo,
-    Request, Response, FLAG_MORE, MAX_READ,
+    self as proto, AckReport, EngineInfo, EventKind, InvalidateFlags, InvalidationReport, Limits,
+    MirrorInfo, Request, Response, FLAG_MORE, MAX_READ,
 };
 
 use crate::{sock_err, unexpected, Client, ClientInfo, Error, Inner, SyncReport};
@@ -50,8 +50,27 @@ pub struct TraceRecord {
     pub report: InvalidationReport,
 }
 
+/// One external engine's acknowledgement that a finish waited for (protocol 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckRecord {
+    /// Records lost before this one because the reader was too slow.
+    pub dropped: u64,
+    /// The wait.
+    pub ack: AckReport,
+}
+
+/// One item of a trace stream: an invalidation, or an external engine's acknowledgement of
+/// the flushes one queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceItem {
+    /// An invalidation, as it ended.
+    Invalidation(TraceRecord),
+    /// A finish's wait for one external engine, as it ended.
+    Ack(AckRecord),
+}
+
 /// A live stream of invalidations ([`Control::trace`]), on a connection of its own: blocking
-/// in [`Trace::next_record`] holds up no other request. Ends when the daemon goes away.
+/// in [`Trace::next_item`] holds up no other request. Ends when the daemon goes away.
 #[derive(Debug)]
 pub struct Trace {
     inner: Inner,
@@ -59,23 +78,49 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// The next record; `Err(DaemonGone)` when the daemon closes the stream.
-    pub fn next_record(&mut self) -> Result<TraceRecord, Error> {
+    /// The next item; `Err(DaemonGone)` when the daemon closes the stream.
+    pub fn next_item(&mut self) -> Result<TraceItem, Error> {
         let mut c = self.inner.lock_conn();
         let crate::Conn { sock, buf, .. } = &mut *c;
         let frame = proto::recv(sock.as_fd(), buf).map_err(sock_err)?;
         let resp = Response::decode(frame.header.msg_type, &frame.payload, frame.fds.len())
             .map_err(|e| Error::Protocol(e.to_string()))?;
+        let ours = frame.header.request_id == self.id;
+        let more = frame.header.flags & FLAG_MORE != 0;
+        if ours
+            && !more
+            && matches!(
+                resp,
+                Response::TraceEvent { .. } | Response::TraceAck { .. }
+            )
+        {
+            return Err(Error::Protocol("trace record without FLAG_MORE".into()));
+        }
         match resp {
-            Response::TraceEvent { dropped, report } if frame.header.request_id == self.id => {
-                if frame.header.flags & FLAG_MORE == 0 {
-                    return Err(Error::Protocol("trace record without FLAG_MORE".into()));
-                }
-                Ok(TraceRecord { dropped, report })
+            Response::TraceEvent { dropped, report } if ours => {
+                Ok(TraceItem::Invalidation(TraceRecord { dropped, report }))
+            }
+            Response::TraceAck { dropped, ack } if ours => {
+                Ok(TraceItem::Ack(AckRecord { dropped, ack }))
             }
             Response::Error { code, message } => Err(Error::from_response(code, message)),
             // The connection is the stream's own: nothing else may arrive on it.
             r => Err(unexpected(r)),
+        }
+    }
+
+    /// The next invalidation, skipping acknowledgement records (whose count of lost records
+    /// is added to the invalidation's); `Err(DaemonGone)` when the daemon closes the stream.
+    pub fn next_record(&mut self) -> Result<TraceRecord, Error> {
+        let mut lost = 0u64;
+        loop {
+            match self.next_item()? {
+                TraceItem::Invalidation(mut r) => {
+                    r.dropped = r.dropped.saturating_add(lost);
+                    return Ok(r);
+                }
+                TraceItem::Ack(a) => lost = lost.saturating_add(a.dropped),
+            }
         }
     }
 }
@@ -283,7 +328,10 @@ impl Control {
     }
 
     /// Subscribes to a live stream of the invalidations of `target` whose kind is in
-    /// `events` (bits of [`event_bit`]; 0: all). The stream has a connection of its own,
+    /// `events` (bits of [`event_bit`]; 0: all), and of the acknowledgements of external
+    /// engines that their finishes waited for (with a mask of 0, or with
+    /// [`TRACE_ENGINE_ACKS`](crate::TRACE_ENGINE_ACKS) in it; [`Trace::next_item`] returns
+    /// them, [`Trace::next_record`] skips them). The stream has a connection of its own,
     /// opened at the path this session was opened on, so waiting for records holds up no
     /// other request of this session (`Error::Unsupported` for a session opened on a socket
     /// handed over without a path: [`crate::Builder::socket_fd`]).

@@ -31,14 +31,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-pub use control::{event_bit, Control, Status, Target, Trace, TraceRecord};
+pub use control::{event_bit, AckRecord, Control, Status, Target, Trace, TraceItem, TraceRecord};
 use memshadow_proto::{
     self as proto, AttachPolicy, BindFlags, Request, Response, SocketError, MAX_READ, MIN_VERSION,
     VERSION,
 };
 pub use memshadow_proto::{
-    error_chain, AccessPath, ClientInfo, DirtyBackend, EngineInfo, ErrorCode, EventKind,
-    InvalidationReport, Limits, MirrorInfo, SyncReport,
+    error_chain, AccessPath, AckOutcome, AckReport, ClientInfo, DirtyBackend, EngineInfo,
+    ErrorCode, EventKind, InvalidationReport, Limits, MirrorInfo, SyncReport, TRACE_ENGINE_ACKS,
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 

@@ -1,5 +1,6 @@
 //! The invalidation trace: a bounded, lossy bus of records, one per invalidation of any
-//! client's shadow, for `memshadowctl trace`. It knows nothing of sockets; the server drains
+//! client's shadow and one per external engine acknowledgement a finish waited for, for
+//! `memshadowctl trace`. It knows nothing of sockets; the server drains
 //! it. Publishing never blocks (docs/design.md §6: nothing on the invalidation path may wait for
 //! a reader), costs one atomic load when nobody listens, and counts what it had to drop.
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::device::external::Acked;
 use crate::notifier::{Event, Range};
 
 /// Records the bus holds before it starts dropping.
@@ -36,11 +38,47 @@ pub struct TraceRecord {
     pub flushes_coalesced: u64,
 }
 
+/// One finish's wait for one external engine's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckRecord {
+    /// The tag of the device client whose invalidation it was.
+    pub tag: u64,
+    /// The engine.
+    pub engine: u32,
+    /// The engine's process.
+    pub engine_pid: i32,
+    /// The ring sequence number waited for.
+    pub seq: u64,
+    /// How long the finish waited.
+    pub wait: Duration,
+    /// How the wait ended.
+    pub outcome: Acked,
+}
+
+/// What the bus carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceItem {
+    /// An invalidation, as it ended.
+    Invalidation(TraceRecord),
+    /// An external engine's acknowledgement, as its wait ended.
+    Ack(AckRecord),
+}
+
+impl TraceItem {
+    /// The tag of the client it is about.
+    pub fn tag(&self) -> u64 {
+        match self {
+            TraceItem::Invalidation(r) => r.tag,
+            TraceItem::Ack(a) => a.tag,
+        }
+    }
+}
+
 /// The bus. One per device.
 #[derive(Debug)]
 pub struct TraceHub {
-    tx: Sender<TraceRecord>,
-    rx: Receiver<TraceRecord>,
+    tx: Sender<TraceItem>,
+    rx: Receiver<TraceItem>,
     listeners: AtomicUsize,
     published: AtomicU64,
     dropped: AtomicU64,
@@ -78,7 +116,7 @@ impl TraceHub {
     }
 
     /// Publishes `rec` if anyone listens; drops (and counts) it if the bus is full.
-    pub fn publish(&self, rec: TraceRecord) {
+    pub fn publish(&self, rec: TraceItem) {
         if !self.active() {
             return;
         }
@@ -93,7 +131,7 @@ impl TraceHub {
     }
 
     /// The receiving end, for the one thread that drains the bus.
-    pub fn receiver(&self) -> &Receiver<TraceRecord> {
+    pub fn receiver(&self) -> &Receiver<TraceItem> {
         &self.rx
     }
 
@@ -111,8 +149,8 @@ impl TraceHub {
 mod tests {
     use super::*;
 
-    fn rec(n: u64) -> TraceRecord {
-        TraceRecord {
+    fn rec(n: u64) -> TraceItem {
+        TraceItem::Invalidation(TraceRecord {
             tag: n,
             event: Event::Clear,
             range: Range::new(0x1000, 0x1000).expect("range"),
@@ -122,7 +160,7 @@ mod tests {
             finish: Duration::from_micros(50),
             flushes_queued: 2,
             flushes_coalesced: 0,
-        }
+        })
     }
 
     #[test]
@@ -132,7 +170,7 @@ mod tests {
         assert!(hub.receiver().try_recv().is_err());
         hub.listen();
         hub.publish(rec(2));
-        assert_eq!(hub.receiver().try_recv().map(|r| r.tag), Ok(2));
+        assert_eq!(hub.receiver().try_recv().map(|r| r.tag()), Ok(2));
         hub.unlisten();
         hub.unlisten();
         assert!(!hub.active());
@@ -148,6 +186,6 @@ mod tests {
         let snap = hub.snapshot();
         assert_eq!(snap[1], ("trace.published", CAPACITY as u64));
         assert_eq!(snap[2], ("trace.dropped", 10));
-        assert_eq!(hub.receiver().try_recv().map(|r| r.tag), Ok(0));
+        assert_eq!(hub.receiver().try_recv().map(|r| r.tag()), Ok(0));
     }
 }

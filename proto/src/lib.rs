@@ -19,10 +19,10 @@ pub use header::{
     MIN_VERSION, VERSION,
 };
 pub use message::{
-    AccessPath, AttachPolicy, BindFlags, ClientInfo, DecodeError, DirtyBackend, EngineInfo,
-    ErrorCode, EventKind, InvalidateFlags, InvalidationReport, Limits, MirrorInfo, Request,
-    Response, SyncReport, ATTACH_PERIOD_SHIFT, ATTACH_POLICY_MASK, MAX_LIST, MAX_MESSAGE, MAX_NAME,
-    MAX_PERIOD_MS, MAX_READ, MAX_VALUE,
+    AccessPath, AckOutcome, AckReport, AttachPolicy, BindFlags, ClientInfo, DecodeError,
+    DirtyBackend, EngineInfo, ErrorCode, EventKind, InvalidateFlags, InvalidationReport, Limits,
+    MirrorInfo, Request, Response, SyncReport, ATTACH_PERIOD_SHIFT, ATTACH_POLICY_MASK, MAX_LIST,
+    MAX_MESSAGE, MAX_NAME, MAX_PERIOD_MS, MAX_READ, MAX_VALUE, TRACE_ENGINE_ACKS,
 };
 pub use path::{socket_path, SOCKET_ENV};
 pub use socket::{recv, send, Frame, SocketError};

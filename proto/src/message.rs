@@ -327,6 +327,101 @@ pub struct EngineInfo {
     pub state: String,
 }
 
+/// The bit of a `Trace` request's event mask that asks for [`Response::TraceAck`] records
+/// (protocol 3): one per external engine a finish waited for. A mask of 0 asks for them
+/// too, on a session that said protocol 3 in its `Hello`.
+pub const TRACE_ENGINE_ACKS: u32 = 1 << 31;
+
+/// How a finish's wait for one external engine ended (a [`Response::TraceAck`] record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The engine acknowledged the flushes queued to it.
+    Acknowledged,
+    /// The engine was already gone (detached, exited or evicted): nothing to wait for.
+    Gone,
+    /// It did not acknowledge within the daemon's `engine_ack_timeout` and was evicted.
+    Evicted,
+}
+
+impl AckOutcome {
+    /// Every outcome, in wire-code order (code = index + 1).
+    pub const ALL: [AckOutcome; 3] = [
+        AckOutcome::Acknowledged,
+        AckOutcome::Gone,
+        AckOutcome::Evicted,
+    ];
+
+    /// The wire value (1..=3).
+    pub fn code(self) -> u8 {
+        AckOutcome::ALL
+            .iter()
+            .position(|k| *k == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    /// The name used by the CLI and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckOutcome::Acknowledged => "acknowledged",
+            AckOutcome::Gone => "gone",
+            AckOutcome::Evicted => "evicted",
+        }
+    }
+}
+
+/// One finish's wait for one external engine's acknowledgement: the body of a
+/// [`Response::TraceAck`] record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckReport {
+    /// Pid of the client whose invalidation it was.
+    pub pid: i32,
+    /// The engine (as `ListEngines` numbers it).
+    pub engine_id: u32,
+    /// The engine's process.
+    pub engine_pid: i32,
+    /// The sequence number waited for (the engine's ring).
+    pub seq: u64,
+    /// How long the finish waited, in ns.
+    pub wait_ns: u64,
+    /// How the wait ended.
+    pub outcome: AckOutcome,
+}
+
+impl AckReport {
+    #[cfg(test)]
+    const WIRE_LEN: usize = 4 + 4 + 4 + 8 + 8 + 1;
+}
+
+impl Field for AckReport {
+    fn put(&self, w: &mut Writer) {
+        w.i32(self.pid)
+            .u32(self.engine_id)
+            .i32(self.engine_pid)
+            .u64(self.seq)
+            .u64(self.wait_ns)
+            .u8(self.outcome.code());
+    }
+    fn get(r: &mut Reader<'_>, _: &'static str) -> Result<Self, CodecError> {
+        Ok(AckReport {
+            pid: r.i32("pid")?,
+            engine_id: r.u32("engine_id")?,
+            engine_pid: r.i32("engine_pid")?,
+            seq: r.u64("seq")?,
+            wait_ns: r.u64("wait_ns")?,
+            outcome: {
+                let c = r.u8("outcome")?;
+                AckOutcome::ALL
+                    .get(usize::from(c).wrapping_sub(1))
+                    .copied()
+                    .ok_or(CodecError::BadValue {
+                        field: "outcome",
+                        value: c.into(),
+                    })?
+            },
+        })
+    }
+}
+
 /// An invalidation kind on the wire (the notifier core's events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -983,6 +1078,14 @@ messages! {
             /// What happened.
             report: InvalidationReport,
         },
+        /// One external engine's acknowledgement that a finish waited for, to a `Trace`
+        /// subscriber of protocol 3 whose mask is 0 or has [`TRACE_ENGINE_ACKS`].
+        0x8014 "trace-ack" => TraceAck {
+            /// Records this subscriber lost (it read too slowly) since the previous one.
+            dropped: u64,
+            /// The wait.
+            ack: AckReport,
+        },
         /// Answer to `Sync` and `SyncPid`.
         0x8020 "synced" => Synced {
             /// What the collection did.
@@ -1528,6 +1631,38 @@ mod tests {
     }
 
     #[test]
+    fn ack_report_has_a_fixed_size_and_refuses_unknown_outcomes() {
+        let resp = Response::TraceAck {
+            dropped: 1,
+            ack: AckReport {
+                pid: 1,
+                engine_id: 2,
+                engine_pid: 3,
+                seq: 4,
+                wait_ns: 5,
+                outcome: AckOutcome::Acknowledged,
+            },
+        };
+        let mut payload = resp.encode_payload();
+        assert_eq!(payload.len(), 8 + AckReport::WIRE_LEN);
+        for (code, outcome) in [
+            (1, AckOutcome::Acknowledged),
+            (2, AckOutcome::Gone),
+            (3, AckOutcome::Evicted),
+        ] {
+            assert_eq!(outcome.code(), code);
+        }
+        let last = payload.len() - 1;
+        for bad in [0u8, 4, 255] {
+            payload[last] = bad;
+            assert!(
+                Response::decode(resp.msg_type(), &payload, 0).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn event_kinds_round_trip() {
         for k in EventKind::ALL {
             assert_eq!(EventKind::from_code(k.code()), Some(k));
@@ -1600,6 +1735,17 @@ mod tests {
             Response::TraceEvent {
                 dropped: 2,
                 report: report(),
+            },
+            Response::TraceAck {
+                dropped: 0,
+                ack: AckReport {
+                    pid: 77,
+                    engine_id: 17,
+                    engine_pid: 78,
+                    seq: 9,
+                    wait_ns: 12_345,
+                    outcome: AckOutcome::Evicted,
+                },
             },
             Response::error(ErrorCode::QuotaExceeded, "shadow quota of 1 GiB reached"),
             Response::error(ErrorCode::Other(999), "from the future"),
@@ -1692,7 +1838,7 @@ mod tests {
 
         /// Arbitrary bytes of any type never panic, and what decodes re-encodes to itself.
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..0x14, 0x8000u16..0x8014, 0x001eu16..0x0024, 0x801eu16..0x8024, Just(0x80ffu16), any::<u16>()],
+        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..0x14, 0x8000u16..0x8015, 0x001eu16..0x0024, 0x801eu16..0x8024, Just(0x80ffu16), any::<u16>()],
                                                  payload in proptest::collection::vec(any::<u8>(), 0..256),
                                                  fds in 0usize..5) {
             if let Ok(req) = Request::decode(msg_type, &payload, fds) {

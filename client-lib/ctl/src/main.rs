@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use memshadow::{
-    event_bit, ClientInfo, Control, EngineInfo, Error, EventKind, InvalidationReport, MirrorInfo,
-    Status, Target,
+    event_bit, AckRecord, ClientInfo, Control, EngineInfo, Error, EventKind, InvalidationReport,
+    MirrorInfo, Status, Target, TraceItem, TRACE_ENGINE_ACKS,
 };
 use serde_json::{json, Value};
 
@@ -70,9 +70,10 @@ enum Cmd {
         #[arg(long)]
         pid: Option<i32>,
         /// Only these kinds (repeatable): unmap, clear, protection-vma, protection-page,
-        /// soft-dirty, release.
-        #[arg(long = "event", value_parser = parse_event)]
-        events: Vec<EventKind>,
+        /// soft-dirty, release, and engine-ack (an external engine's acknowledgement that
+        /// a finish waited for). Without it: all of them.
+        #[arg(long = "event", value_parser = parse_trace_kind)]
+        events: Vec<u32>,
         /// Stop after this many records.
         #[arg(long)]
         count: Option<u64>,
@@ -134,6 +135,19 @@ fn parse_event(s: &str) -> Result<EventKind, String> {
         format!("unknown event {s:?} (one of {})", names.join(", "))
     })
 }
+
+/// The trace mask bit of an event name or `engine-ack`.
+fn parse_trace_kind(s: &str) -> Result<u32, String> {
+    if s == ENGINE_ACK {
+        return Ok(TRACE_ENGINE_ACKS);
+    }
+    parse_event(s)
+        .map(event_bit)
+        .map_err(|e| format!("{e}, or {ENGINE_ACK}"))
+}
+
+/// The name of acknowledgement records in `trace`.
+const ENGINE_ACK: &str = "engine-ack";
 
 /// `4096`, `0x1000`, `4K`, `2M`, `1G`.
 fn parse_num(s: &str) -> Result<u64, String> {
@@ -379,11 +393,11 @@ fn stats(c: &Control, json: bool) -> Result<(), Error> {
 fn trace(
     c: &Control,
     pid: Option<i32>,
-    events: &[EventKind],
+    events: &[u32],
     count: Option<u64>,
     json: bool,
 ) -> Result<(), Error> {
-    let mask = events.iter().fold(0, |m, k| m | event_bit(*k));
+    let mask = events.iter().fold(0, |m, bit| m | bit);
     let mut trace = c.trace(pid.map_or(Target::All, Target::Pid), mask)?;
     if !json {
         out(&format!(
@@ -393,9 +407,12 @@ fn trace(
     }
     let mut seen = 0u64;
     while count.is_none_or(|n| seen < n) {
-        let rec = trace.next_record()?;
+        let item = trace.next_item()?;
         seen += 1;
-        let line = trace_line(&rec, json);
+        let line = match &item {
+            TraceItem::Invalidation(rec) => trace_line(rec, json),
+            TraceItem::Ack(ack) => ack_line(ack, json),
+        };
         let mut o = std::io::stdout().lock();
         if o.write_all(line.as_bytes())
             .and_then(|()| o.flush())
@@ -415,9 +432,41 @@ fn trace_line(rec: &memshadow::TraceRecord, json: bool) -> String {
         v["time"] = json!(unix_now());
         return json_out(&v);
     }
-    let mut l = trace_text(&rec.report);
-    if rec.dropped > 0 {
-        l.push_str(&format!("  ({} lost before this)", rec.dropped));
+    with_lost(trace_text(&rec.report), rec.dropped)
+}
+
+/// One acknowledgement record as a line of JSON or of the table: the engine, in the range
+/// column, and the time the finish waited for it, in the finish column.
+fn ack_line(rec: &AckRecord, json: bool) -> String {
+    let a = &rec.ack;
+    if json {
+        return json_out(&json!({
+            "pid": a.pid, "event": ENGINE_ACK, "engine_id": a.engine_id,
+            "engine_pid": a.engine_pid, "seq": a.seq, "wait_ns": a.wait_ns,
+            "outcome": a.outcome.as_str(), "dropped": rec.dropped, "time": unix_now(),
+        }));
+    }
+    let l = format!(
+        "{:<15} {:>7} {:<10} {:<31} {:>5} {:>10} {:>10} {}",
+        clock(),
+        a.pid,
+        ENGINE_ACK,
+        format!(
+            "engine {} (pid {}) seq {}",
+            a.engine_id, a.engine_pid, a.seq
+        ),
+        "",
+        "",
+        micros(a.wait_ns),
+        a.outcome.as_str()
+    );
+    with_lost(l, rec.dropped)
+}
+
+/// A table line, with how many records were lost before it, ready to print.
+fn with_lost(mut l: String, dropped: u64) -> String {
+    if dropped > 0 {
+        l.push_str(&format!("  ({dropped} lost before this)"));
     }
     l.push('\n');
     text_out(&l).into_owned()

@@ -21,7 +21,7 @@ use crate::notifier::{
 };
 use crate::source::MemorySource;
 use crate::sys::{IOV_MAX, PAGE_SIZE};
-use crate::trace::TraceRecord;
+use crate::trace::{TraceItem, TraceRecord};
 
 /// Most pages one fault copies with one batch of system calls.
 const FAULT_BATCH: usize = IOV_MAX;
@@ -56,6 +56,8 @@ pub struct ClientCore {
     shadow: OnceLock<Arc<Shadow>>,
     /// The event-read epoch, made when the first external engine attaches.
     epoch: OnceLock<EpochPage>,
+    /// The tag its trace records carry (the server sets the client's pid).
+    trace_tag: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -71,6 +73,11 @@ impl ClientCore {
     /// The client's device-wide id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The tag its trace records carry.
+    pub fn trace_tag(&self) -> u64 {
+        self.trace_tag.load(Ordering::Relaxed)
     }
 
     /// Takes the device lock and returns the page table.
@@ -234,7 +241,6 @@ pub struct DeviceClient {
     dev: Arc<DeviceShared>,
     core: Arc<ClientCore>,
     sub: Subscription,
-    trace_tag: Arc<AtomicU64>,
     /// G1: event readers hold it while they read a client's events and run their start
     /// passes; device reads hold it while they queue their jobs.
     access: Mutex<()>,
@@ -391,9 +397,9 @@ impl Observer for Tracer {
 
     fn ended(&self, args: &InvalidateArgs, summary: &Summary, mark: [u64; 2]) {
         let tag = self.tag.load(Ordering::Relaxed);
-        self.dev
-            .trace
-            .publish(trace_record(tag, &self.dev, args, summary, mark));
+        self.dev.trace.publish(TraceItem::Invalidation(trace_record(
+            tag, &self.dev, args, summary, mark,
+        )));
     }
 }
 
@@ -457,10 +463,10 @@ impl DeviceClient {
                 counters: ClientCounters::default(),
                 shadow: OnceLock::new(),
                 epoch: OnceLock::new(),
+                trace_tag,
             }),
             dev,
             sub,
-            trace_tag,
             access: Mutex::new(()),
             mirrors: Mutex::new(Mirrors::default()),
         }
@@ -514,7 +520,7 @@ impl DeviceClient {
 
     /// Sets the tag its trace records carry (the server uses the client's pid).
     pub fn set_trace_tag(&self, tag: u64) {
-        self.trace_tag.store(tag, Ordering::Relaxed);
+        self.core.trace_tag.store(tag, Ordering::Relaxed);
     }
 
     /// The client's notifier set.
@@ -559,7 +565,7 @@ impl DeviceClient {
             Err(InvalidateError::WouldBlock(summary)) => summary,
             Err(e) => return Err(e),
         };
-        let tag = self.trace_tag.load(Ordering::Relaxed);
+        let tag = self.core.trace_tag();
         Ok(trace_record(tag, &self.dev, &args, &summary, mark))
     }
 
@@ -666,7 +672,7 @@ impl DeviceClient {
             }
         }
         self.dev.engines.wait(&fences);
-        self.dev.wait_external(&ext);
+        self.dev.wait_external(&self.core, &ext);
         self.dev.free_slots(&self.core, &slots);
     }
 

@@ -497,11 +497,18 @@ impl EngineIds {
 /// pairs, taken under the device lock.
 pub type ExternalFences = Vec<(Arc<ExternalEngine>, u64)>;
 
-/// Waits for every fence, each bounded by `timeout`; returns how many engines were evicted.
-pub fn wait_all(fences: &ExternalFences, timeout: Duration) -> usize {
+/// Waits for every fence, each bounded by `timeout`, and tells `seen` how each wait ended
+/// and how long it took; returns how many engines were evicted.
+pub fn wait_all(
+    fences: &ExternalFences,
+    timeout: Duration,
+    mut seen: impl FnMut(&ExternalEngine, u64, Acked, Duration),
+) -> usize {
     let mut evicted = 0;
     for (e, seq) in fences {
-        if e.wait(*seq, timeout) == Acked::Evicted {
+        let t = Instant::now();
+        let outcome = e.wait(*seq, timeout);
+        if outcome == Acked::Evicted {
             tracing::warn!(
                 engine = e.id(),
                 pid = e.pid(),
@@ -511,6 +518,7 @@ pub fn wait_all(fences: &ExternalFences, timeout: Duration) -> usize {
             );
             evicted += 1;
         }
+        seen(e, *seq, outcome, t.elapsed());
     }
     evicted
 }

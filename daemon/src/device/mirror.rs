@@ -171,7 +171,7 @@ impl ShadowNotifier {
         };
         match parked {
             Some((_, mut slots, ext)) => {
-                self.dev.wait_external(&ext);
+                self.dev.wait_external(&self.client, &ext);
                 self.dev.free_slots(&self.client, &slots);
                 slots.clear();
                 self.batches().spare.push(slots);

@@ -29,7 +29,7 @@ pub use shadow::{Shadow, ShadowError, ShadowPool, SlotRef, MAX_CAPACITY};
 
 use crate::notifier::{InvalidateError, NotifierError, RangeError};
 use crate::source::{MemorySource, SourceError};
-use crate::trace::TraceHub;
+use crate::trace::{AckRecord, TraceHub, TraceItem};
 
 /// Most external engines one client may have (each one's page-table view is written at
 /// every install and zap of its pages, under the client's device lock).
@@ -191,14 +191,29 @@ pub(crate) struct DeviceShared {
 }
 
 impl DeviceShared {
-    /// Waits for external engines' acknowledgements (G2), evicting those that miss
-    /// `engine_ack_timeout`.
-    pub(crate) fn wait_external(&self, fences: &external::ExternalFences) {
+    /// Waits for external engines' acknowledgements of `client`'s flushes (G2), evicting
+    /// those that miss `engine_ack_timeout`; each wait is traced.
+    pub(crate) fn wait_external(
+        &self,
+        client: &client::ClientCore,
+        fences: &external::ExternalFences,
+    ) {
         if fences.is_empty() {
             return;
         }
         let timeout = Duration::from_nanos(self.ack_timeout_ns.load(Ordering::Relaxed));
-        let evicted = external::wait_all(fences, timeout);
+        let evicted = external::wait_all(fences, timeout, |e, seq, outcome, wait| {
+            if self.trace.active() {
+                self.trace.publish(TraceItem::Ack(AckRecord {
+                    tag: client.trace_tag(),
+                    engine: e.id(),
+                    engine_pid: e.pid(),
+                    seq,
+                    wait,
+                    outcome,
+                }));
+            }
+        });
         counters::bump(&self.evictions, evicted as u64);
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use memshadow_proto::{
     AccessPath, AttachPolicy, BindFlags, ClientInfo, EventKind, InvalidateFlags, Limits,
     MirrorInfo, Request, Response, SyncReport, MAX_FDS, MAX_PAYLOAD, MAX_READ, MIN_VERSION,
-    VERSION,
+    TRACE_ENGINE_ACKS, VERSION,
 };
 
 use super::convert;
@@ -667,9 +667,14 @@ fn trace(
     events: u32,
 ) -> Result<Response, WireError> {
     let pid = trace_target(core, s, pid)?;
-    if events >> EventKind::ALL.len() != 0 {
+    // Acknowledgement records are protocol 3: an older session can neither ask for nor
+    // decode them.
+    let v3 = s.hello.get().is_some_and(|h| h.version >= 3);
+    let known = ((1u32 << EventKind::ALL.len()) - 1) | if v3 { TRACE_ENGINE_ACKS } else { 0 };
+    if events & !known != 0 {
         return Err(TraceError::UnknownEvents(events).into());
     }
+    let acks = v3 && (events == 0 || events & TRACE_ENGINE_ACKS != 0);
     if s.streams.fetch_add(1, Relaxed) >= MAX_STREAMS {
         s.streams.fetch_sub(1, Relaxed);
         return Err(TraceError::TooManyStreams.into());
@@ -679,6 +684,7 @@ fn trace(
         request_id: rid,
         pid,
         events,
+        acks,
         dropped: 0,
     });
     tracing::debug!(client = s.id, ?pid, events, "trace stream started");

@@ -10,13 +10,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
-use memshadow_proto::{self as proto, EventKind, InvalidationReport, Response};
+use memshadow_proto::{
+    self as proto, AckOutcome, AckReport, EventKind, InvalidationReport, Response,
+};
 
 use super::outbox::OutFrame;
 use super::session::Session;
+use crate::device::external::Acked;
 use crate::lock;
 use crate::notifier::Event;
-use crate::trace::{TraceHub, TraceRecord};
+use crate::trace::{AckRecord, TraceHub, TraceItem, TraceRecord};
 
 /// How often the feeder looks for closed subscribers and for a stop request when no record
 /// arrives.
@@ -33,6 +36,9 @@ pub struct Subscriber {
     pub pid: Option<i32>,
     /// Wanted kinds (bit `code - 1`); 0 means all.
     pub events: u32,
+    /// Engine acknowledgements wanted too (protocol 3 sessions only: older ones cannot
+    /// decode them).
+    pub acks: bool,
     /// Records lost since the last one delivered.
     pub dropped: u64,
 }
@@ -87,6 +93,44 @@ pub fn report_of(r: &TraceRecord) -> InvalidationReport {
         finish_ns: nanos(r.finish),
         flushes_queued: r.flushes_queued,
         flushes_coalesced: r.flushes_coalesced,
+    }
+}
+
+/// The wire form of an acknowledgement record.
+pub fn ack_report_of(a: &AckRecord) -> AckReport {
+    AckReport {
+        pid: i32::try_from(a.tag).unwrap_or(0),
+        engine_id: a.engine,
+        engine_pid: a.engine_pid,
+        seq: a.seq,
+        wait_ns: nanos(a.wait),
+        outcome: match a.outcome {
+            Acked::Yes => AckOutcome::Acknowledged,
+            Acked::Gone => AckOutcome::Gone,
+            Acked::Evicted => AckOutcome::Evicted,
+        },
+    }
+}
+
+/// What subscriber `sub` is sent of `item`, if it wants it.
+fn response_for(sub: &Subscriber, item: &TraceItem) -> Option<Response> {
+    match item {
+        TraceItem::Invalidation(r) => {
+            let report = report_of(r);
+            let kind = 1 << (report.event.code() - 1);
+            let wanted = sub.events == 0 || sub.events & kind != 0;
+            (wanted && sub.pid.is_none_or(|p| p == report.pid)).then_some(Response::TraceEvent {
+                dropped: sub.dropped,
+                report,
+            })
+        }
+        TraceItem::Ack(a) => {
+            let ack = ack_report_of(a);
+            (sub.acks && sub.pid.is_none_or(|p| p == ack.pid)).then_some(Response::TraceAck {
+                dropped: sub.dropped,
+                ack,
+            })
+        }
     }
 }
 
@@ -145,24 +189,16 @@ impl Streams {
         }
     }
 
-    /// Sends `rec` to every subscriber that wants it (and drops closed subscribers).
-    fn deliver(&self, rec: Option<&TraceRecord>) {
-        let report = rec.map(report_of);
+    /// Sends `item` to every subscriber that wants it (and drops closed subscribers).
+    fn deliver(&self, item: Option<&TraceItem>) {
         let hub = &self.hub;
         lock(&self.subs).retain_mut(|sub| {
             let Some(s) = sub.session.upgrade().filter(|s| !s.closing.load(Relaxed)) else {
                 hub.unlisten();
                 return false;
             };
-            let Some(report) = report else { return true };
-            if sub.pid.is_some_and(|p| p != report.pid)
-                || (sub.events != 0 && sub.events & (1 << (report.event.code() - 1)) == 0)
-            {
+            let Some(resp) = item.and_then(|i| response_for(sub, i)) else {
                 return true;
-            }
-            let resp = Response::TraceEvent {
-                dropped: sub.dropped,
-                report,
             };
             let frame = OutFrame {
                 msg_type: resp.msg_type(),
@@ -206,5 +242,75 @@ mod tests {
         for e in Event::ALL {
             assert_eq!(event_of(event_kind(e)), e);
         }
+    }
+
+    fn sub(pid: Option<i32>, events: u32, acks: bool) -> Subscriber {
+        Subscriber {
+            session: Weak::new(),
+            request_id: 1,
+            pid,
+            events,
+            acks,
+            dropped: 3,
+        }
+    }
+
+    fn unmap_of(tag: u64) -> TraceItem {
+        TraceItem::Invalidation(TraceRecord {
+            tag,
+            event: Event::Unmap,
+            range: crate::notifier::Range::new(0x1000, 0x1000).expect("range"),
+            notifiers: 1,
+            would_block: false,
+            start: Duration::from_micros(1),
+            finish: Duration::from_micros(2),
+            flushes_queued: 0,
+            flushes_coalesced: 0,
+        })
+    }
+
+    fn ack_of(tag: u64, outcome: Acked) -> TraceItem {
+        TraceItem::Ack(AckRecord {
+            tag,
+            engine: 17,
+            engine_pid: 99,
+            seq: 4,
+            wait: Duration::from_micros(250),
+            outcome,
+        })
+    }
+
+    #[test]
+    fn acknowledgements_go_only_to_subscribers_that_take_them() {
+        let ack = ack_of(42, Acked::Evicted);
+        match response_for(&sub(None, 0, true), &ack) {
+            Some(Response::TraceAck { dropped, ack }) => {
+                assert_eq!(dropped, 3);
+                assert_eq!((ack.pid, ack.engine_id, ack.engine_pid), (42, 17, 99));
+                assert_eq!((ack.seq, ack.wait_ns), (4, 250_000));
+                assert_eq!(ack.outcome, AckOutcome::Evicted);
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(response_for(&sub(None, 0, false), &ack), None, "not asked");
+        assert_eq!(
+            response_for(&sub(Some(7), 0, true), &ack),
+            None,
+            "other pid"
+        );
+        assert!(response_for(&sub(Some(42), 0, true), &ack).is_some());
+    }
+
+    #[test]
+    fn an_acknowledgements_only_mask_streams_no_invalidations() {
+        let unmap = unmap_of(42);
+        assert!(response_for(&sub(None, 0, true), &unmap).is_some());
+        assert_eq!(
+            response_for(&sub(None, proto::TRACE_ENGINE_ACKS, true), &unmap),
+            None
+        );
+        let unmap_bit = 1 << (EventKind::Unmap.code() - 1);
+        assert!(response_for(&sub(None, unmap_bit, false), &unmap).is_some());
+        assert_eq!(response_for(&sub(Some(7), unmap_bit, false), &unmap), None);
     }
 }

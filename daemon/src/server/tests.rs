@@ -275,6 +275,34 @@ fn munmap_madvise_and_mremap_reach_the_shadow() {
     unsafe { libc::munmap(target.cast(), 12 * P) };
 }
 
+/// Engine acknowledgement records exist since protocol 3: a session that said 2 may not ask
+/// for them (it could not decode them), a session of 3 may; no other unknown bit passes.
+#[test]
+fn trace_acknowledgement_records_are_protocol_3() {
+    let d = Daemon::start();
+    let trace = |c: &mut Raw, events: u32| c.call(&Request::Trace { pid: 0, events }, &[]);
+    let mut old = Raw::connect(&d.path);
+    let r = old.call(
+        &Request::Hello {
+            min_version: 1,
+            max_version: 2,
+            name: "v2".into(),
+        },
+        &[],
+    );
+    assert!(matches!(r, Response::HelloAck { version: 2, .. }), "{r:?}");
+    let r = trace(&mut old, proto::TRACE_ENGINE_ACKS);
+    assert_eq!(code(&r), Some(ErrorCode::BadMessage), "{r:?}");
+    let mut new = Raw::connect(&d.path);
+    new.hello();
+    let r = trace(&mut new, 1 << 30);
+    assert_eq!(code(&r), Some(ErrorCode::BadMessage), "{r:?}");
+    let r = trace(&mut new, proto::TRACE_ENGINE_ACKS);
+    assert_eq!(r, Response::TraceStarted);
+    // The v2 session may still stream invalidations.
+    assert_eq!(trace(&mut old, 0), Response::TraceStarted);
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     crate::test_support::needs_full_userfaultfd!();
