@@ -174,10 +174,15 @@ const TYPES: &[(&str, u16)] = &[
     ("engine-write", 0x0033),
     ("engines", 0x0034),
     ("engine-read", 0x0035),
+    ("monitor-setup", 0x0040),
+    ("monitor", 0x0041),
+    ("unmonitor", 0x0042),
 ];
 const TRACE_EVENT: u16 = 0x8013;
 /// Stream records of engine acknowledgements (protocol 3).
 const TRACE_ACK: u16 = 0x8014;
+/// The answer to `MonitorSetup`, with its fds (protocol 4).
+const MONITOR_READY: u16 = 0x8040;
 /// `EngineAttached`: the one answer that carries fds (exactly [`ENGINE_FDS`]).
 const ENGINE_ATTACHED: u16 = 0x8031;
 /// Tokens of its grants a worker publishes for the others (the newest ones).
@@ -1142,6 +1147,19 @@ fn gen_request(rng: &mut Rng, conn: u8, name: &str, enabled: &Enabled) -> Send {
             }),
         ],
         "grant" => vec![gen_mirror(rng)],
+        "monitor" => vec![gen_addr(rng), Tok::U64(gen_len(rng))],
+        "unmonitor" => vec![
+            Tok::U32(if rng.pct(80) {
+                rng.below(4) as u32
+            } else {
+                extreme(rng, 4) as u32
+            }),
+            Tok::U64(if rng.pct(80) {
+                rng.below(4)
+            } else {
+                extreme(rng, 8)
+            }),
+        ],
         "engine-attach" => {
             let token = match rng.below(10) {
                 0..=3 => Tok::Token(Grants::Own, rng.below(3) as u8),
@@ -1409,6 +1427,10 @@ fn gen_frame(rng: &mut Rng, c: u8, st: &mut GenConn, enabled: &Enabled) -> Send 
             "engine-fault",
             "engine-write",
             "engine-read",
+            "monitor-setup",
+            "monitor",
+            "monitor",
+            "unmonitor",
         ];
         let name = rng.pick(&names);
         gen_request(rng, c, name, enabled)
@@ -3153,8 +3175,12 @@ fn on_frame(
         payload,
         fds,
     } = frame;
-    // Only `EngineAttached` carries fds (exactly ENGINE_FDS; decoding checks the count).
-    if !fds.is_empty() && header.msg_type != ENGINE_ATTACHED {
+    // Only `EngineAttached` and `MonitorReady` carry fds (exactly ENGINE_FDS and
+    // MONITOR_FDS; decoding checks the count).
+    if header.msg_type == MONITOR_READY && fds.len() != proto::monitor_abi::MONITOR_FDS {
+        return Err(format!("MonitorReady came with {} fds", fds.len()));
+    }
+    if !fds.is_empty() && header.msg_type != ENGINE_ATTACHED && header.msg_type != MONITOR_READY {
         return Err(format!(
             "the daemon sent {} fds with a {:#06x}",
             fds.len(),
@@ -3399,6 +3425,9 @@ fn check_answer(
             | (Request::EngineWrite { .. }, Response::Written { .. })
             | (Request::ListEngines { .. }, Response::Engines { .. })
             | (Request::EngineRead { .. }, Response::Data { .. })
+            | (Request::MonitorSetup, Response::MonitorReady { .. })
+            | (Request::Monitor { .. }, Response::Monitored { .. })
+            | (Request::Unmonitor { .. }, Response::Unmonitored)
     );
     if !matches {
         return bad("an answer of the wrong type");
@@ -3412,6 +3441,9 @@ fn check_answer(
             | Request::Sync { .. }
             | Request::ListMirrors { pid: 0 }
             | Request::Grant { .. }
+            | Request::MonitorSetup
+            | Request::Monitor { .. }
+            | Request::Unmonitor { .. }
     );
     if needs_bind && !conn.bound && !bind_pending {
         return bad("before bind");
@@ -3739,6 +3771,9 @@ fn variant(r: &Response) -> &'static str {
         Response::EngineAttached { .. } => "EngineAttached",
         Response::Written { .. } => "Written",
         Response::Engines { .. } => "Engines",
+        Response::MonitorReady { .. } => "MonitorReady",
+        Response::Monitored { .. } => "Monitored",
+        Response::Unmonitored => "Unmonitored",
         Response::Error { .. } => "Error",
     }
 }
@@ -4397,6 +4432,9 @@ fn type_names_match_the_protocol() {
         },
         Request::ListEngines { pid: 0 },
         Request::EngineRead { offset: 0, len: 0 },
+        Request::MonitorSetup,
+        Request::Monitor { addr: 0, len: 0 },
+        Request::Unmonitor { slot: 0, gen: 0 },
     ];
     assert_eq!(reqs.len(), TYPES.len());
     for (r, (_, t)) in reqs.iter().zip(TYPES) {

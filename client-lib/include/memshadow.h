@@ -4,7 +4,7 @@
  * Link with `pkg-config --cflags --libs memshadow` (libmemshadow.so or, with --static,
  * libmemshadow.a). Every function returns a memshadow_status (or a value) and never
  * aborts on bad input; memshadow_last_error() says what went wrong on this thread.
- * Client, mirror and stats handles may be used from several threads at once, except that
+ * Client, mirror, monitor and stats handles may be used from several threads at once, except that
  * a handle must not be freed while another thread still uses it; an engine handle
  * (memshadow_engine) is used by one thread at a time.
  *
@@ -13,7 +13,7 @@
  * program built against 0.x runs with any later 0.y; MEMSHADOW_VERSION_* below is the
  * version of this header, memshadow_version() the one of the library loaded at run time.
  * What was added after 0.1 says "Since 0.2" (grants, external engines, connect flags and
- * their codes): a program that uses it needs a library of 0.2 or later. The library's
+ * their codes, monitors): a program that uses it needs a library of 0.2 or later. The library's
  * version script (memshadow.map) lists those functions in the node MEMSHADOW_0.2.
  */
 
@@ -234,6 +234,16 @@ typedef struct memshadow_engine memshadow_engine;
 typedef struct memshadow_mirror memshadow_mirror;
 
 /**
+ * A monitor handle (`struct memshadow_monitor`, since 0.2): a watched range of this
+ * process's memory, valid until the range is unmapped, moved (`mremap`) or discarded
+ * (`madvise(MADV_DONTNEED/FREE/REMOVE)`); once invalid it stays invalid. The checks
+ * (`memshadow_monitor_is_valid`, `_read_begin`, `_read_retry`) make no system call and may
+ * be called from any thread at once; a check that starts after the `munmap`, `mremap`,
+ * `madvise` or `free()` that removed the range returned, in any thread, says invalid.
+ */
+typedef struct memshadow_monitor memshadow_monitor;
+
+/**
  * A counters snapshot (`struct memshadow_stats`).
  */
 typedef struct memshadow_stats memshadow_stats;
@@ -304,6 +314,34 @@ typedef struct memshadow_engine_counters {
      */
     uint64_t retries;
 } memshadow_engine_counters;
+
+/**
+ * One event of a client's monitor queue (`memshadow_monitor_events`, since 0.2): monitor
+ * `slot` was invalidated and now has generation `generation`.
+ */
+typedef struct memshadow_monitor_event {
+    /**
+     * The monitor's slot (`memshadow_monitor_slot`).
+     */
+    uint32_t slot;
+    /**
+     * Why: 1 unmap (`munmap`, the source of an `mremap`), 2 clear (`madvise`), other
+     * values for kinds a newer daemon reports.
+     */
+    uint32_t kind;
+    /**
+     * The monitor's generation now.
+     */
+    uint64_t generation;
+    /**
+     * The invalidated part of the monitor: first byte.
+     */
+    uint64_t start;
+    /**
+     * One past its last byte.
+     */
+    uint64_t end;
+} memshadow_monitor_event;
 
 #ifdef __cplusplus
 extern "C" {
@@ -812,6 +850,120 @@ const char *memshadow_status_name(int32_t status);
  * version y needs a library of version MAJOR.y or later.
  */
 const char *memshadow_version(void);
+
+/**
+ * Watches the `len` bytes at `ptr` of this process (rounded out to pages; already
+ * mapped, anonymous or shared memory). On success `*out` is a new monitor handle (free it
+ * with `memshadow_monitor_free`, which stops it); on failure `*out` is NULL.
+ * `MEMSHADOW_ERR_BAD_RANGE` if the range is empty, not mapped or a file on disk;
+ * `MEMSHADOW_ERR_QUOTA_EXCEEDED` past 131072 monitors of the client (or the daemon's
+ * limit per user); `MEMSHADOW_ERR_UNSUPPORTED` if the daemon has no monitors
+ * (protocol 4). Since 0.2.
+ *
+ * # Safety
+ * `client` is NULL or a live client handle; `out` is NULL or valid for writing a pointer.
+ * `ptr` is only an address (never dereferenced here).
+ */
+memshadow_status memshadow_monitor_add(const struct memshadow_client *client,
+                                       const void *ptr,
+                                       size_t len,
+                                       struct memshadow_monitor **out);
+
+/**
+ * 1 while nothing unmapped, moved or discarded any of the range, else 0 (also for NULL).
+ * No system call: two loads from memory shared with the daemon. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle.
+ */
+int memshadow_monitor_is_valid(const struct memshadow_monitor *monitor);
+
+/**
+ * Begins a use of the range (registering it with a NIC, say), as the kernel's
+ * `mmu_interval_read_begin`: returns the sequence to pass to `memshadow_monitor_read_retry`
+ * when the use is done. No system call. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle.
+ */
+uint64_t memshadow_monitor_read_begin(const struct memshadow_monitor *monitor);
+
+/**
+ * 1 if the use begun at `seq` must be undone and redone, as the kernel's
+ * `mmu_interval_read_retry`: the range changed since (or the monitor was invalid already,
+ * or `monitor` is NULL); 0 if the use is good. No system call. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle.
+ */
+int memshadow_monitor_read_retry(const struct memshadow_monitor *monitor, uint64_t seq);
+
+/**
+ * The monitor's slot, which its events name (`UINT32_MAX` if `monitor` is NULL).
+ * Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle.
+ */
+uint32_t memshadow_monitor_slot(const struct memshadow_monitor *monitor);
+
+/**
+ * The generation the monitor was made with (0 if `monitor` is NULL): an event of its slot
+ * with a newer generation is about this monitor; one with an older generation was about
+ * a monitor that had the slot before. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle.
+ */
+uint64_t memshadow_monitor_generation(const struct memshadow_monitor *monitor);
+
+/**
+ * Stores the watched range (rounded out to pages) in `*addr` and `*len`. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a live monitor handle; `addr` and `len` are NULL or valid for
+ * writing a `uint64_t`.
+ */
+memshadow_status memshadow_monitor_range(const struct memshadow_monitor *monitor,
+                                         uint64_t *addr,
+                                         uint64_t *len);
+
+/**
+ * Stops the monitor and frees the handle. NULL is ignored. No other thread may use the
+ * handle meanwhile. Since 0.2.
+ *
+ * # Safety
+ * `monitor` is NULL or a handle from `memshadow_monitor_add` not freed yet.
+ */
+void memshadow_monitor_free(struct memshadow_monitor *monitor);
+
+/**
+ * The doorbell of the client's monitor queue, a file descriptor (an eventfd) that
+ * becomes readable when events wait: wait for `POLLIN`/`EPOLLIN`, then call
+ * `memshadow_monitor_events`. Do not read, write or close it; it stays valid until the
+ * client is freed. A negative `memshadow_status` on failure. Since 0.2.
+ *
+ * # Safety
+ * `client` is NULL or a live client handle.
+ */
+int memshadow_monitor_events_fd(const struct memshadow_client *client);
+
+/**
+ * Takes up to `cap` waiting events of the client's monitors into `events`, in the order
+ * they happened, and stores how many in `*n_out`; never blocks. `*overflowed_out` is 1
+ * if events were lost because the queue was full since the last call: then check every
+ * monitor with `memshadow_monitor_is_valid`. Events not taken stay for the next call.
+ * Since 0.2.
+ *
+ * # Safety
+ * `client` is NULL or a live client handle; `events` is NULL (with `cap` 0) or valid for
+ * writing `cap` events; `n_out` and `overflowed_out` are NULL or valid for writing.
+ */
+memshadow_status memshadow_monitor_events(const struct memshadow_client *client,
+                                          struct memshadow_monitor_event *events,
+                                          size_t cap,
+                                          size_t *n_out,
+                                          int *overflowed_out);
 
 #ifdef __cplusplus
 }  // extern "C"

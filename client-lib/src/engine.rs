@@ -78,11 +78,11 @@ const FETCHED: u32 = u32::MAX - 1;
 
 pub const TLB_ENTRIES: usize = 512;
 /// Bytes of the epoch page mapping.
-const EPOCH_BYTES: usize = 4096;
+pub(crate) const EPOCH_BYTES: usize = 4096;
 /// Spins on an odd epoch between two `yield_now`s.
 const SPINS_BEFORE_YIELD: u32 = 1000;
 /// How long the epoch may stay odd before a read gives up: the daemon seems stuck.
-const STUCK_AFTER: Duration = Duration::from_secs(10);
+pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// Passes of a read that may fault before it gives up: the range keeps faulting.
 const MAX_FAULT_PASSES: u32 = 1000;
 
@@ -677,7 +677,7 @@ fn evicted() -> Error {
 
 /// One more look at an odd epoch: spin, now and then yield, and give up once it has been odd
 /// for `stuck_after`.
-fn wait_odd(
+pub(crate) fn wait_odd(
     spins: &mut u32,
     odd_since: &mut Option<Instant>,
     stuck_after: Duration,
@@ -895,7 +895,12 @@ impl Maps {
 
 /// Maps `bytes` of `fd`, shared, read-only or read-write, after checking the file is that
 /// long (a mapping past its end would fault with SIGBUS).
-fn map(fd: &OwnedFd, what: &str, bytes: usize, writable: bool) -> Result<MmapRaw, Error> {
+pub(crate) fn map(
+    fd: &OwnedFd,
+    what: &str,
+    bytes: usize,
+    writable: bool,
+) -> Result<MmapRaw, Error> {
     let err = |e: String| Error::Protocol(format!("cannot map the {what} fd: {e}"));
     let st = nix::sys::stat::fstat(fd).map_err(|e| err(e.to_string()))?;
     if u64::try_from(st.st_size).unwrap_or(0) < bytes as u64 {
@@ -912,7 +917,7 @@ fn map(fd: &OwnedFd, what: &str, bytes: usize, writable: bool) -> Result<MmapRaw
 }
 
 /// Checks the doorbell is an eventfd (when `/proc` says); returns whether it is non-blocking.
-fn check_doorbell(fd: &OwnedFd) -> Result<bool, Error> {
+pub(crate) fn check_doorbell(fd: &OwnedFd) -> Result<bool, Error> {
     if let Ok(t) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
         if t.to_str() != Some("anon_inode:[eventfd]") {
             return Err(Error::Protocol(format!(

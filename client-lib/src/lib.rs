@@ -45,8 +45,10 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 mod control;
 mod discover;
 pub mod engine;
+pub mod monitor;
 
 pub use engine::{Engine, EngineStats};
+pub use monitor::{Drained, Monitor, MonitorEvent, MonitorEvents};
 
 /// `UFFD_USER_MODE_ONLY`: lets an unprivileged process create a uffd (user faults only).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -319,6 +321,8 @@ struct Inner {
     path: Option<PathBuf>,
     /// The name this session gave the daemon.
     name: String,
+    /// The shared objects of this session's monitors, once set up.
+    monitors: std::sync::OnceLock<Arc<monitor::Shared>>,
 }
 
 impl Inner {
@@ -661,6 +665,7 @@ fn open_session(
         bound: None,
         path,
         name,
+        monitors: std::sync::OnceLock::new(),
     };
     let hello = Request::Hello {
         min_version: MIN_VERSION,
@@ -869,6 +874,28 @@ impl Client {
             }),
             r => Err(unexpected(r)),
         }
+    }
+
+    /// Watches `ptr..ptr+len` (rounded out to pages) of this process's memory: the
+    /// [`Monitor`] says, with no system call, whether it was unmapped, moved or discarded
+    /// since (protocol 4). Made with no shadow: cheap enough for many thousands.
+    pub fn monitor(&self, ptr: *const u8, len: usize) -> Result<Monitor, Error> {
+        let shared = self.monitor_shared()?;
+        Monitor::new(&self.inner, &shared, ptr, len)
+    }
+
+    /// The event queue of this session's monitors: what went away, for a cache to drop.
+    pub fn monitor_events(&self) -> Result<MonitorEvents, Error> {
+        Ok(MonitorEvents::new(&self.monitor_shared()?))
+    }
+
+    fn monitor_shared(&self) -> Result<Arc<monitor::Shared>, Error> {
+        if let Some(s) = self.inner.monitors.get() {
+            return Ok(Arc::clone(s));
+        }
+        let s = Arc::new(monitor::Shared::open(&self.inner)?);
+        // Two threads may set up at once: both get the same objects; one mapping is kept.
+        Ok(Arc::clone(self.inner.monitors.get_or_init(|| s)))
     }
 
     /// Mirrors a whole memory map.

@@ -7,6 +7,7 @@ pub mod device;
 pub mod dirty;
 pub mod events;
 pub mod handover;
+pub mod monitor;
 pub mod notifier;
 pub mod server;
 pub mod service;

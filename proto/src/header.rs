@@ -9,8 +9,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"MSHD");
 /// older library reads as `Other(n)`. Version 3 adds external engines (`Grant`,
 /// `EngineAttach`, `EngineFault`, `EngineWrite`, `ListEngines`, answers `Granted`,
 /// `EngineAttached`, `Written` and `Engines`) and error codes 20
-/// (`NoSuchGrant`) and 21 (`Evicted`); it encodes every message as before.
-pub const VERSION: u16 = 3;
+/// (`NoSuchGrant`) and 21 (`Evicted`), and `TraceAck` stream records; version 4 adds
+/// monitors (`MonitorSetup`, `Monitor`, `Unmonitor`, answers `MonitorReady`, `Monitored`,
+/// `Unmonitored`). Both encode every message as before.
+pub const VERSION: u16 = 4;
 /// The oldest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
 /// What this build writes in the header's version field: the version whose encoding its

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod engine_abi;
 pub mod header;
 pub mod message;
+pub mod monitor_abi;
 pub mod path;
 pub mod socket;
 pub mod wire;

@@ -991,6 +991,29 @@ messages! {
             /// Whose (0: every client's).
             pid: i32,
         },
+        /// Protocol 4. Sets up this bound session's monitors: answered by `MonitorReady`
+        /// with the four fds of `monitor_abi` (epoch, generation table, event queue,
+        /// doorbell). Again on the same session: the same objects, opened anew.
+        0x0040 "monitor-setup" => MonitorSetup,
+        /// Protocol 4. Watches `addr..addr+len` (rounded out to pages) of this bound
+        /// session's memory: answered by `Monitored` with the monitor's slot and
+        /// generation; the daemon bumps that generation when the range is unmapped, moved
+        /// or discarded.
+        0x0041 "monitor" => Monitor {
+            /// First byte.
+            addr: u64,
+            /// Bytes (not 0).
+            len: u64,
+        },
+        /// Protocol 4. Stops monitor `slot` made with generation `gen` (answered by
+        /// `Unmonitored`); its slot may be given to a new monitor afterwards, with a newer
+        /// generation.
+        0x0042 "unmonitor" => Unmonitor {
+            /// The monitor's slot.
+            slot: u32,
+            /// The generation `Monitored` gave it.
+            gen: u64,
+        },
         /// Protocol 3. A device fault of this session's engine: faults
         /// `offset..offset+len` of its mirror into the shadow (answered by `Populated`).
         0x0032 "engine-fault" => EngineFault {
@@ -1122,6 +1145,26 @@ messages! {
             /// The daemon's page size.
             page_size: u32,
         },
+        /// Answer to `MonitorSetup`, with the four fds of `monitor_abi`.
+        0x8040 "monitor-ready" fds 4..=4 "4" => MonitorReady {
+            /// Slots of the generation table (monitors this client may have at once).
+            slots: u32,
+            /// Entries of the event queue.
+            queue_entries: u32,
+        },
+        /// Answer to `Monitor`.
+        0x8041 "monitored" => Monitored {
+            /// The monitor's slot in the generation table.
+            slot: u32,
+            /// Its generation now: valid while the slot holds it.
+            gen: u64,
+            /// The watched range, rounded out to pages: first byte.
+            addr: u64,
+            /// Its length.
+            len: u64,
+        },
+        /// Answer to `Unmonitor`.
+        0x8042 "unmonitored" => Unmonitored,
         /// A refused request.
         0x80ff "error" => Error {
             /// What kind of refusal.
@@ -1534,6 +1577,15 @@ mod tests {
             (Request::Sync { mirror_id: 0 }, 0),
             (Request::Sync { mirror_id: 7 }, 0),
             (Request::SyncPid { pid: 4242 }, 0),
+            (Request::MonitorSetup, 0),
+            (
+                Request::Monitor {
+                    addr: 0x7f00_0000_1010,
+                    len: 100,
+                },
+                0,
+            ),
+            (Request::Unmonitor { slot: 3, gen: 9 }, 0),
         ]
     }
 
@@ -1753,6 +1805,13 @@ mod tests {
                 report: sync_report(),
             },
             Response::error(ErrorCode::Unsupported, "dirty tracking is off"),
+            Response::Monitored {
+                slot: 3,
+                gen: 9,
+                addr: 0x7f00_0000_1000,
+                len: 4096,
+            },
+            Response::Unmonitored,
         ]
     }
 
@@ -1838,7 +1897,7 @@ mod tests {
 
         /// Arbitrary bytes of any type never panic, and what decodes re-encodes to itself.
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..0x14, 0x8000u16..0x8015, 0x001eu16..0x0024, 0x801eu16..0x8024, Just(0x80ffu16), any::<u16>()],
+        fn decoding_arbitrary_bytes_never_panics(msg_type in prop_oneof![0u16..0x14, 0x8000u16..0x8015, 0x001eu16..0x0024, 0x801eu16..0x8024, 0x0040u16..0x0043, 0x8040u16..0x8043, Just(0x80ffu16), any::<u16>()],
                                                  payload in proptest::collection::vec(any::<u8>(), 0..256),
                                                  fds in 0usize..5) {
             if let Ok(req) = Request::decode(msg_type, &payload, fds) {

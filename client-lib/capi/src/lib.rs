@@ -294,6 +294,8 @@ fn guard(f: impl FnOnce() -> Result<(), Failure>) -> Status {
 pub struct FfiClient {
     client: Client,
     daemon_version: CString,
+    /// Monitor events drained and not handed out yet.
+    monitor_events: monitor::Pending,
 }
 
 /// A mirror handle (`struct memshadow_mirror`): an attached range.
@@ -345,6 +347,7 @@ fn new_client(client: Client) -> *mut FfiClient {
     Box::into_raw(Box::new(FfiClient {
         client,
         daemon_version,
+        monitor_events: monitor::Pending::default(),
     }))
 }
 
@@ -1537,6 +1540,8 @@ pub extern "C" fn memshadow_version() -> *const c_char {
         };
     no_unwind(c"?".as_ptr(), || V.as_ptr())
 }
+
+mod monitor;
 
 #[cfg(test)]
 mod tests;

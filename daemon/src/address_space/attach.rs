@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use super::table::{Attached, Table};
+use super::table::{self, Attached, Table};
 use super::{AddressSpace, WatchError, USER_ADDR_END};
 use crate::device::DeviceError;
 use crate::dirty::DirtyPolicy;
@@ -129,9 +129,14 @@ impl AddressSpace {
         if let Err(e) = uffd.register_wp(addr, len) {
             return Err(self.why_not_registered(addr, len, e));
         }
+        // Undone where no other mirror and no monitor needs the registration.
         let undo = |why: &str| {
-            if let Err(u) = uffd.unregister(addr, len) {
-                tracing::warn!(addr, len, error = %u, "unregister after {why}");
+            let mut covered = self.monitored_parts(addr, end);
+            covered.extend(Self::covered(t, addr, end));
+            for (s, e) in table::gaps(addr, end, covered) {
+                if let Err(u) = uffd.unregister(s, e - s) {
+                    tracing::warn!(addr = s, len = e - s, error = %u, "unregister after {why}");
+                }
             }
         };
         if self.dirty.arms_on_attach() {
@@ -196,7 +201,7 @@ impl AddressSpace {
 
     /// The error of a refused registration, named plainly when the client's mappings say
     /// why (a file on disk).
-    fn why_not_registered(&self, addr: u64, len: u64, e: UffdError) -> WatchError {
+    pub(super) fn why_not_registered(&self, addr: u64, len: u64, e: UffdError) -> WatchError {
         let disk = matches!(e, UffdError::Invalid { .. })
             && self
                 .maps
@@ -242,10 +247,14 @@ impl AddressSpace {
                 return Ok(());
             };
             let unlinked = guard.unlink(dev)?;
-            // The registration stays where another mirror still covers the range.
+            // The registration stays where another mirror or a monitor still covers the
+            // range.
             let t = lock(&self.table);
             for r in unlinked.live() {
-                for (s, e) in Self::uncovered(&t, r.start(), r.start() + r.len()) {
+                let (start, end) = (r.start(), r.start() + r.len());
+                let mut covered = self.monitored_parts(start, end);
+                covered.extend(Self::covered(&t, start, end));
+                for (s, e) in table::gaps(start, end, covered) {
                     self.with_uffd(|u| {
                         if let Err(e) = u.unregister(s, e - s) {
                             tracing::debug!(mirror = id, error = %e, "unregister on detach");

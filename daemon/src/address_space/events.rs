@@ -221,6 +221,10 @@ impl AddressSpace {
         event: Event,
         out: &mut Deferred,
     ) {
+        if event != Event::SoftDirty {
+            // Written pages are still the same pages: a monitor stays valid through them.
+            self.bump_monitors(guard, range, event);
+        }
         match guard.begin_invalidate(InvalidateArgs::new(range, event)) {
             Ok(inv) => out.finishes.push(inv),
             Err(InvalidateError::Released) => {}

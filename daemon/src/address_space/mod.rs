@@ -10,6 +10,7 @@ mod access;
 mod attach;
 mod events;
 mod fences;
+mod monitors;
 mod sync;
 mod table;
 
@@ -17,6 +18,7 @@ mod table;
 mod tests;
 
 pub use events::{Deferred, EventCounters, Revisit};
+pub use monitors::Made as MonitorMade;
 pub use sync::SyncStats;
 pub use table::Attached;
 
@@ -114,6 +116,17 @@ pub enum WatchError {
     /// Collecting written pages failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// A monitor could not be made.
+    #[error(transparent)]
+    Monitor(#[from] crate::monitor::MonitorError),
+    /// No live monitor in that slot with that generation.
+    #[error("no monitor in slot {slot} with generation {gen}")]
+    NoSuchMonitor {
+        /// The slot.
+        slot: u32,
+        /// The generation asked for.
+        gen: u64,
+    },
 }
 
 /// A bound client's address space, as the daemon watches and mirrors it.
@@ -138,6 +151,8 @@ pub struct AddressSpace {
     dirty: Arc<ClientDirty>,
     /// Writers of write-protect faults still to be woken.
     wakes: Wakes,
+    /// The client's monitors, once it set them up.
+    monitors: Mutex<Option<monitors::Monitors>>,
 }
 
 impl AddressSpace {
@@ -183,6 +198,7 @@ impl AddressSpace {
             counters: EventCounters::default(),
             dirty,
             wakes: Wakes::default(),
+            monitors: Mutex::new(None),
         }
     }
 

@@ -85,26 +85,17 @@ pub(super) struct Table {
 impl AddressSpace {
     /// The parts of `start..end` that no live mirror of `t` covers, in address order.
     pub(super) fn uncovered(t: &Table, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut covered: Vec<(u64, u64)> = t
-            .by_id
+        gaps(start, end, Self::covered(t, start, end))
+    }
+
+    /// The parts of `start..end` that live mirrors of `t` cover (unsorted, may overlap).
+    pub(super) fn covered(t: &Table, start: u64, end: u64) -> Vec<(u64, u64)> {
+        t.by_id
             .values()
             .filter(|m| m.dev.is_some())
             .map(|m| (m.live_start.max(start), m.live_end.min(end)))
             .filter(|(s, e)| s < e)
-            .collect();
-        covered.sort_unstable();
-        let mut out = Vec::new();
-        let mut at = start;
-        for (s, e) in covered {
-            if s > at {
-                out.push((at, s));
-            }
-            at = at.max(e);
-        }
-        if at < end {
-            out.push((at, end));
-        }
-        out
+            .collect()
     }
 
     /// The client address of `offset..offset+len` in mirror `id`, as of every event read
@@ -166,4 +157,22 @@ impl AddressSpace {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The parts of `start..end` that none of `covered` (inside it, unsorted, overlapping or
+/// not) covers, in order.
+pub(super) fn gaps(start: u64, end: u64, mut covered: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    covered.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = start;
+    for (s, e) in covered {
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
 }

@@ -1,13 +1,20 @@
 //! Shadow pages charged to a user: every client of one uid shares one account, so a user
 //! cannot take the whole shadow by opening more sessions, and a user with no share limit
-//! (root, the daemon's own user) may also take the slots kept in reserve for it.
+//! (root, the daemon's own user) may also take the slots kept in reserve for it. Monitors
+//! are charged here too: each costs the daemon memory, and a user's clients together may
+//! hold [`MONITORS_PER_USER`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Monitors an unprivileged user's clients may hold together (about 150 bytes of the
+/// daemon's memory each; one client may hold `monitor_abi::MAX_MONITORS`).
+pub const MONITORS_PER_USER: u64 = 1 << 18;
 
 /// The shadow pages of every client of one user, against that user's share.
 #[derive(Debug)]
 pub struct Account {
     pages: AtomicU64,
+    monitors: AtomicU64,
     /// Most pages the user may hold; `None` for a privileged user (no limit, and the
     /// reserve is open to it).
     quota_pages: Option<AtomicU64>,
@@ -25,6 +32,7 @@ impl Account {
     pub fn limited(quota_bytes: u64) -> Account {
         Account {
             pages: AtomicU64::new(0),
+            monitors: AtomicU64::new(0),
             quota_pages: Some(AtomicU64::new(quota_bytes / crate::sys::PAGE_SIZE as u64)),
         }
     }
@@ -33,6 +41,7 @@ impl Account {
     pub fn privileged() -> Account {
         Account {
             pages: AtomicU64::new(0),
+            monitors: AtomicU64::new(0),
             quota_pages: None,
         }
     }
@@ -84,6 +93,29 @@ impl Account {
     pub fn uncharge(&self, n: u64) {
         self.pages.fetch_sub(n, Ordering::Relaxed);
     }
+
+    /// Charges one monitor; false if an unprivileged user holds [`MONITORS_PER_USER`].
+    pub fn charge_monitor(&self) -> bool {
+        let limit = if self.privileged_user() {
+            u64::MAX
+        } else {
+            MONITORS_PER_USER
+        };
+        self.monitors
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Returns `n` charged monitors.
+    pub fn uncharge_monitors(&self, n: u64) {
+        let _ = self
+            .monitors
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |m| {
+                Some(m.saturating_sub(n))
+            });
+    }
 }
 
 #[cfg(test)]
@@ -107,5 +139,19 @@ mod tests {
         let root = Account::privileged();
         root.charge(1 << 40).expect("no limit");
         assert!(root.privileged_user() && !a.privileged_user());
+    }
+
+    #[test]
+    fn monitors_of_a_user_are_bounded() {
+        let a = Account::limited(0);
+        for _ in 0..MONITORS_PER_USER {
+            assert!(a.charge_monitor());
+        }
+        assert!(!a.charge_monitor());
+        a.uncharge_monitors(1);
+        assert!(a.charge_monitor());
+        let root = Account::privileged();
+        root.monitors.store(MONITORS_PER_USER, Ordering::Relaxed);
+        assert!(root.charge_monitor(), "no per-user limit for root");
     }
 }

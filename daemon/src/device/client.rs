@@ -352,6 +352,13 @@ impl AccessGuard<'_> {
     }
 }
 
+/// Test hook: `MEMSHADOW_TEST_NO_EPOCH=1` (read once) leaves every epoch even, so that
+/// tests can show what the epoch closes (docs/testing.md). On unless set.
+fn epoch_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MEMSHADOW_TEST_NO_EPOCH").is_none_or(|v| v != "1"))
+}
+
 /// Publishes every invalidation of one client on the device's trace bus (only while
 /// someone listens).
 struct Tracer {
@@ -819,16 +826,36 @@ impl DeviceClient {
         Ok(buf)
     }
 
-    /// Makes the client's epoch odd before its events are read (no-op without engines).
+    /// The account of the client's user (shadow pages, monitors).
+    pub fn account(&self) -> &Arc<Account> {
+        &self.core.account
+    }
+
+    /// The client's epoch page, opened anew read-only for a consumer outside the daemon
+    /// (made here if no engine made it yet, under the access lock so that no event batch
+    /// is half read when it comes into being).
+    pub fn share_epoch(&self) -> Result<std::os::fd::OwnedFd, ExternalError> {
+        let _g = self.lock_access();
+        if self.core.epoch.get().is_none() {
+            let _ = self.core.epoch.set(EpochPage::new()?);
+        }
+        match self.core.epoch.get() {
+            Some(e) => external::read_only(e.file()),
+            None => Err(ExternalError::Create(std::io::ErrorKind::NotFound.into())),
+        }
+    }
+
+    /// Makes the client's epoch odd before its events are read (no-op without engines or
+    /// monitors).
     pub fn begin_event_read(&self) {
-        if let Some(e) = self.core.epoch.get() {
+        if let Some(e) = self.core.epoch.get().filter(|_| epoch_on()) {
             e.begin_read();
         }
     }
 
     /// Makes the epoch even once the start passes of the events read are done.
     pub fn end_event_read(&self) {
-        if let Some(e) = self.core.epoch.get() {
+        if let Some(e) = self.core.epoch.get().filter(|_| epoch_on()) {
             e.end_read();
         }
     }

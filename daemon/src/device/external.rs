@@ -46,15 +46,16 @@ fn create(e: impl Into<std::io::Error>) -> ExternalError {
     ExternalError::Create(e.into())
 }
 
-/// A memory file the daemon maps read-write.
+/// A memory file the daemon maps read-write (sealed against resizing, mode 0400).
 #[derive(Debug)]
-struct SharedMem {
+pub(crate) struct SharedMem {
     file: File,
     map: MmapRaw,
 }
 
 impl SharedMem {
-    fn new(name: &str, len: u64) -> Result<SharedMem, ExternalError> {
+    /// A new file of `len` bytes, zero-filled, mapped.
+    pub(crate) fn new(name: &str, len: u64) -> Result<SharedMem, ExternalError> {
         let file = sys::memfd_sealed(name, len).map_err(create)?;
         let map = MmapOptions::new()
             .len(usize::try_from(len).map_err(|_| create(std::io::ErrorKind::InvalidInput))?)
@@ -63,8 +64,13 @@ impl SharedMem {
         Ok(SharedMem { file, map })
     }
 
+    /// The memory file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Stores a header word (before the memory is handed out).
-    fn put32(&self, off: usize, v: u32) {
+    pub(crate) fn put32(&self, off: usize, v: u32) {
         self.at::<std::sync::atomic::AtomicU32>(off)
             .store(v, Ordering::Relaxed);
     }
@@ -75,7 +81,7 @@ impl SharedMem {
     }
 
     /// The object of type `T` at byte `off`.
-    fn at<T>(&self, off: usize) -> &T {
+    pub(crate) fn at<T>(&self, off: usize) -> &T {
         assert!(
             off + std::mem::size_of::<T>() <= self.map.len(),
             "beyond the mapping"
@@ -144,7 +150,7 @@ impl EpochPage {
 
     /// The page's memory file.
     pub fn file(&self) -> &File {
-        &self.mem.file
+        self.mem.file()
     }
 }
 

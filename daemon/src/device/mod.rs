@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use account::Account;
+pub use account::{Account, MONITORS_PER_USER};
 pub use client::{
     AccessGuard, ClientCounters, DeviceClient, EngineAttachment, MirrorInfo, Unlinked,
 };

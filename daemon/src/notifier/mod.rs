@@ -125,6 +125,8 @@ pub use range::{Range, RangeError};
 pub use subscription::{
     InvalidateError, Invalidation, NotifierError, NotifierHandle, Observer, Subscription, Summary,
 };
+/// The interval tree of the notifiers, for other indexes of ranges (the monitors').
+pub(crate) use tree::IntervalTree;
 
 #[cfg(test)]
 mod tests;

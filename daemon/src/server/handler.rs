@@ -48,6 +48,9 @@ pub fn is_slow(req: &Request) -> bool {
             | Request::EngineFault { .. }
             | Request::EngineWrite { .. }
             | Request::EngineRead { .. }
+            | Request::MonitorSetup
+            | Request::Monitor { .. }
+            | Request::Unmonitor { .. }
     )
 }
 
@@ -275,6 +278,9 @@ fn dispatch(
         Request::EngineWrite { offset, bytes } => super::engines::write(s, offset, &bytes),
         Request::EngineRead { offset, len } => super::engines::read(s, offset, len),
         Request::ListEngines { pid } => super::engines::list(core, s, pid),
+        Request::MonitorSetup => super::monitors::setup(s, rid),
+        Request::Monitor { addr, len } => super::monitors::add(s, addr, len),
+        Request::Unmonitor { slot, gen } => super::monitors::remove(s, slot, gen),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod engines;
 pub mod handler;
 pub mod listen;
+pub mod monitors;
 pub mod outbox;
 pub mod session;
 pub mod stream;
@@ -423,6 +424,7 @@ impl Core {
         // An attached engine's fds go with the answer that says so.
         let fds = match resp {
             Response::EngineAttached { .. } => s.engine_fds(),
+            Response::MonitorReady { .. } => s.take_answer_fds(request_id),
             _ => Vec::new(),
         };
         let pieces = resp.into_pieces();

@@ -130,6 +130,8 @@ pub struct Session {
     last_active_ms: AtomicU64,
     /// Set by `EngineAttach`: the session is an external engine.
     pub engine: OnceLock<EngineLink>,
+    /// Fds that go with the answer to a request (by request id), until it is sent.
+    answer_fds: Mutex<Vec<(u64, Vec<Arc<OwnedFd>>)>>,
 }
 
 /// An external engine's session: whose mirror it reads.
@@ -175,6 +177,23 @@ impl Session {
             connected: now,
             last_active_ms: AtomicU64::new(millis(now)),
             engine: OnceLock::new(),
+            answer_fds: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps `fds` for the answer to request `rid` (at most one set per request in flight).
+    pub fn set_answer_fds(&self, rid: u64, fds: Vec<Arc<OwnedFd>>) {
+        let mut a = crate::lock(&self.answer_fds);
+        a.retain(|(r, _)| *r != rid);
+        a.push((rid, fds));
+    }
+
+    /// The fds kept for the answer to request `rid`, once.
+    pub fn take_answer_fds(&self, rid: u64) -> Vec<Arc<OwnedFd>> {
+        let mut a = crate::lock(&self.answer_fds);
+        match a.iter().position(|(r, _)| *r == rid) {
+            Some(i) => a.swap_remove(i).1,
+            None => Vec::new(),
         }
     }
 

@@ -21,6 +21,7 @@ use crate::address_space::WatchError;
 use crate::bind::BindError;
 use crate::device::{DeviceError, ShadowError};
 use crate::events::EventError;
+use crate::monitor::MonitorError;
 use crate::sys::maps::MapsError;
 use crate::sys::uffd::UffdError;
 
@@ -165,6 +166,11 @@ impl WireCode for WatchError {
             WatchError::Released => ErrorCode::ShuttingDown,
             WatchError::Busy | WatchError::Dirty(_) => ErrorCode::Internal,
             WatchError::NotTracked(_) => ErrorCode::Unsupported,
+            WatchError::Monitor(MonitorError::TooMany | MonitorError::UserQuota) => {
+                ErrorCode::QuotaExceeded
+            }
+            WatchError::Monitor(MonitorError::Create(_)) => ErrorCode::OutOfResources,
+            WatchError::NoSuchMonitor { .. } => ErrorCode::NoSuchMirror,
         }
     }
 }
