@@ -1,0 +1,573 @@
+//! `monitor`: what monitors (docs/monitors.md, `memshadow::Monitor`) cost, each row against
+//! a baseline measured in the same run:
+//!
+//! 1. `check`: `Monitor::is_valid` of a valid monitor, against one acquire load of a local
+//!    word (what a check cannot beat). Timed in batches of [`CHECK_BATCH`]; p50/p99 over
+//!    batches, in ns per check. Goal: p50 <= 20 ns and no system call: the checks run with
+//!    a perf counter of the `raw_syscalls:sys_enter` tracepoint on (root; "not counted",
+//!    and the goal unmet, where the kernel does not let the benchmark count).
+//! 2. `munmap_m1000` and `munmap_m100000`: the client's `munmap` of a fresh, touched,
+//!    monitored page while the client has 1 000 (100 000) other monitors, against the same
+//!    `munmap` watched by an in-process userfaultfd monitor doing the same job the way
+//!    libfabric's does: its own uffd, its own thread reading the events and bumping the
+//!    generations of an index of as many ranges. Goal: <= 1.25x.
+//! 3. `unmap_to_event`: from just before the `munmap` until the monitor's event is in the
+//!    queue (`MonitorEvents::drain`, spinning), against the same for the in-process monitor
+//!    (until its thread bumped the generation). No goal: reported.
+//!
+//! Goals are reported, never asserted. Run: `cargo build --release --workspace --lib --bins
+//! --examples && cargo bench -p memshadow-tests --bench monitor -- --quick`. Prints a table
+//! and writes `target/memshadow-bench/monitor.json`. Needs root (a userfaultfd that sees the
+//! kernel's events, for the baseline, and the syscall counter).
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use memshadow::{Client, Monitor, MonitorEvent};
+use serde_json::{json, Value};
+use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
+
+#[path = "bench_daemon.rs"]
+mod bench_daemon;
+use bench_daemon::Daemon;
+use memshadow_tests::{percentiles as stats, Percentiles as Stats};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// Checks of one timed batch of `check`.
+const CHECK_BATCH: usize = 1000;
+/// Checks run with the syscall counter on.
+const COUNTED_CHECKS: usize = 1_000_000;
+/// Background monitors of the two `munmap` rows.
+const BACKGROUND: [usize; 2] = [1000, 100_000];
+const GOAL_CHECK_NS: f64 = 20.0;
+const GOAL_MUNMAP: f64 = 1.25;
+const PAGE: usize = 4096;
+
+fn map(len: usize) -> Res<*mut u8> {
+    Ok(memshadow_tests::map_anon(len).map_err(|e| format!("mmap of {len} bytes: {e}"))?)
+}
+
+fn touch(p: *mut u8, len: usize) {
+    for off in (0..len).step_by(PAGE) {
+        // SAFETY: callers pass a live read-write mapping of `len` bytes of their own, which
+        // no Rust reference reaches.
+        unsafe { p.wrapping_add(off).write_volatile(1) };
+    }
+}
+
+fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: callers pass a mapping of their own that nothing uses any more.
+    unsafe { libc::munmap(p.cast(), len) };
+}
+
+// ---------------------------------------------------------------------------------------
+// Counting system calls.
+
+/// A perf counter of this thread's system call entries (`raw_syscalls:sys_enter`).
+struct SyscallCounter {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl SyscallCounter {
+    fn open() -> Result<SyscallCounter, String> {
+        let id = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|d| {
+                std::fs::read_to_string(format!("{d}/events/raw_syscalls/sys_enter/id")).ok()
+            })
+            .ok_or("no tracefs with raw_syscalls:sys_enter")?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|e| format!("tracepoint id: {e}"))?;
+        // perf_event_attr, 128 bytes: type (PERF_TYPE_TRACEPOINT = 2) and size, config (the
+        // tracepoint), then flags with `disabled` (bit 0) set; the rest zero.
+        let mut attr = [0u64; 16];
+        attr[0] = 2 | (128u64 << 32);
+        attr[1] = id;
+        attr[5] = 1;
+        // SAFETY: perf_event_open reads `attr` (128 valid bytes, as its size field says);
+        // pid 0 and cpu -1: this thread, any CPU; no group, no flags.
+        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
+        if fd < 0 {
+            return Err(format!(
+                "perf_event_open: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        Ok(SyscallCounter { fd })
+    }
+
+    /// System calls this thread entered while `f` ran (the disabling `ioctl` included).
+    fn count(&self, f: impl FnOnce()) -> Result<u64, String> {
+        use std::os::fd::AsRawFd;
+        const RESET: libc::c_ulong = 0x2403;
+        const ENABLE: libc::c_ulong = 0x2400;
+        const DISABLE: libc::c_ulong = 0x2401;
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: PERF_EVENT_IOC_* on a perf event fd of ours take no pointer argument.
+        let reset = unsafe { libc::ioctl(fd, RESET, 0) };
+        // SAFETY: as above.
+        let enable = unsafe { libc::ioctl(fd, ENABLE, 0) };
+        if reset != 0 || enable != 0 {
+            return Err(format!("perf ioctl: {}", std::io::Error::last_os_error()));
+        }
+        f();
+        // SAFETY: as above.
+        unsafe { libc::ioctl(fd, DISABLE, 0) };
+        let mut v = [0u8; 8];
+        nix::unistd::read(&self.fd, &mut v).map_err(|e| format!("read of the counter: {e}"))?;
+        Ok(u64::from_ne_bytes(v))
+    }
+}
+
+/// System calls of `COUNTED_CHECKS` checks, net of the counter's own.
+fn syscalls_of_checks(m: &Monitor) -> Result<u64, String> {
+    let c = SyscallCounter::open()?;
+    let empty = c.count(|| {})?;
+    // The counter must see system calls, or its zero would prove nothing.
+    let ten = c.count(|| {
+        for _ in 0..10 {
+            // SAFETY: getpid has no arguments and no preconditions.
+            black_box(unsafe { libc::syscall(libc::SYS_getpid) });
+        }
+    })?;
+    if ten < empty + 10 {
+        return Err(format!("the counter saw {ten} system calls of 10 getpid"));
+    }
+    let checks = c.count(|| {
+        for _ in 0..COUNTED_CHECKS {
+            black_box(m.is_valid());
+        }
+    })?;
+    Ok(checks.saturating_sub(empty))
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 1: the check.
+
+/// ns per call of `f`, over batches.
+fn per_call_ns(batches: usize, mut f: impl FnMut() -> bool) -> Stats {
+    let mut v = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..CHECK_BATCH {
+            black_box(f());
+        }
+        v.push(t.elapsed().as_nanos() as f64 / CHECK_BATCH as f64);
+    }
+    stats(v)
+}
+
+struct CheckRow {
+    check: Stats,
+    load: Stats,
+    syscalls: Result<u64, String>,
+}
+
+fn check_row(client: &Client, batches: usize) -> Res<CheckRow> {
+    let p = map(PAGE)?;
+    touch(p, PAGE);
+    let m = client.monitor(p, PAGE)?;
+    if !m.is_valid() {
+        return Err("a fresh monitor is not valid".into());
+    }
+    let word = AtomicU64::new(7);
+    let load = per_call_ns(batches, || black_box(&word).load(Ordering::Acquire) == 7);
+    let check = per_call_ns(batches, || m.is_valid());
+    let syscalls = syscalls_of_checks(&m);
+    drop(m);
+    unmap(p, PAGE);
+    Ok(CheckRow {
+        check,
+        load,
+        syscalls,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The baseline: an in-process userfaultfd monitor, as libfabric's.
+
+/// The ranges an in-process monitor watches, and their generations.
+#[derive(Default)]
+struct Index {
+    /// start -> (end, generation slot)
+    ranges: BTreeMap<usize, (usize, usize)>,
+    gens: Vec<u64>,
+}
+
+impl Index {
+    fn bump(&mut self, start: usize, end: usize) {
+        let Index { ranges, gens } = self;
+        for (_, &(e, slot)) in ranges.range(..end) {
+            if e > start {
+                gens[slot] += 1;
+            }
+        }
+    }
+}
+
+/// libfabric's design: a uffd of this process, and a thread that reads its events and
+/// bumps the generations of the ranges they cover.
+struct InProcess {
+    uffd: Arc<Uffd>,
+    index: Arc<Mutex<Index>>,
+    /// Bumps done, for the unmap-to-event row.
+    bumps: Arc<AtomicU64>,
+}
+
+impl InProcess {
+    fn start() -> Res<InProcess> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(false)
+            .user_mode_only(false)
+            .require_features(
+                FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_REMAP,
+            )
+            .create()
+            .map_err(|e| format!("userfaultfd (needs root): {e}"))?;
+        let me = InProcess {
+            uffd: Arc::new(uffd),
+            index: Arc::default(),
+            bumps: Arc::default(),
+        };
+        let (uffd, index, bumps) = (
+            Arc::clone(&me.uffd),
+            Arc::clone(&me.index),
+            Arc::clone(&me.bumps),
+        );
+        std::thread::Builder::new()
+            .name("uffd-monitor".into())
+            .spawn(move || reader(&uffd, &index, &bumps))?;
+        Ok(me)
+    }
+
+    /// Watches `p..p+len` (touched already, so no page fault comes); its slot.
+    fn watch(&self, p: *mut u8, len: usize) -> Res<usize> {
+        self.uffd
+            .register(p.cast(), len)
+            .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        let mut ix = self.index.lock().map_err(|_| "index poisoned")?;
+        let slot = ix.gens.len();
+        ix.gens.push(0);
+        ix.ranges.insert(p as usize, (p as usize + len, slot));
+        Ok(slot)
+    }
+
+    fn forget(&self, p: *mut u8) {
+        if let Ok(mut ix) = self.index.lock() {
+            ix.ranges.remove(&(p as usize));
+        }
+    }
+}
+
+/// The monitor thread: reads events until the uffd is gone (the process exits).
+fn reader(uffd: &Uffd, index: &Mutex<Index>, bumps: &AtomicU64) {
+    loop {
+        let (start, end) = match uffd.read_event() {
+            Ok(Some(Event::Unmap { start, end } | Event::Remove { start, end })) => {
+                (start as usize, end as usize)
+            }
+            Ok(Some(Event::Remap { from, len, .. })) => (from as usize, from as usize + len),
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        if let Ok(mut ix) = index.lock() {
+            ix.bump(start, end);
+        }
+        bumps.fetch_add(1, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rows 2 and 3.
+
+struct MunmapRows {
+    background: usize,
+    daemon: Stats,
+    in_process: Stats,
+    daemon_event: Stats,
+    in_process_event: Stats,
+}
+
+fn since_us(t: Instant) -> f64 {
+    t.elapsed().as_nanos() as f64 / 1000.0
+}
+
+fn munmap_rows(client: &Client, background: usize, iters: usize) -> Res<MunmapRows> {
+    // The background: `background` monitors of consecutive pages of one mapping (never
+    // touched, so it costs no memory; registered page by page, so its VMAs merge).
+    let bg_len = background * PAGE;
+    let bg = map(bg_len)?;
+    let started = Instant::now();
+    let mut keep = Vec::with_capacity(background);
+    for i in 0..background {
+        keep.push(client.monitor(bg.wrapping_add(i * PAGE), PAGE)?);
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+    let ip = InProcess::start()?;
+    let ip_bg = map(bg_len)?;
+    touch(ip_bg, bg_len);
+    for i in 0..background {
+        ip.watch(ip_bg.wrapping_add(i * PAGE), PAGE)?;
+    }
+    eprintln!("monitor: {background} background monitors made in {setup_s:.1} s");
+    let events = client.monitor_events()?;
+    let mut drained: Vec<MonitorEvent> = Vec::new();
+    events.drain(&mut drained);
+    let (mut d, mut i, mut de, mut ie) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..iters {
+        // memshadow.
+        let p = map(PAGE)?;
+        touch(p, PAGE);
+        let m = client.monitor(p, PAGE)?;
+        let t = Instant::now();
+        unmap(p, PAGE);
+        d.push(since_us(t));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            drained.clear();
+            events.drain(&mut drained);
+            if drained.iter().any(|e| e.slot == m.slot()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("no event of an unmapped monitor in 10 s".into());
+            }
+            std::hint::spin_loop();
+        }
+        de.push(since_us(t));
+        if m.is_valid() {
+            return Err("a monitor is valid after its munmap returned".into());
+        }
+        drop(m);
+        // In process.
+        let p = map(PAGE)?;
+        touch(p, PAGE);
+        ip.watch(p, PAGE)?;
+        let before = ip.bumps.load(Ordering::Acquire);
+        let t = Instant::now();
+        unmap(p, PAGE);
+        i.push(since_us(t));
+        while ip.bumps.load(Ordering::Acquire) == before {
+            std::hint::spin_loop();
+        }
+        ie.push(since_us(t));
+        ip.forget(p);
+    }
+    drop(keep);
+    unmap(bg, bg_len);
+    unmap(ip_bg, bg_len);
+    Ok(MunmapRows {
+        background,
+        daemon: stats(d),
+        in_process: stats(i),
+        daemon_event: stats(de),
+        in_process_event: stats(ie),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Report.
+
+struct Row {
+    op: String,
+    value: Stats,
+    unit: &'static str,
+    baseline: &'static str,
+    base: Stats,
+    goal: String,
+    met: Option<bool>,
+    extra: Value,
+}
+
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!((x * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+fn rows(check: &CheckRow, munmaps: &[MunmapRows]) -> Vec<Row> {
+    let syscalls = check.syscalls.as_ref().ok().copied();
+    let mut rows = vec![Row {
+        op: "check".into(),
+        value: check.check,
+        unit: "ns",
+        baseline: "one acquire load of a local word",
+        base: check.load,
+        goal: format!("p50<={GOAL_CHECK_NS}ns, 0 syscalls"),
+        met: Some(check.check.p50 <= GOAL_CHECK_NS && syscalls == Some(0)),
+        extra: json!({
+            "syscalls": syscalls,
+            "checks_counted": COUNTED_CHECKS,
+            "syscalls_not_counted": check.syscalls.as_ref().err(),
+            "batch": CHECK_BATCH,
+        }),
+    }];
+    for m in munmaps {
+        let ratio = m.daemon.p50 / m.in_process.p50;
+        rows.push(Row {
+            op: format!("munmap_m{}", m.background),
+            value: m.daemon,
+            unit: "us",
+            baseline: "in-process uffd reader thread (libfabric's design)",
+            base: m.in_process,
+            goal: format!("<={GOAL_MUNMAP}x"),
+            met: ratio.is_finite().then_some(ratio <= GOAL_MUNMAP),
+            extra: json!({"background_monitors": m.background}),
+        });
+    }
+    if let Some(m) = munmaps.first() {
+        rows.push(Row {
+            op: "unmap_to_event".into(),
+            value: m.daemon_event,
+            unit: "us",
+            baseline: "in-process: until its thread bumped the generation",
+            base: m.in_process_event,
+            goal: "-".into(),
+            met: None,
+            extra: json!({"background_monitors": m.background}),
+        });
+    }
+    rows
+}
+
+fn print(rows: &[Row]) {
+    println!(
+        "{:<16} {:>21} {:>21} {:>8} {:>24} {:>4}",
+        "op", "memshadow p50 / p99", "baseline p50 / p99", "ratio", "goal", "met"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:>18.3} {:<2} {:>18.3} {:<2} {:>8.2} {:>24} {:>4}",
+            r.op,
+            r.value.p50,
+            r.unit,
+            r.base.p50,
+            r.unit,
+            r.value.p50 / r.base.p50,
+            r.goal,
+            r.met.map_or("-", |m| if m { "yes" } else { "NO" })
+        );
+        println!(
+            "{:<16} {:>18.3} {:<2} {:>18.3} {:<2}",
+            "", r.value.p99, r.unit, r.base.p99, r.unit
+        );
+    }
+    println!();
+    for r in rows {
+        println!("{}: baseline = {}; {}", r.op, r.baseline, r.extra);
+    }
+}
+
+fn json_of(r: &Row, setting: &Value) -> Value {
+    json!({
+        "op": r.op,
+        "unit": r.unit,
+        "memshadow_p50": num(r.value.p50),
+        "memshadow_p99": num(r.value.p99),
+        "baseline": r.baseline,
+        "baseline_p50": num(r.base.p50),
+        "baseline_p99": num(r.base.p99),
+        "ratio": num(r.value.p50 / r.base.p50),
+        "goal": r.goal,
+        "met": r.met,
+        "samples": r.value.n,
+        "extra": r.extra,
+        "setting": setting,
+    })
+}
+
+fn start_daemon(bin: &Path, socket: PathBuf) -> Res<Daemon> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--no-config")
+        .arg("--socket")
+        .arg(&socket)
+        .env("MEMSHADOW_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Daemon::start("monitor", cmd, socket, " (its log is above)")
+}
+
+fn main() -> Res<()> {
+    let mut quick = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--bench" => {}
+            other => eprintln!("monitor: ignoring argument {other:?}"),
+        }
+    }
+    let (batches, iters) = if quick { (300, 200) } else { (5000, 2000) };
+    let exe = std::env::current_exe()?;
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("bench exe is not in target/<profile>/deps")?;
+    let target = profile.parent().ok_or("profile dir has no parent")?;
+    let daemon_bin = profile.join("memshadowd");
+    if !daemon_bin.exists() {
+        return Err(format!(
+            "{} is missing: run `cargo build --release --workspace --lib --bins --examples` \
+             first",
+            daemon_bin.display()
+        )
+        .into());
+    }
+    let dir = memshadow_tests::TempDir::new("monitor-bench");
+    let started = Instant::now();
+    let daemon = start_daemon(&daemon_bin, dir.path().join("d.sock"))?;
+    let client = Client::connect_to(&daemon.socket)?;
+    let check = check_row(&client, batches)?;
+    let mut munmaps = Vec::new();
+    for n in BACKGROUND {
+        munmaps.push(munmap_rows(&client, n, iters)?);
+    }
+    let rows = rows(&check, &munmaps);
+    print(&rows);
+    let unmet: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .map(|r| r.op.as_str())
+        .collect();
+    if unmet.is_empty() {
+        println!("all goals met");
+    } else {
+        println!("GOALS NOT MET: {}", unmet.join(", "));
+    }
+    let setting = json!({
+        "quick": quick,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "check_batches": batches,
+        "munmap_iterations": iters,
+    });
+    let out_dir = target.join("memshadow-bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("monitor.json");
+    let json_rows: Vec<Value> = rows.iter().map(|r| json_of(r, &setting)).collect();
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&Value::Array(json_rows))?,
+    )?;
+    eprintln!(
+        "monitor: wrote {} after {:.1} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
