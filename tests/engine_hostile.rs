@@ -75,7 +75,9 @@ impl Raw {
             name: "engine-hostile".into(),
         };
         match r.call(&hello)?.0 {
-            Response::HelloAck { version: 3, .. } => Ok(r),
+            Response::HelloAck {
+                version: VERSION, ..
+            } => Ok(r),
             other => Err(format!("hello: {other:?}")),
         }
     }

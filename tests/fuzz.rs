@@ -1904,7 +1904,8 @@ struct Conn {
     /// Mirrors attached and not detached: id, addr, len.
     mirrors: Vec<(u64, u64, u64)>,
     /// Ids of mirrors detached (ids are never reused).
-    gone: Vec<u64>,
+    /// Mirrors detached: (mirror id, the request id of the detach).
+    gone: Vec<(u64, u64)>,
     /// Of those, the ones detached before their `Attached` answer came.
     detached_early: Vec<u64>,
     traces: Vec<u64>,
@@ -3453,8 +3454,12 @@ fn check_answer(
         if let Some(m) = conn.mirrors.iter().find(|m| m.0 == id) {
             return Ok(Some(*m));
         }
-        if conn.gone.contains(&id) {
-            return Err(format!("mirror {id} was detached"));
+        match conn.gone.iter().find(|g| g.0 == id) {
+            // Sent before the detach: requests run concurrently on the workers, so it may
+            // have been served before the detach took the mirror away, or after.
+            Some(&(_, detach)) if p.rid < detach => return Ok(None),
+            Some(_) => return Err(format!("mirror {id} was detached")),
+            None => {}
         }
         if attach_pending {
             return Ok(None);
@@ -3671,7 +3676,9 @@ fn check_answer(
                 conn.detached_early.swap_remove(i);
                 return Ok(());
             }
-            if conn.mirrors.iter().any(|m| m.0 == *mirror_id) || conn.gone.contains(mirror_id) {
+            if conn.mirrors.iter().any(|m| m.0 == *mirror_id)
+                || conn.gone.iter().any(|g| g.0 == *mirror_id)
+            {
                 return bad("a mirror id handed out twice");
             }
             conn.mirrors.push((*mirror_id, *addr, *len));
@@ -3684,7 +3691,7 @@ fn check_answer(
                 conn.detached_early.push(*mirror_id);
             }
             conn.mirrors.retain(|m| m.0 != *mirror_id);
-            conn.gone.push(*mirror_id);
+            conn.gone.push((*mirror_id, p.rid));
             ctx.detached(conn.serial, *mirror_id);
         }
         (

@@ -289,3 +289,83 @@ fn bad_monitors_are_refused_clearly() {
         "{e}"
     );
 }
+
+/// A daemon that stops lets its clients go, and their monitors turn invalid: nothing would
+/// bump them any more.
+#[test]
+fn monitors_turn_invalid_when_the_daemon_stops() {
+    if !needs_full_userfaultfd("clients of the daemon") {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    let c = client(&d);
+    let p = map_anon(P).unwrap();
+    let m = c.monitor(p, P).unwrap();
+    assert!(m.is_valid());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait().success());
+    assert!(!m.is_valid(), "valid after the daemon stopped");
+    unmap(p, P);
+    drop(m); // its Unmonitor finds the session closed, and says nothing
+}
+
+/// This process's mappings of the memory file `name`: (start, end, permissions).
+fn mappings_of(name: &str) -> Vec<(usize, usize, String)> {
+    let want = format!("/memfd:{name} (deleted)");
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with(&want))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let perms = f.next()?.to_owned();
+            let a = usize::from_str_radix(a, 16).ok()?;
+            Some((a, usize::from_str_radix(b, 16).ok()?, perms))
+        })
+        .collect()
+}
+
+/// A client cannot make its monitors look valid: the library maps the generation table
+/// from an fd the daemon opened read-only, so the mapping is read-only and no `mprotect`
+/// can add write to it; the queue is the client's to write.
+#[test]
+fn the_generation_table_is_read_only_to_the_client() {
+    if !needs_full_userfaultfd("clients of the daemon") {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let c = client(&d);
+    let p = map_anon(P).unwrap();
+    let m = c.monitor(p, P).unwrap();
+    let gens = mappings_of("memshadow-monitors");
+    assert_eq!(
+        gens.len(),
+        1,
+        "one mapping of the generation table: {gens:?}"
+    );
+    let (start, end, perms) = &gens[0];
+    assert_eq!(perms, "r--s");
+    // SAFETY: `start..end` is the library's mapping of the table; mprotect only changes its
+    // protection, and is refused here.
+    let r = unsafe {
+        libc::mprotect(
+            *start as *mut libc::c_void,
+            end - start,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    assert_eq!(r, -1, "mprotect adding write to the generation table");
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EACCES)
+    );
+    let queue = mappings_of("memshadow-monitor-queue");
+    assert_eq!(
+        queue.iter().map(|q| q.2.as_str()).collect::<Vec<_>>(),
+        ["rw-s"]
+    );
+    assert!(m.is_valid());
+    unmap(p, P);
+    assert!(!m.is_valid());
+}

@@ -879,6 +879,17 @@ impl Client {
     /// Watches `ptr..ptr+len` (rounded out to pages) of this process's memory: the
     /// [`Monitor`] says, with no system call, whether it was unmapped, moved or discarded
     /// since (protocol 4). Made with no shadow: cheap enough for many thousands.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let buf = vec![0u8; 1 << 20];
+    /// let client = memshadow::Client::connect()?;
+    /// let m = client.monitor(buf.as_ptr(), buf.len())?;   // one round trip
+    /// // ... register buf with the NIC ...
+    /// if !m.is_valid() { /* drop the registration, register again */ }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn monitor(&self, ptr: *const u8, len: usize) -> Result<Monitor, Error> {
         let shared = self.monitor_shared()?;
         Monitor::new(&self.inner, &shared, ptr, len)

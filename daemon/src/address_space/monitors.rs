@@ -55,11 +55,17 @@ impl std::fmt::Debug for Monitors {
     }
 }
 
-/// The monitors of a client that goes away give their charge back to its user.
+/// The monitors of a client the daemon lets go (its session ended, the daemon stops) all
+/// turn invalid: nothing would bump them any more. They give their charge back to its user.
 impl Drop for AddressSpace {
     fn drop(&mut self) {
-        let live = lock(&self.monitors).take().map_or(0, |m| m.live.len());
-        self.device.account().uncharge_monitors(live as u64);
+        let Some(m) = lock(&self.monitors).take() else {
+            return;
+        };
+        for (&slot, l) in &m.live {
+            m.area.invalidate(slot, Event::Release, l.range);
+        }
+        self.device.account().uncharge_monitors(m.live.len() as u64);
     }
 }
 
