@@ -162,13 +162,22 @@ impl Shared {
     /// process is being read and its start passes have not run yet). `None` if the epoch
     /// stays odd for `STUCK_AFTER` (the daemon seems stuck): no answer can be trusted.
     fn current(&self, slot: u32) -> Option<u64> {
+        self.settled()
+            .then(|| self.generation(slot).load(Ordering::Acquire))
+    }
+
+    /// Waits while the epoch is odd; false if it stays odd for `STUCK_AFTER`. After it
+    /// returns true, every bump and queued event of a change that returned before the call
+    /// began is visible (the acquire load of the even epoch).
+    fn settled(&self) -> bool {
         let (mut spins, mut odd_since) = (0, None);
         loop {
-            let e = self.epoch_page().epoch.load(Ordering::Acquire);
-            if e & 1 == 0 {
-                return Some(self.generation(slot).load(Ordering::Acquire));
+            if self.epoch_page().epoch.load(Ordering::Acquire) & 1 == 0 {
+                return true;
             }
-            wait_odd(&mut spins, &mut odd_since, STUCK_AFTER).ok()?;
+            if wait_odd(&mut spins, &mut odd_since, STUCK_AFTER).is_err() {
+                return false;
+            }
         }
     }
 }
@@ -326,9 +335,12 @@ impl MonitorEvents {
         self.shared.doorbell.as_fd()
     }
 
-    /// Appends the waiting events to `out`; never blocks.
+    /// Appends the waiting events to `out`, those of every change that returned before the
+    /// call among them (it waits, as a check does, while the daemon applies a batch of this
+    /// process's events); never waits for anything else.
     pub fn drain(&self, out: &mut Vec<MonitorEvent>) -> Drained {
         let s = &self.shared;
+        s.settled();
         let mut c = s.consumer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut buf = [0u8; 8];
         // Reset the doorbell first: an event queued after this is rung anew.

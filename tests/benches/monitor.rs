@@ -14,6 +14,12 @@
 //! 3. `unmap_to_event`: from just before the `munmap` until the monitor's event is in the
 //!    queue (`MonitorEvents::drain`, spinning), against the same for the in-process monitor
 //!    (until its thread bumped the generation). No goal: reported.
+//! 4. `regcache_round`: a round of the C registration cache example
+//!    (`client-lib/examples/c/regcache.c`, built here with `cc` against the release
+//!    library): 4 threads, `malloc`/`free` churn with `free()` unmapping, a lookup per
+//!    round; its wall time per round, against the same cache with no monitor (which hands
+//!    out stale registrations: the price of being right). Several runs; p50/p99 over runs.
+//!    No goal: reported, with the counters of the last run.
 //!
 //! Goals are reported, never asserted. Run: `cargo build --release --workspace --lib --bins
 //! --examples && cargo bench -p memshadow-tests --bench monitor -- --quick`. Prints a table
@@ -380,6 +386,78 @@ fn munmap_rows(client: &Client, background: usize, iters: usize) -> Res<MunmapRo
 }
 
 // ---------------------------------------------------------------------------------------
+// Row 4: the C registration cache.
+
+struct RegcacheRow {
+    monitored: Stats,
+    bare: Stats,
+    counters: String,
+}
+
+/// Builds `regcache.c` in `dir` against the release library of `profile` (its loader
+/// finds `libmemshadow.so.0` in `dir`); the program.
+fn build_regcache(profile: &Path, dir: &Path) -> Res<PathBuf> {
+    let root = memshadow_tests::repo_root();
+    let lib = profile.join("libmemshadow.so");
+    std::os::unix::fs::symlink(&lib, dir.join("libmemshadow.so.0"))
+        .map_err(|e| format!("link {}: {e}", lib.display()))?;
+    let out = dir.join("regcache");
+    let st = Command::new("cc")
+        .args(["-std=c99", "-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(root.join("client-lib/examples/c/regcache.c"))
+        .arg("-I")
+        .arg(root.join("client-lib/include"))
+        .arg(&lib)
+        .status()
+        .map_err(|e| format!("cc (the README's prerequisites): {e}"))?;
+    if !st.success() {
+        return Err(format!("cc of regcache.c: {st}").into());
+    }
+    Ok(out)
+}
+
+fn regcache_row(profile: &Path, dir: &Path, socket: &Path, runs: usize) -> Res<RegcacheRow> {
+    const ROUNDS: u64 = 5000;
+    const THREADS: u64 = 4;
+    let bin = build_regcache(profile, dir)?;
+    // Wall time per round of one run, and what it printed.
+    let run = |extra: &[&str]| -> Res<(f64, String)> {
+        let t = Instant::now();
+        let o = Command::new(&bin)
+            .env("LD_LIBRARY_PATH", dir)
+            .arg("--socket")
+            .arg(socket)
+            .args([
+                "--threads",
+                &THREADS.to_string(),
+                "--rounds",
+                &ROUNDS.to_string(),
+            ])
+            .args(extra)
+            .output()?;
+        let us = since_us(t) / (ROUNDS * THREADS) as f64;
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        Ok((us, format!("{text} ({})", o.status)))
+    };
+    let (mut m, mut b, mut counters) = (vec![], vec![], String::new());
+    for _ in 0..runs {
+        let (us, c) = run(&[])?;
+        if !c.contains(" stale=0 ") {
+            return Err(format!("the monitored cache handed out a stale entry: {c}").into());
+        }
+        m.push(us);
+        counters = c;
+        b.push(run(&["--no-monitor"])?.0);
+    }
+    Ok(RegcacheRow {
+        monitored: stats(m),
+        bare: stats(b),
+        counters,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // Report.
 
 struct Row {
@@ -401,7 +479,7 @@ fn num(x: f64) -> Value {
     }
 }
 
-fn rows(check: &CheckRow, munmaps: &[MunmapRows]) -> Vec<Row> {
+fn rows(check: &CheckRow, munmaps: &[MunmapRows], regcache: &RegcacheRow) -> Vec<Row> {
     let syscalls = check.syscalls.as_ref().ok().copied();
     let mut rows = vec![Row {
         op: "check".into(),
@@ -443,6 +521,16 @@ fn rows(check: &CheckRow, munmaps: &[MunmapRows]) -> Vec<Row> {
             extra: json!({"background_monitors": m.background}),
         });
     }
+    rows.push(Row {
+        op: "regcache_round".into(),
+        value: regcache.monitored,
+        unit: "us",
+        baseline: "the same cache with no monitor (stale entries and all)",
+        base: regcache.bare,
+        goal: "-".into(),
+        met: None,
+        extra: json!({"last_run": regcache.counters}),
+    });
     rows
 }
 
@@ -538,7 +626,13 @@ fn main() -> Res<()> {
     for n in BACKGROUND {
         munmaps.push(munmap_rows(&client, n, iters)?);
     }
-    let rows = rows(&check, &munmaps);
+    let regcache = regcache_row(
+        profile,
+        dir.path(),
+        &daemon.socket,
+        if quick { 3 } else { 10 },
+    )?;
+    let rows = rows(&check, &munmaps, &regcache);
     print(&rows);
     let unmet: Vec<&str> = rows
         .iter()
