@@ -41,7 +41,7 @@
 //! client holds, so the read checks stay exact), list engines and scribble over their
 //! rings. Checked: `EngineAttached` comes only to a session neither bound nor an engine,
 //! with exactly five fds (three read-only and not mappable for writing, the ring
-//! read-write, an eventfd; every received fd is closed), never for a token no grant handed
+//! read-write, a pipe's read end; every received fd is closed), never for a token no grant handed
 //! out or one revoked by a detach, and for an unprivileged session never by pid nor with
 //! another user's grant; an engine's session never binds; the engine requests of a session
 //! that is no engine are refused `OutOfOrder`; faults and writes stay inside the engine's
@@ -2364,7 +2364,8 @@ fn known_bytes(ctx: &Ctx, scratch: &Scratch, e: Option<&EngineView>, off: u64, n
 }
 
 /// The fds of an `EngineAttached`: the epoch page, page table and shadow read-only (a
-/// writable shared mapping of them refused), the ring read-write, the doorbell an eventfd.
+/// writable shared mapping of them refused), the ring read-write, the doorbell a pipe's read
+/// end (an eventfd would let the engine make the daemon's ring block).
 /// With `engine-reopen` on, an unprivileged engine must not be able to open the read-only
 /// ones again for writing through `/proc/self/fd`.
 fn check_engine_fds(ctx: &Ctx, fds: &[OwnedFd]) -> Result<(), String> {
@@ -2416,8 +2417,11 @@ fn check_engine_fds(ctx: &Ctx, fds: &[OwnedFd]) -> Result<(), String> {
     let bell = std::fs::read_link(format!("/proc/self/fd/{}", fds[4].as_raw_fd()))
         .map(|t| t.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if bell != "anon_inode:[eventfd]" {
-        return Err(format!("the doorbell is {bell:?}, not an eventfd"));
+    let flags = nix::fcntl::fcntl(&fds[4], nix::fcntl::FcntlArg::F_GETFL).unwrap_or(-1);
+    if !bell.starts_with("pipe:[") || flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(format!(
+            "the doorbell is {bell:?} (flags {flags:#x}), not a pipe's read end"
+        ));
     }
     Ok(())
 }

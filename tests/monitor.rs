@@ -364,6 +364,13 @@ fn the_generation_table_is_read_only_to_the_client() {
     assert!(refused >= 1, "{gens:?}");
     let queues = mappings_of("memshadow-monitor-queue");
     assert!(queues.iter().all(|q| q.2 == "rw-s"), "{queues:?}");
+    // The doorbell is a pipe's read end: the client cannot write it (an eventfd it could
+    // fill, and make the daemon's ring block with O_NONBLOCK cleared).
+    let ev = c.monitor_events().unwrap();
+    assert!(
+        nix::unistd::write(ev.fd(), &[1]).is_err(),
+        "the doorbell is writable"
+    );
     assert!(m.is_valid());
     unmap(p, P);
     assert!(!m.is_valid());

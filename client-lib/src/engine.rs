@@ -2,7 +2,7 @@
 //! that reads a client's mirrored memory itself, at memory speed, instead of asking the
 //! daemon for every read. The daemon hands it five fds (`engine_abi`): the client's epoch
 //! page, the mirror's page table and the client's shadow (all read-only), a flush ring
-//! (read-write: the engine writes only `ack`) and the ring's doorbell, an eventfd.
+//! (read-write: the engine writes only `ack`) and the ring's doorbell, a pipe's read end.
 //!
 //! # The contract an engine keeps
 //!
@@ -284,7 +284,8 @@ impl Engine {
         self.stats
     }
 
-    /// The ring's doorbell, an eventfd the daemon writes after it queued flushes: wait for it
+    /// The ring's doorbell, a pipe the daemon writes a byte into after it queued flushes:
+    /// wait for it
     /// to be readable (epoll, poll), then call [`Engine::poll`]. Do not read it yourself.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.doorbell.as_fd()
@@ -567,7 +568,7 @@ impl Engine {
         })
     }
 
-    /// Empties the doorbell's counter, without blocking.
+    /// Empties the doorbell, without blocking.
     fn drain_doorbell(&self) {
         drain(self.doorbell.as_fd(), self.doorbell_nonblocking);
     }
@@ -583,25 +584,30 @@ impl Engine {
     }
 }
 
-/// Empties a doorbell's counter, without blocking (a doorbell whose file is not
-/// `O_NONBLOCK` is polled first); a failure is ignored (the ring, not the doorbell, says
-/// what to do).
-fn drain(doorbell: BorrowedFd<'_>, nonblocking: bool) {
-    if !nonblocking {
-        let mut fds = [nix::poll::PollFd::new(
-            doorbell,
-            nix::poll::PollFlags::POLLIN,
-        )];
-        if !matches!(
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
-            Ok(1)
-        ) {
-            return;
+/// Empties a doorbell (the read end of a pipe the daemon writes a byte into per ring),
+/// without blocking (a doorbell whose file is not `O_NONBLOCK` is polled before each read);
+/// a failure is ignored (the ring, not the doorbell, says what to do).
+pub(crate) fn drain(doorbell: BorrowedFd<'_>, nonblocking: bool) {
+    let mut buf = [0u8; 256];
+    loop {
+        if !nonblocking {
+            let mut fds = [nix::poll::PollFd::new(
+                doorbell,
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if !matches!(
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+                Ok(1)
+            ) {
+                return;
+            }
+        }
+        // A full buffer may mean more; anything else (short, EAGAIN, end) is all.
+        match nix::unistd::read(doorbell, &mut buf) {
+            Ok(n) if n == buf.len() => continue,
+            _ => return,
         }
     }
-    let mut count = [0u8; 8];
-    // EAGAIN: nothing rang.
-    let _ = nix::unistd::read(doorbell, &mut count);
 }
 
 /// What handling the flush ring changes of an engine, borrowed apart from its session so
@@ -916,18 +922,24 @@ pub(crate) fn map(
     .map_err(|e| err(e.to_string()))
 }
 
-/// Checks the doorbell is an eventfd (when `/proc` says); returns whether it is non-blocking.
+/// Checks the doorbell is a pipe's read end (when `/proc` says); returns whether it is
+/// non-blocking.
 pub(crate) fn check_doorbell(fd: &OwnedFd) -> Result<bool, Error> {
     if let Ok(t) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
-        if t.to_str() != Some("anon_inode:[eventfd]") {
+        if !t.to_str().is_some_and(|t| t.starts_with("pipe:[")) {
             return Err(Error::Protocol(format!(
-                "the doorbell is {}, not an eventfd",
+                "the doorbell is {}, not a pipe",
                 t.display()
             )));
         }
     }
     let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
         .map_err(|e| Error::Protocol(format!("the doorbell: {e}")))?;
+    if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(Error::Protocol(
+            "the doorbell is not the read end of a pipe".into(),
+        ));
+    }
     Ok(nix::fcntl::OFlag::from_bits_truncate(flags).contains(nix::fcntl::OFlag::O_NONBLOCK))
 }
 

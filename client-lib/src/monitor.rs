@@ -6,7 +6,7 @@
 //! or `madvise(DONTNEED/FREE/REMOVE)` that covers it, and queues an event
 //! ([`MonitorEvents`]).
 //!
-//! **Why a check after `free()` returned never says valid.** The daemon makes this
+//! **Why a check after an unmapping `free()` returned never says valid.** The daemon makes this
 //! process's epoch odd before it reads the process's userfaultfd events, and even again
 //! only once the start passes of what it read (the generation bumps) are done. A `munmap`
 //! cannot return before the daemon read its event. So a check that starts after the call
@@ -27,7 +27,7 @@ use memshadow_proto::monitor_abi::{
 };
 use memshadow_proto::{EventKind, Request, Response};
 
-use crate::engine::{check_doorbell, map, wait_odd, EPOCH_BYTES, STUCK_AFTER};
+use crate::engine::{check_doorbell, drain, map, wait_odd, EPOCH_BYTES, STUCK_AFTER};
 use crate::{unexpected, Error, Inner};
 
 /// The protocol version that brought monitors.
@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     gens: MmapRaw,
     queue: MmapRaw,
     doorbell: OwnedFd,
+    /// The doorbell's open file is `O_NONBLOCK`.
+    doorbell_nonblocking: bool,
     /// Serializes consumers of the queue (the tail is one word).
     consumer: Mutex<Consumer>,
     slots: u32,
@@ -79,12 +81,13 @@ impl Shared {
                 abi::QUEUE_ENTRIES
             )));
         }
-        check_doorbell(&doorbell)?;
+        let doorbell_nonblocking = check_doorbell(&doorbell)?;
         let s = Shared {
             epoch: map(&epoch, "epoch page", EPOCH_BYTES, false)?,
             gens: map(&gens, "generation table", abi::gen_table_bytes(), false)?,
             queue: map(&queue, "monitor queue", abi::queue_bytes(), true)?,
             doorbell,
+            doorbell_nonblocking,
             consumer: Mutex::new(Consumer::default()),
             slots,
         };
@@ -317,7 +320,7 @@ pub struct Drained {
 }
 
 /// The event queue of this session's monitors ([`crate::Client::monitor_events`]): an
-/// eventfd to poll, and the events to drain when it is readable.
+/// doorbell to poll, and the events to drain when it is readable.
 #[derive(Debug, Clone)]
 pub struct MonitorEvents {
     shared: Arc<Shared>,
@@ -330,7 +333,8 @@ impl MonitorEvents {
         }
     }
 
-    /// The doorbell: readable when events may wait (for `poll`/`epoll`).
+    /// The doorbell, a pipe's read end: readable when events may wait (for `poll`/`epoll`).
+    /// Do not read it; [`MonitorEvents::drain`] does.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.shared.doorbell.as_fd()
     }
@@ -342,9 +346,8 @@ impl MonitorEvents {
         let s = &self.shared;
         s.settled();
         let mut c = s.consumer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut buf = [0u8; 8];
-        // Reset the doorbell first: an event queued after this is rung anew.
-        let _ = nix::unistd::read(&s.doorbell, &mut buf);
+        // Empty the doorbell first: an event queued after this is rung anew.
+        drain(s.doorbell.as_fd(), s.doorbell_nonblocking);
         let h = s.queue_header();
         let mut got = Drained::default();
         let mut tail = h.tail.load(Ordering::Relaxed);

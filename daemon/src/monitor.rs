@@ -7,16 +7,22 @@
 //!
 //! **The guarantee.** Once the client's `munmap` (or `madvise`, `mremap`) returned, every
 //! check that starts afterwards says "invalid". The daemon makes the client's epoch odd
-//! before it `read()`s the client's events, and even again only after the batch was
-//! applied, so after every generation the events cover was bumped.
-//! The client's call cannot return before that `read()`. A check loads the epoch (acquire),
-//! waits while it is odd, loads the generation, and loads the epoch again: equal and even,
-//! the generation is at least as new as the epoch's release store, which comes after the
-//! bump. The same seqlock an external engine's read uses (docs/engines.md).
+//! before it `read()`s the client's events, and even again (release) only after the batch
+//! was applied, so after every generation the events cover was bumped (release). The
+//! client's call cannot return before that `read()`. A check loads the epoch (acquire) and
+//! waits while it is odd: the value it then sees is the odd one or a later even one, whose
+//! release store comes after the bump, so the generation it loads next is the bumped one.
+//! One word is read, so no second look at the epoch is needed (an external engine's read,
+//! which copies many words, makes one: docs/engines.md).
+//!
+//! **What no user-space monitor can see.** The kernel reports an unmap to the userfaultfd
+//! only after the mapping is gone. Between the two, another thread of the client may map
+//! the same address and check a monitor of the old mapping: valid, since the unmapping
+//! thread's `munmap` has not returned. docs/monitors.md says what a cache can do about it.
 //!
 //! **Generations.** A slot's generation only grows: a bump on invalidation and one when
 //! the monitor is removed, so a handle of a removed monitor never matches the slot's next
-//! owner. Generations are stored with release, after the notifier's sequence.
+//! owner.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,16 +31,16 @@ use std::sync::Mutex;
 use memshadow_proto::monitor_abi::{
     self as abi, GenHeader, QueueEntry, QueueHeader, HEADER_BYTES, MAX_MONITORS, QUEUE_ENTRIES,
 };
-use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::device::external::{self, ExternalError, SharedMem};
 use crate::lock;
 use crate::notifier::{Event, Range};
+use crate::sys::doorbell::Doorbell;
 
 /// Errors of making a client's monitor area.
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
-    /// Its shared memory or eventfd could not be made or reopened read-only.
+    /// Its shared memory or doorbell could not be made or reopened read-only.
     #[error("cannot make the monitors' shared memory")]
     Create(#[from] ExternalError),
     /// Every slot of the generation table is taken.
@@ -72,11 +78,11 @@ struct Slots {
 pub struct MonitorArea {
     gens: SharedMem,
     queue: SharedMem,
-    doorbell: EventFd,
+    doorbell: Doorbell,
     slots: Mutex<Slots>,
-    /// Serializes queue writers (invalidations of one client may run on several threads:
-    /// the event reader, injected invalidations, syncs).
-    writer: Mutex<()>,
+    /// The queue's head, the daemon's own copy (the shared one is the client's to
+    /// scribble on, and is only ever written from this); held while an entry is written.
+    head: Mutex<u64>,
     counters: MonitorCounters,
 }
 
@@ -96,14 +102,13 @@ impl MonitorArea {
         queue.put32(std::mem::offset_of!(QueueHeader, magic), abi::QUEUE_MAGIC);
         queue.put32(std::mem::offset_of!(QueueHeader, version), version);
         queue.put32(std::mem::offset_of!(QueueHeader, entries), QUEUE_ENTRIES);
-        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-        let doorbell = EventFd::from_value_and_flags(0, flags).map_err(create)?;
+        let doorbell = Doorbell::new().map_err(create)?;
         Ok(MonitorArea {
             gens,
             queue,
             doorbell,
             slots: Mutex::new(Slots::default()),
-            writer: Mutex::new(()),
+            head: Mutex::new(0),
             counters: MonitorCounters::default(),
         })
     }
@@ -115,7 +120,7 @@ impl MonitorArea {
         Ok([
             external::read_only(self.gens.file())?,
             dup(self.queue.file().as_fd())?,
-            dup(self.doorbell.as_fd())?,
+            dup(self.doorbell.reader())?,
         ])
     }
 
@@ -172,32 +177,40 @@ impl MonitorArea {
         &self.counters
     }
 
-    /// Invalidates monitor `slot` (`range`, the part of it that changed, for `event`):
-    /// bumps its generation, then queues the event. Dirty-tracking reports leave monitors
+    /// Invalidates monitors: bumps each one's generation, then queues its event (`range`,
+    /// the part of it that changed, for `event`). One queue lock for them all, and no more
+    /// writing once the queue is full (the rest are counted as overflows): an event that
+    /// covers many monitors costs one atomic add each. Dirty-tracking reports leave monitors
     /// alone (the pages stay the same pages); callers pass address-space changes only.
-    pub fn invalidate(&self, slot: u32, event: Event, range: Range) {
-        let gen = self.gen(slot).fetch_add(1, Ordering::Release) + 1;
-        self.counters.bumps.fetch_add(1, Ordering::Relaxed);
-        self.push(slot, gen, event, range);
+    pub fn invalidate(&self, monitors: impl IntoIterator<Item = (u32, Range)>, event: Event) {
+        let mut head = lock(&self.head);
+        let mut rang = false;
+        for (slot, range) in monitors {
+            let gen = self.gen(slot).fetch_add(1, Ordering::Release) + 1;
+            self.counters.bumps.fetch_add(1, Ordering::Relaxed);
+            rang |= self.push(&mut head, slot, gen, event, range);
+        }
+        if rang {
+            self.doorbell.ring();
+        }
     }
 
-    /// Queues an event, or counts an overflow if the client has not consumed room for it.
-    /// Rings the doorbell when the reader had caught up before this entry; the reader
-    /// stores its tail and then loads the head (both SeqCst), so one of the two sides sees
-    /// the other: no event is left without a wake.
-    fn push(&self, slot: u32, gen: u64, event: Event, range: Range) {
-        let _w = lock(&self.writer);
+    /// Queues an event, or counts an overflow if the client has not consumed room for it;
+    /// true if the doorbell must ring (the reader had caught up before this entry). The
+    /// reader stores its tail and then loads the head (both SeqCst), as this stores the
+    /// head and then loads the tail: one of the two sees the other, so no event is left
+    /// without a wake.
+    fn push(&self, head: &mut u64, slot: u32, gen: u64, event: Event, range: Range) -> bool {
         let h = self.header();
-        let head = h.head.load(Ordering::Relaxed);
         // The tail is the client's to write: any value is possible, none is trusted beyond
         // deciding whether there is room.
         let tail = h.tail.load(Ordering::SeqCst);
-        if tail > head || head - tail >= u64::from(QUEUE_ENTRIES) {
+        if tail > *head || *head - tail >= u64::from(QUEUE_ENTRIES) {
             h.overflows.fetch_add(1, Ordering::Release);
             self.counters.overflows.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
-        let seq = head + 1;
+        let seq = *head + 1;
         let e = self.entry(seq);
         e.gen.store(gen, Ordering::Relaxed);
         e.start.store(range.start(), Ordering::Relaxed);
@@ -206,11 +219,9 @@ impl MonitorArea {
         e.kind.store(kind_code(event), Ordering::Relaxed);
         e.seq.store(seq, Ordering::Release);
         h.head.store(seq, Ordering::SeqCst);
+        *head = seq;
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        if h.tail.load(Ordering::SeqCst) == head {
-            // Best effort: the counter cannot overflow before the reader drains it.
-            let _ = self.doorbell.write(1);
-        }
+        h.tail.load(Ordering::SeqCst) == seq - 1
     }
 }
 
@@ -232,7 +243,7 @@ mod tests {
     fn an_invalidation_bumps_the_generation_and_queues_an_event() {
         let area = MonitorArea::new().expect("area");
         let (slot, gen) = area.alloc().expect("slot");
-        area.invalidate(slot, Event::Unmap, range(0x11000, 0x3000));
+        area.invalidate([(slot, range(0x11000, 0x3000))], Event::Unmap);
         assert_eq!(area.generation(slot), gen + 1);
         let hd = area.header();
         assert_eq!(hd.head.load(Ordering::Acquire), 1);
@@ -253,24 +264,26 @@ mod tests {
     fn a_full_queue_counts_overflows_and_a_lying_tail_is_not_trusted() {
         let area = MonitorArea::new().expect("area");
         let r = range(0x1000, 0x1000);
-        for _ in 0..QUEUE_ENTRIES + 3 {
-            area.invalidate(0, Event::Clear, r);
-        }
+        area.invalidate((0..QUEUE_ENTRIES + 3).map(|_| (0, r)), Event::Clear);
         let h = area.header();
         assert_eq!(h.head.load(Ordering::Acquire), u64::from(QUEUE_ENTRIES));
         assert_eq!(h.overflows.load(Ordering::Acquire), 3);
         // The client consumes everything: room again, and the doorbell rings.
         h.tail.store(u64::from(QUEUE_ENTRIES), Ordering::SeqCst);
-        let _ = area.doorbell.read();
-        area.invalidate(0, Event::Clear, r);
+        area.doorbell.drain();
+        area.invalidate([(0, r)], Event::Clear);
         assert_eq!(h.head.load(Ordering::Acquire), u64::from(QUEUE_ENTRIES) + 1);
-        assert_eq!(area.doorbell.read().expect("rung"), 1);
-        // A tail beyond the head is garbage: nothing is written.
+        assert_eq!(area.doorbell.drain(), 1, "rung once");
+        // A tail beyond the head is garbage: nothing is written. A head scribbled by the
+        // client is not the daemon's: the next entry goes where the daemon's head says.
         h.tail.store(u64::MAX, Ordering::SeqCst);
-        area.invalidate(0, Event::Clear, r);
-        assert_eq!(h.head.load(Ordering::Acquire), u64::from(QUEUE_ENTRIES) + 1);
+        h.head.store(u64::MAX, Ordering::SeqCst);
+        area.invalidate([(0, r)], Event::Clear);
         assert_eq!(h.overflows.load(Ordering::Acquire), 4);
-        assert_eq!(area.generation(0), u64::from(QUEUE_ENTRIES) + 5);
+        h.tail.store(u64::from(QUEUE_ENTRIES) + 1, Ordering::SeqCst);
+        area.invalidate([(0, r)], Event::Clear);
+        assert_eq!(h.head.load(Ordering::Acquire), u64::from(QUEUE_ENTRIES) + 2);
+        assert_eq!(area.generation(0), u64::from(QUEUE_ENTRIES) + 6);
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!    pages and no other's;
 //! 3. the engine's **flush ring** ([`RingHeader`] then [`RingEntry`]s, read-write: the engine
 //!    writes only [`RingHeader::ack`]);
-//! 4. the ring's **doorbell**, an eventfd the daemon writes after it queued flushes.
+//! 4. the ring's **doorbell**, the read end of a pipe the daemon writes a byte into after it
+//!    queued flushes (a pipe, not an eventfd: the engine cannot make the daemon's write
+//!    block, since the write end is a file of the daemon's own).
 //!
 //! The read-only ones are opened read-only by the daemon, so the kernel refuses a writable
 //! mapping of them.

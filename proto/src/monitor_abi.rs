@@ -9,7 +9,8 @@
 //!    slot, read-only), written only by the daemon;
 //! 2. the **event queue** ([`QueueHeader`] then [`QueueEntry`]s, read-write: the client
 //!    writes only [`QueueHeader::tail`]);
-//! 3. the queue's **doorbell**, an eventfd the daemon writes when it queued an event for
+//! 3. the queue's **doorbell**, the read end of a pipe the daemon writes a byte into when it
+//!    queued an event for
 //!    a reader that had caught up.
 //!
 //! A monitor is valid while its slot's generation equals the one it was given when it was

@@ -1373,7 +1373,7 @@ pub unsafe extern "C" fn memshadow_engine_poll(engine: *mut FfiEngine) -> Status
     })
 }
 
-/// The engine's doorbell, a file descriptor (an eventfd) that becomes readable when the
+/// The engine's doorbell, a file descriptor (a pipe's read end) that becomes readable when the
 /// daemon queued flushes for it: wait for `POLLIN`/`EPOLLIN` with poll or epoll, then call
 /// `memshadow_engine_poll`. Do not read, write or close it; it stays valid until
 /// `memshadow_engine_free`. -1 if `engine` is NULL. Since 0.2.

@@ -15,7 +15,7 @@ use super::{guard, guard_value, handle, invalid, out_ptr, put, Failure, FfiClien
 /// (`madvise(MADV_DONTNEED/FREE/REMOVE)`); once invalid it stays invalid. The checks
 /// (`memshadow_monitor_is_valid`, `_read_begin`, `_read_retry`) make no system call and may
 /// be called from any thread at once; a check that starts after the `munmap`, `mremap`,
-/// `madvise` or `free()` that removed the range returned, in any thread, says invalid.
+/// `madvise`, or a `free()` that unmapped the range, returned, in any thread, says invalid.
 #[derive(Debug)]
 pub struct FfiMonitor {
     monitor: Monitor,
@@ -197,7 +197,7 @@ pub unsafe extern "C" fn memshadow_monitor_free(monitor: *mut FfiMonitor) {
     unsafe { super::free_handle(monitor) }
 }
 
-/// The doorbell of the client's monitor queue, a file descriptor (an eventfd) that
+/// The doorbell of the client's monitor queue, a file descriptor (a pipe's read end) that
 /// becomes readable when events wait: wait for `POLLIN`/`EPOLLIN`, then call
 /// `memshadow_monitor_events`. Do not read, write or close it; it stays valid until the
 /// client is freed. A negative `memshadow_status` on failure. Since 0.2.
@@ -220,10 +220,13 @@ pub unsafe extern "C" fn memshadow_monitor_events_fd(client: *const FfiClient) -
 }
 
 /// Takes up to `cap` waiting events of the client's monitors into `events`, in the order
-/// they happened, and stores how many in `*n_out`; never blocks. `*overflowed_out` is 1
-/// if events were lost because the queue was full since the last call: then check every
-/// monitor with `memshadow_monitor_is_valid`. Events not taken stay for the next call.
-/// Since 0.2.
+/// they happened, and stores how many in `*n_out`. `*overflowed_out` is 1 if events were
+/// lost because the queue was full since the last call: then check every monitor with
+/// `memshadow_monitor_is_valid`. Events not taken stay for the next call, and the doorbell
+/// does not ring again for them: call again until `*n_out < cap`. It waits only while the
+/// daemon applies a batch of this process's address-space events (so the events of a change
+/// that returned before the call are in it), and the first call of a client sets its
+/// monitors up (one round trip). Since 0.2.
 ///
 /// # Safety
 /// `client` is NULL or a live client handle; `events` is NULL (with `cap` 0) or valid for

@@ -18,10 +18,16 @@
  * this very buffer (its stamp). It prints one line:
  *
  *   lookups=N hits=N misses=N dropped_invalid=N dropped_by_event=N overflows=N stale=N
- *   not_mapped=N
+ *   not_mapped=N reused_in_flight=N
  *
- * (not_mapped: buffers malloc served from a heap rather than a mapping of their own; the
- * cache is not asked about them, since free() leaves their pages in place.)
+ * stale: hits on the registration of an older buffer at the address whose free() had
+ * returned before the lookup began (what monitors rule out). reused_in_flight: hits on the
+ * registration of an older buffer whose free() was still running in another thread when
+ * this thread's malloc got its address and looked it up: the kernel reports an unmap to
+ * the userfaultfd only after the mapping is gone, so no monitor outside the kernel can
+ * know yet (docs/monitors.md). not_mapped: buffers malloc served from a heap rather than a
+ * mapping of their own; the cache is not asked about them, since free() leaves their pages
+ * in place.
  *
  * and exits 0 if no lookup handed out a stale registration, 1 if one did (or on an error),
  * 2 on bad usage. With --no-monitor the cache trusts its entries blindly (a cache with no
@@ -39,6 +45,7 @@
 #include <inttypes.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,7 +76,11 @@ struct cache {
     memshadow_client *client;
     int monitored;
     uint64_t lookups, hits, misses, dropped_invalid, dropped_by_event, overflows, stale;
-    uint64_t not_mapped;
+    uint64_t not_mapped, reused_in_flight;
+    /* Of the last hit: its buffer's free() had returned before the check began. */
+    int hit_freed_before;
+    /* Bit `stamp` set once the free() of the buffer with that stamp has returned. */
+    uint8_t *returned;
     int failed;
 };
 
@@ -81,6 +92,14 @@ struct options {
 };
 
 static uint64_t next_stamp; /* under the cache lock */
+
+/* Whether the free() of the buffer stamped `stamp` has returned (set by its thread right
+ * after, with release; read with acquire before a check, so that a set bit means the free()
+ * returned before the check began). */
+static int has_returned(const struct cache *c, uint64_t stamp)
+{
+    return (__atomic_load_n(&c->returned[stamp / 8], __ATOMIC_ACQUIRE) >> (stamp % 8)) & 1;
+}
 
 static void drop(struct entry *e)
 {
@@ -132,6 +151,8 @@ static struct entry *lookup(struct cache *c, uintptr_t addr, size_t len, uint64_
         struct entry *e = &c->e[k];
         if (!e->used || addr < e->addr || addr + len > e->addr + e->len)
             continue;
+        /* Before the check: was the registered buffer's free() over already? */
+        c->hit_freed_before = e->monitor != NULL && has_returned(c, e->pinned_stamp);
         if (e->monitor != NULL && !memshadow_monitor_is_valid(e->monitor)) {
             drop(e);
             c->dropped_invalid++;
@@ -186,10 +207,15 @@ struct buffer {
     uint64_t stamp;
 };
 
+
 /* Replaces `b` with a new buffer, stamped with a number never used before; 0, or -1. */
 static int renew(struct cache *c, struct worker *w, struct buffer *b)
 {
-    free(b->p);
+    if (b->p != NULL) {
+        free(b->p);
+        __atomic_fetch_or(&c->returned[b->stamp / 8], (uint8_t)(1u << (b->stamp % 8)),
+                          __ATOMIC_RELEASE);
+    }
     for (;;) {
         b->len = (size_t)(64 * 1024 + rng(&w->seed) % (960 * 1024));
         b->p = malloc(b->len);
@@ -233,10 +259,16 @@ static void *work(void *arg)
         struct entry *e = lookup(c, (uintptr_t)b->p, b->len, b->stamp);
         if (e == NULL) {
             c->failed = 1;
-        } else if (e->pinned_stamp != b->stamp) {
-            /* The registration is of an older buffer at this address: the NIC would read
-             * memory that is not this buffer. */
+        } else if (e->pinned_stamp != b->stamp && (c->hit_freed_before || !c->monitored)) {
+            /* The registration is of an older buffer at this address, whose free() had
+             * returned before this lookup began: the NIC would read memory that is not
+             * this buffer. */
             c->stale++;
+        } else if (e->pinned_stamp != b->stamp) {
+            /* The older buffer's free() is still running in another thread: the kernel
+             * took the mapping away, and malloc gave the address to this buffer, but it
+             * tells the userfaultfd only after (docs/monitors.md). */
+            c->reused_in_flight++;
         }
         stop = c->failed;
         pthread_mutex_unlock(&c->lock);
@@ -286,9 +318,9 @@ static int parse(int argc, char **argv, struct options *o)
             if (o->threads == 0)
                 return usage("--threads takes 1 to 64");
         } else if (strcmp(a, "--rounds") == 0) {
-            o->rounds = (unsigned long)number(v, 100000000);
+            o->rounds = (unsigned long)number(v, 1000000);
             if (o->rounds == 0)
-                return usage("--rounds takes 1 to 100000000");
+                return usage("--rounds takes 1 to 1000000");
         } else {
             return usage("unknown option");
         }
@@ -311,6 +343,12 @@ int main(int argc, char **argv)
     }
     static struct cache c;
     pthread_mutex_init(&c.lock, NULL);
+    /* A stamp per renewal, at most one per round of each thread, plus the first ones. */
+    c.returned = calloc(((size_t)o.threads * (o.rounds + 1)) / 8 + 2, 1);
+    if (c.returned == NULL) {
+        fprintf(stderr, "regcache: out of memory\n");
+        return 1;
+    }
     c.monitored = o.monitored;
     memshadow_status s = memshadow_connect_to(o.socket, &c.client);
     if (s != MEMSHADOW_OK) {
@@ -334,9 +372,10 @@ int main(int argc, char **argv)
             drop(&c.e[k]);
     printf("lookups=%" PRIu64 " hits=%" PRIu64 " misses=%" PRIu64 " dropped_invalid=%" PRIu64
            " dropped_by_event=%" PRIu64 " overflows=%" PRIu64 " stale=%" PRIu64
-           " not_mapped=%" PRIu64 "\n",
+           " not_mapped=%" PRIu64 " reused_in_flight=%" PRIu64 "\n",
            c.lookups, c.hits, c.misses, c.dropped_invalid, c.dropped_by_event, c.overflows,
-           c.stale, c.not_mapped);
+           c.stale, c.not_mapped, c.reused_in_flight);
+    free(c.returned);
     memshadow_client_free(c.client);
     return c.failed || c.stale > 0 ? 1 : 0;
 }

@@ -7,7 +7,7 @@
 use super::*;
 use crate::fake_daemon;
 use memshadow_proto::{ErrorCode, Limits};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::fcntl::OFlag;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -52,7 +52,9 @@ struct Shared {
     pt_fd: OwnedFd,
     shadow_fd: OwnedFd,
     ring_fd: OwnedFd,
+    /// The doorbell's read end (handed out) and write end (rung here), as the daemon's.
     doorbell: OwnedFd,
+    bell_write: OwnedFd,
     gen: AtomicU32,
     /// `EngineFault`s received, (offset, len).
     faults: Mutex<Vec<(u64, u64)>>,
@@ -109,11 +111,11 @@ impl Shared {
                 [RING_MAGIC, ENGINE_ABI_VERSION, RING_ENTRIES, ENGINE_ID],
             )
         };
-        let mut flags = EfdFlags::EFD_CLOEXEC;
+        let mut flags = OFlag::O_CLOEXEC;
         if nonblocking_doorbell {
-            flags |= EfdFlags::EFD_NONBLOCK;
+            flags |= OFlag::O_NONBLOCK;
         }
-        let doorbell = EventFd::from_value_and_flags(0, flags).unwrap().into();
+        let (doorbell, bell_write) = nix::unistd::pipe2(flags).unwrap();
         Arc::new(Shared {
             maps,
             epoch_fd,
@@ -121,6 +123,7 @@ impl Shared {
             shadow_fd,
             ring_fd,
             doorbell,
+            bell_write,
             gen: AtomicU32::new(1),
             faults: Mutex::new(Vec::new()),
             populate: AtomicBool::new(true),
@@ -187,7 +190,7 @@ impl Shared {
     }
 
     fn ring(&self) {
-        nix::unistd::write(&self.doorbell, &1u64.to_ne_bytes()).unwrap();
+        nix::unistd::write(&self.bell_write, &[1]).unwrap();
     }
 
     fn doorbell_rung(&self) -> bool {
@@ -527,7 +530,7 @@ fn a_slot_beyond_the_shadow_is_refused() {
 }
 
 /// What `attach` refuses: the wrong number of fds, a bad header, a page table or shadow
-/// that do not fit the answer, a doorbell that is no eventfd; and the daemon's refusals.
+/// that do not fit the answer, a doorbell that is no pipe; and the daemon's refusals.
 #[test]
 fn attach_checks_the_fds_and_the_headers() {
     #[derive(Debug, Clone, Copy)]
@@ -536,7 +539,7 @@ fn attach_checks_the_fds_and_the_headers() {
         PtMagic,
         MorePages,
         ShadowTooLong,
-        DoorbellNotEventfd,
+        DoorbellNotPipe,
         OtherMirror,
         NoSuchGrant,
     }
@@ -545,7 +548,7 @@ fn attach_checks_the_fds_and_the_headers() {
         Tweak::PtMagic,
         Tweak::MorePages,
         Tweak::ShadowTooLong,
-        Tweak::DoorbellNotEventfd,
+        Tweak::DoorbellNotPipe,
         Tweak::OtherMirror,
         Tweak::NoSuchGrant,
     ] {
@@ -575,7 +578,7 @@ fn attach_checks_the_fds_and_the_headers() {
                     Tweak::FourFds => drop(fds.pop()),
                     Tweak::MorePages => *len += PS,
                     Tweak::ShadowTooLong => *shadow_bytes += PS,
-                    Tweak::DoorbellNotEventfd => fds[4] = memfd("not-an-eventfd", 8),
+                    Tweak::DoorbellNotPipe => fds[4] = memfd("not-a-pipe", 8),
                     Tweak::OtherMirror => *mirror_id += 1,
                     Tweak::NoSuchGrant => {
                         return Some((

@@ -272,6 +272,8 @@ impl AddressSpace {
         lock(&self.table).by_id.clear();
         let uffd = {
             let _g = self.device.lock_access();
+            // Before the uffd closes: from then on an unmap raises no event.
+            self.release_monitors();
             lock(&self.uffd).take()
         };
         drop(uffd);

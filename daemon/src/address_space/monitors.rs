@@ -59,12 +59,22 @@ impl std::fmt::Debug for Monitors {
 /// turn invalid: nothing would bump them any more. They give their charge back to its user.
 impl Drop for AddressSpace {
     fn drop(&mut self) {
+        self.release_monitors();
+    }
+}
+
+impl AddressSpace {
+    /// Turns every monitor invalid (kind `release`) and gives their charge back: the
+    /// client is let go, nothing will bump them any more. Called by `release`, before the
+    /// uffd closes (from then on an unmap raises no event), and on drop.
+    pub(super) fn release_monitors(&self) {
         let Some(m) = lock(&self.monitors).take() else {
             return;
         };
-        for (&slot, l) in &m.live {
-            m.area.invalidate(slot, Event::Release, l.range);
-        }
+        m.area.invalidate(
+            m.live.iter().map(|(&slot, l)| (slot, l.range)),
+            Event::Release,
+        );
         self.device.account().uncharge_monitors(m.live.len() as u64);
     }
 }
@@ -108,7 +118,7 @@ impl AddressSpace {
     pub fn monitor(&self, addr: u64, len: u64) -> Result<Made, WatchError> {
         let range = monitored_range(addr, len)?;
         // The epoch must exist before the first check can rely on it.
-        self.device.share_epoch().map_err(MonitorError::from)?;
+        self.device.ensure_epoch().map_err(MonitorError::from)?;
         let area = self.monitor_area()?;
         let _access = self.device.lock_access();
         self.register(range)?;
@@ -170,13 +180,14 @@ impl AddressSpace {
     pub(super) fn bump_monitors(&self, _guard: &AccessGuard<'_>, range: Range, event: Event) {
         let m = lock(&self.monitors);
         let Some(m) = m.as_ref() else { return };
+        let mut hit = Vec::new();
         let _ = m.index.for_each_overlap(range, |&slot| {
             if let Some(l) = m.live.get(&slot) {
-                let part = l.range.intersection(&range).unwrap_or(l.range);
-                m.area.invalidate(slot, event, part);
+                hit.push((slot, l.range.intersection(&range).unwrap_or(l.range)));
             }
             ControlFlow::<()>::Continue(())
         });
+        m.area.invalidate(hit, event);
     }
 
     /// Monitors alive.
@@ -187,19 +198,17 @@ impl AddressSpace {
     /// The parts of `start..end` some monitor watches (their registration must stay).
     pub(super) fn monitored_parts(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let m = lock(&self.monitors);
-        let Some(m) = m.as_ref() else {
+        let (Some(m), Ok(range)) = (m.as_ref(), Range::from_bounds(start, end)) else {
             return Vec::new();
         };
-        m.live
-            .values()
-            .map(|l| {
-                (
-                    l.range.start().max(start),
-                    (l.range.start() + l.range.len()).min(end),
-                )
-            })
-            .filter(|(s, e)| s < e)
-            .collect()
+        let mut parts = Vec::new();
+        let _ = m.index.for_each_overlap(range, |&slot| {
+            if let Some(part) = m.live.get(&slot).and_then(|l| l.range.intersection(&range)) {
+                parts.push((part.start(), part.start() + part.len()));
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        parts
     }
 }
 

@@ -835,14 +835,23 @@ impl DeviceClient {
     /// (made here if no engine made it yet, under the access lock so that no event batch
     /// is half read when it comes into being).
     pub fn share_epoch(&self) -> Result<std::os::fd::OwnedFd, ExternalError> {
+        external::read_only(self.ensure_epoch()?.file())
+    }
+
+    /// The client's epoch page, made if no engine or monitor made it yet (under the access
+    /// lock, so that no event batch is half read when it comes into being).
+    pub fn ensure_epoch(&self) -> Result<&EpochPage, ExternalError> {
+        if let Some(e) = self.core.epoch.get() {
+            return Ok(e);
+        }
         let _g = self.lock_access();
         if self.core.epoch.get().is_none() {
             let _ = self.core.epoch.set(EpochPage::new()?);
         }
-        match self.core.epoch.get() {
-            Some(e) => external::read_only(e.file()),
-            None => Err(ExternalError::Create(std::io::ErrorKind::NotFound.into())),
-        }
+        self.core
+            .epoch
+            .get()
+            .ok_or_else(|| ExternalError::Create(std::io::ErrorKind::NotFound.into()))
     }
 
     /// Makes the client's epoch odd before its events are read (no-op without engines or

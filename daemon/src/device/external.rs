@@ -30,14 +30,14 @@ use memmap2::{MmapOptions, MmapRaw};
 use memshadow_proto::engine_abi::{
     self as abi, EpochPage as EpochAbi, PtHeader, RingEntry, RingHeader, HEADER_BYTES, RING_ENTRIES,
 };
-use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use crate::sys::doorbell::Doorbell;
 use crate::sys::{self, PAGE_SIZE};
 
 /// Errors of making an engine's shared objects.
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
-    /// A memory file or eventfd could not be made, mapped or reopened read-only.
+    /// A memory file or doorbell could not be made, mapped or reopened read-only.
     #[error("cannot make the engine's shared memory")]
     Create(#[source] std::io::Error),
 }
@@ -255,7 +255,7 @@ pub struct ExternalEngine {
     /// The client virtual pages of its mirror.
     vpns: (u64, u64),
     ring: SharedMem,
-    doorbell: EventFd,
+    doorbell: Doorbell,
     /// Last sequence number queued (the ring's `head`, kept here too).
     seq: AtomicU64,
     /// Requests queued whose doorbell is not rung yet ([`ExternalEngine::push`] deferred).
@@ -281,9 +281,7 @@ impl ExternalEngine {
         );
         ring.put32(std::mem::offset_of!(RingHeader, entries), RING_ENTRIES);
         ring.put32(std::mem::offset_of!(RingHeader, engine_id), id);
-        let doorbell =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(create)?;
+        let doorbell = Doorbell::new().map_err(create)?;
         Ok(ExternalEngine {
             id,
             pid,
@@ -331,7 +329,7 @@ impl ExternalEngine {
 
     /// The doorbell.
     pub fn doorbell(&self) -> BorrowedFd<'_> {
-        self.doorbell.as_fd()
+        self.doorbell.reader()
     }
 
     /// True if the engine may cache translations of virtual pages `first..=last`.
@@ -400,9 +398,8 @@ impl ExternalEngine {
     }
 
     fn ring_now(&self) {
-        // A full eventfd counter (never, at one per flush) or a closed one changes nothing:
-        // the engine reads the ring, not the count.
-        let _ = self.doorbell.write(1);
+        // Never blocks (sys::doorbell); the engine reads the ring, not the bytes.
+        self.doorbell.ring();
     }
 
     /// Waits until the engine acknowledged `seq`, it is gone, or `timeout` passed (then it
@@ -469,7 +466,7 @@ impl ExternalEngine {
         self.gone.store(true, Ordering::Release);
         // Wake any finish waiting on it.
         sys::futex_wake_shared(&self.header().ack);
-        let _ = self.doorbell.write(1);
+        self.doorbell.ring();
     }
 }
 

@@ -4,6 +4,7 @@
 //! calls safe functions with typed results and stays free of `unsafe`, except where it
 //! touches shadow memory (`device::shadow`).
 
+pub mod doorbell;
 pub mod maps;
 pub mod pagemap;
 pub mod procfd;
