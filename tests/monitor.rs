@@ -226,7 +226,7 @@ fn a_full_queue_reports_overflow_and_generations_still_tell() {
 }
 
 /// Removing a monitor frees its slot for the next; the old handle's generation never
-/// matches the new owner's.
+/// matches the new owner's. The daemon's `monitors.*` counters follow.
 #[test]
 fn slots_are_reused_with_newer_generations() {
     if !needs_full_userfaultfd("clients of the daemon") {
@@ -237,14 +237,26 @@ fn slots_are_reused_with_newer_generations() {
     let p = map_anon(P).unwrap();
     let a = c.monitor(p, P).unwrap();
     let (slot, gen) = (a.slot(), a.generation());
+    assert_eq!(d.counter("monitors.live"), 1);
+    assert_eq!(d.counter("monitors.clients"), 1);
     a.remove().unwrap();
+    assert_eq!(d.counter("monitors.live"), 0);
     let b = c.monitor(p, P).unwrap();
     assert_eq!(b.slot(), slot);
     assert!(b.generation() > gen);
     assert!(b.is_valid());
-    // SAFETY: the mapping is this test's.
-    unsafe { libc::munmap(p.cast(), P) };
+    unmap(p, P);
     assert!(!b.is_valid());
+    assert!(d.counter("monitors.bumps") >= 1);
+    assert!(d.counter("monitors.events_queued") >= 1);
+    drop(b);
+    drop(c);
+    d.wait_until(
+        "the client's monitors to be gone",
+        memshadow_tests::HANG_GUARD,
+        || d.counter("monitors.clients") == 0,
+    );
+    assert_eq!(d.counter("monitors.live"), 0);
 }
 
 /// A mirror's detach keeps the registration of a monitor inside it: the monitor still

@@ -54,15 +54,40 @@ pub enum MonitorError {
     UserQuota,
 }
 
-/// Counters of one client's monitors.
-#[derive(Debug, Default)]
+/// Daemon-wide counters of monitors (`memshadowctl stats`, `monitors.*`).
+#[derive(Debug)]
 pub struct MonitorCounters {
-    /// Generations bumped by invalidations.
+    /// Monitors alive, every client's.
+    pub live: AtomicU64,
+    /// Clients with monitors set up.
+    pub clients: AtomicU64,
+    /// Generations bumped by invalidations (and by clients let go).
     pub bumps: AtomicU64,
     /// Events queued.
     pub queued: AtomicU64,
     /// Events dropped on a full queue.
     pub overflows: AtomicU64,
+}
+
+/// The counters of every client's monitors.
+pub static COUNTERS: MonitorCounters = MonitorCounters {
+    live: AtomicU64::new(0),
+    clients: AtomicU64::new(0),
+    bumps: AtomicU64::new(0),
+    queued: AtomicU64::new(0),
+    overflows: AtomicU64::new(0),
+};
+
+/// `monitors.*` counters.
+pub fn snapshot() -> [(&'static str, u64); 5] {
+    let c = &COUNTERS;
+    [
+        ("monitors.live", c.live.load(Ordering::Relaxed)),
+        ("monitors.clients", c.clients.load(Ordering::Relaxed)),
+        ("monitors.bumps", c.bumps.load(Ordering::Relaxed)),
+        ("monitors.events_queued", c.queued.load(Ordering::Relaxed)),
+        ("monitors.overflows", c.overflows.load(Ordering::Relaxed)),
+    ]
 }
 
 /// Which slots are free: never-used ones above `next`, and those given back.
@@ -83,7 +108,6 @@ pub struct MonitorArea {
     /// The queue's head, the daemon's own copy (the shared one is the client's to
     /// scribble on, and is only ever written from this); held while an entry is written.
     head: Mutex<u64>,
-    counters: MonitorCounters,
 }
 
 fn create(e: impl Into<std::io::Error>) -> MonitorError {
@@ -103,13 +127,13 @@ impl MonitorArea {
         queue.put32(std::mem::offset_of!(QueueHeader, version), version);
         queue.put32(std::mem::offset_of!(QueueHeader, entries), QUEUE_ENTRIES);
         let doorbell = Doorbell::new().map_err(create)?;
+        COUNTERS.clients.fetch_add(1, Ordering::Relaxed);
         Ok(MonitorArea {
             gens,
             queue,
             doorbell,
             slots: Mutex::new(Slots::default()),
             head: Mutex::new(0),
-            counters: MonitorCounters::default(),
         })
     }
 
@@ -150,6 +174,7 @@ impl MonitorArea {
             None => return Err(MonitorError::TooMany),
         };
         s.live += 1;
+        COUNTERS.live.fetch_add(1, Ordering::Relaxed);
         Ok((slot, self.gen(slot).load(Ordering::Acquire)))
     }
 
@@ -158,7 +183,10 @@ impl MonitorArea {
     pub fn release(&self, slot: u32) {
         self.gen(slot).fetch_add(1, Ordering::Release);
         let mut s = lock(&self.slots);
-        s.live = s.live.saturating_sub(1);
+        if s.live > 0 {
+            s.live -= 1;
+            COUNTERS.live.fetch_sub(1, Ordering::Relaxed);
+        }
         s.free.push(slot);
     }
 
@@ -172,11 +200,6 @@ impl MonitorArea {
         self.gen(slot).load(Ordering::Acquire)
     }
 
-    /// The counters.
-    pub fn counters(&self) -> &MonitorCounters {
-        &self.counters
-    }
-
     /// Invalidates monitors: bumps each one's generation, then queues its event (`range`,
     /// the part of it that changed, for `event`). One queue lock for them all, and no more
     /// writing once the queue is full (the rest are counted as overflows): an event that
@@ -187,7 +210,7 @@ impl MonitorArea {
         let mut rang = false;
         for (slot, range) in monitors {
             let gen = self.gen(slot).fetch_add(1, Ordering::Release) + 1;
-            self.counters.bumps.fetch_add(1, Ordering::Relaxed);
+            COUNTERS.bumps.fetch_add(1, Ordering::Relaxed);
             rang |= self.push(&mut head, slot, gen, event, range);
         }
         if rang {
@@ -207,7 +230,7 @@ impl MonitorArea {
         let tail = h.tail.load(Ordering::SeqCst);
         if tail > *head || *head - tail >= u64::from(QUEUE_ENTRIES) {
             h.overflows.fetch_add(1, Ordering::Release);
-            self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+            COUNTERS.overflows.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let seq = *head + 1;
@@ -220,8 +243,17 @@ impl MonitorArea {
         e.seq.store(seq, Ordering::Release);
         h.head.store(seq, Ordering::SeqCst);
         *head = seq;
-        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        COUNTERS.queued.fetch_add(1, Ordering::Relaxed);
         h.tail.load(Ordering::SeqCst) == seq - 1
+    }
+}
+
+/// The monitors of a client that is gone are not counted any more.
+impl Drop for MonitorArea {
+    fn drop(&mut self) {
+        let live = lock(&self.slots).live;
+        COUNTERS.live.fetch_sub(u64::from(live), Ordering::Relaxed);
+        COUNTERS.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

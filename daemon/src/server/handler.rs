@@ -794,6 +794,11 @@ fn status(core: &Core) -> Vec<(String, u64)> {
             .map(|(k, n)| (k.to_owned(), n)),
     );
     v.extend(core.device.snapshot());
+    v.extend(
+        crate::monitor::snapshot()
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n)),
+    );
     v.extend(core.dirty.counters.snapshot("dirty."));
     v
 }
