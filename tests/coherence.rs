@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use memshadow_tests::{fields, needs_full_userfaultfd, Daemon, TestClient, HANG_GUARD};
+use memshadow_tests::{fields, needs_full_userfaultfd, Daemon, TestClient};
 
 /// Invalidation modes × dirty-tracking back ends the daemon can run with.
 const MODES: [&str; 3] = ["one-pass", "two-pass", "two-pass-batched"];
@@ -58,26 +58,6 @@ fn an_attach_over_a_hole_is_refused_naming_it() {
 }
 
 const P: u64 = 4096;
-
-/// Waits until every fence the daemon put up was lifted (reads of a fenced range are served
-/// from the client's memory, so a test of what the shadow keeps must wait for them).
-fn fences_lifted(d: &Daemon) {
-    d.wait_until("every fence to be lifted", HANG_GUARD, || {
-        let st = d.status();
-        let (up, lifted, timed_out) = (
-            st["device.fences"],
-            st["device.fences_lifted"],
-            st["device.fences_timed_out"],
-        );
-        if up == lifted + timed_out {
-            Ok(())
-        } else {
-            Err(format!(
-                "fences {up}, lifted {lifted}, timed out {timed_out}"
-            ))
-        }
-    });
-}
 
 /// `mprotect(PROT_NONE)` raises no event; the device must not serve what the CPU may not
 /// read. Before anything is mirrored, a device read of a PROT_NONE page is refused (the
@@ -204,7 +184,7 @@ fn overlapping_mirrors_stay_coherent_and_a_second_session_is_told_why_not() {
         "0"
     );
     // Detach the big one: the sub-mirror's range stays registered and coherent.
-    fences_lifted(&d);
+    d.wait_fences_lifted();
     c.expect_ok("detach a");
     c.expect_ok(&format!("write a {} {} 8", 4 * P, 8 * P));
     c.expect_ok("sync-all");

@@ -539,6 +539,9 @@ fn trace_shows_each_engines_acknowledgement_and_eviction() {
     });
     assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 8 * P))), 6);
     c.expect_ok("madvise m dontneed");
+    // A read of a fenced range is served over the session and installs nothing, which would
+    // leave the engine nothing to flush the second time.
+    d.wait_fences_lifted();
     assert_eq!(uniform(&e.expect_ok(&format!("read 0 {}", 8 * P))), 0);
     memshadow_tests::stop_process(e.pid());
     c.expect_ok("madvise m dontneed");

@@ -846,6 +846,27 @@ impl Daemon {
             .unwrap_or_else(|t| self.fail(&format!("waiting for {what}: {t}")))
     }
 
+    /// Waits until every fence the daemon put up was lifted (reads of a fenced range are
+    /// served from the client's memory and install nothing, so a test of what the shadow
+    /// keeps must wait for them).
+    pub fn wait_fences_lifted(&self) {
+        self.wait_until("every fence to be lifted", HANG_GUARD, || {
+            let st = self.status();
+            let (up, lifted, timed_out) = (
+                st["device.fences"],
+                st["device.fences_lifted"],
+                st["device.fences_timed_out"],
+            );
+            if up == lifted + timed_out {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fences {up}, lifted {lifted}, timed out {timed_out}"
+                ))
+            }
+        });
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str) {
         self.wait_until(format!("{needle:?} in the log"), HANG_GUARD, || {
