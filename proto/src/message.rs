@@ -353,10 +353,7 @@ impl AckOutcome {
 
     /// The wire value (1..=3).
     pub fn code(self) -> u8 {
-        AckOutcome::ALL
-            .iter()
-            .position(|k| *k == self)
-            .map_or(0, |i| i as u8 + 1)
+        code_in(&AckOutcome::ALL, self)
     }
 
     /// The name used by the CLI and logs.
@@ -408,16 +405,7 @@ impl Field for AckReport {
             engine_pid: r.i32("engine_pid")?,
             seq: r.u64("seq")?,
             wait_ns: r.u64("wait_ns")?,
-            outcome: {
-                let c = r.u8("outcome")?;
-                AckOutcome::ALL
-                    .get(usize::from(c).wrapping_sub(1))
-                    .copied()
-                    .ok_or(CodecError::BadValue {
-                        field: "outcome",
-                        value: c.into(),
-                    })?
-            },
+            outcome: decode_in(r, &AckOutcome::ALL, "outcome")?,
         })
     }
 }
@@ -452,15 +440,12 @@ impl EventKind {
 
     /// The wire value (1..=6).
     pub fn code(self) -> u8 {
-        EventKind::ALL
-            .iter()
-            .position(|k| *k == self)
-            .map_or(0, |i| i as u8 + 1)
+        code_in(&EventKind::ALL, self)
     }
 
     /// From the wire value.
     pub fn from_code(c: u8) -> Option<EventKind> {
-        EventKind::ALL.get(usize::from(c).checked_sub(1)?).copied()
+        from_code_in(&EventKind::ALL, c)
     }
 
     /// The name used by the CLI, logs and counters.
@@ -481,12 +466,27 @@ impl EventKind {
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<EventKind, CodecError> {
-        let c = r.u8("event")?;
-        EventKind::from_code(c).ok_or(CodecError::BadValue {
-            field: "event",
-            value: c.into(),
-        })
+        decode_in(r, &EventKind::ALL, "event")
     }
+}
+
+/// The wire code of `k` in `all`, a table in wire-code order (code = index + 1).
+fn code_in<T: PartialEq>(all: &[T], k: T) -> u8 {
+    all.iter().position(|x| *x == k).map_or(0, |i| i as u8 + 1)
+}
+
+/// The entry of wire code `c` in `all`, a table in wire-code order.
+fn from_code_in<T: Copy>(all: &[T], c: u8) -> Option<T> {
+    all.get(usize::from(c).checked_sub(1)?).copied()
+}
+
+/// Reads a u8 wire code of `all` (field `field`); an unknown code is `BadValue`.
+fn decode_in<T: Copy>(r: &mut Reader<'_>, all: &[T], field: &'static str) -> Result<T, CodecError> {
+    let c = r.u8(field)?;
+    from_code_in(all, c).ok_or(CodecError::BadValue {
+        field,
+        value: c.into(),
+    })
 }
 
 /// What one invalidation did: the answer to `Invalidate` and the body of a trace record.
@@ -617,11 +617,7 @@ impl Field for EventKind {
         w.u8(self.code());
     }
     fn get(r: &mut Reader<'_>, name: &'static str) -> Result<Self, CodecError> {
-        let c = r.u8(name)?;
-        EventKind::from_code(c).ok_or(CodecError::BadValue {
-            field: name,
-            value: c.into(),
-        })
+        decode_in(r, &EventKind::ALL, name)
     }
 }
 
