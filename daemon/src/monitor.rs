@@ -191,7 +191,8 @@ impl MonitorArea {
     }
 
     /// Monitors alive.
-    pub fn live(&self) -> u32 {
+    #[cfg(test)]
+    fn live(&self) -> u32 {
         lock(&self.slots).live
     }
 

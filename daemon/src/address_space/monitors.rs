@@ -190,11 +190,6 @@ impl AddressSpace {
         m.area.invalidate(hit, event);
     }
 
-    /// Monitors alive.
-    pub fn monitor_count(&self) -> u32 {
-        lock(&self.monitors).as_ref().map_or(0, |m| m.area.live())
-    }
-
     /// The parts of `start..end` some monitor watches (their registration must stay).
     pub(super) fn monitored_parts(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let m = lock(&self.monitors);

@@ -7,7 +7,6 @@
 //! used by the granting client's user (or root and the daemon's owner).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -115,10 +114,12 @@ pub fn grant(core: &Core, s: &Session, mirror_id: u64) -> Result<Response, WireE
     Ok(Response::Granted { token: t })
 }
 
-/// `EngineAttach`: makes `s` an engine of a mirror named by a grant, or (privileged) by pid.
+/// `EngineAttach` (request `rid`): makes `s` an engine of a mirror named by a grant, or
+/// (privileged) by pid; the engine's fds go with the answer.
 pub fn attach(
     core: &Core,
     s: &Session,
+    rid: u64,
     token: u128,
     pid: i32,
     mirror_id: u64,
@@ -146,18 +147,17 @@ pub fn attach(
     let w = Arc::clone(client.watched().ok_or(EngineRequestError::NoSuchGrant)?);
     let id = core.engine_ids.next();
     let a = w.attach_engine(mirror_id, id, s.peer.pid)?;
-    let fds: Vec<Arc<OwnedFd>> = a.fds.into_iter().map(Arc::new).collect();
     let link = EngineLink {
         client: Arc::downgrade(&w),
         client_pid: client.peer.pid,
         mirror_id,
         engine: Arc::clone(&a.engine),
-        fds: Mutex::new(fds),
     };
     if s.engine.set(link).is_err() {
         w.device().detach_engine(id);
         return Err(EngineRequestError::AlreadyEngine.into());
     }
+    s.set_answer_fds(rid, a.fds.into_iter().map(Arc::new).collect());
     tracing::info!(
         engine = id,
         pid = s.peer.pid,

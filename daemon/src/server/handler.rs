@@ -273,7 +273,7 @@ fn dispatch(
             token,
             pid,
             mirror_id,
-        } => super::engines::attach(core, s, token, pid, mirror_id),
+        } => super::engines::attach(core, s, rid, token, pid, mirror_id),
         Request::EngineFault { offset, len } => super::engines::fault(s, offset, len),
         Request::EngineWrite { offset, bytes } => super::engines::write(s, offset, &bytes),
         Request::EngineRead { offset, len } => super::engines::read(s, offset, len),

@@ -421,12 +421,8 @@ impl Core {
         // A stream's first answer says more follow; so does every piece of a long list but
         // its last.
         let stream = matches!(resp, Response::TraceStarted);
-        // An attached engine's fds go with the answer that says so.
-        let fds = match resp {
-            Response::EngineAttached { .. } => s.engine_fds(),
-            Response::MonitorReady { .. } => s.take_answer_fds(request_id),
-            _ => Vec::new(),
-        };
+        // Fds a request left for its answer (an engine's, a monitor area's) go with it.
+        let fds = s.take_answer_fds(request_id);
         let pieces = resp.into_pieces();
         let last = pieces.len() - 1;
         let frames = pieces.into_iter().enumerate().map(|(i, piece)| OutFrame {

@@ -130,7 +130,8 @@ pub struct Session {
     last_active_ms: AtomicU64,
     /// Set by `EngineAttach`: the session is an external engine.
     pub engine: OnceLock<EngineLink>,
-    /// Fds that go with the answer to a request (by request id), until it is sent.
+    /// Fds that go with the successful answer to a request (by request id: `EngineAttached`,
+    /// `MonitorReady`), until it is sent.
     answer_fds: Mutex<Vec<(u64, Vec<Arc<OwnedFd>>)>>,
 }
 
@@ -146,8 +147,6 @@ pub struct EngineLink {
     pub mirror_id: u64,
     /// The engine.
     pub engine: Arc<ExternalEngine>,
-    /// Its fds until the `EngineAttached` answer takes them.
-    pub fds: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
 impl Session {
@@ -195,14 +194,6 @@ impl Session {
             Some(i) => a.swap_remove(i).1,
             None => Vec::new(),
         }
-    }
-
-    /// The fds of the engine this session just attached, once.
-    pub fn engine_fds(&self) -> Vec<Arc<OwnedFd>> {
-        self.engine
-            .get()
-            .map(|l| std::mem::take(&mut *crate::lock(&l.fds)))
-            .unwrap_or_default()
     }
 
     /// The bound client, if bound.
