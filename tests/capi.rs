@@ -428,33 +428,41 @@ fn a_program_built_against_the_library_runs_with_a_rebuilt_one() {
     assert!(stderr.contains(SONAME), "{stderr}");
 }
 
-/// Builds the C examples of external engines, `client-lib/examples/c/grant.c` (a client that
-/// grants) and `engine.c`, into `$OUT` against libmemshadow.so, as the demo is built.
-const BUILD_ENGINE_EXAMPLES: &str = r#"
-for prog in grant engine; do
-  cc -std=c99 -Wall -Wextra -pedantic -Werror -o "$OUT/$prog" "client-lib/examples/c/$prog.c" $(pkg-config --cflags --libs memshadow)
+/// Builds the C examples `$PROGS` (`client-lib/examples/c/PROG.c`: `grant` a client that
+/// grants, `engine`, `regcache` a registration cache) into `$OUT` against libmemshadow.so,
+/// as the demo is built (with `-pthread`: `regcache` has threads).
+const BUILD_EXAMPLES: &str = r#"
+for prog in $PROGS; do
+  cc -std=c99 -Wall -Wextra -pedantic -Werror -pthread -o "$OUT/$prog" "client-lib/examples/c/$prog.c" $(pkg-config --cflags --libs memshadow)
 done
 "#;
 
 /// Page size of the daemon (it refuses to start on another).
 const PAGE: usize = 4096;
 
-/// The examples of external engines, built into a temporary directory.
-struct EngineExamples {
+/// C examples, built into a temporary directory.
+struct CExamples {
     out: TempDir,
     libdir: PathBuf,
 }
 
-impl EngineExamples {
-    fn build() -> EngineExamples {
+impl CExamples {
+    /// Builds the examples `progs`.
+    fn build(progs: &[&str]) -> CExamples {
         require_tools();
-        let out = TempDir::new("capi-engine");
+        let out = TempDir::new("capi-examples");
         let libdir = link_libdir(out.path());
+        let progs = PathBuf::from(progs.join(" "));
         sh(
-            &[WRITE_PC, BUILD_ENGINE_EXAMPLES].concat(),
-            &[("LIBDIR", &libdir), ("OUT", out.path())],
+            &[WRITE_PC, BUILD_EXAMPLES].concat(),
+            &[("LIBDIR", &libdir), ("OUT", out.path()), ("PROGS", &progs)],
         );
-        EngineExamples { out, libdir }
+        CExamples { out, libdir }
+    }
+
+    /// The examples of external engines: `grant` and `engine`.
+    fn engines() -> CExamples {
+        CExamples::build(&["grant", "engine"])
     }
 
     /// A command running example `prog` against the daemon `d`.
@@ -607,7 +615,7 @@ fn engine_failed(o: &Output) -> String {
 /// token, and the right one after the client detached, are `MEMSHADOW_ERR_NO_SUCH_GRANT`.
 #[test]
 fn a_c_engine_reads_what_a_c_client_granted() {
-    let ex = EngineExamples::build();
+    let ex = CExamples::engines();
     let d = Daemon::start(&[]);
     let client = ex.granter(&d, &["--pages", "16"]);
     let token = client.token().to_owned();
@@ -667,7 +675,7 @@ fn a_c_engine_reads_what_a_c_client_granted() {
 /// not allow it keeps its byte, and the write fails.
 #[test]
 fn a_c_engine_writes_into_a_client_that_allows_device_writes() {
-    let ex = EngineExamples::build();
+    let ex = CExamples::engines();
     let d = Daemon::start(&[]);
     let mut client = ex.granter(&d, &["--pages", "4", "--device-writes"]);
     let mut want = client.pattern();
@@ -709,7 +717,7 @@ fn a_c_engine_writes_into_a_client_that_allows_device_writes() {
 /// time.
 #[test]
 fn a_c_engine_waiting_on_its_doorbell_sees_the_flush_and_the_new_bytes() {
-    let ex = EngineExamples::build();
+    let ex = CExamples::engines();
     let d = Daemon::start(&[]);
     let mut client = ex.granter(&d, &["--pages", "16"]);
     let mut engine = Killed(
@@ -867,25 +875,9 @@ fn the_version_script_has_a_node_for_each_minor_version_with_what_it_added() {
     assert_eq!(parent, None);
 }
 
-/// Builds the registration cache example, `client-lib/examples/c/regcache.c`, into `$OUT`.
-const BUILD_REGCACHE: &str = r#"
-cc -std=c99 -Wall -Wextra -pedantic -Werror -pthread -o "$OUT/regcache" client-lib/examples/c/regcache.c $(pkg-config --cflags --libs memshadow)
-"#;
-
 /// Runs the registration cache example against `d`; returns its exit code and its counters.
-fn run_regcache(
-    out: &Path,
-    libdir: &Path,
-    d: &Daemon,
-    args: &[&str],
-) -> (Option<i32>, HashMap<String, u64>) {
-    let o = Command::new(out.join("regcache"))
-        .env("LD_LIBRARY_PATH", libdir)
-        .arg("--socket")
-        .arg(d.socket())
-        .args(args)
-        .output()
-        .unwrap();
+fn run_regcache(ex: &CExamples, d: &Daemon, args: &[&str]) -> (Option<i32>, HashMap<String, u64>) {
+    let o = ex.command("regcache", d, args).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     let counters = stdout
         .split_whitespace()
@@ -909,15 +901,9 @@ fn run_regcache(
 /// (docs/monitors.md).
 #[test]
 fn the_registration_cache_never_hands_out_a_stale_entry() {
-    require_tools();
-    let out = TempDir::new("capi-regcache");
-    let libdir = link_libdir(out.path());
-    sh(
-        &[WRITE_PC, BUILD_REGCACHE].concat(),
-        &[("LIBDIR", &libdir), ("OUT", out.path())],
-    );
+    let ex = CExamples::build(&["regcache"]);
     let d = Daemon::start(&[]);
-    let (code, c) = run_regcache(out.path(), &libdir, &d, &["--rounds", "5000"]);
+    let (code, c) = run_regcache(&ex, &d, &["--rounds", "5000"]);
     assert_eq!(code, Some(0), "{c:?}");
     assert_eq!(c["stale"], 0, "{c:?}");
     eprintln!("regcache: {c:?}");
@@ -927,12 +913,7 @@ fn the_registration_cache_never_hands_out_a_stale_entry() {
         c["dropped_invalid"] + c["dropped_by_event"] > 0,
         "freed buffers were dropped: {c:?}"
     );
-    let (code, c) = run_regcache(
-        out.path(),
-        &libdir,
-        &d,
-        &["--rounds", "5000", "--no-monitor"],
-    );
+    let (code, c) = run_regcache(&ex, &d, &["--rounds", "5000", "--no-monitor"]);
     assert_eq!(code, Some(1), "{c:?}");
     assert!(
         c["stale"] > 0,

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use memshadow_tests::{binary, fields, needs_root, tool, Daemon, TestClient, HANG_GUARD};
@@ -396,6 +396,23 @@ fn unreachable_daemon_and_usage_errors_have_their_exit_codes() {
 }
 
 /// Runs memshadowctl as `nobody` (neither root nor the daemon's owner) with `runuser`.
+/// `runuser` and a daemon whose socket `nobody` can reach (`None`, a skip recorded, without
+/// root or `runuser`).
+fn daemon_for_nobody() -> Option<(PathBuf, Daemon)> {
+    if !needs_root("runs memshadowctl as nobody") {
+        return None;
+    }
+    let runuser = tool("runuser", "util-linux")?;
+    let d = Daemon::start(&[]);
+    // The socket's directory must be reachable by nobody.
+    std::fs::set_permissions(
+        d.dir().path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    Some((runuser, d))
+}
+
 fn as_nobody(runuser: &Path, d: &Daemon, args: &[&str]) -> Output {
     let o = Command::new(runuser)
         .args(["-u", "nobody", "--"])
@@ -410,19 +427,9 @@ fn as_nobody(runuser: &Path, d: &Daemon, args: &[&str]) -> Output {
 
 #[test]
 fn other_clients_are_refused_to_an_unprivileged_user() {
-    if !needs_root("runs memshadowctl as nobody") {
-        return;
-    }
-    let Some(runuser) = tool("runuser", "util-linux") else {
+    let Some((runuser, d)) = daemon_for_nobody() else {
         return;
     };
-    let d = Daemon::start(&[]);
-    // The socket's directory must be reachable by nobody.
-    std::fs::set_permissions(
-        d.dir().path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let (c, addr) = client_with_map(&d, 2, 1);
     let pid = c.pid().to_string();
     let a = format!("{addr:#x}");
@@ -583,18 +590,9 @@ fn engines_shows_an_engine_evicted_for_a_missed_acknowledgement() {
 
 #[test]
 fn engines_are_refused_to_an_unprivileged_user() {
-    if !needs_root("runs memshadowctl as nobody") {
-        return;
-    }
-    let Some(runuser) = tool("runuser", "util-linux") else {
+    let Some((runuser, d)) = daemon_for_nobody() else {
         return;
     };
-    let d = Daemon::start(&[]);
-    std::fs::set_permissions(
-        d.dir().path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let (mut c, _) = client_with_map(&d, 2, 1);
     let (e, _) = engine_of(&d, &mut c, 2, 1);
     let pid = c.pid().to_string();

@@ -625,20 +625,9 @@ fn raw_command(st: &mut RawState, w: &[&str]) -> Result<String, String> {
         }
         "attach-own" => {
             let len = (num(1)? * P) as usize;
-            // SAFETY: a fresh anonymous mapping at an address the kernel chooses.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(format!("mmap: {}", Errno::last()));
-            }
+            let p = memshadow_tests::map_anon(len)
+                .map_err(|e| format!("mmap: {e}"))?
+                .cast::<libc::c_void>();
             let m = Mapping { ptr: p, len };
             let req = Request::Attach {
                 addr: p as u64,

@@ -15,6 +15,17 @@ fn client(d: &Daemon) -> Client {
     Client::connect_to(d.socket()).unwrap()
 }
 
+/// A daemon and a client of it, this process (`None`, a skip recorded, where this user
+/// cannot make the userfaultfd a client needs).
+fn daemon_and_client() -> Option<(Daemon, Client)> {
+    if !needs_full_userfaultfd("clients of the daemon") {
+        return None;
+    }
+    let d = Daemon::start(&[]);
+    let c = client(&d);
+    Some((d, c))
+}
+
 /// How a round makes the monitored range go away.
 #[derive(Debug, Clone, Copy)]
 enum Gone {
@@ -138,11 +149,9 @@ fn drain(ev: &memshadow::MonitorEvents) -> (Vec<MonitorEvent>, bool) {
 
 #[test]
 fn events_name_the_monitor_the_kind_and_the_range() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let ev = c.monitor_events().unwrap();
     let p = map_anon(8 * P).unwrap();
     let a = c.monitor(p, 4 * P).unwrap();
@@ -184,11 +193,9 @@ fn events_name_the_monitor_the_kind_and_the_range() {
 
 #[test]
 fn read_begin_and_read_retry_follow_the_kernels_meaning() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let p = map_anon(2 * P).unwrap();
     let m = c.monitor(p, 2 * P).unwrap();
     let seq = m.read_begin();
@@ -204,11 +211,9 @@ fn read_begin_and_read_retry_follow_the_kernels_meaning() {
 /// recovers by checking its monitors.
 #[test]
 fn a_full_queue_reports_overflow_and_generations_still_tell() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let ev = c.monitor_events().unwrap();
     let n = memshadow_proto::monitor_abi::QUEUE_ENTRIES as usize + 50;
     let p = map_anon(P).unwrap();
@@ -229,11 +234,9 @@ fn a_full_queue_reports_overflow_and_generations_still_tell() {
 /// matches the new owner's. The daemon's `monitors.*` counters follow.
 #[test]
 fn slots_are_reused_with_newer_generations() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let p = map_anon(P).unwrap();
     let a = c.monitor(p, P).unwrap();
     let (slot, gen) = (a.slot(), a.generation());
@@ -263,11 +266,9 @@ fn slots_are_reused_with_newer_generations() {
 /// learns of the unmap.
 #[test]
 fn a_detach_of_a_mirror_leaves_monitors_inside_it_watching() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let p = map_anon(4 * P).unwrap();
     let mirror = c.attach(p, 4 * P).unwrap();
     let m = c.monitor(p.wrapping_add(P), P).unwrap();
@@ -279,11 +280,9 @@ fn a_detach_of_a_mirror_leaves_monitors_inside_it_watching() {
 
 #[test]
 fn bad_monitors_are_refused_clearly() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let e = c.monitor(std::ptr::null(), 0).unwrap_err();
     assert!(matches!(e, memshadow::Error::BadRange(_)), "{e}");
     let e = c.monitor(usize::MAX as *const u8, 10).unwrap_err();
@@ -306,11 +305,9 @@ fn bad_monitors_are_refused_clearly() {
 /// bump them any more.
 #[test]
 fn monitors_turn_invalid_when_the_daemon_stops() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((mut d, c)) = daemon_and_client() else {
         return;
-    }
-    let mut d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let p = map_anon(P).unwrap();
     let m = c.monitor(p, P).unwrap();
     assert!(m.is_valid());
@@ -343,11 +340,9 @@ fn mappings_of(name: &str) -> Vec<(usize, usize, String)> {
 /// can add write to it; the queue is the client's to write.
 #[test]
 fn the_generation_table_is_read_only_to_the_client() {
-    if !needs_full_userfaultfd("clients of the daemon") {
+    let Some((_d, c)) = daemon_and_client() else {
         return;
-    }
-    let d = Daemon::start(&[]);
-    let c = client(&d);
+    };
     let p = map_anon(P).unwrap();
     let m = c.monitor(p, P).unwrap();
     // Every client of this test process maps a table of its own (tests run in parallel).
