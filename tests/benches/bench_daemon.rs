@@ -1,6 +1,8 @@
 //! The `memshadowd` of a benchmark: started from the command the benchmark builds (its own
 //! flags, log and environment), ready once a control session connects, stopped with SIGTERM
-//! (SIGKILL if it ignores that) and reaped on drop. Both benchmarks include this file.
+//! (SIGKILL if it ignores that) and reaped on drop; where a benchmark finds that daemon and
+//! writes its results ([`BenchPaths`]), and whether it is a quick run ([`quick_run`]). Every
+//! benchmark of this crate includes this file.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -11,6 +13,63 @@ use memshadow::Client;
 use memshadow_tests::try_wait_until;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+/// Where a benchmark's programs are: `target/<profile>/` (its `memshadowd`, the release
+/// library) and `target/` (whose `memshadow-bench/` gets the results).
+#[derive(Debug)]
+pub struct BenchPaths {
+    /// `target/<profile>/`.
+    #[allow(
+        dead_code,
+        reason = "only the monitor benchmark builds against the library there"
+    )]
+    pub profile: PathBuf,
+    /// `target/`.
+    pub target: PathBuf,
+    /// `target/<profile>/memshadowd`, built.
+    pub daemon: PathBuf,
+}
+
+impl BenchPaths {
+    /// The paths of the running benchmark; an error saying `build` (the command that builds
+    /// the daemon) if the daemon is not there.
+    pub fn locate(build: &str) -> Result<BenchPaths, Box<dyn Error>> {
+        let exe = std::env::current_exe()?;
+        let profile = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .ok_or("the benchmark is not in target/<profile>/deps")?
+            .to_owned();
+        let target = profile
+            .parent()
+            .ok_or("profile dir has no parent")?
+            .to_owned();
+        let daemon = profile.join("memshadowd");
+        if !daemon.exists() {
+            return Err(format!("{} is missing: run `{build}` first", daemon.display()).into());
+        }
+        Ok(BenchPaths {
+            profile,
+            target,
+            daemon,
+        })
+    }
+}
+
+/// True if the arguments ask for a quick run (`--quick`); `--bench` is cargo's, anything
+/// else is ignored with a word (benchmark `bench`).
+#[allow(dead_code, reason = "the hostile benchmark parses options of its own")]
+pub fn quick_run(bench: &str) -> bool {
+    let mut quick = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--bench" => {}
+            other => eprintln!("{bench}: ignoring argument {other:?}"),
+        }
+    }
+    quick
+}
 
 /// How long a daemon may take to serve its socket, and to exit after SIGTERM.
 const LIMIT: Duration = Duration::from_secs(10);

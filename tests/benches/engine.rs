@@ -70,7 +70,7 @@ impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::Daemon;
+use bench_daemon::{BenchPaths, Daemon};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 /// Reads of one timed batch of `read_hit_64`.
@@ -1379,14 +1379,7 @@ fn load_average() -> Value {
 // ---------------------------------------------------------------------------------------
 
 fn main() -> Res<()> {
-    let mut quick = false;
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--bench" => {}
-            other => eprintln!("engine: ignoring argument {other:?}"),
-        }
-    }
+    let quick = bench_daemon::quick_run("engine");
     let (read_iters, inv_iters, munmap_iters) = if quick {
         (300, 100, 150)
     } else {
@@ -1397,19 +1390,11 @@ fn main() -> Res<()> {
         return Err("RANGE_PAGES must split into M parts and fit in an engine's TLB".into());
     }
 
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().ok_or("bench exe has no parent dir")?;
-    let profile = deps.parent().ok_or("bench exe's deps dir has no parent")?;
-    let target = profile.parent().ok_or("profile dir has no parent")?;
-    let daemon_bin = profile.join("memshadowd");
-    if !daemon_bin.exists() {
-        return Err(format!(
-            "{} is missing: run `cargo build --release --workspace --lib --bins --examples` \
-             first",
-            daemon_bin.display()
-        )
-        .into());
-    }
+    let BenchPaths {
+        target,
+        daemon: daemon_bin,
+        ..
+    } = BenchPaths::locate("cargo build --release --workspace --lib --bins --examples")?;
     let dir = memshadow_tests::TempDir::new("engine-bench");
     let started = Instant::now();
     eprintln!(

@@ -47,7 +47,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::Daemon;
+use bench_daemon::{BenchPaths, Daemon};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 /// The goal: hostile p99 / alone p99.
@@ -769,17 +769,11 @@ fn main() -> Res<()> {
     }
 
     let exe = std::env::current_exe()?;
-    let deps = exe.parent().ok_or("bench exe has no parent dir")?;
-    let profile = deps.parent().ok_or("bench exe's deps dir has no parent")?;
-    let target = profile.parent().ok_or("profile dir has no parent")?;
-    let daemon_bin = profile.join("memshadowd");
-    if !daemon_bin.exists() {
-        return Err(format!(
-            "{} is missing: run `cargo build --release -p memshadow-daemon` first",
-            daemon_bin.display()
-        )
-        .into());
-    }
+    let BenchPaths {
+        target,
+        daemon: daemon_bin,
+        ..
+    } = BenchPaths::locate("cargo build --release -p memshadow-daemon")?;
     let out_dir = target.join("memshadow-bench");
     std::fs::create_dir_all(&out_dir)?;
     let log = out_dir.join("hostile-memshadowd.log");

@@ -42,7 +42,7 @@ use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::Daemon;
+use bench_daemon::{BenchPaths, Daemon};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -593,30 +593,13 @@ fn start_daemon(bin: &Path, socket: PathBuf) -> Res<Daemon> {
 }
 
 fn main() -> Res<()> {
-    let mut quick = false;
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--bench" => {}
-            other => eprintln!("monitor: ignoring argument {other:?}"),
-        }
-    }
+    let quick = bench_daemon::quick_run("monitor");
     let (batches, iters) = if quick { (300, 200) } else { (5000, 2000) };
-    let exe = std::env::current_exe()?;
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("bench exe is not in target/<profile>/deps")?;
-    let target = profile.parent().ok_or("profile dir has no parent")?;
-    let daemon_bin = profile.join("memshadowd");
-    if !daemon_bin.exists() {
-        return Err(format!(
-            "{} is missing: run `cargo build --release --workspace --lib --bins --examples` \
-             first",
-            daemon_bin.display()
-        )
-        .into());
-    }
+    let BenchPaths {
+        profile,
+        target,
+        daemon: daemon_bin,
+    } = BenchPaths::locate("cargo build --release --workspace --lib --bins --examples")?;
     let dir = memshadow_tests::TempDir::new("monitor-bench");
     let started = Instant::now();
     let daemon = start_daemon(&daemon_bin, dir.path().join("d.sock"))?;
@@ -627,7 +610,7 @@ fn main() -> Res<()> {
         munmaps.push(munmap_rows(&client, n, iters)?);
     }
     let regcache = regcache_row(
-        profile,
+        &profile,
         dir.path(),
         &daemon.socket,
         if quick { 3 } else { 10 },

@@ -25,7 +25,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::Daemon;
+use bench_daemon::{BenchPaths, Daemon};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 const RANGE: usize = 64 << 10;
@@ -532,30 +532,16 @@ impl BwRow {
 // ---------------------------------------------------------------------------------------
 
 fn main() -> Res<()> {
-    let mut quick = false;
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--bench" => {}
-            other => eprintln!("roundtrip: ignoring argument {other:?}"),
-        }
-    }
+    let quick = bench_daemon::quick_run("roundtrip");
     let iters = if quick { 300 } else { 2000 };
     let bw_len: usize = if quick { 16 << 20 } else { 64 << 20 };
     let page = page_size();
 
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().ok_or("bench exe has no parent dir")?;
-    let profile = deps.parent().ok_or("bench exe's deps dir has no parent")?;
-    let target = profile.parent().ok_or("profile dir has no parent")?;
-    let daemon_bin = profile.join("memshadowd");
-    if !daemon_bin.exists() {
-        return Err(format!(
-            "{} is missing: run `cargo build --release -p memshadow-daemon` first",
-            daemon_bin.display()
-        )
-        .into());
-    }
+    let BenchPaths {
+        target,
+        daemon: daemon_bin,
+        ..
+    } = BenchPaths::locate("cargo build --release -p memshadow-daemon")?;
     let dir = TempDir(std::env::temp_dir().join(format!("memshadow-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0)?;
