@@ -46,6 +46,7 @@ mod control;
 mod discover;
 pub mod engine;
 pub mod monitor;
+pub mod run;
 
 pub use engine::{Engine, EngineStats};
 pub use monitor::{Drained, Monitor, MonitorEvent, MonitorEvents};
@@ -785,6 +786,13 @@ impl Client {
         Control {
             inner: Arc::clone(&self.inner),
         }
+    }
+
+    /// The number of the session's socket. A process that forks without `exec` holds the
+    /// parent's session in its child too; the child must close its copy (and say nothing on
+    /// it: the session is the parent's). The preload library does that in its `fork` handler.
+    pub fn session_fd(&self) -> std::os::fd::RawFd {
+        self.inner.lock_conn().sock.as_raw_fd()
     }
 
     /// The protocol version of the session.

@@ -1,0 +1,430 @@
+//! The program's session with memshadowd, as the preload library keeps it: opened once by
+//! the constructor, used by the wrappers to attach what the program maps, given up for good
+//! at the first sign the daemon is gone. Nothing here may change what the program sees:
+//! every failure leaves the program running, unmirrored where it must be, with one line
+//! on its stderr at most ([`say`]).
+//!
+//! Invariants:
+//! * The thresholds ([`MAP_MIN`], [`MALLOC_MIN`]) are `usize::MAX` whenever there is no
+//!   usable session (before the constructor, after a failure, in a forked child): the
+//!   wrappers' fast path is one load and one compare.
+//! * The library detaches only what the program unmapped. What the program unmaps, moves or
+//!   discards the daemon learns from the kernel (userfaultfd events) and retires by itself;
+//!   a mirror retired whole keeps its id (and its place in the client's mirror quota) until
+//!   the client detaches it, so the library detaches mirrors the daemon lists as `gone`
+//!   ([`Session::reap`]): every [`REAP_EVERY`] attaches, and before it retries an attach the
+//!   quota refused. Every other handle stays in [`Session::mirrors`], never dropped.
+//! * Before each request the session's socket is checked to be the one it connected (a
+//!   program may close file descriptors it does not know of, and reuse the number).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use memshadow::run::{RunPolicy, PRELOAD_FILE};
+use memshadow::{Client, Error, Mirror, MirrorInfo};
+
+/// `mmap`/`mremap` results at least this long are looked at (`usize::MAX`: none).
+pub static MAP_MIN: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// `malloc`-family requests at least this long are looked at (`usize::MAX`: none).
+pub static MALLOC_MIN: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// The heap's growth is followed.
+pub static HEAP_ON: AtomicBool = AtomicBool::new(false);
+
+/// The session's socket, closed in a forked child (-1: none).
+static SOCK_FD: AtomicI32 = AtomicI32::new(-1);
+/// The grant file, closed in a forked child (-1: none).
+static GRANT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The one line this process may write has been written (or must not be).
+static SAID: AtomicBool = AtomicBool::new(false);
+
+static SESSION: OnceLock<Session> = OnceLock::new();
+
+/// The bits of `mmap`'s flags that say private or shared.
+const MAP_TYPE: i32 = 0x0f;
+
+/// Attaches between two looks for mirrors the program unmapped.
+const REAP_EVERY: u32 = 32;
+
+struct Session {
+    client: Client,
+    policy: RunPolicy,
+    page: usize,
+    /// (device, inode) of the socket when it was connected.
+    sock_id: (u64, u64),
+    grants: Option<Mutex<std::fs::File>>,
+    /// The end of the heap already attached (page aligned).
+    heap_end: AtomicUsize,
+    /// The heap is being looked at.
+    heap_lock: Mutex<()>,
+    /// Every mirror attached and not known gone, by id.
+    mirrors: Mutex<HashMap<u64, Mirror>>,
+    /// Attaches since the last [`Session::reap`].
+    since_reap: AtomicU32,
+}
+
+/// The constructor's work: reads the policy, connects, and turns the wrappers on.
+pub fn start() {
+    let policy = match RunPolicy::from_env() {
+        Ok(p) => p,
+        Err(e) => return say(&format!("not mirrored: {e}")),
+    };
+    if policy.quiet {
+        SAID.store(true, Ordering::Relaxed);
+    }
+    if !policy.follow_exec {
+        leave_ld_preload();
+    }
+    match Session::open(policy) {
+        Ok(s) => {
+            let s = SESSION.get_or_init(|| s);
+            s.turn_on();
+        }
+        Err(e) => say(&format!("not mirrored: {}", memshadow::error_chain(&e))),
+    }
+}
+
+impl Session {
+    fn open(policy: RunPolicy) -> Result<Session, Error> {
+        let client = Client::builder()
+            .socket(memshadow::socket_path()?)
+            .connect()?;
+        let page = client.page_size().max(1);
+        let sock = client.session_fd();
+        let sock_id = fd_identity(sock).ok_or(Error::DaemonGone)?;
+        SOCK_FD.store(sock, Ordering::Relaxed);
+        let grants = match &policy.grant_file {
+            Some(path) => Some(Mutex::new(open_grant_file(path)?)),
+            None => None,
+        };
+        // SAFETY: sbrk(0) only reads the current break.
+        let brk = unsafe { libc::sbrk(0) } as usize;
+        Ok(Session {
+            client,
+            page,
+            sock_id,
+            grants,
+            heap_end: AtomicUsize::new(brk.next_multiple_of(page)),
+            heap_lock: Mutex::new(()),
+            mirrors: Mutex::new(HashMap::new()),
+            since_reap: AtomicU32::new(0),
+            policy,
+        })
+    }
+
+    fn turn_on(&self) {
+        let k = self.policy.kinds;
+        if k.private || k.shared {
+            MAP_MIN.store(self.policy.min_size, Ordering::Relaxed);
+        }
+        if k.malloc && crate::real::malloc_is_glibcs() {
+            MALLOC_MIN.store(self.policy.min_size, Ordering::Relaxed);
+        }
+        HEAP_ON.store(k.heap, Ordering::Relaxed);
+        // SAFETY: registers a function of this library to run in fork()'s child.
+        unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
+    }
+
+    /// Attaches `[start, start+len)`; a refusal is said once, a lost daemon ends it all.
+    fn attach(&self, start: usize, len: usize) {
+        if !self.socket_is_ours() {
+            return stop("the program closed memshadow's connection; it runs on unmirrored");
+        }
+        if self.since_reap.fetch_add(1, Ordering::Relaxed) >= REAP_EVERY {
+            self.reap();
+        }
+        let ptr = start as *const u8;
+        let result = match self.client.attach_with(ptr, len, self.policy.dirty) {
+            Err(Error::QuotaExceeded(_)) if self.reap() > 0 => {
+                self.client.attach_with(ptr, len, self.policy.dirty)
+            }
+            r => r,
+        };
+        match result {
+            Ok(m) => self.keep(m),
+            Err(e) => self.refused(&e),
+        }
+    }
+
+    /// Detaches the mirrors the daemon lists as gone (their ranges were unmapped); returns
+    /// how many.
+    fn reap(&self) -> usize {
+        self.since_reap.store(0, Ordering::Relaxed);
+        match self.client.list_mirrors() {
+            Ok(list) => self.reap_listed(&list),
+            Err(e) => {
+                self.refused(&e);
+                0
+            }
+        }
+    }
+
+    fn reap_listed(&self, list: &[MirrorInfo]) -> usize {
+        let gone: Vec<Mirror> = {
+            let mut mine = self.mirrors.lock().unwrap_or_else(PoisonError::into_inner);
+            list.iter()
+                .filter(|m| m.state == "gone")
+                .filter_map(|m| mine.remove(&m.id))
+                .collect()
+        };
+        let n = gone.len();
+        for m in gone {
+            if let Err(e) = m.detach() {
+                self.refused(&e);
+            }
+        }
+        n
+    }
+
+    fn keep(&self, m: Mirror) {
+        if let Some(g) = &self.grants {
+            if let Ok(token) = m.grant() {
+                let line = format!(
+                    "token={token:032x} pid={} mirror={} addr={:#x} len={}\n",
+                    std::process::id(),
+                    m.id(),
+                    m.addr(),
+                    m.len()
+                );
+                let mut f = g.lock().unwrap_or_else(PoisonError::into_inner);
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+        self.mirrors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(m.id(), m);
+    }
+
+    fn refused(&self, e: &Error) {
+        match e {
+            Error::DaemonGone | Error::Socket(_) | Error::Protocol(_) => {
+                stop("memshadowd went away; the program runs on unmirrored")
+            }
+            // A range the program unmapped (or changed) before the attach arrived.
+            Error::BadRange(_) | Error::NotMirrored(_) => {}
+            e => say(&format!(
+                "a range was not mirrored ({}); later ranges are still tried",
+                memshadow::error_chain(e)
+            )),
+        }
+    }
+
+    /// Attaches what of `[start, start+len)` no mirror of this session covers now, if one
+    /// does (a mirror the daemon moved with an `mremap`), or all of it if `fresh`.
+    fn cover(&self, start: usize, len: usize, fresh: bool) {
+        if !self.socket_is_ours() {
+            return;
+        }
+        let mirrors = match self.client.list_mirrors() {
+            Ok(m) => m,
+            Err(e) => return self.refused(&e),
+        };
+        self.reap_listed(&mirrors);
+        let end = start + len;
+        let mut covered: Vec<(usize, usize)> = mirrors
+            .iter()
+            .filter(|m| m.state == "active")
+            .map(|m| (m.addr as usize, (m.addr + m.len) as usize))
+            .filter(|&(a, b)| a < end && b > start)
+            .collect();
+        if covered.is_empty() && !fresh {
+            return;
+        }
+        covered.sort_unstable();
+        let mut at = start;
+        for (a, b) in covered {
+            if a > at {
+                self.attach(at, a - at);
+            }
+            at = at.max(b);
+        }
+        if at < end {
+            self.attach(at, end - at);
+        }
+    }
+
+    fn socket_is_ours(&self) -> bool {
+        fd_identity(SOCK_FD.load(Ordering::Relaxed)) == Some(self.sock_id)
+    }
+}
+
+/// An `mmap` the program made returned `addr` (`len` ≥ [`MAP_MIN`]).
+pub fn mapped(addr: *mut c_void, len: usize, prot: i32, flags: i32) {
+    let Some(s) = SESSION.get() else { return };
+    let k = s.policy.kinds;
+    let anon = flags & libc::MAP_ANONYMOUS != 0;
+    let stack = flags & (libc::MAP_STACK | libc::MAP_GROWSDOWN) != 0;
+    let shared = matches!(
+        flags & MAP_TYPE,
+        libc::MAP_SHARED | libc::MAP_SHARED_VALIDATE
+    );
+    let wanted = if shared { k.shared } else { k.private };
+    if anon && !stack && wanted && prot & libc::PROT_READ != 0 {
+        s.attach(addr as usize, len.next_multiple_of(s.page));
+    }
+}
+
+/// An `mremap` moved or resized `[old, old+old_len)` to `[new, new+new_len)`.
+pub fn remapped(new: *mut c_void, new_len: usize) {
+    if let Some(s) = SESSION.get() {
+        s.cover(new as usize, new_len.next_multiple_of(s.page), false);
+    }
+}
+
+/// A `malloc`-family call returned the live block `p` of at least [`MALLOC_MIN`] bytes;
+/// `grown`: it came from `realloc` (its mapping may be one the daemon already follows).
+///
+/// # Safety
+/// `p` is a live block of glibc's allocator.
+pub unsafe fn allocated(p: *mut c_void, grown: bool) {
+    let Some(s) = SESSION.get() else { return };
+    // SAFETY: the caller's promise.
+    let Some((start, len)) = (unsafe { crate::chunk::mapping_of(p, s.page) }) else {
+        return;
+    };
+    if grown {
+        s.cover(start, len, true);
+    } else {
+        s.attach(start, len);
+    }
+}
+
+/// Attaches what the heap grew by since it was last looked at, once that is at least the
+/// minimum size (a shrink was an unmap: the daemon retired it, and growth from the new end
+/// is attached again).
+pub fn heap_grew() {
+    let Some(s) = SESSION.get() else { return };
+    let _one = s.heap_lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let brk = s.heap_break();
+    let end = s.heap_end.load(Ordering::Relaxed);
+    if brk >= end.saturating_add(s.policy.min_size) {
+        s.attach(end, brk - end);
+    }
+    if brk < end || brk >= end.saturating_add(s.policy.min_size) {
+        s.heap_end.store(brk, Ordering::Relaxed);
+    }
+}
+
+/// True when the heap shrank, or grew by the minimum size, since it was last looked at
+/// (cheap: no system call, no lock).
+pub fn heap_moved() -> bool {
+    let Some(s) = SESSION.get() else { return false };
+    let brk = s.heap_break();
+    let end = s.heap_end.load(Ordering::Relaxed);
+    brk < end || brk >= end.saturating_add(s.policy.min_size)
+}
+
+impl Session {
+    /// The heap's break, rounded up to a page.
+    fn heap_break(&self) -> usize {
+        // SAFETY: sbrk(0) only reads the current break.
+        (unsafe { libc::sbrk(0) } as usize).next_multiple_of(self.page)
+    }
+}
+
+/// Writes one line on the program's stderr, the first time only (never with `quiet`).
+pub fn say(msg: &str) {
+    if SAID.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let line = format!(
+        "memshadow-run: {}[{}]: {msg}\n",
+        comm.trim(),
+        std::process::id()
+    );
+    // SAFETY: write(2) of a buffer we own to fd 2; a short or failed write is ignored.
+    let _ = unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+/// Turns every wrapper off for good, saying why once.
+fn stop(why: &str) {
+    turn_off();
+    say(why);
+}
+
+fn turn_off() {
+    MAP_MIN.store(usize::MAX, Ordering::Relaxed);
+    MALLOC_MIN.store(usize::MAX, Ordering::Relaxed);
+    HEAP_ON.store(false, Ordering::Relaxed);
+}
+
+/// In `fork()`'s child: the session belongs to the parent. The child's mappings are not
+/// watched (the kernel does not carry the registrations over, or the daemon drops them),
+/// so the library turns off and closes its copies of the parent's descriptors, saying
+/// nothing to the daemon (the parent's session goes on).
+extern "C" fn in_forked_child() {
+    turn_off();
+    for fd in [&SOCK_FD, &GRANT_FD] {
+        let raw = fd.swap(-1, Ordering::Relaxed);
+        if raw >= 0 {
+            // SAFETY: closes this process's copy of a descriptor the library opened; the
+            // session object that owns the number in the parent is never used in the child.
+            unsafe { libc::close(raw) };
+        }
+    }
+}
+
+/// Opens the grant file for appending: created 0600 if missing; never through a symbolic
+/// link, and only a regular file of this user (tokens are secrets; a file of someone
+/// else's, or a link planted in a shared directory, must not receive them).
+fn open_grant_file(path: &std::path::Path) -> Result<std::fs::File, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| Error::InvalidArgument(format!("grant file {}: {why}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "not a regular file of uid {me} with mode 0600 (uid {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    GRANT_FD.store(f.as_raw_fd(), Ordering::Relaxed);
+    Ok(f)
+}
+
+/// (device, inode) of an open descriptor.
+fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
+    if fd < 0 {
+        return None;
+    }
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a struct stat into the buffer we pass; fd is only read.
+    let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    // SAFETY: fstat succeeded, so it filled st.
+    (r == 0)
+        .then(|| unsafe { st.assume_init() })
+        .map(|st| (st.st_dev, st.st_ino))
+}
+
+/// Takes this library out of `LD_PRELOAD`, so programs the process `exec`s run without it.
+fn leave_ld_preload() {
+    let Ok(v) = std::env::var("LD_PRELOAD") else {
+        return;
+    };
+    let rest: Vec<&str> = v
+        .split([':', ' '])
+        .filter(|p| !p.is_empty() && !p.ends_with(PRELOAD_FILE))
+        .collect();
+    // SAFETY (not unsafe in this edition, but the rule it relies on): the constructor runs
+    // before the program's main, on its one thread; nothing reads the environment at once.
+    if rest.is_empty() {
+        std::env::remove_var("LD_PRELOAD");
+    } else {
+        std::env::set_var("LD_PRELOAD", rest.join(":"));
+    }
+}
