@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs memshadow: the binaries, the systemd units, the example configuration, the C
-# header and pkg-config file and libraries (when built), and creates the `memshadow` group
+# header and pkg-config file and libraries (when built), memshadow-run's preload library
+# (in PKGLIBDIR, where memshadow-run looks: ../lib/memshadow beside BINDIR's bin), and
+# creates the `memshadow` group
 # whose members may connect to the daemon's socket. The shared library is installed as
 # libmemshadow.so.X.Y.Z with the links libmemshadow.so.X (its SONAME, what programs load)
 # and libmemshadow.so (what -lmemshadow finds); `ldconfig` runs when installing to /.
@@ -16,7 +18,8 @@
 # --srcdir DIR    the source tree (default: the tree this script is in)
 # --no-build      do not run the build first (BUILD below, the README's main-job build)
 # --no-group      do not create the memshadow group
-# Environment overrides: BINDIR, LIBDIR, INCLUDEDIR, SYSCONFDIR (default /etc), UNITDIR.
+# Environment overrides: BINDIR, LIBDIR, PKGLIBDIR (default PREFIX/lib/memshadow),
+# INCLUDEDIR, SYSCONFDIR (default /etc), UNITDIR.
 #
 # Then, on a machine run by systemd:
 #   systemctl enable --now memshadowd.socket
@@ -53,6 +56,7 @@ if [ -n "$DESTDIR" ]; then
 fi
 BINDIR=${BINDIR:-$PREFIX/bin}
 LIBDIR=${LIBDIR:-$PREFIX/lib}
+PKGLIBDIR=${PKGLIBDIR:-$PREFIX/lib/memshadow}
 INCLUDEDIR=${INCLUDEDIR:-$PREFIX/include}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
 UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
@@ -96,6 +100,13 @@ if [ -x "$FROM/memshadowctl" ]; then
   put 755 "$FROM/memshadowctl" "$BINDIR/memshadowctl"
 else
   skip memshadowctl "not built in $FROM"
+fi
+# memshadow-run and its preload library (not a library to link against: no SONAME links).
+if [ -x "$FROM/memshadow-run" ] && [ -f "$FROM/libmemshadow_preload.so" ]; then
+  put 755 "$FROM/memshadow-run" "$BINDIR/memshadow-run"
+  put 644 "$FROM/libmemshadow_preload.so" "$PKGLIBDIR/libmemshadow_preload.so"
+else
+  skip memshadow-run "memshadow-run or libmemshadow_preload.so not built in $FROM"
 fi
 
 # C library, header and pkg-config file. Cargo builds libmemshadow.so; its SONAME is

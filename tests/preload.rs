@@ -570,3 +570,45 @@ fn sqlite_runs_unchanged_when_the_daemon_is_killed_mid_run() {
 fn sqlite_runs_unchanged_with_a_tiny_quota() {
     runs_unchanged_when(Failure::TinyQuota, Workload::sqlite);
 }
+
+/// The README's example: `client-lib/examples/run-python.sh` runs a Python program under
+/// memshadow-run with a daemon of its own, and shows its mirror, a device read of what it
+/// wrote, and its unmaps in the trace.
+#[test]
+fn the_readme_example_runs_python_and_watches_it() {
+    if python().is_none() {
+        return;
+    }
+    let script = memshadow_tests::repo_root().join("client-lib/examples/run-python.sh");
+    let out = Command::new(script)
+        .env("MEMSHADOW_BIN", memshadow_tests::bin_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let pid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no pid line:\n{stdout}"));
+    let mirror = format!("  {pid} ");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&mirror) && l.contains("36.0 MiB") && l.contains("active")),
+        "no 36 MiB mirror of {pid}:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("|hello deviceshad|"),
+        "the device read:\n{stdout}"
+    );
+    let traced = &stdout[stdout.find("== memshadowctl trace").unwrap()..];
+    assert_eq!(
+        traced
+            .lines()
+            .filter(|l| l.contains(&format!(" {pid} unmap ")))
+            .count(),
+        2,
+        "{traced}"
+    );
+}

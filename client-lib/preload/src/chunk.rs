@@ -65,7 +65,10 @@ mod tests {
         for (align, n) in [(16, 4 << 20), (1 << 16, 8 << 20)] {
             let (p, found) = mapping_of_new_block(align, n);
             let (start, len) = found.expect("a block of MiBs is mmapped");
-            assert!(start <= p && p + n <= start + len, "{start:#x}+{len:#x} {p:#x}");
+            assert!(
+                start <= p && p + n <= start + len,
+                "{start:#x}+{len:#x} {p:#x}"
+            );
             assert!(len < n + align + 2 * 4096, "{len}");
         }
         assert_eq!(mapping_of_new_block(16, 64).1, None);

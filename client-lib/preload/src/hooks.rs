@@ -23,13 +23,21 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` unless this thread is already inside the library; a panic turns it off.
+/// Runs `f` unless this thread is already inside the library; a panic turns it off. The
+/// caller's `errno` is kept: the program sees the one its call left.
 fn guarded(f: impl FnOnce()) {
     let entered = BUSY.with(|b| !b.replace(true));
     if !entered {
         return;
     }
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+    // SAFETY: __errno_location returns this thread's errno, valid for the thread's life.
+    let errno = unsafe { libc::__errno_location() };
+    // SAFETY: as above: a valid, aligned int of this thread.
+    let saved = unsafe { errno.read() };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    // SAFETY: as above.
+    unsafe { errno.write(saved) };
+    if outcome.is_err() {
         MAP_MIN.store(usize::MAX, Ordering::Relaxed);
         MALLOC_MIN.store(usize::MAX, Ordering::Relaxed);
         HEAP_ON.store(false, Ordering::Relaxed);

@@ -124,7 +124,9 @@ pub unsafe fn mmap(
 ) -> *mut c_void {
     let Some(a) = MMAP.get() else {
         // SAFETY: the mmap system call with the caller's arguments (what glibc's mmap does).
-        return unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void };
+        return unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
+        };
     };
     // SAFETY: dlsym found this address for the name, whose C signature MmapFn is.
     let f: MmapFn = unsafe { fn_at(a) };
@@ -145,7 +147,9 @@ pub unsafe fn mremap(
 ) -> *mut c_void {
     let Some(a) = MREMAP.get() else {
         // SAFETY: the mremap system call with the caller's arguments.
-        return unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void };
+        return unsafe {
+            libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void
+        };
     };
     // SAFETY: dlsym found this address for the name, whose C signature MremapFn is.
     let f: MremapFn = unsafe { fn_at(a) };

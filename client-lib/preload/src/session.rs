@@ -25,7 +25,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use memshadow::run::{RunPolicy, PRELOAD_FILE};
+use memshadow::run::{RunPolicy, ENV_QUIET, PRELOAD_FILE};
 use memshadow::{Client, Error, Mirror, MirrorInfo};
 
 /// `mmap`/`mremap` results at least this long are looked at (`usize::MAX`: none).
@@ -84,7 +84,12 @@ pub fn start() {
             let s = SESSION.get_or_init(|| s);
             s.turn_on();
         }
-        Err(e) => say(&format!("not mirrored: {}", memshadow::error_chain(&e))),
+        Err(e) => {
+            say(&format!("not mirrored: {}", memshadow::error_chain(&e)));
+            // The programs this one execs would fail the same way: they say nothing more.
+            // (The constructor runs on the program's one thread, before its main.)
+            std::env::set_var(ENV_QUIET, "1");
+        }
     }
 }
 
