@@ -475,3 +475,47 @@ fn the_daemons_default_policy_applies_to_plain_attaches() {
     assert!(!c.expect_ok("mirror-pages a").contains("strict"));
     assert_eq!(uniform(&mut c, "a", 0, 8 * P), "1");
 }
+
+/// A `lazy` mirror (memshadow-run's default) is not armed when attached, so the client's
+/// first writes to it cost no write-protect fault; its first sync invalidates all of it
+/// (any page may have been written since the attach) and arms it; later syncs invalidate
+/// only what was written since the one before. Per working back end.
+#[test]
+fn a_lazy_mirror_is_armed_by_its_first_sync() {
+    for backend in working_here() {
+        let d = Daemon::start(&["--dirty-tracking", backend]);
+        let mut c = TestClient::start(d.socket());
+        let pages = 16;
+        c.expect_ok(&format!("map t {pages}"));
+        c.expect_ok("fill t 1");
+        let attached = c.expect_ok("attach-policy t lazy");
+        let id = fields(&attached)["id"].clone();
+        let ctl = memshadow::Control::connect_to(d.socket()).unwrap();
+        let listed = ctl.list_mirrors(memshadow::Target::All).unwrap();
+        assert!(
+            listed.iter().any(|m| m.state == "active, lazy"),
+            "{backend}: the state names the policy: {listed:?}"
+        );
+        assert_eq!(n(&fields(&c.expect_ok("populate t")), "pages"), pages);
+        c.expect_ok(&format!("write t {} {P} 2", 3 * P));
+        c.expect_ok("sync t");
+        let left = n(&fields(&c.expect_ok("mirror-pages t")), "pages");
+        assert_eq!(
+            left, 0,
+            "{backend}: the first sync of mirror {id} invalidates it whole"
+        );
+        check_pages(&mut c, "t", pages, |p| if p == 3 { 2 } else { 1 });
+        // Armed now: the next sync sees exactly the page written since.
+        assert_eq!(n(&fields(&c.expect_ok("populate t")), "pages"), pages);
+        c.expect_ok(&format!("write t {} {P} 3", 7 * P));
+        let r = fields(&c.expect_ok("sync t"));
+        assert_eq!(n(&r, "pages_dirty"), 1, "{backend}: {r:?}");
+        let left = n(&fields(&c.expect_ok("mirror-pages t")), "pages");
+        assert_eq!(left, pages - 1, "{backend}: only the written page went");
+        check_pages(&mut c, "t", pages, |p| match p {
+            3 => 2,
+            7 => 3,
+            _ => 1,
+        });
+    }
+}

@@ -268,6 +268,11 @@ fn create_uffd_kind() -> Result<(OwnedFd, bool), Error> {
 pub enum Policy {
     /// Only on [`Mirror::sync`] (or [`Client::sync`]).
     Manual,
+    /// As `Manual`, but nothing is tracked until the first sync, which invalidates the whole
+    /// range (later ones, what was written since the one before): this process's first
+    /// writes to the range cost it no write-protect fault. For ranges synced seldom, or never
+    /// (protocol 4; `memshadow-run`'s default).
+    Lazy,
     /// Before every device read of the range (the pages read are collected first).
     Strict,
     /// On a timer of the daemon, with this period (10 ms, the daemon's minimum, to about
@@ -279,6 +284,7 @@ impl Policy {
     fn wire(self) -> AttachPolicy {
         match self {
             Policy::Manual => AttachPolicy::Manual,
+            Policy::Lazy => AttachPolicy::Lazy,
             Policy::Strict => AttachPolicy::Strict,
             Policy::Periodic(d) => AttachPolicy::Periodic {
                 period_ms: u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1),

@@ -10,7 +10,7 @@ use crate::{Error, Policy};
 
 /// The smallest mapping attached, in bytes (`1M`, `256K`, `4096`).
 pub const ENV_MIN_SIZE: &str = "MEMSHADOW_RUN_MIN_SIZE";
-/// When written pages are collected: `manual`, `strict` or `periodic=MS`.
+/// When written pages are collected: `lazy`, `manual`, `strict` or `periodic=MS`.
 pub const ENV_DIRTY: &str = "MEMSHADOW_RUN_DIRTY";
 /// The kinds of mapping attached, a comma-separated list of [`Kinds`] names.
 pub const ENV_INCLUDE: &str = "MEMSHADOW_RUN_INCLUDE";
@@ -140,7 +140,7 @@ impl Default for RunPolicy {
     fn default() -> RunPolicy {
         RunPolicy {
             min_size: DEFAULT_MIN_SIZE,
-            dirty: Policy::Manual,
+            dirty: Policy::Lazy,
             kinds: Kinds::DEFAULT,
             quiet: false,
             grant_file: None,
@@ -218,10 +218,11 @@ pub fn parse_size(s: &str) -> Result<usize, Error> {
     Ok(bytes)
 }
 
-/// `manual`, `strict` or `periodic=MS`.
+/// `lazy`, `manual`, `strict` or `periodic=MS`.
 pub fn parse_dirty(s: &str) -> Result<Policy, Error> {
     match s.trim() {
         "manual" => Ok(Policy::Manual),
+        "lazy" => Ok(Policy::Lazy),
         "strict" => Ok(Policy::Strict),
         other => other
             .strip_prefix("periodic=")
@@ -230,7 +231,7 @@ pub fn parse_dirty(s: &str) -> Result<Policy, Error> {
             .map(|ms| Policy::Periodic(Duration::from_millis(ms)))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "{s:?} is not a dirty policy: manual, strict or periodic=MS (MS ≥ 10)"
+                    "{s:?} is not a dirty policy: lazy, manual, strict or periodic=MS (MS ≥ 10)"
                 ))
             }),
     }
@@ -239,6 +240,7 @@ pub fn parse_dirty(s: &str) -> Result<Policy, Error> {
 fn dirty_name(p: Policy) -> String {
     match p {
         Policy::Manual => "manual".into(),
+        Policy::Lazy => "lazy".into(),
         Policy::Strict => "strict".into(),
         Policy::Periodic(d) => format!("periodic={}", d.as_millis()),
     }

@@ -591,7 +591,7 @@ fn parse_policy(s: &str) -> Result<DirtyPolicy, ValueError> {
     one_of(
         s,
         DirtyPolicy::parse(s),
-        "manual, strict, periodic=MS (MS >= 1)",
+        "manual, lazy, strict, periodic=MS (MS >= 1)",
     )
 }
 
@@ -877,7 +877,7 @@ mod tests {
             assert_eq!(DirtyTracking::parse(t.as_str()), Some(t));
         }
         assert_eq!(DirtyTracking::parse("softdirty"), None);
-        for p in ["manual", "strict", "periodic=250"] {
+        for p in ["manual", "lazy", "strict", "periodic=250"] {
             assert_eq!(
                 DirtyPolicy::parse(p).map(|p| p.to_string()).as_deref(),
                 Some(p)

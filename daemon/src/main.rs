@@ -103,7 +103,7 @@ struct Args {
     /// Dirty-tracking back end: auto, pagemap-scan, soft-dirty, uffd-wp or off [default: auto]
     #[arg(long)]
     dirty_tracking: Option<String>,
-    /// When an attach collects written pages by default: manual, strict or periodic=MS
+    /// When an attach collects written pages by default: manual, lazy, strict or periodic=MS
     /// [default: manual]
     #[arg(long)]
     dirty_policy: Option<String>,

@@ -20,20 +20,28 @@ pub const MAX_VALUE: usize = 256;
 /// `Attach` flags: the bits that choose the collection policy of written pages
 /// ([`AttachPolicy`]).
 pub const ATTACH_POLICY_MASK: u32 = 0x3;
+/// `Attach` flags, protocol 4: with the manual kind, the range is not write-protected for
+/// dirty tracking at attach but at its first `Sync`, which invalidates all of it
+/// ([`AttachPolicy::Lazy`]).
+pub const ATTACH_ARM_AT_SYNC: u32 = 0x4;
 /// `Attach` flags: the period of [`AttachPolicy::Periodic`], in ms, sits above this bit.
 pub const ATTACH_PERIOD_SHIFT: u32 = 8;
 /// Longest period [`AttachPolicy::Periodic`] can carry (24 bits of ms, about 4.6 h).
 pub const MAX_PERIOD_MS: u32 = (1 << (32 - ATTACH_PERIOD_SHIFT)) - 1;
 
 /// When the daemon collects the written pages of an attached range, carried in
-/// the `flags` of `Attach`: bits 0-1 the kind, bits 8-31 the period of `Periodic` in ms,
-/// bits 2-7 zero.
+/// the `flags` of `Attach`: bits 0-1 the kind, bit 2 [`ATTACH_ARM_AT_SYNC`] (manual only),
+/// bits 8-31 the period of `Periodic` in ms, bits 3-7 zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachPolicy {
     /// The daemon's default (`--dirty-policy`).
     Default,
     /// Only on an explicit `Sync`.
     Manual,
+    /// Only on an explicit `Sync`, and nothing is tracked before the first: the first `Sync`
+    /// invalidates the whole range, later ones what was written since the one before. The
+    /// client's first writes to the range cost it no write-protect fault (protocol 4).
+    Lazy,
     /// Before each device read of the range (the read's pages are scanned first).
     Strict,
     /// On a timer of the daemon, every `period_ms` ms (1..=[`MAX_PERIOD_MS`]).
@@ -49,6 +57,7 @@ impl AttachPolicy {
         match self {
             AttachPolicy::Default => 0,
             AttachPolicy::Manual => 1,
+            AttachPolicy::Lazy => 1 | ATTACH_ARM_AT_SYNC,
             AttachPolicy::Strict => 2,
             AttachPolicy::Periodic { period_ms } => {
                 3 | (period_ms.clamp(1, MAX_PERIOD_MS) << ATTACH_PERIOD_SHIFT)
@@ -59,10 +68,17 @@ impl AttachPolicy {
     /// Reads the policy out of `Attach` flags; `Err` says what is wrong with them.
     pub fn from_flags(flags: u32) -> Result<AttachPolicy, String> {
         let period = flags >> ATTACH_PERIOD_SHIFT;
-        if flags & !(ATTACH_POLICY_MASK | (MAX_PERIOD_MS << ATTACH_PERIOD_SHIFT)) != 0 {
+        let known =
+            ATTACH_POLICY_MASK | ATTACH_ARM_AT_SYNC | (MAX_PERIOD_MS << ATTACH_PERIOD_SHIFT);
+        if flags & !known != 0 {
             return Err(format!("unknown attach flags {flags:#x}"));
         }
+        let lazy = flags & ATTACH_ARM_AT_SYNC != 0;
         match (flags & ATTACH_POLICY_MASK, period) {
+            (1, 0) if lazy => Ok(AttachPolicy::Lazy),
+            _ if lazy => Err(format!(
+                "attach flags {flags:#x}: arming at the first sync goes with the manual policy only"
+            )),
             (0, 0) => Ok(AttachPolicy::Default),
             (1, 0) => Ok(AttachPolicy::Manual),
             (2, 0) => Ok(AttachPolicy::Strict),
@@ -1631,6 +1647,7 @@ mod tests {
         for p in [
             AttachPolicy::Default,
             AttachPolicy::Manual,
+            AttachPolicy::Lazy,
             AttachPolicy::Strict,
             AttachPolicy::Periodic { period_ms: 1 },
             AttachPolicy::Periodic { period_ms: 250 },
@@ -1641,8 +1658,18 @@ mod tests {
             assert_eq!(AttachPolicy::from_flags(p.flags()), Ok(p));
         }
         assert_eq!(AttachPolicy::from_flags(0), Ok(AttachPolicy::Default));
-        // A period without the periodic kind, periodic without a period, stray bits.
-        for bad in [1 | (5 << ATTACH_PERIOD_SHIFT), 3, 0x4, 0x80, 2 | 0x10] {
+        // A period without the periodic kind, periodic without a period, stray bits,
+        // arming at the first sync with a kind other than manual.
+        let arm = ATTACH_ARM_AT_SYNC;
+        for bad in [
+            1 | (5 << ATTACH_PERIOD_SHIFT),
+            3,
+            arm,
+            0x80,
+            2 | 0x10,
+            2 | arm,
+            3 | arm | (5 << ATTACH_PERIOD_SHIFT),
+        ] {
             assert!(AttachPolicy::from_flags(bad).is_err(), "{bad:#x}");
         }
         assert_eq!(

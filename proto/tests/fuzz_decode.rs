@@ -337,6 +337,7 @@ fn attach_policy() -> impl Strategy<Value = AttachPolicy> {
     prop_oneof![
         Just(AttachPolicy::Default),
         Just(AttachPolicy::Manual),
+        Just(AttachPolicy::Lazy),
         Just(AttachPolicy::Strict),
         (1u32..=MAX_PERIOD_MS).prop_map(|p| AttachPolicy::Periodic { period_ms: p }),
     ]

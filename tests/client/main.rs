@@ -290,6 +290,7 @@ fn sync_answer(r: Result<SyncReport, Error>) -> Result<String, String> {
 fn policy(s: &str) -> Result<Policy, String> {
     match s {
         "manual" => Ok(Policy::Manual),
+        "lazy" => Ok(Policy::Lazy),
         "strict" => Ok(Policy::Strict),
         _ => s
             .strip_prefix("periodic=")

@@ -172,7 +172,7 @@ impl Session {
         let gone: Vec<Mirror> = {
             let mut mine = self.mirrors.lock().unwrap_or_else(PoisonError::into_inner);
             list.iter()
-                .filter(|m| m.state == "gone")
+                .filter(|m| is_gone(m))
                 .filter_map(|m| mine.remove(&m.id))
                 .collect()
         };
@@ -233,7 +233,7 @@ impl Session {
         let end = start + len;
         let mut covered: Vec<(usize, usize)> = mirrors
             .iter()
-            .filter(|m| m.state == "active")
+            .filter(|m| covers_whole(m))
             .map(|m| (m.addr as usize, (m.addr + m.len) as usize))
             .filter(|&(a, b)| a < end && b > start)
             .collect();
@@ -256,6 +256,18 @@ impl Session {
     fn socket_is_ours(&self) -> bool {
         fd_identity(SOCK_FD.load(Ordering::Relaxed)) == Some(self.sock_id)
     }
+}
+
+/// The daemon lists `m` as gone: its range was unmapped whole (`gone`, then maybe its
+/// policy).
+fn is_gone(m: &MirrorInfo) -> bool {
+    m.state.split(", ").next() == Some("gone")
+}
+
+/// `m` still mirrors all of its range (not `gone`, no part unmapped or moved away).
+fn covers_whole(m: &MirrorInfo) -> bool {
+    let mut words = m.state.split(", ");
+    words.next() == Some("active") && words.all(|w| w != "shrunk" && w != "holes")
 }
 
 /// An `mmap` the program made returned `addr` (`len` ≥ [`MAP_MIN`]).

@@ -25,7 +25,7 @@ struct Args {
     /// Smallest mapping attached: bytes, or with K, M or G [default: $MEMSHADOW_RUN_MIN_SIZE, else 1M]
     #[arg(long, value_parser = parse_size)]
     min_size: Option<usize>,
-    /// When written pages are collected: manual (on `memshadowctl sync`), strict (before each device read) or periodic=MS [default: $MEMSHADOW_RUN_DIRTY, else manual]
+    /// When written pages are collected: lazy (on `memshadowctl sync`, nothing tracked before the first, which invalidates everything), manual (on sync, tracked from the attach: first writes fault once more), strict (before each device read) or periodic=MS [default: $MEMSHADOW_RUN_DIRTY, else lazy]
     #[arg(long, value_parser = parse_dirty)]
     dirty: Option<memshadow::Policy>,
     /// Kinds of mapping attached: private, shared, malloc, heap, or all [default: $MEMSHADOW_RUN_INCLUDE, else private,shared,malloc]

@@ -22,7 +22,7 @@ impl AddressSpace {
             let page = PAGE_SIZE as u64;
             let start = addr - addr % page;
             let end = (addr + len as u64).next_multiple_of(page);
-            self.sync_ranges(&[(start, end)], 1)?;
+            self.sync_ranges(&[(start, end)], 1, &[])?;
         }
         if let Ok(r) = Range::new(addr, len as u64) {
             self.observe_fences(r);

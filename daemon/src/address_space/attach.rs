@@ -51,12 +51,13 @@ impl AddressSpace {
         if end > USER_ADDR_END {
             return Err(bad("not a user address"));
         }
-        if policy != DirtyPolicy::Manual {
+        if !policy.on_sync_only() {
             if let Err(why) = self.dirty.backend() {
                 return Err(WatchError::NotTracked(why.clone()));
             }
         }
-        let (mut t, dev) = self.attach_settled(addr, len)?;
+        let arm = policy != DirtyPolicy::Lazy;
+        let (mut t, dev) = self.attach_settled(addr, len, arm)?;
         let id = t.next;
         t.next += 1;
         t.by_id.insert(
@@ -73,6 +74,7 @@ impl AddressSpace {
                 seq: 0,
                 notifier: "pending-insert",
                 policy,
+                armed: arm,
             },
         );
         Ok(id)
@@ -91,6 +93,7 @@ impl AddressSpace {
         &self,
         addr: u64,
         len: u64,
+        arm: bool,
     ) -> Result<(MutexGuard<'_, Table>, u64), WatchError> {
         let mut backoff = Duration::from_micros(20);
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -102,7 +105,7 @@ impl AddressSpace {
             };
             if !pending {
                 let t = lock(&self.table);
-                match self.attach_locked(&t, addr, len)? {
+                match self.attach_locked(&t, addr, len, arm)? {
                     Attempt::Attached(dev) => {
                         drop(guard);
                         return Ok((t, dev));
@@ -120,8 +123,15 @@ impl AddressSpace {
     }
 
     /// The part of an attach done under the access and table locks: checks, registration,
-    /// arming and the device mirror. Anything but [`Attempt::Attached`] was undone.
-    fn attach_locked(&self, t: &Table, addr: u64, len: u64) -> Result<Attempt, WatchError> {
+    /// arming (unless `arm` is false: a `lazy` mirror) and the device mirror. Anything but
+    /// [`Attempt::Attached`] was undone.
+    fn attach_locked(
+        &self,
+        t: &Table,
+        addr: u64,
+        len: u64,
+        arm: bool,
+    ) -> Result<Attempt, WatchError> {
         let end = addr + len;
         self.check_quotas(t, addr, len)?;
         let uffd = lock(&self.uffd);
@@ -139,7 +149,7 @@ impl AddressSpace {
                 }
             }
         };
-        if self.dirty.arms_on_attach() {
+        if arm && self.dirty.arms_on_attach() {
             // Only what no other mirror covers: re-arming a page written since the other
             // mirror's last collection would hide that write from it.
             let fresh = Self::uncovered(t, addr, end);

@@ -15,6 +15,9 @@ use crate::sys::PAGE_SIZE;
 /// Invalidations of written pages begun per hold of the access lock.
 const INVALIDATE_BATCH: usize = 256;
 
+/// A `lazy` mirror no sync has armed yet: its id and live range.
+pub(super) type Unarmed = (u64, u64, u64);
+
 /// What [`AddressSpace::sync`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct SyncStats {
@@ -37,27 +40,40 @@ impl AddressSpace {
             return Err(WatchError::NotTracked(why.clone()));
         }
         self.after_events_read();
-        let ranges: Vec<(u64, u64)> = {
+        let (ranges, unarmed) = {
             let t = lock(&self.table);
             if let Some(id) = id {
                 if !t.by_id.contains_key(&id) {
                     return Err(WatchError::NoSuchMirror(id));
                 }
             }
-            t.by_id
+            let picked: Vec<_> = t
+                .by_id
                 .values()
                 .filter(|m| id.is_none_or(|i| i == m.id) && m.dev.is_some())
-                .map(|m| (m.live_start, m.live_end))
-                .filter(|(s, e)| s < e)
-                .collect()
+                .filter(|m| m.live_start < m.live_end)
+                .collect();
+            let ranges: Vec<(u64, u64)> =
+                picked.iter().map(|m| (m.live_start, m.live_end)).collect();
+            let unarmed: Vec<Unarmed> = picked
+                .iter()
+                .filter(|m| !m.armed)
+                .map(|m| (m.id, m.live_start, m.live_end))
+                .collect();
+            (ranges, unarmed)
         };
-        self.sync_ranges(&ranges, ranges.len() as u32)
+        self.sync_ranges(&ranges, ranges.len() as u32, &unarmed)
     }
 
+    /// Collects `ranges` (those of `mirrors` mirrors) and invalidates what was written;
+    /// `unarmed` (`lazy` mirrors no sync has armed yet) are armed after the collection and
+    /// invalidated whole: any page of them may have been written since their attach, and
+    /// a write after the arming is in the next collection.
     pub(super) fn sync_ranges(
         &self,
         ranges: &[(u64, u64)],
         mirrors: u32,
+        unarmed: &[Unarmed],
     ) -> Result<SyncStats, WatchError> {
         let backend = self
             .dirty
@@ -69,6 +85,10 @@ impl AddressSpace {
         let collected =
             self.dirty
                 .collect(&mut guard, self.pagemap.as_ref(), ranges, &mut found)?;
+        for &(id, s, e) in unarmed {
+            self.arm_lazy(id, s, e);
+            found.push((s, e));
+        }
         // What no event and no dirty bit tells: mappings made unreadable (mprotect), and
         // mirrored pages gone from the client (a hole punched in, or a truncation of, a file
         // or memfd it maps).
@@ -106,6 +126,21 @@ impl AddressSpace {
             collected,
             invalidate_ns: u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// Arms `lazy` mirror `id` (`start..end`) as an attach arms a mirror, if the back end
+    /// needs it; marks it armed if that worked (a refusal, such as `EAGAIN` while a change
+    /// of the client's mappings is under way, leaves it for the next sync).
+    fn arm_lazy(&self, id: u64, start: u64, end: u64) {
+        let armed = !self.dirty.arms_on_attach()
+            || lock(&self.uffd)
+                .as_ref()
+                .is_some_and(|u| self.arm(u, start, end - start).is_ok());
+        if armed {
+            if let Some(m) = lock(&self.table).by_id.get_mut(&id) {
+                m.armed = true;
+            }
+        }
     }
 
     /// Appends the parts of `start..end` that the client mapped unreadable since (by the

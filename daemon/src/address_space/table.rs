@@ -33,6 +33,9 @@ pub struct Attached {
     pub notifier: &'static str,
     /// When its written pages are collected.
     pub policy: DirtyPolicy,
+    /// Write-protected for dirty tracking where the back end needs it (false only for a
+    /// `lazy` mirror no sync has armed yet: its first sync invalidates it whole).
+    pub armed: bool,
 }
 
 impl Attached {

@@ -10,6 +10,9 @@ pub enum DirtyPolicy {
     /// Only on an explicit `sync`.
     #[default]
     Manual,
+    /// Only on an explicit `sync`, armed at the first (not at attach), which invalidates
+    /// the whole range: the client's first writes cost it no write-protect fault.
+    Lazy,
     /// Scan a range before each device read of it.
     Strict,
     /// Scan every attached range on a timer.
@@ -17,10 +20,18 @@ pub enum DirtyPolicy {
 }
 
 impl DirtyPolicy {
-    /// Parses `manual`, `strict` or `periodic=MS` (MS ≥ 1).
+    /// Collected only when a `sync` asks, so no dirty tracking is needed to attach.
+    pub fn on_sync_only(self) -> bool {
+        matches!(self, DirtyPolicy::Manual | DirtyPolicy::Lazy)
+    }
+}
+
+impl DirtyPolicy {
+    /// Parses `manual`, `lazy`, `strict` or `periodic=MS` (MS ≥ 1).
     pub fn parse(s: &str) -> Option<DirtyPolicy> {
         match s {
             "manual" => Some(DirtyPolicy::Manual),
+            "lazy" => Some(DirtyPolicy::Lazy),
             "strict" => Some(DirtyPolicy::Strict),
             _ => {
                 let ms: u64 = s.strip_prefix("periodic=")?.parse().ok()?;
@@ -34,6 +45,7 @@ impl std::fmt::Display for DirtyPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DirtyPolicy::Manual => f.write_str("manual"),
+            DirtyPolicy::Lazy => f.write_str("lazy"),
             DirtyPolicy::Strict => f.write_str("strict"),
             DirtyPolicy::Periodic(d) => write!(f, "periodic={}", d.as_millis()),
         }

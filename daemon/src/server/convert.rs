@@ -14,6 +14,7 @@ pub fn attach_policy(requested: AttachPolicy, default: DirtyPolicy) -> DirtyPoli
     match requested {
         AttachPolicy::Default => default,
         AttachPolicy::Manual => DirtyPolicy::Manual,
+        AttachPolicy::Lazy => DirtyPolicy::Lazy,
         AttachPolicy::Strict => DirtyPolicy::Strict,
         AttachPolicy::Periodic { period_ms } => {
             DirtyPolicy::Periodic(Duration::from_millis(u64::from(period_ms)))
