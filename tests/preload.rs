@@ -124,6 +124,7 @@ fn drive(mut cmd: Command, resume: &Resume, mut at_quiet: impl FnMut(u32, i32)) 
         out.push_str(&line);
         out.push('\n');
         if let Some(n) = line.strip_prefix("QUIET ") {
+            wait_until_blocked(pid);
             at_quiet(n.parse().unwrap(), pid);
             match resume {
                 Resume::Stdin => {
@@ -147,6 +148,36 @@ fn drive(mut cmd: Command, resume: &Resume, mut at_quiet: impl FnMut(u32, i32)) 
         stderr: err_reader.join().unwrap(),
         status,
     }
+}
+
+/// Waits until the program that printed a quiet point is really there: its first thread
+/// blocked in the `read` of its stdin (Python) or the `wait4` of its shell (sqlite3's
+/// `.shell`), every other thread asleep. Between the line and the block, the program still
+/// runs (and writes its memory).
+fn wait_until_blocked(pid: i32) {
+    let blocked = [libc::SYS_read, libc::SYS_wait4, libc::SYS_waitid];
+    memshadow_tests::wait_until(
+        format!("program {pid} to block at its quiet point"),
+        memshadow_tests::HANG_GUARD,
+        || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            for t in tasks.flatten() {
+                let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+                if state != "S" {
+                    return None;
+                }
+                if t.file_name().to_str()? == pid.to_string() {
+                    let call = std::fs::read_to_string(t.path().join("syscall")).ok()?;
+                    let nr: i64 = call.split_whitespace().next()?.parse().ok()?;
+                    if !blocked.contains(&nr) {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        },
+    );
 }
 
 /// `argv` run under memshadow-run with `options`, against the daemon at `socket`.
@@ -247,7 +278,7 @@ fn device_matches_memory(ctl: &Control, pid: i32) -> u64 {
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut compared = 0;
     for m in ctl.list_mirrors(Target::Pid(pid)).unwrap() {
-        if m.state == "gone" {
+        if m.state.starts_with("gone") {
             continue;
         }
         let mut at = m.addr;
@@ -269,11 +300,15 @@ fn compare(ctl: &Control, mem: &std::fs::File, pid: i32, at: u64, n: u64, id: u6
         (Ok(dev), Ok(())) => {
             if dev != buf {
                 let off = dev.iter().zip(&buf).position(|(a, b)| a != b).unwrap();
+                let differ = dev.iter().zip(&buf).filter(|(a, b)| a != b).count();
                 panic!(
-                    "mirror {id}: the device's byte at {:#x} is {:#x}, the program's {:#x}",
+                    "mirror {id}: the device's byte at {:#x} is {:#x}, the program's {:#x} \
+                     ({differ} bytes of {n} at {at:#x} differ)\nmirrors: {:#?}\nmaps:\n{}",
                     at + off as u64,
                     dev[off],
-                    buf[off]
+                    buf[off],
+                    ctl.list_mirrors(Target::Pid(pid)),
+                    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
                 );
             }
             n
@@ -450,7 +485,7 @@ fn engine_reads_what_the_program_holds(d: &Daemon, grant_file: &Path, pid: i32) 
         .list_mirrors(Target::Pid(pid))
         .unwrap()
         .iter()
-        .filter(|m| m.state == "active")
+        .filter(|m| m.state.starts_with("active"))
         .map(|m| (m.addr, m.len))
         .collect();
     let grant = grants(grant_file)
@@ -610,5 +645,31 @@ fn the_readme_example_runs_python_and_watches_it() {
             .count(),
         2,
         "{traced}"
+    );
+}
+
+/// A program that closes every descriptor it did not open and gets the library's socket's
+/// number back for a socket of its own: the library notices (device and inode) and stops,
+/// rather than write its requests into the program's socket and wait there for an answer.
+#[test]
+fn a_program_that_reuses_the_librarys_descriptor_keeps_it_to_itself() {
+    let Some(py) = python() else { return };
+    let code = "import mmap, os, socket\n\
+                os.closerange(3, 4096)\n\
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+                m = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)\n\
+                m.write(b'x' * (4 << 20))\n\
+                b.setblocking(False)\n\
+                try:\n    print('the program read', b.recv(65536))\n\
+                except BlockingIOError:\n    print('nothing arrived')\n";
+    let d = Daemon::start(&[]);
+    let argv: Vec<OsString> = vec![py.into(), "-c".into(), code.into()];
+    let run = drive(under_run(d.socket(), &[], &argv), &Resume::Stdin, |_, _| {});
+    assert_eq!(run.stdout, "nothing arrived\n", "{run:?}");
+    assert!(run.status.success(), "{run:?}");
+    let lines = run.library_lines();
+    assert!(
+        lines.len() == 1 && lines[0].contains("closed memshadow's connection"),
+        "{lines:?}"
     );
 }

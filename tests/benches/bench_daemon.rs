@@ -21,7 +21,7 @@ pub struct BenchPaths {
     /// `target/<profile>/`.
     #[allow(
         dead_code,
-        reason = "only the monitor benchmark builds against the library there"
+        reason = "only the monitor and preload benchmarks use the programs there"
     )]
     pub profile: PathBuf,
     /// `target/`.
