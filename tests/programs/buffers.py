@@ -114,7 +114,18 @@ if pid == 0:
     b[::5] = bytes(len(b[::5]))
     cm = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE)
     cm.write(PATTERN * (4 * MiB // 256))
-    os.write(w, digest(b, bufs[0], cm).encode())
+    # New memory over the head of the child's copy of m, where the parent has m too.
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    c = (ctypes.c_char * 1).from_buffer(m)
+    at = ctypes.addressof(c)
+    del c
+    fixed = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED
+    got = libc.mmap(at, 4 * MiB, mmap.PROT_READ | mmap.PROT_WRITE, fixed, -1, 0)
+    assert got == at, (got, at)
+    os.write(w, digest(b, bufs[0], cm, m).encode())
     os._exit(7)
 os.close(w)
 print(f"forked {pid}", file=sys.stderr, flush=True)
