@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,10 @@ use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::{BenchPaths, Daemon};
+use bench_daemon::BenchPaths;
+#[path = "bench_table.rs"]
+mod bench_table;
+use bench_table::{json_of, print, start_daemon, Row};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -460,25 +463,6 @@ fn regcache_row(profile: &Path, dir: &Path, socket: &Path, runs: usize) -> Res<R
 // ---------------------------------------------------------------------------------------
 // Report.
 
-struct Row {
-    op: String,
-    value: Stats,
-    unit: &'static str,
-    baseline: &'static str,
-    base: Stats,
-    goal: String,
-    met: Option<bool>,
-    extra: Value,
-}
-
-fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!((x * 1000.0).round() / 1000.0)
-    } else {
-        Value::Null
-    }
-}
-
 fn rows(check: &CheckRow, munmaps: &[MunmapRows], regcache: &RegcacheRow) -> Vec<Row> {
     let syscalls = check.syscalls.as_ref().ok().copied();
     let mut rows = vec![Row {
@@ -534,64 +518,6 @@ fn rows(check: &CheckRow, munmaps: &[MunmapRows], regcache: &RegcacheRow) -> Vec
     rows
 }
 
-fn print(rows: &[Row]) {
-    println!(
-        "{:<16} {:>21} {:>21} {:>8} {:>24} {:>4}",
-        "op", "memshadow p50 / p99", "baseline p50 / p99", "ratio", "goal", "met"
-    );
-    for r in rows {
-        println!(
-            "{:<16} {:>18.3} {:<2} {:>18.3} {:<2} {:>8.2} {:>24} {:>4}",
-            r.op,
-            r.value.p50,
-            r.unit,
-            r.base.p50,
-            r.unit,
-            r.value.p50 / r.base.p50,
-            r.goal,
-            r.met.map_or("-", |m| if m { "yes" } else { "NO" })
-        );
-        println!(
-            "{:<16} {:>18.3} {:<2} {:>18.3} {:<2}",
-            "", r.value.p99, r.unit, r.base.p99, r.unit
-        );
-    }
-    println!();
-    for r in rows {
-        println!("{}: baseline = {}; {}", r.op, r.baseline, r.extra);
-    }
-}
-
-fn json_of(r: &Row, setting: &Value) -> Value {
-    json!({
-        "op": r.op,
-        "unit": r.unit,
-        "memshadow_p50": num(r.value.p50),
-        "memshadow_p99": num(r.value.p99),
-        "baseline": r.baseline,
-        "baseline_p50": num(r.base.p50),
-        "baseline_p99": num(r.base.p99),
-        "ratio": num(r.value.p50 / r.base.p50),
-        "goal": r.goal,
-        "met": r.met,
-        "samples": r.value.n,
-        "extra": r.extra,
-        "setting": setting,
-    })
-}
-
-fn start_daemon(bin: &Path, socket: PathBuf) -> Res<Daemon> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("--no-config")
-        .arg("--socket")
-        .arg(&socket)
-        .env("MEMSHADOW_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    Daemon::start("monitor", cmd, socket, " (its log is above)")
-}
-
 fn main() -> Res<()> {
     let quick = bench_daemon::quick_run("monitor");
     let (batches, iters) = if quick { (300, 200) } else { (5000, 2000) };
@@ -602,7 +528,7 @@ fn main() -> Res<()> {
     } = BenchPaths::locate("cargo build --release --workspace --lib --bins --examples")?;
     let dir = memshadow_tests::TempDir::new("monitor-bench");
     let started = Instant::now();
-    let daemon = start_daemon(&daemon_bin, dir.path().join("d.sock"))?;
+    let daemon = start_daemon("monitor", &daemon_bin, dir.path().join("d.sock"))?;
     let client = Client::connect_to(&daemon.socket)?;
     let check = check_row(&client, batches)?;
     let mut munmaps = Vec::new();

@@ -43,8 +43,11 @@ use serde_json::{json, Map, Value};
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
-use bench_daemon::{BenchPaths, Daemon};
-use memshadow_tests::{percentiles as stats, Percentiles as Stats};
+use bench_daemon::BenchPaths;
+#[path = "bench_table.rs"]
+mod bench_table;
+use bench_table::{json_of, num, print, start_daemon, Row};
+use memshadow_tests::percentiles as stats;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -201,15 +204,6 @@ fn counter(s: &Status, name: &str) -> Res<u64> {
         .ok_or_else(|| format!("memshadowd's status has no counter {name}").into())
 }
 
-struct Row {
-    op: &'static str,
-    value: Stats,
-    base: Stats,
-    baseline: &'static str,
-    met: bool,
-    extra: Value,
-}
-
 fn measure(
     r: &Runner,
     way: &Way,
@@ -308,11 +302,13 @@ fn measure(
         .map(|o| o.to_string_lossy().into_owned())
         .collect();
     Ok(Row {
-        op: way.op,
+        op: way.op.to_owned(),
         value,
+        unit: "ms",
         base,
         baseline: way.baseline,
-        met: ratio <= GOAL,
+        goal: format!("<={GOAL:.2}x"),
+        met: Some(ratio <= GOAL),
         extra: json!({
             "memshadow_run_options": options,
             "mirrors_attached_per_run": attached,
@@ -321,72 +317,6 @@ fn measure(
             "stderr_of_last_run": stderr.trim(),
         }),
     })
-}
-
-fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!((x * 1000.0).round() / 1000.0)
-    } else {
-        Value::Null
-    }
-}
-
-fn print(rows: &[Row]) {
-    println!(
-        "{:<16} {:>21} {:>21} {:>8} {:>10} {:>4}",
-        "op", "memshadow p50 / p99", "baseline p50 / p99", "ratio", "goal", "met"
-    );
-    for r in rows {
-        println!(
-            "{:<16} {:>18.1} {:<2} {:>18.1} {:<2} {:>8.3} {:>10} {:>4}",
-            r.op,
-            r.value.p50,
-            "ms",
-            r.base.p50,
-            "ms",
-            r.value.p50 / r.base.p50,
-            format!("<={GOAL:.2}x"),
-            if r.met { "yes" } else { "NO" }
-        );
-        println!(
-            "{:<16} {:>18.1} {:<2} {:>18.1} {:<2}",
-            "", r.value.p99, "ms", r.base.p99, "ms"
-        );
-    }
-    println!();
-    for r in rows {
-        println!("{}: baseline = {}; {}", r.op, r.baseline, r.extra);
-    }
-}
-
-fn json_of(r: &Row, setting: &Value) -> Value {
-    json!({
-        "op": r.op,
-        "unit": "ms",
-        "memshadow_p50": num(r.value.p50),
-        "memshadow_p99": num(r.value.p99),
-        "baseline": r.baseline,
-        "baseline_p50": num(r.base.p50),
-        "baseline_p99": num(r.base.p99),
-        "ratio": num(r.value.p50 / r.base.p50),
-        "goal": format!("<={GOAL:.2}x"),
-        "met": r.met,
-        "samples": r.value.n,
-        "extra": r.extra,
-        "setting": setting,
-    })
-}
-
-fn start_daemon(bin: &Path, socket: PathBuf) -> Res<Daemon> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("--no-config")
-        .arg("--socket")
-        .arg(&socket)
-        .env("MEMSHADOW_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    Daemon::start("preload", cmd, socket, " (its log is above)")
 }
 
 fn main() -> Res<()> {
@@ -424,7 +354,7 @@ fn main() -> Res<()> {
     let script = memshadow_tests::repo_root().join("tests/programs/bench_buffers.py");
     let dir = memshadow_tests::TempDir::new("preload-bench");
     let started = Instant::now();
-    let daemon = start_daemon(&daemon_bin, dir.path().join("d.sock"))?;
+    let daemon = start_daemon("preload", &daemon_bin, dir.path().join("d.sock"))?;
     let control = Control::connect_to(&daemon.socket)?;
     let absent = dir.path().join("absent.sock");
     let runner = Runner {
@@ -491,7 +421,11 @@ fn main() -> Res<()> {
     }
     drop(daemon);
     print(&rows);
-    let unmet: Vec<&str> = rows.iter().filter(|r| !r.met).map(|r| r.op).collect();
+    let unmet: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .map(|r| r.op.as_str())
+        .collect();
     if unmet.is_empty() {
         println!("all goals met");
     } else {
