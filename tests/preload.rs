@@ -673,3 +673,41 @@ fn a_program_that_reuses_the_librarys_descriptor_keeps_it_to_itself() {
         "{lines:?}"
     );
 }
+
+/// A daemon that stops answering (SIGSTOP) holds the program's next attach only until the
+/// library's answer limit (10 s); the library then turns off and the program runs on.
+#[test]
+fn a_stopped_daemon_holds_the_program_only_until_the_answer_limit() {
+    let Some(py) = python() else { return };
+    let code = "import mmap\n\
+                print('QUIET 0', flush=True); input()\n\
+                m = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)\n\
+                m.write(b'y' * (4 << 20))\n\
+                n = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)\n\
+                print('mapped', m[:2], n[:2])\n\
+                print('QUIET 1', flush=True); input()\n";
+    let d = Daemon::start(&[]);
+    let argv: Vec<OsString> = vec![py.into(), "-c".into(), code.into()];
+    let started = std::time::Instant::now();
+    let mut waited = Duration::ZERO;
+    let run = drive(
+        under_run(d.socket(), &[], &argv),
+        &Resume::Stdin,
+        |n, _| match n {
+            0 => d.signal(Signal::SIGSTOP),
+            _ => {
+                waited = started.elapsed();
+                d.signal(Signal::SIGCONT);
+            }
+        },
+    );
+    assert!(run.status.success(), "{run:?}");
+    assert!(run.stdout.contains("mapped b'yy' b'\\x00\\x00'"), "{run:?}");
+    let lines = run.library_lines();
+    assert!(
+        lines.len() == 1 && lines[0].contains("stopped answering"),
+        "{lines:?}"
+    );
+    // One attach waited out the limit; the second was never tried.
+    assert!(waited < Duration::from_secs(60), "{waited:?}");
+}

@@ -20,10 +20,11 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use memshadow::run::{RunPolicy, ENV_QUIET, PRELOAD_FILE};
 use memshadow::{Client, Error, Mirror, MirrorInfo};
@@ -95,8 +96,10 @@ pub fn start() {
 
 impl Session {
     fn open(policy: RunPolicy) -> Result<Session, Error> {
+        let path = memshadow::socket_path()?;
         let client = Client::builder()
-            .socket(memshadow::socket_path()?)
+            .socket_fd(connect_with_timeout(&path)?)
+            .socket(path)
             .connect()?;
         let page = client.page_size().max(1);
         let sock = client.session_fd();
@@ -208,7 +211,7 @@ impl Session {
     fn refused(&self, e: &Error) {
         match e {
             Error::DaemonGone | Error::Socket(_) | Error::Protocol(_) => {
-                stop("memshadowd went away; the program runs on unmirrored")
+                stop("memshadowd went away or stopped answering; the program runs on unmirrored")
             }
             // A range the program unmapped (or changed) before the attach arrived.
             Error::BadRange(_) | Error::NotMirrored(_) => {}
@@ -412,6 +415,37 @@ fn open_grant_file(path: &std::path::Path) -> Result<std::fs::File, Error> {
     }
     GRANT_FD.store(f.as_raw_fd(), Ordering::Relaxed);
     Ok(f)
+}
+
+/// How long the library waits for one answer (or to send one request) before it gives
+/// the daemon up: longer than anything the daemon may legitimately take (an attach waits
+/// up to 2 s for a change of the program's mappings to be applied), short enough that a
+/// stopped or hostile daemon cannot hold the program's thread for good.
+const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
+/// A connection to the daemon at `path` whose sends and receives give up after
+/// [`ANSWER_LIMIT`] (the library then turns off: [`Session::refused`]).
+fn connect_with_timeout(path: &std::path::Path) -> Result<OwnedFd, Error> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+    };
+    let cerr = |source| Error::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(cerr)?;
+    let limit = nix::sys::time::TimeVal::new(ANSWER_LIMIT.as_secs() as i64, 0);
+    setsockopt(&sock, sockopt::ReceiveTimeout, &limit).map_err(cerr)?;
+    setsockopt(&sock, sockopt::SendTimeout, &limit).map_err(cerr)?;
+    let addr = UnixAddr::new(path).map_err(cerr)?;
+    connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+    Ok(sock)
 }
 
 /// (device, inode) of an open descriptor.
