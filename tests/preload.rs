@@ -626,11 +626,11 @@ fn the_readme_example_runs_python_and_watches_it() {
         .find_map(|l| l.strip_prefix("pid "))
         .and_then(|l| l.split(':').next())
         .unwrap_or_else(|| panic!("no pid line:\n{stdout}"));
-    let mirror = format!("  {pid} ");
+    let mirror_of_pid = |l: &str| {
+        l.split_whitespace().next() == Some(pid) && l.contains("36.0 MiB") && l.contains("active")
+    };
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with(&mirror) && l.contains("36.0 MiB") && l.contains("active")),
+        stdout.lines().any(mirror_of_pid),
         "no 36 MiB mirror of {pid}:\n{stdout}"
     );
     assert!(
@@ -710,4 +710,152 @@ fn a_stopped_daemon_holds_the_program_only_until_the_answer_limit() {
     );
     // One attach waited out the limit; the second was never tried.
     assert!(waited < Duration::from_secs(60), "{waited:?}");
+}
+
+/// The C program `tests/programs/awkward.c`, built with the system's compiler.
+fn awkward() -> Option<PathBuf> {
+    let cc = tool("cc", "gcc")?;
+    let out = memshadow_tests::bin_dir().join("awkward");
+    let status = Command::new(cc)
+        .args(["-O1", "-pthread", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(program("awkward.c"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cc tests/programs/awkward.c");
+    Some(out)
+}
+
+/// Runs `awkward ARGS` alone and under memshadow-run (each with a directory of its own):
+/// same output and status; returns the two directories' files, by name.
+fn awkward_both_ways(args: &[&str]) -> Vec<(String, String, String)> {
+    let Some(bin) = awkward() else {
+        return Vec::new();
+    };
+    let d = Daemon::start(&[]);
+    let dirs = [TempDir::new("awkward-alone"), TempDir::new("awkward-run")];
+    let argv = |dir: &TempDir| -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![bin.clone().into()];
+        v.extend(
+            args.iter()
+                .map(|a| a.replace("DIR", dir.path().to_str().unwrap()).into()),
+        );
+        v
+    };
+    let alone = drive(plain(&argv(&dirs[0])), &Resume::Stdin, |_, _| {});
+    let run = drive(
+        under_run(d.socket(), &[], &argv(&dirs[1])),
+        &Resume::Stdin,
+        |_, _| {},
+    );
+    assert_eq!(run.stdout, alone.stdout, "{args:?}: {run:?}");
+    assert_eq!(run.status.code(), alone.status.code(), "{args:?}: {run:?}");
+    assert_eq!(
+        run.status.signal_code(),
+        alone.status.signal_code(),
+        "{args:?}: {run:?}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dirs[0].path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let read = |d: &TempDir| std::fs::read_to_string(d.path().join(&n)).unwrap_or_default();
+            (read(&dirs[0]), read(&dirs[1]), n)
+        })
+        .collect()
+}
+
+/// A thread cancelled before it calls `malloc` of 4 MiB: the library's requests are
+/// cancellation points, but the cancel still lands at the program's own next one.
+#[test]
+fn a_cancelled_thread_is_cancelled_where_it_would_be_without_the_library() {
+    awkward_both_ways(&["cancel"]);
+}
+
+/// A program that closes every descriptor and opens its own files as 0, 1 and 2: the
+/// library (whose socket went with the rest) writes nothing into the program's files.
+#[test]
+fn a_program_that_reopens_its_stdio_gets_nothing_of_the_librarys_in_its_files() {
+    for (alone, run, name) in awkward_both_ways(&["stdio", "DIR"]) {
+        assert_eq!(run, alone, "{name}");
+    }
+}
+
+/// A program that closes descriptors 3 and up and opens its log as 3 (the library's old
+/// number), then forks: the fork handler leaves the program's log open in the child.
+#[test]
+fn the_fork_handler_closes_only_the_librarys_descriptors() {
+    let files = awkward_both_ways(&["forkfd", "DIR"]);
+    for (alone, run, name) in &files {
+        assert_eq!(run, alone, "{name}");
+    }
+    assert!(
+        files
+            .iter()
+            .any(|(_, run, n)| n == "log" && run == "child\nparent\n"),
+        "{files:?}"
+    );
+}
+
+/// A socket another user listens on (named by `--socket` or the environment) gets nothing
+/// of a program's memory: the library reads the listener's credentials before it binds,
+/// and accepts only root or the program's own user.
+#[test]
+fn a_socket_of_another_user_gets_nothing() {
+    if !memshadow_tests::needs_root("listens as nobody") {
+        return;
+    }
+    let (Some(py), Some(setpriv)) = (python(), tool("setpriv", "util-linux")) else {
+        return;
+    };
+    let dir = TempDir::new("preload-foreign");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let sock = dir.path().join("foreign.sock");
+    // A listener as nobody that counts what it is sent: messages and descriptors.
+    let listener = "import socket, sys\n\
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n\
+                    s.bind(sys.argv[1]); s.listen(1)\n\
+                    print('listening', flush=True)\n\
+                    c, _ = s.accept(); msgs = fds = 0\n\
+                    while True:\n\
+                    \x20   m, anc, _, _ = c.recvmsg(65536, socket.CMSG_SPACE(64))\n\
+                    \x20   if not m: break\n\
+                    \x20   msgs += 1; fds += sum(len(d) // 4 for _, _, d in anc)\n\
+                    print('messages', msgs, 'fds', fds, flush=True)\n";
+    let mut nobody = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&py)
+        .args(["-c", listener])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(nobody.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "listening\n");
+    let argv: Vec<OsString> = vec![py.into(), "-c".into(), "print('ran')".into()];
+    let run = drive(under_run(&sock, &[], &argv), &Resume::Stdin, |_, _| {});
+    assert_eq!(run.stdout, "ran\n", "{run:?}");
+    assert!(run.status.success(), "{run:?}");
+    let lines = run.library_lines();
+    assert!(
+        lines.len() == 1 && lines[0].contains("served by uid 65534"),
+        "{lines:?}"
+    );
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line, "messages 0 fds 0\n",
+        "the listener was sent something"
+    );
+    assert!(nobody.wait().unwrap().success());
 }

@@ -452,6 +452,7 @@ fn receive_answer_fds(
 ) -> Result<(Response, Vec<OwnedFd>), Error> {
     let mut partial: Option<Response> = None;
     let mut pieces = 0usize;
+    let mut skipped = 0usize;
     loop {
         let frame = match proto::recv(sock, buf) {
             Ok(f) => f,
@@ -492,14 +493,26 @@ fn receive_answer_fds(
                 }
                 partial = Some(whole);
             }
-            _ => {}
+            _ => {
+                // An answer to an earlier request whose wait gave up; a daemon that sends
+                // nothing else must not hold the caller for good.
+                skipped += 1;
+                if skipped > MAX_SKIPPED {
+                    return Err(Error::Protocol(format!(
+                        "more than {MAX_SKIPPED} answers to no request waiting"
+                    )));
+                }
+            }
         }
     }
 }
 
-/// Most pieces one answer may come in: a daemon's lists are bounded by its own limits
-/// (clients, mirrors, counters), far below this.
-const MAX_PIECES: usize = 1 << 16;
+/// Most pieces one answer may come in (each at most one message, 64 KiB): a daemon's lists
+/// are bounded by its own limits (clients, mirrors, counters), far below this.
+const MAX_PIECES: usize = 4096;
+
+/// Most answers to other requests skipped while waiting for one.
+const MAX_SKIPPED: usize = 1024;
 
 /// The error the daemon left on a connection it closed, if any (read without waiting).
 fn refusal(sock: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Option<Error> {

@@ -534,3 +534,57 @@ fn a_session_name_too_long_is_refused_before_anything_is_sent() {
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     daemon.join().unwrap();
 }
+
+/// A daemon that answers every request with answers to other requests gets an error, not a
+/// caller waiting for good.
+#[test]
+fn answers_to_no_request_end_the_wait() {
+    let (client, daemon) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut sent = 0usize;
+        while let Ok(f) = proto::recv(daemon.as_fd(), &mut buf) {
+            let (id, r) = match Request::decode(f.header.msg_type, &f.payload, 0).unwrap() {
+                Request::Hello { .. } => (
+                    f.header.request_id,
+                    Response::HelloAck {
+                        version: VERSION,
+                        daemon_version: "fake".into(),
+                        page_size: 4096,
+                        limits: Limits::default(),
+                    },
+                ),
+                _ => (f.header.request_id + 1000, Response::Detached),
+            };
+            let n = if matches!(r, Response::HelloAck { .. }) {
+                1
+            } else {
+                2 * MAX_SKIPPED
+            };
+            for _ in 0..n {
+                let msg = r.encode_payload();
+                if proto::send(daemon.as_fd(), r.msg_type(), 0, id, &msg, &[]).is_err() {
+                    return sent;
+                }
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let ctl = Client::builder()
+        .socket_fd(client)
+        .connect_control()
+        .unwrap();
+    match ctl.status() {
+        Err(Error::Protocol(m)) => assert!(m.contains("answers to no request"), "{m}"),
+        r => panic!("{r:?}"),
+    }
+    drop(ctl);
+    assert!(server.join().unwrap() > MAX_SKIPPED);
+}

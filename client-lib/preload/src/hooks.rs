@@ -23,18 +23,34 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
+extern "C" {
+    // Not in the libc crate for glibc targets.
+    fn pthread_setcancelstate(state: c_int, old: *mut c_int) -> c_int;
+}
+/// glibc's `PTHREAD_CANCEL_DISABLE`.
+const PTHREAD_CANCEL_DISABLE: c_int = 1;
+
 /// Runs `f` unless this thread is already inside the library; a panic turns it off. The
-/// caller's `errno` is kept: the program sees the one its call left.
+/// caller's `errno` is kept: the program sees the one its call left. Cancellation is held
+/// off meanwhile: the library's `sendmsg` and `recvmsg` are cancellation points, and a
+/// cancellation unwinding through it would end the process; it takes effect at the
+/// program's next cancellation point instead, as without the library.
 fn guarded(f: impl FnOnce()) {
     let entered = BUSY.with(|b| !b.replace(true));
     if !entered {
         return;
     }
+    let mut cancel_state: c_int = 0;
+    // SAFETY: sets this thread's cancelability, storing the old state in a local.
+    unsafe { pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut cancel_state) };
     // SAFETY: __errno_location returns this thread's errno, valid for the thread's life.
     let errno = unsafe { libc::__errno_location() };
     // SAFETY: as above: a valid, aligned int of this thread.
     let saved = unsafe { errno.read() };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    // SAFETY: restores the state stored above (a pending cancellation then waits for the
+    // program's next cancellation point).
+    unsafe { pthread_setcancelstate(cancel_state, std::ptr::null_mut()) };
     // SAFETY: as above.
     unsafe { errno.write(saved) };
     if outcome.is_err() {

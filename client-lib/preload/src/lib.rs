@@ -8,6 +8,7 @@
 //! * [`chunk`]: which mapping a large block of glibc's `malloc` is.
 
 mod chunk;
+mod fds;
 mod hooks;
 mod real;
 mod session;

@@ -6,8 +6,9 @@
 //! `__libc_*` names glibc exports for its allocator. Memory glibc's `dlsym` allocates that
 //! way is glibc's own and freed by glibc.
 
+use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 extern "C" {
     fn __libc_malloc(n: usize) -> *mut c_void;
@@ -23,8 +24,12 @@ struct Next {
     addr: AtomicUsize,
 }
 
-/// Set while a lookup runs: the wrappers then use the fallbacks (`dlsym` may allocate).
-static LOOKING_UP: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// This thread runs a lookup: its wrappers use the fallbacks (`dlsym` may allocate).
+    /// Per thread: another thread looks the name up itself rather than fall back meanwhile
+    /// (a block of glibc's freed by another allocator would be corruption).
+    static LOOKING_UP: Cell<bool> = const { Cell::new(false) };
+}
 
 /// The cached address of a name `dlsym` did not find.
 const NONE: usize = 1;
@@ -45,13 +50,13 @@ impl Next {
             0 => {}
             a => return Some(a),
         }
-        if LOOKING_UP.swap(true, Ordering::AcqRel) {
+        if LOOKING_UP.with(|l| l.replace(true)) {
             return None;
         }
         // SAFETY: dlsym with a valid NUL-terminated name; RTLD_NEXT is defined for a call
         // from a shared object. It returns null or the address of the symbol.
         let found = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) } as usize;
-        LOOKING_UP.store(false, Ordering::Release);
+        LOOKING_UP.with(|l| l.set(false));
         self.addr
             .store(if found == 0 { NONE } else { found }, Ordering::Release);
         (found != 0).then_some(found)
@@ -87,11 +92,33 @@ type ReallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type MemalignFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
 
-/// True when the `malloc` that follows this library is glibc's: only then do its blocks
-/// carry glibc's chunk headers (`chunk.rs`). Another allocator preloaded after this
-/// library, or linked into the program, is left alone.
+/// True when the whole `malloc` family that follows this library is glibc's: only then do
+/// its blocks carry glibc's chunk headers (`chunk.rs`). Another allocator preloaded after
+/// this library, even for one of these names only, is left alone; one linked into the
+/// program is found before this library and never reaches it.
 pub fn malloc_is_glibcs() -> bool {
-    MALLOC.get() == Some(__libc_malloc as *const () as usize)
+    let glibc = object_of(__libc_malloc as *const () as usize);
+    glibc.is_some()
+        && [
+            &MALLOC,
+            &CALLOC,
+            &REALLOC,
+            &MEMALIGN,
+            &POSIX_MEMALIGN,
+            &ALIGNED_ALLOC,
+        ]
+        .iter()
+        .all(|n| n.get().is_some_and(|a| object_of(a) == glibc))
+}
+
+/// The base address of the shared object that holds `addr`.
+fn object_of(addr: usize) -> Option<usize> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr fills the Dl_info we pass for an address; it only reads addr.
+    let found = unsafe { libc::dladdr(addr as *const c_void, info.as_mut_ptr()) };
+    // SAFETY: zero-initialised, and filled by dladdr when it returns non-zero.
+    let info = unsafe { info.assume_init() };
+    (found != 0).then_some(info.dli_fbase as usize)
 }
 
 /// Makes every lookup now, from the library's constructor (one thread, no lock held).

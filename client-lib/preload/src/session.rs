@@ -20,14 +20,16 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use memshadow::run::{RunPolicy, ENV_QUIET, PRELOAD_FILE};
 use memshadow::{Client, Error, Mirror, MirrorInfo};
+
+use crate::fds::Held;
 
 /// `mmap`/`mremap` results at least this long are looked at (`usize::MAX`: none).
 pub static MAP_MIN: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -36,10 +38,16 @@ pub static MALLOC_MIN: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// The heap's growth is followed.
 pub static HEAP_ON: AtomicBool = AtomicBool::new(false);
 
-/// The session's socket, closed in a forked child (-1: none).
-static SOCK_FD: AtomicI32 = AtomicI32::new(-1);
-/// The grant file, closed in a forked child (-1: none).
-static GRANT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The session's socket (checked before each request, closed in a forked child).
+static SOCK: Held = Held::none();
+/// The grant file (closed in a forked child).
+static GRANT: Held = Held::none();
+/// The program's stderr when the library started: its one line goes there only while fd 2
+/// is still that file.
+static STDERR: Held = Held::none();
+/// The process that opened the session: a child made by a raw `clone` (no fork handlers)
+/// must not speak on it.
+static OPENED_BY: AtomicU32 = AtomicU32::new(0);
 /// The one line this process may write has been written (or must not be).
 static SAID: AtomicBool = AtomicBool::new(false);
 
@@ -55,8 +63,6 @@ struct Session {
     client: Client,
     policy: RunPolicy,
     page: usize,
-    /// (device, inode) of the socket when it was connected.
-    sock_id: (u64, u64),
     grants: Option<Mutex<std::fs::File>>,
     /// The end of the heap already attached (page aligned).
     heap_end: AtomicUsize,
@@ -68,8 +74,17 @@ struct Session {
     since_reap: AtomicU32,
 }
 
-/// The constructor's work: reads the policy, connects, and turns the wrappers on.
+/// The constructor's work: reads the policy, connects, and turns the wrappers on. Nothing
+/// in a process the dynamic linker runs in secure mode (setuid, setgid, capabilities):
+/// its environment is not its user's to trust.
 pub fn start() {
+    // SAFETY: getauxval reads the process's auxiliary vector; AT_SECURE is a valid type.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+        return;
+    }
+    // A panic is caught (hooks.rs); the default hook would print it on the program's stderr.
+    std::panic::set_hook(Box::new(|_| {}));
+    STDERR.set(2);
     let policy = match RunPolicy::from_env() {
         Ok(p) => p,
         Err(e) => return say(&format!("not mirrored: {e}")),
@@ -101,10 +116,14 @@ impl Session {
             .socket_fd(connect_with_timeout(&path)?)
             .socket(path)
             .connect()?;
-        let page = client.page_size().max(1);
-        let sock = client.session_fd();
-        let sock_id = fd_identity(sock).ok_or(Error::DaemonGone)?;
-        SOCK_FD.store(sock, Ordering::Relaxed);
+        let page = client.page_size();
+        if !page.is_power_of_two() || page > 1 << 30 {
+            return Err(Error::Protocol(format!("a page size of {page} bytes")));
+        }
+        if !SOCK.set(client.session_fd()) {
+            return Err(Error::DaemonGone);
+        }
+        OPENED_BY.store(std::process::id(), Ordering::Relaxed);
         let grants = match &policy.grant_file {
             Some(path) => Some(Mutex::new(open_grant_file(path)?)),
             None => None,
@@ -114,7 +133,6 @@ impl Session {
         Ok(Session {
             client,
             page,
-            sock_id,
             grants,
             heap_end: AtomicUsize::new(brk.next_multiple_of(page)),
             heap_lock: Mutex::new(()),
@@ -140,7 +158,10 @@ impl Session {
     /// Attaches `[start, start+len)`; a refusal is said once, a lost daemon ends it all.
     fn attach(&self, start: usize, len: usize) {
         if !self.socket_is_ours() {
-            return stop("the program closed memshadow's connection; it runs on unmirrored");
+            if OPENED_BY.load(Ordering::Relaxed) == std::process::id() {
+                stop("the program closed memshadow's connection; it runs on unmirrored");
+            }
+            return;
         }
         if self.since_reap.fetch_add(1, Ordering::Relaxed) >= REAP_EVERY {
             self.reap();
@@ -233,11 +254,11 @@ impl Session {
             Err(e) => return self.refused(&e),
         };
         self.reap_listed(&mirrors);
-        let end = start + len;
+        let end = start.saturating_add(len);
         let mut covered: Vec<(usize, usize)> = mirrors
             .iter()
             .filter(|m| covers_whole(m))
-            .map(|m| (m.addr as usize, (m.addr + m.len) as usize))
+            .map(|m| (m.addr as usize, m.addr.saturating_add(m.len) as usize))
             .filter(|&(a, b)| a < end && b > start)
             .collect();
         if covered.is_empty() && !fresh {
@@ -256,8 +277,14 @@ impl Session {
         }
     }
 
+    /// The session may be used from here: its socket is still the one it connected, and
+    /// this is the process that connected it.
     fn socket_is_ours(&self) -> bool {
-        fd_identity(SOCK_FD.load(Ordering::Relaxed)) == Some(self.sock_id)
+        if OPENED_BY.load(Ordering::Relaxed) != std::process::id() {
+            turn_off();
+            return false;
+        }
+        SOCK.get().is_some()
     }
 }
 
@@ -358,8 +385,12 @@ pub fn say(msg: &str) {
         comm.trim(),
         std::process::id()
     );
-    // SAFETY: write(2) of a buffer we own to fd 2; a short or failed write is ignored.
-    let _ = unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    let Some(fd) = STDERR.get() else {
+        return; // fd 2 is not the stderr the program started with: say nothing.
+    };
+    // SAFETY: write(2) of a buffer we own to the program's stderr; a short or failed write
+    // is ignored.
+    let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
 }
 
 /// Turns every wrapper off for good, saying why once.
@@ -380,40 +411,50 @@ fn turn_off() {
 /// nothing to the daemon (the parent's session goes on).
 extern "C" fn in_forked_child() {
     turn_off();
-    for fd in [&SOCK_FD, &GRANT_FD] {
-        let raw = fd.swap(-1, Ordering::Relaxed);
-        if raw >= 0 {
-            // SAFETY: closes this process's copy of a descriptor the library opened; the
-            // session object that owns the number in the parent is never used in the child.
-            unsafe { libc::close(raw) };
-        }
-    }
+    SOCK.close_if_ours();
+    GRANT.close_if_ours();
 }
 
-/// Opens the grant file for appending: created 0600 if missing; never through a symbolic
-/// link, and only a regular file of this user (tokens are secrets; a file of someone
-/// else's, or a link planted in a shared directory, must not receive them).
+/// Opens the grant file for appending: created 0600 if missing. Tokens are secrets, and
+/// opening a path can itself act (a FIFO blocks, a device or a terminal does something):
+/// an existing path must be a regular file (looked at without following a link), it is
+/// opened without following a link, without blocking and without becoming the controlling
+/// terminal, and what was opened must be a regular file of this user, with one link and no
+/// access for others.
 fn open_grant_file(path: &std::path::Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::MetadataExt;
     let bad = |why: String| Error::InvalidArgument(format!("grant file {}: {why}", path.display()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(bad("exists and is not a regular file".into()))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bad(e.to_string())),
+    }
     let f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| bad(e.to_string()))?;
     let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    if !meta.file_type().is_file() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+    if !meta.file_type().is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.uid() != me || meta.mode() & 0o077 != 0 || meta.nlink() != 1 {
         return Err(bad(format!(
-            "not a regular file of uid {me} with mode 0600 (uid {}, mode {:o})",
+            "must belong to uid {me}, have mode 0600 and one link (it has uid {}, mode {:o}, \
+             {} links)",
             meta.uid(),
-            meta.mode() & 0o7777
+            meta.mode() & 0o7777,
+            meta.nlink()
         )));
     }
-    GRANT_FD.store(f.as_raw_fd(), Ordering::Relaxed);
+    GRANT.set(f.as_raw_fd());
     Ok(f)
 }
 
@@ -427,7 +468,8 @@ const ANSWER_LIMIT: Duration = Duration::from_secs(10);
 /// [`ANSWER_LIMIT`] (the library then turns off: [`Session::refused`]).
 fn connect_with_timeout(path: &std::path::Path) -> Result<OwnedFd, Error> {
     use nix::sys::socket::{
-        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+        connect, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        UnixAddr,
     };
     let cerr = |source| Error::Connect {
         path: path.to_owned(),
@@ -445,21 +487,20 @@ fn connect_with_timeout(path: &std::path::Path) -> Result<OwnedFd, Error> {
     setsockopt(&sock, sockopt::SendTimeout, &limit).map_err(cerr)?;
     let addr = UnixAddr::new(path).map_err(cerr)?;
     connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-    Ok(sock)
-}
-
-/// (device, inode) of an open descriptor.
-fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
-    if fd < 0 {
-        return None;
+    // The bind hands the daemon this process's memory and userfaultfd: only to a daemon of
+    // root or of this user, whatever socket the environment named.
+    let peer = getsockopt(&sock, sockopt::PeerCredentials).map_err(cerr)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid() != 0 && peer.uid() != me {
+        return Err(Error::PermissionDenied(format!(
+            "{} is served by uid {}, neither root nor this user ({me}): not handing it this \
+             process's memory",
+            path.display(),
+            peer.uid()
+        )));
     }
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a struct stat into the buffer we pass; fd is only read.
-    let r = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
-    // SAFETY: fstat succeeded, so it filled st.
-    (r == 0)
-        .then(|| unsafe { st.assume_init() })
-        .map(|st| (st.st_dev, st.st_ino))
+    Ok(sock)
 }
 
 /// Takes this library out of `LD_PRELOAD`, so programs the process `exec`s run without it.
