@@ -139,7 +139,7 @@ fn configuration_errors_name_the_key_and_the_file() {
     );
     let e = run(&["--no-config", "--dirty-policy", "sometimes"]);
     assert!(
-        e.ends_with("command line: bad value for --dirty-policy: \"sometimes\" is not one of manual, strict, periodic=MS (MS >= 1)"),
+        e.ends_with("command line: bad value for --dirty-policy: \"sometimes\" is not one of manual, lazy, strict, periodic=MS (MS >= 1)"),
         "{e}"
     );
 }
