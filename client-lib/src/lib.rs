@@ -555,6 +555,8 @@ pub struct Builder {
     sock: Option<OwnedFd>,
     name: Option<String>,
     device_writes: bool,
+    timeout: Option<Duration>,
+    own_daemon_only: bool,
 }
 
 impl Builder {
@@ -586,6 +588,26 @@ impl Builder {
     /// hands over is then opened for writing too. Off by default.
     pub fn device_writes(mut self, allow: bool) -> Builder {
         self.device_writes = allow;
+        self
+    }
+
+    /// Gives up on the daemon when one message cannot be sent, or its answer has not come,
+    /// within `limit` (the socket's send and receive timeouts): the call fails with a
+    /// socket error, and the session is not to be used again (a late answer would be taken
+    /// for the next). Default: no limit. An attach may legitimately take the daemon up to
+    /// 2 s (it waits for changes of this process's mappings to be applied).
+    pub fn timeout(mut self, limit: Duration) -> Builder {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Hands this process over only to a daemon of root or of this process's user, by the
+    /// credentials of whoever listens on the socket (checked before anything is sent;
+    /// `Error::PermissionDenied` otherwise). Off by default: a daemon run by another user
+    /// may serve this one on purpose. The preload library of `memshadow-run` turns it on,
+    /// since the socket it is given comes from an environment it did not choose.
+    pub fn own_daemon_only(mut self, yes: bool) -> Builder {
+        self.own_daemon_only = yes;
         self
     }
 
@@ -626,11 +648,53 @@ impl Builder {
                 (connect_socket(&path)?, Some(path))
             }
         };
+        let shown = path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("the given socket"));
+        if let Some(limit) = self.timeout {
+            limit_waits(&sock, limit).map_err(|source| Error::Connect {
+                path: shown.clone(),
+                source,
+            })?;
+        }
+        if self.own_daemon_only {
+            check_own_daemon(&sock, &shown)?;
+        }
         let binding = bind.then_some(Binding {
             device_writes: self.device_writes,
         });
         open_session(sock, path, name, binding)
     }
+}
+
+/// Sets `sock`'s send and receive timeouts to `limit`.
+fn limit_waits(sock: &OwnedFd, limit: Duration) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let limit = nix::sys::time::TimeVal::new(
+        i64::try_from(limit.as_secs()).unwrap_or(i64::MAX),
+        i64::from(limit.subsec_micros()),
+    );
+    setsockopt(sock, sockopt::ReceiveTimeout, &limit)?;
+    setsockopt(sock, sockopt::SendTimeout, &limit)
+}
+
+/// Refuses a socket whose listener is neither root nor this process's user.
+fn check_own_daemon(sock: &OwnedFd, path: &Path) -> Result<(), Error> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let peer = getsockopt(sock, sockopt::PeerCredentials).map_err(|source| Error::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() == 0 || peer.uid() == me {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(format!(
+        "{} is served by uid {}, neither root nor this user ({me}): not handing it this \
+         process's memory",
+        path.display(),
+        peer.uid()
+    )))
 }
 
 /// A new connection to the daemon at `path`.

@@ -588,3 +588,25 @@ fn answers_to_no_request_end_the_wait() {
     drop(ctl);
     assert!(server.join().unwrap() > MAX_SKIPPED);
 }
+
+/// With a timeout, a daemon that never answers fails the call instead of holding it; a
+/// daemon of this process's own user passes the own-daemon check.
+#[test]
+fn a_silent_daemon_fails_a_call_with_a_timeout() {
+    let (client, daemon) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let r = Client::builder()
+        .socket_fd(client)
+        .timeout(Duration::from_millis(100))
+        .own_daemon_only(true)
+        .connect_control();
+    assert!(matches!(r, Err(Error::Socket(_))), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    drop(daemon);
+}

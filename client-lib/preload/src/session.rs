@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -111,10 +111,10 @@ pub fn start() {
 
 impl Session {
     fn open(policy: RunPolicy) -> Result<Session, Error> {
-        let path = memshadow::socket_path()?;
         let client = Client::builder()
-            .socket_fd(connect_with_timeout(&path)?)
-            .socket(path)
+            .socket(memshadow::socket_path()?)
+            .timeout(ANSWER_LIMIT)
+            .own_daemon_only(true)
             .connect()?;
         let page = client.page_size();
         if !page.is_power_of_two() || page > 1 << 30 {
@@ -461,47 +461,9 @@ fn open_grant_file(path: &std::path::Path) -> Result<std::fs::File, Error> {
 /// How long the library waits for one answer (or to send one request) before it gives
 /// the daemon up: longer than anything the daemon may legitimately take (an attach waits
 /// up to 2 s for a change of the program's mappings to be applied), short enough that a
-/// stopped or hostile daemon cannot hold the program's thread for good.
+/// stopped or hostile daemon cannot hold the program's thread for good. A request that
+/// times out turns the library off ([`Session::refused`]).
 const ANSWER_LIMIT: Duration = Duration::from_secs(10);
-
-/// A connection to the daemon at `path` whose sends and receives give up after
-/// [`ANSWER_LIMIT`] (the library then turns off: [`Session::refused`]).
-fn connect_with_timeout(path: &std::path::Path) -> Result<OwnedFd, Error> {
-    use nix::sys::socket::{
-        connect, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
-        UnixAddr,
-    };
-    let cerr = |source| Error::Connect {
-        path: path.to_owned(),
-        source,
-    };
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(cerr)?;
-    let limit = nix::sys::time::TimeVal::new(ANSWER_LIMIT.as_secs() as i64, 0);
-    setsockopt(&sock, sockopt::ReceiveTimeout, &limit).map_err(cerr)?;
-    setsockopt(&sock, sockopt::SendTimeout, &limit).map_err(cerr)?;
-    let addr = UnixAddr::new(path).map_err(cerr)?;
-    connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-    // The bind hands the daemon this process's memory and userfaultfd: only to a daemon of
-    // root or of this user, whatever socket the environment named.
-    let peer = getsockopt(&sock, sockopt::PeerCredentials).map_err(cerr)?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if peer.uid() != 0 && peer.uid() != me {
-        return Err(Error::PermissionDenied(format!(
-            "{} is served by uid {}, neither root nor this user ({me}): not handing it this \
-             process's memory",
-            path.display(),
-            peer.uid()
-        )));
-    }
-    Ok(sock)
-}
 
 /// Takes this library out of `LD_PRELOAD`, so programs the process `exec`s run without it.
 fn leave_ld_preload() {
