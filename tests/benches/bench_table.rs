@@ -70,10 +70,45 @@ pub fn print(rows: &[Row]) {
     for r in rows {
         println!("{}: baseline = {}; {}", r.op, r.baseline, r.extra);
     }
+    let unmet: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .map(|r| r.op.as_str())
+        .collect();
+    if unmet.is_empty() {
+        println!("all goals met");
+    } else {
+        println!("GOALS NOT MET: {}", unmet.join(", "));
+    }
+}
+
+/// Writes the rows (with the run's `setting`) to `target/memshadow-bench/BENCH.json` and
+/// says so, with the time since `started`.
+pub fn write_json(
+    bench: &str,
+    target: &Path,
+    rows: &[Row],
+    setting: &Value,
+    started: std::time::Instant,
+) -> Result<(), Box<dyn Error>> {
+    let out_dir = target.join("memshadow-bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{bench}.json"));
+    let json_rows: Vec<Value> = rows.iter().map(|r| json_of(r, setting)).collect();
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&Value::Array(json_rows))?,
+    )?;
+    eprintln!(
+        "{bench}: wrote {} after {:.1} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The row as JSON, with the run's `setting`.
-pub fn json_of(r: &Row, setting: &Value) -> Value {
+fn json_of(r: &Row, setting: &Value) -> Value {
     json!({
         "op": r.op,
         "unit": r.unit,

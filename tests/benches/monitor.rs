@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use memshadow::{Client, Monitor, MonitorEvent};
-use serde_json::{json, Value};
+use serde_json::json;
 use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
 #[path = "bench_daemon.rs"]
@@ -45,7 +45,7 @@ mod bench_daemon;
 use bench_daemon::BenchPaths;
 #[path = "bench_table.rs"]
 mod bench_table;
-use bench_table::{json_of, print, start_daemon, Row};
+use bench_table::{print, start_daemon, write_json, Row};
 use memshadow_tests::{percentiles as stats, Percentiles as Stats};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -543,34 +543,11 @@ fn main() -> Res<()> {
     )?;
     let rows = rows(&check, &munmaps, &regcache);
     print(&rows);
-    let unmet: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.met == Some(false))
-        .map(|r| r.op.as_str())
-        .collect();
-    if unmet.is_empty() {
-        println!("all goals met");
-    } else {
-        println!("GOALS NOT MET: {}", unmet.join(", "));
-    }
     let setting = json!({
         "quick": quick,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "check_batches": batches,
         "munmap_iterations": iters,
     });
-    let out_dir = target.join("memshadow-bench");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("monitor.json");
-    let json_rows: Vec<Value> = rows.iter().map(|r| json_of(r, &setting)).collect();
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&Value::Array(json_rows))?,
-    )?;
-    eprintln!(
-        "monitor: wrote {} after {:.1} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    write_json("monitor", &target, &rows, &setting, started)
 }

@@ -39,14 +39,14 @@ use std::time::{Duration, Instant};
 
 use memshadow::run::PRELOAD_FILE;
 use memshadow::{Control, Status};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 
 #[path = "bench_daemon.rs"]
 mod bench_daemon;
 use bench_daemon::BenchPaths;
 #[path = "bench_table.rs"]
 mod bench_table;
-use bench_table::{json_of, num, print, start_daemon, Row};
+use bench_table::{num, print, start_daemon, write_json, Row};
 use memshadow_tests::percentiles as stats;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -421,16 +421,6 @@ fn main() -> Res<()> {
     }
     drop(daemon);
     print(&rows);
-    let unmet: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.met == Some(false))
-        .map(|r| r.op.as_str())
-        .collect();
-    if unmet.is_empty() {
-        println!("all goals met");
-    } else {
-        println!("GOALS NOT MET: {}", unmet.join(", "));
-    }
     let setting = json!({
         "quick": quick,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -440,18 +430,5 @@ fn main() -> Res<()> {
         "python_version": python_version,
         "workload_stdout": want.stdout.trim(),
     });
-    let out_dir = target.join("memshadow-bench");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("preload.json");
-    let json_rows: Vec<Value> = rows.iter().map(|r| json_of(r, &setting)).collect();
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&Value::Array(json_rows))?,
-    )?;
-    eprintln!(
-        "preload: wrote {} after {:.1} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    write_json("preload", &target, &rows, &setting, started)
 }
