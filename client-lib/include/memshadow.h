@@ -60,6 +60,13 @@
 #define MEMSHADOW_POLICY_PERIODIC 3
 
 /**
+ * `memshadow_attach_with`: as `MEMSHADOW_POLICY_MANUAL`, but nothing is tracked until the
+ * first sync, which invalidates the whole range (later syncs, what was written since the
+ * one before): this process's first writes to the range cost it no write-protect fault.
+ */
+#define MEMSHADOW_POLICY_LAZY 4
+
+/**
  * The size of the buffer `memshadow_token_to_hex` needs: 32 hex digits and a NUL.
  */
 #define MEMSHADOW_TOKEN_HEX_SIZE 33
@@ -441,8 +448,9 @@ memshadow_status memshadow_attach(const struct memshadow_client *client,
  * `memshadow_attach` with a collection policy for the pages this process writes in the
  * range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
  * `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
- * `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
- * `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+ * `MEMSHADOW_POLICY_LAZY` (only on sync, tracked from the first), `MEMSHADOW_POLICY_STRICT`
+ * (each device read collects the pages it reads first) or `MEMSHADOW_POLICY_PERIODIC` (the
+ * daemon's timer, every `period_ms` ms, at least 10).
  * `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
  * period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
  * manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking

@@ -573,6 +573,10 @@ pub const MEMSHADOW_POLICY_STRICT: u32 = 2;
 /// `memshadow_attach_with`: the daemon collects written pages on a timer, every
 /// `period_ms` milliseconds (at least 10, the daemon's minimum; at most about 4.6 h).
 pub const MEMSHADOW_POLICY_PERIODIC: u32 = 3;
+/// `memshadow_attach_with`: as `MEMSHADOW_POLICY_MANUAL`, but nothing is tracked until the
+/// first sync, which invalidates the whole range (later syncs, what was written since the
+/// one before): this process's first writes to the range cost it no write-protect fault.
+pub const MEMSHADOW_POLICY_LAZY: u32 = 4;
 
 /// The Rust policy of a C one: `None` for the daemon's default.
 fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, Failure> {
@@ -593,6 +597,9 @@ fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, F
         MEMSHADOW_POLICY_STRICT => {
             no_period("MEMSHADOW_POLICY_STRICT").map(|()| Some(memshadow::Policy::Strict))
         }
+        MEMSHADOW_POLICY_LAZY => {
+            no_period("MEMSHADOW_POLICY_LAZY").map(|()| Some(memshadow::Policy::Lazy))
+        }
         MEMSHADOW_POLICY_PERIODIC if period_ms == 0 => Err(invalid(
             "MEMSHADOW_POLICY_PERIODIC needs a period_ms (at least 10)",
         )),
@@ -600,7 +607,7 @@ fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, F
             std::time::Duration::from_millis(period_ms),
         ))),
         p => Err(invalid(format!(
-            "{p} is no policy (MEMSHADOW_POLICY_DEFAULT, _MANUAL, _STRICT or _PERIODIC)"
+            "{p} is no policy (MEMSHADOW_POLICY_DEFAULT, _MANUAL, _LAZY, _STRICT or _PERIODIC)"
         ))),
     }
 }
@@ -608,8 +615,9 @@ fn policy_of(policy: u32, period_ms: u64) -> Result<Option<memshadow::Policy>, F
 /// `memshadow_attach` with a collection policy for the pages this process writes in the
 /// range: `MEMSHADOW_POLICY_DEFAULT` (the daemon's `--dirty-policy`, what
 /// `memshadow_attach` uses), `MEMSHADOW_POLICY_MANUAL` (only on `memshadow_mirror_sync`),
-/// `MEMSHADOW_POLICY_STRICT` (each device read collects the pages it reads first) or
-/// `MEMSHADOW_POLICY_PERIODIC` (the daemon's timer, every `period_ms` ms, at least 10).
+/// `MEMSHADOW_POLICY_LAZY` (only on sync, tracked from the first), `MEMSHADOW_POLICY_STRICT`
+/// (each device read collects the pages it reads first) or `MEMSHADOW_POLICY_PERIODIC` (the
+/// daemon's timer, every `period_ms` ms, at least 10).
 /// `period_ms` is 0 for every policy but `MEMSHADOW_POLICY_PERIODIC`; an unknown policy or a
 /// period where none belongs is `MEMSHADOW_ERR_INVALID_ARGUMENT`. A policy other than
 /// manual is refused with `MEMSHADOW_ERR_UNSUPPORTED` when the daemon has no dirty tracking

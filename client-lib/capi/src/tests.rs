@@ -438,6 +438,7 @@ fn attach_with_sends_the_policy_it_was_given() {
     for (policy, period, wire) in [
         (MEMSHADOW_POLICY_DEFAULT, 0, AttachPolicy::Default),
         (MEMSHADOW_POLICY_MANUAL, 0, AttachPolicy::Manual),
+        (MEMSHADOW_POLICY_LAZY, 0, AttachPolicy::Lazy),
         (MEMSHADOW_POLICY_STRICT, 0, AttachPolicy::Strict),
         (
             MEMSHADOW_POLICY_PERIODIC,
@@ -454,7 +455,12 @@ fn attach_with_sends_the_policy_it_was_given() {
         unsafe { memshadow_mirror_free(m) };
     }
     for (policy, period, said) in [
-        (4, 0, "4 is no policy"),
+        (5, 0, "5 is no policy"),
+        (
+            MEMSHADOW_POLICY_LAZY,
+            10,
+            "MEMSHADOW_POLICY_LAZY has no period",
+        ),
         (u32::MAX, 0, "is no policy"),
         (MEMSHADOW_POLICY_PERIODIC, 0, "needs a period_ms"),
         (
