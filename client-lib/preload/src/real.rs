@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 extern "C" {
@@ -19,7 +20,7 @@ extern "C" {
 
 /// One definition found by name, cached as an address (0: not looked up yet; [`NONE`]:
 /// there is none).
-struct Next {
+struct Slot {
     name: &'static CStr,
     addr: AtomicUsize,
 }
@@ -34,14 +35,7 @@ thread_local! {
 /// The cached address of a name `dlsym` did not find.
 const NONE: usize = 1;
 
-impl Next {
-    const fn new(name: &'static CStr) -> Next {
-        Next {
-            name,
-            addr: AtomicUsize::new(0),
-        }
-    }
-
+impl Slot {
     /// The address of the next definition; `None` while it cannot be looked up yet, or if
     /// there is none.
     fn get(&self) -> Option<usize> {
@@ -63,25 +57,36 @@ impl Next {
     }
 }
 
-/// The function at `addr`, as a pointer of type `F`.
-///
-/// # Safety
-/// `addr` is the address of a function whose C signature is `F`'s.
-unsafe fn fn_at<F: Copy>(addr: usize) -> F {
-    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<usize>()) };
-    // SAFETY: F is a function pointer type of the size of an address (checked above), and
-    // the caller guarantees the function at addr has F's signature.
-    unsafe { std::mem::transmute_copy(&addr) }
+/// The next definition of a C function whose signature is `F` (a function pointer type).
+struct Next<F> {
+    slot: Slot,
+    signature: PhantomData<F>,
 }
 
-static MMAP: Next = Next::new(c"mmap");
-static MREMAP: Next = Next::new(c"mremap");
-static MALLOC: Next = Next::new(c"malloc");
-static CALLOC: Next = Next::new(c"calloc");
-static REALLOC: Next = Next::new(c"realloc");
-static MEMALIGN: Next = Next::new(c"memalign");
-static POSIX_MEMALIGN: Next = Next::new(c"posix_memalign");
-static ALIGNED_ALLOC: Next = Next::new(c"aligned_alloc");
+impl<F: Copy> Next<F> {
+    /// # Safety
+    /// The C function `name` has the signature `F`.
+    const unsafe fn new(name: &'static CStr) -> Next<F> {
+        const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<usize>()) };
+        Next {
+            slot: Slot {
+                name,
+                addr: AtomicUsize::new(0),
+            },
+            signature: PhantomData,
+        }
+    }
+
+    /// The next definition; `None` while it cannot be looked up yet, or if there is none.
+    fn get(&self) -> Option<F> {
+        // SAFETY: F is a function pointer type of the size of an address (checked in
+        // `new`), and `new`'s caller declared that the function of this name has F's
+        // signature.
+        self.slot
+            .get()
+            .map(|a| unsafe { std::mem::transmute_copy(&a) })
+    }
+}
 
 type MmapFn =
     unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
@@ -92,6 +97,35 @@ type ReallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type MemalignFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
 
+// SAFETY: mmap as <sys/mman.h> declares it.
+static MMAP: Next<MmapFn> = unsafe { Next::new(c"mmap") };
+// SAFETY: mremap as <sys/mman.h>, its variadic fifth argument fixed (hooks.rs says why) declares it.
+static MREMAP: Next<MremapFn> = unsafe { Next::new(c"mremap") };
+// SAFETY: malloc as <stdlib.h> declares it.
+static MALLOC: Next<MallocFn> = unsafe { Next::new(c"malloc") };
+// SAFETY: calloc as <stdlib.h> declares it.
+static CALLOC: Next<CallocFn> = unsafe { Next::new(c"calloc") };
+// SAFETY: realloc as <stdlib.h> declares it.
+static REALLOC: Next<ReallocFn> = unsafe { Next::new(c"realloc") };
+// SAFETY: memalign as <malloc.h> declares it.
+static MEMALIGN: Next<MemalignFn> = unsafe { Next::new(c"memalign") };
+// SAFETY: posix_memalign as <stdlib.h> declares it.
+static POSIX_MEMALIGN: Next<PosixMemalignFn> = unsafe { Next::new(c"posix_memalign") };
+// SAFETY: aligned_alloc as <stdlib.h> declares it.
+static ALIGNED_ALLOC: Next<MemalignFn> = unsafe { Next::new(c"aligned_alloc") };
+
+/// The `malloc` family's lookups.
+fn malloc_family() -> [&'static Slot; 6] {
+    [
+        &MALLOC.slot,
+        &CALLOC.slot,
+        &REALLOC.slot,
+        &MEMALIGN.slot,
+        &POSIX_MEMALIGN.slot,
+        &ALIGNED_ALLOC.slot,
+    ]
+}
+
 /// True when the whole `malloc` family that follows this library is glibc's: only then do
 /// its blocks carry glibc's chunk headers (`chunk.rs`). Another allocator preloaded after
 /// this library, even for one of these names only, is left alone; one linked into the
@@ -99,16 +133,9 @@ type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c
 pub fn malloc_is_glibcs() -> bool {
     let glibc = object_of(__libc_malloc as *const () as usize);
     glibc.is_some()
-        && [
-            &MALLOC,
-            &CALLOC,
-            &REALLOC,
-            &MEMALIGN,
-            &POSIX_MEMALIGN,
-            &ALIGNED_ALLOC,
-        ]
-        .iter()
-        .all(|n| n.get().is_some_and(|a| object_of(a) == glibc))
+        && malloc_family()
+            .iter()
+            .all(|n| n.get().is_some_and(|a| object_of(a) == glibc))
 }
 
 /// The base address of the shared object that holds `addr`.
@@ -123,16 +150,10 @@ fn object_of(addr: usize) -> Option<usize> {
 
 /// Makes every lookup now, from the library's constructor (one thread, no lock held).
 pub fn look_up_all() {
-    for n in [
-        &MMAP,
-        &MREMAP,
-        &MALLOC,
-        &CALLOC,
-        &REALLOC,
-        &MEMALIGN,
-        &POSIX_MEMALIGN,
-        &ALIGNED_ALLOC,
-    ] {
+    for n in [&MMAP.slot, &MREMAP.slot]
+        .into_iter()
+        .chain(malloc_family())
+    {
         let _ = n.get();
     }
 }
@@ -149,16 +170,14 @@ pub unsafe fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
-    let Some(a) = MMAP.get() else {
+    match MMAP.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
         // SAFETY: the mmap system call with the caller's arguments (what glibc's mmap does).
-        return unsafe {
+        None => unsafe {
             libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
-        };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature MmapFn is.
-    let f: MmapFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(addr, len, prot, flags, fd, off) }
+        },
+    }
 }
 
 /// The next `mremap`, or the system call. `new_addr` is read only with `MREMAP_FIXED`.
@@ -172,16 +191,14 @@ pub unsafe fn mremap(
     flags: c_int,
     new_addr: *mut c_void,
 ) -> *mut c_void {
-    let Some(a) = MREMAP.get() else {
+    match MREMAP.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(old, old_len, new_len, flags, new_addr) },
         // SAFETY: the mremap system call with the caller's arguments.
-        return unsafe {
+        None => unsafe {
             libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void
-        };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature MremapFn is.
-    let f: MremapFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(old, old_len, new_len, flags, new_addr) }
+        },
+    }
 }
 
 /// The next `malloc`.
@@ -189,14 +206,12 @@ pub unsafe fn mremap(
 /// # Safety
 /// As `malloc(3)`.
 pub unsafe fn malloc(n: usize) -> *mut c_void {
-    let Some(a) = MALLOC.get() else {
+    match MALLOC.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(n) },
         // SAFETY: glibc's allocator, exported under this name for such use.
-        return unsafe { __libc_malloc(n) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature MallocFn is.
-    let f: MallocFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(n) }
+        None => unsafe { __libc_malloc(n) },
+    }
 }
 
 /// The next `calloc`.
@@ -204,14 +219,12 @@ pub unsafe fn malloc(n: usize) -> *mut c_void {
 /// # Safety
 /// As `calloc(3)`.
 pub unsafe fn calloc(n: usize, size: usize) -> *mut c_void {
-    let Some(a) = CALLOC.get() else {
+    match CALLOC.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(n, size) },
         // SAFETY: glibc's allocator, exported under this name for such use.
-        return unsafe { __libc_calloc(n, size) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature CallocFn is.
-    let f: CallocFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(n, size) }
+        None => unsafe { __libc_calloc(n, size) },
+    }
 }
 
 /// The next `realloc`.
@@ -219,14 +232,12 @@ pub unsafe fn calloc(n: usize, size: usize) -> *mut c_void {
 /// # Safety
 /// As `realloc(3)`.
 pub unsafe fn realloc(p: *mut c_void, n: usize) -> *mut c_void {
-    let Some(a) = REALLOC.get() else {
+    match REALLOC.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(p, n) },
         // SAFETY: glibc's allocator, exported under this name for such use.
-        return unsafe { __libc_realloc(p, n) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature ReallocFn is.
-    let f: ReallocFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(p, n) }
+        None => unsafe { __libc_realloc(p, n) },
+    }
 }
 
 /// The next `memalign`.
@@ -234,14 +245,12 @@ pub unsafe fn realloc(p: *mut c_void, n: usize) -> *mut c_void {
 /// # Safety
 /// As `memalign(3)`.
 pub unsafe fn memalign(align: usize, n: usize) -> *mut c_void {
-    let Some(a) = MEMALIGN.get() else {
+    match MEMALIGN.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(align, n) },
         // SAFETY: glibc's allocator, exported under this name for such use.
-        return unsafe { __libc_memalign(align, n) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature MemalignFn is.
-    let f: MemalignFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(align, n) }
+        None => unsafe { __libc_memalign(align, n) },
+    }
 }
 
 /// The next `aligned_alloc`.
@@ -249,14 +258,12 @@ pub unsafe fn memalign(align: usize, n: usize) -> *mut c_void {
 /// # Safety
 /// As `aligned_alloc(3)`.
 pub unsafe fn aligned_alloc(align: usize, n: usize) -> *mut c_void {
-    let Some(a) = ALIGNED_ALLOC.get() else {
+    match ALIGNED_ALLOC.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(align, n) },
         // SAFETY: glibc's aligned_alloc is its memalign.
-        return unsafe { __libc_memalign(align, n) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature MemalignFn is.
-    let f: MemalignFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(align, n) }
+        None => unsafe { __libc_memalign(align, n) },
+    }
 }
 
 /// The next `posix_memalign`.
@@ -264,14 +271,12 @@ pub unsafe fn aligned_alloc(align: usize, n: usize) -> *mut c_void {
 /// # Safety
 /// As `posix_memalign(3)`.
 pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, n: usize) -> c_int {
-    let Some(a) = POSIX_MEMALIGN.get() else {
+    match POSIX_MEMALIGN.get() {
+        // SAFETY: the caller's arguments, passed on as they came.
+        Some(f) => unsafe { f(out, align, n) },
         // SAFETY: the caller's arguments, as posix_memalign takes them.
-        return unsafe { libc_posix_memalign(out, align, n) };
-    };
-    // SAFETY: dlsym found this address for the name, whose C signature PosixMemalignFn is.
-    let f: PosixMemalignFn = unsafe { fn_at(a) };
-    // SAFETY: the caller's arguments, passed on as they came.
-    unsafe { f(out, align, n) }
+        None => unsafe { libc_posix_memalign(out, align, n) },
+    }
 }
 
 /// `posix_memalign` over glibc's own `memalign`, for the time before the lookup.

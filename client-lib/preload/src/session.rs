@@ -347,12 +347,10 @@ pub unsafe fn allocated(p: *mut c_void, grown: bool) {
 pub fn heap_grew() {
     let Some(s) = SESSION.get() else { return };
     let _one = s.heap_lock.lock().unwrap_or_else(PoisonError::into_inner);
-    let brk = s.heap_break();
-    let end = s.heap_end.load(Ordering::Relaxed);
-    if brk >= end.saturating_add(s.policy.min_size) {
-        s.attach(end, brk - end);
-    }
-    if brk < end || brk >= end.saturating_add(s.policy.min_size) {
+    if let Some((end, brk)) = s.heap_change() {
+        if brk > end {
+            s.attach(end, brk - end);
+        }
         s.heap_end.store(brk, Ordering::Relaxed);
     }
 }
@@ -360,17 +358,18 @@ pub fn heap_grew() {
 /// True when the heap shrank, or grew by the minimum size, since it was last looked at
 /// (cheap: no system call, no lock).
 pub fn heap_moved() -> bool {
-    let Some(s) = SESSION.get() else { return false };
-    let brk = s.heap_break();
-    let end = s.heap_end.load(Ordering::Relaxed);
-    brk < end || brk >= end.saturating_add(s.policy.min_size)
+    SESSION.get().is_some_and(|s| s.heap_change().is_some())
 }
 
 impl Session {
-    /// The heap's break, rounded up to a page.
-    fn heap_break(&self) -> usize {
+    /// The end of the heap attached and the break now (rounded up to a page), when the
+    /// heap shrank or grew by the minimum size since: `sbrk(0)` reads the break without a
+    /// system call.
+    fn heap_change(&self) -> Option<(usize, usize)> {
         // SAFETY: sbrk(0) only reads the current break.
-        (unsafe { libc::sbrk(0) } as usize).next_multiple_of(self.page)
+        let brk = (unsafe { libc::sbrk(0) } as usize).next_multiple_of(self.page);
+        let end = self.heap_end.load(Ordering::Relaxed);
+        (brk < end || brk >= end.saturating_add(self.policy.min_size)).then_some((end, brk))
     }
 }
 
@@ -379,15 +378,15 @@ pub fn say(msg: &str) {
     if SAID.swap(true, Ordering::Relaxed) {
         return;
     }
+    let Some(fd) = STDERR.get() else {
+        return; // fd 2 is not the stderr the program started with: say nothing.
+    };
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
     let line = format!(
         "memshadow-run: {}[{}]: {msg}\n",
         comm.trim(),
         std::process::id()
     );
-    let Some(fd) = STDERR.get() else {
-        return; // fd 2 is not the stderr the program started with: say nothing.
-    };
     // SAFETY: write(2) of a buffer we own to the program's stderr; a short or failed write
     // is ignored.
     let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
