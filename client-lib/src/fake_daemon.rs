@@ -13,6 +13,17 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 /// What the fake daemon calls `daemon_version`.
 pub const FAKE_VERSION: &str = "fake-1.2";
 
+/// Two connected `SOCK_SEQPACKET` sockets: a client's end and a daemon's.
+pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap()
+}
+
 /// Starts the fake daemon; returns the client's end of the socket and the daemon's thread,
 /// which ends when the client hangs up (and panics, failing the test, if the client sends
 /// something undecodable). Long lists are answered in pieces, as the daemon does. The fds a request brought are closed before it is answered.
@@ -35,13 +46,7 @@ pub fn spawn_with_fds(
     limits: Limits,
     mut answer: impl FnMut(&Request, &[OwnedFd]) -> Option<(Response, Vec<OwnedFd>)> + Send + 'static,
 ) -> (OwnedFd, JoinHandle<()>) {
-    let (client, daemon) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
+    let (client, daemon) = seqpacket_pair();
     let thread = std::thread::spawn(move || {
         let mut buf = Vec::new();
         while let Ok(f) = proto::recv(daemon.as_fd(), &mut buf) {

@@ -648,17 +648,18 @@ impl Builder {
                 (connect_socket(&path)?, Some(path))
             }
         };
-        let shown = path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("the given socket"));
+        let shown = || {
+            path.clone()
+                .unwrap_or_else(|| PathBuf::from("the given socket"))
+        };
         if let Some(limit) = self.timeout {
             limit_waits(&sock, limit).map_err(|source| Error::Connect {
-                path: shown.clone(),
+                path: shown(),
                 source,
             })?;
         }
         if self.own_daemon_only {
-            check_own_daemon(&sock, &shown)?;
+            check_own_daemon(&sock, &shown())?;
         }
         let binding = bind.then_some(Binding {
             device_writes: self.device_writes,

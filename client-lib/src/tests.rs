@@ -5,7 +5,6 @@
 use super::*;
 use crate::fake_daemon;
 use memshadow_proto::{EventKind, InvalidationReport};
-use nix::sys::socket::socketpair;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 
@@ -189,13 +188,7 @@ fn talks_the_protocol_splits_reads_and_keeps_no_uffd() {
 
 #[test]
 fn a_vanished_daemon_is_daemon_gone() {
-    let (a, b) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
+    let (a, b) = fake_daemon::seqpacket_pair();
     drop(b);
     assert!(matches!(
         Client::builder().socket_fd(a).connect_control(),
@@ -539,13 +532,7 @@ fn a_session_name_too_long_is_refused_before_anything_is_sent() {
 /// caller waiting for good.
 #[test]
 fn answers_to_no_request_end_the_wait() {
-    let (client, daemon) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
+    let (client, daemon) = fake_daemon::seqpacket_pair();
     let server = std::thread::spawn(move || {
         let mut buf = Vec::new();
         let mut sent = 0usize;
@@ -593,13 +580,7 @@ fn answers_to_no_request_end_the_wait() {
 /// daemon of this process's own user passes the own-daemon check.
 #[test]
 fn a_silent_daemon_fails_a_call_with_a_timeout() {
-    let (client, daemon) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
+    let (client, daemon) = fake_daemon::seqpacket_pair();
     let t = std::time::Instant::now();
     let r = Client::builder()
         .socket_fd(client)
