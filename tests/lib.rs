@@ -291,6 +291,36 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     found
 }
 
+/// The interpreter behind `python3` (its `sys.executable`: no shim script of a version
+/// manager in between) and its version; `Ok(None)` if there is no `python3`, `Err` if it
+/// does not say.
+pub fn python3() -> Result<Option<(PathBuf, String)>, String> {
+    let Some(python) = find_program("python3") else {
+        return Ok(None);
+    };
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import sys; print(sys.executable); print(sys.version.split()[0])",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    match (out.status.success(), lines.next(), lines.next()) {
+        (true, Some(exe), Some(version)) if !exe.is_empty() => {
+            Ok(Some((PathBuf::from(exe), version.to_owned())))
+        }
+        _ => Err(format!(
+            "{} -c 'import sys; print(sys.executable)' printed {text:?} ({}); {}",
+            python.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
 /// `name` in `PATH` or [`SYSTEM_DIRS`], without recording anything.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

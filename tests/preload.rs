@@ -11,6 +11,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -54,11 +55,7 @@ impl Outcome {
             base.status.code(),
             "{what}: exit status"
         );
-        assert_eq!(
-            self.status.signal_code(),
-            base.status.signal_code(),
-            "{what}"
-        );
+        assert_eq!(self.status.signal(), base.status.signal(), "{what}");
         let mut pids: Vec<&str> = self
             .library_lines()
             .iter()
@@ -73,16 +70,6 @@ impl Outcome {
             "{what}: more than one line from one process:\n{}",
             self.stderr
         );
-    }
-}
-
-trait SignalCode {
-    fn signal_code(&self) -> Option<i32>;
-}
-
-impl SignalCode for ExitStatus {
-    fn signal_code(&self) -> Option<i32> {
-        std::os::unix::process::ExitStatusExt::signal(self)
     }
 }
 
@@ -199,20 +186,11 @@ fn plain(argv: &[OsString]) -> Command {
 
 /// The Python interpreter itself (not a shim script in front of it), or a skip.
 fn python() -> Option<PathBuf> {
-    let p = tool("python3", "python3")?;
-    let out = Command::new(p)
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .ok()?;
-    let exe = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    Some(PathBuf::from(exe))
-}
-
-fn buffers_py() -> Vec<OsString> {
-    vec![
-        python().map_or_else(OsString::new, Into::into),
-        program("buffers.py").into(),
-    ]
+    tool("python3", "python3")?;
+    let (exe, _version) = memshadow_tests::python3()
+        .unwrap()
+        .expect("python3 was found above");
+    Some(exe)
 }
 
 /// One run of a workload: its command line, how it is resumed, its environment.
@@ -226,9 +204,8 @@ struct Workload {
 
 impl Workload {
     fn python() -> Option<Workload> {
-        python()?;
         Some(Workload {
-            argv: buffers_py(),
+            argv: vec![python()?.into(), program("buffers.py").into()],
             resume: Resume::Stdin,
             env: Vec::new(),
             _dir: None,
@@ -751,8 +728,8 @@ fn awkward_both_ways(args: &[&str]) -> Vec<(String, String, String)> {
     assert_eq!(run.stdout, alone.stdout, "{args:?}: {run:?}");
     assert_eq!(run.status.code(), alone.status.code(), "{args:?}: {run:?}");
     assert_eq!(
-        run.status.signal_code(),
-        alone.status.signal_code(),
+        run.status.signal(),
+        alone.status.signal(),
         "{args:?}: {run:?}"
     );
     let mut names: Vec<String> = std::fs::read_dir(dirs[0].path())

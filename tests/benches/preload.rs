@@ -73,36 +73,6 @@ const COUNTERS: [&str; 6] = [
     "device.inv_unmap",
 ];
 
-/// The program's real interpreter (`sys.executable` of `python3` from `PATH`) and its
-/// version; `None` if there is no `python3`.
-fn find_python() -> Res<Option<(PathBuf, String)>> {
-    let out = match Command::new("python3")
-        .args([
-            "-c",
-            "import sys; print(sys.executable); print(sys.version.split()[0])",
-        ])
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("python3: {e}").into()),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    match (out.status.success(), lines.next(), lines.next()) {
-        (true, Some(exe), Some(version)) if !exe.is_empty() => {
-            Ok(Some((PathBuf::from(exe), version.to_owned())))
-        }
-        _ => Err(format!(
-            "python3 -c 'import sys; print(sys.executable)' printed {text:?} ({}); {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into()),
-    }
-}
-
 /// One run of the workload: what it printed and how it ended.
 struct Outcome {
     ms: f64,
@@ -326,7 +296,7 @@ fn main() -> Res<()> {
     } else {
         (RUNS, ROUNDS)
     };
-    let Some((python, python_version)) = find_python()? else {
+    let Some((python, python_version)) = memshadow_tests::python3()? else {
         if memshadow_tests::require_all() {
             return Err(
                 "no python3 on PATH, and MEMSHADOW_TESTS_REQUIRE_ALL is set: the \
