@@ -54,9 +54,7 @@ fn guarded(f: impl FnOnce()) {
     // SAFETY: as above.
     unsafe { errno.write(saved) };
     if outcome.is_err() {
-        MAP_MIN.store(usize::MAX, Ordering::Relaxed);
-        MALLOC_MIN.store(usize::MAX, Ordering::Relaxed);
-        HEAP_ON.store(false, Ordering::Relaxed);
+        session::turn_off();
     }
     BUSY.with(|b| b.set(false));
 }

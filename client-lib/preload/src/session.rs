@@ -398,7 +398,8 @@ fn stop(why: &str) {
     say(why);
 }
 
-fn turn_off() {
+/// Turns every wrapper off for good, silently.
+pub fn turn_off() {
     MAP_MIN.store(usize::MAX, Ordering::Relaxed);
     MALLOC_MIN.store(usize::MAX, Ordering::Relaxed);
     HEAP_ON.store(false, Ordering::Relaxed);
