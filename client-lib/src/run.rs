@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use crate::{Error, Policy};
 
+/// The daemon's socket (`memshadow-run --socket`), as every client reads it.
+pub use memshadow_proto::path::SOCKET_ENV;
+
 /// The smallest mapping attached, in bytes (`1M`, `256K`, `4096`).
 pub const ENV_MIN_SIZE: &str = "MEMSHADOW_RUN_MIN_SIZE";
 /// When written pages are collected: `lazy`, `manual`, `strict` or `periodic=MS`.

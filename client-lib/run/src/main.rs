@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use clap::Parser;
-use memshadow::run::{parse_dirty, parse_size, Kinds, RunPolicy, ENV_PRELOAD, PRELOAD_FILE};
+use memshadow::run::{
+    parse_dirty, parse_size, Kinds, RunPolicy, ENV_PRELOAD, PRELOAD_FILE, SOCKET_ENV,
+};
 
 /// Runs an unmodified program with memshadow's preload library: its anonymous mappings
 /// (mmap, mremap, large malloc blocks, optionally the heap) of at least --min-size bytes are
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
         cmd.env(k, v);
     }
     if let Some(s) = &args.socket {
-        cmd.env("MEMSHADOW_SOCKET", s);
+        cmd.env(SOCKET_ENV, s);
     }
     match find_preload(args.preload.as_deref()) {
         Ok(lib) => {
